@@ -1,0 +1,68 @@
+"""A causal LM paired with its own KV cache, which can be cropped and compacted."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+class CachedModel:
+    """A model plus the KV cache of the tokens it has seen so far.
+
+    The cache length always equals the number of tokens fed since `reset()`, less
+    those removed by `crop` or `keep_rows`. Logits are cut to `vocab_size` so that
+    ids the tokenizer does not have (GPT-J's head has 143 spare rows) are never chosen.
+    """
+
+    def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache()
+
+    def reset(self) -> None:
+        """Forget every cached token (start of a new prompt)."""
+        self.cache = DynamicCache()
+
+    @property
+    def cache_len(self) -> int:
+        """Number of tokens whose keys and values are cached."""
+        return self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        logits_to_keep: int = 1,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Feed `input_ids` (shape [n]) after the cached tokens; return the last rows of logits, [rows, vocab]."""
+        output = self.model(
+            input_ids=input_ids.view(1, -1),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+        )
+        return output.logits[0, :, : self.vocab_size]
+
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` cached tokens."""
+        excess = self.cache_len - length
+        if excess > 0:
+            self.cache.crop(-excess)
+
+    def keep_rows(self, start: int, rows: list[int]) -> None:
+        """Keep the cached tokens before `start`, then only `rows` (offsets from `start`) of those after it.
+
+        Used after a tree verification: the accepted path is a subset of the fed tree nodes.
+        """
+        if rows == list(range(len(rows))):
+            self.crop(start + len(rows))
+            return
+        index = torch.tensor(rows, device=self.device) + start
+        for layer in self.cache.layers:
+            layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, index)], dim=-2)
+            layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, index)], dim=-2)

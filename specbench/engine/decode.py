@@ -1,0 +1,207 @@
+"""Verifier-only decoding (the baseline) and speculative decoding, timed the same way.
+
+Both start the same: the verifier prefills the prompt and chooses the first
+token (time to first token). The baseline then feeds one token per verifier
+call. Speculative decoding, each step:
+1. every drafter proposes up to k tokens after the committed ones;
+2. the proposals are merged into a tree and the verifier scores all of it in one
+   forward pass (a chain needs no special mask);
+3. the tree walk keeps the longest prefix the verifier agrees with (greedy) or
+   accepts it by speculative sampling, and adds one token of the verifier's own;
+4. the verifier cache keeps only the accepted path; each drafter rolls its cache
+   back to what it shares with the committed tokens on its next proposal.
+Invariant: the verifier cache holds every committed token but the last one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specbench.engine.cached_model import CachedModel
+from specbench.engine.drafters import Drafter, Proposal
+from specbench.engine.sampling import DecodeSettings, TokenChooser
+from specbench.engine.tree import DraftTree, build_tree, tree_attention_mask, walk_greedy, walk_sampling
+
+
+class Clock:
+    """Wall clock that first waits for queued GPU work, so readings are honest."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = device.type == "cuda"
+
+    def now(self) -> float:
+        """Seconds, after all queued device work is done."""
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+@dataclass
+class DrafterStats:
+    """What one drafter did during a decode."""
+
+    proposed: int = 0
+    accepted: int = 0
+    wins: int = 0  # steps where its proposal covered the whole accepted path (ties count for each)
+    draft_time_s: float = 0.0
+
+
+@dataclass
+class DecodeResult:
+    """Output tokens, timings and (for speculative runs) acceptance counts of one decode."""
+
+    tokens: list[int]
+    latency_s: float
+    ttft_s: float
+    verifier_calls: int = 0
+    steps: int = 0  # speculative steps (verifier calls after the prefill)
+    proposed: int = 0  # draft positions offered to the verifier (tree depth per step)
+    accepted: int = 0  # draft tokens the verifier kept
+    proposed_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    k_per_step: list[int] = field(default_factory=list)
+    accepted_per_step: list[int] = field(default_factory=list)
+    verify_time_s: float = 0.0
+    drafters: dict[str, DrafterStats] = field(default_factory=dict)
+
+    @property
+    def draft_time_s(self) -> float:
+        """Time spent drafting, all drafters together."""
+        return sum(stats.draft_time_s for stats in self.drafters.values())
+
+
+def _append_until_stop(generated: list[int], new_tokens: list[int], settings: DecodeSettings) -> bool:
+    """Append `new_tokens` up to the first stop (EOS, length limit); return True when decoding is over."""
+    for token in new_tokens:
+        generated.append(token)
+        if token in settings.eos_token_ids or len(generated) >= settings.max_new_tokens:
+            return True
+    return False
+
+
+def _prefill(verifier: CachedModel, prompt_ids: list[int], chooser: TokenChooser) -> torch.Tensor:
+    """Feed the prompt to the verifier and choose the first token (a 1-element tensor)."""
+    verifier.reset()
+    logits = verifier.forward(torch.tensor(prompt_ids, device=verifier.device))
+    return chooser.choose(logits)
+
+
+def decode_baseline(
+    verifier: CachedModel, prompt_ids: list[int], settings: DecodeSettings, seed: int = 0
+) -> DecodeResult:
+    """Verifier-only decoding with a KV cache: one token per forward pass, as `generate()` does."""
+    chooser = TokenChooser(settings, seed)
+    clock = Clock(verifier.device)
+    start = clock.now()
+    token = _prefill(verifier, prompt_ids, chooser)
+    generated: list[int] = []
+    finished = _append_until_stop(generated, [int(token)], settings)
+    ttft = clock.now() - start
+    calls = 1
+    while not finished:
+        token = chooser.choose(verifier.forward(token))
+        finished = _append_until_stop(generated, [int(token)], settings)
+        calls += 1
+    return DecodeResult(tokens=generated, latency_s=clock.now() - start, ttft_s=ttft, verifier_calls=calls)
+
+
+def _verify(verifier: CachedModel, tree: DraftTree) -> torch.Tensor:
+    """One verifier forward over the whole tree; row i holds the logits after node i."""
+    ids = torch.tensor(tree.tokens, device=verifier.device)
+    if tree.is_chain:
+        return verifier.forward(ids, logits_to_keep=tree.size)
+    cache_len = verifier.cache_len
+    positions = torch.tensor(tree.depths, device=verifier.device)[None] + cache_len
+    mask = tree_attention_mask(tree, cache_len, verifier.model.dtype, verifier.device)
+    return verifier.forward(ids, logits_to_keep=tree.size, position_ids=positions, attention_mask=mask)
+
+
+def next_k(k: int, accepted: int, proposed: int, schedule: str, k_max: int) -> int:
+    """Draft length for the next step: fixed, or +2 after a fully accepted block and -1 otherwise."""
+    if schedule == "constant":
+        return k
+    return min(k + 2, k_max) if accepted == proposed else max(k - 1, 1)
+
+
+def decode_speculative(
+    verifier: CachedModel,
+    drafters: list[Drafter],
+    prompt_ids: list[int],
+    settings: DecodeSettings,
+    k: int,
+    seed: int = 0,
+    k_schedule: str = "constant",
+    k_max: int | None = None,
+) -> DecodeResult:
+    """Speculative decoding with one or several drafters; lossless for greedy and sampled decoding."""
+    k_max = k_max or k
+    chooser = TokenChooser(settings, seed)
+    clock = Clock(verifier.device)
+    result = DecodeResult(
+        tokens=[],
+        latency_s=0.0,
+        ttft_s=0.0,
+        proposed_by_position=[0] * k_max,
+        accepted_by_position=[0] * k_max,
+        drafters={drafter.name: DrafterStats() for drafter in drafters},
+    )
+    start = clock.now()
+    for drafter in drafters:
+        drafter.reset()
+    first = int(_prefill(verifier, prompt_ids, chooser))
+    tokens = [*prompt_ids, first]
+    finished = _append_until_stop(result.tokens, [first], settings)
+    result.ttft_s = clock.now() - start
+    result.verifier_calls = 1
+    step_k = k
+    while not finished:
+        depth = min(step_k, settings.max_new_tokens - len(result.tokens) - 1)
+        proposals = []
+        phase_start = clock.now()
+        for drafter in drafters:
+            proposals.append(drafter.propose(tokens, depth, chooser) if depth > 0 else Proposal([]))
+            now = clock.now()
+            result.drafters[drafter.name].draft_time_s += now - phase_start
+            phase_start = now
+        tree = build_tree(tokens[-1], [proposal.tokens for proposal in proposals])
+        start_len = verifier.cache_len
+        logits = _verify(verifier, tree)
+        if settings.do_sample:
+            draft_probs = [p.probs.to(verifier.device) if p.probs is not None else None for p in proposals]
+            path, next_token = walk_sampling(tree, chooser.distribution(logits), draft_probs, chooser)
+        else:
+            path, next_token = walk_greedy(tree, logits.argmax(dim=-1).tolist())
+        verifier.keep_rows(start_len, [0, *path])
+        result.verify_time_s += clock.now() - phase_start
+        result.verifier_calls += 1
+
+        new_tokens = [tree.tokens[node] for node in path] + [next_token]
+        finished = _append_until_stop(result.tokens, new_tokens, settings)
+        tokens.extend(new_tokens)
+        _count_step(result, tree, path, depth)
+        step_k = next_k(step_k, len(path), depth, k_schedule, k_max)
+    result.latency_s = clock.now() - start
+    return result
+
+
+def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], k: int) -> None:
+    """Add one step's proposals and acceptances to the result."""
+    offered = max((len(branch) for branch in tree.branches), default=0)
+    result.steps += 1
+    result.k_per_step.append(k)
+    result.accepted_per_step.append(len(path))
+    result.proposed += offered
+    result.accepted += len(path)
+    for position in range(offered):
+        result.proposed_by_position[position] += 1
+        result.accepted_by_position[position] += position < len(path)
+    for stats, branch in zip(result.drafters.values(), tree.branches, strict=True):
+        shared = 0
+        while shared < min(len(branch), len(path)) and branch[shared] == path[shared]:
+            shared += 1
+        stats.proposed += len(branch)
+        stats.accepted += shared
+        stats.wins += bool(path) and shared == len(path)
