@@ -10,8 +10,10 @@ class CachedModel:
     """A model plus the KV cache of the tokens it has seen so far.
 
     The cache length always equals the number of tokens fed since `reset()`, less
-    those removed by `crop` or `keep_rows`. Logits are cut to `vocab_size` so that
-    ids the tokenizer does not have (GPT-J's head has 143 spare rows) are never chosen.
+    those removed by `crop` or `keep_rows`. Logits are cut (or padded) to
+    `vocab_size`, the verifier tokenizer's size, so that ids the tokenizer does not
+    have (GPT-J's head has 143 spare rows) are never chosen and draft and verifier
+    distributions line up.
     """
 
     def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
@@ -46,7 +48,10 @@ class CachedModel:
             position_ids=position_ids,
             attention_mask=attention_mask,
         )
-        return output.logits[0, :, : self.vocab_size]
+        logits = output.logits[0, :, : self.vocab_size]
+        if logits.shape[-1] < self.vocab_size:  # a draft head smaller than the verifier's vocabulary
+            logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=-torch.inf)
+        return logits
 
     def crop(self, length: int) -> None:
         """Keep only the first `length` cached tokens."""

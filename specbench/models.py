@@ -1,0 +1,192 @@
+"""Loading models and tokenizers (hub id, local folder, GGUF), once per process.
+
+A sweep runs many jobs in one process; jobs that use the same model (source,
+dtype, device, quantisation) share it, and models the next job does not need
+are released (GPU memory too) before it loads others.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from specbench.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded, explained in one sentence."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that identifies a loaded model."""
+
+    source: str  # local folder or hub id
+    gguf_file: str | None
+    dtype: str
+    device: str
+    quantize: str = "none"
+
+    @property
+    def label(self) -> str:
+        """Human-readable name for messages."""
+        name = f"{self.source}/{self.gguf_file}" if self.gguf_file else self.source
+        return f"{name} ({self.dtype}, {self.device}{', int8' if self.quantize != 'none' else ''})"
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` means the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto` means float32 on CPU (exact greedy equality) and bfloat16 on GPUs that support it."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def model_spec(cfg: ModelConfig, run_dtype: str, device: torch.device, models_dir: str | None) -> ModelSpec:
+    """Resolve where a configured model comes from (fetching offline models) and how it is loaded."""
+    source, gguf_file = cfg.name_or_path, cfg.gguf_file
+    if cfg.fetch is not None:
+        from specbench.fetch import FetchError, fetch_model
+
+        try:
+            path = fetch_model(cfg.fetch)
+        except FetchError as error:
+            raise ModelLoadError(str(error)) from error
+        source, gguf_file = str(path.parent), path.name
+    elif models_dir is not None and (Path(models_dir) / source).is_dir():
+        source = str(Path(models_dir) / source)
+    dtype = resolve_dtype(cfg.dtype or run_dtype, device)
+    if cfg.quantize == "int8_dynamic":
+        if device.type != "cpu":
+            raise ConfigError(f"quantize=int8_dynamic of {source} runs on the CPU only: use device=cpu for it.")
+        dtype = "float32"  # dynamic int8 kernels take float32 activations
+    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize)
+
+
+def _loading_error(spec: ModelSpec, what: str, error: Exception) -> ModelLoadError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(
+        f"cannot load the {what} of '{spec.source}' ({reason}); check the name, or point name_or_path "
+        "(or models_dir) at a local copy."
+    )
+
+
+class ModelCache:
+    """Models and tokenizers loaded in this process, shared by the jobs of a sweep."""
+
+    def __init__(self) -> None:
+        self._models: dict[ModelSpec, PreTrainedModel] = {}
+        self._tokenizers: dict[tuple[str, str | None], PreTrainedTokenizerBase] = {}
+
+    def tokenizer(self, spec: ModelSpec) -> PreTrainedTokenizerBase:
+        """The tokenizer of a model (cheap next to the model itself)."""
+        key = (spec.source, spec.gguf_file)
+        if key not in self._tokenizers:
+            try:
+                self._tokenizers[key] = AutoTokenizer.from_pretrained(spec.source, gguf_file=spec.gguf_file)
+            except (OSError, ValueError) as error:
+                raise _loading_error(spec, "tokenizer", error) from error
+        return self._tokenizers[key]
+
+    def keep_only(self, specs: set[ModelSpec]) -> None:
+        """Release every cached model not in `specs`, and the GPU memory it held."""
+        for spec in [spec for spec in self._models if spec not in specs]:
+            log.info("releasing %s", spec.label)
+            del self._models[spec]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def model(self, spec: ModelSpec) -> PreTrainedModel:
+        """The model for `spec`, loaded on first use."""
+        if spec not in self._models:
+            self._models[spec] = load_model(spec)
+        return self._models[spec]
+
+
+def load_model(spec: ModelSpec) -> PreTrainedModel:
+    """Load a causal LM in eval mode on its device and dtype, int8-quantised if asked."""
+    log.info("loading %s", spec.label)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.source, gguf_file=spec.gguf_file, dtype=_DTYPES[spec.dtype])
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError) as error:
+        raise _loading_error(spec, "weights", error) from error
+    model = model.to(spec.device).eval()
+    if spec.quantize == "int8_dynamic":
+        model = _quantize_int8(model, spec)
+    return model
+
+
+def _quantize_int8(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
+    if not any(isinstance(module, torch.nn.Linear) for module in model.modules()):
+        raise ConfigError(
+            f"quantize=int8_dynamic found no nn.Linear layers in {spec.source} (GPT-2 style models use Conv1D): "
+            "use quantize=none for it."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated but still the only CPU int8 path
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def context_length(spec: ModelSpec) -> int:
+    """The longest sequence (prompt + output) the model takes."""
+    try:
+        config = AutoConfig.from_pretrained(spec.source, gguf_file=spec.gguf_file)
+    except (OSError, ValueError) as error:
+        raise _loading_error(spec, "config", error) from error
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ModelLoadError(f"cannot tell the context length of {spec.source}: its config has no max_position_embeddings.")
+
+
+def check_same_vocabulary(
+    verifier: PreTrainedTokenizerBase, draft: PreTrainedTokenizerBase, draft_name: str, verifier_name: str
+) -> None:
+    """Refuse a draft whose tokenizer maps ids to different tokens than the verifier's.
+
+    Only the ids both tokenizers have are compared, so a verifier with a few extra
+    added tokens (GPT-J) still pairs with GPT-2 drafts.
+    """
+    if draft is verifier:
+        return
+    shared = min(len(verifier), len(draft))
+    verifier_tokens = verifier.convert_ids_to_tokens(list(range(shared)))
+    draft_tokens = draft.convert_ids_to_tokens(list(range(shared)))
+    if verifier_tokens == draft_tokens and shared >= 0.99 * len(verifier):
+        return
+    first = next((i for i in range(shared) if verifier_tokens[i] != draft_tokens[i]), shared)
+    raise ConfigError(
+        f"draft '{draft_name}' does not share the tokenizer of verifier '{verifier_name}' (vocabulary sizes "
+        f"{len(draft)} vs {len(verifier)}, first differing id {first}): choose a draft trained with the "
+        "verifier's tokenizer."
+    )
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The stop tokens `generate()` would use: the generation config's, plus the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(ids)

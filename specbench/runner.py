@@ -1,0 +1,175 @@
+"""One run, without Hydra or MLflow: load what the config names, warm up, decode every prompt both ways.
+
+Baseline and speculative decoding run back to back on each prompt
+(interleaved, so drift in machine speed hits both alike), with the same seed,
+after a warm-up outside the measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from specbench.config import ConfigError, SpecBenchConfig
+from specbench.data import Prompt, PromptBuilder, Record
+from specbench.engine import (
+    CachedModel,
+    DecodeResult,
+    DecodeSettings,
+    Drafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    TokenChooser,
+    decode_baseline,
+    decode_speculative,
+)
+from specbench.engine.costs import StepCosts, measure_step_costs
+from specbench.engine.scoring import output_log_likelihood
+from specbench.metrics import PromptOutcome
+from specbench.models import (
+    ModelCache,
+    ModelSpec,
+    check_same_vocabulary,
+    context_length,
+    eos_token_ids,
+    model_spec,
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+# Verify-cost curve: n = 1 .. max(k + 1, this) new tokens (enough to pick the best k).
+MIN_CURVE_TOKENS = 9
+
+
+@dataclass
+class RunSetup:
+    """Everything one run decodes with."""
+
+    device: torch.device
+    verifier: CachedModel
+    drafters: list[Drafter]
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list[Prompt]
+    settings: DecodeSettings
+    specs: dict[str, ModelSpec]  # "verifier" and each model drafter's name
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> RunSetup:
+    """Resolve models, check tokenizers and build prompts (cheap), then load the models."""
+    device = resolve_device(cfg.device)
+    specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir)}
+    for name, drafter in cfg.draft.drafters.items():
+        if drafter.kind == "model":
+            specs[name] = model_spec(drafter, cfg.dtype, device, cfg.models_dir)
+    tokenizer = cache.tokenizer(specs["verifier"])
+    for name, spec in specs.items():
+        if name != "verifier":
+            check_same_vocabulary(tokenizer, cache.tokenizer(spec), name, cfg.verifier.name)
+    context = min(context_length(spec) for spec in specs.values())
+    prompt_budget = context - cfg.generation.max_new_tokens
+    if prompt_budget < 1:
+        raise ConfigError(
+            f"generation.max_new_tokens={cfg.generation.max_new_tokens} leaves no room for a prompt in the "
+            f"models' context of {context} tokens: lower generation.max_new_tokens."
+        )
+    builder = PromptBuilder(tokenizer, cfg.dataset.template, cfg.dataset.chat_template, prompt_budget)
+    prompts = [builder.build(record) for record in records]
+
+    cache.keep_only(set(specs.values()))
+    vocab_size = len(tokenizer)
+    verifier_model = cache.model(specs["verifier"])
+    drafters: list[Drafter] = []
+    for name, drafter in cfg.draft.drafters.items():
+        if drafter.kind == "prompt_lookup":
+            drafters.append(PromptLookupDrafter(name, max_ngram=drafter.max_ngram))
+        else:
+            drafters.append(ModelDrafter(name, CachedModel(cache.model(specs[name]), vocab_size)))
+    gen = cfg.generation
+    settings = DecodeSettings(
+        max_new_tokens=gen.max_new_tokens,
+        eos_token_ids=eos_token_ids(verifier_model, tokenizer) if gen.stop_at_eos else frozenset(),
+        do_sample=gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+    )
+    verifier = CachedModel(verifier_model, vocab_size)
+    return RunSetup(device, verifier, drafters, tokenizer, prompts, settings, specs)
+
+
+def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> list[Callable[[list[int], DecodeSettings, int], DecodeResult]]:
+    """The two contenders, baseline first, as functions of (prompt ids, settings, seed)."""
+    return [
+        lambda ids, settings, seed: decode_baseline(setup.verifier, ids, settings, seed),
+        lambda ids, settings, seed: decode_speculative(
+            setup.verifier, setup.drafters, ids, settings, cfg.k, seed, cfg.k_schedule, cfg.k_max
+        ),
+    ]
+
+
+def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
+    """Decode a few short outputs both ways so that allocation and kernel selection stay out of the timings."""
+    short = replace(setup.settings, max_new_tokens=min(cfg.warmup_tokens, setup.settings.max_new_tokens))
+    for prompt in setup.prompts[: cfg.warmup_prompts]:
+        for decode in _decoders(setup, cfg):
+            decode(prompt.input_ids, short, cfg.seed)
+
+
+def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True) -> Iterator[PromptOutcome]:
+    """Decode each prompt verifier-only then speculatively; yield both results as soon as they exist."""
+    on_gpu = setup.device.type == "cuda"
+    for index, prompt in enumerate(tqdm(setup.prompts, desc="prompts", unit="prompt", disable=not progress)):
+        results, peaks = [], []
+        for decode in _decoders(setup, cfg):
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(setup.device)
+            results.append(decode(prompt.input_ids, setup.settings, cfg.seed + index))
+            peaks.append(torch.cuda.max_memory_allocated(setup.device) / 2**30 if on_gpu else None)
+        baseline, spec = results
+        yield PromptOutcome(
+            pubid=prompt.pubid,
+            prompt_tokens=len(prompt.input_ids),
+            truncated=prompt.truncated,
+            baseline=baseline,
+            spec=spec,
+            baseline_text=setup.tokenizer.decode(baseline.tokens, skip_special_tokens=True),
+            spec_text=setup.tokenizer.decode(spec.tokens, skip_special_tokens=True),
+            baseline_peak_gpu_gb=peaks[0],
+            spec_peak_gpu_gb=peaks[1],
+        )
+
+
+def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
+    """Fill in the verifier's log-likelihood of both outputs of every prompt (after timing is over)."""
+    prompts = {prompt.pubid: prompt for prompt in setup.prompts}
+    for outcome in tqdm(outcomes, desc="perplexity", unit="prompt", leave=False):
+        prompt_ids = prompts[outcome.pubid].input_ids
+        outcome.baseline_logprob = output_log_likelihood(setup.verifier, prompt_ids, outcome.baseline.tokens)
+        outcome.spec_logprob = output_log_likelihood(setup.verifier, prompt_ids, outcome.spec.tokens)
+
+
+def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
+    """Draft-step and verify-curve timings on the first prompt (the inputs of the speedup model)."""
+    chooser = TokenChooser(setup.settings, cfg.seed)
+    max_tokens = max(cfg.k + 1, MIN_CURVE_TOKENS)
+    return measure_step_costs(setup.verifier, setup.drafters, setup.prompts[0].input_ids, chooser, max_tokens)

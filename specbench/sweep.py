@@ -1,0 +1,91 @@
+"""Sweeps (Hydra multiruns): a parent MLflow run groups the jobs; at the end, a report and a summary.
+
+A Hydra callback opens the parent run before the launcher starts any job and
+leaves its id where every job finds it (an environment variable for local
+launchers, a file in the sweep folder for cluster launchers). Each job leaves
+its outcome in its own output folder; at the end the callback gathers them,
+logs the cross-run report to the parent run, and exits non-zero with one line
+naming the configurations that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from specbench import tracking
+
+log = logging.getLogger(__name__)
+
+JOB_STATUS_FILE = "specbench_job.json"
+PARENT_ENV = "SPECBENCH_PARENT_RUN_ID"
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+def parent_run_id() -> str | None:
+    """The sweep's parent run id, seen from inside a job."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    marker = Path(HydraConfig.get().sweep.dir) / PARENT_FILE
+    return marker.read_text().strip() if marker.exists() else None
+
+
+def job_statuses(sweep_dir: Path) -> list[dict[str, str]]:
+    """Outcomes the jobs of a sweep left in their output folders."""
+    return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob(f"*/{JOB_STATUS_FILE}"))]
+
+
+class SweepCallback(Callback):
+    """Opens the sweep's parent run, and closes it with a report and a summary."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Create the parent run before any job starts."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            experiment_id = tracking.connect(
+                config.tracking.uri, config.tracking.experiment, config.tracking.artifact_location
+            )
+        except tracking.TrackingError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+        overrides = " ".join(config.hydra.overrides.task)
+        parent = MlflowClient().create_run(
+            experiment_id,
+            run_name=f"sweep {sweep_dir.name}",
+            tags={tracking.SWEEP_TAG: str(sweep_dir), "specbench.overrides": overrides},
+        )
+        os.environ[PARENT_ENV] = parent.info.run_id
+        (sweep_dir / PARENT_FILE).write_text(parent.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Report over the sweep's runs, end the parent run, and summarise failures."""
+        from specbench import report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        parent_id = (sweep_dir / PARENT_FILE).read_text().strip()
+        statuses = job_statuses(sweep_dir)
+        run_ids = [s["run_id"] for s in statuses if s.get("status") in ("FINISHED", "SKIPPED")]
+        failed = [s for s in statuses if s.get("status") not in ("FINISHED", "SKIPPED")]
+        client = MlflowClient()
+        if run_ids:
+            runs = report.load_runs(config.tracking.uri, config.tracking.experiment, run_ids=run_ids)
+            report.write_report(runs, sweep_dir / "report")
+            report.log_report(runs, parent_id)
+            print(f"sweep report: {sweep_dir / 'report' / 'summary.md'}")
+        client.set_tag(parent_id, "specbench.jobs", f"{len(run_ids)} finished, {len(failed)} failed")
+        client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+        if failed:
+            names = ", ".join(f"{s['name']} ({s.get('error', 'unknown error')})" for s in failed)
+            print(f"error: {len(failed)} of {len(statuses)} configurations failed: {names}", file=sys.stderr)
+            sys.exit(1)

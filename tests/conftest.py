@@ -1,0 +1,29 @@
+"""Shared fixtures: a tokenizer, tiny models under hub-id folders, and a PubMedQA-format file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import train_tokenizer, write_models_dir, write_pubmedqa_jsonl
+
+# Nothing in the tests may reach the HuggingFace hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_models_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def pubmedqa_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pubmedqa_jsonl(tmp_path_factory.mktemp("data") / "pqa_labeled.jsonl")

@@ -1,0 +1,144 @@
+"""Tiny real models and data that the tests build themselves (no hub, no downloads).
+
+`write_models_dir(root)` lays models out under their hub ids (root/distilbert/distilgpt2,
+root/EleutherAI/gpt-j-6B, ...), so the CLI finds them through `models_dir=root`
+with the shipped configs unchanged. All share one byte-level BPE tokenizer trained
+here; the GPT-J copy keeps GPT-J's quirk of a head larger than the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+EOS = "<|endoftext|>"
+# GPT-J-6B: 50400 logits for the 50257 tokens of the GPT-2 tokenizer.
+GPTJ_SPARE_ROWS = 50400 - 50257
+
+WORDS = (
+    "patients treatment study results mortality risk cohort trial outcome clinical hospital therapy dose "
+    "significant analysis group years increased reduced association disease surgery children women men "
+    "cancer blood heart lung kidney liver brain infection vaccine protein gene cell tissue sample control "
+    "randomized prospective retrospective survival follow-up incidence prevalence diagnosis symptoms pain "
+    "whether does is are was were the a of in to and with for on by at from that this these those not no yes"
+).split()
+
+QUESTIONS = [
+    "Does early surgery reduce mortality in elderly patients with hip fracture?",
+    "Is vitamin D deficiency associated with increased risk of infection in children?",
+    "Do statins improve survival after heart surgery?",
+    "Is the new vaccine effective in women over sixty years?",
+    "Does physical therapy reduce pain after knee replacement?",
+    "Are kidney outcomes worse in patients with diabetes and high blood pressure?",
+    "Is smoking associated with lung cancer incidence in a prospective cohort?",
+    "Does a low dose of aspirin prevent stroke in men?",
+]
+
+
+def corpus() -> list[str]:
+    """A few hundred deterministic pseudo-abstract sentences to train the tokenizer on."""
+    generator = torch.Generator().manual_seed(0)
+    sentences = list(QUESTIONS)
+    for _ in range(400):
+        picks = torch.randint(len(WORDS), (12,), generator=generator).tolist()
+        sentences.append(" ".join(WORDS[i] for i in picks) + ".")
+    return sentences
+
+
+def train_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer, GPT-2 style, with <|endoftext|> as id 0."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+
+
+def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: int = 512) -> PreTrainedModel:
+    """A randomly initialised tiny model of a real architecture (gpt2, gpt_neo, gptj, llama)."""
+    torch.manual_seed(seed)
+    common = {"bos_token_id": 0, "eos_token_id": 0}
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=32, n_layer=layers, n_head=2, **common)
+        return GPT2LMHeadModel(config).eval()
+    if arch == "gpt_neo":
+        # alternate global and local (windowed) attention layers, as GPT-Neo does
+        attention_types = [[["global", "local"], layers // 2]] + ([[["global"], 1]] if layers % 2 else [])
+        config = GPTNeoConfig(
+            vocab_size=vocab_size, max_position_embeddings=context, hidden_size=32, num_layers=layers,
+            num_heads=2, attention_types=attention_types, window_size=16, **common,
+        )
+        return GPTNeoForCausalLM(config).eval()
+    if arch == "gptj":
+        config = GPTJConfig(
+            vocab_size=vocab_size + GPTJ_SPARE_ROWS, n_positions=context, n_embd=32, n_layer=layers, n_head=2,
+            rotary_dim=8, **common,
+        )
+        return GPTJForCausalLM(config).eval()
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, max_position_embeddings=context, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **common,
+        )
+        return LlamaForCausalLM(config).eval()
+    raise ValueError(arch)
+
+
+# hub id -> (architecture, seed, layers): the ids the shipped configs name
+HUB_MODELS = {
+    "EleutherAI/gpt-j-6B": ("gptj", 10, 3),
+    "openai-community/gpt2-large": ("gpt2", 11, 3),
+    "openai-community/gpt2-xl": ("gpt2", 12, 3),
+    "distilbert/distilgpt2": ("gpt2", 20, 1),
+    "openai-community/gpt2": ("gpt2", 21, 2),
+    "EleutherAI/gpt-neo-125M": ("gpt_neo", 22, 2),
+    "openai-community/gpt2-medium": ("gpt2", 23, 2),
+}
+
+
+def write_models_dir(root: Path) -> Path:
+    """Save every model of HUB_MODELS (with the shared tokenizer) under root/<hub id>; return root."""
+    tokenizer = train_tokenizer()
+    for hub_id, (arch, seed, layers) in HUB_MODELS.items():
+        folder = root / hub_id
+        make_model(arch, len(tokenizer), seed, layers).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return root
+
+
+def write_pubmedqa_jsonl(path: Path, count: int = 8) -> Path:
+    """A small file in the HF pqa_labeled schema (made-up text, not PubMedQA)."""
+    generator = torch.Generator().manual_seed(1)
+    with path.open("w", encoding="utf-8") as out:
+        for index in range(count):
+            sections = []
+            for _ in range(2):
+                picks = torch.randint(len(WORDS), (30,), generator=generator).tolist()
+                sections.append(" ".join(WORDS[i] for i in picks) + ".")
+            record = {
+                "pubid": str(1000 + index),
+                "question": QUESTIONS[index % len(QUESTIONS)],
+                "context": {"contexts": sections, "labels": ["BACKGROUND", "RESULTS"], "meshes": []},
+                "long_answer": "made up",
+                "final_decision": "yes",
+            }
+            out.write(json.dumps(record) + "\n")
+    return path
