@@ -1,9 +1,9 @@
 """The command line: Hydra composes the config, this module wires data, models, engine, metrics and MLflow.
 
-    specbench [overrides]              one run
-    specbench -m draft=a,b k=2,4       a sweep (Hydra multirun), one MLflow run per job
-    specbench report ...               the cross-run comparison of an experiment or sweep
-    specbench models list|fetch ...    offline models from PyPI
+specbench [overrides]              one run
+specbench -m draft=a,b k=2,4       a sweep (Hydra multirun), one MLflow run per job
+specbench report ...               the cross-run comparison of an experiment or sweep
+specbench models list|fetch ...    offline models from PyPI
 """
 
 from __future__ import annotations
@@ -144,7 +144,9 @@ def _benchmark(cfg: SpecBenchConfig, setup: RunSetup) -> None:
         score_likelihoods(setup, outcomes)
     table = m.per_prompt_table(outcomes)
     scores = quality.score_texts(
-        [o.baseline_text for o in outcomes], [o.spec_text for o in outcomes], quality.load_embedder(cfg.quality.embedder)
+        [o.baseline_text for o in outcomes],
+        [o.spec_text for o in outcomes],
+        quality.load_embedder(cfg.quality.embedder),
     )
     table["rougeL"], table["bleu"] = scores.rouge_l, scores.bleu
     if scores.semantic_similarity is not None:
@@ -182,9 +184,7 @@ def _benchmark(cfg: SpecBenchConfig, setup: RunSetup) -> None:
         "generations.jsonl",
     )
     title = f"{cfg.verifier.name} + {cfg.draft.name}, k={cfg.k}"
-    tracking.log_figures(
-        plots.run_figures(results, table, list(cfg.draft.drafters), curve, predicted, title=title)
-    )
+    tracking.log_figures(plots.run_figures(results, table, list(cfg.draft.drafters), curve, predicted, title=title))
     mlflow.log_text(plots.summary_markdown(results, title=title), "summary.md")
     log.info(
         "%s: speedup %.2fx, acceptance %.2f, disagreement %.2f",

@@ -76,7 +76,8 @@ def read_file(path: Path) -> list[Record]:
             return [_parse_record(path, None, {"pubid": key, **value}) for key, value in data.items()]
         return [_parse_record(path, index + 1, item) for index, item in enumerate(data)]
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also splits at U+2028 and friends, which occur inside PubMedQA strings
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

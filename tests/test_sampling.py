@@ -181,7 +181,8 @@ def test_sampled_continuations_of_three_tokens(small_models):
     draws = 3000
     counts: dict[tuple[int, ...], int] = {}
     for seed in range(draws):
-        tokens = decode_speculative(cached, drafters, PROMPT, SAMPLING, k=2, seed=seed, k_schedule="heuristic",
-                                    k_max=4).tokens
+        tokens = decode_speculative(
+            cached, drafters, PROMPT, SAMPLING, k=2, seed=seed, k_schedule="heuristic", k_max=4
+        ).tokens
         counts[tuple(tokens[:3])] = counts.get(tuple(tokens[:3]), 0) + 1
     assert chi_square_p(counts, exact, draws) > 1e-3

@@ -83,20 +83,37 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
         # alternate global and local (windowed) attention layers, as GPT-Neo does
         attention_types = [[["global", "local"], layers // 2]] + ([[["global"], 1]] if layers % 2 else [])
         config = GPTNeoConfig(
-            vocab_size=vocab_size, max_position_embeddings=context, hidden_size=32, num_layers=layers,
-            num_heads=2, attention_types=attention_types, window_size=16, **common,
+            vocab_size=vocab_size,
+            max_position_embeddings=context,
+            hidden_size=32,
+            num_layers=layers,
+            num_heads=2,
+            attention_types=attention_types,
+            window_size=16,
+            **common,
         )
         return GPTNeoForCausalLM(config).eval()
     if arch == "gptj":
         config = GPTJConfig(
-            vocab_size=vocab_size + GPTJ_SPARE_ROWS, n_positions=context, n_embd=32, n_layer=layers, n_head=2,
-            rotary_dim=8, **common,
+            vocab_size=vocab_size + GPTJ_SPARE_ROWS,
+            n_positions=context,
+            n_embd=32,
+            n_layer=layers,
+            n_head=2,
+            rotary_dim=8,
+            **common,
         )
         return GPTJForCausalLM(config).eval()
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=vocab_size, max_position_embeddings=context, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **common,
+            vocab_size=vocab_size,
+            max_position_embeddings=context,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
         )
         return LlamaForCausalLM(config).eval()
     raise ValueError(arch)

