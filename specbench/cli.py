@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,12 +20,14 @@ import hydra
 import mlflow
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from specbench import metrics as m
 from specbench import plots, quality, tracking
-from specbench.config import ConfigError, SpecBenchConfig, register_configs, validate
+from specbench.config import ConfigError, SpecBenchConfig, explain_config_error, register_configs, validate
 from specbench.data import DataError, load_records
 from specbench.fetch import FetchError
 from specbench.models import ModelCache, ModelLoadError
@@ -52,7 +55,14 @@ def main() -> None:
         sys.exit(fetch.main(sys.argv[2:]))
     signal.signal(signal.SIGTERM, _interrupt)  # so SIGTERM ends the current run as KILLED, like Ctrl-C
     register_configs()
-    hydra_main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises composition errors; they are explained below
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as error:
+        if "debug=true" in sys.argv:
+            raise
+        print(f"error: {explain_config_error(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

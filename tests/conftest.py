@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+import absl.logging
 import pytest
 
 from tests.tiny import train_tokenizer, write_models_dir, write_pubmedqa_jsonl
@@ -12,6 +14,10 @@ from tests.tiny import train_tokenizer, write_models_dir, write_pubmedqa_jsonl
 # Nothing in the tests may reach the HuggingFace hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+# rouge-score imports absl, whose log handler closes the stream it was created with when Hydra
+# reconfigures logging; under pytest that stream is pytest's capture, so point it at the real stderr.
+absl.logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
 
 
 @pytest.fixture(scope="session")
