@@ -27,7 +27,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from specbench import metrics as m
 from specbench import plots, quality, tracking
-from specbench.config import ConfigError, SpecBenchConfig, explain_config_error, register_configs, validate
+from specbench.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    SpecBenchConfig,
+    explain_config_error,
+    register_configs,
+    validate,
+)
 from specbench.data import DataError, load_records
 from specbench.fetch import FetchError
 from specbench.models import ModelCache, ModelLoadError
@@ -36,7 +43,7 @@ from specbench.sweep import JOB_STATUS_FILE, parent_run_id
 
 log = logging.getLogger("specbench")
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = PROJECT_ROOT / "conf"
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, FetchError, tracking.TrackingError)
 
 # Jobs of one process (Hydra's basic launcher) share loaded models.

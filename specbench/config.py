@@ -145,9 +145,14 @@ class SpecBenchConfig:
     debug: bool = False
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore, so YAML files are type-checked against them."""
+    """Register the schema with Hydra's ConfigStore (YAML files are type-checked against it) and our resolvers."""
     ConfigStore.instance().store(name="specbench_schema", node=SpecBenchConfig)
+    # ${project_root:} lets shipped configs name files of the checkout wherever the command runs from
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 
 def _check(condition: bool, message: str) -> None:
