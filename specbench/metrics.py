@@ -163,9 +163,8 @@ def bootstrap_intervals(table: pd.DataFrame, seed: int = 0) -> dict[str, float]:
     if n < 2:
         return {}
     samples = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
-    columns = {
-        name: table[name].to_numpy(dtype=float)[samples] for name in table.columns if table[name].dtype != object
-    }
+    numeric = table.select_dtypes("number")
+    columns = {name: numeric[name].to_numpy(dtype=float)[samples] for name in numeric.columns}
     estimates = {
         "speedup": columns["baseline_latency_s"].sum(axis=1) / columns["spec_latency_s"].sum(axis=1),
     }

@@ -1,0 +1,285 @@
+"""CPU benchmark (`make bench`): specbench's engine against transformers on real models, same prompts.
+
+Measures, on real PubMedQA records and the offline Qwen2.5-Coder pair:
+1. the verifier-only loop against `model.generate(do_sample=False)` (tokens/s ratio);
+2. speculative decoding against `generate(assistant_model=...)` at the same fixed k
+   (transformers' constant schedule, confidence threshold 0) for the float32 draft,
+   the int8 draft and prompt lookup (wall-time ratio), checking outputs are identical;
+3. the measured speedup against the one predicted from measured acceptance and costs;
+and, first, which CPU dtype makes the verifier fastest.
+
+Contenders run interleaved (each prompt, every contender, in rotating order) so
+drift in machine speed hits all alike; each figure is the median over repeats.
+Results go to benchmarks/results/ with a description of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+from specbench.config import PROJECT_ROOT, DrafterConfig, VerifierConfig
+from specbench.data import PromptBuilder, read_file
+from specbench.engine import (
+    CachedModel,
+    DecodeSettings,
+    ModelDrafter,
+    PromptLookupDrafter,
+    TokenChooser,
+    decode_baseline,
+    decode_speculative,
+)
+from specbench.engine.costs import measure_step_costs
+from specbench.metrics import iid_acceptance, predicted_speedup
+from specbench.models import ModelCache, eos_token_ids, model_spec
+from specbench.runner import device_name
+
+warnings.filterwarnings("ignore")
+PUBMEDQA = PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa" / "pqa_labeled.jsonl"
+TEMPLATE = "Question: {question}\n\nAbstract:\n{abstract}\n\nAnswer:"
+
+
+@dataclass
+class Contender:
+    """One way of decoding a prompt, and what it produced."""
+
+    name: str
+    decode: Callable[[list[int]], list[int]]
+    seconds: list[list[float]] = field(default_factory=list)  # [repeat][prompt]
+    outputs: list[list[int]] = field(default_factory=list)  # one per prompt, last repeat
+
+
+def timed(decode: Callable[[list[int]], list[int]], prompt: list[int]) -> tuple[list[int], float]:
+    start = time.perf_counter()
+    tokens = decode(prompt)
+    return tokens, time.perf_counter() - start
+
+
+def hf_generate(model, **kwargs) -> Callable[[list[int]], list[int]]:
+    """transformers' own decoding (plain, assisted or prompt lookup), returning the new tokens."""
+
+    def decode(prompt: list[int]) -> list[int]:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
+        return out[0, len(prompt) :].tolist()
+
+    return decode
+
+
+def fixed_k(draft_model, k: int) -> None:
+    """transformers' fixed-k assisted generation: constant schedule, no confidence early exit."""
+    config = draft_model.generation_config
+    config.num_assistant_tokens = k
+    config.num_assistant_tokens_schedule = "constant"
+    config.assistant_confidence_threshold = 0.0
+
+
+def dtype_probe(cache: ModelCache, args) -> dict[str, float]:
+    """ms per decode step of the verifier in float32 and bfloat16 (the CPU dtype choice)."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        spec = model_spec(VerifierConfig(name="v", fetch=args.verifier), dtype, torch.device("cpu"), None)
+        model = CachedModel(cache.model(spec), len(cache.tokenizer(spec)))
+        settings = DecodeSettings(max_new_tokens=16)
+        decode_baseline(model, list(range(1000, 1300)), settings)  # warm-up
+        result = decode_baseline(model, list(range(1000, 1300)), settings)
+        results[dtype] = 1000 * (result.latency_s - result.ttft_s) / (len(result.tokens) - 1)
+        cache.keep_only(set())
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--dtype", default="bfloat16", help="verifier dtype (the probe reports both)")
+    parser.add_argument("--verifier", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--skip-dtype-probe", action="store_true")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cache = ModelCache()
+    cpu = torch.device("cpu")
+    report: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "device": device_name(cpu),
+            "cores": __import__("os").cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "settings": vars(args) | {"out": str(args.out)},
+    }
+    if not args.skip_dtype_probe:
+        report["verifier_ms_per_token_by_dtype"] = dtype_probe(cache, args)
+        print("verifier ms/token by dtype:", report["verifier_ms_per_token_by_dtype"], flush=True)
+
+    verifier_spec = model_spec(VerifierConfig(name="v", fetch=args.verifier), args.dtype, cpu, None)
+    tokenizer = cache.tokenizer(verifier_spec)
+    verifier_model = cache.model(verifier_spec)
+    vocab = len(tokenizer)
+    draft_specs = {
+        "fp32": model_spec(DrafterConfig(fetch=args.draft), "float32", cpu, None),
+        "int8": model_spec(DrafterConfig(fetch=args.draft, quantize="int8_dynamic"), "float32", cpu, None),
+    }
+    drafts = {name: cache.model(spec) for name, spec in draft_specs.items()}
+    for model in drafts.values():
+        fixed_k(model, args.k)
+    builder = PromptBuilder(tokenizer, TEMPLATE, "auto", 1024)
+    prompts = [builder.build(record).input_ids for record in read_file(PUBMEDQA)[: args.prompts]]
+    eos = eos_token_ids(verifier_model, tokenizer)
+    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
+    verifier = CachedModel(verifier_model, vocab)
+    ours = {name: ModelDrafter(name, CachedModel(model, vocab)) for name, model in drafts.items()}
+    ours["lookup"] = PromptLookupDrafter("lookup", max_ngram=3)
+    spec_results: dict[str, list] = {name: [] for name in ours}
+
+    def ours_spec(name: str) -> Callable[[list[int]], list[int]]:
+        def decode(prompt: list[int]) -> list[int]:
+            result = decode_speculative(verifier, [ours[name]], prompt, settings, k=args.k)
+            spec_results[name].append(result)
+            return result.tokens
+
+        return decode
+
+    generate_kwargs = {"max_new_tokens": args.max_new_tokens, "eos_token_id": sorted(eos), "pad_token_id": min(eos)}
+    contenders = [
+        Contender("ours_baseline", lambda p: decode_baseline(verifier, p, settings).tokens),
+        Contender("hf_generate", hf_generate(verifier_model, **generate_kwargs)),
+        Contender("ours_spec_fp32", ours_spec("fp32")),
+        Contender("hf_assisted_fp32", hf_generate(verifier_model, assistant_model=drafts["fp32"], **generate_kwargs)),
+        Contender("ours_spec_int8", ours_spec("int8")),
+        Contender("hf_assisted_int8", hf_generate(verifier_model, assistant_model=drafts["int8"], **generate_kwargs)),
+        Contender("ours_spec_lookup", ours_spec("lookup")),
+        Contender(
+            "hf_prompt_lookup",
+            hf_generate(verifier_model, prompt_lookup_num_tokens=args.k, max_matching_ngram_size=3, **generate_kwargs),
+        ),
+    ]
+    for contender in contenders:  # warm-up, outside the measurement
+        contender.decode(prompts[0][:64])
+    for name in spec_results:
+        spec_results[name].clear()
+    for repeat in range(args.repeats):
+        for contender in contenders:
+            contender.seconds.append([0.0] * len(prompts))
+        for index, prompt in enumerate(prompts):
+            shift = (repeat + index) % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                tokens, seconds = timed(contender.decode, prompt)
+                contender.seconds[repeat][index] = seconds
+                if repeat == args.repeats - 1:
+                    contender.outputs.append(tokens)
+            print(f"repeat {repeat + 1}/{args.repeats}, prompt {index + 1}/{len(prompts)} done", flush=True)
+
+    baseline_tokens = next(c for c in contenders if c.name == "ours_baseline").outputs
+    total_tokens = sum(len(t) for t in baseline_tokens)
+    rows = {}
+    for contender in contenders:
+        median_total = statistics.median(sum(per_prompt) for per_prompt in contender.seconds)
+        rows[contender.name] = {
+            "median_total_s": median_total,
+            "tokens_per_s": total_tokens / median_total,
+            "identical_to_baseline": contender.outputs == baseline_tokens,
+        }
+    ratios = {
+        "ours_baseline_vs_generate_tokens_per_s": rows["ours_baseline"]["tokens_per_s"]
+        / rows["hf_generate"]["tokens_per_s"]
+    }
+    for name, hf_name in (("fp32", "hf_assisted_fp32"), ("int8", "hf_assisted_int8"), ("lookup", "hf_prompt_lookup")):
+        ratios[f"hf_{name}_time_over_ours"] = (
+            rows[hf_name]["median_total_s"] / rows[f"ours_spec_{name}"]["median_total_s"]
+        )
+
+    chooser = TokenChooser(settings)
+    costs = measure_step_costs(verifier, list(ours.values()), prompts[0], chooser, args.k + 1)
+    model_check = {}
+    for name, results in spec_results.items():
+        full = [
+            a for r in results for depth, a in zip(r.k_per_step, r.accepted_per_step, strict=True) if depth == args.k
+        ]
+        alpha = iid_acceptance(statistics.mean(full), args.k) if full else 0.0
+        cost_ratio = costs.draft_s[name] / costs.verify_s[0]
+        predicted = predicted_speedup(alpha, args.k, cost_ratio, costs.verify_s[args.k] / costs.verify_s[0])
+        measured = rows["ours_baseline"]["median_total_s"] / rows[f"ours_spec_{name}"]["median_total_s"]
+        accepted = sum(r.accepted for r in results)
+        proposed = sum(r.proposed for r in results)
+        model_check[name] = {
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "alpha_iid": alpha,
+            "cost_ratio_c": cost_ratio,
+            "verify_ratio_k_plus_1": costs.verify_s[args.k] / costs.verify_s[0],
+            "predicted_speedup": predicted,
+            "measured_speedup": measured,
+            "measured_over_predicted": measured / predicted,
+        }
+    report |= {
+        "contenders": rows,
+        "ratios": ratios,
+        "speedup_model": model_check,
+        "verify_ms": [1000 * t for t in costs.verify_s],
+        "draft_step_ms": {n: 1000 * t for n, t in costs.draft_s.items()},
+    }
+    write_results(report, args.out)
+
+
+def write_results(report: dict, out_dir: Path) -> None:
+    """JSON for machines, markdown for people, both stamped with the machine."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu-{report['date'][:10]}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    machine = report["machine"]
+    lines = [
+        f"# CPU benchmark, {report['date']}",
+        "",
+        f"Machine: {machine['device']}, {machine['cores']} cores; torch {machine['torch']}, "
+        f"transformers {machine['transformers']}, Python {machine['python']}.",
+        f"Settings: {json.dumps({k: v for k, v in report['settings'].items() if k != 'out'})}",
+        "",
+    ]
+    if "verifier_ms_per_token_by_dtype" in report:
+        probe = report["verifier_ms_per_token_by_dtype"]
+        lines += ["Verifier ms per decode step by dtype: " + ", ".join(f"{k} {v:.0f} ms" for k, v in probe.items()), ""]
+    lines += ["| contender | median total (s) | tokens/s | identical to baseline |", "| --- | --- | --- | --- |"]
+    for name, row in report["contenders"].items():
+        lines.append(
+            f"| {name} | {row['median_total_s']:.2f} | {row['tokens_per_s']:.2f} | {row['identical_to_baseline']} |"
+        )
+    lines += ["", "| ratio | value |", "| --- | --- |"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
+    lines += [
+        "",
+        "| drafter | acceptance | alpha | c | v(k+1) | predicted | measured | measured/predicted |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in report["speedup_model"].items():
+        lines.append(
+            f"| {name} | {row['acceptance_rate']:.2f} | {row['alpha_iid']:.2f} | {row['cost_ratio_c']:.3f} | "
+            f"{row['verify_ratio_k_plus_1']:.2f} | {row['predicted_speedup']:.2f} | {row['measured_speedup']:.2f} | "
+            f"{row['measured_over_predicted']:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out_dir / f"{stem}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
