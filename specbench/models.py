@@ -7,9 +7,14 @@ are released (GPU memory too) before it loads others.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
+import os
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,37 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@contextmanager
+def gpu_lease(device: str) -> Iterator[str]:
+    """On a host with several GPUs, give `auto`/`cuda` a GPU that no other specbench job holds.
+
+    Parallel sweep workers (joblib, submitit_local) each lock one GPU for the
+    whole job through a lock file per GPU, so two jobs never share a card by
+    accident. An explicit `cuda:N`, the CPU, or a single GPU pass through.
+    """
+    count = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    if count < 2:
+        yield device
+        return
+    lock_dir = Path(tempfile.gettempdir()) / "specbench-gpu-locks"
+    lock_dir.mkdir(exist_ok=True)
+    order = [*range(count), os.getpid() % count]  # every GPU without waiting, then wait for one
+    for attempt, index in enumerate(order):
+        handle = (lock_dir / f"gpu{index}.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if attempt == count else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:
+            log.info("this job holds GPU %d", index)
+            yield f"cuda:{index}"
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

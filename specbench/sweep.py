@@ -40,6 +40,13 @@ def parent_run_id() -> str | None:
     return marker.read_text().strip() if marker.exists() else None
 
 
+def abandon_sweep() -> None:
+    """Mark this process's open sweep parent run KILLED (the sweep was interrupted)."""
+    parent_id = os.environ.pop(PARENT_ENV, None)
+    if parent_id:
+        MlflowClient().set_terminated(parent_id, RunStatus.to_string(RunStatus.KILLED))
+
+
 def job_statuses(sweep_dir: Path) -> list[dict[str, str]]:
     """Outcomes the jobs of a sweep left in their output folders."""
     return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob(f"*/{JOB_STATUS_FILE}"))]

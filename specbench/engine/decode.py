@@ -2,7 +2,8 @@
 
 Both start the same: the verifier prefills the prompt and chooses the first
 token (time to first token). The baseline then feeds one token per verifier
-call. Speculative decoding, each step:
+call. Speculative decoding then lets each drafter read the prompt once (its
+prefill), and each step:
 1. every drafter proposes up to k tokens after the committed ones;
 2. the proposals are merged into a tree and the verifier scores all of it in one
    forward pass (a chain needs no special mask);
@@ -46,7 +47,8 @@ class DrafterStats:
     proposed: int = 0
     accepted: int = 0
     wins: int = 0  # steps where its proposal covered the whole accepted path (ties count for each)
-    draft_time_s: float = 0.0
+    draft_time_s: float = 0.0  # proposing, over all steps
+    prefill_s: float = 0.0  # reading the prompt once, before the first step
 
 
 @dataclass
@@ -69,8 +71,13 @@ class DecodeResult:
 
     @property
     def draft_time_s(self) -> float:
-        """Time spent drafting, all drafters together."""
+        """Time spent proposing, all drafters together."""
         return sum(stats.draft_time_s for stats in self.drafters.values())
+
+    @property
+    def draft_prefill_s(self) -> float:
+        """Time the drafters spent reading the prompt."""
+        return sum(stats.prefill_s for stats in self.drafters.values())
 
 
 def _append_until_stop(generated: list[int], new_tokens: list[int], settings: DecodeSettings) -> bool:
@@ -156,6 +163,12 @@ def decode_speculative(
     finished = _append_until_stop(result.tokens, [first], settings)
     result.ttft_s = clock.now() - start
     result.verifier_calls = 1
+    phase_start = result.ttft_s + start
+    for drafter in drafters:
+        drafter.prefill(tokens)
+        now = clock.now()
+        result.drafters[drafter.name].prefill_s = now - phase_start
+        phase_start = now
     step_k = k
     while not finished:
         depth = min(step_k, settings.max_new_tokens - len(result.tokens) - 1)

@@ -36,6 +36,9 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget the previous prompt."""
 
+    def prefill(self, tokens: list[int]) -> None:
+        """Read the prompt (and first token) before the first proposal."""
+
     def propose(self, tokens: list[int], k: int, chooser: TokenChooser) -> Proposal:
         """Propose at most `k` tokens to follow `tokens`."""
 
@@ -54,6 +57,13 @@ class ModelDrafter:
         self.model.reset()
         self._cached_ids = []
         self._committed = 0
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int]) -> None:
+        """Cache all of `tokens` but the last, so that each proposal starts from a short feed."""
+        self.model.forward(torch.tensor(tokens[:-1], device=self.model.device))
+        self._cached_ids = tokens[:-1]
+        self._committed = len(tokens) - 1
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """Length of the cached prefix still valid for `tokens`, leaving at least one token to feed."""
@@ -97,6 +107,9 @@ class PromptLookupDrafter:
 
     def reset(self) -> None:
         """Nothing to forget: the drafter keeps no state."""
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Nothing to read ahead: matches are searched at each proposal."""
 
     def propose(self, tokens: list[int], k: int, chooser: TokenChooser) -> Proposal:
         """Continuation of the latest earlier match of the longest matching n-gram (possibly empty)."""
