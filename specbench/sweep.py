@@ -81,6 +81,7 @@ class SweepCallback(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         parent_id = (sweep_dir / PARENT_FILE).read_text().strip()
+        os.environ.pop(PARENT_ENV, None)
         statuses = job_statuses(sweep_dir)
         run_ids = [s["run_id"] for s in statuses if s.get("status") in ("FINISHED", "SKIPPED")]
         failed = [s for s in statuses if s.get("status") not in ("FINISHED", "SKIPPED")]
