@@ -150,6 +150,8 @@ def _run(cfg: DictConfig) -> dict[str, str]:
         setup = prepare(typed, records, MODEL_CACHE)
         mlflow.set_tags(tracking.environment_tags(device_name(setup.device)) | {"device": str(setup.device)})
         mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
+        if setup.gpu_memory_before_load_gb is not None:
+            mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
         _benchmark(typed, setup)
     return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -113,6 +114,14 @@ class CostConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How the decoding engine runs the models."""
+
+    # Static KV cache + one CUDA graph per decode shape: removes kernel-launch overhead on GPUs.
+    cuda_graphs: bool = False
+
+
+@dataclass
 class QualityConfig:
     """Fidelity of the speculative output to the baseline output."""
 
@@ -131,6 +140,7 @@ class SpecBenchConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     k: int = 4
     k_schedule: str = "constant"
     k_max: int = 16  # upper bound of the heuristic schedule
@@ -198,6 +208,10 @@ def validate(cfg: SpecBenchConfig) -> None:
         f"cost.profile={cfg.cost.profile} is unknown: use auto or one of {', '.join(cfg.cost.profiles)}.",
     )
     _validate_device(cfg.device)
+    _check(
+        not cfg.engine.cuda_graphs or (cfg.device != "cpu" and torch.cuda.is_available()),
+        "engine.cuda_graphs=true needs a CUDA GPU: drop it, or run with device=cuda on a GPU machine.",
+    )
     _validate_model("verifier", cfg.verifier)
     _check(
         len(cfg.draft.drafters) >= 1,
@@ -241,8 +255,6 @@ def _validate_model(key: str, model: ModelConfig) -> None:
 
 
 def _validate_device(device: str) -> None:
-    import torch
-
     if device in ("auto", "cpu"):
         return
     _check(

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specbench.config import ConfigError, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
@@ -59,6 +59,7 @@ class RunSetup:
     prompts: list[Prompt]
     settings: DecodeSettings
     specs: dict[str, ModelSpec]  # "verifier" and each model drafter's name
+    gpu_memory_before_load_gb: float | None  # after releasing the models this run does not use
 
 
 def device_name(device: torch.device) -> str:
@@ -96,14 +97,24 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     prompts = [builder.build(record) for record in records]
 
     cache.keep_only(set(specs.values()))
+    gpu_memory_before_load = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     vocab_size = len(tokenizer)
     verifier_model = cache.model(specs["verifier"])
+    # CUDA graphs: a static cache long enough for the longest prompt, one graph per decode feed length
+    max_len = max(len(p.input_ids) for p in prompts) + cfg.generation.max_new_tokens + cfg.k_max + 2
+    graphs = cfg.engine.cuda_graphs
+    longest_verify = max(curve_tokens(cfg), cfg.k_max + 1 if cfg.k_schedule == "heuristic" else 0)
+    verify_sizes = range(1, longest_verify + 1)
+
+    def cached(model: PreTrainedModel, sizes: Sequence[int]) -> CachedModel:
+        return CachedModel(model, vocab_size, max_len if graphs else None, sizes if graphs else ())
+
     drafters: list[Drafter] = []
     for name, drafter in cfg.draft.drafters.items():
         if drafter.kind == "prompt_lookup":
             drafters.append(PromptLookupDrafter(name, max_ngram=drafter.max_ngram))
         else:
-            drafters.append(ModelDrafter(name, CachedModel(cache.model(specs[name]), vocab_size)))
+            drafters.append(ModelDrafter(name, cached(cache.model(specs[name]), (1, 2))))
     gen = cfg.generation
     settings = DecodeSettings(
         max_new_tokens=gen.max_new_tokens,
@@ -113,8 +124,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         top_p=gen.top_p,
         top_k=gen.top_k,
     )
-    verifier = CachedModel(verifier_model, vocab_size)
-    return RunSetup(device, verifier, drafters, tokenizer, prompts, settings, specs)
+    verifier = cached(verifier_model, verify_sizes)
+    return RunSetup(device, verifier, drafters, tokenizer, prompts, settings, specs, gpu_memory_before_load)
 
 
 def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> list[Callable[[list[int], DecodeSettings, int], DecodeResult]]:
@@ -168,8 +179,12 @@ def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
         outcome.spec_logprob = output_log_likelihood(setup.verifier, prompt_ids, outcome.spec.tokens)
 
 
+def curve_tokens(cfg: SpecBenchConfig) -> int:
+    """The verify-cost curve covers n = 1 .. this many new tokens."""
+    return max(cfg.k + 1, MIN_CURVE_TOKENS)
+
+
 def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
     """Draft-step and verify-curve timings on the first prompt (the inputs of the speedup model)."""
     chooser = TokenChooser(setup.settings, cfg.seed)
-    max_tokens = max(cfg.k + 1, MIN_CURVE_TOKENS)
-    return measure_step_costs(setup.verifier, setup.drafters, setup.prompts[0].input_ids, chooser, max_tokens)
+    return measure_step_costs(setup.verifier, setup.drafters, setup.prompts[0].input_ids, chooser, curve_tokens(cfg))

@@ -103,7 +103,7 @@ def test_tree_pass_matches_separate_chain_passes(verifiers):
         assert not tree.is_chain and tree.size == 1 + 9
         cached = CachedModel(model, VOCAB)
         cached.forward(torch.tensor(PROMPT[:-1]))
-        mask = tree_attention_mask(tree, cached.cache_len, model.dtype, cached.device)
+        mask = tree_attention_mask(tree, cached.cache_len, cached.mask_width(tree.size), model.dtype, cached.device)
         positions = torch.tensor(tree.depths)[None] + cached.cache_len
         tree_logits = cached.forward(torch.tensor(tree.tokens), tree.size, positions, mask)
         for branch_tokens, branch_nodes in zip(branches, tree.branches, strict=True):
@@ -119,7 +119,7 @@ def test_cache_compaction_keeps_only_the_accepted_branch(verifiers):
     cached = CachedModel(model, VOCAB)
     cached.forward(torch.tensor(PROMPT[:-1]))
     start = cached.cache_len
-    mask = tree_attention_mask(tree, start, model.dtype, cached.device)
+    mask = tree_attention_mask(tree, start, cached.mask_width(tree.size), model.dtype, cached.device)
     cached.forward(torch.tensor(tree.tokens), tree.size, torch.tensor(tree.depths)[None] + start, mask)
     cached.keep_rows(start, [0, *tree.branches[1][:2]])  # keep root, 21, 22
     after = cached.forward(torch.tensor([5]))
@@ -199,3 +199,29 @@ def test_prompt_lookup_copies_what_followed_the_latest_match():
     assert lookup.propose(tokens, 3, chooser).tokens == [7, 8, 6]  # the latest earlier "1 2 3"
     assert lookup.propose([1, 2, 3, 4], 2, chooser).tokens == []
     assert lookup.propose([4, 5, 6, 4], 5, chooser).tokens == [5, 6, 4]  # falls back to the unigram "4"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
+def test_static_cache_gives_the_same_tokens(verifiers, drafts, arch):
+    """The preallocated cache that CUDA graphs need: same outputs, rollback and tree compaction included."""
+    dynamic = decode_baseline(CachedModel(verifiers[arch], VOCAB), PROMPT, SETTINGS).tokens
+    static_verifier = CachedModel(verifiers[arch], VOCAB, max_len=128)
+    assert static_verifier.max_len == 128
+    assert decode_baseline(static_verifier, PROMPT, SETTINGS).tokens == dynamic
+    static_draft = ModelDrafter("draft", CachedModel(drafts["gpt2"], VOCAB, max_len=128))
+    members = [static_draft, drafter(verifiers[arch], "self"), PromptLookupDrafter("lookup")]
+    single = decode_speculative(static_verifier, [static_draft], PROMPT, SETTINGS, k=4)
+    assert single.tokens == dynamic and single.accepted < single.proposed  # rollbacks happened
+    tree = decode_speculative(static_verifier, members, PROMPT, SETTINGS, k=4)
+    assert tree.tokens == dynamic and tree.drafters["draft"].wins < tree.steps  # candidates diverged
+
+
+def test_static_cache_is_refused_where_attention_would_be_wrong(drafts):
+    """GPT-Neo's local attention assumes the keys end at the query: it keeps the dynamic cache."""
+    assert CachedModel(drafts["gpt_neo"], VOCAB, max_len=128).max_len is None
+
+
+def test_static_cache_overflow_is_an_error(verifiers):
+    cached = CachedModel(verifiers["gpt2"], VOCAB, max_len=len(PROMPT) + 2)
+    with pytest.raises(ValueError, match="static cache holds"):
+        decode_baseline(cached, PROMPT, SETTINGS)

@@ -122,7 +122,7 @@ def _verify(verifier: CachedModel, tree: DraftTree) -> torch.Tensor:
         return verifier.forward(ids, logits_to_keep=tree.size)
     cache_len = verifier.cache_len
     positions = torch.tensor(tree.depths, device=verifier.device)[None] + cache_len
-    mask = tree_attention_mask(tree, cache_len, verifier.model.dtype, verifier.device)
+    mask = tree_attention_mask(tree, cache_len, verifier.mask_width(tree.size), verifier.model.dtype, verifier.device)
     return verifier.forward(ids, logits_to_keep=tree.size, position_ids=positions, attention_mask=mask)
 
 

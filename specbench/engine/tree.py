@@ -65,9 +65,14 @@ def build_tree(root_token: int, proposals: list[list[int]]) -> DraftTree:
     return tree
 
 
-def tree_attention_mask(tree: DraftTree, cache_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive 4-D mask [1, 1, nodes, cache_len + nodes]: each node sees the cache, its ancestors and itself."""
-    visible = torch.zeros(tree.size, cache_len + tree.size, dtype=torch.bool)
+def tree_attention_mask(
+    tree: DraftTree, cache_len: int, width: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive 4-D mask [1, 1, nodes, width]: each node sees the cache, its ancestors and itself.
+
+    `width` is the number of key positions: cache + nodes, or a static cache's whole buffer.
+    """
+    visible = torch.zeros(tree.size, width, dtype=torch.bool)
     visible[:, :cache_len] = True
     for node in range(tree.size):
         ancestor = node
