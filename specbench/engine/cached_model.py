@@ -82,8 +82,9 @@ class CachedModel:
         n = input_ids.numel()
         if self.max_len is not None and self._length + n > self.max_len:
             raise ValueError(f"the static cache holds {self.max_len} tokens; {self._length + n} were fed")
-        if attention_mask is None and n in self.graph_sizes and logits_to_keep == n and self._length > 0:
-            logits = self._graph(n)(input_ids.view(1, -1), self._positions(n))
+        if attention_mask is None and n in self.graph_sizes and logits_to_keep <= n and self._length > 0:
+            # the graph computes logits for all n tokens; the extra rows cost next to nothing at decode sizes
+            logits = self._graph(n)(input_ids.view(1, -1), self._positions(n))[:, -logits_to_keep:]
         else:
             if self.max_len is not None and attention_mask is None:
                 position_ids = self._positions(n)
@@ -150,6 +151,7 @@ class CachedModel:
             self._graphs[n] = replay
         return self._graphs[n]
 
+    @torch.inference_mode()
     def _set_length(self, length: int) -> None:
         self._length = length
         if isinstance(self.cache, StaticCache):
@@ -166,6 +168,7 @@ class CachedModel:
             self.cache.crop(-excess)
         self._set_length(length)
 
+    @torch.inference_mode()
     def keep_rows(self, start: int, rows: list[int]) -> None:
         """Keep the cached tokens before `start`, then only `rows` (offsets from `start`) of those after it.
 
