@@ -44,7 +44,13 @@ from specbench.sweep import JOB_STATUS_FILE, abandon_sweep, parent_run_id
 log = logging.getLogger("specbench")
 
 CONF_DIR = PROJECT_ROOT / "conf"
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, FetchError, tracking.TrackingError)
+
+
+class GpuMemoryError(RuntimeError):
+    """The GPU ran out of memory, explained in one sentence."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, FetchError, tracking.TrackingError, GpuMemoryError)
 
 # Jobs of one process (Hydra's basic launcher) share loaded models.
 MODEL_CACHE = ModelCache()
@@ -99,12 +105,7 @@ def run_job(cfg: DictConfig) -> dict[str, str]:
         _write_status(status)
         raise
     except Exception as error:
-        if isinstance(error, torch.OutOfMemoryError):
-            message = (
-                f"out of GPU memory with verifier {cfg.verifier.name} and draft {cfg.draft.name} (dtype={cfg.dtype}): "
-                "use dtype=bfloat16, a smaller model or draft set, or a lower generation.max_new_tokens."
-            )
-        elif isinstance(error, USER_ERRORS):
+        if isinstance(error, USER_ERRORS):
             message = str(error)
         else:
             message = f"unexpected {type(error).__name__}: {error} (set debug=true for the traceback)"
@@ -147,12 +148,19 @@ def _run(cfg: DictConfig) -> dict[str, str]:
         tracking.log_params(tracking.flatten(resolved))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         typed.device = device
-        setup = prepare(typed, records, MODEL_CACHE)
-        mlflow.set_tags(tracking.environment_tags(device_name(setup.device)) | {"device": str(setup.device)})
-        mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
-        if setup.gpu_memory_before_load_gb is not None:
-            mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
-        _benchmark(typed, setup)
+        try:
+            setup = prepare(typed, records, MODEL_CACHE)
+            mlflow.set_tags(tracking.environment_tags(device_name(setup.device)) | {"device": str(setup.device)})
+            mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
+            if setup.gpu_memory_before_load_gb is not None:
+                mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
+            _benchmark(typed, setup)
+        except torch.OutOfMemoryError as error:  # becomes the run's error tag and the one-line message
+            raise GpuMemoryError(
+                f"out of GPU memory with verifier {typed.verifier.name} and draft {typed.draft.name} "
+                f"(dtype={typed.dtype}): use dtype=bfloat16, a smaller model or draft set, or a lower "
+                "generation.max_new_tokens."
+            ) from error
     return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}
 
 
