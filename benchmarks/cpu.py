@@ -102,11 +102,13 @@ def dtype_probe(cache: ModelCache, args) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--dtype", default="bfloat16", help="verifier dtype (the probe reports both)")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument(
+        "--ks", type=int, nargs="+", default=[2, 4, 6], help="draft lengths; float32 draft at the first"
+    )
+    parser.add_argument("--dtype", default="float32", help="verifier dtype: float32 makes greedy outputs exact")
     parser.add_argument("--verifier", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--skip-dtype-probe", action="store_true")
@@ -141,8 +143,6 @@ def main() -> None:
         "int8": model_spec(DrafterConfig(fetch=args.draft, quantize="int8_dynamic"), "float32", cpu, None),
     }
     drafts = {name: cache.model(spec) for name, spec in draft_specs.items()}
-    for model in drafts.values():
-        fixed_k(model, args.k)
     builder = PromptBuilder(tokenizer, TEMPLATE, "auto", 1024)
     prompts = [builder.build(record).input_ids for record in read_file(PUBMEDQA)[: args.prompts]]
     eos = eos_token_ids(verifier_model, tokenizer)
@@ -150,7 +150,9 @@ def main() -> None:
     verifier = CachedModel(verifier_model, vocab)
     ours = {name: ModelDrafter(name, CachedModel(model, vocab)) for name, model in drafts.items()}
     ours["lookup"] = PromptLookupDrafter("lookup", max_ngram=3)
-    spec_results: dict[str, list] = {name: [] for name in ours}
+    # (drafter, k) pairs: int8 and prompt lookup at every k, the slow float32 draft at the first k only
+    pairs = [("fp32", args.ks[0])] + [(name, k) for k in args.ks for name in ("int8", "lookup")]
+    spec_results: dict[str, list] = {f"{name}_k{k}": [] for name, k in pairs}
     baseline_results: list = []
 
     def ours_baseline(prompt: list[int]) -> list[int]:
@@ -158,11 +160,22 @@ def main() -> None:
         baseline_results.append(result)
         return result.tokens
 
-    def ours_spec(name: str) -> Callable[[list[int]], list[int]]:
+    def ours_spec(name: str, k: int) -> Callable[[list[int]], list[int]]:
         def decode(prompt: list[int]) -> list[int]:
-            result = decode_speculative(verifier, [ours[name]], prompt, settings, k=args.k)
-            spec_results[name].append(result)
+            result = decode_speculative(verifier, [ours[name]], prompt, settings, k=k)
+            spec_results[f"{name}_k{k}"].append(result)
             return result.tokens
+
+        return decode
+
+    def hf_spec(name: str, k: int) -> Callable[[list[int]], list[int]]:
+        if name == "lookup":
+            return hf_generate(verifier_model, prompt_lookup_num_tokens=k, max_matching_ngram_size=3, **generate_kwargs)
+        assisted = hf_generate(verifier_model, assistant_model=drafts[name], **generate_kwargs)
+
+        def decode(prompt: list[int]) -> list[int]:
+            fixed_k(drafts[name], k)
+            return assisted(prompt)
 
         return decode
 
@@ -170,16 +183,12 @@ def main() -> None:
     contenders = [
         Contender("ours_baseline", ours_baseline),
         Contender("hf_generate", hf_generate(verifier_model, **generate_kwargs)),
-        Contender("ours_spec_fp32", ours_spec("fp32")),
-        Contender("hf_assisted_fp32", hf_generate(verifier_model, assistant_model=drafts["fp32"], **generate_kwargs)),
-        Contender("ours_spec_int8", ours_spec("int8")),
-        Contender("hf_assisted_int8", hf_generate(verifier_model, assistant_model=drafts["int8"], **generate_kwargs)),
-        Contender("ours_spec_lookup", ours_spec("lookup")),
-        Contender(
-            "hf_prompt_lookup",
-            hf_generate(verifier_model, prompt_lookup_num_tokens=args.k, max_matching_ngram_size=3, **generate_kwargs),
-        ),
     ]
+    for name, k in pairs:
+        contenders += [
+            Contender(f"ours_{name}_k{k}", ours_spec(name, k)),
+            Contender(f"hf_{name}_k{k}", hf_spec(name, k)),
+        ]
     for contender in contenders:  # warm-up, outside the measurement
         contender.decode(prompts[0][:64])
     for results in [baseline_results, *spec_results.values()]:
@@ -210,37 +219,36 @@ def main() -> None:
         "ours_baseline_vs_generate_tokens_per_s": rows["ours_baseline"]["tokens_per_s"]
         / rows["hf_generate"]["tokens_per_s"]
     }
-    for name, hf_name in (("fp32", "hf_assisted_fp32"), ("int8", "hf_assisted_int8"), ("lookup", "hf_prompt_lookup")):
-        ratios[f"hf_{name}_time_over_ours"] = (
-            rows[hf_name]["median_total_s"] / rows[f"ours_spec_{name}"]["median_total_s"]
+    for name, k in pairs:
+        ratios[f"hf_{name}_k{k}_time_over_ours"] = (
+            rows[f"hf_{name}_k{k}"]["median_total_s"] / rows[f"ours_{name}_k{k}"]["median_total_s"]
         )
 
     chooser = TokenChooser(settings)
-    costs = measure_step_costs(verifier, list(ours.values()), prompts[0], chooser, args.k + 1)
+    costs = measure_step_costs(verifier, list(ours.values()), prompts[0], chooser, max(args.ks) + 1)
     model_check = {}
-    for name, results in spec_results.items():
-        full = [
-            a for r in results for depth, a in zip(r.k_per_step, r.accepted_per_step, strict=True) if depth == args.k
-        ]
-        alpha = iid_acceptance(statistics.mean(full), args.k) if full else 0.0
+    for name, k in pairs:
+        results = spec_results[f"{name}_k{k}"]
+        full = [a for r in results for depth, a in zip(r.k_per_step, r.accepted_per_step, strict=True) if depth == k]
+        alpha = iid_acceptance(statistics.mean(full), k) if full else 0.0
         cost_ratio = costs.draft_s[name] / costs.verify_s[0]
-        predicted = predicted_speedup(alpha, args.k, cost_ratio, costs.verify_s[args.k] / costs.verify_s[0])
+        predicted = predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / costs.verify_s[0])
         # steady state, as the model describes it: decoding after the prefills (identical sequences, all repeats)
         measured = sum(r.latency_s - r.ttft_s for r in baseline_results) / sum(
             r.latency_s - r.ttft_s - r.draft_prefill_s for r in results
         )
         accepted = sum(r.accepted for r in results)
         proposed = sum(r.proposed for r in results)
-        model_check[name] = {
+        model_check[f"{name}_k{k}"] = {
             "acceptance_rate": accepted / proposed if proposed else 0.0,
             "alpha_iid": alpha,
             "cost_ratio_c": cost_ratio,
-            "verify_ratio_k_plus_1": costs.verify_s[args.k] / costs.verify_s[0],
+            "verify_ratio_k_plus_1": costs.verify_s[k] / costs.verify_s[0],
             "predicted_speedup": predicted,
             "measured_steady_state_speedup": measured,
-            "measured_total_speedup": rows["ours_baseline"]["median_total_s"]
-            / rows[f"ours_spec_{name}"]["median_total_s"],
             "measured_over_predicted": measured / predicted,
+            "measured_total_speedup": rows["ours_baseline"]["median_total_s"]
+            / rows[f"ours_{name}_k{k}"]["median_total_s"],
         }
     report |= {
         "contenders": rows,
@@ -255,7 +263,7 @@ def main() -> None:
 def write_results(report: dict, out_dir: Path) -> None:
     """JSON for machines, markdown for people, both stamped with the machine."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{report['date'][:10]}"
+    stem = f"cpu-{report['date'][:10]}-{report['settings']['dtype']}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
     lines = [
@@ -278,8 +286,9 @@ def write_results(report: dict, out_dir: Path) -> None:
     lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
     lines += [
         "",
-        "| drafter | acceptance | alpha | c | v(k+1) | predicted | measured | measured/predicted |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| drafter, k | acceptance | alpha | c | v(k+1) | predicted | measured steady state | measured/predicted "
+        "| measured total |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in report["speedup_model"].items():
         lines.append(
