@@ -7,7 +7,7 @@ No weights can reach the device and nothing measured here depends on weight
 values, so the real architectures are built from their configs with random
 weights: GPT-J-6B (bfloat16) as verifier; distilgpt2, gpt2, gpt-neo-125M and
 gpt2-medium as drafts. Measured, in both engine modes (eager; static KV cache +
-CUDA graphs):
+CUDA graphs; and, for verifier-only decode, torch.compile + CUDA graphs):
 1. verifier-only decode, ms/token: ours vs `generate()`, and the memory-bandwidth floor;
 2. the verify-cost curve: one verifier pass over n = 1..17 new tokens, relative to n = 1;
 3. the draft/verifier cost ratio c of each draft;
@@ -121,12 +121,14 @@ def fixed_k(draft_model, k: int) -> None:
 
 def run_mode(mode: str, models: dict, args, device: torch.device, prompt: list[int], report: dict) -> dict:
     """Every measurement in one engine mode: `eager` (dynamic cache) or `graphs` (static cache + CUDA graphs)."""
-    graphs = mode == "graphs"
+    graphs = mode in ("graphs", "compiled")
     max_len = len(prompt) + args.new_tokens + 2 * args.k + 24
-    curve_sizes = range(1, args.curve_tokens + 1)
+    curve_sizes = range(1, args.curve_tokens + 1) if mode == "graphs" else (1,)
 
     def cached(name: str, sizes) -> CachedModel:
-        return CachedModel(models[name], GPT2_VOCAB, max_len if graphs else None, sizes if graphs else ())
+        return CachedModel(
+            models[name], GPT2_VOCAB, max_len if graphs else None, sizes if graphs else (), compile=mode == "compiled"
+        )
 
     verifier = cached("gpt_j_6b", curve_sizes)
     drafts = {name: ModelDrafter(name, cached(name, (1, 2))) for name in models if name != "gpt_j_6b"}
@@ -145,6 +147,8 @@ def run_mode(mode: str, models: dict, args, device: torch.device, prompt: list[i
         "ttft_ms": statistics.median(1000 * r.ttft_s for r in runs),
     }
     print(f"[{mode}] ours verifier-only: {decode_ms:.2f} ms/token", flush=True)
+    if mode == "compiled":  # each compiled shape takes minutes: verifier-only decode only
+        return results
 
     chooser = TokenChooser(settings)
     costs = measure_step_costs(verifier, list(drafts.values()), prompt, chooser, args.curve_tokens, repeats=5)

@@ -119,6 +119,8 @@ class EngineConfig:
 
     # Static KV cache + one CUDA graph per decode shape: removes kernel-launch overhead on GPUs.
     cuda_graphs: bool = False
+    # Also torch.compile each captured step (fused kernels; minutes of compilation per shape).
+    compile: bool = False
 
 
 @dataclass
@@ -211,6 +213,10 @@ def validate(cfg: SpecBenchConfig) -> None:
     _check(
         not cfg.engine.cuda_graphs or (cfg.device != "cpu" and torch.cuda.is_available()),
         "engine.cuda_graphs=true needs a CUDA GPU: drop it, or run with device=cuda on a GPU machine.",
+    )
+    _check(
+        not cfg.engine.compile or cfg.engine.cuda_graphs,
+        "engine.compile=true works on the captured steps: add engine.cuda_graphs=true.",
     )
     _validate_model("verifier", cfg.verifier)
     _check(

@@ -107,7 +107,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     verify_sizes = range(1, longest_verify + 1)
 
     def cached(model: PreTrainedModel, sizes: Sequence[int]) -> CachedModel:
-        return CachedModel(model, vocab_size, max_len if graphs else None, sizes if graphs else ())
+        return CachedModel(
+            model, vocab_size, max_len if graphs else None, sizes if graphs else (), compile=cfg.engine.compile
+        )
 
     drafters: list[Drafter] = []
     for name, drafter in cfg.draft.drafters.items():

@@ -6,7 +6,8 @@ Two cache layouts:
   written in place, which is what CUDA graphs need. With `graph_sizes`, each
   listed feed length of a plain (chain) forward is captured once as a CUDA
   graph and replayed afterwards: one launch instead of hundreds, which is where
-  small-batch decoding on a GPU loses most of its time.
+  small-batch decoding on a GPU loses most of its time. With `compile`, the step
+  is first compiled by torch.compile (fused kernels), then captured.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class CachedModel:
         vocab_size: int,
         max_len: int | None = None,
         graph_sizes: Sequence[int] = (),
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.vocab_size = vocab_size
@@ -47,6 +49,8 @@ class CachedModel:
         self.max_len = max_len
         self.graph_sizes = set(graph_sizes) if max_len is not None and self.device.type == "cuda" else set()
         self._graphs: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        # torch.compile fuses the many small kernels of a decode step before the graph captures them
+        self._graph_step = torch.compile(self._run, dynamic=False) if compile and self.graph_sizes else self._run
         # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x releases only know the old name
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache: DynamicCache | StaticCache | None = None
@@ -128,7 +132,7 @@ class CachedModel:
             positions = self._positions(n)
 
             def step() -> torch.Tensor:
-                return self._run(ids, positions, self._causal_mask(positions), n)
+                return self._graph_step(ids, positions, self._causal_mask(positions), n)
 
             length = self._length
             side = torch.cuda.Stream(self.device)
