@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STORE ?= sqlite:///mlruns/mlflow.db
 PORT ?= 5000
+EXPERIMENT ?= offline
 SERVER_PORT ?= 5001
 
 .PHONY: install test lint run sweep ui server report bench bench-gpu fetch clean
@@ -46,8 +47,8 @@ server: install  ## tracking server for parallel sweeps: tracking.uri=http://127
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
 		--artifacts-destination mlruns/server-artifacts --host 127.0.0.1 --port $(SERVER_PORT)
 
-report: install  ## cross-run comparison of the default experiment
-	$(BIN)/specbench report --tracking-uri $(STORE)
+report: install  ## cross-run comparison of an experiment (default: the one `make run` logs to)
+	$(BIN)/specbench report --tracking-uri $(STORE) --experiment $(EXPERIMENT)
 
 bench: fetch  ## CPU performance benchmark; results in benchmarks/results/
 	$(BIN)/python benchmarks/cpu.py

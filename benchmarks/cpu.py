@@ -229,7 +229,7 @@ def main() -> None:
     model_check = {}
     for name, k in pairs:
         results = spec_results[f"{name}_k{k}"]
-        full = [a for r in results for depth, a in zip(r.k_per_step, r.accepted_per_step, strict=True) if depth == k]
+        full = [a for r in results for n, a in zip(r.offered_per_step, r.accepted_per_step, strict=True) if n == k]
         alpha = iid_acceptance(statistics.mean(full), k) if full else 0.0
         cost_ratio = costs.draft_s[name] / costs.verify_s[0]
         predicted = predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / costs.verify_s[0])

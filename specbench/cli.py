@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ def hydra_main(cfg: DictConfig) -> dict[str, str]:
 def run_job(cfg: DictConfig) -> dict[str, str]:
     """Run one job; a failure becomes one sentence on stderr (and a FAILED run), not a traceback."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # also in launcher worker processes, which skip main()
     status: dict[str, str] = {"name": _run_name(cfg)}
     try:
         status |= _run(cfg)
@@ -218,7 +221,9 @@ def _benchmark(cfg: SpecBenchConfig, setup: RunSetup) -> None:
         "generations.jsonl",
     )
     title = f"{cfg.verifier.name} + {cfg.draft.name}, k={cfg.k}"
-    tracking.log_figures(plots.run_figures(results, table, list(cfg.draft.drafters), curve, predicted, title=title))
+    tracking.log_figures(
+        plots.run_figures(results, table, list(cfg.draft.drafters), curve, predicted, title=title, k=cfg.k)
+    )
     mlflow.log_text(plots.summary_markdown(results, title=title), "summary.md")
     log.info(
         "%s: speedup %.2fx, acceptance %.2f, disagreement %.2f",

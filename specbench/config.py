@@ -223,7 +223,17 @@ def validate(cfg: SpecBenchConfig) -> None:
         len(cfg.draft.drafters) >= 1,
         f"draft '{cfg.draft.name}' has no drafters: add at least one under draft.drafters.",
     )
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    _check(
+        on_cpu or cfg.verifier.quantize == "none",
+        f"verifier.quantize={cfg.verifier.quantize} runs on the CPU only: add device=cpu.",
+    )
     for name, drafter in cfg.draft.drafters.items():
+        _check(name != "verifier", "a drafter may not be named 'verifier' (the name is taken): rename it.")
+        _check(
+            on_cpu or drafter.quantize == "none",
+            f"draft.drafters.{name}.quantize={drafter.quantize} runs on the CPU only: add device=cpu.",
+        )
         _check(
             drafter.kind in DRAFTER_KINDS,
             f"draft.drafters.{name}.kind={drafter.kind} is unknown: use one of {', '.join(DRAFTER_KINDS)}.",

@@ -162,15 +162,17 @@ class PromptBuilder:
         if len(ids) <= self.max_tokens:
             return Prompt(record.pubid, text, ids, truncated=False)
         abstract_ids = self.tokenizer(record.abstract(), add_special_tokens=False)["input_ids"]
-        keep = len(abstract_ids) - (len(ids) - self.max_tokens)
-        while keep > 0:
+        keep = max(len(abstract_ids) - (len(ids) - self.max_tokens), 0)
+        while True:  # re-encoding a cut text can shift by a token or two: shrink until it fits, down to nothing
             abstract = self.tokenizer.decode(abstract_ids[:keep])
             text = self.template.format(question=record.question, abstract=abstract)
             ids = self.encode(text)
             if len(ids) <= self.max_tokens:
                 return Prompt(record.pubid, text, ids, truncated=True)
-            keep -= len(ids) - self.max_tokens
-        needed = len(self.encode(self.template.format(question=record.question, abstract="")))
+            if keep == 0:
+                break
+            keep = max(keep - (len(ids) - self.max_tokens), 0)
+        needed = len(ids)
         raise DataError(
             f"the prompt of pubid {record.pubid} needs {needed} tokens without any abstract but only "
             f"{self.max_tokens} fit the models' context after generation.max_new_tokens: "

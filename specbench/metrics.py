@@ -7,7 +7,9 @@ not means of per-prompt ratios. Confidence intervals bootstrap over prompts.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,8 @@ import pandas as pd
 from specbench.engine import DecodeResult
 from specbench.engine.costs import StepCosts
 from specbench.quality import corpus_bleu
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -186,14 +190,23 @@ def bootstrap_intervals(table: pd.DataFrame, seed: int = 0) -> dict[str, float]:
 
 
 def usd_per_hour(explicit: float | None, profile: str, profiles: dict[str, float], device_name: str) -> float:
-    """The machine's price: explicit, a named profile, or the profile whose name appears in the device name."""
+    """The machine's price: explicit, a named profile, or the profile that names the device's model.
+
+    `auto` matches whole words of the device name ("NVIDIA L40S" is not an "l4"); a GPU with no
+    profile gets NaN, so no cost is logged rather than a wrong one.
+    """
     if explicit is not None:
         return explicit
     if profile != "auto":
         return profiles[profile]
-    lowered = device_name.lower()
-    matches = [name for name in profiles if name != "cpu" and name in lowered]
-    return profiles[max(matches, key=len)] if matches else profiles.get("cpu", 0.0)
+    if device_name.startswith("CPU"):
+        return profiles.get("cpu", math.nan)
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    matches = [name for name in profiles if name in words]
+    if not matches:
+        log.warning("no cost profile for %s: set cost.usd_per_hour (or cost.profile) to log costs", device_name)
+        return math.nan
+    return profiles[matches[0]]
 
 
 def cost_metrics(timing: dict[str, float], table: pd.DataFrame, price_per_hour: float) -> dict[str, float]:
@@ -241,11 +254,12 @@ def speedup_model_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: in
     """Cost ratio c, alpha, predicted speedup at this k, and the k the model says is best."""
     verify_one = costs.verify_s[0]
     cost_ratio = sum(costs.draft_s.values()) / verify_one
+    # steps that offered all k tokens: what the model's alpha is about
     full_steps = [
         accepted
         for o in outcomes
-        for depth, accepted in zip(o.spec.k_per_step, o.spec.accepted_per_step, strict=True)
-        if depth == k
+        for offered, accepted in zip(o.spec.offered_per_step, o.spec.accepted_per_step, strict=True)
+        if offered == k
     ]
     alpha = iid_acceptance(float(np.mean(full_steps)), k) if full_steps else 0.0
     verify_ratio = [t / verify_one for t in costs.verify_s]  # verify_ratio[n - 1] for n new tokens
@@ -258,10 +272,7 @@ def speedup_model_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: in
     }
     for name, seconds in costs.draft_s.items():
         metrics[f"draft_step_ms_{name}"] = 1000 * seconds
-    predictions = {
-        candidate: predicted_speedup(alpha, candidate, cost_ratio, verify_ratio[candidate])
-        for candidate in range(1, len(verify_ratio))
-    }
+    predictions = _predictions_by_k(alpha, cost_ratio, costs)
     best = max(predictions, key=predictions.get)
     metrics["best_k_predicted"] = best
     metrics["predicted_speedup_best_k"] = predictions[best]
@@ -280,20 +291,19 @@ def verify_curve_table(costs: StepCosts) -> pd.DataFrame:
     )
 
 
-def predicted_speedup_curve(metrics: dict[str, float], costs: StepCosts) -> pd.DataFrame:
-    """Predicted speedup for every k the verify curve covers (for the predicted-vs-measured plot)."""
+def _predictions_by_k(alpha: float, cost_ratio: float, costs: StepCosts) -> dict[int, float]:
+    """Predicted speedup for every k the measured verify curve covers."""
     verify_one = costs.verify_s[0]
-    return pd.DataFrame(
-        [
-            {
-                "k": k,
-                "predicted_speedup": predicted_speedup(
-                    metrics["alpha_iid"], k, metrics["draft_verifier_cost_ratio"], costs.verify_s[k] / verify_one
-                ),
-            }
-            for k in range(1, len(costs.verify_s))
-        ]
-    )
+    return {
+        k: predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / verify_one)
+        for k in range(1, len(costs.verify_s))
+    }
+
+
+def predicted_speedup_curve(metrics: dict[str, float], costs: StepCosts) -> pd.DataFrame:
+    """Predicted speedup against k (for the predicted-vs-measured plot)."""
+    predictions = _predictions_by_k(metrics["alpha_iid"], metrics["draft_verifier_cost_ratio"], costs)
+    return pd.DataFrame({"k": list(predictions), "predicted_speedup": list(predictions.values())})
 
 
 def quality_metrics(table: pd.DataFrame, references: list[str], candidates: list[str]) -> dict[str, float]:
@@ -311,9 +321,11 @@ def steps_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
     """One row per speculative step: the draft length used (adaptive k) and how much was accepted."""
     return pd.DataFrame(
         [
-            {"pubid": o.pubid, "step": step, "k": k, "accepted": accepted}
+            {"pubid": o.pubid, "step": step, "k": k, "offered": offered, "accepted": accepted}
             for o in outcomes
-            for step, (k, accepted) in enumerate(zip(o.spec.k_per_step, o.spec.accepted_per_step, strict=True))
+            for step, (k, offered, accepted) in enumerate(
+                zip(o.spec.k_per_step, o.spec.offered_per_step, o.spec.accepted_per_step, strict=True)
+            )
         ],
-        columns=["pubid", "step", "k", "accepted"],
+        columns=["pubid", "step", "k", "offered", "accepted"],
     )

@@ -39,6 +39,7 @@ _SUMMARY_ROWS = [
     ("Throughput (tokens/s)", "baseline_tokens_per_s", "spec_tokens_per_s", "num"),
     ("Speedup (x)", None, "speedup", "num"),
     ("Decode speedup, after first token (x)", None, "decode_speedup", "num"),
+    ("Steady-state speedup, without prefills (x)", None, "steady_state_speedup", "num"),
     ("Predicted speedup (x)", None, "predicted_speedup", "num"),
     ("Best k (predicted)", None, "best_k_predicted", "num"),
     ("Predicted speedup at best k (x)", None, "predicted_speedup_best_k", "num"),
@@ -250,15 +251,29 @@ def _speedup(metrics: dict[str, float], predicted: pd.DataFrame | None, k: int |
             color=SPEC_COLOR,
             label=f"measured at k={k} (95% interval)",
         )
+        ax.plot(
+            [math.nan if k is None else k],
+            [_get(metrics, "steady_state_speedup")],
+            "D",
+            markersize=8,
+            color=PREDICTED_COLOR,
+            markerfacecolor="none",
+            label="measured, steady state (what the model describes)",
+        )
         ax.set_xlabel("draft tokens per step k")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         _grouped_bars(
             ax,
-            ["measured", "decode only\n(after first token)", "predicted (model)"],
-            {"speedup": [_get(metrics, key) for key in ("speedup", "decode_speedup", "predicted_speedup")]},
+            ["measured", "decode only\n(after first token)", "steady state\n(no prefills)", "predicted (model)"],
+            {
+                "speedup": [
+                    _get(metrics, key)
+                    for key in ("speedup", "decode_speedup", "steady_state_speedup", "predicted_speedup")
+                ]
+            },
             [SPEC_COLOR],
-            {"speedup": [_error(metrics, "speedup"), (math.nan, math.nan), (math.nan, math.nan)]},
+            {"speedup": [_error(metrics, "speedup")] + [(math.nan, math.nan)] * 3},
         )
         ax.set_xlabel("estimate" if k is None else f"estimate at k={k}")
     reference_line(ax, 1.0, "baseline (1.0x)")

@@ -33,7 +33,6 @@ class QualityScores:
 
     rouge_l: list[float]
     bleu: list[float]
-    exact_match: list[bool]
     semantic_similarity: list[float] | None
 
 
@@ -112,7 +111,7 @@ def score_texts(
             rouge_l.append(scorer.score(ref, cand)["rougeL"].fmeasure)
             bleu.append(_clamp(sacrebleu.sentence_bleu(cand, [ref]).score / 100, 0.0, 1.0))
     semantic = None if embedder is None else _semantic_similarity(references, candidates, exact, embedder)
-    return QualityScores(rouge_l=rouge_l, bleu=bleu, exact_match=exact, semantic_similarity=semantic)
+    return QualityScores(rouge_l=rouge_l, bleu=bleu, semantic_similarity=semantic)
 
 
 def _semantic_similarity(

@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from specbench import tracking
 from specbench.plots import FIGSIZE, markdown_table, new_figure, reference_line
 
 CONFIG_HASH = "tags.specbench.config_hash"
@@ -41,6 +42,7 @@ METRIC_COLUMNS = {
     "speedup (x)": ("speedup", 1),
     "speedup CI low (x)": ("speedup_ci_low", 1),
     "speedup CI high (x)": ("speedup_ci_high", 1),
+    "steady-state speedup (x)": ("steady_state_speedup", 1),
     "predicted speedup (x)": ("predicted_speedup", 1),
     "acceptance (%)": ("acceptance_rate", 100),
     "mean accepted tokens": ("mean_accepted_tokens", 1),
@@ -66,8 +68,8 @@ def load_runs(
     Points MLflow at `tracking_uri` (so `log_report` logs to the same store). With
     `latest_per_config`, a configuration measured several times keeps its latest run.
     """
-    database = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
-    if database is not None and not Path(database).is_file():
+    database = tracking.sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():
         raise ValueError(f"no MLflow store at {database}: pass --tracking-uri of the store the benchmarks logged to.")
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:

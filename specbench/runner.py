@@ -78,6 +78,8 @@ def device_name(device: torch.device) -> str:
 def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> RunSetup:
     """Resolve models, check tokenizers and build prompts (cheap), then load the models."""
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels, syncs and graph captures all go to this job's GPU
     specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir)}
     for name, drafter in cfg.draft.drafters.items():
         if drafter.kind == "model":
@@ -87,7 +89,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         if name != "verifier":
             check_same_vocabulary(tokenizer, cache.tokenizer(spec), name, cfg.verifier.name)
     context = min(context_length(spec) for spec in specs.values())
-    prompt_budget = context - cfg.generation.max_new_tokens
+    # room after the prompt: the output, or the cost curve's passes over the first prompt if longer
+    room = max(cfg.generation.max_new_tokens, curve_tokens(cfg))
+    prompt_budget = context - room
     if prompt_budget < 1:
         raise ConfigError(
             f"generation.max_new_tokens={cfg.generation.max_new_tokens} leaves no room for a prompt in the "
@@ -100,8 +104,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     gpu_memory_before_load = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     vocab_size = len(tokenizer)
     verifier_model = cache.model(specs["verifier"])
-    # CUDA graphs: a static cache long enough for the longest prompt, one graph per decode feed length
-    max_len = max(len(p.input_ids) for p in prompts) + cfg.generation.max_new_tokens + cfg.k_max + 2
+    # CUDA graphs: a static cache long enough for the longest prompt, its output and the widest
+    # candidate tree (every drafter k_max deep), and one graph per decode feed length
+    max_len = max(len(p.input_ids) for p in prompts) + room + len(cfg.draft.drafters) * cfg.k_max + 2
     graphs = cfg.engine.cuda_graphs
     longest_verify = max(curve_tokens(cfg), cfg.k_max + 1 if cfg.k_schedule == "heuristic" else 0)
     verify_sizes = range(1, longest_verify + 1)
@@ -130,35 +135,43 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     return RunSetup(device, verifier, drafters, tokenizer, prompts, settings, specs, gpu_memory_before_load)
 
 
-def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> list[Callable[[list[int], DecodeSettings, int], DecodeResult]]:
-    """The two contenders, baseline first, as functions of (prompt ids, settings, seed)."""
-    return [
-        lambda ids, settings, seed: decode_baseline(setup.verifier, ids, settings, seed),
-        lambda ids, settings, seed: decode_speculative(
+def _decoders(
+    setup: RunSetup, cfg: SpecBenchConfig
+) -> dict[str, Callable[[list[int], DecodeSettings, int], DecodeResult]]:
+    """The two contenders by mode, as functions of (prompt ids, settings, seed)."""
+    return {
+        "baseline": lambda ids, settings, seed: decode_baseline(setup.verifier, ids, settings, seed),
+        "spec": lambda ids, settings, seed: decode_speculative(
             setup.verifier, setup.drafters, ids, settings, cfg.k, seed, cfg.k_schedule, cfg.k_max
         ),
-    ]
+    }
 
 
 def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
-    """Decode a few short outputs both ways so that allocation and kernel selection stay out of the timings."""
+    """Decode short outputs both ways, and capture every CUDA graph, before anything is timed."""
     short = replace(setup.settings, max_new_tokens=min(cfg.warmup_tokens, setup.settings.max_new_tokens))
-    for prompt in setup.prompts[: cfg.warmup_prompts]:
-        for decode in _decoders(setup, cfg):
+    for prompt in setup.prompts[: max(cfg.warmup_prompts, 1)]:
+        for decode in _decoders(setup, cfg).values():
             decode(prompt.input_ids, short, cfg.seed)
+    for model in [setup.verifier, *(d.model for d in setup.drafters if isinstance(d, ModelDrafter))]:
+        model.capture_graphs()
 
 
 def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True) -> Iterator[PromptOutcome]:
-    """Decode each prompt verifier-only then speculatively; yield both results as soon as they exist."""
+    """Decode each prompt verifier-only and speculatively; yield both results as soon as they exist.
+
+    The order alternates from prompt to prompt, so neither mode always runs first.
+    """
     on_gpu = setup.device.type == "cuda"
     for index, prompt in enumerate(tqdm(setup.prompts, desc="prompts", unit="prompt", disable=not progress)):
-        results, peaks = [], []
-        for decode in _decoders(setup, cfg):
+        results, peaks = {}, {}
+        decoders = _decoders(setup, cfg)
+        for mode in list(decoders) if index % 2 == 0 else reversed(decoders):
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats(setup.device)
-            results.append(decode(prompt.input_ids, setup.settings, cfg.seed + index))
-            peaks.append(torch.cuda.max_memory_allocated(setup.device) / 2**30 if on_gpu else None)
-        baseline, spec = results
+            results[mode] = decoders[mode](prompt.input_ids, setup.settings, cfg.seed + index)
+            peaks[mode] = torch.cuda.max_memory_allocated(setup.device) / 2**30 if on_gpu else None
+        baseline, spec = results["baseline"], results["spec"]
         yield PromptOutcome(
             pubid=prompt.pubid,
             prompt_tokens=len(prompt.input_ids),
@@ -167,8 +180,8 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
             spec=spec,
             baseline_text=setup.tokenizer.decode(baseline.tokens, skip_special_tokens=True),
             spec_text=setup.tokenizer.decode(spec.tokens, skip_special_tokens=True),
-            baseline_peak_gpu_gb=peaks[0],
-            spec_peak_gpu_gb=peaks[1],
+            baseline_peak_gpu_gb=peaks["baseline"],
+            spec_peak_gpu_gb=peaks["spec"],
         )
 
 

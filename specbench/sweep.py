@@ -48,8 +48,15 @@ def abandon_sweep() -> None:
 
 
 def job_statuses(sweep_dir: Path) -> list[dict[str, str]]:
-    """Outcomes the jobs of a sweep left in their output folders."""
-    return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob(f"*/{JOB_STATUS_FILE}"))]
+    """Outcomes the jobs of a sweep left in their output folders; a job that left none died (killed, timed out)."""
+    statuses = []
+    for job_dir in sorted(path.parent for path in sweep_dir.glob("*/.hydra")):
+        marker = job_dir / JOB_STATUS_FILE
+        if marker.exists():
+            statuses.append(json.loads(marker.read_text()))
+        else:
+            statuses.append({"name": f"job {job_dir.name}", "status": "LOST", "error": "ended without a status"})
+    return statuses
 
 
 class SweepCallback(Callback):
@@ -86,13 +93,17 @@ class SweepCallback(Callback):
         run_ids = [s["run_id"] for s in statuses if s.get("status") in ("FINISHED", "SKIPPED")]
         failed = [s for s in statuses if s.get("status") not in ("FINISHED", "SKIPPED")]
         client = MlflowClient()
-        if run_ids:
-            runs = report.load_runs(config.tracking.uri, config.tracking.experiment, run_ids=run_ids)
-            report.write_report(runs, sweep_dir / "report")
-            report.log_report(runs, parent_id)
-            print(f"sweep report: {sweep_dir / 'report' / 'summary.md'}")
-        client.set_tag(parent_id, "specbench.jobs", f"{len(run_ids)} finished, {len(failed)} failed")
-        client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+        try:
+            if run_ids:
+                runs = report.load_runs(config.tracking.uri, config.tracking.experiment, run_ids=run_ids)
+                report.write_report(runs, sweep_dir / "report")
+                report.log_report(runs, parent_id)
+                print(f"sweep report: {sweep_dir / 'report' / 'summary.md'}")
+        except Exception as error:  # the runs are safe; only the summary is missing
+            failed.append({"name": "the sweep report", "error": str(error).splitlines()[0]})
+        finally:
+            client.set_tag(parent_id, "specbench.jobs", f"{len(run_ids)} finished, {len(failed)} failed")
+            client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
         if failed:
             names = ", ".join(f"{s['name']} ({s.get('error', 'unknown error')})" for s in failed)
             print(f"error: {len(failed)} of {len(statuses)} configurations failed: {names}", file=sys.stderr)

@@ -56,13 +56,14 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI, else None."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def connect(uri: str, experiment: str, artifact_location: str | None = None) -> str:
     """Point MLflow at `uri`, check it answers, and return the experiment's id (created if needed)."""
-    database = _sqlite_path(uri)
+    database = sqlite_path(uri)
     if database is not None:
         try:
             database.parent.mkdir(parents=True, exist_ok=True)
@@ -152,16 +153,21 @@ def tracked_run(
     and, with the traceback, to `error.txt`.
     """
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
+    status = RunStatus.FINISHED
     try:
         yield run.info.run_id
     except BaseException as error:
         killed = isinstance(error, KeyboardInterrupt)
+        status = RunStatus.KILLED if killed else RunStatus.FAILED
         reason = "interrupted (Ctrl-C or SIGTERM)" if killed else _first_line(error)
-        mlflow.set_tag("error", reason[:4000])
-        mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
+        try:
+            mlflow.set_tag("error", reason[:4000])
+            mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
+        except Exception:  # the store itself may be what failed: the status below matters more
+            pass
         raise
-    mlflow.end_run()
+    finally:
+        mlflow.end_run(RunStatus.to_string(status))
 
 
 def log_params(params: dict[str, str]) -> None:

@@ -190,6 +190,8 @@ def test_adaptive_k_changes_k_and_stays_lossless(verifiers, drafts):
     assert next_k(4, 4, 4, "heuristic", 8) == 6 and next_k(7, 7, 7, "heuristic", 8) == 8
     assert next_k(4, 2, 4, "heuristic", 8) == 3 and next_k(1, 0, 1, "heuristic", 8) == 1
     assert next_k(4, 0, 4, "constant", 8) == 4
+    assert next_k(4, 0, 0, "heuristic", 8) == 4  # nothing offered (no prompt-lookup match): keep k
+    assert next_k(4, 2, 2, "heuristic", 8) == 6  # a short proposal, fully accepted
 
 
 def test_prompt_lookup_copies_what_followed_the_latest_match():

@@ -36,6 +36,7 @@ def outcome(pubid: str, baseline_s: float, spec_s: float, accepted_per_step: lis
         proposed_by_position=[steps] * k,
         accepted_by_position=[sum(a > i for a in accepted_per_step) for i in range(k)],
         k_per_step=[k] * steps,
+        offered_per_step=[k] * steps,
         accepted_per_step=accepted_per_step,
         drafters={
             "d": DrafterStats(
@@ -116,3 +117,4 @@ def test_cost_per_query_and_profiles(outcomes):
     assert usd_per_hour(None, "auto", profiles, "CPU: AMD EPYC") == 0.1
     assert usd_per_hour(None, "h100", profiles, "NVIDIA H200") == 7.0
     assert usd_per_hour(2.5, "auto", profiles, "NVIDIA H200") == 2.5
+    assert math.isnan(usd_per_hour(None, "auto", {"l4": 0.8}, "NVIDIA L40S"))  # not an L4

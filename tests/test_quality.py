@@ -26,13 +26,11 @@ def test_identical_texts_score_one_everywhere(embedder) -> None:
     scores = score_texts(texts, list(texts), embedder)
     assert scores.rouge_l == [1.0] * len(texts)
     assert scores.bleu == [1.0] * len(texts)
-    assert scores.exact_match == [True] * len(texts)
     assert scores.semantic_similarity == [1.0] * len(texts)
 
 
 def test_near_identical_beats_unrelated_on_every_metric(embedder) -> None:
     scores = score_texts([REFERENCE, REFERENCE], [NEAR, UNRELATED], embedder)
-    assert scores.exact_match == [False, False]
     for metric in (scores.rouge_l, scores.bleu):
         near, far = metric
         assert 0.0 <= far < near < 1.0
@@ -44,7 +42,6 @@ def test_empty_strings() -> None:
     scores = score_texts(["", "", "text"], ["", "text", ""])
     assert scores.rouge_l == [1.0, 0.0, 0.0]
     assert scores.bleu == [1.0, 0.0, 0.0]
-    assert scores.exact_match == [True, False, False]
 
 
 def test_empty_strings_semantic(embedder) -> None:
@@ -67,7 +64,7 @@ def test_known_rouge_l_and_bleu() -> None:
 
 def test_score_texts_returns_frozen_dataclass_and_checks_lengths() -> None:
     scores = score_texts([], [])
-    assert scores == QualityScores(rouge_l=[], bleu=[], exact_match=[], semantic_similarity=None)
+    assert scores == QualityScores(rouge_l=[], bleu=[], semantic_similarity=None)
     with pytest.raises(ValueError):
         score_texts(["a"], [])
 

@@ -44,16 +44,23 @@ class CachedModel:
         self.model = model
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
-        if max_len is not None and model.config.model_type not in STATIC_CACHE_ARCHITECTURES:
-            max_len = None  # falls back to the dynamic cache, which every architecture supports
-        self.max_len = max_len
-        self.graph_sizes = set(graph_sizes) if max_len is not None and self.device.type == "cuda" else set()
+        self.cache: DynamicCache | StaticCache | None = None
+        if max_len is not None and model.config.model_type in STATIC_CACHE_ARCHITECTURES:
+            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+            if any(layer.is_sliding for layer in self.cache.layers):  # sliding layers keep host-side counters
+                self.cache = None
+        # without a static cache, the dynamic one (every architecture supports it) and no graphs
+        self.max_len = max_len if self.cache is not None else None
+        self.graph_sizes = set(graph_sizes) if self.max_len is not None and self.device.type == "cuda" else set()
         self._graphs: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-        # torch.compile fuses the many small kernels of a decode step before the graph captures them
-        self._graph_step = torch.compile(self._run, dynamic=False) if compile and self.graph_sizes else self._run
+        self._graph_step = self._run
+        if compile and self.graph_sizes:
+            # torch.compile fuses the many small kernels of a decode step before the graph captures them;
+            # every (model, feed length) is one more compiled variant of the same code
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._graph_step = torch.compile(self._run, dynamic=False)
         # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x releases only know the old name
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.cache: DynamicCache | StaticCache | None = None
         self._length = 0
         self.reset()
 
@@ -61,9 +68,15 @@ class CachedModel:
         """Forget every cached token (start of a new prompt); a static cache keeps its buffers."""
         if self.max_len is None:
             self.cache = DynamicCache()
-        elif self.cache is None:
-            self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
         self._set_length(0)
+
+    def capture_graphs(self) -> None:
+        """Capture (and compile) every graph size now, so that none is first captured inside a timed decode.
+
+        Needs a cache that has seen at least one token (the static buffers are allocated lazily).
+        """
+        for size in sorted(self.graph_sizes):
+            self._graph(size)
 
     @property
     def cache_len(self) -> int:
@@ -135,6 +148,7 @@ class CachedModel:
                 return self._graph_step(ids, positions, self._causal_mask(positions), n)
 
             length = self._length
+            torch.cuda.set_device(self.device)  # graph capture uses the current device's streams
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require

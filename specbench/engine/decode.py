@@ -31,12 +31,12 @@ class Clock:
     """Wall clock that first waits for queued GPU work, so readings are honest."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sync = device.type == "cuda"
+        self.device = device if device.type == "cuda" else None
 
     def now(self) -> float:
-        """Seconds, after all queued device work is done."""
-        if self.sync:
-            torch.cuda.synchronize()
+        """Seconds, after all queued work on the device is done."""
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
 
@@ -64,7 +64,8 @@ class DecodeResult:
     accepted: int = 0  # draft tokens the verifier kept
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    k_per_step: list[int] = field(default_factory=list)
+    k_per_step: list[int] = field(default_factory=list)  # draft length asked for (the schedule's k)
+    offered_per_step: list[int] = field(default_factory=list)  # longest proposal actually made
     accepted_per_step: list[int] = field(default_factory=list)
     verify_time_s: float = 0.0
     drafters: dict[str, DrafterStats] = field(default_factory=dict)
@@ -126,11 +127,14 @@ def _verify(verifier: CachedModel, tree: DraftTree) -> torch.Tensor:
     return verifier.forward(ids, logits_to_keep=tree.size, position_ids=positions, attention_mask=mask)
 
 
-def next_k(k: int, accepted: int, proposed: int, schedule: str, k_max: int) -> int:
-    """Draft length for the next step: fixed, or +2 after a fully accepted block and -1 otherwise."""
-    if schedule == "constant":
+def next_k(k: int, accepted: int, offered: int, schedule: str, k_max: int) -> int:
+    """Draft length for the next step: fixed, or +2 after a fully accepted block and -1 otherwise.
+
+    A step where nothing was offered (prompt lookup found no match) leaves k as it is.
+    """
+    if schedule == "constant" or offered == 0:
         return k
-    return min(k + 2, k_max) if accepted == proposed else max(k - 1, 1)
+    return min(k + 2, k_max) if accepted == offered else max(k - 1, 1)
 
 
 def decode_speculative(
@@ -164,7 +168,7 @@ def decode_speculative(
     result.ttft_s = clock.now() - start
     result.verifier_calls = 1
     phase_start = result.ttft_s + start
-    for drafter in drafters:
+    for drafter in drafters if not finished else []:
         drafter.prefill(tokens)
         now = clock.now()
         result.drafters[drafter.name].prefill_s = now - phase_start
@@ -194,17 +198,18 @@ def decode_speculative(
         new_tokens = [tree.tokens[node] for node in path] + [next_token]
         finished = _append_until_stop(result.tokens, new_tokens, settings)
         tokens.extend(new_tokens)
-        _count_step(result, tree, path, depth)
-        step_k = next_k(step_k, len(path), depth, k_schedule, k_max)
+        offered = _count_step(result, tree, path, depth)
+        step_k = next_k(step_k, len(path), offered, k_schedule, k_max)
     result.latency_s = clock.now() - start
     return result
 
 
-def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], k: int) -> None:
-    """Add one step's proposals and acceptances to the result."""
+def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], k: int) -> int:
+    """Add one step's proposals and acceptances to the result; return the longest proposal."""
     offered = max((len(branch) for branch in tree.branches), default=0)
     result.steps += 1
     result.k_per_step.append(k)
+    result.offered_per_step.append(offered)
     result.accepted_per_step.append(len(path))
     result.proposed += offered
     result.accepted += len(path)
@@ -218,3 +223,4 @@ def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], k: int) 
         stats.proposed += len(branch)
         stats.accepted += shared
         stats.wins += bool(path) and shared == len(path)
+    return offered
