@@ -227,3 +227,25 @@ def test_static_cache_overflow_is_an_error(verifiers):
     cached = CachedModel(verifiers["gpt2"], VOCAB, max_len=len(PROMPT) + 2)
     with pytest.raises(ValueError, match="static cache holds"):
         decode_baseline(cached, PROMPT, SETTINGS)
+
+
+def test_sliding_window_models_keep_the_dynamic_cache():
+    """Their static layers keep host-side counters that crops cannot rewind."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)  # fmt: skip
+    model = MistralForCausalLM(config).eval()
+    cached = CachedModel(model, VOCAB, max_len=128)
+    assert cached.max_len is None
+    assert (
+        decode_baseline(cached, PROMPT, SETTINGS).tokens
+        == decode_baseline(CachedModel(model, VOCAB), PROMPT, SETTINGS).tokens
+    )
+
+
+def test_no_draft_prefill_when_the_first_token_ends_decoding(verifiers, drafts):
+    settings = DecodeSettings(max_new_tokens=1)
+    spec = decode_speculative(CachedModel(verifiers["gpt2"], VOCAB), [drafter(drafts["gpt2"])], PROMPT, settings, k=3)
+    assert len(spec.tokens) == 1 and spec.draft_prefill_s == 0.0 and spec.steps == 0
