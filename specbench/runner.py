@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -60,6 +61,7 @@ class RunSetup:
     settings: DecodeSettings
     specs: dict[str, ModelSpec]  # "verifier" and each model drafter's name
     gpu_memory_before_load_gb: float | None  # after releasing the models this run does not use
+    pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
 
 
 def device_name(device: torch.device) -> str:
@@ -132,7 +134,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         top_k=gen.top_k,
     )
     verifier = cached(verifier_model, verify_sizes)
-    return RunSetup(device, verifier, drafters, tokenizer, prompts, settings, specs, gpu_memory_before_load)
+    pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
+    return RunSetup(device, verifier, drafters, tokenizer, prompts, settings, specs, gpu_memory_before_load, pool)
 
 
 def _decoders(
@@ -142,7 +145,7 @@ def _decoders(
     return {
         "baseline": lambda ids, settings, seed: decode_baseline(setup.verifier, ids, settings, seed),
         "spec": lambda ids, settings, seed: decode_speculative(
-            setup.verifier, setup.drafters, ids, settings, cfg.k, seed, cfg.k_schedule, cfg.k_max
+            setup.verifier, setup.drafters, ids, settings, cfg.k, seed, cfg.k_schedule, cfg.k_max, setup.pool
         ),
     }
 

@@ -249,3 +249,19 @@ def test_no_draft_prefill_when_the_first_token_ends_decoding(verifiers, drafts):
     settings = DecodeSettings(max_new_tokens=1)
     spec = decode_speculative(CachedModel(verifiers["gpt2"], VOCAB), [drafter(drafts["gpt2"])], PROMPT, settings, k=3)
     assert len(spec.tokens) == 1 and spec.draft_prefill_s == 0.0 and spec.steps == 0
+
+
+def test_parallel_drafting_gives_the_same_output(verifiers, drafts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    verifier = CachedModel(verifiers["gpt2"], VOCAB)
+    members = [drafter(drafts["gpt2"], "a"), drafter(drafts["gpt_neo"], "b"), PromptLookupDrafter("lookup")]
+    sequential = decode_speculative(verifier, members, PROMPT, SETTINGS, k=3)
+    with ThreadPoolExecutor(3) as pool:
+        parallel = decode_speculative(verifier, members, PROMPT, SETTINGS, k=3, pool=pool)
+        sampling = DecodeSettings(max_new_tokens=20, do_sample=True)
+        sampled = [
+            decode_speculative(verifier, members, PROMPT, sampling, k=3, seed=4, pool=p).tokens for p in (None, pool)
+        ]
+    assert parallel.tokens == sequential.tokens == decode_baseline(verifier, PROMPT, SETTINGS).tokens
+    assert sampled[0] == sampled[1]  # each drafter has its own seeded generator: threads change nothing

@@ -17,6 +17,7 @@ Invariant: the verifier cache holds every committed token but the last one.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -67,13 +68,9 @@ class DecodeResult:
     k_per_step: list[int] = field(default_factory=list)  # draft length asked for (the schedule's k)
     offered_per_step: list[int] = field(default_factory=list)  # longest proposal actually made
     accepted_per_step: list[int] = field(default_factory=list)
+    draft_time_s: float = 0.0  # wall time of the drafting phases
     verify_time_s: float = 0.0
     drafters: dict[str, DrafterStats] = field(default_factory=dict)
-
-    @property
-    def draft_time_s(self) -> float:
-        """Time spent proposing, all drafters together."""
-        return sum(stats.draft_time_s for stats in self.drafters.values())
 
     @property
     def draft_prefill_s(self) -> float:
@@ -146,10 +143,17 @@ def decode_speculative(
     seed: int = 0,
     k_schedule: str = "constant",
     k_max: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> DecodeResult:
-    """Speculative decoding with one or several drafters; lossless for greedy and sampled decoding."""
+    """Speculative decoding with one or several drafters; lossless for greedy and sampled decoding.
+
+    With a thread `pool`, the drafters propose concurrently (each draws from its own seeded
+    generator either way, so a seed gives the same output with or without the pool).
+    """
     k_max = k_max or k
     chooser = TokenChooser(settings, seed)
+    # one generator per drafter: independent draft samples, whatever order threads run in
+    draft_choosers = [TokenChooser(settings, seed * 1_000_003 + index + 1) for index in range(len(drafters))]
     clock = Clock(verifier.device)
     result = DecodeResult(
         tokens=[],
@@ -176,13 +180,21 @@ def decode_speculative(
     step_k = k
     while not finished:
         depth = min(step_k, settings.max_new_tokens - len(result.tokens) - 1)
-        proposals = []
+        draft_start = clock.now()
+
+        def propose(index: int, depth: int = depth) -> tuple[Proposal, float]:
+            if depth == 0:
+                return Proposal([]), 0.0
+            begin = clock.now()
+            proposal = drafters[index].propose(tokens, depth, draft_choosers[index])
+            return proposal, clock.now() - begin
+
+        drafted = list(pool.map(propose, range(len(drafters)))) if pool else [propose(i) for i in range(len(drafters))]
+        proposals = [proposal for proposal, _ in drafted]
+        for drafter, (_, seconds) in zip(drafters, drafted, strict=True):
+            result.drafters[drafter.name].draft_time_s += seconds
         phase_start = clock.now()
-        for drafter in drafters:
-            proposals.append(drafter.propose(tokens, depth, chooser) if depth > 0 else Proposal([]))
-            now = clock.now()
-            result.drafters[drafter.name].draft_time_s += now - phase_start
-            phase_start = now
+        result.draft_time_s += phase_start - draft_start  # wall time: drafters in a pool overlap
         tree = build_tree(tokens[-1], [proposal.tokens for proposal in proposals])
         start_len = verifier.cache_len
         logits = _verify(verifier, tree)
