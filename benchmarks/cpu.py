@@ -211,6 +211,7 @@ def main() -> None:
     for contender in contenders:
         median_total = statistics.median(sum(per_prompt) for per_prompt in contender.seconds)
         rows[contender.name] = {
+            "seconds_by_repeat_and_prompt": contender.seconds,
             "median_total_s": median_total,
             "tokens_per_s": total_tokens / median_total,
             "identical_to_baseline": contender.outputs == baseline_tokens,

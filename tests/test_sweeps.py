@@ -156,3 +156,17 @@ def test_unwritable_store_is_one_sentence(models_dir, pubmedqa_file, tmp_path, m
         args[-1] = f"tracking.uri=sqlite:///{read_only}/mlflow.db"
         code, _, err = run_cli(args, monkeypatch, capsys)
         assert code == 1 and "is read-only" in err
+
+
+def test_submitit_local_launcher_config(models_dir, pubmedqa_file, tmp_path, tracking_server):
+    """The shipped `hydra/launcher=local_processes` (submitit, the SLURM code path) runs jobs in their own processes."""
+    args = [
+        "-m", "hydra/launcher=local_processes", "draft=distilgpt2,gpt2",
+        *common_args(models_dir, pubmedqa_file, tmp_path), f"tracking.uri={tracking_server}", *FAST,
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "specbench", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    parents, children = sweep_runs(tracking_server)
+    assert len(parents) == 1 and sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
