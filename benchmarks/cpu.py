@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from hf_reference import fixed_k, generate_new_tokens
 
 from specbench.config import PROJECT_ROOT, DrafterConfig, VerifierConfig
 from specbench.data import PromptBuilder, read_file
@@ -67,23 +68,8 @@ def timed(decode: Callable[[list[int]], list[int]], prompt: list[int]) -> tuple[
 
 
 def hf_generate(model, **kwargs) -> Callable[[list[int]], list[int]]:
-    """transformers' own decoding (plain, assisted or prompt lookup), returning the new tokens."""
-
-    def decode(prompt: list[int]) -> list[int]:
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
-        return out[0, len(prompt) :].tolist()
-
-    return decode
-
-
-def fixed_k(draft_model, k: int) -> None:
-    """transformers' fixed-k assisted generation: constant schedule, no confidence early exit."""
-    config = draft_model.generation_config
-    config.num_assistant_tokens = k
-    config.num_assistant_tokens_schedule = "constant"
-    config.assistant_confidence_threshold = 0.0
+    """transformers' own decoding (plain, assisted or prompt lookup) as a contender."""
+    return lambda prompt: generate_new_tokens(model, prompt, **kwargs)
 
 
 def dtype_probe(cache: ModelCache, args) -> dict[str, float]:

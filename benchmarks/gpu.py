@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from hf_reference import fixed_k, generate_new_tokens
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
 
 from specbench.engine import (
@@ -105,18 +106,11 @@ def repeat(count: int, action) -> list:
     return [action() for _ in range(count)]
 
 
-def timed_generate(model, prompt: torch.Tensor, clock: Clock, **kwargs) -> tuple[float, list[int]]:
+def timed_generate(model, prompt: list[int], clock: Clock, **kwargs) -> float:
+    """Seconds of one greedy `generate()` call, the GPU synchronised on both sides."""
     start = clock.now()
-    with torch.inference_mode():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, **kwargs)
-    return clock.now() - start, out[0, prompt.shape[1] :].tolist()
-
-
-def fixed_k(draft_model, k: int) -> None:
-    config = draft_model.generation_config
-    config.num_assistant_tokens = k
-    config.num_assistant_tokens_schedule = "constant"
-    config.assistant_confidence_threshold = 0.0
+    generate_new_tokens(model, prompt, **kwargs)
+    return clock.now() - start
 
 
 def run_mode(mode: str, models: dict, args, device: torch.device, prompt: list[int], report: dict) -> dict:
@@ -190,13 +184,12 @@ def run_mode(mode: str, models: dict, args, device: torch.device, prompt: list[i
               f"acceptance {result.accepted / result.proposed:.2f}", flush=True)  # fmt: skip
 
     if not graphs:
-        ids = torch.tensor([prompt], device=device)
         vm = models["gpt_j_6b"]
         vm.generation_config.eos_token_id = None
         vm.generation_config.pad_token_id = 0
         kwargs = {"max_new_tokens": args.new_tokens}
-        timed_generate(vm, ids, clock, **kwargs)
-        seconds = statistics.median(repeat(args.repeats, lambda: timed_generate(vm, ids, clock, **kwargs)[0]))
+        timed_generate(vm, prompt, clock, **kwargs)
+        seconds = statistics.median(repeat(args.repeats, lambda: timed_generate(vm, prompt, clock, **kwargs)))
         results["hf_generate_ms_per_token_total"] = 1000 * seconds / args.new_tokens
         print(f"[{mode}] generate(): {results['hf_generate_ms_per_token_total']:.2f} ms/token (total)", flush=True)
         results["hf_assisted"] = {}
@@ -204,9 +197,9 @@ def run_mode(mode: str, models: dict, args, device: torch.device, prompt: list[i
             assistant = vm if name == "self" else models[name]
             fixed_k(assistant, args.k)
             assistant.generation_config.eos_token_id = None
-            timed_generate(vm, ids, clock, assistant_model=assistant, **kwargs)
+            timed_generate(vm, prompt, clock, assistant_model=assistant, **kwargs)
             seconds = statistics.median(
-                repeat(args.repeats, lambda a=assistant: timed_generate(vm, ids, clock, assistant_model=a, **kwargs)[0])
+                repeat(args.repeats, lambda a=assistant: timed_generate(vm, prompt, clock, assistant_model=a, **kwargs))
             )
             ours = results["speculative"][name]["ms_per_token_total"]
             theirs = 1000 * seconds / args.new_tokens

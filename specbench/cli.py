@@ -39,7 +39,7 @@ from specbench.config import (
 from specbench.data import DataError, load_records
 from specbench.fetch import FetchError
 from specbench.models import ModelCache, ModelLoadError, gpu_lease
-from specbench.runner import RunSetup, decode_prompts, device_name, measure_costs, prepare, score_likelihoods, warm_up
+from specbench.runner import RunSetup, decode_prompts, measure_costs, prepare, score_likelihoods, warm_up
 from specbench.sweep import JOB_STATUS_FILE, abandon_sweep, parent_run_id
 
 log = logging.getLogger("specbench")
@@ -102,7 +102,7 @@ def run_job(cfg: DictConfig) -> dict[str, str]:
         signal.signal(signal.SIGTERM, _interrupt)  # also in launcher worker processes, which skip main()
     status: dict[str, str] = {"name": _run_name(cfg)}
     try:
-        status |= _run(cfg)
+        status |= _run(cfg, multirun)
     except KeyboardInterrupt:
         status |= {"status": "KILLED", "error": "interrupted"}
         _write_status(status)
@@ -135,7 +135,7 @@ def _write_status(status: dict[str, str]) -> None:
     (output_dir / JOB_STATUS_FILE).write_text(json.dumps(status))
 
 
-def _run(cfg: DictConfig) -> dict[str, str]:
+def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
     typed: SpecBenchConfig = OmegaConf.to_object(cfg)
     validate(typed)
     records = load_records(typed.dataset)
@@ -146,14 +146,14 @@ def _run(cfg: DictConfig) -> dict[str, str]:
         log.info("resume: run %s already holds this configuration; skipping", existing)
         return {"status": "SKIPPED", "run_id": existing, "config_hash": config_hash}
     tags = {tracking.CONFIG_HASH_TAG: config_hash, "verifier": typed.verifier.name, "draft": typed.draft.name}
-    parent = parent_run_id() if HydraConfig.get().mode == RunMode.MULTIRUN else None
+    parent = parent_run_id() if multirun else None
     with gpu_lease(typed.device) as device, tracking.tracked_run(experiment_id, _run_name(cfg), tags, parent) as run_id:
         tracking.log_params(tracking.flatten(resolved))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         typed.device = device
         try:
             setup = prepare(typed, records, MODEL_CACHE)
-            mlflow.set_tags(tracking.environment_tags(device_name(setup.device)) | {"device": str(setup.device)})
+            mlflow.set_tags(tracking.environment_tags(setup.device_name) | {"device": str(setup.device)})
             mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
             if setup.gpu_memory_before_load_gb is not None:
                 mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
@@ -174,26 +174,24 @@ def _benchmark(cfg: SpecBenchConfig, setup: RunSetup) -> None:
     try:
         for outcome in decode_prompts(setup, cfg):
             outcomes.append(outcome)
-    finally:  # an interrupted or failing run keeps the prompts it finished
+    except BaseException:  # an interrupted or failing run keeps the prompts it finished
         if outcomes:
             tracking.log_table(m.per_prompt_table(outcomes), "per_prompt.csv")
+        raise
     if cfg.quality.perplexity:
         score_likelihoods(setup, outcomes)
     table = m.per_prompt_table(outcomes)
-    scores = quality.score_texts(
-        [o.baseline_text for o in outcomes],
-        [o.spec_text for o in outcomes],
-        quality.load_embedder(cfg.quality.embedder),
-    )
+    references, candidates = [o.baseline_text for o in outcomes], [o.spec_text for o in outcomes]
+    scores = quality.score_texts(references, candidates, quality.load_embedder(cfg.quality.embedder))
     table["rougeL"], table["bleu"] = scores.rouge_l, scores.bleu
     if scores.semantic_similarity is not None:
         table["semantic_similarity"] = scores.semantic_similarity
 
     timing = m.timing_metrics(table)
     results = timing | m.acceptance_metrics(table, outcomes) | m.likelihood_metrics(table)
-    results |= m.quality_metrics(table, [o.baseline_text for o in outcomes], [o.spec_text for o in outcomes])
+    results |= m.quality_metrics(table, references, candidates)
     results |= m.bootstrap_intervals(table, cfg.seed)
-    price = m.usd_per_hour(cfg.cost.usd_per_hour, cfg.cost.profile, cfg.cost.profiles, device_name(setup.device))
+    price = m.usd_per_hour(cfg.cost.usd_per_hour, cfg.cost.profile, cfg.cost.profiles, setup.device_name)
     results |= m.cost_metrics(timing, table, price)
     curve = predicted = None
     if cfg.cost_curve:

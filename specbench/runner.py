@@ -60,6 +60,7 @@ class RunSetup:
     prompts: list[Prompt]
     settings: DecodeSettings
     specs: dict[str, ModelSpec]  # "verifier" and each model drafter's name
+    device_name: str
     gpu_memory_before_load_gb: float | None  # after releasing the models this run does not use
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
 
@@ -135,7 +136,18 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     )
     verifier = cached(verifier_model, verify_sizes)
     pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
-    return RunSetup(device, verifier, drafters, tokenizer, prompts, settings, specs, gpu_memory_before_load, pool)
+    return RunSetup(
+        device,
+        verifier,
+        drafters,
+        tokenizer,
+        prompts,
+        settings,
+        specs,
+        device_name(device),
+        gpu_memory_before_load,
+        pool,
+    )
 
 
 def _decoders(
@@ -166,9 +178,9 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
     The order alternates from prompt to prompt, so neither mode always runs first.
     """
     on_gpu = setup.device.type == "cuda"
+    decoders = _decoders(setup, cfg)
     for index, prompt in enumerate(tqdm(setup.prompts, desc="prompts", unit="prompt", disable=not progress)):
         results, peaks = {}, {}
-        decoders = _decoders(setup, cfg)
         for mode in list(decoders) if index % 2 == 0 else reversed(decoders):
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats(setup.device)

@@ -169,9 +169,9 @@ def decode_speculative(
     first = int(_prefill(verifier, prompt_ids, chooser))
     tokens = [*prompt_ids, first]
     finished = _append_until_stop(result.tokens, [first], settings)
-    result.ttft_s = clock.now() - start
+    phase_start = clock.now()
+    result.ttft_s = phase_start - start
     result.verifier_calls = 1
-    phase_start = result.ttft_s + start
     for drafter in drafters if not finished else []:
         drafter.prefill(tokens)
         now = clock.now()
@@ -181,18 +181,7 @@ def decode_speculative(
     while not finished:
         depth = min(step_k, settings.max_new_tokens - len(result.tokens) - 1)
         draft_start = clock.now()
-
-        def propose(index: int, depth: int = depth) -> tuple[Proposal, float]:
-            if depth == 0:
-                return Proposal([]), 0.0
-            begin = clock.now()
-            proposal = drafters[index].propose(tokens, depth, draft_choosers[index])
-            return proposal, clock.now() - begin
-
-        drafted = list(pool.map(propose, range(len(drafters)))) if pool else [propose(i) for i in range(len(drafters))]
-        proposals = [proposal for proposal, _ in drafted]
-        for drafter, (_, seconds) in zip(drafters, drafted, strict=True):
-            result.drafters[drafter.name].draft_time_s += seconds
+        proposals = _propose_all(drafters, draft_choosers, tokens, depth, clock, pool, result)
         phase_start = clock.now()
         result.draft_time_s += phase_start - draft_start  # wall time: drafters in a pool overlap
         tree = build_tree(tokens[-1], [proposal.tokens for proposal in proposals])
@@ -214,6 +203,31 @@ def decode_speculative(
         step_k = next_k(step_k, len(path), offered, k_schedule, k_max)
     result.latency_s = clock.now() - start
     return result
+
+
+def _propose_all(
+    drafters: list[Drafter],
+    choosers: list[TokenChooser],
+    tokens: list[int],
+    depth: int,
+    clock: Clock,
+    pool: ThreadPoolExecutor | None,
+    result: DecodeResult,
+) -> list[Proposal]:
+    """Every drafter's proposal of `depth` tokens (in parallel threads with a pool); time each drafter."""
+
+    def propose(index: int) -> tuple[Proposal, float]:
+        if depth == 0:
+            return Proposal([]), 0.0
+        begin = clock.now()
+        proposal = drafters[index].propose(tokens, depth, choosers[index])
+        return proposal, clock.now() - begin
+
+    indices = range(len(drafters))
+    drafted = list(pool.map(propose, indices)) if pool else [propose(index) for index in indices]
+    for drafter, (_, seconds) in zip(drafters, drafted, strict=True):
+        result.drafters[drafter.name].draft_time_s += seconds
+    return [proposal for proposal, _ in drafted]
 
 
 def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], k: int) -> int:

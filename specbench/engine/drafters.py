@@ -49,29 +49,33 @@ class ModelDrafter:
     def __init__(self, name: str, model: CachedModel) -> None:
         self.name = name
         self.model = model
-        self._cached_ids: list[int] = []
-        self._committed = 0  # this many leading cached ids are known to be committed
+        # The cache holds `_committed` committed tokens, then `_drafted`, this drafter's own proposal
+        # (all but its last token), which the verifier may or may not have kept.
+        self._committed = 0
+        self._drafted: list[int] = []
 
     def reset(self) -> None:
         """Forget the previous prompt."""
         self.model.reset()
-        self._cached_ids = []
         self._committed = 0
+        self._drafted = []
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int]) -> None:
         """Cache all of `tokens` but the last, so that each proposal starts from a short feed."""
         self.model.forward(torch.tensor(tokens[:-1], device=self.model.device))
-        self._cached_ids = tokens[:-1]
         self._committed = len(tokens) - 1
+        self._drafted = []
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """Length of the cached prefix still valid for `tokens`, leaving at least one token to feed."""
-        limit = min(len(self._cached_ids), len(tokens) - 1)
-        shared = min(self._committed, limit)
-        while shared < limit and self._cached_ids[shared] == tokens[shared]:
-            shared += 1
-        return shared
+        committed = min(self._committed, len(tokens) - 1)
+        kept = 0  # drafted tokens the verifier accepted
+        while kept < min(len(self._drafted), len(tokens) - 1 - committed) and (
+            self._drafted[kept] == tokens[committed + kept]
+        ):
+            kept += 1
+        return committed + kept
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, chooser: TokenChooser) -> Proposal:
@@ -92,8 +96,8 @@ class ModelDrafter:
             if position < k - 1:
                 logits = self.model.forward(token)
         proposed = torch.cat(drafted).tolist()
-        self._cached_ids = tokens + proposed[:-1]
         self._committed = len(tokens)
+        self._drafted = proposed[:-1]
         return Proposal(proposed, torch.cat(distributions) if distributions else None)
 
 
