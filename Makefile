@@ -38,7 +38,7 @@ run: fetch  ## the main job on real pretrained models, offline
 	$(BIN)/specbench experiment=offline
 
 sweep: fetch  ## a predefined sweep (drafts x k) that works offline; finished runs are skipped
-	$(BIN)/specbench -m --config-dir sweeps --config-name offline_sweep resume=true
+	$(BIN)/specbench --config-name offline_sweep resume=true
 
 ui: install  ## browse and compare runs
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --port $(PORT)

@@ -34,7 +34,7 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
-from tests.tiny import make_model, train_tokenizer, write_models_dir, write_pubmedqa_jsonl
+from specbench.testing import make_model, train_tokenizer, write_models_dir, write_pubmedqa_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 300

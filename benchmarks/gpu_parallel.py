@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny import write_models_dir, write_pubmedqa_jsonl
+from specbench.testing import write_models_dir, write_pubmedqa_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 5057

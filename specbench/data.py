@@ -17,11 +17,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from specbench.config import DatasetConfig
-
-
-class DataError(ValueError):
-    """Unusable data, explained in one sentence that names the file, line and field."""
+from specbench.config import ChatTemplate, DatasetConfig
+from specbench.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -139,12 +136,14 @@ def _parse_record(path: Path, line: int | None, item: Any) -> Record:
 class PromptBuilder:
     """Turns records into token ids that fit `max_tokens`, cutting only the abstract."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, chat_template: str, max_tokens: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, template: str, chat_template: ChatTemplate, max_tokens: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.max_tokens = max_tokens
         has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.use_chat = chat_template == "true" or (chat_template == "auto" and has_template)
+        self.use_chat = chat_template is ChatTemplate.on or (chat_template is ChatTemplate.auto and has_template)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as the model will see it (inside the chat template if used)."""

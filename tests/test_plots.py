@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from specbench.plots import format_number, markdown_table, run_figures, summary_markdown
+from specbench.plots import run_figures
+from specbench.summary import format_number, markdown_table, summary_markdown
 
 DRAFTERS = ["distilgpt2", "prompt_lookup"]
 K = 3

@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from specbench.report import comparison_figures, load_runs, log_report, main, summary_table, write_report
+import specbench.cli
+from specbench.report import comparison_figures, load_runs, log_report, summary_table, write_report
+from specbench.report.figures import col
 
 EXPERIMENT = "specbench"
 DRAFTS = ("gpt2_family", "distilgpt2")
@@ -157,11 +159,11 @@ def test_summary_table_rows_columns_and_order(runs: pd.DataFrame) -> None:
     assert set(table["verifier"]) == {"gpt_j_6b"}
     assert set(table["sampling"]) == {"greedy"}
     row = table.iloc[0]  # distilgpt2, k=1
-    assert row["speedup (x)"] == pytest.approx(1.16)
-    assert row["acceptance (%)"] == pytest.approx(75.0)
-    assert row["disagreement (%)"] == pytest.approx(5.0)
-    for column in ("latency p95 spec (s)", "tokens/s baseline", "cost/query spec (USD)", "cost saving (%)"):
-        assert column in table
+    assert row["Speedup (x)"] == pytest.approx(1.16)
+    assert row["Acceptance rate (%)"] == pytest.approx(75.0)
+    assert row["Disagreement rate (%)"] == pytest.approx(5.0)
+    for key in ("spec_latency_p95_s", "baseline_tokens_per_s", "cost_per_query_usd_spec", "cost_saving_pct"):
+        assert col(key) in table
     assert "BLEU vs baseline" not in table  # not logged, so not a column
 
 
@@ -190,7 +192,7 @@ def test_write_report(runs: pd.DataFrame, tmp_path: Path) -> None:
     relative = {path.relative_to(tmp_path / "report").as_posix() for path in paths}
     assert relative == {"summary.md", "summary.csv"} | FIGURES
     markdown = (tmp_path / "report" / "summary.md").read_text()
-    assert markdown.startswith("| draft | k | verifier | sampling | latency p50 baseline (s) |")
+    assert markdown.startswith("| draft | k | verifier | sampling | Latency p50 per request, baseline (s) |")
     assert markdown.count("\n| distilgpt2 | ") == 3
     assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == 6
     for path in paths:
@@ -211,12 +213,19 @@ def test_log_report_puts_the_files_under_the_parent(sweep: Sweep, runs: pd.DataF
     }
 
 
+def report_command(argv: list[str]) -> int:
+    """`specbench report ARGV` through the real command line; its exit code."""
+    with pytest.raises(SystemExit) as stop:
+        specbench.cli.main(["report", *argv])
+    return stop.value.code
+
+
 def test_main_prints_the_table_and_writes_the_report(
     sweep: Sweep, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     argv = ["--tracking-uri", sweep.uri, "--experiment", EXPERIMENT, "--parent-run-id", sweep.parent_id]
-    assert main([*argv, "--out", str(out), "--log-to-parent"]) == 0
+    assert report_command([*argv, "--out", str(out), "--log-to-parent"]) == 0
     printed = capsys.readouterr().out
     assert "| draft | k | verifier |" in printed
     assert "| gpt2_family | 4 | gpt_j_6b | greedy |" in printed
@@ -226,7 +235,7 @@ def test_main_prints_the_table_and_writes_the_report(
 
 
 def test_main_unknown_experiment_fails_with_one_sentence(sweep: Sweep, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--tracking-uri", sweep.uri, "--experiment", "nope"]) == 1
+    assert report_command(["--tracking-uri", sweep.uri, "--experiment", "nope"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: experiment 'nope' does not exist")

@@ -24,7 +24,7 @@ from specbench.engine import (
 )
 from specbench.engine.sampling import accepts, residual_distribution
 from specbench.engine.tree import build_tree, walk_sampling
-from tests.tiny import make_model
+from specbench.testing import make_model
 
 SAMPLING = DecodeSettings(max_new_tokens=5, do_sample=True)
 

@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import specbench.cli
+import specbench.pipeline
 import specbench.runner
 from tests.test_cli import RUN_ARTIFACTS, all_artifacts, common_args, run_cli
 
@@ -135,7 +136,7 @@ def test_ctrl_c_keeps_the_prompts_already_decoded(models_dir, pubmedqa_file, tmp
             yield outcome
             raise KeyboardInterrupt  # as if Ctrl-C arrived while the second prompt decodes
 
-    monkeypatch.setattr(specbench.cli, "decode_prompts", interrupted_after_one)
+    monkeypatch.setattr(specbench.pipeline, "decode_prompts", interrupted_after_one)
     code, _, err = run_cli([*common_args(models_dir, pubmedqa_file, tmp_path), *FAST], monkeypatch, capsys)
     assert code == 130 and "marked KILLED" in err
     _, (run,) = sweep_runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")

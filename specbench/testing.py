@@ -1,4 +1,4 @@
-"""Tiny real models and data that the tests build themselves (no hub, no downloads).
+"""Tiny real models and data that tests and benchmarks build themselves (no hub, no downloads).
 
 `write_models_dir(root)` lays models out under their hub ids (root/distilbert/distilgpt2,
 root/EleutherAI/gpt-j-6B, ...), so the CLI finds them through `models_dir=root`

@@ -1,0 +1,1 @@
+"""Hydra config groups of specbench, installed as the package `specbench.conf` (see pyproject.toml)."""

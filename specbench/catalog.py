@@ -1,0 +1,390 @@
+"""Every metric specbench logs: its MLflow key, label, unit, format and direction, in one place.
+
+`summary.md`, the cross-run report, the plots' labels and the README's metric
+table all read from here. Keys with a `{...}` part name a family (one key per
+draft position, drafter, ...). `python -m specbench.catalog README.md` rewrites
+the README's metric table from this list.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HIGHER, LOWER = "higher", "lower"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One logged figure (or family of figures)."""
+
+    key: str  # MLflow key of the speculative (or only) value; `{name}` parts mark a family
+    label: str
+    unit: str = ""  # "s", "ms", "tokens/s", "x", "%", "USD", ...
+    fmt: str = "num"  # num | rate (a 0..1 share shown in %) | pct (already in %) | usd | int
+    better: str | None = None  # higher | lower | None (neither)
+    doc: str = ""
+    baseline: str | None = None  # MLflow key of the verifier-only counterpart, when there is one
+    summary: bool = False  # a row of a run's summary.md
+    report: bool = False  # a column of the cross-run report
+
+    def format(self, value: float | None) -> str:
+        """The value in its unit for a table, or "—" when missing."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "—"
+        scale, prefix, suffix = {"rate": (100.0, "", "%"), "pct": (1.0, "", "%"), "usd": (1.0, "$", "")}.get(
+            self.fmt, (1.0, "", "")
+        )
+        number = float(value) * scale
+        if self.fmt == "int" or (self.fmt == "num" and number.is_integer() and abs(number) < 1e6):
+            text = f"{number:,.0f}" if abs(number) >= 1000 else f"{number:.0f}"
+        else:
+            text = f"{number:,.0f}" if abs(number) >= 1000 else f"{number:.3g}"
+        return f"{prefix}{text}{suffix}"
+
+    @property
+    def column(self) -> str:
+        """Column name in the cross-run report: the label and its unit."""
+        unit = {"rate": "%", "pct": "%", "usd": "USD"}.get(self.fmt, self.unit)
+        return f"{self.label} ({unit})" if unit else self.label
+
+
+def _pair(stem: str, label: str, unit: str, better: str | None, doc: str, **extra) -> Metric:
+    """A metric measured in both modes, keyed `spec_<stem>` and `baseline_<stem>`."""
+    return Metric(f"spec_{stem}", label, unit, better=better, doc=doc, baseline=f"baseline_{stem}", **extra)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("num_prompts", "Prompts", fmt="int", doc="prompts decoded in each mode", summary=True),
+    Metric(
+        "truncated_prompts", "Truncated prompts", fmt="int", doc="prompts whose abstract was cut to fit the context"
+    ),
+    # timing
+    _pair(
+        "latency_p50_s",
+        "Latency p50 per request",
+        "s",
+        LOWER,
+        "request latency, median over prompts (prefill included)",
+        summary=True,
+        report=True,
+    ),
+    _pair(
+        "latency_p95_s",
+        "Latency p95 per request",
+        "s",
+        LOWER,
+        "request latency, 95th percentile over prompts",
+        summary=True,
+        report=True,
+    ),
+    _pair(
+        "ms_per_token_p50",
+        "Time per token p50",
+        "ms",
+        LOWER,
+        "request latency / generated tokens, median over prompts",
+        summary=True,
+    ),
+    _pair("ms_per_token_p95", "Time per token p95", "ms", LOWER, "request latency / generated tokens, 95th percentile"),
+    _pair(
+        "ttft_p50_s", "Time to first token p50", "s", LOWER, "time to first token (the prefill), median", summary=True
+    ),
+    _pair(
+        "tokens_per_s",
+        "Throughput",
+        "tokens/s",
+        HIGHER,
+        "generated tokens / total request time (prefill included)",
+        summary=True,
+        report=True,
+    ),
+    _pair("total_s", "Total decode time", "s", LOWER, "sum of request latencies over all prompts"),
+    Metric(
+        "speedup",
+        "Speedup",
+        "x",
+        better=HIGHER,
+        doc="total baseline time / total speculative time (a ratio of sums)",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "decode_speedup",
+        "Decode speedup, after first token",
+        "x",
+        better=HIGHER,
+        doc="the same without the prefill",
+        summary=True,
+    ),
+    Metric(
+        "steady_state_speedup",
+        "Steady-state speedup, without prefills",
+        "x",
+        better=HIGHER,
+        doc="the decode speedup without the drafts' one-off reading of the prompt (what the speedup model describes)",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "draft_prefill_s_mean",
+        "Draft prefill per prompt",
+        "s",
+        better=LOWER,
+        doc="the drafts' reading of the prompt, mean per prompt",
+    ),
+    Metric(
+        "peak_gpu_mem_gb_spec",
+        "Peak GPU memory",
+        "GB",
+        better=LOWER,
+        doc="peak GPU memory of each mode",
+        baseline="peak_gpu_mem_gb_baseline",
+    ),
+    Metric(
+        "gpu_mem_before_load_gb",
+        "GPU memory before loading",
+        "GB",
+        doc="memory still held when the run starts loading (models of earlier jobs it does not use are released first)",
+    ),
+    # acceptance
+    Metric(
+        "acceptance_rate",
+        "Acceptance rate",
+        fmt="rate",
+        better=HIGHER,
+        doc="accepted / proposed draft tokens (for a draft set: the accepted path / the deepest proposal)",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "mean_accepted_tokens",
+        "Mean accepted tokens per step",
+        better=HIGHER,
+        doc="tokens emitted per speculative verifier call, the verifier's own token included (at most k+1)",
+        summary=True,
+        report=True,
+    ),
+    Metric("mean_k", "Mean draft length", doc="mean k asked for per step (varies under k_schedule=heuristic)"),
+    Metric(
+        "acceptance_rate_pos_{i}",
+        "Acceptance at draft position i",
+        fmt="rate",
+        better=HIGHER,
+        doc="share of steps that kept draft position i",
+    ),
+    Metric(
+        "acceptance_rate_{draft}",
+        "Acceptance rate of a drafter",
+        fmt="rate",
+        better=HIGHER,
+        doc="per drafter of a set: its accepted share",
+    ),
+    Metric(
+        "win_rate_{draft}",
+        "Win rate of a drafter",
+        fmt="rate",
+        doc="how often its candidate was (one of) the longest accepted",
+    ),
+    Metric(
+        "draft_time_s_{draft}",
+        "Drafting time of a drafter",
+        "s",
+        better=LOWER,
+        doc="its drafting time over all prompts",
+    ),
+    # fidelity to the baseline
+    Metric(
+        "disagreement_rate",
+        "Disagreement rate",
+        fmt="rate",
+        better=LOWER,
+        doc="share of prompts whose speculative text differs from the baseline text",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "exact_match_rate",
+        "Exact match rate",
+        fmt="rate",
+        better=HIGHER,
+        doc="share of prompts whose speculative text equals the baseline text",
+    ),
+    Metric(
+        "rougeL_vs_baseline",
+        "ROUGE-L vs baseline",
+        better=HIGHER,
+        doc="rouge-score ROUGE-L F1 of the speculative text against the baseline text",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "bleu_vs_baseline",
+        "BLEU vs baseline",
+        better=HIGHER,
+        doc="sacrebleu corpus BLEU (0..1) of the speculative texts against the baseline texts",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "semantic_similarity_vs_baseline",
+        "Semantic similarity vs baseline",
+        better=HIGHER,
+        doc="all-MiniLM-L6-v2 cosine of the two texts, mean over prompts",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "perplexity_spec",
+        "Perplexity (verifier)",
+        doc="the verifier's perplexity of each mode's outputs; for sampled runs this, not disagreement, "
+        "shows quality is kept",
+        baseline="perplexity_baseline",
+        summary=True,
+    ),
+    Metric(
+        "mean_logprob_spec",
+        "Mean log-likelihood per token",
+        doc="the verifier's mean log-probability per output token",
+        baseline="mean_logprob_baseline",
+    ),
+    # cost
+    Metric(
+        "usd_per_hour", "Machine price", "USD/h", fmt="usd", doc="from cost.usd_per_hour or the device's cost profile"
+    ),
+    Metric(
+        "cost_per_query_usd_spec",
+        "Cost per query",
+        fmt="usd",
+        better=LOWER,
+        doc="price x total time / prompts",
+        baseline="cost_per_query_usd_baseline",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "cost_per_1k_tokens_usd_spec",
+        "Cost per 1k tokens",
+        fmt="usd",
+        better=LOWER,
+        doc="price x total time / generated tokens x 1000",
+        baseline="cost_per_1k_tokens_usd_baseline",
+        summary=True,
+    ),
+    Metric(
+        "cost_saving_pct",
+        "Cost saving",
+        fmt="pct",
+        better=HIGHER,
+        doc="1 - speculative / baseline cost per query",
+        summary=True,
+        report=True,
+    ),
+    # the speedup model
+    Metric(
+        "predicted_speedup",
+        "Predicted speedup",
+        "x",
+        doc="Leviathan et al.: (1 - a^(k+1)) / ((1 - a)(k c + v)), v the measured cost of verifying k+1 tokens "
+        "over one",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "best_k_predicted",
+        "Best k (predicted)",
+        fmt="int",
+        doc="the k the model predicts fastest over the measured verify-cost curve",
+        summary=True,
+    ),
+    Metric(
+        "predicted_speedup_best_k",
+        "Predicted speedup at best k",
+        "x",
+        doc="the model's speedup at that k",
+        summary=True,
+    ),
+    Metric(
+        "speedup_prediction_ratio", "Measured / predicted speedup", "x", doc="steady_state_speedup / predicted_speedup"
+    ),
+    Metric(
+        "draft_verifier_cost_ratio",
+        "Draft / verifier cost ratio c",
+        doc="one draft step over one verifier step (drafters summed)",
+    ),
+    Metric(
+        "alpha_iid",
+        "Per-token acceptance alpha",
+        doc="the per-token acceptance that explains the measured accepted tokens per step",
+    ),
+    Metric("verify_step_ms", "Verifier step", "ms", doc="one verifier forward over one new token"),
+    Metric(
+        "verify_cost_ratio_{n}_tokens",
+        "Verify cost of n tokens",
+        "x",
+        doc="one verifier pass over n = k+1 tokens / over one token",
+    ),
+    Metric("draft_step_ms_{draft}", "Draft step of a drafter", "ms", doc="one drafting step of each model drafter"),
+)
+
+INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")
+
+_BY_KEY = {metric.key: metric for metric in METRICS}
+_FAMILIES = [(re.compile(re.sub(r"\\\{\w+\\\}", r".+", re.escape(m.key)) + "$"), m) for m in METRICS if "{" in m.key]
+
+
+def metric(key: str) -> Metric | None:
+    """The catalog entry of an MLflow key (families, baseline counterparts and intervals included), None if unknown."""
+    if key in _BY_KEY:
+        return _BY_KEY[key]
+    for suffix in INTERVAL_SUFFIXES:
+        if key.endswith(suffix):
+            return metric(key.removesuffix(suffix))
+    for entry in METRICS:
+        if entry.baseline == key:
+            return entry
+    return next((entry for pattern, entry in _FAMILIES if pattern.match(key)), None)
+
+
+def summary_metrics() -> list[Metric]:
+    """The headline metrics of one run, in catalog order: the rows of summary.md."""
+    return [entry for entry in METRICS if entry.summary]
+
+
+def report_metrics() -> list[Metric]:
+    """The metrics compared across runs, in catalog order: the columns of the report's table."""
+    return [entry for entry in METRICS if entry.report]
+
+
+def readme_table() -> str:
+    """The README's metric table (keys, unit, meaning)."""
+    rows = ["| metric | unit | better | meaning |", "| --- | --- | --- | --- |"]
+    for entry in METRICS:
+        keys = f"`{entry.key}`" + (f", `{entry.baseline}`" if entry.baseline else "")
+        unit = {"rate": "share", "usd": "USD"}.get(entry.fmt, entry.unit)
+        rows.append(f"| {keys} | {unit} | {entry.better or ''} | {entry.doc} |")
+    rows.append(
+        "| `*_ci_low`, `*_ci_high` | as the metric | | 95% bootstrap interval over prompts "
+        "(speedup, acceptance rate, latency percentiles) |"
+    )
+    return "\n".join(rows)
+
+
+README_START, README_END = (
+    "<!-- metrics table: python -m specbench.catalog README.md -->",
+    "<!-- end of metrics table -->",
+)
+
+
+def replace_readme_table(text: str) -> str:
+    """`text` with the block between the README markers replaced by `readme_table()`."""
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    return f"{text[:start]}\n{readme_table()}\n{text[end:]}"
+
+
+if __name__ == "__main__":
+    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    readme.write_text(replace_readme_table(readme.read_text()))

@@ -1,0 +1,34 @@
+"""The errors a user can fix: each carries one sentence that says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or an unusable environment, explained in one sentence that names the fix.
+
+    The command line prints it as `error: <sentence>` (no traceback) and ends the run FAILED with it.
+    """
+
+
+class ConfigError(UserError, ValueError):
+    """A bad setting."""
+
+
+class DataError(UserError, ValueError):
+    """Unusable data; the sentence names the file, line and field."""
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model or tokenizer that cannot be loaded."""
+
+
+class FetchError(UserError, RuntimeError):
+    """An offline model that could not be fetched or verified."""
+
+
+class TrackingError(UserError, RuntimeError):
+    """The tracking store cannot be used."""
+
+
+class GpuMemoryError(UserError, RuntimeError):
+    """The GPU ran out of memory."""

@@ -1,0 +1,102 @@
+"""One benchmark run from a typed config to one result: decode, score, measure, model.
+
+    setup = prepare(cfg, models)          # runner: data -> prompts, models loaded
+    result = run_benchmark(cfg, setup)    # decode both ways, quality, metrics, speedup model
+
+The result holds every number and table a run produces; `tracking` logs it and
+`plots` draws it. Nothing here knows Hydra or MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from specbench import metrics, quality, speedup_model
+from specbench.config import SpecBenchConfig
+from specbench.metrics import PromptOutcome
+from specbench.runner import RunSetup, decode_prompts, measure_costs, score_likelihoods, warm_up
+
+
+@dataclass
+class RunResult:
+    """Everything one run measured."""
+
+    title: str
+    k: int
+    drafters: list[str]
+    metrics: dict[str, float]
+    per_prompt: pd.DataFrame
+    steps: pd.DataFrame
+    generations: list[dict]
+    verify_curve: pd.DataFrame | None = None  # the verifier's cost of n new tokens, n = 1..
+    predicted_curve: pd.DataFrame | None = None  # the speedup model's prediction for each k
+
+
+def run_title(cfg: SpecBenchConfig) -> str:
+    """A run's name in figures and logs."""
+    return f"{cfg.verifier.name} + {cfg.draft.name}, k={cfg.k}"
+
+
+def run_benchmark(
+    cfg: SpecBenchConfig, setup: RunSetup, keep_partial: Callable[[pd.DataFrame], None] | None = None
+) -> RunResult:
+    """Warm up, decode every prompt both ways, then score the texts, measure step costs and fit the model.
+
+    If decoding stops (an error, Ctrl-C), `keep_partial` gets the per-prompt table of
+    the prompts already decoded before the exception propagates.
+    """
+    warm_up(setup, cfg)
+    outcomes: list[PromptOutcome] = []
+    try:
+        for outcome in decode_prompts(setup, cfg):
+            outcomes.append(outcome)
+    except BaseException:
+        if outcomes and keep_partial is not None:
+            keep_partial(metrics.per_prompt_table(outcomes))
+        raise
+    if cfg.quality.perplexity:
+        score_likelihoods(setup, outcomes)
+    table = metrics.per_prompt_table(outcomes)
+    references, candidates = [o.baseline_text for o in outcomes], [o.spec_text for o in outcomes]
+    scores = quality.score_texts(references, candidates, quality.load_embedder(cfg.quality.embedder))
+    table["rougeL"], table["bleu"] = scores.rouge_l, scores.bleu
+    if scores.semantic_similarity is not None:
+        table["semantic_similarity"] = scores.semantic_similarity
+
+    timing = metrics.timing_metrics(table)
+    results = timing | metrics.acceptance_metrics(table, outcomes) | metrics.likelihood_metrics(table)
+    results |= quality.quality_metrics(scores, references, candidates)
+    results |= metrics.bootstrap_intervals(table, cfg.seed)
+    price = metrics.usd_per_hour(cfg.cost.usd_per_hour, cfg.cost.profile, cfg.cost.profiles, setup.device_name)
+    results |= metrics.cost_metrics(timing, table, price)
+    result = RunResult(
+        title=run_title(cfg),
+        k=cfg.k,
+        drafters=list(cfg.draft.drafters),
+        metrics=results,
+        per_prompt=table,
+        steps=metrics.steps_table(outcomes),
+        generations=[_generation(outcome) for outcome in outcomes],
+    )
+    if cfg.cost_curve:
+        costs = measure_costs(setup, cfg)
+        results |= speedup_model.speedup_model_metrics(costs, outcomes, cfg.k)
+        results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
+        result.verify_curve = speedup_model.verify_curve_table(costs)
+        result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs)
+    return result
+
+
+def _generation(outcome: PromptOutcome) -> dict:
+    """Both outputs of one prompt, as text and token ids."""
+    return {
+        "pubid": outcome.pubid,
+        "identical": outcome.baseline.tokens == outcome.spec.tokens,
+        "baseline_text": outcome.baseline_text,
+        "spec_text": outcome.spec_text,
+        "baseline_tokens": outcome.baseline.tokens,
+        "spec_tokens": outcome.spec.tokens,
+    }

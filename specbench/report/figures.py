@@ -1,0 +1,164 @@
+"""Cross-run comparison figures: speedup and acceptance against k, and each run's figures beside its own baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from specbench.catalog import metric
+from specbench.plots import FIGSIZE, new_figure, reference_line
+from specbench.report.query import column, summary_table
+
+
+def col(key: str) -> str:
+    """The summary table's column of an MLflow metric key."""
+    return column(key, metric(key))
+
+
+def draft_colors(names: Iterable[str]) -> dict[str, tuple[float, ...]]:
+    """One qualitative colour per distinct name, assigned in sorted order so every plot agrees."""
+    unique = sorted(set(names))
+    colormap = matplotlib.colormaps["tab10" if len(unique) <= 10 else "tab20"]
+    return {name: colormap(index % colormap.N) for index, name in enumerate(unique)}
+
+
+def comparison_figures(runs: pd.DataFrame) -> dict[str, Figure]:
+    """Cross-run figures keyed by artifact path; one colour per draft (per "verifier / draft" when those vary)."""
+    table = summary_table(runs)
+    table["series"] = _series_labels(table)
+    table = table.sort_values(["series", "k"], kind="stable").reset_index(drop=True)
+    colors = draft_colors(table["series"])
+    subtitle = ", ".join(f"{name}: {table[name][0]}" for name in ("verifier", "sampling") if table[name].nunique() == 1)
+
+    def bars(title: str, ylabel: str, *columns: tuple[str, str, str | None]) -> Figure:
+        return _bars_vs_baseline(table, colors, title, subtitle, ylabel, list(columns))
+
+    return {
+        "plots/speedup_vs_k.png": _speedup_vs_k(table, colors, subtitle),
+        "plots/acceptance_vs_k.png": _acceptance_vs_k(table, colors, subtitle),
+        "plots/latency.png": bars(
+            "Latency per request",
+            "latency per request (s)",
+            ("speculative p50", col("spec_latency_p50_s"), col("baseline_latency_p50_s")),
+            ("speculative p95", col("spec_latency_p95_s"), col("baseline_latency_p95_s")),
+        ),
+        "plots/throughput.png": bars(
+            "Throughput", "generated tokens/s", ("speculative", col("spec_tokens_per_s"), col("baseline_tokens_per_s"))
+        ),
+        "plots/disagreement.png": bars(
+            "Speculative outputs that differ from the baseline",
+            "prompts whose output differs (%)",
+            ("speculative", col("disagreement_rate"), None),
+        ),
+        "plots/cost.png": bars(
+            "Cost per query",
+            "cost per query (USD)",
+            ("speculative", col("cost_per_query_usd_spec"), col("cost_per_query_usd_baseline")),
+        ),
+    }
+
+
+def _series_labels(table: pd.DataFrame) -> pd.Series:
+    """The draft, prefixed by the verifier and followed by the sampling mode when those vary across runs."""
+    parts = [column for column in ("verifier", "draft", "sampling") if column == "draft" or table[column].nunique() > 1]
+    return table[parts].astype("string").fillna("?").agg(" / ".join, axis=1)
+
+
+def _column(table: pd.DataFrame, name: str) -> np.ndarray:
+    """A numeric column, NaN throughout when the runs did not log it."""
+    return table[name].to_numpy(float) if name in table else np.full(len(table), np.nan)
+
+
+def _lines_vs_k(
+    ax: Axes, table: pd.DataFrame, colors: dict, column: str, interval: tuple[str, str] | None = None, **style
+) -> None:
+    """One line per series of `column` against k, with error bars from the `interval` columns."""
+    for series, group in table.groupby("series", sort=True):
+        values = _column(group, column)
+        yerr = None
+        if interval is not None:
+            low, high = (_column(group, name) for name in interval)
+            yerr = np.clip([values - low, high - values], 0, None)
+        ax.errorbar(_column(group, "k"), values, yerr=yerr, color=colors[series], capsize=3, **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("draft tokens per step k")
+
+
+def _series_handles(colors: dict) -> list[Line2D]:
+    """Legend entries naming each series by its colour."""
+    return [Line2D([], [], color=color, marker="o", label=series) for series, color in colors.items()]
+
+
+def _speedup_vs_k(table: pd.DataFrame, colors: dict, subtitle: str) -> Figure:
+    figure, (ax,) = new_figure("Speedup over the baseline vs k", subtitle)
+    _lines_vs_k(ax, table, colors, col("speedup"), (col("speedup_ci_low"), col("speedup_ci_high")), marker="o")
+    _lines_vs_k(ax, table, colors, col("predicted_speedup"), linestyle="--", marker="x")
+    handles = _series_handles(colors)
+    if col("predicted_speedup") in table:
+        handles.append(Line2D([], [], color="grey", linestyle="--", marker="x", label="predicted (dashed)"))
+    handles.append(reference_line(ax, 1.0, "baseline"))
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_ylabel("speedup over baseline (x)")
+    return figure
+
+
+def _acceptance_vs_k(table: pd.DataFrame, colors: dict, subtitle: str) -> Figure:
+    figure, (rate, tokens) = new_figure("Acceptance vs k", subtitle, ncols=2, width=9)
+    _lines_vs_k(rate, table, colors, col("acceptance_rate"), marker="o")
+    rate.set(title="Drafted tokens accepted", ylabel="acceptance rate (%)", ylim=(0, 105))
+    _lines_vs_k(tokens, table, colors, col("mean_accepted_tokens"), marker="o")
+    tokens.set(title="Tokens per verifier pass", ylabel="mean accepted tokens per step")
+    rate.legend(handles=_series_handles(colors))
+    return figure
+
+
+def _bars_vs_baseline(
+    table: pd.DataFrame,
+    colors: dict,
+    title: str,
+    subtitle: str,
+    ylabel: str,
+    bars: list[tuple[str, str, str | None]],
+) -> Figure:
+    """Per run, one bar per (name, speculative column, baseline column); each run's own baseline is a dashed segment."""
+    figure, (ax,) = new_figure(title, subtitle, width=max(FIGSIZE[0], 2 + 0.4 * len(table) * len(bars)))
+    x = np.arange(len(table))
+    width = 0.8 / len(bars)
+    handles = []
+    for index, (name, spec, baseline) in enumerate(bars):
+        hatch = "//" if index else None
+        centers = x + (index - (len(bars) - 1) / 2) * width
+        ax.bar(
+            centers,
+            _column(table, spec),
+            width,
+            color=[colors[s] for s in table["series"]],
+            hatch=hatch,
+            edgecolor="white",
+        )
+        handles.append(Patch(facecolor="lightgrey", edgecolor="dimgrey", hatch=hatch, label=name))
+        if baseline is not None:
+            segments = (centers - width / 2, centers + width / 2)
+            ax.hlines(_column(table, baseline), *segments, colors="black", linestyles="--", linewidth=1.5)
+    if any(baseline for *_, baseline in bars):
+        handles.append(Line2D([], [], color="black", linestyle="--", label="baseline (same run)"))
+    ax.margins(y=0.2)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", ncols=len(handles))
+    crowded = len(table) > 6
+    ax.set_xticks(
+        x,
+        [f"{series}\nk={k}" for series, k in zip(table["series"], table["k"], strict=True)],
+        rotation=30 if crowded else 0,
+        ha="right" if crowded else "center",
+        fontsize=8,
+    )
+    ax.set(xlabel="run (draft set, k)", ylabel=ylabel)
+    return figure

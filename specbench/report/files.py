@@ -1,0 +1,43 @@
+"""The report as files (summary.md, summary.csv, plots/*.png), and logged to a run (a sweep's parent)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from specbench.report.figures import comparison_figures
+from specbench.report.query import summary_table
+from specbench.summary import markdown_table
+
+ARTIFACT_DIR = "report"
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """A summary table as markdown."""
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
+def write_report(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write summary.md, summary.csv and plots/*.png under `out_dir`; return the paths written."""
+    table = summary_table(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, csv = out_dir / "summary.md", out_dir / "summary.csv"
+    markdown.write_text(table_markdown(table) + "\n")
+    table.to_csv(csv, index=False)
+    paths = [markdown, csv]
+    for artifact, figure in comparison_figures(runs).items():
+        path = out_dir / artifact
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+        paths.append(path)
+    return paths
+
+
+def log_report(runs: pd.DataFrame, run_id: str) -> None:
+    """Log the files of `write_report` to the MLflow run `run_id` (e.g. the sweep's parent), under report/."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_report(runs, Path(folder))
+        MlflowClient().log_artifacts(run_id, folder, ARTIFACT_DIR)

@@ -1,0 +1,133 @@
+"""The one-time check of a composed config, before anything expensive starts.
+
+Hydra has already rejected unknown keys and wrong types; this types each drafter
+by its kind and checks what types cannot: ranges, consistency, files and devices.
+Every failure is a ConfigError of one sentence that names the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from specbench.config import KSchedule, ModelConfig, Quantize, SpecBenchConfig
+from specbench.drafters import needs_model, typed_drafter
+from specbench.errors import ConfigError
+
+
+def typed_config(cfg: DictConfig) -> SpecBenchConfig:
+    """The composed config as dataclasses, plugins imported, drafters typed by kind, and validated."""
+    typed: SpecBenchConfig = OmegaConf.to_object(cfg)
+    for module in typed.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(
+                f"plugins: cannot import {module} ({error}): check the module name and PYTHONPATH."
+            ) from error
+    typed.draft.drafters = {
+        name: typed_drafter(f"draft.drafters.{name}", entry) for name, entry in typed.draft.drafters.items()
+    }
+    validate(typed)
+    return typed
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: SpecBenchConfig) -> None:
+    """Check every setting that types cannot; raise ConfigError with one sentence naming the fix."""
+    gen = cfg.generation
+    _check(cfg.k >= 1, f"k={cfg.k} is invalid: the number of draft tokens per step must be at least 1 (e.g. k=4).")
+    _check(
+        cfg.k_max >= cfg.k or cfg.k_schedule is KSchedule.constant,
+        f"k_max={cfg.k_max} is below k={cfg.k}: raise k_max or lower k.",
+    )
+    _check(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} is invalid: set it to 1 or more.")
+    _check(
+        gen.temperature > 0,
+        f"generation.temperature={gen.temperature} is invalid: use a value above 0 "
+        "(greedy decoding is generation.do_sample=false).",
+    )
+    _check(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} is invalid: use a value in (0, 1].")
+    _check(gen.top_k >= 0, f"generation.top_k={gen.top_k} is invalid: use 0 (off) or a positive number.")
+    _check(
+        cfg.dataset.num_samples >= 1, f"dataset.num_samples={cfg.dataset.num_samples} is invalid: set it to 1 or more."
+    )
+    _check(cfg.dataset.start >= 0, f"dataset.start={cfg.dataset.start} is invalid: set it to 0 or more.")
+    _check(
+        cfg.warmup_prompts >= 0 and cfg.warmup_tokens >= 1,
+        "warmup_prompts must be 0 or more and warmup_tokens 1 or more.",
+    )
+    _check(
+        cfg.cost.usd_per_hour is None or cfg.cost.usd_per_hour >= 0,
+        f"cost.usd_per_hour={cfg.cost.usd_per_hour} is invalid: use a price of 0 or more.",
+    )
+    _check(
+        cfg.cost.profile == "auto" or cfg.cost.profile in cfg.cost.profiles,
+        f"cost.profile={cfg.cost.profile} is unknown: use auto or one of {', '.join(cfg.cost.profiles)}.",
+    )
+    _validate_device(cfg.device)
+    _check(
+        not cfg.engine.cuda_graphs or (cfg.device != "cpu" and torch.cuda.is_available()),
+        "engine.cuda_graphs=true needs a CUDA GPU: drop it, or run with device=cuda on a GPU machine.",
+    )
+    _check(
+        not cfg.engine.compile or cfg.engine.cuda_graphs,
+        "engine.compile=true works on the captured steps: add engine.cuda_graphs=true.",
+    )
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    _validate_model("verifier", cfg.verifier, on_cpu)
+    _check(
+        len(cfg.draft.drafters) >= 1,
+        f"draft '{cfg.draft.name}' has no drafters: add at least one under draft.drafters.",
+    )
+    for name, drafter in cfg.draft.drafters.items():
+        _check(name != "verifier", "a drafter may not be named 'verifier' (the name is taken): rename it.")
+        if needs_model(drafter):
+            _validate_model(f"draft.drafters.{name}", drafter, on_cpu)
+    if cfg.dataset.path is not None:
+        _check(
+            Path(cfg.dataset.path).is_file(),
+            f"dataset.path={cfg.dataset.path} does not exist: point it at a PubMedQA JSONL or JSON file.",
+        )
+
+
+def _validate_model(key: str, model: ModelConfig, on_cpu: bool) -> None:
+    _check(
+        bool(model.name_or_path) or model.fetch is not None,
+        f"{key}.name_or_path is empty: set a hub id or a local folder.",
+    )
+    _check(
+        on_cpu or model.quantize is Quantize.none,
+        f"{key}.quantize={model.quantize.value} runs on the CPU only: add device=cpu.",
+    )
+    if model.gguf_file is not None or model.fetch is not None:
+        _check(
+            importlib.util.find_spec("gguf") is not None,
+            f"{key} is a GGUF model but the gguf package is missing: pip install gguf.",
+        )
+
+
+def _validate_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    _check(
+        device == "cuda" or device.startswith("cuda:"), f"device={device} is unknown: use auto, cpu, cuda or cuda:N."
+    )
+    _check(
+        torch.cuda.is_available(),
+        f"device={device} was asked for but no CUDA GPU is visible: use device=cpu or device=auto.",
+    )
+    if ":" in device:
+        index = device.split(":", 1)[1]
+        _check(
+            index.isdigit() and int(index) < torch.cuda.device_count(),
+            f"device={device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).",
+        )

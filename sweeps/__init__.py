@@ -1,0 +1,1 @@
+"""Predefined sweeps (primary Hydra configs), installed as the package `specbench.sweeps`."""
