@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class Metric:
     baseline: str | None = None  # MLflow key of the verifier-only counterpart, when there is one
     summary: bool = False  # a row of a run's summary.md
     report: bool = False  # a column of the cross-run report
+    spread: bool = False  # the median of a `_repeat_` family, shown as "min / median / max"
 
     def format(self, value: float | None) -> str:
         """The value in its unit for a table, or "—" when missing."""
@@ -45,6 +47,12 @@ class Metric:
             text = f"{number:,.0f}" if abs(number) >= 1000 else f"{number:.3g}"
         return f"{prefix}{text}{suffix}"
 
+    def format_spread(self, values: Mapping[str, float | None], key: str) -> str:
+        """The "min / median / max" of the `_repeat_` family whose median is `key`, or "—" when one is missing."""
+        stem = key.removesuffix("_median")
+        texts = [self.format(values.get(f"{stem}_{stat}")) for stat in ("min", "median", "max")]
+        return "—" if "—" in texts else " / ".join(texts)
+
     @property
     def column(self) -> str:
         """Column name in the cross-run report: the label and its unit."""
@@ -55,6 +63,29 @@ class Metric:
 def _pair(stem: str, label: str, unit: str, better: str | None, doc: str, **extra) -> Metric:
     """A metric measured in both modes, keyed `spec_<stem>` and `baseline_<stem>`."""
     return Metric(f"spec_{stem}", label, unit, better=better, doc=doc, baseline=f"baseline_{stem}", **extra)
+
+
+REPEAT_STATS = {
+    "min": "lowest",
+    "median": "median",
+    "max": "highest",
+    "std": "sample standard deviation (n - 1)",
+}
+
+
+def _over_repeats(stem: str, label: str, unit: str, what: str, paired: bool, report: bool = False) -> list[Metric]:
+    """The `<stem>_repeat_<stat>` family (for both modes when `paired`): one figure per pass, summarised."""
+    entries = []
+    for stat, meaning in REPEAT_STATS.items():
+        median = stat == "median"
+        entry_label = f"{label} over repeats (min-median-max)" if median else f"{label} over repeats, {stat}"
+        extra = {"summary": median, "report": report and median, "spread": median}
+        doc = f"{meaning} over repeats of {what} of one pass over the prompt set (logged when repeats > 1)"
+        if paired:
+            entries.append(_pair(f"{stem}_repeat_{stat}", entry_label, unit, None, doc, **extra))
+        else:
+            entries.append(Metric(f"{stem}_repeat_{stat}", entry_label, unit, doc=doc, **extra))
+    return entries
 
 
 METRICS: tuple[Metric, ...] = (
@@ -98,7 +129,7 @@ METRICS: tuple[Metric, ...] = (
         "Throughput",
         "tokens/s",
         HIGHER,
-        "generated tokens / total request time (prefill included)",
+        "generated tokens / total request time (prefill included), all prompts and repeats pooled",
         summary=True,
         report=True,
     ),
@@ -108,7 +139,8 @@ METRICS: tuple[Metric, ...] = (
         "Speedup",
         "x",
         better=HIGHER,
-        doc="total baseline time / total speculative time (a ratio of sums)",
+        doc="speculative tokens/s / baseline tokens/s (ratios of sums; equals total baseline time / total "
+        "speculative time when both modes emit the same tokens, and output length cannot bias it when they do not)",
         summary=True,
         report=True,
     ),
@@ -117,7 +149,7 @@ METRICS: tuple[Metric, ...] = (
         "Decode speedup, after first token",
         "x",
         better=HIGHER,
-        doc="the same without the prefill",
+        doc="the same over the decoding after the first token: (tokens - 1) / (latency - time to first token)",
         summary=True,
     ),
     Metric(
@@ -125,10 +157,13 @@ METRICS: tuple[Metric, ...] = (
         "Steady-state speedup, without prefills",
         "x",
         better=HIGHER,
-        doc="the decode speedup without the drafts' one-off reading of the prompt (what the speedup model describes)",
+        doc="the decode speedup without the drafts' one-off reading of the prompt in the speculative time "
+        "(what the speedup model describes)",
         summary=True,
         report=True,
     ),
+    *_over_repeats("speedup", "Speedup", "x", "the speedup", paired=False, report=True),
+    *_over_repeats("tokens_per_s", "Throughput", "tokens/s", "each mode's throughput", paired=True),
     Metric(
         "draft_prefill_s_mean",
         "Draft prefill per prompt",
@@ -202,7 +237,8 @@ METRICS: tuple[Metric, ...] = (
         "Disagreement rate",
         fmt="rate",
         better=LOWER,
-        doc="share of prompts whose speculative text differs from the baseline text",
+        doc="share of prompts whose speculative token ids differ from the baseline token ids (stricter than "
+        "comparing texts, which different ids can spell alike)",
         summary=True,
         report=True,
     ),
@@ -211,7 +247,7 @@ METRICS: tuple[Metric, ...] = (
         "Exact match rate",
         fmt="rate",
         better=HIGHER,
-        doc="share of prompts whose speculative text equals the baseline text",
+        doc="share of prompts whose speculative token ids equal the baseline token ids",
     ),
     Metric(
         "rougeL_vs_baseline",
@@ -260,7 +296,8 @@ METRICS: tuple[Metric, ...] = (
         "Cost per query",
         fmt="usd",
         better=LOWER,
-        doc="price x total time / prompts",
+        doc="price x total time / prompts; it follows output length, which sampling can make differ between "
+        "the modes: compare cost per 1k tokens",
         baseline="cost_per_query_usd_baseline",
         summary=True,
         report=True,
@@ -279,7 +316,7 @@ METRICS: tuple[Metric, ...] = (
         "Cost saving",
         fmt="pct",
         better=HIGHER,
-        doc="1 - speculative / baseline cost per query",
+        doc="1 - speculative / baseline cost per 1k tokens (= 1 - 1 / speedup)",
         summary=True,
         report=True,
     ),
@@ -289,7 +326,7 @@ METRICS: tuple[Metric, ...] = (
         "Predicted speedup",
         "x",
         doc="Leviathan et al.: (1 - a^(k+1)) / ((1 - a)(k c + v)), v the measured cost of verifying k+1 tokens "
-        "over one",
+        "over one; one drafter at a constant k only (not logged for draft sets or k_schedule=heuristic)",
         summary=True,
         report=True,
     ),
@@ -313,12 +350,13 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "draft_verifier_cost_ratio",
         "Draft / verifier cost ratio c",
-        doc="one draft step over one verifier step (drafters summed)",
+        doc="one draft step over one verifier step (a draft set's drafters summed)",
     ),
     Metric(
         "alpha_iid",
         "Per-token acceptance alpha",
-        doc="the per-token acceptance that explains the measured accepted tokens per step",
+        doc="the per-token acceptance that explains the measured accepted tokens per full k-token step (logged "
+        "with predicted_speedup)",
     ),
     Metric("verify_step_ms", "Verifier step", "ms", doc="one verifier forward over one new token"),
     Metric(
@@ -367,8 +405,8 @@ def readme_table() -> str:
         unit = {"rate": "share", "usd": "USD"}.get(entry.fmt, entry.unit)
         rows.append(f"| {keys} | {unit} | {entry.better or ''} | {entry.doc} |")
     rows.append(
-        "| `*_ci_low`, `*_ci_high` | as the metric | | 95% bootstrap interval over prompts "
-        "(speedup, acceptance rate, latency percentiles) |"
+        "| `*_ci_low`, `*_ci_high` | as the metric | | 95% bootstrap interval over prompts, a drawn prompt with "
+        "all its repeats (speedup, acceptance rate, latency percentiles) |"
     )
     return "\n".join(rows)
 

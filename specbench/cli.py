@@ -24,6 +24,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
+from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -35,7 +36,7 @@ from specbench.errors import GpuMemoryError, UserError
 from specbench.models import ModelCache, gpu_lease
 from specbench.pipeline import run_benchmark
 from specbench.runner import prepare
-from specbench.sweep import JOB_STATUS_FILE, abandon_sweep, parent_run_id
+from specbench.sweep import JOB_STATUS_FILE, end_open_sweep, parent_run_id
 from specbench.validation import typed_config
 
 log = logging.getLogger("specbench")
@@ -86,15 +87,17 @@ def _run_hydra(args: argparse.Namespace) -> int:
     try:
         hydra_main()
     except KeyboardInterrupt:
-        abandon_sweep()
+        end_open_sweep(RunStatus.KILLED, "interrupted (Ctrl-C or SIGTERM)")
         print(
             "interrupted: the current run is marked KILLED; rerun with resume=true to finish the rest", file=sys.stderr
         )
         return 130
     except (HydraException, OmegaConfBaseException) as error:
+        message = explain_config_error(error)
+        end_open_sweep(RunStatus.FAILED, message)  # a sweep whose job was refused at composition
         if "debug=true" in overrides:
             raise
-        print(f"error: {explain_config_error(error)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

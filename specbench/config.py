@@ -177,6 +177,7 @@ class SpecBenchConfig:
     plugins: list[str] = field(default_factory=list)  # modules imported first (they may register drafter kinds)
     warmup_prompts: int = 1
     warmup_tokens: int = 16
+    repeats: int = 1  # time the whole prompt set this many times (warm-up once): machine noise between passes
     cost_curve: bool = True  # measure draft and verify step costs (the speedup model)
     resume: bool = False
     debug: bool = False

@@ -1,8 +1,13 @@
 """From per-prompt decodes to the figures users compare: latency, throughput, acceptance, cost, quality.
 
-Metric names are stable MLflow keys, so runs compare across versions. Ratios
-over a run are ratios of sums (total baseline time / total speculative time),
-not means of per-prompt ratios. Confidence intervals bootstrap over prompts.
+Metric names are stable MLflow keys, so runs compare across versions. Rates
+over a run are ratios of sums (total tokens / total time), not means of
+per-prompt ratios, and a speedup is a ratio of token rates (speculative tokens/s
+over baseline tokens/s): when sampling makes the two modes stop at different
+lengths, output length cannot bias it. With `repeats` > 1 the table holds every
+prompt once per repeat; headline figures pool all repeats, `*_repeat_*` figures
+show the spread between repeats, and confidence intervals bootstrap over prompts
+(a drawn prompt brings all its repeats).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class PromptOutcome:
     spec: DecodeResult
     baseline_text: str
     spec_text: str
+    repeat: int = 0  # which pass over the prompt set (0 .. repeats - 1)
     baseline_logprob: float | None = None
     spec_logprob: float | None = None
     baseline_peak_gpu_gb: float | None = None
@@ -45,6 +51,7 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
     for outcome in outcomes:
         row: dict[str, object] = {
             "pubid": outcome.pubid,
+            "repeat": outcome.repeat,
             "prompt_tokens": outcome.prompt_tokens,
             "truncated": outcome.truncated,
         }
@@ -58,7 +65,7 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
             row[f"{mode}_peak_gpu_gb"] = getattr(outcome, f"{mode}_peak_gpu_gb")
         spec = outcome.spec
         row |= {
-            "speedup": outcome.baseline.latency_s / spec.latency_s,
+            "speedup": row["spec_tokens_per_s"] / row["baseline_tokens_per_s"],
             "steps": spec.steps,
             "proposed": spec.proposed,
             "accepted": spec.accepted,
@@ -94,6 +101,13 @@ def _percentile(values: np.ndarray, q: float) -> np.ndarray:
     return np.percentile(values, q, axis=-1)
 
 
+def token_rate_ratio(spec_tokens, spec_s, baseline_tokens, baseline_s):
+    """Speculative tokens/s over baseline tokens/s (a speedup); works elementwise on arrays, NaN without time."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (np.asarray(spec_tokens, float) / spec_s) / (np.asarray(baseline_tokens, float) / baseline_s)
+    return np.where(np.isfinite(ratio), ratio, np.nan)
+
+
 def timing_metrics(table: pd.DataFrame) -> dict[str, float]:
     """Latency percentiles, time to first token, throughput and speedup, both modes."""
     metrics: dict[str, float] = {}
@@ -110,14 +124,46 @@ def timing_metrics(table: pd.DataFrame) -> dict[str, float]:
         peak = table[f"{mode}_peak_gpu_gb"]
         if peak.notna().any():
             metrics[f"peak_gpu_mem_gb_{mode}"] = float(peak.max())
-    metrics["speedup"] = metrics["baseline_total_s"] / metrics["spec_total_s"]
-    decode_baseline = (table["baseline_latency_s"] - table["baseline_ttft_s"]).sum()
-    decode_spec = (table["spec_latency_s"] - table["spec_ttft_s"]).sum()
-    metrics["decode_speedup"] = decode_baseline / decode_spec if decode_spec > 0 else math.nan
+    metrics["speedup"] = metrics["spec_tokens_per_s"] / metrics["baseline_tokens_per_s"]
+    # after the first token: the tokens decoded step by step, over the time after the prefill
+    decoded = {mode: (table[f"{mode}_tokens"] - 1).sum() for mode in ("baseline", "spec")}
+    decode_s = {mode: (table[f"{mode}_latency_s"] - table[f"{mode}_ttft_s"]).sum() for mode in ("baseline", "spec")}
+    metrics["decode_speedup"] = float(
+        token_rate_ratio(decoded["spec"], decode_s["spec"], decoded["baseline"], decode_s["baseline"])
+    )
     # what Leviathan et al.'s model describes: decoding steps only, without the drafts reading the prompt
-    steady_spec = decode_spec - table["draft_prefill_s"].sum()
-    metrics["steady_state_speedup"] = decode_baseline / steady_spec if steady_spec > 0 else math.nan
+    steady_s = decode_s["spec"] - table["draft_prefill_s"].sum()
+    metrics["steady_state_speedup"] = float(
+        token_rate_ratio(decoded["spec"], steady_s, decoded["baseline"], decode_s["baseline"])
+    )
     metrics["draft_prefill_s_mean"] = float(table["draft_prefill_s"].mean())
+    return metrics
+
+
+def repeat_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """Spread of the whole-set figures between repeats: min, median, max and sample std of each repeat's value.
+
+    Each repeat's throughput and speedup are ratios of sums over that pass; nothing is logged for one repeat.
+    """
+    if table["repeat"].nunique() < 2:
+        return {}
+    sums = table.groupby("repeat")[["baseline_tokens", "baseline_latency_s", "spec_tokens", "spec_latency_s"]].sum()
+    figures = {
+        "speedup": token_rate_ratio(
+            sums["spec_tokens"], sums["spec_latency_s"], sums["baseline_tokens"], sums["baseline_latency_s"]
+        ),
+        "baseline_tokens_per_s": sums["baseline_tokens"] / sums["baseline_latency_s"],
+        "spec_tokens_per_s": sums["spec_tokens"] / sums["spec_latency_s"],
+    }
+    metrics = {}
+    for name, values in figures.items():
+        values = np.asarray(values, float)
+        metrics |= {
+            f"{name}_repeat_min": float(values.min()),
+            f"{name}_repeat_median": float(np.median(values)),
+            f"{name}_repeat_max": float(values.max()),
+            f"{name}_repeat_std": float(values.std(ddof=1)),
+        }
     return metrics
 
 
@@ -129,10 +175,11 @@ def acceptance_metrics(table: pd.DataFrame, outcomes: list[PromptOutcome]) -> di
         "acceptance_rate": table["accepted"].sum() / proposed if proposed else math.nan,
         "mean_accepted_tokens": (table["spec_tokens"] - 1).sum() / steps if steps else math.nan,
         "mean_k": float(np.mean([k for o in outcomes for k in o.spec.k_per_step])) if steps else math.nan,
+        # token ids, not texts: two id sequences can decode to the same text
         "disagreement_rate": 1.0 - table["identical"].mean(),
         "exact_match_rate": float(table["identical"].mean()),
-        "num_prompts": len(table),
-        "truncated_prompts": int(table["truncated"].sum()),
+        "num_prompts": int((table["repeat"] == 0).sum()),
+        "truncated_prompts": int(table.loc[table["repeat"] == 0, "truncated"].sum()),
     }
     by_position_proposed = np.sum([o.spec.proposed_by_position for o in outcomes], axis=0)
     by_position_accepted = np.sum([o.spec.accepted_by_position for o in outcomes], axis=0)
@@ -164,19 +211,32 @@ def likelihood_metrics(table: pd.DataFrame) -> dict[str, float]:
 
 
 def bootstrap_intervals(table: pd.DataFrame, seed: int = 0) -> dict[str, float]:
-    """95% bootstrap intervals over prompts for speedup, acceptance and latency percentiles."""
+    """95% bootstrap intervals over prompts for speedup, acceptance and latency percentiles.
+
+    A resample draws prompts with replacement, each with all its repeats. Resamples whose
+    prompts proposed no draft token have no acceptance rate and are left out of its interval.
+    """
     rng = np.random.default_rng(seed)
-    n = len(table)
+    position = table.groupby("repeat").cumcount().to_numpy()  # the prompt's place in the prompt set
+    n = int(position.max()) + 1 if len(table) else 0
     if n < 2:
         return {}
-    samples = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
+    rows = np.argsort(position, kind="stable").reshape(n, -1)  # rows[p]: prompt p's rows, one per repeat
+    picked = rows[rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))].reshape(BOOTSTRAP_SAMPLES, -1)
     numeric = table.select_dtypes("number")
-    columns = {name: numeric[name].to_numpy(dtype=float)[samples] for name in numeric.columns}
-    estimates = {
-        "speedup": columns["baseline_latency_s"].sum(axis=1) / columns["spec_latency_s"].sum(axis=1),
+    columns = {name: numeric[name].to_numpy(dtype=float)[picked] for name in numeric.columns}
+    sums = {
+        name: columns[name].sum(axis=1)
+        for name in ("baseline_tokens", "baseline_latency_s", "spec_tokens", "spec_latency_s", "proposed", "accepted")
     }
-    if table["proposed"].sum():
-        estimates["acceptance_rate"] = columns["accepted"].sum(axis=1) / np.maximum(columns["proposed"].sum(axis=1), 1)
+    estimates = {
+        "speedup": token_rate_ratio(
+            sums["spec_tokens"], sums["spec_latency_s"], sums["baseline_tokens"], sums["baseline_latency_s"]
+        ),
+    }
+    with_proposals = sums["proposed"] > 0
+    if with_proposals.any():
+        estimates["acceptance_rate"] = sums["accepted"][with_proposals] / sums["proposed"][with_proposals]
     for mode in ("baseline", "spec"):
         for q in (50, 95):
             estimates[f"{mode}_latency_p{q}_s"] = _percentile(columns[f"{mode}_latency_s"], q)
@@ -208,15 +268,19 @@ def usd_per_hour(explicit: float | None, profile: str, profiles: dict[str, float
 
 
 def cost_metrics(timing: dict[str, float], table: pd.DataFrame, price_per_hour: float) -> dict[str, float]:
-    """Dollars per query and per 1,000 tokens in each mode, and the saving."""
+    """Dollars per query and per 1,000 tokens in each mode, and the saving per token.
+
+    A query's cost follows its output length, which sampling can make differ between the
+    modes; the cost per 1,000 tokens (and so the saving) does not.
+    """
     per_second = price_per_hour / 3600
     metrics = {"usd_per_hour": price_per_hour}
     for mode in ("baseline", "spec"):
         total = timing[f"{mode}_total_s"]
         metrics[f"cost_per_query_usd_{mode}"] = per_second * total / len(table)
         metrics[f"cost_per_1k_tokens_usd_{mode}"] = per_second * total / table[f"{mode}_tokens"].sum() * 1000
-    baseline = metrics["cost_per_query_usd_baseline"]
-    metrics["cost_saving_pct"] = 100 * (1 - metrics["cost_per_query_usd_spec"] / baseline) if baseline else 0.0
+    baseline = metrics["cost_per_1k_tokens_usd_baseline"]
+    metrics["cost_saving_pct"] = 100 * (1 - metrics["cost_per_1k_tokens_usd_spec"] / baseline) if baseline else 0.0
     return metrics
 
 
@@ -224,11 +288,11 @@ def steps_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
     """One row per speculative step: the draft length used (adaptive k) and how much was accepted."""
     return pd.DataFrame(
         [
-            {"pubid": o.pubid, "step": step, "k": k, "offered": offered, "accepted": accepted}
+            {"pubid": o.pubid, "repeat": o.repeat, "step": step, "k": k, "offered": offered, "accepted": accepted}
             for o in outcomes
             for step, (k, offered, accepted) in enumerate(
                 zip(o.spec.k_per_step, o.spec.offered_per_step, o.spec.accepted_per_step, strict=True)
             )
         ],
-        columns=["pubid", "step", "k", "offered", "accepted"],
+        columns=["pubid", "repeat", "step", "k", "offered", "accepted"],
     )

@@ -10,12 +10,12 @@ The result holds every number and table a run produces; `tracking` logs it and
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from specbench import metrics, quality, speedup_model
-from specbench.config import SpecBenchConfig
+from specbench.config import KSchedule, SpecBenchConfig
 from specbench.metrics import PromptOutcome
 from specbench.runner import RunSetup, decode_prompts, measure_costs, score_likelihoods, warm_up
 
@@ -33,6 +33,7 @@ class RunResult:
     generations: list[dict]
     verify_curve: pd.DataFrame | None = None  # the verifier's cost of n new tokens, n = 1..
     predicted_curve: pd.DataFrame | None = None  # the speedup model's prediction for each k
+    notes: list[str] = field(default_factory=list)  # lines under the summary table
 
 
 def run_title(cfg: SpecBenchConfig) -> str:
@@ -67,7 +68,8 @@ def run_benchmark(
         table["semantic_similarity"] = scores.semantic_similarity
 
     timing = metrics.timing_metrics(table)
-    results = timing | metrics.acceptance_metrics(table, outcomes) | metrics.likelihood_metrics(table)
+    results = timing | metrics.repeat_metrics(table) | metrics.acceptance_metrics(table, outcomes)
+    results |= metrics.likelihood_metrics(table)
     results |= quality.quality_metrics(scores, references, candidates)
     results |= metrics.bootstrap_intervals(table, cfg.seed)
     price = metrics.usd_per_hour(cfg.cost.usd_per_hour, cfg.cost.profile, cfg.cost.profiles, setup.device_name)
@@ -83,10 +85,15 @@ def run_benchmark(
     )
     if cfg.cost_curve:
         costs = measure_costs(setup, cfg)
-        results |= speedup_model.speedup_model_metrics(costs, outcomes, cfg.k)
-        results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
+        results |= speedup_model.cost_metrics(costs, cfg.k)
         result.verify_curve = speedup_model.verify_curve_table(costs)
-        result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs)
+        reason = speedup_model.out_of_scope(len(setup.drafters), cfg.k_schedule is KSchedule.heuristic)
+        if reason:
+            result.notes.append(reason)
+        else:
+            results |= speedup_model.prediction_metrics(costs, outcomes, cfg.k)
+            results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
+            result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs)
     return result
 
 
@@ -94,6 +101,7 @@ def _generation(outcome: PromptOutcome) -> dict:
     """Both outputs of one prompt, as text and token ids."""
     return {
         "pubid": outcome.pubid,
+        "repeat": outcome.repeat,
         "identical": outcome.baseline.tokens == outcome.spec.tokens,
         "baseline_text": outcome.baseline_text,
         "spec_text": outcome.spec_text,

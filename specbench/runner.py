@@ -2,7 +2,9 @@
 
 Baseline and speculative decoding run back to back on each prompt
 (interleaved, so drift in machine speed hits both alike), with the same seed,
-after a warm-up outside the measurement.
+after a warm-up outside the measurement. With `repeats` > 1 the whole prompt set
+is timed that many times over (warm-up once), to show machine noise apart from
+prompt variance.
 """
 
 from __future__ import annotations
@@ -170,9 +172,9 @@ def _decoders(
 
 
 def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
-    """Decode short outputs both ways, and capture every CUDA graph, before anything is timed."""
+    """Decode `warmup_prompts` short outputs both ways, and capture every CUDA graph, before anything is timed."""
     short = replace(setup.settings, max_new_tokens=min(cfg.warmup_tokens, setup.settings.max_new_tokens))
-    for prompt in setup.prompts[: max(cfg.warmup_prompts, 1)]:
+    for prompt in setup.prompts[: cfg.warmup_prompts]:
         for decode in _decoders(setup, cfg).values():
             decode(prompt.input_ids, short, cfg.seed)
     for model in [setup.verifier, *(d.model for d in setup.drafters if isinstance(d, ModelDrafter))]:
@@ -180,15 +182,18 @@ def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
 
 
 def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True) -> Iterator[PromptOutcome]:
-    """Decode each prompt verifier-only and speculatively; yield both results as soon as they exist.
+    """Decode each prompt verifier-only and speculatively, `cfg.repeats` times over; yield results as they come.
 
-    The order alternates from prompt to prompt, so neither mode always runs first.
+    The order alternates from prompt to prompt, and from repeat to repeat, so neither mode always runs first.
+    Prompt i is decoded with seed `seed + i` in every repeat.
     """
     on_gpu = setup.device.type == "cuda"
     decoders = _decoders(setup, cfg)
-    for index, prompt in enumerate(tqdm(setup.prompts, desc="prompts", unit="prompt", disable=not progress)):
+    passes = [(repeat, index) for repeat in range(cfg.repeats) for index in range(len(setup.prompts))]
+    for repeat, index in tqdm(passes, desc="prompts", unit="prompt", disable=not progress):
+        prompt = setup.prompts[index]
         results, peaks = {}, {}
-        for mode in list(decoders) if index % 2 == 0 else reversed(decoders):
+        for mode in list(decoders) if (index + repeat) % 2 == 0 else reversed(decoders):
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats(setup.device)
             results[mode] = decoders[mode](prompt.input_ids, setup.settings, cfg.seed + index)
@@ -196,6 +201,7 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
         baseline, spec = results["baseline"], results["spec"]
         yield PromptOutcome(
             pubid=prompt.pubid,
+            repeat=repeat,
             prompt_tokens=len(prompt.input_ids),
             truncated=prompt.truncated,
             baseline=baseline,
@@ -210,10 +216,16 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
 def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
     """Fill in the verifier's log-likelihood of both outputs of every prompt (after timing is over)."""
     prompts = {prompt.pubid: prompt for prompt in setup.prompts}
+    scored: dict[tuple[str, tuple[int, ...]], float] = {}  # repeats (and agreeing modes) repeat outputs
+
+    def score(pubid: str, tokens: list[int]) -> float:
+        if (pubid, tuple(tokens)) not in scored:
+            scored[pubid, tuple(tokens)] = output_log_likelihood(setup.verifier, prompts[pubid].input_ids, tokens)
+        return scored[pubid, tuple(tokens)]
+
     for outcome in tqdm(outcomes, desc="perplexity", unit="prompt", leave=False):
-        prompt_ids = prompts[outcome.pubid].input_ids
-        outcome.baseline_logprob = output_log_likelihood(setup.verifier, prompt_ids, outcome.baseline.tokens)
-        outcome.spec_logprob = output_log_likelihood(setup.verifier, prompt_ids, outcome.spec.tokens)
+        outcome.baseline_logprob = score(outcome.pubid, outcome.baseline.tokens)
+        outcome.spec_logprob = score(outcome.pubid, outcome.spec.tokens)
 
 
 def longest_draft(cfg: SpecBenchConfig) -> int:

@@ -9,6 +9,11 @@ probability alpha, a step yields (1 - alpha^(k+1)) / (1 - alpha) tokens, so
 
 alpha is fitted to the measured accepted tokens per step; c and v come from the
 step costs measured after the run (`specbench.engine.costs`).
+
+The model describes one drafter at a constant k. A draft set is verified as a
+tree (not a (k+1)-chain) and its drafters may run in parallel (their costs do not
+add up); an adaptive k has no single k for alpha. For those runs only the
+measured costs are logged, and `out_of_scope` says why there is no prediction.
 """
 
 from __future__ import annotations
@@ -48,8 +53,38 @@ def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_ratio: flo
     return expected_tokens / (k * cost_ratio + verify_ratio)
 
 
-def speedup_model_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int) -> dict[str, float]:
-    """Cost ratio c, alpha, predicted speedup at this k, and the k the model says is best."""
+def out_of_scope(drafters: int, adaptive_k: bool) -> str | None:
+    """Why the model does not describe a run with `drafters` drafters (and an adaptive k); None when it does."""
+    reasons = []
+    if drafters > 1:
+        reasons.append(
+            f"its {drafters} drafters are verified as a tree, not a chain of k+1 tokens, and may draft in parallel"
+        )
+    if adaptive_k:
+        reasons.append("k_schedule=heuristic changes k from step to step")
+    if not reasons:
+        return None
+    return (
+        "No predicted speedup: Leviathan et al.'s model describes one drafter at a constant k, "
+        f"and in this run {' and '.join(reasons)}."
+    )
+
+
+def cost_metrics(costs: StepCosts, k: int) -> dict[str, float]:
+    """The measured step costs: cost ratio c (drafters summed), the verifier step and v at k+1 tokens."""
+    verify_one = costs.verify_s[0]
+    metrics = {
+        "draft_verifier_cost_ratio": sum(costs.draft_s.values()) / verify_one,
+        "verify_step_ms": 1000 * verify_one,
+        f"verify_cost_ratio_{k + 1}_tokens": costs.verify_s[k] / verify_one,
+    }
+    for name, seconds in costs.draft_s.items():
+        metrics[f"draft_step_ms_{name}"] = 1000 * seconds
+    return metrics
+
+
+def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int) -> dict[str, float]:
+    """alpha, the predicted speedup at this k, and the k the model says is best (one drafter, constant k)."""
     verify_one = costs.verify_s[0]
     cost_ratio = sum(costs.draft_s.values()) / verify_one
     # steps that offered all k tokens: what the model's alpha is about
@@ -60,21 +95,14 @@ def speedup_model_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: in
         if offered == k
     ]
     alpha = iid_acceptance(float(np.mean(full_steps)), k) if full_steps else 0.0
-    verify_ratio = [t / verify_one for t in costs.verify_s]  # verify_ratio[n - 1] for n new tokens
-    metrics = {
-        "draft_verifier_cost_ratio": cost_ratio,
-        "alpha_iid": alpha,
-        "verify_step_ms": 1000 * verify_one,
-        f"verify_cost_ratio_{k + 1}_tokens": verify_ratio[k],
-        "predicted_speedup": predicted_speedup(alpha, k, cost_ratio, verify_ratio[k]),
-    }
-    for name, seconds in costs.draft_s.items():
-        metrics[f"draft_step_ms_{name}"] = 1000 * seconds
     predictions = _predictions_by_k(alpha, cost_ratio, costs)
     best = max(predictions, key=predictions.get)
-    metrics["best_k_predicted"] = best
-    metrics["predicted_speedup_best_k"] = predictions[best]
-    return metrics
+    return {
+        "alpha_iid": alpha,
+        "predicted_speedup": predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / verify_one),
+        "best_k_predicted": best,
+        "predicted_speedup_best_k": predictions[best],
+    }
 
 
 def verify_curve_table(costs: StepCosts) -> pd.DataFrame:

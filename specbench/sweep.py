@@ -40,11 +40,16 @@ def parent_run_id() -> str | None:
     return marker.read_text().strip() if marker.exists() else None
 
 
-def abandon_sweep() -> None:
-    """Mark this process's open sweep parent run KILLED (the sweep was interrupted)."""
+def end_open_sweep(status: int, reason: str) -> None:
+    """End this process's open sweep parent run, if any, with `status` (a RunStatus) and `reason` as its error tag.
+
+    For sweeps that stop before the end callback runs: interrupted, or a job refused at composition.
+    """
     parent_id = os.environ.pop(PARENT_ENV, None)
     if parent_id:
-        MlflowClient().set_terminated(parent_id, RunStatus.to_string(RunStatus.KILLED))
+        client = MlflowClient()
+        client.set_tag(parent_id, "error", reason)
+        client.set_terminated(parent_id, RunStatus.to_string(status))
 
 
 def job_statuses(sweep_dir: Path) -> list[dict[str, str]]:

@@ -236,4 +236,4 @@ def log_result(result: RunResult) -> None:
             k=result.k,
         )
     )
-    mlflow.log_text(summary_markdown(result.metrics, title=result.title), "summary.md")
+    mlflow.log_text(summary_markdown(result.metrics, title=result.title, notes=result.notes), "summary.md")

@@ -65,6 +65,7 @@ def validate(cfg: SpecBenchConfig) -> None:
         cfg.warmup_prompts >= 0 and cfg.warmup_tokens >= 1,
         "warmup_prompts must be 0 or more and warmup_tokens 1 or more.",
     )
+    _check(cfg.repeats >= 1, f"repeats={cfg.repeats} is invalid: time the prompt set 1 or more times.")
     _check(
         cfg.cost.usd_per_hour is None or cfg.cost.usd_per_hour >= 0,
         f"cost.usd_per_hour={cfg.cost.usd_per_hour} is invalid: use a price of 0 or more.",
@@ -77,6 +78,10 @@ def validate(cfg: SpecBenchConfig) -> None:
     _check(
         not cfg.engine.cuda_graphs or (cfg.device != "cpu" and torch.cuda.is_available()),
         "engine.cuda_graphs=true needs a CUDA GPU: drop it, or run with device=cuda on a GPU machine.",
+    )
+    _check(
+        not cfg.engine.cuda_graphs or cfg.warmup_prompts >= 1,
+        "engine.cuda_graphs=true captures its graphs after a warm-up decode: set warmup_prompts to 1 or more.",
     )
     _check(
         not cfg.engine.compile or cfg.engine.cuda_graphs,

@@ -46,6 +46,7 @@ def _metrics() -> dict[str, float]:
         "speedup_ci_low": 1.41,
         "speedup_ci_high": 1.63,
         "decode_speedup": 1.57,
+        "steady_state_speedup": 1.9,
         "predicted_speedup": 1.68,
         "best_k_predicted": 4,
         "predicted_speedup_best_k": 1.74,
@@ -148,13 +149,22 @@ def test_figures_save_as_png(tmp_path: Path) -> None:
         assert target.stat().st_size > 10_000, artifact
 
 
+def _speedup_points(k: int | None = None) -> dict[str, np.ndarray]:
+    """The (x, y) points of the speedup figure's predicted curve and measured markers, by legend label."""
+    (ax,) = run_figures(_metrics(), _table(), DRAFTERS, predicted=_predicted(), k=k)["plots/speedup.png"].axes
+    points = {line.get_label(): line.get_xydata() for line in ax.get_lines()}
+    for container in ax.containers:  # the error bar's marker is a line inside its container
+        points[container.get_label()] = container.lines[0].get_xydata()
+    return points
+
+
 def test_measured_speedup_sits_on_the_predicted_curve_at_the_run_k() -> None:
-    (ax,) = run_figures(_metrics(), _table(), DRAFTERS, predicted=_predicted())["plots/speedup.png"].axes
-    labels = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert f"measured at k={K} (95% interval)" in labels
-    assert any(label.startswith("baseline") for label in labels)
-    (ax,) = run_figures(_metrics(), _table(), DRAFTERS, predicted=_predicted(), k=5)["plots/speedup.png"].axes
-    assert "measured at k=5 (95% interval)" in [text.get_text() for text in ax.get_legend().get_texts()]
+    points = _speedup_points()  # k defaults to the deepest acceptance position, 3
+    np.testing.assert_allclose(points["predicted (model)"], _predicted()[["k", "predicted_speedup"]].to_numpy())
+    np.testing.assert_allclose(points[f"measured at k={K} (95% interval)"], [[K, _metrics()["speedup"]]])
+    points = _speedup_points(k=5)
+    np.testing.assert_allclose(points["measured at k=5 (95% interval)"], [[5, _metrics()["speedup"]]])
+    np.testing.assert_allclose(points["measured, steady state (what the model describes)"], [[5, 1.9]])
 
 
 def test_missing_optional_metrics_do_not_crash() -> None:
@@ -195,6 +205,21 @@ def test_summary_markdown_has_the_key_numbers() -> None:
     assert lines["Perplexity (verifier)"] == "| Perplexity (verifier) | 4.21 | 4.25 |"
     assert lines["Cost per query (USD)"] == "| Cost per query (USD) | $0.00536 | $0.00352 |"
     assert lines["Cost saving"].endswith("| 34.3% |")
+
+
+def test_summary_markdown_shows_the_spread_over_repeats_and_notes() -> None:
+    metrics = _metrics() | {"speedup_repeat_min": 1.41, "speedup_repeat_median": 1.5, "speedup_repeat_max": 1.6}
+    for mode, values in (("baseline", (25.1, 26.6, 27.0)), ("spec", (38.2, 40.4, 41.9))):
+        metrics |= dict(zip([f"{mode}_tokens_per_s_repeat_{s}" for s in ("min", "median", "max")], values, strict=True))
+    note = "No predicted speedup: a reason."
+    text = summary_markdown(metrics, title="run", notes=[note])
+    lines = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["Speedup over repeats (min-median-max) (x)"].endswith("| — | 1.41 / 1.5 / 1.6 |")
+    assert lines["Throughput over repeats (min-median-max) (tokens/s)"].endswith(
+        "| 25.1 / 26.6 / 27 | 38.2 / 40.4 / 41.9 |"
+    )
+    assert text.endswith(f"|\n\n{note}\n")  # one line under the table
+    assert "over repeats" not in summary_markdown(_metrics())  # one repeat: no spread row
 
 
 def test_summary_markdown_skips_missing_metrics() -> None:

@@ -6,7 +6,7 @@ import mlflow
 import pandas as pd
 
 from specbench import tracking
-from specbench.catalog import Metric, report_metrics
+from specbench.catalog import Metric, metric, report_metrics
 
 CONFIG_HASH = "tags.specbench.config_hash"
 
@@ -93,7 +93,13 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         }
     )
     for name, key, scale in summary_columns():
-        if f"metrics.{key}" in runs:
+        if f"metrics.{key}" not in runs:
+            continue
+        entry = metric(key)
+        if entry is not None and entry.spread:  # text: "min / median / max" over the run's repeats
+            values = runs.filter(like="metrics.").rename(columns=lambda name: name.removeprefix("metrics."))
+            table[name] = [entry.format_spread(row, key) for row in values.to_dict("records")]
+        else:
             table[name] = runs[f"metrics.{key}"].to_numpy() * scale
     return table.sort_values(["draft", "k", "verifier", "sampling"], kind="stable").reset_index(drop=True)
 
