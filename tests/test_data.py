@@ -52,7 +52,48 @@ def test_authors_ori_pqal_json(tmp_path):
     assert record == Record("123", "Q?", (("BACKGROUND", "c1"), ("METHODS", "c2")))
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="the shared PubMedQA copy is not beside this checkout")
+def test_hf_jsonl_and_the_authors_json_of_the_same_records_agree(tmp_path):
+    """The two published layouts of PubMedQA (HF schema, authors' ori_pqal.json), written here with made-up
+    records, read to the same records."""
+    items = {
+        "1001": ("Does tea reduce fatigue?", ["Fatigue is common.", "Tea drinkers slept more."],
+                     ["BACKGROUND", "RESULTS"]),
+        "1002": ("Is the scale valid?", ["A survey of 200 patients."], ["METHODS"]),
+        "1003": ("Does it help?", ["One.", "Two.", "Three."], ["BACKGROUND", "METHODS", "RESULTS"]),
+    }  # fmt: skip
+    ori = tmp_path / "ori_pqal.json"
+    ori.write_text(
+        json.dumps(
+            {
+                pubid: {"QUESTION": q, "CONTEXTS": c, "LABELS": labels, "final_decision": "yes"}
+                for pubid, (q, c, labels) in items.items()
+            }
+        )
+    )
+    hf = write_lines(
+        tmp_path / "pqa_labeled.jsonl",
+        [
+            {
+                "pubid": int(pubid),  # the hub's parquet stores pubids as integers
+                "question": q,
+                "context": {"contexts": c, "labels": labels, "meshes": []},
+                "long_answer": "made up",
+                "final_decision": "yes",
+            }
+            for pubid, (q, c, labels) in items.items()
+        ],
+    )
+    from_ori, from_hf = read_file(ori), read_file(hf)
+    assert from_hf == from_ori
+    assert [r.pubid for r in from_hf] == list(items)
+    assert from_hf[0] == Record(
+        "1001",
+        "Does tea reduce fatigue?",
+        (("BACKGROUND", "Fatigue is common."), ("RESULTS", "Tea drinkers slept more.")),
+    )
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="extra check: the shared PubMedQA copy is not beside this checkout")
 def test_real_pubmedqa_files_agree():
     jsonl = read_file(SHARED / "pqa_labeled.jsonl")
     ori = read_file(SHARED / "ori_pqal.json")

@@ -171,3 +171,16 @@ def test_submitit_local_launcher_config(models_dir, pubmedqa_file, tmp_path, tra
     assert done.returncode == 0, done.stderr[-3000:]
     parents, children = sweep_runs(tracking_server)
     assert len(parents) == 1 and sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+
+
+def test_a_sweep_whose_jobs_are_refused_at_composition_ends_its_parent_failed(
+    models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys
+):
+    """`specbench -m k=2,4 no_such_key=1,2`: the parent run exists before any job composes; it must not stay RUNNING."""
+    args = ["-m", "k=2,4", "no_such_key=1,2", *common_args(models_dir, pubmedqa_file, tmp_path)]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "error: 'no_such_key' is not a setting" in err
+    parents, children = sweep_runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert len(parents) == 1 and not children
+    assert parents[0].info.status == "FAILED"
+    assert "'no_such_key' is not a setting" in parents[0].data.tags["error"]
