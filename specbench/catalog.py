@@ -89,7 +89,13 @@ def _over_repeats(stem: str, label: str, unit: str, what: str, paired: bool, rep
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("num_prompts", "Prompts", fmt="int", doc="prompts decoded in each mode", summary=True),
+    Metric(
+        "num_prompts",
+        "Prompts",
+        fmt="int",
+        doc="prompts in the set, each decoded in both modes (`repeats` times)",
+        summary=True,
+    ),
     Metric(
         "truncated_prompts", "Truncated prompts", fmt="int", doc="prompts whose abstract was cut to fit the context"
     ),
@@ -99,7 +105,7 @@ METRICS: tuple[Metric, ...] = (
         "Latency p50 per request",
         "s",
         LOWER,
-        "request latency, median over prompts (prefill included)",
+        "request latency, median over prompts and repeats (prefill included)",
         summary=True,
         report=True,
     ),
@@ -108,7 +114,7 @@ METRICS: tuple[Metric, ...] = (
         "Latency p95 per request",
         "s",
         LOWER,
-        "request latency, 95th percentile over prompts",
+        "request latency, 95th percentile over prompts and repeats",
         summary=True,
         report=True,
     ),
@@ -117,7 +123,7 @@ METRICS: tuple[Metric, ...] = (
         "Time per token p50",
         "ms",
         LOWER,
-        "request latency / generated tokens, median over prompts",
+        "request latency / generated tokens, median over prompts and repeats",
         summary=True,
     ),
     _pair("ms_per_token_p95", "Time per token p95", "ms", LOWER, "request latency / generated tokens, 95th percentile"),
@@ -133,7 +139,7 @@ METRICS: tuple[Metric, ...] = (
         summary=True,
         report=True,
     ),
-    _pair("total_s", "Total decode time", "s", LOWER, "sum of request latencies over all prompts"),
+    _pair("total_s", "Total decode time", "s", LOWER, "sum of request latencies over all prompts and repeats"),
     Metric(
         "speedup",
         "Speedup",
