@@ -48,7 +48,7 @@ def end_open_sweep(status: int, reason: str) -> None:
     parent_id = os.environ.pop(PARENT_ENV, None)
     if parent_id:
         client = MlflowClient()
-        client.set_tag(parent_id, "error", reason)
+        client.set_tag(parent_id, "error", reason[:4000])
         client.set_terminated(parent_id, RunStatus.to_string(status))
 
 
