@@ -97,7 +97,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         entry = metric(key)
         if entry is not None and entry.spread:  # text: "min / median / max" over the run's repeats
-            values = runs.filter(like="metrics.").rename(columns=lambda name: name.removeprefix("metrics."))
+            values = runs.filter(regex=r"^metrics\.").rename(columns=lambda name: name.removeprefix("metrics."))
             table[name] = [entry.format_spread(row, key) for row in values.to_dict("records")]
         else:
             table[name] = runs[f"metrics.{key}"].to_numpy() * scale
