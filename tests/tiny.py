@@ -22,8 +22,12 @@ from transformers import (
     GPTNeoForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 EOS = "<|endoftext|>"
@@ -116,6 +120,29 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
             **common,
         )
         return LlamaForCausalLM(config).eval()
+    raise ValueError(arch)
+
+
+def make_windowed_model(arch: str, vocab_size: int, seed: int, window: int, layers: int = 2) -> PreTrainedModel:
+    """A tiny model with sliding-window attention: "mistral" (every layer) or "qwen2" (every layer but the first)."""
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": window,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    if arch == "mistral":
+        return MistralForCausalLM(MistralConfig(**common)).eval()
+    if arch == "qwen2":
+        config = Qwen2Config(use_sliding_window=True, max_window_layers=1, **common)
+        assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
+        return Qwen2ForCausalLM(config).eval()
     raise ValueError(arch)
 
 

@@ -359,7 +359,8 @@ class CachedModel:
         if (rows, n) not in self._graphs:
             if threading.current_thread() is not threading.main_thread():
                 raise RuntimeError(
-                    f"no CUDA graph for {rows} rows x {n} tokens: call capture_graphs({rows},) before drafting in threads"
+                    f"no CUDA graph for {rows} rows x {n} tokens: call capture_graphs(({rows},)) before drafting "
+                    "in threads"
                 )
             ids = torch.zeros(rows, n, dtype=torch.long, device=self.device)
             positions = torch.zeros(rows, n, dtype=torch.long, device=self.device)
