@@ -21,7 +21,9 @@ from specbench.engine import (
     decode_speculative,
 )
 from specbench.engine.tree import build_tree, walk_greedy
-from tests.tiny import GPTJ_SPARE_ROWS, make_model
+from tests.tiny import GPTJ_SPARE_ROWS, make_model, one_torch_thread
+
+single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 VOCAB = 300
 PROMPT = [5, 17, 42, 99, 7, 5, 17, 42, 120, 33, 8, 250, 61, 5, 17]

@@ -9,6 +9,7 @@ here; the GPT-J copy keeps GPT-J's quirk of a head larger than the tokenizer.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -121,6 +122,25 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
         )
         return LlamaForCausalLM(config).eval()
     raise ValueError(arch)
+
+
+def untie_head(model: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """Give the model its own random output head: tiny tied GPT-2s mostly repeat their last token."""
+    generator = torch.Generator().manual_seed(seed)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=generator))
+    return model
+
+
+def one_torch_thread() -> Iterator[None]:
+    """Run tiny models on one thread: faster, and unharmed when other processes load the cores.
+
+    A test module uses it as `pytest.fixture(autouse=True, scope="module")(one_torch_thread)`;
+    the previous thread count comes back afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_windowed_model(arch: str, vocab_size: int, seed: int, window: int, layers: int = 2) -> PreTrainedModel:

@@ -106,9 +106,7 @@ def decode_speculative(
     _prefill(verifier, rows, settings, watch)
     _prefill_drafters(drafters, rows, watch)
     while not all(row.finished for row in rows):
-        depths = [
-            0 if row.finished else min(row.k, settings.max_new_tokens - len(row.result.tokens) - 1) for row in rows
-        ]
+        depths = [_draft_depth(row, settings) for row in rows]
         proposals = _draft(drafters, rows, depths, pool, watch)
         trees = [
             None if row.finished else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
@@ -117,16 +115,7 @@ def decode_speculative(
         logits = _verify(verifier, trees)
         outcomes = _accept(rows, trees, logits, proposals, settings)
         emitted = _commit(verifier, rows, trees, outcomes, settings)
-        verify_s = watch.lap()
-        finishing = []
-        for row, tree, outcome, count, depth in zip(rows, trees, outcomes, emitted, depths, strict=True):
-            if tree is not None:
-                path = outcome[0]
-                offered = _count_step(row.result, tree, path[:count], row.k, depth, verify_s)
-                row.k = schedule.next(row.k, len(path), offered)
-                if row.finished:
-                    finishing.append(row)
-        _record_latency(finishing, watch)
+        _end_step(rows, trees, outcomes, emitted, depths, schedule, watch)
     return _batch_result(rows, verifier)
 
 
@@ -170,6 +159,11 @@ def _start_rows(
         k = schedule.first if schedule else 0
         rows.append(_Row(list(prompt), result, TokenChooser(settings, seed), draft_choosers, k))
     return rows
+
+
+def _draft_depth(row: _Row, settings: DecodeSettings) -> int:
+    """Tokens the row drafts this step: its k, cut so that the step cannot pass the length limit; 0 when finished."""
+    return 0 if row.finished else min(row.k, settings.max_new_tokens - len(row.result.tokens) - 1)
 
 
 def _choose(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
@@ -296,14 +290,35 @@ def _commit(
     return emitted
 
 
-def _count_step(
-    result: DecodeResult, tree: DraftTree, emitted_path: list[int], k: int, depth: int, verify_s: float
-) -> int:
+def _end_step(
+    rows: list[_Row],
+    trees: list[DraftTree | None],
+    outcomes: list[Outcome | None],
+    emitted: list[int],
+    depths: list[int],
+    schedule: KSchedule,
+    watch: Stopwatch,
+) -> None:
+    """Close the verify phase's timing, count the step for each row that took part, and set its next k."""
+    verify_s = watch.lap()
+    finishing = []
+    for row, tree, outcome, count, depth in zip(rows, trees, outcomes, emitted, depths, strict=True):
+        if tree is None:
+            continue
+        path = outcome[0]
+        row.result.verify_time_s += verify_s
+        offered = _count_step(row.result, tree, path[:count], row.k, depth)
+        row.k = schedule.next(row.k, len(path), offered)
+        if row.finished:
+            finishing.append(row)
+    _record_latency(finishing, watch)
+
+
+def _count_step(result: DecodeResult, tree: DraftTree, emitted_path: list[int], k: int, depth: int) -> int:
     """Add one step to a row's counts, counting only the draft tokens it emitted; return the longest proposal."""
     offered = max((len(branch) for branch in tree.branches), default=0)
     result.verifier_calls += 1
     result.steps += 1
-    result.verify_time_s += verify_s
     result.k_per_step.append(k)
     result.depth_per_step.append(depth)
     result.offered_per_step.append(offered)
