@@ -175,6 +175,23 @@ def test_padding_accounting_on_a_known_case(verifiers):
     assert (baseline.verifier_positions, baseline.padded_positions) == (12, 5)
 
 
+def test_parallel_drafting_in_a_batch_gives_the_same_output(verifiers, draft):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = verifiers["gptj"]
+    verifier = CachedModel(model, VOCAB)
+    members = make_drafters("set", model, draft, None)
+    sampling = DecodeSettings(16, do_sample=True)
+    outputs = []
+    with ThreadPoolExecutor(3) as pool:
+        for settings in (DecodeSettings(16), sampling):
+            for threads in (None, pool):
+                batch = decode_speculative(verifier, members, PROMPTS, settings, AdaptiveK(2, 4), [1, 2, 3, 4], threads)
+                outputs.append([row.tokens for row in batch.rows])
+    assert outputs[0] == outputs[1] == [alone(verifier, prompt, DecodeSettings(16)).tokens for prompt in PROMPTS]
+    assert outputs[2] == outputs[3]
+
+
 # ---- the reviewer's fixes ----------------------------------------------------------------------------
 
 

@@ -20,6 +20,8 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
+from specbench.engine.costs import measure_step_costs
+from specbench.engine.scoring import output_log_likelihood
 from specbench.engine.tree import build_tree, walk_greedy
 from tests.tiny import GPTJ_SPARE_ROWS, make_model, one_torch_thread
 
@@ -284,3 +286,22 @@ def test_parallel_drafting_gives_the_same_output(verifiers, drafts):
         sampled = [speculative(verifier, members, 3, sampling, seed=4, pool=p).tokens for p in (None, pool)]
     assert parallel.tokens == sequential.tokens == baseline(verifier).tokens
     assert sampled[0] == sampled[1]  # each drafter has its own seeded generator: threads change nothing
+
+
+def test_step_costs_by_batch_size(verifiers, drafts):
+    verifier = CachedModel(verifiers["llama"], VOCAB, max_len=64)
+    members = [drafter(drafts["gpt2"]), PromptLookupDrafter("lookup")]
+    costs = measure_step_costs(verifier, members, PROMPT, SETTINGS, max_tokens=3, repeats=1, batch_sizes=(1, 2, 4))
+    assert set(costs.verify_s) == set(costs.draft_s) == {1, 2, 4}
+    assert all(len(curve) == 3 and min(curve) > 0 for curve in costs.verify_s.values())
+    assert all(set(steps) == {"draft", "lookup"} for steps in costs.draft_s.values())
+    assert verifier.lengths == [0]  # left reset for whatever runs next
+
+
+def test_log_likelihood_is_the_sum_of_token_log_probabilities(verifiers):
+    model = verifiers["gptj"]
+    output = [3, 250, 7]
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + output])).logits[0, len(PROMPT) - 1 : -1, :VOCAB]
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(output)[:, None]).sum().item()
+    assert output_log_likelihood(CachedModel(model, VOCAB), PROMPT, output) == pytest.approx(expected, abs=1e-4)
