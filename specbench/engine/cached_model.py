@@ -374,13 +374,14 @@ class CachedModel:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-                step()
-                step()
+                for _ in range(2):
+                    step()
+                    self._set_columns(columns)  # both warm-ups write the same n columns, past the cached ones
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 output = step()
-            self._set_columns(columns)  # undo the warm-up writes
+            self._set_columns(columns)  # the capture only recorded the counters' advance; keep them as they were
 
             def replay(new_ids: torch.Tensor, new_positions: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
                 ids.copy_(new_ids)

@@ -62,7 +62,7 @@ def measure_step_costs(
             draft_s = {
                 drafter.name: _draft_step(drafter, prompt_ids, batch, settings, median_seconds) for drafter in drafters
             }
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in newer releases
             if verifier.device.type == "cuda":
                 torch.cuda.empty_cache()
             break
