@@ -305,3 +305,23 @@ def test_log_likelihood_is_the_sum_of_token_log_probabilities(verifiers):
         logits = model(torch.tensor([PROMPT + output])).logits[0, len(PROMPT) - 1 : -1, :VOCAB]
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(output)[:, None]).sum().item()
     assert output_log_likelihood(CachedModel(model, VOCAB), PROMPT, output) == pytest.approx(expected, abs=1e-4)
+
+
+class LookupWithoutMemoryFrom(PromptLookupDrafter):
+    """Prompt lookup that runs out of memory from a given batch size on, as a large model would on a GPU."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__("lookup")
+        self.too_large = batch_size
+
+    def reset(self, batch_size: int) -> None:
+        if batch_size >= self.too_large:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test drafter)")
+
+
+def test_step_costs_stop_at_the_first_batch_size_out_of_memory(verifiers):
+    verifier = CachedModel(verifiers["gpt2"], VOCAB)
+    costs = measure_step_costs(
+        verifier, [LookupWithoutMemoryFrom(4)], PROMPT, SETTINGS, max_tokens=2, repeats=1, batch_sizes=(1, 2, 4, 8)
+    )
+    assert set(costs.verify_s) == set(costs.draft_s) == {1, 2}
