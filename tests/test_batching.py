@@ -375,16 +375,21 @@ def exact_pair_law(model, prompt: list[int]) -> dict[tuple[int, int], float]:
     return {(a, b): float(first[a] * second[a, b]) for a in range(SMALL_VOCAB) for b in range(SMALL_VOCAB)}
 
 
-def sample_batches(verifier: CachedModel, drafters: list[Drafter], batches: int) -> dict[tuple, int]:
-    """Counts of (row, first two tokens) over `batches` batches of the four prompts, every row its own seed."""
+def sample_batches(verifier: CachedModel, drafters: list[Drafter], batches: int) -> tuple[dict[tuple, int], int, int]:
+    """Counts of (row, first two tokens) over `batches` batches of the four prompts, every row its own seed.
+
+    Also returns the draft tokens accepted and proposed over all rows.
+    """
     counts: dict[tuple, int] = {}
+    accepted = proposed = 0
     for batch in range(batches):
         seeds = [4 * batch + row for row in range(4)]
         result = decode_speculative(verifier, drafters, SMALL_PROMPTS, SAMPLING, ConstantK(2), seeds)
         for row, decoded in enumerate(result.rows):
             key = (row, *decoded.tokens[:2])
             counts[key] = counts.get(key, 0) + 1
-    return counts
+            accepted, proposed = accepted + decoded.accepted, proposed + decoded.proposed
+    return counts, accepted, proposed
 
 
 @pytest.mark.parametrize("draft_set", [False, True], ids=["one_draft", "draft_set"])
@@ -396,7 +401,8 @@ def test_each_sampled_row_follows_the_verifier_law(small_models, draft_set):
     if draft_set:
         drafters += [ModelDrafter("b", CachedModel(draft_b, SMALL_VOCAB)), PromptLookupDrafter("lookup", max_ngram=1)]
     batches = 400
-    counts = sample_batches(verifier, drafters, batches)
+    counts, accepted, proposed = sample_batches(verifier, drafters, batches)
+    assert 0 < accepted < proposed  # both acceptance and rejection were exercised
 
     def law(model) -> dict[tuple, float]:  # each row carries a quarter of the mass
         return {
