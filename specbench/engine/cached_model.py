@@ -16,17 +16,23 @@ mask, causality (or a token tree's ancestry) among the new columns, and a slidin
 window where the model has one (see `attention`). When no row that reads has a
 hole, the dynamic cache gets no mask and no positions: a batch of one chain is
 decoded exactly as a plain `model(...)` call would.
-Cost: holes are attended over (masked) until compaction gathers each row's valid
-columns into a fresh left-padded layout, which copies the whole cache once. It
-runs when holes make up more than a quarter of the columns (and at least
-`COMPACT_MIN_COLUMNS`), or when a static buffer would otherwise overflow. Keys
-already carry their positions (rotary or absolute embeddings are applied before
-caching), so moving them is safe.
+Cost: rows that finished, and the padding of shorter feeds, are computed like
+any other column (`padded_positions` counts them); holes are attended over
+(masked) until compaction gathers each row's valid columns into a fresh
+left-padded layout, which copies the whole cache once. Compaction runs when the
+columns past the longest row exceed a quarter of the layout (and
+`COMPACT_MIN_COLUMNS`), or when a static buffer would otherwise overflow, so a
+static `max_len` only needs to hold the longest row (prompt, output, and the
+widest feed of one step). Keys already carry their positions (rotary or absolute
+embeddings are applied before caching), so moving them is safe. The mask is
+built on the CPU each step that needs one ([rows, n, key columns]) and copied
+to the device without waiting for it. Dropping finished rows instead would change
+the batch shape (new graphs) and copy the cache at every finish.
 
 Two cache types:
 - dynamic (default): transformers' DynamicCache, grown by concatenation;
-- static (`max_len` given): transformers' StaticCache, one per batch size,
-  preallocated and written in place. With `graph_sizes`, each listed feed length
+- static (`max_len` given): transformers' StaticCache, one per batch size used
+  (each holds its buffers until the model is dropped), written in place. With `graph_sizes`, each listed feed length
   of a decode step is captured once per batch size as a CUDA graph (ids,
   positions and mask are its inputs) and replayed afterwards: one launch instead
   of hundreds. With `compile`, the step is first compiled by torch.compile, then
@@ -77,7 +83,9 @@ class CachedModel:
         self.device = next(model.parameters()).device
         self.plain_mask_only = needs_plain_causal_mask(model.config)
         self.max_len: int | None = None
-        if max_len is not None and model.config.model_type in STATIC_CACHE_ARCHITECTURES:
+        # a static cache always takes the engine's mask, which windowed attentions it cannot express would misread
+        static = max_len is not None and model.config.model_type in STATIC_CACHE_ARCHITECTURES
+        if static and not self.plain_mask_only:
             probe = StaticCache(config=model.config, max_cache_len=max_len)
             if not any(layer.is_sliding for layer in probe.layers):  # sliding layers keep host-side counters
                 self.max_len = max_len
