@@ -178,6 +178,16 @@ METRICS: tuple[Metric, ...] = (
         doc="the drafts' reading of the prompt, mean per prompt",
     ),
     Metric(
+        "padded_token_share",
+        "Padded share of verifier work",
+        fmt="rate",
+        better=LOWER,
+        doc="share of the token positions the verifier computed after the prefill that were padding: a row's "
+        "unused slots of a step, or rows already finished (0 at batch size 1 with one drafter)",
+        baseline="padded_token_share_baseline",
+        summary=True,
+    ),
+    Metric(
         "peak_gpu_mem_gb_spec",
         "Peak GPU memory",
         "GB",
@@ -354,6 +364,23 @@ METRICS: tuple[Metric, ...] = (
         "speedup_prediction_ratio", "Measured / predicted speedup", "x", doc="steady_state_speedup / predicted_speedup"
     ),
     Metric(
+        "predicted_speedup_batch_{b}",
+        "Predicted speedup at batch size b",
+        "x",
+        doc="the model at batch size b, with c and v measured at b rows (one and k+1 tokens per row), alpha from "
+        "this run; b over cost_batch_grid, as far as cost_grid_budget_s and memory allow",
+    ),
+    Metric(
+        "crossover_batch_predicted",
+        "Crossover batch size (predicted)",
+        fmt="int",
+        better=HIGHER,
+        doc="the smallest measured batch size at which the predicted speedup falls below 1 (not logged when it "
+        "never does within the measured batch sizes)",
+        summary=True,
+        report=True,
+    ),
+    Metric(
         "draft_verifier_cost_ratio",
         "Draft / verifier cost ratio c",
         doc="one draft step over one verifier step (a draft set's drafters summed)",
@@ -364,12 +391,12 @@ METRICS: tuple[Metric, ...] = (
         doc="the per-token acceptance that explains the measured accepted tokens per full k-token step (logged "
         "with predicted_speedup)",
     ),
-    Metric("verify_step_ms", "Verifier step", "ms", doc="one verifier forward over one new token"),
+    Metric("verify_step_ms", "Verifier step", "ms", doc="one verifier forward over one new token per row"),
     Metric(
         "verify_cost_ratio_{n}_tokens",
         "Verify cost of n tokens",
         "x",
-        doc="one verifier pass over n = k+1 tokens / over one token",
+        doc="one verifier pass over n = k+1 tokens per row / over one token per row, at the run's batch size",
     ),
     Metric("draft_step_ms_{draft}", "Draft step of a drafter", "ms", doc="one drafting step of each model drafter"),
 )

@@ -40,7 +40,7 @@ class Quantize(Enum):
     int8_dynamic = "int8_dynamic"  # torch dynamic int8 on nn.Linear (CPU only)
 
 
-class KSchedule(Enum):
+class KScheduleKind(Enum):
     """How the draft length changes from step to step."""
 
     constant = "constant"
@@ -168,7 +168,8 @@ class SpecBenchConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     k: int = 4
-    k_schedule: KSchedule = KSchedule.constant
+    batch_size: int = 1  # prompts decoded together, consecutive in dataset order (the last batch may be smaller)
+    k_schedule: KScheduleKind = KScheduleKind.constant
     k_max: int = 16  # upper bound of the heuristic schedule
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -179,6 +180,10 @@ class SpecBenchConfig:
     warmup_tokens: int = 16
     repeats: int = 1  # time the whole prompt set this many times (warm-up once): machine noise between passes
     cost_curve: bool = True  # measure draft and verify step costs (the speedup model)
+    # batch sizes whose step costs predict where speculation stops paying (crossover_batch_predicted);
+    # larger ones are skipped once one verifier pass takes longer than cost_grid_budget_s, or memory runs out
+    cost_batch_grid: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    cost_grid_budget_s: float = 2.0
     resume: bool = False
     debug: bool = False
 

@@ -20,11 +20,25 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from specbench.engine import DecodeResult
+from specbench.engine import BatchResult, DecodeResult
 
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass
+class BatchStats:
+    """What a decoded batch shares among its rows: its wall time and the verifier's padded work."""
+
+    wall_s: float
+    verifier_positions: int = 0
+    padded_positions: int = 0
+
+    @classmethod
+    def of(cls, result: BatchResult) -> BatchStats:
+        """The shared figures of an engine batch result."""
+        return cls(result.wall_s, result.verifier_positions, result.padded_positions)
 
 
 @dataclass
@@ -38,7 +52,10 @@ class PromptOutcome:
     spec: DecodeResult
     baseline_text: str
     spec_text: str
+    baseline_batch: BatchStats
+    spec_batch: BatchStats
     repeat: int = 0  # which pass over the prompt set (0 .. repeats - 1)
+    batch: int = 0  # which batch of the prompt set the prompt was decoded in
     baseline_logprob: float | None = None
     spec_logprob: float | None = None
     baseline_peak_gpu_gb: float | None = None
@@ -52,10 +69,17 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
         row: dict[str, object] = {
             "pubid": outcome.pubid,
             "repeat": outcome.repeat,
+            "batch": outcome.batch,
             "prompt_tokens": outcome.prompt_tokens,
             "truncated": outcome.truncated,
         }
-        for mode, result in (("baseline", outcome.baseline), ("spec", outcome.spec)):
+        for mode, result, batch in (
+            ("baseline", outcome.baseline, outcome.baseline_batch),
+            ("spec", outcome.spec, outcome.spec_batch),
+        ):
+            row[f"{mode}_batch_s"] = batch.wall_s
+            row[f"{mode}_verifier_positions"] = batch.verifier_positions
+            row[f"{mode}_padded_positions"] = batch.padded_positions
             row[f"{mode}_tokens"] = len(result.tokens)
             row[f"{mode}_latency_s"] = result.latency_s
             row[f"{mode}_ttft_s"] = result.ttft_s
@@ -71,7 +95,7 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
             "accepted": spec.accepted,
             "acceptance_rate": spec.accepted / spec.proposed if spec.proposed else math.nan,
             "mean_accepted_tokens": (len(spec.tokens) - 1) / spec.steps if spec.steps else math.nan,
-            "mean_k": float(np.mean(spec.k_per_step)) if spec.k_per_step else math.nan,
+            "mean_k": _mean_k([spec]),
             "draft_time_s": spec.draft_time_s,
             "draft_prefill_s": spec.draft_prefill_s,
             "verify_time_s": spec.verify_time_s,
@@ -87,6 +111,23 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
             row[f"{name}_draft_time_s"] = stats.draft_time_s
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _mean_k(results: list[DecodeResult]) -> float:
+    """Mean k the schedule asked for, over the steps that could draft (not a last, verifier-only step)."""
+    ks = [k for r in results for k, depth in zip(r.k_per_step, r.depth_per_step, strict=True) if depth > 0]
+    return float(np.mean(ks)) if ks else math.nan
+
+
+def batch_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per decoded batch (and repeat): its tokens, wall time, time to first token, drafts' prefill and
+    the verifier's padded work, per mode. Throughput and speedups are ratios of these sums."""
+    shared = ["batch_s", "verifier_positions", "padded_positions"]
+    aggregations = {f"{mode}_{name}": "first" for mode in ("baseline", "spec") for name in shared}
+    aggregations |= {"baseline_tokens": "sum", "spec_tokens": "sum", "baseline_ttft_s": "max", "spec_ttft_s": "max"}
+    aggregations |= {"draft_prefill_s": "max", "pubid": "size"}
+    batches = table.groupby(["repeat", "batch"], sort=True).agg(aggregations)
+    return batches.rename(columns={"pubid": "rows"}).reset_index()
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -109,7 +150,12 @@ def token_rate_ratio(spec_tokens, spec_s, baseline_tokens, baseline_s):
 
 
 def timing_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """Latency percentiles, time to first token, throughput and speedup, both modes."""
+    """Latency percentiles (per request), time to first token, throughput and speedups (per batch), both modes.
+
+    A request's latency runs from its batch's start to its own last token; throughput is the tokens of all rows
+    over the wall time of all batches, so at batch size 1 the two coincide.
+    """
+    batches = batch_table(table)
     metrics: dict[str, float] = {}
     for mode in ("baseline", "spec"):
         latency = table[f"{mode}_latency_s"].to_numpy()
@@ -119,24 +165,27 @@ def timing_metrics(table: pd.DataFrame) -> dict[str, float]:
         metrics[f"{mode}_ms_per_token_p50"] = float(_percentile(per_token, 50))
         metrics[f"{mode}_ms_per_token_p95"] = float(_percentile(per_token, 95))
         metrics[f"{mode}_ttft_p50_s"] = float(_percentile(table[f"{mode}_ttft_s"].to_numpy(), 50))
-        metrics[f"{mode}_tokens_per_s"] = table[f"{mode}_tokens"].sum() / latency.sum()
-        metrics[f"{mode}_total_s"] = float(latency.sum())
+        metrics[f"{mode}_total_s"] = float(batches[f"{mode}_batch_s"].sum())
+        metrics[f"{mode}_tokens_per_s"] = table[f"{mode}_tokens"].sum() / metrics[f"{mode}_total_s"]
         peak = table[f"{mode}_peak_gpu_gb"]
         if peak.notna().any():
             metrics[f"peak_gpu_mem_gb_{mode}"] = float(peak.max())
+        positions = batches[f"{mode}_verifier_positions"].sum()
+        share = batches[f"{mode}_padded_positions"].sum() / positions if positions else 0.0
+        metrics["padded_token_share" if mode == "spec" else "padded_token_share_baseline"] = float(share)
     metrics["speedup"] = metrics["spec_tokens_per_s"] / metrics["baseline_tokens_per_s"]
-    # after the first token: the tokens decoded step by step, over the time after the prefill
+    # after the first token: the tokens decoded step by step, over each batch's time after its prefill
     decoded = {mode: (table[f"{mode}_tokens"] - 1).sum() for mode in ("baseline", "spec")}
-    decode_s = {mode: (table[f"{mode}_latency_s"] - table[f"{mode}_ttft_s"]).sum() for mode in ("baseline", "spec")}
+    decode_s = {mode: (batches[f"{mode}_batch_s"] - batches[f"{mode}_ttft_s"]).sum() for mode in ("baseline", "spec")}
     metrics["decode_speedup"] = float(
         token_rate_ratio(decoded["spec"], decode_s["spec"], decoded["baseline"], decode_s["baseline"])
     )
     # what Leviathan et al.'s model describes: decoding steps only, without the drafts reading the prompt
-    steady_s = decode_s["spec"] - table["draft_prefill_s"].sum()
+    steady_s = decode_s["spec"] - batches["draft_prefill_s"].sum()
     metrics["steady_state_speedup"] = float(
         token_rate_ratio(decoded["spec"], steady_s, decoded["baseline"], decode_s["baseline"])
     )
-    metrics["draft_prefill_s_mean"] = float(table["draft_prefill_s"].mean())
+    metrics["draft_prefill_s_mean"] = float(batches["draft_prefill_s"].mean())
     return metrics
 
 
@@ -147,13 +196,14 @@ def repeat_metrics(table: pd.DataFrame) -> dict[str, float]:
     """
     if table["repeat"].nunique() < 2:
         return {}
-    sums = table.groupby("repeat")[["baseline_tokens", "baseline_latency_s", "spec_tokens", "spec_latency_s"]].sum()
+    sums = batch_table(table).groupby("repeat")[["baseline_tokens", "baseline_batch_s", "spec_tokens", "spec_batch_s"]]
+    sums = sums.sum()
     figures = {
         "speedup": token_rate_ratio(
-            sums["spec_tokens"], sums["spec_latency_s"], sums["baseline_tokens"], sums["baseline_latency_s"]
+            sums["spec_tokens"], sums["spec_batch_s"], sums["baseline_tokens"], sums["baseline_batch_s"]
         ),
-        "baseline_tokens_per_s": sums["baseline_tokens"] / sums["baseline_latency_s"],
-        "spec_tokens_per_s": sums["spec_tokens"] / sums["spec_latency_s"],
+        "baseline_tokens_per_s": sums["baseline_tokens"] / sums["baseline_batch_s"],
+        "spec_tokens_per_s": sums["spec_tokens"] / sums["spec_batch_s"],
     }
     metrics = {}
     for name, values in figures.items():
@@ -174,7 +224,7 @@ def acceptance_metrics(table: pd.DataFrame, outcomes: list[PromptOutcome]) -> di
     metrics: dict[str, float] = {
         "acceptance_rate": table["accepted"].sum() / proposed if proposed else math.nan,
         "mean_accepted_tokens": (table["spec_tokens"] - 1).sum() / steps if steps else math.nan,
-        "mean_k": float(np.mean([k for o in outcomes for k in o.spec.k_per_step])) if steps else math.nan,
+        "mean_k": _mean_k([o.spec for o in outcomes]),
         # token ids, not texts: two id sequences can decode to the same text
         "disagreement_rate": 1.0 - table["identical"].mean(),
         "exact_match_rate": float(table["identical"].mean()),
@@ -211,35 +261,40 @@ def likelihood_metrics(table: pd.DataFrame) -> dict[str, float]:
 
 
 def bootstrap_intervals(table: pd.DataFrame, seed: int = 0) -> dict[str, float]:
-    """95% bootstrap intervals over prompts for speedup, acceptance and latency percentiles.
+    """95% bootstrap intervals over batches for speedup, acceptance and latency percentiles.
 
-    A resample draws prompts with replacement, each with all its repeats. Resamples whose
-    prompts proposed no draft token have no acceptance rate and are left out of its interval.
+    The unit of resampling is a batch of the prompt set (a prompt, at batch size 1), drawn with
+    replacement and with all its repeats, because its rows share their timing. Resamples whose
+    batches proposed no draft token have no acceptance rate and are left out of its interval.
     """
-    rng = np.random.default_rng(seed)
-    position = table.groupby("repeat").cumcount().to_numpy()  # the prompt's place in the prompt set
-    n = int(position.max()) + 1 if len(table) else 0
-    if n < 2:
+    units = table["batch"].to_numpy()
+    count = int(units.max()) + 1 if len(table) else 0
+    if count < 2:
         return {}
-    rows = np.argsort(position, kind="stable").reshape(n, -1)  # rows[p]: prompt p's rows, one per repeat
-    picked = rows[rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))].reshape(BOOTSTRAP_SAMPLES, -1)
-    numeric = table.select_dtypes("number")
-    columns = {name: numeric[name].to_numpy(dtype=float)[picked] for name in numeric.columns}
-    sums = {
-        name: columns[name].sum(axis=1)
-        for name in ("baseline_tokens", "baseline_latency_s", "spec_tokens", "spec_latency_s", "proposed", "accepted")
-    }
+    picks = np.random.default_rng(seed).integers(0, count, size=(BOOTSTRAP_SAMPLES, count))
+    batches = batch_table(table).groupby("batch").sum(numeric_only=True)
+    rows = table.groupby("batch")[["accepted", "proposed"]].sum()
+
+    def resampled(column: pd.Series) -> np.ndarray:  # the column's sum over each resample's batches
+        return column.to_numpy(dtype=float)[picks].sum(axis=1)
+
     estimates = {
         "speedup": token_rate_ratio(
-            sums["spec_tokens"], sums["spec_latency_s"], sums["baseline_tokens"], sums["baseline_latency_s"]
-        ),
+            resampled(batches["spec_tokens"]),
+            resampled(batches["spec_batch_s"]),
+            resampled(batches["baseline_tokens"]),
+            resampled(batches["baseline_batch_s"]),
+        )
     }
-    with_proposals = sums["proposed"] > 0
-    if with_proposals.any():
-        estimates["acceptance_rate"] = sums["accepted"][with_proposals] / sums["proposed"][with_proposals]
+    proposed, accepted = resampled(rows["proposed"]), resampled(rows["accepted"])
+    if (proposed > 0).any():
+        estimates["acceptance_rate"] = accepted[proposed > 0] / proposed[proposed > 0]
     for mode in ("baseline", "spec"):
+        latency = [table.loc[units == unit, f"{mode}_latency_s"].to_numpy() for unit in range(count)]
         for q in (50, 95):
-            estimates[f"{mode}_latency_p{q}_s"] = _percentile(columns[f"{mode}_latency_s"], q)
+            estimates[f"{mode}_latency_p{q}_s"] = np.array(
+                [np.percentile(np.concatenate([latency[unit] for unit in pick]), q) for pick in picks]
+            )
     intervals = {}
     for name, values in estimates.items():
         intervals[f"{name}_ci_low"] = float(np.percentile(values, 2.5))
@@ -285,14 +340,29 @@ def cost_metrics(timing: dict[str, float], table: pd.DataFrame, price_per_hour: 
 
 
 def steps_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
-    """One row per speculative step: the draft length used (adaptive k) and how much was accepted."""
+    """One row per speculative step: the schedule's k, the depth drafted (k cut to the room left; 0: a last,
+    verifier-only step), the longest proposal and how much was accepted."""
     return pd.DataFrame(
         [
-            {"pubid": o.pubid, "repeat": o.repeat, "step": step, "k": k, "offered": offered, "accepted": accepted}
+            {
+                "pubid": o.pubid,
+                "repeat": o.repeat,
+                "step": step,
+                "k": k,
+                "depth": depth,
+                "offered": offered,
+                "accepted": accepted,
+            }
             for o in outcomes
-            for step, (k, offered, accepted) in enumerate(
-                zip(o.spec.k_per_step, o.spec.offered_per_step, o.spec.accepted_per_step, strict=True)
+            for step, (k, depth, offered, accepted) in enumerate(
+                zip(
+                    o.spec.k_per_step,
+                    o.spec.depth_per_step,
+                    o.spec.offered_per_step,
+                    o.spec.accepted_per_step,
+                    strict=True,
+                )
             )
         ],
-        columns=["pubid", "repeat", "step", "k", "offered", "accepted"],
+        columns=["pubid", "repeat", "step", "k", "depth", "offered", "accepted"],
     )

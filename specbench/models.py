@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from specbench.config import Dtype, ModelConfig, Quantize
 from specbench.errors import ConfigError, FetchError, ModelLoadError
@@ -179,12 +186,17 @@ def _quantize_int8(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def context_length(spec: ModelSpec) -> int:
-    """The longest sequence (prompt + output) the model takes."""
+def model_config(spec: ModelSpec) -> PretrainedConfig:
+    """The model's config (cheap: no weights are read)."""
     try:
-        config = AutoConfig.from_pretrained(spec.source, gguf_file=spec.gguf_file)
+        return AutoConfig.from_pretrained(spec.source, gguf_file=spec.gguf_file)
     except (OSError, ValueError) as error:
         raise _loading_error(spec, "config", error) from error
+
+
+def context_length(spec: ModelSpec) -> int:
+    """The longest sequence (prompt + output) the model takes."""
+    config = model_config(spec)
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)

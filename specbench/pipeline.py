@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from specbench import metrics, quality, speedup_model
-from specbench.config import KSchedule, SpecBenchConfig
+from specbench.config import KScheduleKind, SpecBenchConfig
 from specbench.metrics import PromptOutcome
 from specbench.runner import RunSetup, decode_prompts, measure_costs, score_likelihoods, warm_up
 
@@ -26,19 +26,22 @@ class RunResult:
 
     title: str
     k: int
+    batch_size: int
     drafters: list[str]
     metrics: dict[str, float]
     per_prompt: pd.DataFrame
     steps: pd.DataFrame
     generations: list[dict]
-    verify_curve: pd.DataFrame | None = None  # the verifier's cost of n new tokens, n = 1..
+    verify_curve: pd.DataFrame | None = None  # the verifier's cost of n new tokens, n = 1.., at the run's batch size
+    verify_surface: pd.DataFrame | None = None  # every verifier pass measured: b rows x n new tokens
     predicted_curve: pd.DataFrame | None = None  # the speedup model's prediction for each k
     notes: list[str] = field(default_factory=list)  # lines under the summary table
 
 
 def run_title(cfg: SpecBenchConfig) -> str:
     """A run's name in figures and logs."""
-    return f"{cfg.verifier.name} + {cfg.draft.name}, k={cfg.k}"
+    batch = f", batch {cfg.batch_size}" if cfg.batch_size > 1 else ""
+    return f"{cfg.verifier.name} + {cfg.draft.name}, k={cfg.k}{batch}"
 
 
 def run_benchmark(
@@ -77,6 +80,7 @@ def run_benchmark(
     result = RunResult(
         title=run_title(cfg),
         k=cfg.k,
+        batch_size=cfg.batch_size,
         drafters=list(cfg.draft.drafters),
         metrics=results,
         per_prompt=table,
@@ -85,15 +89,16 @@ def run_benchmark(
     )
     if cfg.cost_curve:
         costs = measure_costs(setup, cfg)
-        results |= speedup_model.cost_metrics(costs, cfg.k)
-        result.verify_curve = speedup_model.verify_curve_table(costs)
-        reason = speedup_model.out_of_scope(len(setup.drafters), cfg.k_schedule is KSchedule.heuristic)
+        results |= speedup_model.cost_metrics(costs, cfg.k, cfg.batch_size)
+        result.verify_curve = speedup_model.verify_curve_table(costs, cfg.batch_size)
+        result.verify_surface = speedup_model.verify_surface_table(costs)
+        reason = speedup_model.out_of_scope(len(setup.drafters), cfg.k_schedule is KScheduleKind.heuristic)
         if reason:
             result.notes.append(reason)
         else:
-            results |= speedup_model.prediction_metrics(costs, outcomes, cfg.k)
+            results |= speedup_model.prediction_metrics(costs, outcomes, cfg.k, cfg.batch_size)
             results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
-            result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs)
+            result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs, cfg.batch_size)
     return result
 
 

@@ -59,8 +59,11 @@ def run_figures(
     predicted: pd.DataFrame | None = None,
     title: str = "",
     k: int | None = None,
+    verify_surface: pd.DataFrame | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Figure]:
-    """One run's figures keyed by artifact path; `verify_curve` adds plots/verify_cost.png.
+    """One run's figures keyed by artifact path; `verify_curve` adds plots/verify_cost.png, and a
+    `verify_surface` over several batch sizes adds plots/batch_scaling.png.
 
     `k` is the run's draft length, where the measured speedup sits on the predicted
     curve; by default the highest position with an `acceptance_rate_pos_<n>` metric.
@@ -77,6 +80,8 @@ def run_figures(
     }
     if verify_curve is not None:
         figures["plots/verify_cost.png"] = _verify_cost(verify_curve, run_k, title)
+    if verify_surface is not None and verify_surface["batch_size"].nunique() > 1 and run_k is not None:
+        figures["plots/batch_scaling.png"] = _batch_scaling(metrics, verify_surface, run_k, batch_size, title)
     return figures
 
 
@@ -252,6 +257,36 @@ def _verify_cost(curve: pd.DataFrame, k: int | None, title: str) -> Figure:
         axis.set_ylabel("verify time (ms)")
     ax.set(xlabel="new tokens verified in one pass", ylabel="time / one-token time (x)")
     ax.legend()
+    return figure
+
+
+def _batch_scaling(metrics: dict[str, float], surface: pd.DataFrame, k: int, batch_size: int, title: str) -> Figure:
+    """Verifying k+1 tokens per row against one, and the predicted speedup, as the batch grows."""
+    figure, (cost, speedup) = new_figure("Where speculation stops paying, by batch size", title, ncols=2, width=10)
+    wide = surface[surface["new_tokens"] == k + 1].sort_values("batch_size")
+    cost.plot(wide["batch_size"], wide["ratio_to_one_token"], marker="o", color=SPEC_COLOR, label=f"{k + 1} tokens")
+    reference_line(cost, 1.0, "one token per row (reference)")
+    cost.set(title="Verifier cost, measured", xlabel="batch size (rows)", ylabel="time / one-token time (x)")
+    cost.set_xscale("log", base=2)
+    cost.legend()
+    sizes = sorted(int(key.rsplit("_", 1)[1]) for key in metrics if key.startswith("predicted_speedup_batch_"))
+    if sizes:
+        predicted = [_get(metrics, f"predicted_speedup_batch_{size}") for size in sizes]
+        speedup.plot(sizes, predicted, marker="o", color=PREDICTED_COLOR, label="predicted (model)")
+        speedup.errorbar(
+            [batch_size],
+            [_get(metrics, "speedup")],
+            yerr=np.array([_error(metrics, "speedup")]).T,
+            fmt="s",
+            markersize=9,
+            capsize=5,
+            color=SPEC_COLOR,
+            label=f"measured at batch {batch_size}",
+        )
+        speedup.set_xscale("log", base=2)
+    reference_line(speedup, 1.0, "no speedup (1.0x)")
+    speedup.set(title=f"Speedup at k={k}", xlabel="batch size (rows)", ylabel=axis_label("speedup"))
+    speedup.legend()
     return figure
 
 

@@ -1,15 +1,17 @@
 """One run, without Hydra or MLflow: load what the config names, warm up, decode every prompt both ways.
 
-Baseline and speculative decoding run back to back on each prompt
-(interleaved, so drift in machine speed hits both alike), with the same seed,
-after a warm-up outside the measurement. With `repeats` > 1 the whole prompt set
-is timed that many times over (warm-up once), to show machine noise apart from
-prompt variance.
+Prompts are decoded in batches of `batch_size` consecutive prompts (the last
+batch may be smaller). Baseline and speculative decoding run back to back on
+each batch (interleaved, so drift in machine speed hits both alike; the order
+alternates from batch to batch), with the same seeds, after a warm-up outside
+the measurement. With `repeats` > 1 the whole prompt set is timed that many
+times over (warm-up once), to show machine noise apart from prompt variance.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,29 +21,33 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench.config import KSchedule, SpecBenchConfig
+from specbench.config import KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
 from specbench.drafters import build_drafter, needs_model
 from specbench.engine import (
+    AdaptiveK,
+    BatchResult,
     CachedModel,
-    DecodeResult,
+    ConstantK,
     DecodeSettings,
     Drafter,
+    KSchedule,
     ModelDrafter,
-    TokenChooser,
     decode_baseline,
     decode_speculative,
+    needs_plain_causal_mask,
 )
 from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.scoring import output_log_likelihood
 from specbench.errors import ConfigError
-from specbench.metrics import PromptOutcome
+from specbench.metrics import BatchStats, PromptOutcome
 from specbench.models import (
     ModelCache,
     ModelSpec,
     check_same_vocabulary,
     context_length,
     eos_token_ids,
+    model_config,
     model_spec,
     resolve_device,
 )
@@ -65,6 +71,8 @@ class RunSetup:
     specs: dict[str, ModelSpec]  # "verifier" and each model drafter's name
     device_name: str
     gpu_memory_before_load_gb: float | None  # after releasing the models this run does not use
+    schedule: KSchedule  # the draft length per step
+    batches: list[list[int]]  # prompt indices, `batch_size` consecutive prompts each
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
 
 
@@ -94,6 +102,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     for name, spec in specs.items():
         if name != "verifier":
             check_same_vocabulary(tokenizer, cache.tokenizer(spec), name, cfg.verifier.name)
+    _check_attention(cfg, specs)
     context = min(context_length(spec) for spec in specs.values())
     # room after the prompt: the output, or the cost curve's passes over the first prompt if longer
     room = max(cfg.generation.max_new_tokens, curve_tokens(cfg))
@@ -105,6 +114,10 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         )
     builder = PromptBuilder(tokenizer, cfg.dataset.template, cfg.dataset.chat_template, prompt_budget)
     prompts = [builder.build(record) for record in records]
+    if cfg.batch_size > len(prompts):
+        log.info(
+            "batch_size=%d is more than the %d prompts: they are decoded as one batch", cfg.batch_size, len(prompts)
+        )
 
     cache.keep_only(set(specs.values()))
     gpu_memory_before_load = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -114,7 +127,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     # candidate tree (every drafter k_max deep), and one graph per decode feed length
     max_len = max(len(p.input_ids) for p in prompts) + room + len(cfg.draft.drafters) * longest_draft(cfg) + 2
     graphs = cfg.engine.cuda_graphs
-    longest_verify = max(curve_tokens(cfg), longest_draft(cfg) + 1)
+    # the verify graphs cover the cost curve and the widest token tree, so draft sets are captured too
+    longest_verify = max(curve_tokens(cfg), 1 + len(cfg.draft.drafters) * longest_draft(cfg))
     verify_sizes = range(1, longest_verify + 1)
 
     def cached(model: PreTrainedModel, sizes: Sequence[int]) -> CachedModel:
@@ -137,80 +151,112 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     )
     verifier = cached(verifier_model, verify_sizes)
     pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
+    schedule = AdaptiveK(cfg.k, cfg.k_max) if cfg.k_schedule is KScheduleKind.heuristic else ConstantK(cfg.k)
+    batches = [
+        list(range(start, min(start + cfg.batch_size, len(prompts))))
+        for start in range(0, len(prompts), cfg.batch_size)
+    ]
     return RunSetup(
-        device,
-        verifier,
-        drafters,
-        tokenizer,
-        prompts,
-        settings,
-        specs,
-        device_name(device),
-        gpu_memory_before_load,
-        pool,
+        device=device,
+        verifier=verifier,
+        drafters=drafters,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        settings=settings,
+        specs=specs,
+        device_name=device_name(device),
+        gpu_memory_before_load_gb=gpu_memory_before_load,
+        schedule=schedule,
+        batches=batches,
+        pool=pool,
     )
 
 
-def _decoders(
-    setup: RunSetup, cfg: SpecBenchConfig
-) -> dict[str, Callable[[list[int], DecodeSettings, int], DecodeResult]]:
-    """The two contenders by mode, as functions of (prompt ids, settings, seed)."""
+def _check_attention(cfg: SpecBenchConfig, specs: dict[str, ModelSpec]) -> None:
+    """Refuse, before loading, what windowed attention cannot do under our masks: token trees, ragged batches."""
+    windowed = [name for name, spec in specs.items() if needs_plain_causal_mask(model_config(spec))]
+    if "verifier" in windowed and len(cfg.draft.drafters) > 1:
+        raise ConfigError(
+            f"verifier {cfg.verifier.name} has windowed attention, which cannot verify a draft set's token tree: "
+            "use a draft with one drafter."
+        )
+    if windowed and cfg.batch_size > 1:
+        raise ConfigError(
+            f"{', '.join(windowed)} has windowed attention, which cannot decode ragged batches: use batch_size=1."
+        )
+
+
+Decoder = Callable[[list[list[int]], DecodeSettings, list[int]], BatchResult]
+
+
+def _decoders(setup: RunSetup) -> dict[str, Decoder]:
+    """The two contenders by mode, as functions of (prompts' ids, settings, one seed per prompt)."""
     return {
-        "baseline": lambda ids, settings, seed: decode_baseline(setup.verifier, ids, settings, seed),
-        "spec": lambda ids, settings, seed: decode_speculative(
-            setup.verifier,
-            setup.drafters,
-            ids,
-            settings,
-            cfg.k,
-            seed,
-            cfg.k_schedule.value,
-            longest_draft(cfg),
-            setup.pool,
+        "baseline": lambda prompts, settings, seeds: decode_baseline(setup.verifier, prompts, settings, seeds),
+        "spec": lambda prompts, settings, seeds: decode_speculative(
+            setup.verifier, setup.drafters, prompts, settings, setup.schedule, seeds, setup.pool
         ),
     }
 
 
+def _models(setup: RunSetup) -> list[CachedModel]:
+    return [setup.verifier, *(drafter.model for drafter in setup.drafters if isinstance(drafter, ModelDrafter))]
+
+
 def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
-    """Decode `warmup_prompts` short outputs both ways, and capture every CUDA graph, before anything is timed."""
+    """Capture every CUDA graph, then decode `warmup_prompts` short outputs both ways, before anything is timed.
+
+    The warm-up batches have the run's batch sizes, so the shapes the timing uses are the ones warmed.
+    """
+    batch_sizes = sorted({len(batch) for batch in setup.batches})
+    for model in _models(setup):  # on the main thread, before any drafting pool runs
+        model.capture_graphs(batch_sizes)
     short = replace(setup.settings, max_new_tokens=min(cfg.warmup_tokens, setup.settings.max_new_tokens))
-    for prompt in setup.prompts[: cfg.warmup_prompts]:
-        for decode in _decoders(setup, cfg).values():
-            decode(prompt.input_ids, short, cfg.seed)
-    for model in [setup.verifier, *(d.model for d in setup.drafters if isinstance(d, ModelDrafter))]:
-        model.capture_graphs()
+    for number in range(math.ceil(cfg.warmup_prompts / cfg.batch_size)):
+        batch = setup.batches[number % len(setup.batches)]
+        for decode in _decoders(setup).values():
+            decode([setup.prompts[index].input_ids for index in batch], short, [cfg.seed + index for index in batch])
 
 
 def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True) -> Iterator[PromptOutcome]:
-    """Decode each prompt verifier-only and speculatively, `cfg.repeats` times over; yield results as they come.
+    """Decode each batch verifier-only and speculatively, `cfg.repeats` times over; yield each prompt's results.
 
-    The order alternates from prompt to prompt, and from repeat to repeat, so neither mode always runs first.
-    Prompt i is decoded with seed `seed + i` in every repeat.
+    The order alternates from batch to batch, and from repeat to repeat, so neither mode always runs first.
+    Prompt i is decoded with seed `seed + i` in every repeat and whatever batch it is in.
     """
     on_gpu = setup.device.type == "cuda"
-    decoders = _decoders(setup, cfg)
-    passes = [(repeat, index) for repeat in range(cfg.repeats) for index in range(len(setup.prompts))]
-    for repeat, index in tqdm(passes, desc="prompts", unit="prompt", disable=not progress):
-        prompt = setup.prompts[index]
-        results, peaks = {}, {}
-        for mode in list(decoders) if (index + repeat) % 2 == 0 else reversed(decoders):
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats(setup.device)
-            results[mode] = decoders[mode](prompt.input_ids, setup.settings, cfg.seed + index)
-            peaks[mode] = torch.cuda.max_memory_allocated(setup.device) / 2**30 if on_gpu else None
-        baseline, spec = results["baseline"], results["spec"]
-        yield PromptOutcome(
-            pubid=prompt.pubid,
-            repeat=repeat,
-            prompt_tokens=len(prompt.input_ids),
-            truncated=prompt.truncated,
-            baseline=baseline,
-            spec=spec,
-            baseline_text=setup.tokenizer.decode(baseline.tokens, skip_special_tokens=True),
-            spec_text=setup.tokenizer.decode(spec.tokens, skip_special_tokens=True),
-            baseline_peak_gpu_gb=peaks["baseline"],
-            spec_peak_gpu_gb=peaks["spec"],
-        )
+    decoders = _decoders(setup)
+    with tqdm(total=cfg.repeats * len(setup.prompts), desc="prompts", unit="prompt", disable=not progress) as bar:
+        for repeat in range(cfg.repeats):
+            for number, batch in enumerate(setup.batches):
+                prompts = [setup.prompts[index] for index in batch]
+                results: dict[str, BatchResult] = {}
+                peaks: dict[str, float | None] = {}
+                for mode in list(decoders) if (number + repeat) % 2 == 0 else reversed(decoders):
+                    if on_gpu:
+                        torch.cuda.reset_peak_memory_stats(setup.device)
+                    ids, seeds = [prompt.input_ids for prompt in prompts], [cfg.seed + index for index in batch]
+                    results[mode] = decoders[mode](ids, setup.settings, seeds)
+                    peaks[mode] = torch.cuda.max_memory_allocated(setup.device) / 2**30 if on_gpu else None
+                batch_stats = {mode: BatchStats.of(result) for mode, result in results.items()}
+                for row, prompt in enumerate(prompts):
+                    baseline, spec = results["baseline"].rows[row], results["spec"].rows[row]
+                    yield PromptOutcome(
+                        pubid=prompt.pubid,
+                        repeat=repeat,
+                        batch=number,
+                        prompt_tokens=len(prompt.input_ids),
+                        truncated=prompt.truncated,
+                        baseline=baseline,
+                        spec=spec,
+                        baseline_text=setup.tokenizer.decode(baseline.tokens, skip_special_tokens=True),
+                        spec_text=setup.tokenizer.decode(spec.tokens, skip_special_tokens=True),
+                        baseline_batch=batch_stats["baseline"],
+                        spec_batch=batch_stats["spec"],
+                        baseline_peak_gpu_gb=peaks["baseline"],
+                        spec_peak_gpu_gb=peaks["spec"],
+                    )
+                bar.update(len(batch))
 
 
 def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
@@ -230,7 +276,7 @@ def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
 
 def longest_draft(cfg: SpecBenchConfig) -> int:
     """The most tokens one drafter proposes in a step."""
-    return cfg.k_max if cfg.k_schedule is KSchedule.heuristic else cfg.k
+    return cfg.k_max if cfg.k_schedule is KScheduleKind.heuristic else cfg.k
 
 
 def curve_tokens(cfg: SpecBenchConfig) -> int:
@@ -239,6 +285,18 @@ def curve_tokens(cfg: SpecBenchConfig) -> int:
 
 
 def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
-    """Draft-step and verify-curve timings on the first prompt (the inputs of the speedup model)."""
-    chooser = TokenChooser(setup.settings, cfg.seed)
-    return measure_step_costs(setup.verifier, setup.drafters, setup.prompts[0].input_ids, chooser, curve_tokens(cfg))
+    """Step costs on the first prompt, the inputs of the speedup model: at the run's batch size the draft step
+    and the verify curve n = 1..; over `cost_batch_grid`, one and k+1 tokens (as far as time and memory allow)."""
+    prompt = setup.prompts[0].input_ids
+    log.info("measuring step costs: verify curve at batch size %d, then batch sizes up to %d", cfg.batch_size,
+             max(cfg.cost_batch_grid, default=cfg.batch_size))  # fmt: skip
+    run_curve = {cfg.batch_size: range(1, curve_tokens(cfg) + 1)}
+    costs = measure_step_costs(setup.verifier, setup.drafters, prompt, setup.settings, run_curve)
+    grid = {size: (1, cfg.k + 1) for size in cfg.cost_batch_grid if size != cfg.batch_size}
+    if grid:
+        more = measure_step_costs(
+            setup.verifier, setup.drafters, prompt, setup.settings, grid, budget_s=cfg.cost_grid_budget_s
+        )
+        costs.verify_s |= more.verify_s
+        costs.draft_s |= more.draft_s
+    return costs

@@ -70,23 +70,31 @@ def out_of_scope(drafters: int, adaptive_k: bool) -> str | None:
     )
 
 
-def cost_metrics(costs: StepCosts, k: int) -> dict[str, float]:
-    """The measured step costs: cost ratio c (drafters summed), the verifier step and v at k+1 tokens."""
-    verify_one = costs.verify_s[0]
+def _cost_ratio(costs: StepCosts, batch: int) -> float:
+    """c at a batch size: one step of every drafter over one verifier step over one token per row."""
+    return sum(costs.draft_s[batch].values()) / costs.verify_s[batch][1]
+
+
+def _verify_ratio(costs: StepCosts, batch: int, tokens: int) -> float:
+    """v at a batch size: a verifier pass over `tokens` tokens per row over a pass over one token per row."""
+    return costs.verify_s[batch][tokens] / costs.verify_s[batch][1]
+
+
+def cost_metrics(costs: StepCosts, k: int, batch: int) -> dict[str, float]:
+    """The measured step costs at the run's batch size: c (drafters summed), the verifier step, v at k+1 tokens."""
     metrics = {
-        "draft_verifier_cost_ratio": sum(costs.draft_s.values()) / verify_one,
-        "verify_step_ms": 1000 * verify_one,
-        f"verify_cost_ratio_{k + 1}_tokens": costs.verify_s[k] / verify_one,
+        "draft_verifier_cost_ratio": _cost_ratio(costs, batch),
+        "verify_step_ms": 1000 * costs.verify_s[batch][1],
+        f"verify_cost_ratio_{k + 1}_tokens": _verify_ratio(costs, batch, k + 1),
     }
-    for name, seconds in costs.draft_s.items():
+    for name, seconds in costs.draft_s[batch].items():
         metrics[f"draft_step_ms_{name}"] = 1000 * seconds
     return metrics
 
 
-def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int) -> dict[str, float]:
-    """alpha, the predicted speedup at this k, and the k the model says is best (one drafter, constant k)."""
-    verify_one = costs.verify_s[0]
-    cost_ratio = sum(costs.draft_s.values()) / verify_one
+def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int, batch: int) -> dict[str, float]:
+    """alpha; the predicted speedup at this k and batch size; the k the model says is best; the predicted speedup
+    at every batch size measured, and the smallest batch size where it falls below 1 (one drafter, constant k)."""
     # steps that offered all k tokens: what the model's alpha is about
     full_steps = [
         accepted
@@ -95,38 +103,66 @@ def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int) 
         if offered == k
     ]
     alpha = iid_acceptance(float(np.mean(full_steps)), k) if full_steps else 0.0
-    predictions = _predictions_by_k(alpha, cost_ratio, costs)
+    predictions = _predictions_by_k(alpha, costs, batch)
     best = max(predictions, key=predictions.get)
-    return {
+    metrics = {
         "alpha_iid": alpha,
-        "predicted_speedup": predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / verify_one),
+        "predicted_speedup": predicted_speedup(alpha, k, _cost_ratio(costs, batch), _verify_ratio(costs, batch, k + 1)),
         "best_k_predicted": best,
         "predicted_speedup_best_k": predictions[best],
     }
+    by_batch = {
+        size: predicted_speedup(alpha, k, _cost_ratio(costs, size), _verify_ratio(costs, size, k + 1))
+        for size in sorted(costs.verify_s)
+        if k + 1 in costs.verify_s[size]
+    }
+    metrics |= {f"predicted_speedup_batch_{size}": value for size, value in by_batch.items()}
+    crossover = next((size for size, value in by_batch.items() if value < 1), None)
+    if crossover is not None:
+        metrics["crossover_batch_predicted"] = crossover
+    return metrics
 
 
-def verify_curve_table(costs: StepCosts) -> pd.DataFrame:
-    """The verify-cost curve: ms and ratio to one token, for n = 1.. new tokens."""
-    base = costs.verify_s[0]
+def verify_curve_table(costs: StepCosts, batch: int) -> pd.DataFrame:
+    """The verify-cost curve at the run's batch size: ms and ratio to one token, for n = 1.. new tokens."""
+    curve = costs.verify_s[batch]
     return pd.DataFrame(
         {
-            "new_tokens": range(1, len(costs.verify_s) + 1),
-            "verify_ms": [1000 * t for t in costs.verify_s],
-            "ratio_to_one_token": [t / base for t in costs.verify_s],
+            "new_tokens": list(curve),
+            "verify_ms": [1000 * seconds for seconds in curve.values()],
+            "ratio_to_one_token": [_verify_ratio(costs, batch, n) for n in curve],
         }
     )
 
 
-def _predictions_by_k(alpha: float, cost_ratio: float, costs: StepCosts) -> dict[int, float]:
-    """Predicted speedup for every k the measured verify curve covers."""
-    verify_one = costs.verify_s[0]
+def verify_surface_table(costs: StepCosts) -> pd.DataFrame:
+    """Every verifier pass measured: b rows x n new tokens, its ms, and its ratio to b rows x 1 token."""
+    return pd.DataFrame(
+        [
+            {
+                "batch_size": size,
+                "new_tokens": n,
+                "verify_ms": 1000 * seconds,
+                "ratio_to_one_token": _verify_ratio(costs, size, n),
+                "ms_per_row": 1000 * seconds / size,
+            }
+            for size, curve in sorted(costs.verify_s.items())
+            for n, seconds in curve.items()
+        ]
+    )
+
+
+def _predictions_by_k(alpha: float, costs: StepCosts, batch: int) -> dict[int, float]:
+    """Predicted speedup for every k the measured verify curve at `batch` rows covers."""
+    curve = costs.verify_s[batch]
     return {
-        k: predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / verify_one)
-        for k in range(1, len(costs.verify_s))
+        k: predicted_speedup(alpha, k, _cost_ratio(costs, batch), _verify_ratio(costs, batch, k + 1))
+        for k in range(1, max(curve))
+        if k + 1 in curve
     }
 
 
-def predicted_speedup_curve(metrics: dict[str, float], costs: StepCosts) -> pd.DataFrame:
-    """Predicted speedup against k (for the predicted-vs-measured plot)."""
-    predictions = _predictions_by_k(metrics["alpha_iid"], metrics["draft_verifier_cost_ratio"], costs)
+def predicted_speedup_curve(metrics: dict[str, float], costs: StepCosts, batch: int) -> pd.DataFrame:
+    """Predicted speedup against k at the run's batch size (for the predicted-vs-measured plot)."""
+    predictions = _predictions_by_k(metrics["alpha_iid"], costs, batch)
     return pd.DataFrame({"k": list(predictions), "predicted_speedup": list(predictions.values())})

@@ -9,6 +9,7 @@ here; the GPT-J copy keeps GPT-J's quirk of a head larger than the tokenizer.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,8 +23,12 @@ from transformers import (
     GPTNeoForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 EOS = "<|endoftext|>"
@@ -116,6 +121,48 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
             **common,
         )
         return LlamaForCausalLM(config).eval()
+    raise ValueError(arch)
+
+
+def untie_head(model: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """Give the model its own random output head: tiny tied GPT-2s mostly repeat their last token."""
+    generator = torch.Generator().manual_seed(seed)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=generator))
+    return model
+
+
+def one_torch_thread() -> Iterator[None]:
+    """Run tiny models on one thread: faster, and unharmed when other processes load the cores.
+
+    A test module uses it as `pytest.fixture(autouse=True, scope="module")(one_torch_thread)`;
+    the previous thread count comes back afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_windowed_model(arch: str, vocab_size: int, seed: int, window: int, layers: int = 2) -> PreTrainedModel:
+    """A tiny model with sliding-window attention: "mistral" (every layer) or "qwen2" (every layer but the first)."""
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": window,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    if arch == "mistral":
+        return MistralForCausalLM(MistralConfig(**common)).eval()
+    if arch == "qwen2":
+        config = Qwen2Config(use_sliding_window=True, max_window_layers=1, **common)
+        assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
+        return Qwen2ForCausalLM(config).eval()
     raise ValueError(arch)
 
 

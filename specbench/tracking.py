@@ -225,6 +225,8 @@ def log_result(result: RunResult) -> None:
     log_jsonl(result.generations, "generations.jsonl")
     if result.verify_curve is not None:
         log_table(result.verify_curve, "verify_cost_curve.csv")
+    if result.verify_surface is not None:
+        log_table(result.verify_surface, "verify_cost_surface.csv")
     log_figures(
         plots.run_figures(
             result.metrics,
@@ -234,6 +236,8 @@ def log_result(result: RunResult) -> None:
             result.predicted_curve,
             title=result.title,
             k=result.k,
+            verify_surface=result.verify_surface,
+            batch_size=result.batch_size,
         )
     )
     mlflow.log_text(summary_markdown(result.metrics, title=result.title, notes=result.notes), "summary.md")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from specbench.config import KSchedule, ModelConfig, Quantize, SpecBenchConfig
+from specbench.config import KScheduleKind, ModelConfig, Quantize, SpecBenchConfig
 from specbench.drafters import needs_model, typed_drafter
 from specbench.errors import ConfigError
 
@@ -46,7 +46,7 @@ def validate(cfg: SpecBenchConfig) -> None:
     gen = cfg.generation
     _check(cfg.k >= 1, f"k={cfg.k} is invalid: the number of draft tokens per step must be at least 1 (e.g. k=4).")
     _check(
-        cfg.k_max >= cfg.k or cfg.k_schedule is KSchedule.constant,
+        cfg.k_max >= cfg.k or cfg.k_schedule is KScheduleKind.constant,
         f"k_max={cfg.k_max} is below k={cfg.k}: raise k_max or lower k.",
     )
     _check(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} is invalid: set it to 1 or more.")
@@ -65,6 +65,14 @@ def validate(cfg: SpecBenchConfig) -> None:
         cfg.warmup_prompts >= 0 and cfg.warmup_tokens >= 1,
         "warmup_prompts must be 0 or more and warmup_tokens 1 or more.",
     )
+    _check(
+        cfg.batch_size >= 1,
+        f"batch_size={cfg.batch_size} is invalid: decode 1 or more prompts together (e.g. batch_size=4).",
+    )
+    _check(
+        all(size >= 1 for size in cfg.cost_batch_grid) and cfg.cost_grid_budget_s > 0,
+        "cost_batch_grid needs batch sizes of 1 or more and cost_grid_budget_s a positive number of seconds.",
+    )
     _check(cfg.repeats >= 1, f"repeats={cfg.repeats} is invalid: time the prompt set 1 or more times.")
     _check(
         cfg.cost.usd_per_hour is None or cfg.cost.usd_per_hour >= 0,
@@ -78,10 +86,6 @@ def validate(cfg: SpecBenchConfig) -> None:
     _check(
         not cfg.engine.cuda_graphs or (cfg.device != "cpu" and torch.cuda.is_available()),
         "engine.cuda_graphs=true needs a CUDA GPU: drop it, or run with device=cuda on a GPU machine.",
-    )
-    _check(
-        not cfg.engine.cuda_graphs or cfg.warmup_prompts >= 1,
-        "engine.cuda_graphs=true captures its graphs after a warm-up decode: set warmup_prompts to 1 or more.",
     )
     _check(
         not cfg.engine.compile or cfg.engine.cuda_graphs,

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from specbench.config import CONFIG_PACKAGE, KSchedule, register_configs
+from specbench.config import CONFIG_PACKAGE, KScheduleKind, register_configs
 from specbench.config_errors import explain_config_error
 from specbench.drafters import PromptLookupConfig, build_drafter, needs_model, register_drafter, typed_drafter
 from specbench.engine import Proposal
@@ -73,7 +73,7 @@ def test_bad_values_are_named_with_their_fix(composer):
 
 def test_enums_accept_their_names_and_a_constant_k_may_exceed_k_max(composer):
     cfg = typed_config(composer("k_schedule=heuristic", "dtype=bfloat16", "dataset.chat_template=off", "device=cpu"))
-    assert cfg.k_schedule is KSchedule.heuristic and cfg.dtype.value == "bfloat16"
+    assert cfg.k_schedule is KScheduleKind.heuristic and cfg.dtype.value == "bfloat16"
     assert cfg.dataset.chat_template.value == "off"
     assert typed_config(composer("k=20", "device=cpu")).k == 20  # k_max bounds the heuristic schedule only
 

@@ -1,4 +1,7 @@
-"""Greedy decoding: the baseline equals generate(), and speculative output equals the baseline exactly."""
+"""Greedy decoding at batch size 1: the baseline equals generate(), and speculative output equals the baseline exactly.
+
+Batches of several prompts are tested in test_batching.py.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,23 @@ import pytest
 import torch
 
 from specbench.engine import (
+    AdaptiveK,
     CachedModel,
+    ConstantK,
+    DecodeResult,
     DecodeSettings,
+    Drafter,
     ModelDrafter,
     PromptLookupDrafter,
-    TokenChooser,
     decode_baseline,
     decode_speculative,
 )
-from specbench.engine.decode import next_k
-from specbench.engine.tree import build_tree, tree_attention_mask, walk_greedy
-from specbench.testing import GPTJ_SPARE_ROWS, make_model
+from specbench.engine.costs import measure_step_costs
+from specbench.engine.scoring import output_log_likelihood
+from specbench.engine.tree import build_tree, walk_greedy
+from specbench.testing import GPTJ_SPARE_ROWS, make_model, one_torch_thread
+
+single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 VOCAB = 300
 PROMPT = [5, 17, 42, 99, 7, 5, 17, 42, 120, 33, 8, 250, 61, 5, 17]
@@ -37,10 +46,25 @@ def drafter(model, name="draft"):
     return ModelDrafter(name, CachedModel(model, VOCAB))
 
 
+def baseline(verifier: CachedModel, prompt: list[int] = PROMPT, settings: DecodeSettings = SETTINGS) -> DecodeResult:
+    """The verifier-only decode of one prompt (a batch of one)."""
+    return decode_baseline(verifier, [prompt], settings, [0]).rows[0]
+
+
+def speculative(
+    verifier: CachedModel, drafters: list[Drafter], k: int, settings: DecodeSettings = SETTINGS, **options
+) -> DecodeResult:
+    """The speculative decode of PROMPT alone, at a constant k unless a schedule is given."""
+    schedule = options.pop("schedule", ConstantK(k))
+    return decode_speculative(
+        verifier, drafters, [PROMPT], settings, schedule, [options.pop("seed", 0)], **options
+    ).rows[0]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
 def test_baseline_equals_generate(verifiers, arch):
     model = verifiers[arch]
-    ours = decode_baseline(CachedModel(model, VOCAB), PROMPT, SETTINGS).tokens
+    ours = baseline(CachedModel(model, VOCAB)).tokens
     spare = list(range(VOCAB, model.config.vocab_size))  # GPT-J's head rows the tokenizer lacks
     reference = model.generate(
         torch.tensor([PROMPT]),
@@ -58,9 +82,8 @@ def test_baseline_equals_generate(verifiers, arch):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_random_draft_is_lossless(verifiers, drafts, arch, draft_arch, k):
     verifier = CachedModel(verifiers[arch], VOCAB)
-    baseline = decode_baseline(verifier, PROMPT, SETTINGS)
-    spec = decode_speculative(verifier, [drafter(drafts[draft_arch])], PROMPT, SETTINGS, k=k)
-    assert spec.tokens == baseline.tokens
+    spec = speculative(verifier, [drafter(drafts[draft_arch])], k)
+    assert spec.tokens == baseline(verifier).tokens
     assert spec.accepted < spec.proposed  # a random draft is mostly wrong, so rollback was exercised
     assert spec.verifier_calls == spec.steps + 1
 
@@ -69,9 +92,8 @@ def test_random_draft_is_lossless(verifiers, drafts, arch, draft_arch, k):
 @pytest.mark.parametrize("k", [1, 4])
 def test_verifier_as_its_own_draft_accepts_everything(verifiers, arch, k):
     verifier = CachedModel(verifiers[arch], VOCAB)
-    baseline = decode_baseline(verifier, PROMPT, SETTINGS)
-    spec = decode_speculative(verifier, [drafter(verifiers[arch])], PROMPT, SETTINGS, k=k)
-    assert spec.tokens == baseline.tokens
+    spec = speculative(verifier, [drafter(verifiers[arch])], k)
+    assert spec.tokens == baseline(verifier).tokens
     assert spec.accepted == spec.proposed > 0
     assert spec.accepted_by_position == spec.proposed_by_position
     # 39 tokens after the first, k + 1 per step
@@ -81,15 +103,14 @@ def test_verifier_as_its_own_draft_accepts_everything(verifiers, arch, k):
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
 def test_draft_set_verified_as_a_tree_is_lossless(verifiers, drafts, arch):
     verifier = CachedModel(verifiers[arch], VOCAB)
-    baseline = decode_baseline(verifier, PROMPT, SETTINGS)
     members = [
         drafter(drafts["gpt2"], "random_gpt2"),
         drafter(verifiers[arch], "self"),
         drafter(drafts["gpt_neo"], "random_neo"),
         PromptLookupDrafter("lookup", max_ngram=2),
     ]
-    spec = decode_speculative(verifier, members, PROMPT, SETTINGS, k=4)
-    assert spec.tokens == baseline.tokens
+    spec = speculative(verifier, members, 4)
+    assert spec.tokens == baseline(verifier).tokens
     assert spec.drafters["self"].accepted == spec.accepted  # the perfect draft covers every accepted path
     assert spec.drafters["self"].wins == sum(1 for a in spec.accepted_per_step if a)
     assert spec.drafters["random_gpt2"].accepted < spec.drafters["random_gpt2"].proposed
@@ -102,28 +123,26 @@ def test_tree_pass_matches_separate_chain_passes(verifiers):
         tree = build_tree(PROMPT[-1], branches)
         assert not tree.is_chain and tree.size == 1 + 9
         cached = CachedModel(model, VOCAB)
-        cached.forward(torch.tensor(PROMPT[:-1]))
-        mask = tree_attention_mask(tree, cached.cache_len, cached.mask_width(tree.size), model.dtype, cached.device)
-        positions = torch.tensor(tree.depths)[None] + cached.cache_len
-        tree_logits = cached.forward(torch.tensor(tree.tokens), tree.size, positions, mask)
+        cached.prefill([PROMPT[:-1]])
+        tree_logits = cached.forward(torch.tensor([tree.tokens]), None, [tree.parents], logits_to_keep=tree.size)[0]
         for branch_tokens, branch_nodes in zip(branches, tree.branches, strict=True):
             chain = CachedModel(model, VOCAB)
-            chain_logits = chain.forward(torch.tensor(PROMPT + branch_tokens), logits_to_keep=len(branch_tokens) + 1)
+            chain_logits = chain.prefill([PROMPT + branch_tokens], logits_to_keep=len(branch_tokens) + 1)[0]
             rows = [0, *branch_nodes]
             torch.testing.assert_close(tree_logits[rows], chain_logits, rtol=1e-4, atol=1e-4, msg=arch)
 
 
-def test_cache_compaction_keeps_only_the_accepted_branch(verifiers):
+@pytest.mark.parametrize("max_len", [None, 64])
+def test_cache_compaction_keeps_only_the_accepted_branch(verifiers, max_len):
     model = verifiers["llama"]
     tree = build_tree(PROMPT[-1], [[11, 12], [21, 22, 23]])
-    cached = CachedModel(model, VOCAB)
-    cached.forward(torch.tensor(PROMPT[:-1]))
-    start = cached.cache_len
-    mask = tree_attention_mask(tree, start, cached.mask_width(tree.size), model.dtype, cached.device)
-    cached.forward(torch.tensor(tree.tokens), tree.size, torch.tensor(tree.depths)[None] + start, mask)
-    cached.keep_rows(start, [0, *tree.branches[1][:2]])  # keep root, 21, 22
-    after = cached.forward(torch.tensor([5]))
-    fresh = CachedModel(model, VOCAB).forward(torch.tensor([*PROMPT, 21, 22, 5]))
+    cached = CachedModel(model, VOCAB, max_len=max_len)
+    cached.prefill([PROMPT[:-1]])
+    cached.forward(torch.tensor([tree.tokens]), None, [tree.parents], logits_to_keep=tree.size)
+    cached.commit([[0, *tree.branches[1][:2]]])  # keep root, 21, 22
+    assert cached.lengths == [len(PROMPT) + 2] and cached.columns == len(PROMPT) + 2
+    after = cached.forward(torch.tensor([[5]]))
+    fresh = CachedModel(model, VOCAB).prefill([[*PROMPT, 21, 22, 5]])
     torch.testing.assert_close(after, fresh, rtol=1e-4, atol=1e-4)
 
 
@@ -139,82 +158,89 @@ def test_walk_greedy_follows_the_argmax():
 
 def test_eos_stops_both_modes_at_the_same_token(verifiers, drafts):
     verifier = CachedModel(verifiers["gpt2"], VOCAB)
-    free = decode_baseline(verifier, PROMPT, SETTINGS).tokens
+    free = baseline(verifier).tokens
     eos = free[9]  # the 10th token becomes the stop token
     settings = DecodeSettings(max_new_tokens=40, eos_token_ids=frozenset({eos}))
-    baseline = decode_baseline(verifier, PROMPT, settings)
-    assert baseline.tokens == free[: free.index(eos) + 1]
+    stopped = baseline(verifier, settings=settings)
+    assert stopped.tokens == free[: free.index(eos) + 1]
     for k in (1, 4, 8):
         for members in ([drafter(drafts["gpt2"])], [drafter(verifiers["gpt2"])]):
-            assert decode_speculative(verifier, members, PROMPT, settings, k=k).tokens == baseline.tokens
+            assert speculative(verifier, members, k, settings).tokens == stopped.tokens
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
 def test_max_new_tokens_is_exact(verifiers, max_new_tokens):
     verifier = CachedModel(verifiers["gpt2"], VOCAB)
     settings = DecodeSettings(max_new_tokens=max_new_tokens)
-    baseline = decode_baseline(verifier, PROMPT, settings)
-    assert len(baseline.tokens) == max_new_tokens
-    spec = decode_speculative(verifier, [drafter(verifiers["gpt2"])], PROMPT, settings, k=5)
-    assert spec.tokens == baseline.tokens
-    assert max(spec.k_per_step, default=0) <= max_new_tokens - 1  # never drafts past the budget
+    alone = baseline(verifier, settings=settings)
+    assert len(alone.tokens) == max_new_tokens
+    spec = speculative(verifier, [drafter(verifiers["gpt2"])], 5, settings)
+    assert spec.tokens == alone.tokens
+    assert max(spec.depth_per_step, default=0) <= max_new_tokens - 1  # never drafts past the budget
+    assert set(spec.k_per_step) <= {5}  # the schedule's k, whatever the depth
 
 
 def test_gptj_spare_logits_are_never_produced(verifiers, drafts):
     model = verifiers["gptj"]
     assert model.config.vocab_size == VOCAB + GPTJ_SPARE_ROWS
     cached = CachedModel(model, VOCAB)
-    assert cached.forward(torch.tensor(PROMPT)).shape[-1] == VOCAB
+    assert cached.prefill([PROMPT]).shape[-1] == VOCAB
     # Push the spare rows' bias up so they would win the argmax if they were not cut.
     with torch.no_grad():
         model.lm_head.bias[VOCAB:] += 100.0
     try:
-        baseline = decode_baseline(cached, PROMPT, SETTINGS)
-        spec = decode_speculative(cached, [drafter(drafts["gpt2"])], PROMPT, SETTINGS, k=3)
+        alone = baseline(cached)
+        spec = speculative(cached, [drafter(drafts["gpt2"])], 3)
         unrestricted = model.generate(torch.tensor([PROMPT]), max_new_tokens=5, do_sample=False, pad_token_id=0)
     finally:
         with torch.no_grad():
             model.lm_head.bias[VOCAB:] -= 100.0
-    assert max(baseline.tokens) < VOCAB and spec.tokens == baseline.tokens
+    assert max(alone.tokens) < VOCAB and spec.tokens == alone.tokens
     assert max(unrestricted[0, len(PROMPT) :].tolist()) >= VOCAB  # the head really prefers the spare ids
 
 
 def test_adaptive_k_changes_k_and_stays_lossless(verifiers, drafts):
     verifier = CachedModel(verifiers["gpt2"], VOCAB)
-    baseline = decode_baseline(verifier, PROMPT, SETTINGS)
-    spec = decode_speculative(
-        verifier, [drafter(drafts["gpt2"])], PROMPT, SETTINGS, k=3, k_schedule="heuristic", k_max=8
-    )
-    assert spec.tokens == baseline.tokens
-    assert len(set(spec.k_per_step)) > 1
-    assert next_k(4, 4, 4, "heuristic", 8) == 6 and next_k(7, 7, 7, "heuristic", 8) == 8
-    assert next_k(4, 2, 4, "heuristic", 8) == 3 and next_k(1, 0, 1, "heuristic", 8) == 1
-    assert next_k(4, 0, 4, "constant", 8) == 4
-    assert next_k(4, 0, 0, "heuristic", 8) == 4  # nothing offered (no prompt-lookup match): keep k
-    assert next_k(4, 2, 2, "heuristic", 8) == 6  # a short proposal, fully accepted
+    spec = speculative(verifier, [drafter(drafts["gpt2"])], 3, schedule=AdaptiveK(3, 8))
+    assert spec.tokens == baseline(verifier).tokens
+    assert len(set(spec.k_per_step)) > 1 and len(spec.proposed_by_position) == 8
+
+
+def test_k_schedules():
+    adaptive = AdaptiveK(3, 8)
+    assert (adaptive.first, adaptive.max_k) == (3, 8)
+    assert adaptive.next(4, 4, 4) == 6 and adaptive.next(7, 7, 7) == 8
+    assert adaptive.next(4, 2, 4) == 3 and adaptive.next(1, 0, 1) == 1
+    assert adaptive.next(4, 0, 0) == 4  # nothing offered (no prompt-lookup match): keep k
+    assert adaptive.next(4, 2, 2) == 6  # a short proposal, fully accepted
+    constant = ConstantK(4)
+    assert (constant.first, constant.max_k, constant.next(4, 0, 4), constant.next(4, 4, 4)) == (4, 4, 4, 4)
+    with pytest.raises(ValueError, match="k_max"):
+        AdaptiveK(5, 4)
 
 
 def test_prompt_lookup_copies_what_followed_the_latest_match():
-    chooser = TokenChooser(SETTINGS)
     lookup = PromptLookupDrafter(max_ngram=3)
     tokens = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3, 7, 8, 6, 1, 2, 3]
-    assert lookup.propose(tokens, 3, chooser).tokens == [7, 8, 6]  # the latest earlier "1 2 3"
-    assert lookup.propose([1, 2, 3, 4], 2, chooser).tokens == []
-    assert lookup.propose([4, 5, 6, 4], 5, chooser).tokens == [5, 6, 4]  # falls back to the unigram "4"
+    assert lookup.lookup(tokens, 3) == [7, 8, 6]  # the latest earlier "1 2 3"
+    assert lookup.lookup([1, 2, 3, 4], 2) == []
+    assert lookup.lookup([4, 5, 6, 4], 5) == [5, 6, 4]  # falls back to the unigram "4"
+    proposals = lookup.propose([tokens, [4, 5, 6, 4], tokens], [3, 5, 0], [])
+    assert [proposal.tokens for proposal in proposals] == [[7, 8, 6], [5, 6, 4], []]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
 def test_static_cache_gives_the_same_tokens(verifiers, drafts, arch):
     """The preallocated cache that CUDA graphs need: same outputs, rollback and tree compaction included."""
-    dynamic = decode_baseline(CachedModel(verifiers[arch], VOCAB), PROMPT, SETTINGS).tokens
+    dynamic = baseline(CachedModel(verifiers[arch], VOCAB)).tokens
     static_verifier = CachedModel(verifiers[arch], VOCAB, max_len=128)
     assert static_verifier.max_len == 128
-    assert decode_baseline(static_verifier, PROMPT, SETTINGS).tokens == dynamic
+    assert baseline(static_verifier).tokens == dynamic
     static_draft = ModelDrafter("draft", CachedModel(drafts["gpt2"], VOCAB, max_len=128))
     members = [static_draft, drafter(verifiers[arch], "self"), PromptLookupDrafter("lookup")]
-    single = decode_speculative(static_verifier, [static_draft], PROMPT, SETTINGS, k=4)
+    single = speculative(static_verifier, [static_draft], 4)
     assert single.tokens == dynamic and single.accepted < single.proposed  # rollbacks happened
-    tree = decode_speculative(static_verifier, members, PROMPT, SETTINGS, k=4)
+    tree = speculative(static_verifier, members, 4)
     assert tree.tokens == dynamic and tree.drafters["draft"].wins < tree.steps  # candidates diverged
 
 
@@ -226,7 +252,7 @@ def test_static_cache_is_refused_where_attention_would_be_wrong(drafts):
 def test_static_cache_overflow_is_an_error(verifiers):
     cached = CachedModel(verifiers["gpt2"], VOCAB, max_len=len(PROMPT) + 2)
     with pytest.raises(ValueError, match="static cache holds"):
-        decode_baseline(cached, PROMPT, SETTINGS)
+        baseline(cached)
 
 
 def test_sliding_window_models_keep_the_dynamic_cache():
@@ -239,15 +265,12 @@ def test_sliding_window_models_keep_the_dynamic_cache():
     model = MistralForCausalLM(config).eval()
     cached = CachedModel(model, VOCAB, max_len=128)
     assert cached.max_len is None
-    assert (
-        decode_baseline(cached, PROMPT, SETTINGS).tokens
-        == decode_baseline(CachedModel(model, VOCAB), PROMPT, SETTINGS).tokens
-    )
+    assert baseline(cached).tokens == baseline(CachedModel(model, VOCAB)).tokens
 
 
 def test_no_draft_prefill_when_the_first_token_ends_decoding(verifiers, drafts):
     settings = DecodeSettings(max_new_tokens=1)
-    spec = decode_speculative(CachedModel(verifiers["gpt2"], VOCAB), [drafter(drafts["gpt2"])], PROMPT, settings, k=3)
+    spec = speculative(CachedModel(verifiers["gpt2"], VOCAB), [drafter(drafts["gpt2"])], 3, settings)
     assert len(spec.tokens) == 1 and spec.draft_prefill_s == 0.0 and spec.steps == 0
 
 
@@ -256,12 +279,53 @@ def test_parallel_drafting_gives_the_same_output(verifiers, drafts):
 
     verifier = CachedModel(verifiers["gpt2"], VOCAB)
     members = [drafter(drafts["gpt2"], "a"), drafter(drafts["gpt_neo"], "b"), PromptLookupDrafter("lookup")]
-    sequential = decode_speculative(verifier, members, PROMPT, SETTINGS, k=3)
+    sequential = speculative(verifier, members, 3)
     with ThreadPoolExecutor(3) as pool:
-        parallel = decode_speculative(verifier, members, PROMPT, SETTINGS, k=3, pool=pool)
+        parallel = speculative(verifier, members, 3, pool=pool)
         sampling = DecodeSettings(max_new_tokens=20, do_sample=True)
-        sampled = [
-            decode_speculative(verifier, members, PROMPT, sampling, k=3, seed=4, pool=p).tokens for p in (None, pool)
-        ]
-    assert parallel.tokens == sequential.tokens == decode_baseline(verifier, PROMPT, SETTINGS).tokens
+        sampled = [speculative(verifier, members, 3, sampling, seed=4, pool=p).tokens for p in (None, pool)]
+    assert parallel.tokens == sequential.tokens == baseline(verifier).tokens
     assert sampled[0] == sampled[1]  # each drafter has its own seeded generator: threads change nothing
+
+
+def test_step_costs_by_batch_size(verifiers, drafts):
+    verifier = CachedModel(verifiers["llama"], VOCAB, max_len=64)
+    members = [drafter(drafts["gpt2"]), PromptLookupDrafter("lookup")]
+    shapes = {1: (1, 2, 3), 2: (1, 3), 4: (1, 3)}
+    costs = measure_step_costs(verifier, members, PROMPT, SETTINGS, shapes, repeats=1)
+    assert set(costs.verify_s) == set(costs.draft_s) == {1, 2, 4}
+    assert {size: tuple(curve) for size, curve in costs.verify_s.items()} == shapes
+    assert all(min(curve.values()) > 0 for curve in costs.verify_s.values())
+    assert all(set(steps) == {"draft", "lookup"} for steps in costs.draft_s.values())
+    assert verifier.lengths == [0]  # left reset for whatever runs next
+    # a budget no pass can meet stops the grid after the first batch size
+    slow = measure_step_costs(verifier, members, PROMPT, SETTINGS, shapes, repeats=1, budget_s=1e-9)
+    assert set(slow.verify_s) == {1}
+
+
+def test_log_likelihood_is_the_sum_of_token_log_probabilities(verifiers):
+    model = verifiers["gptj"]
+    output = [3, 250, 7]
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + output])).logits[0, len(PROMPT) - 1 : -1, :VOCAB]
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(output)[:, None]).sum().item()
+    assert output_log_likelihood(CachedModel(model, VOCAB), PROMPT, output) == pytest.approx(expected, abs=1e-4)
+
+
+class LookupWithoutMemoryFrom(PromptLookupDrafter):
+    """Prompt lookup that runs out of memory from a given batch size on, as a large model would on a GPU."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__("lookup")
+        self.too_large = batch_size
+
+    def reset(self, batch_size: int) -> None:
+        if batch_size >= self.too_large:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test drafter)")
+
+
+def test_step_costs_stop_at_the_first_batch_size_out_of_memory(verifiers):
+    verifier = CachedModel(verifiers["gpt2"], VOCAB)
+    shapes = {size: (1, 2) for size in (1, 2, 4, 8)}
+    costs = measure_step_costs(verifier, [LookupWithoutMemoryFrom(4)], PROMPT, SETTINGS, shapes, repeats=1)
+    assert set(costs.verify_s) == set(costs.draft_s) == {1, 2}

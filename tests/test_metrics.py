@@ -14,6 +14,7 @@ from specbench import speedup_model
 from specbench.engine import DecodeResult, DrafterStats
 from specbench.engine.costs import StepCosts
 from specbench.metrics import (
+    BatchStats,
     PromptOutcome,
     acceptance_metrics,
     bootstrap_intervals,
@@ -50,6 +51,7 @@ def outcome(
         proposed_by_position=[steps] * k,
         accepted_by_position=[sum(a > i for a in accepted_per_step) for i in range(k)],
         k_per_step=[k] * steps,
+        depth_per_step=[k] * steps,
         offered_per_step=[k] * steps,
         accepted_per_step=accepted_per_step,
         drafters={
@@ -65,12 +67,22 @@ def outcome(
     baseline = DecodeResult(
         tokens=list(range(baseline_tokens)), latency_s=baseline_s, ttft_s=0.1, verifier_calls=baseline_tokens
     )
-    return PromptOutcome(pubid, 10, False, baseline, spec, "same", "same", repeat=repeat)
+    batch_stats = {"baseline_batch": BatchStats(baseline_s), "spec_batch": BatchStats(spec_s)}
+    return PromptOutcome(pubid, 10, False, baseline, spec, "same", "same", **batch_stats, repeat=repeat)
+
+
+def one_per_batch(outcomes: list[PromptOutcome]) -> list[PromptOutcome]:
+    """Number each repeat's prompts as batches of one, in order, as batch_size=1 decodes them."""
+    counts: dict[int, int] = {}
+    for item in outcomes:
+        item.batch = counts.get(item.repeat, 0)
+        counts[item.repeat] = item.batch + 1
+    return outcomes
 
 
 @pytest.fixture
 def outcomes():
-    return [outcome("SYN-001", 2.0, 1.0, [2, 0, 1]), outcome("SYN-002", 4.0, 3.0, [2, 2])]
+    return one_per_batch([outcome("SYN-001", 2.0, 1.0, [2, 0, 1]), outcome("SYN-002", 4.0, 3.0, [2, 2])])
 
 
 def test_timing_is_ratio_of_sums(outcomes):
@@ -110,17 +122,40 @@ def test_predicted_speedup_matches_leviathan():
     assert predicted_speedup(0.8, 4, 0.1, 2.0) < predicted_speedup(0.8, 4, 0.1, 1.0)
 
 
+def curve(*seconds: float) -> dict[int, float]:
+    """A verify curve: seconds of a pass over n = 1, 2, ... new tokens."""
+    return dict(enumerate(seconds, start=1))
+
+
 def test_speedup_model_picks_the_best_k(outcomes):
-    costs = StepCosts(verify_s=[0.1, 0.1, 0.1, 0.1, 0.3, 0.3], draft_s={"d": 0.01})
-    measured = speedup_model.cost_metrics(costs, k=2)
+    costs = StepCosts(verify_s={1: curve(0.1, 0.1, 0.1, 0.1, 0.3, 0.3)}, draft_s={1: {"d": 0.01}})
+    measured = speedup_model.cost_metrics(costs, k=2, batch=1)
     assert measured["draft_verifier_cost_ratio"] == pytest.approx(0.1)
     assert measured["verify_cost_ratio_3_tokens"] == pytest.approx(1.0)
     assert measured["draft_step_ms_d"] == pytest.approx(10.0)
-    metrics = prediction_metrics(costs, outcomes, k=2)
+    metrics = prediction_metrics(costs, outcomes, k=2, batch=1)
     assert metrics["best_k_predicted"] == 3  # the verify cost jumps at 5 tokens (k = 4)
     # alpha from the 5 full steps (2 + 0 + 1 + 2 + 2 accepted): 1.4 drafts per 2-token step
     assert metrics["alpha_iid"] == pytest.approx(iid_acceptance(1.4, 2))
     assert metrics["predicted_speedup"] == pytest.approx(predicted_speedup(metrics["alpha_iid"], 2, 0.1, 1.0))
+
+
+def test_the_model_predicts_the_batch_size_where_speculation_stops_paying(outcomes):
+    """Verifying 3 tokens per row costs what 1 costs up to 4 rows, then 2.5x: the crossover is at 8 rows."""
+    flat, steep = {1: 0.1, 3: 0.1}, {1: 0.1, 3: 0.25}
+    costs = StepCosts(
+        verify_s={1: curve(0.1, 0.1, 0.1), 2: flat, 4: flat, 8: steep, 16: steep},
+        draft_s={size: {"d": 0.01} for size in (1, 2, 4, 8, 16)},
+    )
+    metrics = prediction_metrics(costs, outcomes, k=2, batch=1)
+    alpha = metrics["alpha_iid"]
+    assert metrics["predicted_speedup_batch_4"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 1.0))
+    assert metrics["predicted_speedup_batch_8"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 2.5))
+    assert metrics["predicted_speedup_batch_4"] > 1 > metrics["predicted_speedup_batch_8"]
+    assert metrics["crossover_batch_predicted"] == 8
+    # a grid that never crosses logs no crossover rather than a made-up one
+    costs.verify_s = {size: flat | {2: 0.1} for size in (1, 2, 4)}
+    assert "crossover_batch_predicted" not in prediction_metrics(costs, outcomes, k=2, batch=1)
 
 
 def test_the_model_is_out_of_scope_for_draft_sets_and_adaptive_k():
@@ -133,7 +168,7 @@ def test_the_model_is_out_of_scope_for_draft_sets_and_adaptive_k():
 
 def test_speedup_is_the_token_rate_ratio_when_outputs_differ_in_length():
     """Sampling: the speculative output stops at 6 tokens in 1 s, the baseline's at 11 tokens in 2 s."""
-    outcomes = [outcome(f"P{i}", 2.0, 1.0, [1, 0, 2], baseline_tokens=11) for i in range(3)]  # 7 spec tokens
+    outcomes = one_per_batch([outcome(f"P{i}", 2.0, 1.0, [1, 0, 2], baseline_tokens=11) for i in range(3)])  # 7 tokens
     table = per_prompt_table(outcomes)
     metrics = timing_metrics(table)
     rate_ratio = (7 / 1.0) / (11 / 2.0)  # 1.27x, where the time ratio would say 2.0x
@@ -154,7 +189,7 @@ def test_speedup_is_the_token_rate_ratio_when_outputs_differ_in_length():
 
 def speedup_table(spec_seconds: list[float]) -> pd.DataFrame:
     """Prompts of 7 tokens in both modes, 1 s each verifier-only, `spec_seconds` speculatively."""
-    return per_prompt_table([outcome(f"P{i}", 1.0, s, [1, 0, 2]) for i, s in enumerate(spec_seconds)])
+    return per_prompt_table(one_per_batch([outcome(f"P{i}", 1.0, s, [1, 0, 2]) for i, s in enumerate(spec_seconds)]))
 
 
 def check_speedup_interval(low: float, high: float, expected: tuple[float, float]) -> None:
@@ -189,7 +224,7 @@ def test_bootstrap_draws_prompts_with_all_their_repeats():
     twice_outcomes = [
         outcome(f"P{i}", 1.0, s, [1, 0, 2], repeat=repeat) for repeat in range(2) for i, s in enumerate(spec_seconds)
     ]
-    twice = bootstrap_intervals(per_prompt_table(twice_outcomes))
+    twice = bootstrap_intervals(per_prompt_table(one_per_batch(twice_outcomes)))
     for key in ("speedup_ci_low", "speedup_ci_high", "acceptance_rate_ci_low", "acceptance_rate_ci_high"):
         assert twice[key] == pytest.approx(once[key]), key
     assert once["speedup_ci_high"] - once["speedup_ci_low"] > 0.2  # the prompts do differ
@@ -207,7 +242,7 @@ def test_acceptance_interval_skips_resamples_without_proposals():
         silent = outcome(f"E{i}", 1.0, 1.0, [0, 0], k=2)
         silent.spec.proposed = silent.spec.accepted = 0
         empty.append(silent)
-    intervals = bootstrap_intervals(per_prompt_table(proposing + empty))
+    intervals = bootstrap_intervals(per_prompt_table(one_per_batch(proposing + empty)))
     assert intervals["acceptance_rate_ci_low"] == pytest.approx(0.5)
     assert intervals["acceptance_rate_ci_high"] == pytest.approx(0.5)
 
@@ -216,7 +251,7 @@ def test_repeats_pool_into_the_headline_and_show_their_spread():
     """Repeat 0 runs 1.5x faster, repeat 1 2x; the headline pools both, the spread shows each."""
     outcomes = [outcome(f"P{i}", 3.0, 2.0, [1, 0, 2]) for i in range(2)]
     outcomes += [outcome(f"P{i}", 3.0, 1.5, [1, 0, 2], repeat=1) for i in range(2)]
-    table = per_prompt_table(outcomes)
+    table = per_prompt_table(one_per_batch(outcomes))
     assert table["repeat"].tolist() == [0, 0, 1, 1]
     metrics = timing_metrics(table) | repeat_metrics(table) | acceptance_metrics(table, outcomes)
     assert metrics["num_prompts"] == 2

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 import specbench.cli
 from specbench.report import comparison_figures, load_runs, log_report, summary_table, write_report
 from specbench.report.figures import col
+from specbench.report.query import crossover_table
 
 EXPERIMENT = "specbench"
 DRAFTS = ("gpt2_family", "distilgpt2")
@@ -155,7 +156,8 @@ def test_summary_table_rows_columns_and_order(runs: pd.DataFrame) -> None:
     assert list(table[["draft", "k"]].itertuples(index=False, name=None)) == [
         (draft, k) for draft in sorted(DRAFTS) for k in sorted(KS)
     ]
-    assert list(table.columns[:4]) == ["draft", "k", "verifier", "sampling"]
+    assert list(table.columns[:5]) == ["draft", "k", "batch", "verifier", "sampling"]
+    assert set(table["batch"]) == {1}  # runs that logged no batch_size decoded one prompt at a time
     assert set(table["verifier"]) == {"gpt_j_6b"}
     assert set(table["sampling"]) == {"greedy"}
     row = table.iloc[0]  # distilgpt2, k=1
@@ -192,7 +194,7 @@ def test_write_report(runs: pd.DataFrame, tmp_path: Path) -> None:
     relative = {path.relative_to(tmp_path / "report").as_posix() for path in paths}
     assert relative == {"summary.md", "summary.csv"} | FIGURES
     markdown = (tmp_path / "report" / "summary.md").read_text()
-    assert markdown.startswith("| draft | k | verifier | sampling | Latency p50 per request, baseline (s) |")
+    assert markdown.startswith("| draft | k | batch | verifier | sampling | Latency p50 per request, baseline (s) |")
     assert markdown.count("\n| distilgpt2 | ") == 3
     assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == 6
     for path in paths:
@@ -227,8 +229,8 @@ def test_main_prints_the_table_and_writes_the_report(
     argv = ["--tracking-uri", sweep.uri, "--experiment", EXPERIMENT, "--parent-run-id", sweep.parent_id]
     assert report_command([*argv, "--out", str(out), "--log-to-parent"]) == 0
     printed = capsys.readouterr().out
-    assert "| draft | k | verifier |" in printed
-    assert "| gpt2_family | 4 | gpt_j_6b | greedy |" in printed
+    assert "| draft | k | batch | verifier |" in printed
+    assert "| gpt2_family | 4 | 1 | gpt_j_6b | greedy |" in printed
     assert str(out) in printed
     assert (out / "summary.md").is_file()
     assert (out / "plots" / "speedup_vs_k.png").is_file()
@@ -241,3 +243,49 @@ def test_main_unknown_experiment_fails_with_one_sentence(sweep: Sweep, capsys: p
     assert captured.err.startswith("error: experiment 'nope' does not exist")
     assert captured.err.count("\n") == 1
     assert captured.err.rstrip().endswith(".")
+
+
+def batch_sweep() -> pd.DataFrame:
+    """Runs of one (draft, k) at batch sizes 1, 2 and 4, as `mlflow.search_runs` returns them."""
+    rows = []
+    for batch, speedup in ((4, 0.9), (1, 1.6), (2, 1.3)):
+        predicted = {f"metrics.predicted_speedup_batch_{size}": 1.8 / size**0.4 for size in (1, 2, 4, 8, 16)}
+        rows.append(
+            {
+                "run_id": f"run-{batch}",
+                "params.draft.name": "distilgpt2",
+                "params.k": "4",
+                "params.batch_size": str(batch),
+                "params.verifier.name": "gpt_j_6b",
+                "params.generation.do_sample": "False",
+                "metrics.speedup": speedup,
+                "metrics.speedup_ci_low": speedup - 0.1,
+                "metrics.speedup_ci_high": speedup + 0.1,
+                "metrics.crossover_batch_predicted": 8.0,
+            }
+            | predicted
+        )
+    return pd.DataFrame(rows)
+
+
+def test_speedup_against_batch_size_and_the_crossovers() -> None:
+    runs = batch_sweep()
+    crossovers = crossover_table(runs)
+    assert crossovers[["batch sizes", "crossover measured", "crossover predicted"]].values.tolist() == [
+        ["1, 2, 4", 4, 8.0]
+    ]
+    figure = comparison_figures(runs)["plots/speedup_vs_batch.png"]
+    (ax,) = figure.axes
+    measured = next(line for line in ax.get_lines() if line.get_marker() == "o")
+    assert measured.get_xdata().tolist() == [1, 2, 4]
+    assert measured.get_ydata().tolist() == pytest.approx([1.6, 1.3, 0.9])
+    predicted = next(line for line in ax.get_lines() if line.get_linestyle() == "--" and line.get_marker() == "x")
+    assert predicted.get_xdata().tolist() == [1, 2, 4, 8, 16]
+    assert ax.get_xscale() == "log"
+
+
+def test_the_report_names_the_crossover(tmp_path: Path) -> None:
+    write_report(batch_sweep(), tmp_path)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "### Where speculation stops paying (batch size)" in markdown
+    assert "| distilgpt2 | 4 | greedy | 1, 2, 4 | 4 | 8 |" in markdown

@@ -11,9 +11,6 @@ draws together are independent uniforms when every conditional law is right. A
 Kolmogorov-Smirnov test checks that, and controls show the same check rejects a law
 without the temperature, without top-k, without top-p, or without any warping.
 Everything is seeded, so the outcome is fixed.
-
-Integrator's note: written against the per-prompt engine API
-(`decode_speculative(verifier, drafters, prompt, settings, k=..., seed=...)`).
 """
 
 from __future__ import annotations
@@ -25,7 +22,14 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from specbench.engine import CachedModel, DecodeSettings, ModelDrafter, PromptLookupDrafter, decode_speculative
+from specbench.engine import (
+    CachedModel,
+    ConstantK,
+    DecodeSettings,
+    ModelDrafter,
+    PromptLookupDrafter,
+    decode_speculative,
+)
 from specbench.testing import make_model
 
 VOCAB = 8
@@ -89,7 +93,7 @@ def sample(verifier, drafters) -> Draws:
     cached = CachedModel(verifier, VOCAB)
     draws = Draws()
     for seed in range(DRAWS):
-        result = decode_speculative(cached, drafters, PROMPT, SETTINGS, k=3, seed=seed)
+        (result,) = decode_speculative(cached, drafters, [PROMPT], SETTINGS, ConstantK(3), [seed]).rows
         draws.outputs.append(result.tokens)
         offered, accepted = result.offered_per_step[0], result.accepted_per_step[0]
         draws.first_step_accepted += accepted > 0

@@ -8,10 +8,6 @@ recomputed from the passes it made:
   repeat to repeat, with the same seed for a prompt in both modes and every repeat;
 - the engine counts the drafters' prefill in the speculative latency, not in the
   time to first token.
-
-Integrator's note: written against the per-prompt engine API (`decode_baseline`,
-`decode_speculative`, `specbench.engine.decode.Clock`, `CachedModel.forward`);
-adapt the names when the batched engine lands.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import specbench.engine.decode
+import specbench.engine.timing
 import specbench.runner
 from specbench.config import (
     DatasetConfig,
@@ -33,7 +29,7 @@ from specbench.config import (
 )
 from specbench.data import load_records
 from specbench.drafters import ModelDrafterConfig
-from specbench.engine import CachedModel, DecodeSettings, ModelDrafter, decode_baseline, decode_speculative
+from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter, decode_baseline, decode_speculative
 from specbench.models import ModelCache
 from specbench.pipeline import run_benchmark
 from specbench.runner import prepare
@@ -62,20 +58,20 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(specbench.engine.decode, "Clock", fake)
+    monkeypatch.setattr(specbench.engine.timing, "Clock", fake)
     return fake
 
 
 def ticking(model: CachedModel, clock: FakeClock, seconds: float, counts: dict[str, int], name: str) -> CachedModel:
-    """Make each forward of `model` advance the clock by `seconds` and count it under `name`."""
-    forward = model.forward
+    """Make each pass of `model` (prefill or forward) advance the clock by `seconds` and count it under `name`."""
+    feed = model._feed
 
-    def timed_forward(*args, **kwargs):
+    def timed_feed(*args, **kwargs):
         clock.tick(seconds)
         counts[name] = counts.get(name, 0) + 1
-        return forward(*args, **kwargs)
+        return feed(*args, **kwargs)
 
-    model.forward = timed_forward
+    model._feed = timed_feed
     return model
 
 
@@ -89,7 +85,7 @@ def test_drafter_prefill_counts_in_speculative_latency_but_not_in_time_to_first_
     draft = ticking(CachedModel(make_model("gpt2", vocab, seed=1, layers=1), vocab), clock, DRAFT_TICK, counts, "d")
     settings = DecodeSettings(max_new_tokens=12)
 
-    result = decode_speculative(verifier, [ModelDrafter("d", draft)], prompt, settings, k=3, seed=0)
+    (result,) = decode_speculative(verifier, [ModelDrafter("d", draft)], [prompt], settings, ConstantK(3), [0]).rows
     assert result.ttft_s == VERIFY_TICK  # the verifier's prefill alone
     assert result.drafters["d"].prefill_s == DRAFT_TICK  # the draft read the prompt in one forward ...
     assert result.draft_prefill_s == DRAFT_TICK
@@ -102,7 +98,7 @@ def test_drafter_prefill_counts_in_speculative_latency_but_not_in_time_to_first_
 
     counts.clear()
     start = clock.time
-    baseline = decode_baseline(verifier, prompt, settings, seed=0)
+    (baseline,) = decode_baseline(verifier, [prompt], settings, [0]).rows
     assert baseline.ttft_s == VERIFY_TICK
     assert baseline.latency_s == clock.time - start == counts["verifier"] * VERIFY_TICK == len(baseline.tokens)
 
@@ -123,23 +119,25 @@ class Call:
 
 @pytest.fixture
 def calls(monkeypatch, clock) -> list[Call]:
-    """Every decode the runner makes, in order, with its fake-time window; every model forward ticks once."""
+    """Every decode the runner makes (batches of one prompt), in order, with its fake-time window; every model
+    pass ticks once."""
     log: list[Call] = []
-    forward = CachedModel.forward
+    feed = CachedModel._feed
 
-    def ticking_forward(self, *args, **kwargs):
+    def ticking_feed(self, *args, **kwargs):
         clock.tick(VERIFY_TICK)
-        return forward(self, *args, **kwargs)
+        return feed(self, *args, **kwargs)
 
-    monkeypatch.setattr(CachedModel, "forward", ticking_forward)
+    monkeypatch.setattr(CachedModel, "_feed", ticking_feed)
 
     def recorded(mode, decode):
         def run(verifier, *args, **kwargs):
-            prompt_ids, settings = (args[1], args[2]) if mode == "spec" else (args[0], args[1])
-            seed = args[4] if mode == "spec" else args[2]
-            call = Call(mode, tuple(prompt_ids), settings.max_new_tokens, seed, clock.time)
+            prompts, settings = (args[1], args[2]) if mode == "spec" else (args[0], args[1])
+            seeds = args[4] if mode == "spec" else args[2]
+            (prompt,), (seed,) = prompts, seeds
+            call = Call(mode, tuple(prompt), settings.max_new_tokens, seed, clock.time)
             result = decode(verifier, *args, **kwargs)
-            call.end, call.tokens = clock.time, result.tokens
+            call.end, call.tokens = clock.time, result.rows[0].tokens
             log.append(call)
             return result
 

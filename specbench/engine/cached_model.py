@@ -1,36 +1,73 @@
-"""A causal LM paired with its own KV cache, which can be cropped and compacted.
+"""A causal LM paired with the KV cache of a batch of rows (one row per prompt), ragged and rewindable.
 
-Two cache layouts:
+Layout (the cost of batching rows that accept different numbers of tokens):
+- all rows share one physical column index, so transformers writes every row's
+  new keys at the same columns: DynamicCache and StaticCache work unchanged, and
+  a step has one shape, which is what CUDA graphs need;
+- each row has a validity mask over the columns: the columns it does not use are
+  holes (left padding of shorter prompts, draft tokens a row rejected while
+  another row accepted more, the padding of a row's shorter feed, every column
+  fed after a row finished);
+- each row has its own logical positions: `position_ids` [rows, n] count only
+  its valid columns, so rotary and absolute position embeddings see each row as
+  if it were decoded alone.
+A forward builds an additive 4-D mask [rows, 1, n, key columns] from the validity
+mask, causality (or a token tree's ancestry) among the new columns, and a sliding
+window where the model has one (see `attention`). When no row that reads has a
+hole, the dynamic cache gets no mask and no positions: a batch of one chain is
+decoded exactly as a plain `model(...)` call would.
+Cost: rows that finished, and the padding of shorter feeds, are computed like
+any other column (`padded_positions` counts them); holes are attended over
+(masked) until compaction gathers each row's valid columns into a fresh
+left-padded layout, which copies the whole cache once. Compaction runs when the
+columns past the longest row exceed a quarter of the layout (and
+`COMPACT_MIN_COLUMNS`), or when a static buffer would otherwise overflow, so a
+static `max_len` only needs to hold the longest row (prompt, output, and the
+widest feed of one step). Keys already carry their positions (rotary or absolute
+embeddings are applied before caching), so moving them is safe. The mask is
+built on the CPU each step that needs one ([rows, n, key columns]) and copied
+to the device without waiting for it. Dropping finished rows instead would change
+the batch shape (new graphs) and copy the cache at every finish.
+
+Two cache types:
 - dynamic (default): transformers' DynamicCache, grown by concatenation;
-- static (`max_len` given): transformers' StaticCache, preallocated once and
-  written in place, which is what CUDA graphs need. With `graph_sizes`, each
-  listed feed length of a plain (chain) forward is captured once as a CUDA
-  graph and replayed afterwards: one launch instead of hundreds, which is where
-  small-batch decoding on a GPU loses most of its time. With `compile`, the step
-  is first compiled by torch.compile (fused kernels), then captured.
+- static (`max_len` given): transformers' StaticCache, one per batch size used
+  (each holds its buffers until the model is dropped), written in place. With `graph_sizes`, each listed feed length
+  of a decode step is captured once per batch size as a CUDA graph (ids,
+  positions and mask are its inputs) and replayed afterwards: one launch instead
+  of hundreds. With `compile`, the step is first compiled by torch.compile, then
+  captured. Rows that finished stay in the batch as padding, so the shapes, and
+  the graphs, stay the same.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
+from specbench.engine.attention import needs_plain_causal_mask, ragged_mask
+from specbench.engine.tree import ancestor_matrix
+
 # Architectures whose attention takes the additive 4-D mask a static cache needs. GPT-Neo adds its own
 # local-window bias aligned to the end of the key buffer, which is wrong for a preallocated cache.
 STATIC_CACHE_ARCHITECTURES = ("gpt2", "gptj", "llama", "qwen2", "mistral", "gemma", "phi3")
+# Compaction runs when hole columns exceed a quarter of the layout and at least this many columns.
+COMPACT_MIN_COLUMNS = 32
+PAD_TOKEN = 0  # fed in padding slots; never attended to
 
 
 class CachedModel:
-    """A model plus the KV cache of the tokens it has seen so far.
+    """A model plus the KV cache of the rows it has seen so far.
 
-    The cache length always equals the number of tokens fed since `reset()`, less
-    those removed by `crop` or `keep_rows`. Logits are cut (or padded) to
-    `vocab_size`, the verifier tokenizer's size, so that ids the tokenizer does not
-    have (GPT-J's head has 143 spare rows) are never chosen and draft and verifier
-    distributions line up. Returned logits stay valid until the next forward.
+    Each row's cache holds `lengths[row]` tokens: those fed since `prefill`, less those
+    dropped by `commit` or `truncate`. Logits are cut (or padded) to `vocab_size`, the
+    verifier tokenizer's size, so that ids the tokenizer does not have (GPT-J's head has
+    143 spare rows) are never chosen and draft and verifier distributions line up.
+    Returned logits stay valid until the next forward.
     """
 
     def __init__(
@@ -44,71 +81,172 @@ class CachedModel:
         self.model = model
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
-        self.cache: DynamicCache | StaticCache | None = None
-        if max_len is not None and model.config.model_type in STATIC_CACHE_ARCHITECTURES:
-            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-            if any(layer.is_sliding for layer in self.cache.layers):  # sliding layers keep host-side counters
-                self.cache = None
+        self.plain_mask_only = needs_plain_causal_mask(model.config)
+        self.max_len: int | None = None
+        # a static cache always takes the engine's mask, which windowed attentions it cannot express would misread
+        static = max_len is not None and model.config.model_type in STATIC_CACHE_ARCHITECTURES
+        if static and not self.plain_mask_only:
+            probe = StaticCache(config=model.config, max_cache_len=max_len)
+            if not any(layer.is_sliding for layer in probe.layers):  # sliding layers keep host-side counters
+                self.max_len = max_len
         # without a static cache, the dynamic one (every architecture supports it) and no graphs
-        self.max_len = max_len if self.cache is not None else None
         self.graph_sizes = set(graph_sizes) if self.max_len is not None and self.device.type == "cuda" else set()
-        self._graphs: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        self._static_caches: dict[int, StaticCache] = {}
+        self._graphs: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
         self._graph_step = self._run
         if compile and self.graph_sizes:
             # torch.compile fuses the many small kernels of a decode step before the graph captures them;
-            # every (model, feed length) is one more compiled variant of the same code
+            # every (model, batch, feed length) is one more compiled variant of the same code
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._graph_step = torch.compile(self._run, dynamic=False)
         # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x releases only know the old name
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._length = 0
+        self.cache: DynamicCache | StaticCache | None = None
         self.reset()
 
-    def reset(self) -> None:
-        """Forget every cached token (start of a new prompt); a static cache keeps its buffers."""
+    # ---- state -------------------------------------------------------------------------------------
+
+    def reset(self, batch_size: int = 1) -> None:
+        """Forget every cached token and set the number of rows; static buffers are kept per batch size."""
         if self.max_len is None:
             self.cache = DynamicCache()
-        self._set_length(0)
+        else:
+            if batch_size not in self._static_caches:
+                self._static_caches[batch_size] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+            self.cache = self._static_caches[batch_size]
+        self._valid = torch.zeros(batch_size, 0, dtype=torch.bool)  # [rows, columns], on the CPU
+        self._counts = [0] * batch_size  # valid columns per row
+        self._columns = 0  # physical columns in use, shared by all rows
+        self._last_feed: tuple[int, list[int], list[int]] | None = None  # start column, counts before, feed lengths
+        self._tree_pending = False
+        self.fed_positions = 0  # columns computed by `forward` since the last prefill, all rows together
+        self.padded_positions = 0  # of which padding: a row's unused slots, or rows fed nothing
+        self._set_columns(0)
 
-    def capture_graphs(self) -> None:
-        """Capture (and compile) every graph size now, so that none is first captured inside a timed decode.
-
-        Needs a cache that has seen at least one token (the static buffers are allocated lazily).
-        """
-        for size in sorted(self.graph_sizes):
-            self._graph(size)
+    def release(self, batch_size: int) -> None:
+        """Free the static buffers and CUDA graphs of one batch size (one no longer decoded at)."""
+        self._static_caches.pop(batch_size, None)
+        for key in [key for key in self._graphs if key[0] == batch_size]:
+            del self._graphs[key]
+        if self.cache is not None and self.cache not in self._static_caches.values() and self.max_len is not None:
+            self.cache = None  # it was the released one: the next reset allocates again
 
     @property
-    def cache_len(self) -> int:
-        """Number of tokens whose keys and values are cached."""
-        return self._length
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return len(self._counts)
 
-    def mask_width(self, new_tokens: int) -> int:
-        """Key positions a custom attention mask must cover when feeding `new_tokens`."""
-        return self.max_len if self.max_len is not None else self._length + new_tokens
+    @property
+    def lengths(self) -> list[int]:
+        """Cached tokens per row."""
+        return list(self._counts)
+
+    @property
+    def columns(self) -> int:
+        """Physical columns in use: the longest row plus the holes."""
+        return self._columns
+
+    # ---- forwards ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], logits_to_keep: int = 1) -> torch.Tensor:
+        """Start over with one row per prompt (left-padded); return each row's last logits, [rows, keep, vocab]."""
+        self.reset(len(prompts))
+        width = max(len(prompt) for prompt in prompts)
+        if width == 0:
+            raise ValueError("every prompt is empty")
+        pads = [width - len(prompt) for prompt in prompts]
+        ids = torch.tensor([[PAD_TOKEN] * pad + list(prompt) for pad, prompt in zip(pads, prompts, strict=True)])
+        slot_valid = torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
+        positions = (torch.arange(width)[None, :] - torch.tensor(pads)[:, None]).clamp_(min=0)
+        visible = None
+        if any(pads):  # a row's first token must not see the padding before it
+            visible = torch.ones(width, width, dtype=torch.bool).tril_() & slot_valid[:, None, :]
+        logits = self._feed(ids.to(self.device), slot_valid, positions, visible, logits_to_keep)
+        self.fed_positions = self.padded_positions = 0
+        return logits
 
     @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,
-        logits_to_keep: int = 1,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        feed_lengths: Sequence[int] | None = None,
+        tree_parents: Sequence[Sequence[int]] | None = None,
+        logits_to_keep: int | None = None,
     ) -> torch.Tensor:
-        """Feed `input_ids` (shape [n]) after the cached tokens; return the last rows of logits, [rows, vocab]."""
-        n = input_ids.numel()
-        if self.max_len is not None and self._length + n > self.max_len:
-            raise ValueError(f"the static cache holds {self.max_len} tokens; {self._length + n} were fed")
-        if attention_mask is None and n in self.graph_sizes and logits_to_keep <= n and self._length > 0:
-            # the graph computes logits for all n tokens; the extra rows cost next to nothing at decode sizes
-            logits = self._graph(n)(input_ids.view(1, -1), self._positions(n))[:, -logits_to_keep:]
+        """Feed `input_ids` [rows, n] after each row's cached tokens; return the last logits, [rows, keep, vocab].
+
+        Row r feeds its first `feed_lengths[r]` ids (all n by default); the rest of its row is
+        padding. With `tree_parents`, row r's fed ids are a token tree (`tree_parents[r][i]`: the
+        parent slot of slot i, -1 for slot 0) and `commit` must follow before the next forward.
+        `logits_to_keep` defaults to 1 (the last column).
+        """
+        if self._tree_pending:
+            raise RuntimeError("a token tree was fed: commit the accepted path before the next forward")
+        rows, n = input_ids.shape
+        lengths = [n] * rows if feed_lengths is None else list(feed_lengths)
+        if rows != self.batch_size or max(lengths) > n or n == 0:
+            raise ValueError(f"fed ids of shape {tuple(input_ids.shape)} to {self.batch_size} rows")
+        slot_valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+        offsets = torch.arange(n).expand(rows, n).clone()
+        visible = None
+        if tree_parents is not None:
+            visible = torch.ones(rows, n, n, dtype=torch.bool).tril_()
+            for row, parents in enumerate(tree_parents):
+                if parents:
+                    visible[row, : len(parents), : len(parents)] = ancestors = ancestor_matrix(list(parents))
+                    offsets[row, : len(parents)] = ancestors.sum(1) - 1  # depth in the tree
+            self._tree_pending = True
+        positions = torch.where(slot_valid, offsets + torch.tensor(self._counts)[:, None], 0)
+        counts_before = list(self._counts)
+        logits = self._feed(input_ids, slot_valid, positions, visible, logits_to_keep or 1)
+        self._last_feed = (self._columns - n, counts_before, lengths)
+        return logits
+
+    def _feed(
+        self,
+        input_ids: torch.Tensor,
+        slot_valid: torch.Tensor,
+        positions: torch.Tensor,
+        new_visible: torch.Tensor | None,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
+        """Run the model over n new columns; `new_visible` None means causal among the new columns."""
+        rows, n = slot_valid.shape
+        if self.max_len is not None and self._columns + n > self.max_len:
+            self._compact()
+            if self._columns + n > self.max_len:
+                raise ValueError(f"the static cache holds {self.max_len} tokens; {self._columns + n} were fed")
+        reading = slot_valid.any(1).tolist()
+        holes = any(read and count < self._columns for read, count in zip(reading, self._counts, strict=True))
+        if self.max_len is None and new_visible is None and not holes:
+            # every row that reads holds all columns: plain causal attention, positions from the cache length
+            logits = self._run(input_ids, None, None, logits_to_keep)
         else:
-            if self.max_len is not None and attention_mask is None:
-                position_ids = self._positions(n)
-                attention_mask = self._causal_mask(position_ids)
-            logits = self._run(input_ids.view(1, -1), position_ids, attention_mask, logits_to_keep)
-        self._length += n
-        return self._fit_vocab(logits[0])
+            if self.plain_mask_only:
+                raise ValueError(
+                    f"{self.model.config.model_type} only decodes under its own causal mask (windowed layers): "
+                    "use one drafter, or batch_size=1."
+                )
+            if new_visible is None:
+                new_visible = torch.ones(n, n, dtype=torch.bool).tril_().expand(rows, n, n)
+            # padding slots are nobody's keys; every slot sees itself, so no softmax row is empty
+            new_visible = (new_visible & slot_valid[:, None, :]) | torch.eye(n, dtype=torch.bool)
+            width = self.max_len or self._columns + n
+            mask = ragged_mask(self._valid, new_visible, positions, width, self.model.dtype, self.model.config)
+            mask = _to_device(mask, self.device)
+            position_ids = _to_device(positions, self.device)
+            if n in self.graph_sizes and self._columns > 0:
+                # the graph computes logits for all n columns; the extra rows cost next to nothing at decode sizes
+                logits = self._graph(rows, n)(input_ids, position_ids, mask)[:, -logits_to_keep:]
+            else:
+                logits = self._run(input_ids, position_ids, mask, logits_to_keep)
+        self._valid = torch.cat([self._valid, slot_valid], dim=1)
+        self._counts = [count + int(fed) for count, fed in zip(self._counts, slot_valid.sum(1).tolist(), strict=True)]
+        self._columns += n
+        self.fed_positions += rows * n
+        self.padded_positions += rows * n - int(slot_valid.sum())
+        return self._fit_vocab(logits)
 
     def _run(self, input_ids, position_ids, attention_mask, logits_to_keep) -> torch.Tensor:
         return self.model(
@@ -121,88 +259,161 @@ class CachedModel:
         ).logits
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits[:, : self.vocab_size]
+        logits = logits[..., : self.vocab_size]
         if logits.shape[-1] < self.vocab_size:  # a draft head smaller than the verifier's vocabulary
             logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=-torch.inf)
         return logits
 
-    def _positions(self, n: int) -> torch.Tensor:
-        return torch.arange(self._length, self._length + n, device=self.device)[None]
-
-    def _causal_mask(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """Additive mask over the static buffer: a token sees every key up to its own position."""
-        keys = torch.arange(self.max_len, device=self.device)
-        visible = keys[None, :] <= position_ids.view(-1, 1)
-        dtype = self.model.dtype
-        return torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(
-            ~visible, torch.finfo(dtype).min
-        )[None, None]
-
-    def _graph(self, n: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The CUDA graph of a forward over n new tokens, captured on first use."""
-        if n not in self._graphs:
-            ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
-            positions = self._positions(n)
-
-            def step() -> torch.Tensor:
-                return self._graph_step(ids, positions, self._causal_mask(positions), n)
-
-            length = self._length
-            torch.cuda.set_device(self.device)  # graph capture uses the current device's streams
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-                step()
-                step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = step()
-            self._set_length(length)  # undo the warm-up writes
-
-            def replay(new_ids: torch.Tensor, new_positions: torch.Tensor) -> torch.Tensor:
-                ids.copy_(new_ids)
-                positions.copy_(new_positions)
-                graph.replay()
-                return output
-
-            self._graphs[n] = replay
-        return self._graphs[n]
+    # ---- rewinding ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _set_length(self, length: int) -> None:
-        self._length = length
-        if isinstance(self.cache, StaticCache):
-            for layer in self.cache.layers:
-                if layer.is_initialized:
-                    layer.cumulative_length.fill_(length)
+    def commit(self, kept: Sequence[Sequence[int]]) -> None:
+        """After a forward, row r keeps only its fed slots `kept[r]` (ascending offsets into its feed).
 
-    def crop(self, length: int) -> None:
-        """Keep only the first `length` cached tokens."""
-        excess = self._length - length
+        Used after verification: the accepted path is a prefix of a chain, or a path of a tree.
+        """
+        if self._last_feed is None:
+            raise RuntimeError("commit follows a forward")
+        start, counts_before, feed_lengths = self._last_feed
+        n = self._columns - start
+        kept = [list(slots) for slots in kept]
+        if any(slots and slots[-1] >= length for slots, length in zip(kept, feed_lengths, strict=True)):
+            raise ValueError("kept a slot that was not fed")
+        if any(slots != list(range(len(slots))) for slots in kept):
+            # move each row's kept slots to the front of the fed columns (other rows: identity)
+            index = [[start + (slots[j] if j < len(slots) else j) for j in range(n)] for slots in kept]
+            self._gather(start, torch.tensor(index))
+        self._valid[:, start:] = torch.arange(n)[None, :] < torch.tensor([len(slots) for slots in kept])[:, None]
+        self._counts = [before + len(slots) for before, slots in zip(counts_before, kept, strict=True)]
+        self._last_feed = None
+        self._tree_pending = False
+        self._crop_and_compact()
+
+    @torch.inference_mode()
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Keep only the first `lengths[r]` cached tokens of each row r (longer lengths change nothing)."""
+        self._last_feed = None
+        for row, length in enumerate(lengths):
+            if length < self._counts[row]:
+                self._valid[row] &= self._valid[row].cumsum(0) <= length
+                self._counts[row] = length
+        self._crop_and_compact()
+
+    def _crop_and_compact(self) -> None:
+        """Drop trailing columns no row uses, then compact if holes make up too much of the layout."""
+        used = self._valid.any(0).nonzero()
+        self._crop(int(used[-1]) + 1 if used.numel() else 0)
+        holes = self._columns - max(self._counts)
+        if holes > max(COMPACT_MIN_COLUMNS, self._columns // 4):
+            self._compact()
+
+    def _crop(self, columns: int) -> None:
+        excess = self._columns - columns
         if excess <= 0:
             return
         if isinstance(self.cache, DynamicCache):
             self.cache.crop(-excess)
-        self._set_length(length)
+        self._valid = self._valid[:, :columns]
+        self._set_columns(columns)
 
     @torch.inference_mode()
-    def keep_rows(self, start: int, rows: list[int]) -> None:
-        """Keep the cached tokens before `start`, then only `rows` (offsets from `start`) of those after it.
+    def _compact(self) -> None:
+        """Gather each row's valid columns into a fresh left-padded layout of max(lengths) columns."""
+        width = max(self._counts)
+        index = torch.zeros(self.batch_size, width, dtype=torch.long)
+        for row, count in enumerate(self._counts):
+            if count:
+                index[row, width - count :] = self._valid[row].nonzero()[:, 0]
+        self._gather(0, index)
+        self._valid = torch.arange(width)[None, :] >= torch.tensor([width - c for c in self._counts])[:, None]
+        self._set_columns(width)
 
-        Used after a tree verification: the accepted path is a subset of the fed tree nodes.
+    def _gather(self, start: int, index: torch.Tensor) -> None:
+        """Cache columns start..start+width become, per row, the columns `index` [rows, width] names.
+
+        A dynamic cache ends at start+width afterwards; the caller sets the column count.
         """
-        if rows == list(range(len(rows))):
-            self.crop(start + len(rows))
-            return
-        index = torch.tensor(rows, device=self.device) + start
-        end = start + len(rows)
+        index = index.to(self.device)
+        width = index.shape[1]
         for layer in self.cache.layers:
-            kept_keys, kept_values = layer.keys.index_select(-2, index), layer.values.index_select(-2, index)
-            if isinstance(self.cache, StaticCache):
-                layer.keys[..., start:end, :] = kept_keys
-                layer.values[..., start:end, :] = kept_values
-            else:
-                layer.keys = torch.cat([layer.keys[..., :start, :], kept_keys], dim=-2)
-                layer.values = torch.cat([layer.values[..., :start, :], kept_values], dim=-2)
-        self._set_length(end)
+            if not layer.is_initialized:
+                continue
+            for name in ("keys", "values"):
+                states = getattr(layer, name)
+                moved = states.gather(2, index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3]))
+                if isinstance(self.cache, StaticCache):
+                    states[:, :, start : start + width] = moved
+                else:
+                    setattr(layer, name, torch.cat([states[:, :, :start], moved], dim=2))
+
+    @torch.inference_mode()
+    def _set_columns(self, columns: int) -> None:
+        self._columns = columns
+        if isinstance(self.cache, StaticCache):
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.cumulative_length.fill_(columns)
+
+    # ---- CUDA graphs -------------------------------------------------------------------------------
+
+    def capture_graphs(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Capture (and compile) every graph size for each batch size now, before anything is timed.
+
+        Call it on the main thread before decoding, and before drafting in a thread pool: a graph
+        is never captured inside a pool thread. Leaves the model reset.
+        """
+        if not self.graph_sizes:
+            return
+        for batch_size in batch_sizes:
+            self.prefill([[PAD_TOKEN]] * batch_size)  # allocates this batch size's static buffers
+            for size in sorted(self.graph_sizes):
+                self._graph(batch_size, size)
+        self.reset()
+
+    def _graph(self, rows: int, n: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The CUDA graph of a forward of `rows` rows over n new columns, captured on first use (main thread)."""
+        if (rows, n) not in self._graphs:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError(
+                    f"no CUDA graph for {rows} rows x {n} tokens: call capture_graphs(({rows},)) before drafting "
+                    "in threads"
+                )
+            ids = torch.zeros(rows, n, dtype=torch.long, device=self.device)
+            positions = torch.zeros(rows, n, dtype=torch.long, device=self.device)
+            mask = torch.zeros(rows, 1, n, self.max_len, dtype=self.model.dtype, device=self.device)
+
+            def step() -> torch.Tensor:
+                return self._graph_step(ids, positions, mask, n)
+
+            columns = self._columns
+            torch.cuda.set_device(self.device)  # graph capture uses the current device's streams
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+                for _ in range(2):
+                    step()
+                    self._set_columns(columns)  # both warm-ups write the same n columns, past the cached ones
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = step()
+            self._set_columns(columns)  # the capture only recorded the counters' advance; keep them as they were
+
+            def replay(new_ids: torch.Tensor, new_positions: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+                ids.copy_(new_ids)
+                positions.copy_(new_positions)
+                mask.copy_(new_mask)
+                graph.replay()
+                return output
+
+            self._graphs[rows, n] = replay
+        return self._graphs[rows, n]
+
+
+def _to_device(tensors, device: torch.device):
+    """A CPU tensor (or dict of them) on `device`, without waiting for queued GPU work."""
+    if isinstance(tensors, dict):
+        return {key: _to_device(value, device) for key, value in tensors.items()}
+    if device.type == "cuda":
+        return tensors.pin_memory().to(device, non_blocking=True)
+    return tensors.to(device)

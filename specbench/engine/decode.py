@@ -1,252 +1,355 @@
-"""Verifier-only decoding (the baseline) and speculative decoding, timed the same way.
+"""Verifier-only decoding (the baseline) and speculative decoding of a batch of prompts, timed the same way.
 
-Both start the same: the verifier prefills the prompt and chooses the first
-token (time to first token). The baseline then feeds one token per verifier
-call. Speculative decoding then lets each drafter read the prompt once (its
-prefill), and each step:
-1. every drafter proposes up to k tokens after the committed ones;
-2. the proposals are merged into a tree and the verifier scores all of it in one
-   forward pass (a chain needs no special mask);
-3. the tree walk keeps the longest prefix the verifier agrees with (greedy) or
-   accepts it by speculative sampling, and adds one token of the verifier's own;
-4. the verifier cache keeps only the accepted path; each drafter rolls its cache
-   back to what it shares with the committed tokens on its next proposal.
-Invariant: the verifier cache holds every committed token but the last one.
+Both start the same: the verifier prefills the prompts and chooses each row's
+first token (time to first token). The baseline then feeds one token per row per
+verifier call. Speculative decoding lets each drafter read the prompts once (its
+prefill), then repeats one step until every row has finished:
+1. draft: every drafter proposes up to k tokens after each unfinished row's
+   committed tokens (each row has its own k, from the schedule);
+2. verify: each row's proposals are merged into a token tree, and the verifier
+   scores every row's tree in one forward pass (chains need no tree mask);
+3. accept: per row, the tree walk keeps the longest prefix the verifier agrees
+   with (greedy), or accepts it by speculative sampling, and adds one token of
+   the verifier's own;
+4. commit: the verifier cache keeps each row's accepted path and nothing else;
+   the row emits its new tokens up to its stop. Each drafter rolls its own cache
+   back at its next proposal.
+Invariant: for each row, the verifier cache holds every committed token but the last one.
+
+Rows are independent: each has its own seeded choosers, drawn from in the same
+order as when the row is decoded alone, its own k, and its own stop. A finished
+row stays in the batch as padding until the last row finishes.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from specbench.engine.cached_model import CachedModel
-from specbench.engine.drafters import Drafter, Proposal
+from specbench.engine.cached_model import PAD_TOKEN, CachedModel
+from specbench.engine.drafters import Drafter, ModelDrafter, Proposal
+from specbench.engine.results import BatchResult, DecodeResult, DrafterStats
 from specbench.engine.sampling import DecodeSettings, TokenChooser
-from specbench.engine.tree import DraftTree, build_tree, tree_attention_mask, walk_greedy, walk_sampling
+from specbench.engine.schedule import KSchedule
+from specbench.engine.timing import Stopwatch
+from specbench.engine.tree import DraftTree, build_tree, walk_greedy, walk_sampling
 
-
-class Clock:
-    """Wall clock that first waits for queued GPU work, so readings are honest."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device if device.type == "cuda" else None
-
-    def now(self) -> float:
-        """Seconds, after all queued work on the device is done."""
-        if self.device is not None:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+Outcome = tuple[list[int], int]  # a row's accepted tree nodes, and the verifier's own next token
 
 
 @dataclass
-class DrafterStats:
-    """What one drafter did during a decode."""
+class _Row:
+    """One prompt's decoding state."""
 
-    proposed: int = 0
-    accepted: int = 0
-    wins: int = 0  # steps where its proposal covered the whole accepted path (ties count for each)
-    draft_time_s: float = 0.0  # proposing, over all steps
-    prefill_s: float = 0.0  # reading the prompt once, before the first step
+    tokens: list[int]  # the prompt, then every committed output token
+    result: DecodeResult
+    chooser: TokenChooser
+    draft_choosers: list[TokenChooser]  # one per drafter: independent draws, whatever order threads run in
+    k: int = 0
+    finished: bool = False
 
-
-@dataclass
-class DecodeResult:
-    """Output tokens, timings and (for speculative runs) acceptance counts of one decode."""
-
-    tokens: list[int]
-    latency_s: float
-    ttft_s: float
-    verifier_calls: int = 0
-    steps: int = 0  # speculative steps (verifier calls after the prefill)
-    proposed: int = 0  # draft positions offered to the verifier (tree depth per step)
-    accepted: int = 0  # draft tokens the verifier kept
-    proposed_by_position: list[int] = field(default_factory=list)
-    accepted_by_position: list[int] = field(default_factory=list)
-    k_per_step: list[int] = field(default_factory=list)  # draft length asked for (the schedule's k)
-    offered_per_step: list[int] = field(default_factory=list)  # longest proposal actually made
-    accepted_per_step: list[int] = field(default_factory=list)
-    draft_time_s: float = 0.0  # wall time of the drafting phases
-    verify_time_s: float = 0.0
-    drafters: dict[str, DrafterStats] = field(default_factory=dict)
-
-    @property
-    def draft_prefill_s(self) -> float:
-        """Time the drafters spent reading the prompt."""
-        return sum(stats.prefill_s for stats in self.drafters.values())
-
-
-def _append_until_stop(generated: list[int], new_tokens: list[int], settings: DecodeSettings) -> bool:
-    """Append `new_tokens` up to the first stop (EOS, length limit); return True when decoding is over."""
-    for token in new_tokens:
-        generated.append(token)
-        if token in settings.eos_token_ids or len(generated) >= settings.max_new_tokens:
-            return True
-    return False
-
-
-def _prefill(verifier: CachedModel, prompt_ids: list[int], chooser: TokenChooser) -> torch.Tensor:
-    """Feed the prompt to the verifier and choose the first token (a 1-element tensor)."""
-    verifier.reset()
-    logits = verifier.forward(torch.tensor(prompt_ids, device=verifier.device))
-    return chooser.choose(logits)
+    def emit(self, new_tokens: list[int], settings: DecodeSettings) -> int:
+        """Append `new_tokens` up to the first stop (EOS, length limit); return how many were appended."""
+        for count, token in enumerate(new_tokens, start=1):
+            self.tokens.append(token)
+            self.result.tokens.append(token)
+            if token in settings.eos_token_ids or len(self.result.tokens) >= settings.max_new_tokens:
+                self.finished = True
+                return count
+        return len(new_tokens)
 
 
 def decode_baseline(
-    verifier: CachedModel, prompt_ids: list[int], settings: DecodeSettings, seed: int = 0
-) -> DecodeResult:
-    """Verifier-only decoding with a KV cache: one token per forward pass, as `generate()` does."""
-    chooser = TokenChooser(settings, seed)
-    clock = Clock(verifier.device)
-    start = clock.now()
-    token = _prefill(verifier, prompt_ids, chooser)
-    generated: list[int] = []
-    finished = _append_until_stop(generated, [int(token)], settings)
-    ttft = clock.now() - start
-    calls = 1
-    while not finished:
-        token = chooser.choose(verifier.forward(token))
-        finished = _append_until_stop(generated, [int(token)], settings)
-        calls += 1
-    return DecodeResult(tokens=generated, latency_s=clock.now() - start, ttft_s=ttft, verifier_calls=calls)
-
-
-def _verify(verifier: CachedModel, tree: DraftTree) -> torch.Tensor:
-    """One verifier forward over the whole tree; row i holds the logits after node i."""
-    ids = torch.tensor(tree.tokens, device=verifier.device)
-    if tree.is_chain:
-        return verifier.forward(ids, logits_to_keep=tree.size)
-    cache_len = verifier.cache_len
-    positions = torch.tensor(tree.depths, device=verifier.device)[None] + cache_len
-    mask = tree_attention_mask(tree, cache_len, verifier.mask_width(tree.size), verifier.model.dtype, verifier.device)
-    return verifier.forward(ids, logits_to_keep=tree.size, position_ids=positions, attention_mask=mask)
-
-
-def next_k(k: int, accepted: int, offered: int, schedule: str, k_max: int) -> int:
-    """Draft length for the next step: fixed, or +2 after a fully accepted block and -1 otherwise.
-
-    A step where nothing was offered (prompt lookup found no match) leaves k as it is.
-    """
-    if schedule == "constant" or offered == 0:
-        return k
-    return min(k + 2, k_max) if accepted == offered else max(k - 1, 1)
+    verifier: CachedModel, prompts: Sequence[list[int]], settings: DecodeSettings, seeds: Sequence[int]
+) -> BatchResult:
+    """Verifier-only decoding with a KV cache: one token per row per forward pass, as `generate()` does."""
+    _check_masks(verifier, [], len(prompts))
+    rows = _start_rows(prompts, settings, seeds, [], None)
+    watch = Stopwatch(verifier.device)
+    tokens = _prefill(verifier, rows, settings, watch)
+    while not all(row.finished for row in rows):
+        logits = verifier.forward(tokens[:, None], [int(not row.finished) for row in rows])[:, -1]
+        tokens = _choose(rows, logits)
+        finishing = []
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if not row.finished:
+                row.result.verifier_calls += 1
+                row.emit([token], settings)
+                if row.finished:
+                    finishing.append(row)
+        _record_latency(finishing, watch)
+    return _batch_result(rows, verifier)
 
 
 def decode_speculative(
     verifier: CachedModel,
     drafters: list[Drafter],
-    prompt_ids: list[int],
+    prompts: Sequence[list[int]],
     settings: DecodeSettings,
-    k: int,
-    seed: int = 0,
-    k_schedule: str = "constant",
-    k_max: int | None = None,
+    schedule: KSchedule,
+    seeds: Sequence[int],
     pool: ThreadPoolExecutor | None = None,
-) -> DecodeResult:
+) -> BatchResult:
     """Speculative decoding with one or several drafters; lossless for greedy and sampled decoding.
 
-    With a thread `pool`, the drafters propose concurrently (each draws from its own seeded
-    generator either way, so a seed gives the same output with or without the pool).
+    With a thread `pool`, the drafters propose concurrently (each row draws from one seeded
+    generator per drafter either way, so a seed gives the same output with or without the pool).
     """
-    k_max = k_max or k
-    chooser = TokenChooser(settings, seed)
-    # one generator per drafter: independent draft samples, whatever order threads run in
-    draft_choosers = [TokenChooser(settings, seed * 1_000_003 + index + 1) for index in range(len(drafters))]
-    clock = Clock(verifier.device)
-    result = DecodeResult(
-        tokens=[],
-        latency_s=0.0,
-        ttft_s=0.0,
-        proposed_by_position=[0] * k_max,
-        accepted_by_position=[0] * k_max,
-        drafters={drafter.name: DrafterStats() for drafter in drafters},
-    )
-    start = clock.now()
+    _check_masks(verifier, drafters, len(prompts))
+    rows = _start_rows(prompts, settings, seeds, drafters, schedule)
+    watch = Stopwatch(verifier.device)
     for drafter in drafters:
-        drafter.reset()
-    first = int(_prefill(verifier, prompt_ids, chooser))
-    tokens = [*prompt_ids, first]
-    finished = _append_until_stop(result.tokens, [first], settings)
-    phase_start = clock.now()
-    result.ttft_s = phase_start - start
-    result.verifier_calls = 1
-    for drafter in drafters if not finished else []:
-        drafter.prefill(tokens)
-        now = clock.now()
-        result.drafters[drafter.name].prefill_s = now - phase_start
-        phase_start = now
-    step_k = k
-    while not finished:
-        depth = min(step_k, settings.max_new_tokens - len(result.tokens) - 1)
-        draft_start = clock.now()
-        proposals = _propose_all(drafters, draft_choosers, tokens, depth, clock, pool, result)
-        phase_start = clock.now()
-        result.draft_time_s += phase_start - draft_start  # wall time: drafters in a pool overlap
-        tree = build_tree(tokens[-1], [proposal.tokens for proposal in proposals])
-        start_len = verifier.cache_len
-        logits = _verify(verifier, tree)
-        if settings.do_sample:
-            draft_probs = [p.probs.to(verifier.device) if p.probs is not None else None for p in proposals]
-            path, next_token = walk_sampling(tree, chooser.distribution(logits), draft_probs, chooser)
-        else:
-            path, next_token = walk_greedy(tree, logits.argmax(dim=-1).tolist())
-        verifier.keep_rows(start_len, [0, *path])
-        result.verify_time_s += clock.now() - phase_start
-        result.verifier_calls += 1
-
-        new_tokens = [tree.tokens[node] for node in path] + [next_token]
-        finished = _append_until_stop(result.tokens, new_tokens, settings)
-        tokens.extend(new_tokens)
-        offered = _count_step(result, tree, path, depth)
-        step_k = next_k(step_k, len(path), offered, k_schedule, k_max)
-    result.latency_s = clock.now() - start
-    return result
+        drafter.reset(len(rows))
+    _prefill(verifier, rows, settings, watch)
+    _prefill_drafters(drafters, rows, watch)
+    while not all(row.finished for row in rows):
+        depths = [_draft_depth(row, settings) for row in rows]
+        proposals = _draft(drafters, rows, depths, pool, watch)
+        trees = [
+            None if row.finished else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
+            for row, row_proposals in zip(rows, proposals, strict=True)
+        ]
+        logits = _verify(verifier, trees)
+        outcomes = _accept(rows, trees, logits, proposals, settings)
+        emitted = _commit(verifier, rows, trees, outcomes, settings)
+        _end_step(rows, trees, outcomes, emitted, depths, schedule, watch)
+    return _batch_result(rows, verifier)
 
 
-def _propose_all(
+def _check_masks(verifier: CachedModel, drafters: list[Drafter], batch_size: int) -> None:
+    """Refuse what a model's own causal mask must do (see `attention.needs_plain_causal_mask`)."""
+    if len(drafters) > 1 and verifier.plain_mask_only:
+        raise ValueError(
+            f"the verifier ({verifier.model.config.model_type}) cannot verify token trees under its windowed "
+            "attention: use one drafter."
+        )
+    models = [verifier, *(drafter.model for drafter in drafters if isinstance(drafter, ModelDrafter))]
+    if batch_size > 1 and any(model.plain_mask_only for model in models):
+        raise ValueError("a model with windowed attention cannot decode ragged batches: use batch_size=1.")
+
+
+def _start_rows(
+    prompts: Sequence[list[int]],
+    settings: DecodeSettings,
+    seeds: Sequence[int],
     drafters: list[Drafter],
-    choosers: list[TokenChooser],
-    tokens: list[int],
-    depth: int,
-    clock: Clock,
-    pool: ThreadPoolExecutor | None,
-    result: DecodeResult,
-) -> list[Proposal]:
-    """Every drafter's proposal of `depth` tokens (in parallel threads with a pool); time each drafter."""
+    schedule: KSchedule | None,
+) -> list[_Row]:
+    """Fresh state for each prompt, seeded with its own seed."""
+    if not prompts or len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds: give one seed per prompt")
+    names = [drafter.name for drafter in drafters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"drafter names must be distinct: {names}")
+    max_k = schedule.max_k if schedule else 0
+    rows = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        result = DecodeResult(
+            tokens=[],
+            latency_s=0.0,
+            ttft_s=0.0,
+            proposed_by_position=[0] * max_k,
+            accepted_by_position=[0] * max_k,
+            drafters={name: DrafterStats() for name in names},
+        )
+        draft_choosers = [TokenChooser(settings, seed * 1_000_003 + index + 1) for index in range(len(names))]
+        k = schedule.first if schedule else 0
+        rows.append(_Row(list(prompt), result, TokenChooser(settings, seed), draft_choosers, k))
+    return rows
 
-    def propose(index: int) -> tuple[Proposal, float]:
-        if depth == 0:
-            return Proposal([]), 0.0
-        begin = clock.now()
-        proposal = drafters[index].propose(tokens, depth, choosers[index])
-        return proposal, clock.now() - begin
+
+def _draft_depth(row: _Row, settings: DecodeSettings) -> int:
+    """Tokens the row drafts this step: its k, cut so that the step cannot pass the length limit; 0 when finished."""
+    return 0 if row.finished else min(row.k, settings.max_new_tokens - len(row.result.tokens) - 1)
+
+
+def _choose(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    """One token per row from its logits [rows, vocab] (a placeholder for finished rows), on the device."""
+    if not rows[0].chooser.do_sample:
+        return logits.argmax(dim=-1)
+    probs = rows[0].chooser.distribution(logits)  # the warping is the same for every row
+    draws = [
+        row.chooser.sample(probs[index : index + 1]) if not row.finished else probs.new_zeros(1, dtype=torch.long)
+        for index, row in enumerate(rows)
+    ]
+    return torch.cat(draws)
+
+
+def _prefill(verifier: CachedModel, rows: list[_Row], settings: DecodeSettings, watch: Stopwatch) -> torch.Tensor:
+    """Feed the prompts to the verifier and emit each row's first token; return those tokens (on the device)."""
+    tokens = _choose(rows, verifier.prefill([row.tokens for row in rows])[:, -1])
+    for row, token in zip(rows, tokens.tolist(), strict=True):
+        row.emit([token], settings)
+        row.result.verifier_calls = 1
+    ttft = watch.elapsed()
+    for row in rows:
+        row.result.ttft_s = ttft
+    _record_latency([row for row in rows if row.finished], watch, ttft)
+    return tokens
+
+
+def _prefill_drafters(drafters: list[Drafter], rows: list[_Row], watch: Stopwatch) -> None:
+    """Each drafter reads the unfinished rows' prompts and first tokens; time each drafter."""
+    if all(row.finished for row in rows):
+        return
+    contexts = [[] if row.finished else row.tokens for row in rows]
+    watch.mark()
+    for drafter in drafters:
+        drafter.prefill(contexts)
+        seconds = watch.lap()
+        for row in rows:
+            if not row.finished:
+                row.result.drafters[drafter.name].prefill_s = seconds
+
+
+def _draft(
+    drafters: list[Drafter],
+    rows: list[_Row],
+    depths: list[int],
+    pool: ThreadPoolExecutor | None,
+    watch: Stopwatch,
+) -> list[list[Proposal]]:
+    """Every drafter's proposal for every row, as [row][drafter] (in parallel threads with a pool)."""
+    watch.mark()
+    contexts = [row.tokens for row in rows]
+
+    def propose(index: int) -> tuple[list[Proposal], float]:
+        if max(depths) == 0:
+            return [Proposal([]) for _ in rows], 0.0
+        begin = watch.clock.now()
+        proposals = drafters[index].propose(contexts, depths, [row.draft_choosers[index] for row in rows])
+        return proposals, watch.clock.now() - begin
 
     indices = range(len(drafters))
     drafted = list(pool.map(propose, indices)) if pool else [propose(index) for index in indices]
-    for drafter, (_, seconds) in zip(drafters, drafted, strict=True):
-        result.drafters[drafter.name].draft_time_s += seconds
-    return [proposal for proposal, _ in drafted]
+    phase_s = watch.lap()  # wall time: drafters in a pool overlap
+    for row in rows:
+        if not row.finished:
+            row.result.draft_time_s += phase_s
+            for drafter, (_, seconds) in zip(drafters, drafted, strict=True):
+                row.result.drafters[drafter.name].draft_time_s += seconds
+    return [[proposals[index] for proposals, _ in drafted] for index in range(len(rows))]
 
 
-def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], k: int) -> int:
-    """Add one step's proposals and acceptances to the result; return the longest proposal."""
+def _verify(verifier: CachedModel, trees: list[DraftTree | None]) -> torch.Tensor:
+    """One verifier forward over every row's tree, [rows, nodes, vocab]: row r's node i at [r, i]."""
+    sizes = [tree.size if tree else 0 for tree in trees]
+    width = max(sizes)
+    ids = [
+        (tree.tokens if tree else []) + [PAD_TOKEN] * (width - size) for tree, size in zip(trees, sizes, strict=True)
+    ]
+    parents = None
+    if not all(tree is None or tree.is_chain for tree in trees):
+        parents = [tree.parents if tree else [] for tree in trees]
+    return verifier.forward(torch.tensor(ids, device=verifier.device), sizes, parents, logits_to_keep=width)
+
+
+def _accept(
+    rows: list[_Row],
+    trees: list[DraftTree | None],
+    logits: torch.Tensor,
+    proposals: list[list[Proposal]],
+    settings: DecodeSettings,
+) -> list[Outcome | None]:
+    """Each unfinished row's accepted path and next token: greedy walk, or multi-step speculative sampling."""
+    if not settings.do_sample:
+        verifier_tokens = logits.argmax(dim=-1).tolist()
+        return [
+            walk_greedy(tree, tokens) if tree else None for tree, tokens in zip(trees, verifier_tokens, strict=True)
+        ]
+    probs = rows[0].chooser.distribution(logits.flatten(0, 1)).view(logits.shape)
+    outcomes: list[Outcome | None] = []
+    for index, (row, tree) in enumerate(zip(rows, trees, strict=True)):
+        if tree is None:
+            outcomes.append(None)
+            continue
+        draft_probs = [p.probs.to(logits.device) if p.probs is not None else None for p in proposals[index]]
+        outcomes.append(walk_sampling(tree, probs[index], draft_probs, row.chooser))
+    return outcomes
+
+
+def _commit(
+    verifier: CachedModel,
+    rows: list[_Row],
+    trees: list[DraftTree | None],
+    outcomes: list[Outcome | None],
+    settings: DecodeSettings,
+) -> list[int]:
+    """Keep each row's root and accepted path in the verifier cache; emit its tokens; return how many each emitted."""
+    verifier.commit([[0, *outcome[0]] if outcome else [] for outcome in outcomes])
+    emitted = []
+    for row, tree, outcome in zip(rows, trees, outcomes, strict=True):
+        if tree is None:
+            emitted.append(0)
+            continue
+        path, next_token = outcome
+        emitted.append(row.emit([tree.tokens[node] for node in path] + [next_token], settings))
+    return emitted
+
+
+def _end_step(
+    rows: list[_Row],
+    trees: list[DraftTree | None],
+    outcomes: list[Outcome | None],
+    emitted: list[int],
+    depths: list[int],
+    schedule: KSchedule,
+    watch: Stopwatch,
+) -> None:
+    """Close the verify phase's timing, count the step for each row that took part, and set its next k."""
+    verify_s = watch.lap()
+    finishing = []
+    for row, tree, outcome, count, depth in zip(rows, trees, outcomes, emitted, depths, strict=True):
+        if tree is None:
+            continue
+        path = outcome[0]
+        row.result.verify_time_s += verify_s
+        offered = _count_step(row.result, tree, path[:count], row.k, depth)
+        row.k = schedule.next(row.k, len(path), offered)
+        if row.finished:
+            finishing.append(row)
+    _record_latency(finishing, watch)
+
+
+def _count_step(result: DecodeResult, tree: DraftTree, emitted_path: list[int], k: int, depth: int) -> int:
+    """Add one step to a row's counts, counting only the draft tokens it emitted; return the longest proposal."""
     offered = max((len(branch) for branch in tree.branches), default=0)
+    result.verifier_calls += 1
     result.steps += 1
     result.k_per_step.append(k)
+    result.depth_per_step.append(depth)
     result.offered_per_step.append(offered)
-    result.accepted_per_step.append(len(path))
+    result.accepted_per_step.append(len(emitted_path))
     result.proposed += offered
-    result.accepted += len(path)
+    result.accepted += len(emitted_path)
     for position in range(offered):
         result.proposed_by_position[position] += 1
-        result.accepted_by_position[position] += position < len(path)
+        result.accepted_by_position[position] += position < len(emitted_path)
     for stats, branch in zip(result.drafters.values(), tree.branches, strict=True):
         shared = 0
-        while shared < min(len(branch), len(path)) and branch[shared] == path[shared]:
+        while shared < min(len(branch), len(emitted_path)) and branch[shared] == emitted_path[shared]:
             shared += 1
         stats.proposed += len(branch)
         stats.accepted += shared
-        stats.wins += bool(path) and shared == len(path)
+        stats.wins += bool(emitted_path) and shared == len(emitted_path)
     return offered
+
+
+def _record_latency(finishing: list[_Row], watch: Stopwatch, seconds: float | None = None) -> None:
+    """The rows that just produced their last token: their latency is the time since the batch's start."""
+    if finishing:
+        seconds = watch.elapsed() if seconds is None else seconds
+        for row in finishing:
+            row.result.latency_s = seconds
+
+
+def _batch_result(rows: list[_Row], verifier: CachedModel) -> BatchResult:
+    return BatchResult(
+        rows=[row.result for row in rows],
+        wall_s=max(row.result.latency_s for row in rows),
+        verifier_positions=verifier.fed_positions,
+        padded_positions=verifier.padded_positions,
+    )

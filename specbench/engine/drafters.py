@@ -1,22 +1,25 @@
-"""Drafters: whatever proposes the next k tokens for the verifier to check.
+"""Drafters: whatever proposes the next k tokens of each row for the verifier to check.
 
-A drafter sees the committed tokens (prompt + output so far) and returns up to
-k proposed tokens, plus, when it sampled them, the distributions it sampled
-from (speculative sampling needs q). Two kinds:
-- `ModelDrafter`: a small causal LM with its own KV cache, rolled back to the
-  longest prefix it shares with the committed tokens before each proposal;
-- `PromptLookupDrafter`: no model; copies what followed the latest earlier
-  occurrence of the current n-gram (prompt lookup decoding).
+A drafter sees each row's committed tokens (prompt + output so far) and returns,
+per row, up to that row's depth of proposed tokens, plus, when it sampled them,
+the distributions it sampled from (speculative sampling needs q). Two kinds:
+- `ModelDrafter`: a small causal LM with its own batched KV cache; each row is
+  rolled back to the longest prefix it shares with that row's committed tokens
+  before each proposal, and rows catching up by different numbers of tokens are
+  padded (see `CachedModel`);
+- `PromptLookupDrafter`: no model; per row, copies what followed the latest
+  earlier occurrence of the current n-gram (prompt lookup decoding).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from specbench.engine.cached_model import CachedModel
+from specbench.engine.cached_model import PAD_TOKEN, CachedModel
 from specbench.engine.sampling import TokenChooser
 
 
@@ -29,18 +32,20 @@ class Proposal:
 
 
 class Drafter(Protocol):
-    """Anything that proposes tokens."""
+    """Anything that proposes tokens for a batch of rows."""
 
     name: str
 
-    def reset(self) -> None:
-        """Forget the previous prompt."""
+    def reset(self, batch_size: int) -> None:
+        """Forget the previous batch; the next one has `batch_size` rows."""
 
-    def prefill(self, tokens: list[int]) -> None:
-        """Read the prompt (and first token) before the first proposal."""
+    def prefill(self, contexts: Sequence[list[int]]) -> None:
+        """Read each row's prompt and first token before the first proposal (an empty row: a finished one)."""
 
-    def propose(self, tokens: list[int], k: int, chooser: TokenChooser) -> Proposal:
-        """Propose at most `k` tokens to follow `tokens`."""
+    def propose(
+        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser]
+    ) -> list[Proposal]:
+        """Per row, propose at most `depths[row]` tokens to follow `contexts[row]` (nothing when it is 0)."""
 
 
 class ModelDrafter:
@@ -49,56 +54,90 @@ class ModelDrafter:
     def __init__(self, name: str, model: CachedModel) -> None:
         self.name = name
         self.model = model
-        # The cache holds `_committed` committed tokens, then `_drafted`, this drafter's own proposal
-        # (all but its last token), which the verifier may or may not have kept.
-        self._committed = 0
-        self._drafted: list[int] = []
+        # Per row, the cache holds `_committed` committed tokens, then `_drafted`, this drafter's own
+        # proposal (all but its last token), which the verifier may or may not have kept.
+        self._committed: list[int] = []
+        self._drafted: list[list[int]] = []
 
-    def reset(self) -> None:
-        """Forget the previous prompt."""
-        self.model.reset()
-        self._committed = 0
-        self._drafted = []
+    def reset(self, batch_size: int) -> None:
+        """Forget the previous batch."""
+        self.model.reset(batch_size)
+        self._committed = [0] * batch_size
+        self._drafted = [[] for _ in range(batch_size)]
 
     @torch.inference_mode()
-    def prefill(self, tokens: list[int]) -> None:
-        """Cache all of `tokens` but the last, so that each proposal starts from a short feed."""
-        self.model.forward(torch.tensor(tokens[:-1], device=self.model.device))
-        self._committed = len(tokens) - 1
-        self._drafted = []
+    def prefill(self, contexts: Sequence[list[int]]) -> None:
+        """Cache all of each row's tokens but the last, so that each proposal starts from a short feed."""
+        cached = [tokens[:-1] for tokens in contexts]
+        if any(cached):
+            self.model.prefill(cached)
+        else:
+            self.model.reset(len(contexts))
+        self._committed = [len(tokens) for tokens in cached]
+        self._drafted = [[] for _ in contexts]
 
-    def _reusable_prefix(self, tokens: list[int]) -> int:
-        """Length of the cached prefix still valid for `tokens`, leaving at least one token to feed."""
-        committed = min(self._committed, len(tokens) - 1)
+    def _reusable_prefix(self, row: int, tokens: list[int]) -> int:
+        """Length of the row's cached prefix still valid for `tokens`, leaving at least one token to feed."""
+        committed = min(self._committed[row], len(tokens) - 1)
+        drafted = self._drafted[row]
         kept = 0  # drafted tokens the verifier accepted
-        while kept < min(len(self._drafted), len(tokens) - 1 - committed) and (
-            self._drafted[kept] == tokens[committed + kept]
-        ):
+        while kept < min(len(drafted), len(tokens) - 1 - committed) and drafted[kept] == tokens[committed + kept]:
             kept += 1
         return committed + kept
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], k: int, chooser: TokenChooser) -> Proposal:
-        """Draft `k` tokens autoregressively, greedy or sampled like the verifier."""
-        reusable = self._reusable_prefix(tokens)
-        self.model.crop(reusable)
-        new_ids = torch.tensor(tokens[reusable:], device=self.model.device)
-        logits = self.model.forward(new_ids)
-        drafted, distributions = [], []
-        for position in range(k):
-            if chooser.do_sample:
-                probs = chooser.distribution(logits)
-                token = chooser.sample(probs)
+    def propose(
+        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser]
+    ) -> list[Proposal]:
+        """Draft each row's tokens autoregressively, greedy or sampled like the verifier, all rows per forward."""
+        rows = range(len(contexts))
+        drafting = [row for row in rows if depths[row] > 0]
+        if not drafting:
+            return [Proposal([]) for _ in rows]
+        reusable = self.model.lengths
+        for row in drafting:
+            reusable[row] = self._reusable_prefix(row, contexts[row])
+        self.model.truncate(reusable)
+        feeds = [contexts[row][reusable[row] :] if depths[row] > 0 else [] for row in rows]
+        width = max(len(feed) for feed in feeds)
+        ids = torch.tensor([feed + [PAD_TOKEN] * (width - len(feed)) for feed in feeds], device=self.model.device)
+        if all(len(feed) == width for feed in feeds):
+            logits = self.model.forward(ids)[:, -1]
+        else:  # each row's last fed slot
+            fed = self.model.forward(ids, [len(feed) for feed in feeds], logits_to_keep=width)
+            logits = torch.stack([fed[row, max(len(feed), 1) - 1] for row, feed in enumerate(feeds)])
+        steps = max(depths)
+        columns, distributions = [], []
+        for position in range(steps):
+            if choosers[0].do_sample:
+                probs = choosers[0].distribution(logits)  # the warping is the same for every row
+                tokens = torch.cat([_draw(choosers[row], probs, row, depths[row] > position) for row in rows])
                 distributions.append(probs)
             else:
-                token = logits.argmax(dim=-1)
-            drafted.append(token)
-            if position < k - 1:
-                logits = self.model.forward(token)
-        proposed = torch.cat(drafted).tolist()
-        self._committed = len(tokens)
-        self._drafted = proposed[:-1]
-        return Proposal(proposed, torch.cat(distributions) if distributions else None)
+                tokens = logits.argmax(dim=-1)
+            columns.append(tokens)
+            if position < steps - 1:
+                feeding = [int(depths[row] > position + 1) for row in rows]
+                logits = self.model.forward(tokens[:, None], feeding)[:, -1]
+        drafted = torch.stack(columns, dim=1).tolist()
+        proposals = []
+        for row in rows:
+            depth = depths[row]
+            if depth == 0:
+                proposals.append(Proposal([]))
+                continue
+            probs = torch.stack([column[row] for column in distributions[:depth]]) if distributions else None
+            proposals.append(Proposal(drafted[row][:depth], probs))
+            self._committed[row] = len(contexts[row])
+            self._drafted[row] = drafted[row][: depth - 1]
+        return proposals
+
+
+def _draw(chooser: TokenChooser, probs: torch.Tensor, row: int, drafting: bool) -> torch.Tensor:
+    """The row's sampled token (one element), or a placeholder that draws nothing from its generator."""
+    if drafting:
+        return chooser.sample(probs[row : row + 1])
+    return torch.zeros(1, dtype=torch.long, device=probs.device)
 
 
 class PromptLookupDrafter:
@@ -109,17 +148,25 @@ class PromptLookupDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def reset(self) -> None:
+    def reset(self, batch_size: int) -> None:
         """Nothing to forget: the drafter keeps no state."""
 
-    def prefill(self, tokens: list[int]) -> None:
+    def prefill(self, contexts: Sequence[list[int]]) -> None:
         """Nothing to read ahead: matches are searched at each proposal."""
 
-    def propose(self, tokens: list[int], k: int, chooser: TokenChooser) -> Proposal:
-        """Continuation of the latest earlier match of the longest matching n-gram (possibly empty)."""
+    def propose(
+        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser]
+    ) -> list[Proposal]:
+        """Per row, the continuation of the latest earlier match of the longest matching n-gram."""
+        return [Proposal(self.lookup(tokens, depth)) for tokens, depth in zip(contexts, depths, strict=True)]
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest matching n-gram."""
+        if k == 0:
+            return []
         for size in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             pattern = tokens[-size:]
             for start in range(len(tokens) - size - 1, -1, -1):
                 if tokens[start : start + size] == pattern:
-                    return Proposal(tokens[start + size : start + size + k])
-        return Proposal([])
+                    return tokens[start + size : start + size + k]
+        return []

@@ -3,7 +3,8 @@
 Node 0 is the root, the last committed token. Every proposal becomes a path
 from the root; proposals that share a prefix share its nodes, so identical
 prefixes are verified once. With one proposal (or identical ones) the tree is a
-chain and the verifier needs no special attention mask.
+chain and the verifier needs no special attention mask; otherwise each node sees
+the cache, its ancestors and itself (`ancestor_matrix`).
 
 Walking the tree decides what is accepted:
 - greedy: follow the child whose token is the verifier's argmax, as far as it goes;
@@ -65,22 +66,16 @@ def build_tree(root_token: int, proposals: list[list[int]]) -> DraftTree:
     return tree
 
 
-def tree_attention_mask(
-    tree: DraftTree, cache_len: int, width: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Additive 4-D mask [1, 1, nodes, width]: each node sees the cache, its ancestors and itself.
+def ancestor_matrix(parents: list[int]) -> torch.Tensor:
+    """Bool [nodes, nodes]: entry (i, j) is True when node j is node i or one of its ancestors.
 
-    `width` is the number of key positions: cache + nodes, or a static cache's whole buffer.
+    `parents[i]` is node i's parent (-1 for the root); parents come before their children.
     """
-    visible = torch.zeros(tree.size, width, dtype=torch.bool)
-    visible[:, :cache_len] = True
-    for node in range(tree.size):
-        ancestor = node
-        while ancestor >= 0:
-            visible[node, cache_len + ancestor] = True
-            ancestor = tree.parents[ancestor]
-    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask.to(device)[None, None]
+    visible = torch.eye(len(parents), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            visible[node] |= visible[parent]
+    return visible
 
 
 def walk_greedy(tree: DraftTree, verifier_tokens: list[int]) -> tuple[list[int], int]:

@@ -34,14 +34,14 @@ def comparison_figures(runs: pd.DataFrame) -> dict[str, Figure]:
     """Cross-run figures keyed by artifact path; one colour per draft (per "verifier / draft" when those vary)."""
     table = summary_table(runs)
     table["series"] = _series_labels(table)
-    table = table.sort_values(["series", "k"], kind="stable").reset_index(drop=True)
+    table = table.sort_values(["series", "k", "batch"], kind="stable").reset_index(drop=True)
     colors = draft_colors(table["series"])
     subtitle = ", ".join(f"{name}: {table[name][0]}" for name in ("verifier", "sampling") if table[name].nunique() == 1)
 
     def bars(title: str, ylabel: str, *columns: tuple[str, str, str | None]) -> Figure:
         return _bars_vs_baseline(table, colors, title, subtitle, ylabel, list(columns))
 
-    return {
+    figures = {
         "plots/speedup_vs_k.png": _speedup_vs_k(table, colors, subtitle),
         "plots/acceptance_vs_k.png": _acceptance_vs_k(table, colors, subtitle),
         "plots/latency.png": bars(
@@ -64,12 +64,58 @@ def comparison_figures(runs: pd.DataFrame) -> dict[str, Figure]:
             ("speculative", col("cost_per_query_usd_spec"), col("cost_per_query_usd_baseline")),
         ),
     }
+    if table["batch"].nunique() > 1:
+        figures["plots/speedup_vs_batch.png"] = _speedup_vs_batch(runs, subtitle)
+    return figures
 
 
-def _series_labels(table: pd.DataFrame) -> pd.Series:
-    """The draft, prefixed by the verifier and followed by the sampling mode when those vary across runs."""
-    parts = [column for column in ("verifier", "draft", "sampling") if column == "draft" or table[column].nunique() > 1]
-    return table[parts].astype("string").fillna("?").agg(" / ".join, axis=1)
+def _series_labels(table: pd.DataFrame, by: tuple[str, ...] = ("verifier", "draft", "sampling", "batch")) -> pd.Series:
+    """The draft, with the verifier, the sampling mode and the batch size when those vary across runs."""
+    parts = [name for name in by if name == "draft" or table[name].nunique() > 1]
+    labels = table[parts].astype("string").fillna("?")
+    if "batch" in labels:
+        labels["batch"] = "batch " + labels["batch"]
+    if "k" in labels:
+        labels["k"] = "k=" + labels["k"]
+    return labels.agg(" / ".join, axis=1)
+
+
+def _speedup_vs_batch(runs: pd.DataFrame, subtitle: str) -> Figure:
+    """Measured speedup against batch size, one line per (draft, k), with the model's predicted curve beside it.
+
+    The predicted curve of a series is the one its smallest-batch run measured (each run predicts every batch
+    size of its cost grid from its own acceptance and step costs).
+    """
+    table = summary_table(runs, sort=False)  # row i is runs.iloc[i]
+    table["series"] = _series_labels(table, by=("verifier", "draft", "k", "sampling"))
+    predicted = runs.filter(regex=r"^metrics\.predicted_speedup_batch_\d+$").reset_index(drop=True)
+    predicted.columns = [int(name.rsplit("_", 1)[1]) for name in predicted.columns]
+    predicted = predicted[sorted(predicted.columns)]
+    colors = draft_colors(table["series"])
+    figure, (ax,) = new_figure("Speedup over the baseline vs batch size", subtitle)
+    handles = _series_handles(colors)
+    for series, group in table.groupby("series", sort=True):
+        group = group.sort_values("batch")
+        values = _column(group, col("speedup"))
+        low, high = _column(group, col("speedup_ci_low")), _column(group, col("speedup_ci_high"))
+        ax.errorbar(
+            group["batch"].to_numpy(float),
+            values,
+            yerr=np.clip([values - low, high - values], 0, None),
+            color=colors[series],
+            marker="o",
+            capsize=3,
+        )
+        curve = predicted.loc[group.index[0]].dropna() if not predicted.empty else pd.Series(dtype=float)
+        if not curve.empty:
+            ax.plot(curve.index, curve.to_numpy(float), color=colors[series], linestyle="--", marker="x")
+    if not predicted.empty:
+        handles.append(Line2D([], [], color="grey", linestyle="--", marker="x", label="predicted (dashed)"))
+    handles.append(reference_line(ax, 1.0, "baseline (no speedup)"))
+    ax.set_xscale("log", base=2)
+    ax.legend(handles=handles, fontsize=8)
+    ax.set(xlabel="batch size (rows decoded together)", ylabel="speedup over baseline (x)")
+    return figure
 
 
 def _column(table: pd.DataFrame, name: str) -> np.ndarray:

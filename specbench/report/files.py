@@ -9,7 +9,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from specbench.report.figures import comparison_figures
-from specbench.report.query import summary_table
+from specbench.report.query import crossover_table, summary_table
 from specbench.summary import markdown_table
 
 ARTIFACT_DIR = "report"
@@ -25,7 +25,11 @@ def write_report(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     table = summary_table(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, csv = out_dir / "summary.md", out_dir / "summary.csv"
-    markdown.write_text(table_markdown(table) + "\n")
+    text = table_markdown(table) + "\n"
+    crossovers = crossover_table(runs)
+    if not crossovers.empty:
+        text += "\n### Where speculation stops paying (batch size)\n\n" + table_markdown(crossovers) + "\n"
+    markdown.write_text(text)
     table.to_csv(csv, index=False)
     paths = [markdown, csv]
     for artifact, figure in comparison_figures(runs).items():

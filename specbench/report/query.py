@@ -82,12 +82,15 @@ def summary_columns() -> list[tuple[str, str, float]]:
     return columns
 
 
-def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run with readable column names and units, sorted by draft then k; absent metrics are left out."""
+def summary_table(runs: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
+    """One row per run with readable column names and units, sorted by draft, k and batch size (else in the order
+    of `runs`); absent metrics are left out."""
     table = pd.DataFrame(
         {
             "draft": param(runs, "draft.name"),
             "k": pd.to_numeric(param(runs, "k"), errors="coerce").astype("Int64"),
+            # runs from before batching decoded one prompt at a time
+            "batch": pd.to_numeric(param(runs, "batch_size"), errors="coerce").fillna(1).astype("Int64"),
             "verifier": param(runs, "verifier.name"),
             "sampling": param(runs, "generation.do_sample").str.lower().map({"true": "sampled", "false": "greedy"}),
         }
@@ -101,7 +104,36 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             table[name] = [entry.format_spread(row, key) for row in values.to_dict("records")]
         else:
             table[name] = runs[f"metrics.{key}"].to_numpy() * scale
-    return table.sort_values(["draft", "k", "verifier", "sampling"], kind="stable").reset_index(drop=True)
+    if not sort:
+        return table
+    return table.sort_values(["draft", "k", "batch", "verifier", "sampling"], kind="stable").reset_index(drop=True)
+
+
+def crossover_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (verifier, draft, k, sampling) measured at several batch sizes: the smallest batch size whose measured
+    speedup is below 1, beside the one the model predicts from the smallest-batch run (empty cells: none seen)."""
+    table = summary_table(runs, sort=False)
+    table["speedup"] = runs["metrics.speedup"].to_numpy() if "metrics.speedup" in runs else float("nan")
+    predicted = runs.get("metrics.crossover_batch_predicted", pd.Series(float("nan"), index=runs.index))
+    table["predicted"] = predicted.to_numpy()
+    rows = []
+    for (verifier, draft, k, sampling), group in table.groupby(["verifier", "draft", "k", "sampling"], dropna=False):
+        if group["batch"].nunique() < 2:
+            continue
+        group = group.sort_values("batch")
+        below = group.loc[group["speedup"] < 1, "batch"]
+        rows.append(
+            {
+                "verifier": verifier,
+                "draft": draft,
+                "k": k,
+                "sampling": sampling,
+                "batch sizes": ", ".join(str(size) for size in group["batch"]),
+                "crossover measured": below.iloc[0] if len(below) else pd.NA,
+                "crossover predicted": group["predicted"].iloc[0],
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def param(runs: pd.DataFrame, key: str) -> pd.Series:

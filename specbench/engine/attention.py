@@ -1,0 +1,91 @@
+"""Which attention masks a model can take, and the 4-D masks of a ragged batch.
+
+The engine passes its own additive 4-D mask ([rows, 1, new tokens, key columns])
+whenever plain causal attention would be wrong: rows with holes in their cache,
+token trees, or a static cache whose buffer is longer than what was written.
+A model with a sliding window needs that window in the mask too, because a custom
+mask replaces the one transformers would have built:
+- Mistral applies one mask to every layer: the engine passes the windowed mask;
+- Qwen2 takes a dict of masks by layer type: the engine passes the full and the
+  windowed mask under "full_attention" and "sliding_attention".
+Other windowed or chunked attentions (GPT-Neo's local layers add their own bias
+over physical key columns; Gemma-style hybrids are untested here) cannot take a
+custom mask: `needs_plain_causal_mask` says so, and the engine refuses to use
+them where a mask would be needed (draft sets on the verifier, batches > 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+
+# model type -> how it takes a windowed mask: one mask for all layers, or a dict keyed by layer type
+WINDOWED_MASK_STYLES = {"mistral": "single", "qwen2": "by_layer_type"}
+
+
+def sliding_window(config: PretrainedConfig) -> int | None:
+    """The attention window of the model's sliding layers, or None when every layer attends to all keys."""
+    if config.model_type == "gpt_neo":
+        return config.window_size if "local" in config.attention_layers else None
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    single_mask = WINDOWED_MASK_STYLES.get(config.model_type) == "single"  # windows every layer, whatever its type
+    if window is not None and not single_mask and layer_types is not None and "sliding_attention" not in layer_types:
+        return None  # e.g. Qwen2 with sliding_window set but no layer using it
+    return window
+
+
+def needs_plain_causal_mask(config: PretrainedConfig) -> bool:
+    """True when the model only decodes correctly under transformers' own causal mask.
+
+    Such a model can verify one drafter's chains at batch size 1, but not a draft set (token
+    trees) nor a batch of several prompts; as a draft model it cannot run at batch size > 1.
+    Check it on the config, before loading weights.
+    """
+    if getattr(config, "attention_chunk_size", None):
+        return True
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:
+        return True  # linear, chunked or other attentions
+    return sliding_window(config) is not None and config.model_type not in WINDOWED_MASK_STYLES
+
+
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool visibility [rows, queries, keys] as the additive float mask [rows, 1, queries, keys] models take."""
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def ragged_mask(
+    cached_valid: torch.Tensor,
+    new_visible: torch.Tensor,
+    query_positions: torch.Tensor,
+    width: int,
+    dtype: torch.dtype,
+    config: PretrainedConfig,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The mask of one forward over a ragged batch, on the CPU.
+
+    `cached_valid` [rows, cached columns]: which cached columns hold one of the row's tokens;
+    `new_visible` [rows, n, n]: which new columns each new column sees (causal, or a token tree's
+    ancestors; always itself); `query_positions` [rows, n]: logical positions of the new columns.
+    `width`: key columns the model attends over (cached + n, or a static cache's whole buffer).
+    """
+    rows, n = query_positions.shape
+    cached = cached_valid.shape[1]
+    visible = torch.zeros(rows, n, width, dtype=torch.bool)
+    visible[:, :, :cached] = cached_valid[:, None, :]
+    visible[:, :, cached : cached + n] = new_visible
+    full = additive(visible, dtype)
+    window = sliding_window(config)
+    if window is None:
+        return full
+    # a row's valid columns are in logical order, so a column's position is the count of valid columns before it
+    key_positions = torch.zeros(rows, width, dtype=torch.long)
+    key_positions[:, :cached] = cached_valid.long().cumsum(1) - 1
+    key_positions[:, cached : cached + n] = query_positions
+    in_window = query_positions[:, :, None] - key_positions[:, None, :] < window
+    windowed = additive(visible & in_window, dtype)
+    if WINDOWED_MASK_STYLES.get(config.model_type) == "by_layer_type":
+        return {"full_attention": full, "sliding_attention": windowed}
+    return windowed

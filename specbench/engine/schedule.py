@@ -1,0 +1,71 @@
+"""Draft-length policies: how many tokens a row drafts at its next step.
+
+The engine keeps one k per row and asks the policy for the next one after each
+step, from what that row's step offered and accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class KSchedule(Protocol):
+    """A draft-length policy: k for the first step, an upper bound, and the next k after a step."""
+
+    @property
+    def first(self) -> int:
+        """k at a row's first step."""
+
+    @property
+    def max_k(self) -> int:
+        """No step drafts more than this."""
+
+    def next(self, k: int, accepted: int, offered: int) -> int:
+        """k for the next step, after a step that asked for k, offered `offered` and had `accepted` accepted."""
+
+
+@dataclass(frozen=True)
+class ConstantK:
+    """The same k at every step."""
+
+    k: int
+
+    @property
+    def first(self) -> int:
+        return self.k
+
+    @property
+    def max_k(self) -> int:
+        return self.k
+
+    def next(self, k: int, accepted: int, offered: int) -> int:
+        return k
+
+
+@dataclass(frozen=True)
+class AdaptiveK:
+    """Start at k; +2 after a fully accepted block, -1 otherwise, within 1..k_max.
+
+    A step where nothing was offered (prompt lookup found no match, or no room was left) leaves k as it is.
+    """
+
+    k: int
+    k_max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.k_max:
+            raise ValueError(f"AdaptiveK needs 1 <= k <= k_max, got k={self.k}, k_max={self.k_max}")
+
+    @property
+    def first(self) -> int:
+        return self.k
+
+    @property
+    def max_k(self) -> int:
+        return self.k_max
+
+    def next(self, k: int, accepted: int, offered: int) -> int:
+        if offered == 0:
+            return k
+        return min(k + 2, self.k_max) if accepted == offered else max(k - 1, 1)
