@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -175,8 +176,15 @@ def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
     for prompt in setup.prompts[: max(cfg.warmup_prompts, 1)]:
         for decode in _decoders(setup, cfg).values():
             decode(prompt.input_ids, short, cfg.seed)
-    for model in [setup.verifier, *(d.model for d in setup.drafters if isinstance(d, ModelDrafter))]:
+    models = [setup.verifier, *(d.model for d in setup.drafters if isinstance(d, ModelDrafter))]
+    graphs, start = sum(len(model.graph_sizes) for model in models), time.perf_counter()
+    if graphs:  # minutes with torch.compile: say what is happening
+        what = "compiling and capturing" if cfg.engine.compile else "capturing"
+        log.info("%s %d CUDA graphs (%d models, one per decode shape)", what, graphs, len(models))
+    for model in models:
         model.capture_graphs()
+    if graphs:
+        log.info("%d CUDA graphs ready in %.1f s", graphs, time.perf_counter() - start)
 
 
 def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True) -> Iterator[PromptOutcome]:
@@ -229,4 +237,12 @@ def curve_tokens(cfg: SpecBenchConfig) -> int:
 def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
     """Draft-step and verify-curve timings on the first prompt (the inputs of the speedup model)."""
     chooser = TokenChooser(setup.settings, cfg.seed)
-    return measure_step_costs(setup.verifier, setup.drafters, setup.prompts[0].input_ids, chooser, curve_tokens(cfg))
+    log.info(
+        "measuring step costs: the verifier over 1..%d new tokens and one step of %d drafters",
+        curve_tokens(cfg),
+        len(setup.drafters),
+    )
+    start = time.perf_counter()
+    costs = measure_step_costs(setup.verifier, setup.drafters, setup.prompts[0].input_ids, chooser, curve_tokens(cfg))
+    log.info("step costs measured in %.1f s", time.perf_counter() - start)
+    return costs
