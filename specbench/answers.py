@@ -2,7 +2,7 @@
 
 A decision is read from an output in this order:
 
-1. its first word, past quotes and markdown ("Yes.", "**No**, because ...", "maybe, as");
+1. its first word, past quotes, bullets and markdown ("Yes.", "**No**, because ...", "- maybe, as");
 2. else the first "answer" or "decision" followed by "is" or ":" ("Answer: no",
    "The answer to the question is yes", "Final decision - maybe");
 3. else nothing: the output counts as unparsed (and as wrong in the accuracy).
@@ -23,7 +23,7 @@ from specbench.data import DECISIONS, Prompt
 from specbench.metrics import PromptOutcome
 
 _CHOICE = "|".join(DECISIONS)
-_LEADING = re.compile(rf"^[\s*_#>\"'`(\[]*({_CHOICE})\b", re.IGNORECASE)
+_LEADING = re.compile(rf"^[\s*_#>+\"'`(\[-]*({_CHOICE})\b", re.IGNORECASE)
 _MARKED = re.compile(
     rf"\b(?:answer|decision)\b(?:[^.\n:]{{0,40}}?\b(?:is|would be)\b|\s*[:=\-])[\s*_\"'`(\[:]*({_CHOICE})\b",
     re.IGNORECASE,

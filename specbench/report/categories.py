@@ -34,7 +34,7 @@ def category_table(runs: pd.DataFrame) -> pd.DataFrame:
         for index in range(len(runs)):
             if pd.isna(runs[name].iloc[index]):
                 continue
-            row = {**identity.iloc[index].to_dict(), "category": match[1]}
+            row = {"category": match[1], **identity.iloc[index].to_dict()}
             for key in COLUMNS:
                 entry = metric(key)
                 value = runs.get(f"metrics.{key}_cat_{match[1]}", pd.Series(float("nan"), index=runs.index))
