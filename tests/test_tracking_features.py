@@ -175,6 +175,12 @@ def test_tables_join_across_runs_with_load_table(store, tmp_path):
         csv = per_prompt(run, tmp_path)
         assert rows["pubid"].astype(str).tolist() == csv["pubid"].astype(str).tolist()
         assert rows["spec_latency_s"].tolist() == pytest.approx(csv["spec_latency_s"].tolist())
+    # the README's example: one figure per (draft, k, category) from the joined table
+    params = mlflow.search_runs(experiment_names=["specbench"])[["run_id", "params.draft.name", "params.k"]]
+    medians = (
+        joined.merge(params, on="run_id").groupby(["params.draft.name", "params.k", "category"])["speedup"].median()
+    )
+    assert set(medians.index) == {("distilgpt2", k, category) for k in ("1", "2") for category in CATEGORIES}
     run_id = store.children[1].info.run_id
     steps = mlflow.load_table("steps.json", run_ids=[run_id])
     csv = pd.read_csv(MlflowClient().download_artifacts(run_id, "steps.csv", str(tmp_path)))
