@@ -19,9 +19,11 @@ from mlflow.tracking import MlflowClient
 import specbench.cli
 import specbench.models
 from specbench.answers import parse_decision
-from specbench.config import SAMPLES_PACKAGE, package_file
+from specbench.config import SAMPLES_PACKAGE, DatasetConfig, package_file
+from specbench.data import Record
+from specbench.models import ModelSpec, model_revision
 from specbench.testing import make_model, train_tokenizer
-from specbench.tracking import GIT_COMMIT_TAG, source_tags
+from specbench.tracking import GIT_COMMIT_TAG, log_dataset, source_tags
 from tests.test_cli import all_artifacts, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,3 +278,20 @@ def test_bad_prompt_set_input_is_one_sentence_before_models_load(
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code != 0 and len(lines) == 1 and message in lines[0], err[-2000:]
     assert "Traceback" not in err and not specbench.cli.MODEL_CACHE._models
+
+
+def test_a_hub_dataset_is_logged_with_its_hub_source(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        log_dataset(DatasetConfig(), [Record("1", "Q?", (("", "abstract"),), answer="yes")])
+    (used,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert used.dataset.name == "pubmedqa" and used.dataset.source_type == "hugging_face"
+    assert '"path": "qiaojin/PubMedQA"' in used.dataset.source and '"config_name": "pqa_labeled"' in used.dataset.source
+    assert '"answer"' in used.dataset.schema
+
+
+def test_a_local_gguf_file_is_identified_by_its_size(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(96))
+    (tmp_path / "other.gguf").write_bytes(b"not this one")
+    spec = ModelSpec(str(tmp_path), "model.gguf", "float32", "cpu")
+    assert model_revision(spec).startswith("local: 1 files, 100 bytes, last changed 20")
