@@ -282,7 +282,8 @@ def test_bad_prompt_set_input_is_one_sentence_before_models_load(
 
 def test_a_hub_dataset_is_logged_with_its_hub_source(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run() as run:
+    experiment_id = mlflow.create_experiment("hub", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         log_dataset(DatasetConfig(), [Record("1", "Q?", (("", "abstract"),), answer="yes")])
     (used,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     assert used.dataset.name == "pubmedqa" and used.dataset.source_type == "hugging_face"
