@@ -228,6 +228,42 @@ METRICS: tuple[Metric, ...] = (
         doc="share of steps that kept draft position i",
     ),
     Metric(
+        "acceptance_rate_by_position",
+        "Acceptance by draft position (series)",
+        fmt="rate",
+        better=HIGHER,
+        doc="the acceptance_rate_pos_{i} values as one metric at step i, so MLflow's chart view draws a curve "
+        "per run (its latest value is the deepest position's)",
+    ),
+    # per category (records with a category: `dataset=prompts`); before the per-drafter families, which would match
+    Metric(
+        "speedup_cat_{category}",
+        "Speedup of a category",
+        "x",
+        better=HIGHER,
+        doc="speedup over the prompts of one category (a ratio of sums, like the run's)",
+    ),
+    Metric(
+        "acceptance_rate_cat_{category}",
+        "Acceptance rate of a category",
+        fmt="rate",
+        better=HIGHER,
+        doc="acceptance rate over the prompts of one category",
+    ),
+    Metric(
+        "mean_accepted_tokens_cat_{category}",
+        "Mean accepted tokens of a category",
+        better=HIGHER,
+        doc="tokens per speculative verifier call over the prompts of one category",
+    ),
+    Metric(
+        "spec_tokens_per_s_cat_{category}",
+        "Throughput of a category",
+        "tokens/s",
+        better=HIGHER,
+        doc="speculative tokens/s over the prompts of one category",
+    ),
+    Metric(
         "acceptance_rate_{draft}",
         "Acceptance rate of a drafter",
         fmt="rate",
@@ -295,6 +331,27 @@ METRICS: tuple[Metric, ...] = (
         doc="the verifier's perplexity of each mode's outputs; for sampled runs this, not disagreement, "
         "shows quality is kept",
         baseline="perplexity_baseline",
+        summary=True,
+    ),
+    # task accuracy (records with a gold yes / no / maybe answer: PubMedQA)
+    Metric(
+        "accuracy_spec",
+        "Accuracy (yes/no/maybe)",
+        fmt="rate",
+        better=HIGHER,
+        doc="share of prompts with a gold answer whose output gives that decision (specbench.answers parses it); "
+        "equal in greedy float32 by construction, the quality figure under sampling or bf16",
+        baseline="accuracy_baseline",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "unparsed_rate_spec",
+        "Unparsed answers",
+        fmt="rate",
+        better=LOWER,
+        doc="share of prompts with a gold answer whose output gives no decision that can be read (counted wrong)",
+        baseline="unparsed_rate_baseline",
         summary=True,
     ),
     Metric(
@@ -399,6 +456,12 @@ METRICS: tuple[Metric, ...] = (
         doc="one verifier pass over n = k+1 tokens per row / over one token per row, at the run's batch size",
     ),
     Metric("draft_step_ms_{draft}", "Draft step of a drafter", "ms", doc="one drafting step of each model drafter"),
+    Metric(
+        "system/{name}",
+        "System metric",
+        doc="MLflow's system metrics with tracking.system_metrics=true: CPU, memory, disk, network, and GPU "
+        "with pynvml (nvidia-ml-py), sampled every 10 s",
+    ),
 )
 
 INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")
@@ -438,8 +501,8 @@ def readme_table() -> str:
         unit = {"rate": "share", "usd": "USD"}.get(entry.fmt, entry.unit)
         rows.append(f"| {keys} | {unit} | {entry.better or ''} | {entry.doc} |")
     rows.append(
-        "| `*_ci_low`, `*_ci_high` | as the metric | | 95% bootstrap interval over prompts, a drawn prompt with "
-        "all its repeats (speedup, acceptance rate, latency percentiles) |"
+        "| `*_ci_low`, `*_ci_high` | as the metric | | 95% bootstrap interval over batches (prompts, at batch "
+        "size 1), a drawn batch with all its repeats (speedup, acceptance rate, latency percentiles) |"
     )
     return "\n".join(rows)
 

@@ -169,9 +169,14 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
         return {"status": "SKIPPED", "run_id": existing, "config_hash": config_hash}
     tags = {tracking.CONFIG_HASH_TAG: config_hash, "verifier": typed.verifier.name, "draft": typed.draft.name}
     parent = parent_run_id() if multirun else None
-    with gpu_lease(typed.device) as device, tracking.tracked_run(experiment_id, _run_name(cfg), tags, parent) as run_id:
+    system_metrics = typed.tracking.system_metrics
+    with (
+        gpu_lease(typed.device) as device,
+        tracking.tracked_run(experiment_id, _run_name(cfg), tags, parent, system_metrics) as run_id,
+    ):
         tracking.log_params(tracking.flatten(resolved))
         mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        tracking.log_dataset(typed.dataset, records)
         typed.device = device
         try:
             setup = prepare(typed, records, MODEL_CACHE)

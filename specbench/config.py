@@ -47,6 +47,13 @@ class KScheduleKind(Enum):
     heuristic = "heuristic"  # +2 after a fully accepted block, -1 otherwise, within 1..k_max
 
 
+class DatasetKind(Enum):
+    """How a dataset file is read."""
+
+    pubmedqa = "pubmedqa"  # PubMedQA records: question + abstract (hub or file), gold answer in final_decision
+    prompts = "prompts"  # any JSONL / JSON / CSV file of prompts, optionally with a category per record
+
+
 class ChatTemplate(Enum):
     """Whether prompts are wrapped in the tokenizer's chat template (on/off, not true/false: Hydra reads those as
     booleans, which an Enum field refuses)."""
@@ -66,6 +73,8 @@ class ModelConfig:
     fetch: str | None = None
     dtype: Dtype | None = None  # overrides the run's dtype for this model
     quantize: Quantize = Quantize.none
+    # hub models: a branch, tag or commit to load (default: the main branch); the commit loaded is tagged on the run
+    revision: str | None = None
 
 
 @dataclass
@@ -91,15 +100,27 @@ class DraftConfig:
 class DatasetConfig:
     """Where prompts come from and how they are written."""
 
-    name: str = "pubmedqa"
-    path: str | None = None  # local JSONL / JSON file; None means the hub
+    name: str = "pubmedqa"  # also the dataset's name in MLflow (runs can be filtered by it)
+    kind: DatasetKind = DatasetKind.pubmedqa
+    path: str | None = None  # local JSONL / JSON (/ CSV for kind=prompts) file; None means the hub
     hub_id: str = "qiaojin/PubMedQA"
     hub_config: str = "pqa_labeled"
     split: str = "train"
     num_samples: int = 20
     start: int = 0  # skip this many records first
+    # placeholders: {question}, {abstract} (PubMedQA), {prompt} (the question, then the abstract or context if any)
     template: str = "Question: {question}\n\nAbstract:\n{abstract}\n\nAnswer:"
     chat_template: ChatTemplate = ChatTemplate.auto
+    # kind=prompts: where each record keeps its text, id, category and gold answer; None means the defaults:
+    # text from `prompt`, else `turns` (the first turn), else `question` (+ `context`); id from `id`, else
+    # `question_id`, else the record's number in the file
+    text_field: str | None = None
+    id_field: str | None = None
+    category_field: str = "category"
+    answer_field: str = "final_decision"  # yes / no / maybe, for task accuracy
+    categories: list[str] = field(default_factory=list)  # keep only records of these categories
+    # the first N records of each category, in file order (start and num_samples then do not apply)
+    per_category: int | None = None
 
 
 @dataclass
@@ -122,6 +143,8 @@ class TrackingConfig:
     artifact_location: str | None = None  # default: mlruns/artifacts next to a local SQLite store
     experiment: str = "specbench"
     run_name: str | None = None
+    # MLflow's sampler of CPU, memory (and, with pynvml, GPU) use: off by default, its thread competes with timing
+    system_metrics: bool = False
 
 
 @dataclass

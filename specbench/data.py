@@ -1,11 +1,13 @@
-"""PubMedQA records and the prompts built from them.
+"""Records (PubMedQA, or any prompt file) and the prompts built from them.
 
-Records come from the HuggingFace hub (`qiaojin/PubMedQA`, `pqa_labeled`) or a
-local file: JSONL in the HF schema (`context` = {contexts, labels}), flattened
-JSONL (`context` as plain text, or `contexts`/`abstract`), or the authors'
-`ori_pqal.json` (one object keyed by PMID). A prompt is the question plus the
-abstract sections in a template; one that does not fit the models' context is
-cut in the abstract, never in the question.
+PubMedQA records come from the HuggingFace hub (`qiaojin/PubMedQA`, `pqa_labeled`)
+or a local file: JSONL in the HF schema (`context` = {contexts, labels}),
+flattened JSONL (`context` as plain text, or `contexts`/`abstract`), or the
+authors' `ori_pqal.json` (one object keyed by PMID); their `final_decision` is
+kept as the gold answer. Other prompt files (`dataset.kind=prompts`) are read by
+`prompt_files`. Records may then be narrowed to some categories, or to the first
+N of each. A prompt is the record's text in a template; one that does not fit the
+models' context is cut in the abstract (or context), never in the question.
 """
 
 from __future__ import annotations
@@ -15,19 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from specbench.config import ChatTemplate, DatasetConfig
+from specbench.config import ChatTemplate, DatasetConfig, DatasetKind
 from specbench.errors import DataError
+
+DECISIONS = ("yes", "no", "maybe")
 
 
 @dataclass(frozen=True)
 class Record:
-    """One question with its abstract, split in labelled sections."""
+    """One question (or prompt) with its abstract (or context) split in labelled sections, maybe none."""
 
-    pubid: str
+    pubid: str  # the record's id (PubMedQA's pubid, a prompt file's id)
     question: str
     sections: tuple[tuple[str, str], ...]  # (label, text); label may be ""
+    category: str | None = None
+    answer: str | None = None  # the gold decision (yes / no / maybe), when the data has one
 
     def abstract(self, max_chars: int | None = None) -> str:
         """The sections as text, one per line, `LABEL: text`; optionally cut to `max_chars`."""
@@ -43,19 +50,75 @@ class Prompt:
     text: str
     input_ids: list[int]
     truncated: bool
+    category: str | None = None
+    answer: str | None = None
 
 
 def load_records(cfg: DatasetConfig) -> list[Record]:
-    """The `num_samples` records from `start` on, from `cfg.path` or the hub."""
-    records = read_file(Path(cfg.path)) if cfg.path else _read_hub(cfg)
+    """The records a run decodes, from `cfg.path` or the hub.
+
+    Only the records of `categories` (all when empty); then the first `per_category`
+    of each category, or else the `num_samples` records from `start` on.
+    """
+    if cfg.kind is DatasetKind.prompts:
+        from specbench.prompt_files import read_prompt_file
+
+        records = read_prompt_file(Path(cfg.path), cfg)
+    else:
+        records = read_file(Path(cfg.path)) if cfg.path else _read_hub(cfg)
     source = cfg.path or f"{cfg.hub_id}/{cfg.hub_config}"
+    records = select_categories(records, cfg.categories, cfg.per_category, source)
+    if cfg.per_category is not None:
+        return records
     available = len(records) - cfg.start
     if cfg.num_samples > available:
         raise DataError(
             f"dataset.num_samples={cfg.num_samples} but {source} has only {max(available, 0)} records "
-            f"from dataset.start={cfg.start}: lower dataset.num_samples."
+            f"{'of the chosen categories ' if cfg.categories else ''}from dataset.start={cfg.start}: "
+            "lower dataset.num_samples."
         )
     return records[cfg.start : cfg.start + cfg.num_samples]
+
+
+def records_table(records: list[Record]) -> pd.DataFrame:
+    """The records as a table: id, question, abstract, and category and gold answer when any record has one."""
+    table = pd.DataFrame(
+        {
+            "id": [record.pubid for record in records],
+            "question": [record.question for record in records],
+            "abstract": [record.abstract() for record in records],
+            "category": [record.category for record in records],
+            "answer": [record.answer for record in records],
+        }
+    )
+    return table.dropna(axis="columns", how="all")
+
+
+def select_categories(
+    records: list[Record], categories: list[str], per_category: int | None, source: str
+) -> list[Record]:
+    """The records of `categories` (all if empty), at most `per_category` of each, in file order."""
+    if not categories and per_category is None:
+        return records
+    present = list(dict.fromkeys(record.category for record in records if record.category is not None))
+    if not present:
+        raise DataError(
+            f"{source} has no categories, so dataset.categories and dataset.per_category do not apply: "
+            "drop them, or set dataset.category_field to the field that holds each record's category."
+        )
+    unknown = [name for name in categories if name not in present]
+    if unknown:
+        raise DataError(
+            f"dataset.categories names {', '.join(map(repr, unknown))}, which no record of {source} has: "
+            f"choose from {', '.join(present)}."
+        )
+    wanted = set(categories or present)
+    kept, counts = [], dict.fromkeys(wanted, 0)
+    for record in records:
+        if record.category in wanted and (per_category is None or counts[record.category] < per_category):
+            kept.append(record)
+            counts[record.category] += 1
+    return kept
 
 
 def read_file(path: Path) -> list[Record]:
@@ -120,17 +183,31 @@ def _parse_record(path: Path, line: int | None, item: Any) -> Record:
     question = _field(item, "question", "QUESTION")
     if not isinstance(question, str) or not question.strip():
         raise fail("question", "is missing or empty")
-    context = _field(item, "context", "contexts", "CONTEXTS", "abstract")
-    labels = _field(item, "labels", "LABELS")
+    sections = context_sections(
+        _field(item, "context", "contexts", "CONTEXTS", "abstract"), _field(item, "labels", "LABELS")
+    )
+    if not sections:
+        raise fail("context", "is missing or not text (a string, a list of strings, or {contexts: [...]})")
+    return Record(str(pubid), question.strip(), sections, answer=decision(item.get("final_decision")))
+
+
+def context_sections(context: Any, labels: Any = None) -> tuple[tuple[str, str], ...] | None:
+    """(label, text) sections of a context given as text, a list of texts, or {contexts, labels}; None if not text."""
     if isinstance(context, dict):
         context, labels = context.get("contexts"), context.get("labels", labels)
     if isinstance(context, str):
         context = [context]
     if not isinstance(context, list) or not context or not all(isinstance(part, str) for part in context):
-        raise fail("context", "is missing or not text (a string, a list of strings, or {contexts: [...]})")
+        return None
     if not isinstance(labels, list) or len(labels) != len(context):
         labels = [""] * len(context)
-    return Record(str(pubid), question.strip(), tuple(zip(map(str, labels), context, strict=True)))
+    return tuple(zip(map(str, labels), context, strict=True))
+
+
+def decision(value: Any) -> str | None:
+    """A gold yes / no / maybe answer in lower case; None for anything else (absent, empty, another label)."""
+    text = str(value).strip().lower() if value is not None else ""
+    return text if text in DECISIONS else None
 
 
 class PromptBuilder:
@@ -154,26 +231,35 @@ class PromptBuilder:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(text)["input_ids"])
 
+    def format(self, record: Record, abstract: str) -> str:
+        """The template filled with the record: `{question}`, `{abstract}`, and `{prompt}` (question, then abstract)."""
+        prompt = f"{record.question}\n\n{abstract}" if abstract else record.question
+        return self.template.format(question=record.question, abstract=abstract, prompt=prompt)
+
     def build(self, record: Record) -> Prompt:
         """The record as a prompt of at most `max_tokens` tokens."""
-        text = self.template.format(question=record.question, abstract=record.abstract())
+        text = self.format(record, record.abstract())
         ids = self.encode(text)
         if len(ids) <= self.max_tokens:
-            return Prompt(record.pubid, text, ids, truncated=False)
+            return self._prompt(record, text, ids, truncated=False)
         abstract_ids = self.tokenizer(record.abstract(), add_special_tokens=False)["input_ids"]
         keep = max(len(abstract_ids) - (len(ids) - self.max_tokens), 0)
         while True:  # re-encoding a cut text can shift by a token or two: shrink until it fits, down to nothing
-            abstract = self.tokenizer.decode(abstract_ids[:keep])
-            text = self.template.format(question=record.question, abstract=abstract)
+            text = self.format(record, self.tokenizer.decode(abstract_ids[:keep]))
             ids = self.encode(text)
             if len(ids) <= self.max_tokens:
-                return Prompt(record.pubid, text, ids, truncated=True)
+                return self._prompt(record, text, ids, truncated=True)
             if keep == 0:
                 break
             keep = max(keep - (len(ids) - self.max_tokens), 0)
         needed = len(ids)
+        without = " without any abstract" if record.sections else ""
         raise DataError(
-            f"the prompt of pubid {record.pubid} needs {needed} tokens without any abstract but only "
+            f"the prompt of pubid {record.pubid} needs {needed} tokens{without} but only "
             f"{self.max_tokens} fit the models' context after generation.max_new_tokens: "
             "lower generation.max_new_tokens or use models with a longer context."
         )
+
+    @staticmethod
+    def _prompt(record: Record, text: str, ids: list[int], truncated: bool) -> Prompt:
+        return Prompt(record.pubid, text, ids, truncated, record.category, record.answer)

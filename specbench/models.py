@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import cached_file, extract_commit_hash
 
 from specbench.config import Dtype, ModelConfig, Quantize
 from specbench.errors import ConfigError, FetchError, ModelLoadError
@@ -45,6 +47,7 @@ class ModelSpec:
     dtype: str
     device: str
     quantize: str = "none"
+    revision: str | None = None  # hub branch, tag or commit; None is the main branch
 
     @property
     def label(self) -> str:
@@ -113,10 +116,34 @@ def model_spec(cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_
         source, gguf_file = str(path.parent), path.name
     elif models_dir is not None and (Path(models_dir) / source).is_dir():
         source = str(Path(models_dir) / source)
+    if cfg.revision is not None and Path(source).exists():
+        raise ConfigError(
+            f"revision={cfg.revision} names a hub commit, branch or tag, but {source} is a local copy: "
+            "drop revision, or load the hub id (without models_dir) to get that revision."
+        )
     dtype = resolve_dtype(cfg.dtype or run_dtype, device)
     if cfg.quantize is Quantize.int8_dynamic:
         dtype = "float32"  # dynamic int8 kernels take float32 activations (validation kept it to the CPU)
-    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize.value)
+    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize.value, cfg.revision)
+
+
+def model_revision(spec: ModelSpec) -> str:
+    """What identifies the weights: the hub commit loaded, or a local copy's file count, bytes and latest change.
+
+    Cheap: a hub model's commit comes from the local cache (or one metadata request); local files are not read.
+    """
+    path = Path(spec.source)
+    if path.exists():
+        files = [path / spec.gguf_file] if spec.gguf_file else [item for item in path.rglob("*") if item.is_file()]
+        stats = [item.stat() for item in files]
+        newest = datetime.fromtimestamp(max(stat.st_mtime for stat in stats), timezone.utc)
+        changed = newest.isoformat(timespec="seconds")
+        return f"local: {len(stats)} files, {sum(stat.st_size for stat in stats)} bytes, last changed {changed}"
+    try:
+        resolved = cached_file(spec.source, spec.gguf_file or "config.json", revision=spec.revision)
+    except (OSError, ValueError) as error:
+        raise _loading_error(spec, "revision", error) from error
+    return extract_commit_hash(resolved, None) or "unknown"
 
 
 def _loading_error(spec: ModelSpec, what: str, error: Exception) -> ModelLoadError:
@@ -132,14 +159,16 @@ class ModelCache:
 
     def __init__(self) -> None:
         self._models: dict[ModelSpec, PreTrainedModel] = {}
-        self._tokenizers: dict[tuple[str, str | None], PreTrainedTokenizerBase] = {}
+        self._tokenizers: dict[tuple[str, str | None, str | None], PreTrainedTokenizerBase] = {}
 
     def tokenizer(self, spec: ModelSpec) -> PreTrainedTokenizerBase:
         """The tokenizer of a model (cheap next to the model itself)."""
-        key = (spec.source, spec.gguf_file)
+        key = (spec.source, spec.gguf_file, spec.revision)
         if key not in self._tokenizers:
             try:
-                self._tokenizers[key] = AutoTokenizer.from_pretrained(spec.source, gguf_file=spec.gguf_file)
+                self._tokenizers[key] = AutoTokenizer.from_pretrained(
+                    spec.source, gguf_file=spec.gguf_file, revision=spec.revision
+                )
             except (OSError, ValueError) as error:
                 raise _loading_error(spec, "tokenizer", error) from error
         return self._tokenizers[key]
@@ -164,7 +193,9 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     """Load a causal LM in eval mode on its device and dtype, int8-quantised if asked."""
     log.info("loading %s", spec.label)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.source, gguf_file=spec.gguf_file, dtype=_DTYPES[spec.dtype])
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.source, gguf_file=spec.gguf_file, dtype=_DTYPES[spec.dtype], revision=spec.revision
+        )
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError) as error:
@@ -189,7 +220,7 @@ def _quantize_int8(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
 def model_config(spec: ModelSpec) -> PretrainedConfig:
     """The model's config (cheap: no weights are read)."""
     try:
-        return AutoConfig.from_pretrained(spec.source, gguf_file=spec.gguf_file)
+        return AutoConfig.from_pretrained(spec.source, gguf_file=spec.gguf_file, revision=spec.revision)
     except (OSError, ValueError) as error:
         raise _loading_error(spec, "config", error) from error
 

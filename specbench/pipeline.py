@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from specbench import metrics, quality, speedup_model
+from specbench import answers, categories, metrics, quality, speedup_model
 from specbench.config import KScheduleKind, SpecBenchConfig
 from specbench.metrics import PromptOutcome
 from specbench.runner import RunSetup, decode_prompts, measure_costs, score_likelihoods, warm_up
@@ -64,6 +64,8 @@ def run_benchmark(
     if cfg.quality.perplexity:
         score_likelihoods(setup, outcomes)
     table = metrics.per_prompt_table(outcomes)
+    categories.add_category_column(table, setup.prompts)
+    answers.add_answer_columns(table, outcomes, setup.prompts)
     references, candidates = [o.baseline_text for o in outcomes], [o.spec_text for o in outcomes]
     scores = quality.score_texts(references, candidates, quality.load_embedder(cfg.quality.embedder))
     table["rougeL"], table["bleu"] = scores.rouge_l, scores.bleu
@@ -74,6 +76,7 @@ def run_benchmark(
     results = timing | metrics.repeat_metrics(table) | metrics.acceptance_metrics(table, outcomes)
     results |= metrics.likelihood_metrics(table)
     results |= quality.quality_metrics(scores, references, candidates)
+    results |= categories.category_metrics(table, outcomes) | answers.accuracy_metrics(table)
     results |= metrics.bootstrap_intervals(table, cfg.seed)
     price = metrics.usd_per_hour(cfg.cost.usd_per_hour, cfg.cost.profile, cfg.cost.profiles, setup.device_name)
     results |= metrics.cost_metrics(timing, table, price)

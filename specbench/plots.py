@@ -29,6 +29,7 @@ PREDICTED_COLOR = "tab:orange"
 MODES = {"baseline": ("baseline", BASELINE_COLOR), "spec": ("speculative", SPEC_COLOR)}
 MODE_COLORS = [color for _, color in MODES.values()]
 _POSITION_KEY = re.compile(r"acceptance_rate_pos_(\d+)")
+_CATEGORY_KEY = re.compile(r"speedup_cat_(.+)")
 
 
 def axis_label(key: str) -> str:
@@ -82,6 +83,8 @@ def run_figures(
         figures["plots/verify_cost.png"] = _verify_cost(verify_curve, run_k, title)
     if verify_surface is not None and verify_surface["batch_size"].nunique() > 1 and run_k is not None:
         figures["plots/batch_scaling.png"] = _batch_scaling(metrics, verify_surface, run_k, batch_size, title)
+    if categories := _categories(metrics):
+        figures["plots/categories.png"] = _by_category(metrics, categories, title)
     return figures
 
 
@@ -110,6 +113,11 @@ def _median(table: pd.DataFrame, column: str) -> float:
 def _positions(metrics: dict[str, float]) -> list[int]:
     """Draft positions (1..k) that have an acceptance rate."""
     return sorted(int(match[1]) for key in metrics if (match := _POSITION_KEY.fullmatch(key)))
+
+
+def _categories(metrics: dict[str, float]) -> list[str]:
+    """Categories (as in their metric keys) that have a speedup, in the order they were logged."""
+    return [match[1] for key in metrics if (match := _CATEGORY_KEY.fullmatch(key))]
 
 
 def _grouped_bars(
@@ -287,6 +295,34 @@ def _batch_scaling(metrics: dict[str, float], surface: pd.DataFrame, k: int, bat
     reference_line(speedup, 1.0, "no speedup (1.0x)")
     speedup.set(title=f"Speedup at k={k}", xlabel="batch size (rows)", ylabel=axis_label("speedup"))
     speedup.legend()
+    return figure
+
+
+def _by_category(metrics: dict[str, float], categories: list[str], title: str) -> Figure:
+    figure, (speedups, rates) = new_figure("By category", title, ncols=2, width=max(9, 1.2 * len(categories) + 3))
+    crowded = sum(len(name) for name in categories) > 30
+    _grouped_bars(
+        speedups, categories, {"speedup": [_get(metrics, f"speedup_cat_{name}") for name in categories]}, [SPEC_COLOR]
+    )
+    reference_line(speedups, 1.0, "baseline (1.0x)")
+    speedups.axhline(_get(metrics, "speedup"), color=PREDICTED_COLOR, linewidth=2, label="whole run")
+    speedups.set(title="Speedup over the baseline", xlabel="category", ylabel=axis_label("speedup"))
+    _grouped_bars(
+        rates,
+        categories,
+        {"acceptance": [100 * _get(metrics, f"acceptance_rate_cat_{name}") for name in categories]},
+        [SPEC_COLOR],
+        fmt="{:.3g}%",
+    )
+    rates.axhline(100 * _get(metrics, "acceptance_rate"), color=PREDICTED_COLOR, linewidth=2, label="whole run")
+    rates.set_ylim(0, 110)
+    rates.set(title="Drafted tokens accepted", xlabel="category", ylabel=axis_label("acceptance_rate"))
+    for ax in (speedups, rates):
+        if crowded:
+            for label in ax.get_xticklabels():
+                label.set(rotation=30, ha="right")
+        ax.margins(y=0.3)
+        ax.legend(loc="best", fontsize=8)
     return figure
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -209,8 +210,16 @@ def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
     The warm-up batches have the run's batch sizes, so the shapes the timing uses are the ones warmed.
     """
     batch_sizes = sorted({len(batch) for batch in setup.batches})
-    for model in _models(setup):  # on the main thread, before any drafting pool runs
+    models = _models(setup)
+    graphs, start = len(batch_sizes) * sum(len(model.graph_sizes) for model in models), time.perf_counter()
+    if graphs:  # minutes with torch.compile: say what is happening
+        what = "compiling and capturing" if cfg.engine.compile else "capturing"
+        log.info("%s %d CUDA graphs (%d models, batch sizes %s, one per decode shape)", what, graphs, len(models),
+                 batch_sizes)  # fmt: skip
+    for model in models:  # on the main thread, before any drafting pool runs
         model.capture_graphs(batch_sizes)
+    if graphs:
+        log.info("%d CUDA graphs ready in %.1f s", graphs, time.perf_counter() - start)
     short = replace(setup.settings, max_new_tokens=min(cfg.warmup_tokens, setup.settings.max_new_tokens))
     for number in range(math.ceil(cfg.warmup_prompts / cfg.batch_size)):
         batch = setup.batches[number % len(setup.batches)]
@@ -290,6 +299,7 @@ def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
     prompt = setup.prompts[0].input_ids
     log.info("measuring step costs: verify curve at batch size %d, then batch sizes up to %d", cfg.batch_size,
              max(cfg.cost_batch_grid, default=cfg.batch_size))  # fmt: skip
+    start = time.perf_counter()
     run_curve = {cfg.batch_size: range(1, curve_tokens(cfg) + 1)}
     costs = measure_step_costs(setup.verifier, setup.drafters, prompt, setup.settings, run_curve)
     grid = {size: (1, cfg.k + 1) for size in cfg.cost_batch_grid if size != cfg.batch_size}
@@ -299,4 +309,5 @@ def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
         )
         costs.verify_s |= more.verify_s
         costs.draft_s |= more.draft_s
+    log.info("step costs measured in %.1f s (batch sizes %s)", time.perf_counter() - start, sorted(costs.verify_s))
     return costs

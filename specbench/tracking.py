@@ -12,30 +12,43 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
+import time
 import traceback
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import mlflow.data
 import pandas as pd
 from matplotlib.figure import Figure
-from mlflow.entities import RunStatus
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
 
 import specbench
 from specbench import plots
+from specbench.config import DatasetConfig
 from specbench.errors import TrackingError
 from specbench.summary import summary_markdown
 
 if TYPE_CHECKING:
+    from specbench.data import Record
     from specbench.pipeline import RunResult
     from specbench.runner import RunSetup
 
 CONFIG_HASH_TAG = "specbench.config_hash"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+POSITION_SERIES = "acceptance_rate_by_position"
+DATASET_CONTEXT = "benchmark"  # the dataset input's context tag (mlflow.data.context)
+_POSITION = re.compile(r"acceptance_rate_pos_(\d+)")
 SWEEP_TAG = "specbench.sweep"
 # keys that change where or how a run is logged, not what it measures
 NON_RESULT_KEYS = ("tracking", "resume", "debug")
@@ -135,27 +148,56 @@ def environment_tags(device_name: str) -> dict[str, str]:
     }
     if torch.cuda.is_available():
         tags["cuda.version"] = str(torch.version.cuda)
+    # the commit itself is MLflow's own tag, mlflow.source.git.commit (see tracked_run)
+    dirty = _git("status", "--porcelain")
+    if dirty is not None:
+        tags["git.dirty"] = str(bool(dirty))
+    return tags
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command in specbench's own checkout; None when it is not one (an installed package)."""
     root = Path(specbench.__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-        tags["git.commit"] = commit.stdout.strip()
-        tags["git.dirty"] = str(bool(dirty.stdout.strip()))
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        tags["git.commit"] = "unknown"
-    return tags
+        return None
+
+
+def source_tags(tags: dict[str, str]) -> dict[str, str]:
+    """MLflow's git-commit tag with specbench's commit, unless MLflow already set one (from the entry point's repo).
+
+    MLflow sets it only when the script it was started from lies in a git checkout: not for an installed
+    `specbench` console script, nor under a test runner.
+    """
+    if GIT_COMMIT_TAG in tags:
+        return {}
+    commit = _git("rev-parse", "HEAD")
+    return {GIT_COMMIT_TAG: commit} if commit else {}
 
 
 @contextmanager
 def tracked_run(
-    experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
+    experiment_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[str]:
     """Start a run and yield its id; a run that raises is ended FAILED (KILLED on Ctrl-C) with the reason.
 
     What was logged before the failure stays. The reason goes to the `error` tag
-    and, with the traceback, to `error.txt`.
+    and, with the traceback, to `error.txt`. `system_metrics` starts MLflow's
+    sampler of CPU, memory and (with pynvml) GPU use for the run.
     """
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags=tags,
+        parent_run_id=parent_run_id,
+        log_system_metrics=system_metrics,
+    )
+    mlflow.set_tags(source_tags(run.data.tags))
     status = RunStatus.FINISHED
     try:
         yield run.info.run_id
@@ -193,6 +235,46 @@ def log_table(table: pd.DataFrame, path: str) -> None:
     mlflow.log_text(buffer.getvalue(), path)
 
 
+def log_ui_tables(tables: dict[str, pd.DataFrame]) -> None:
+    """DataFrames as MLflow tables (`mlflow.log_table`): the UI shows them; `mlflow.load_table` joins them across runs.
+
+    Keyed by artifact path, which must end in .json.
+    """
+    for path, table in tables.items():
+        mlflow.log_table(table, path)
+
+
+def log_position_series(metrics: dict[str, float]) -> None:
+    """The `acceptance_rate_pos_<i>` values again as one metric, `acceptance_rate_by_position`, at step i.
+
+    MLflow's chart view draws a metric's steps as a curve, one per run, so runs compare by position at a glance.
+    """
+    positions = sorted((int(match[1]), value) for key, value in metrics.items() if (match := _POSITION.fullmatch(key)))
+    timestamp = int(time.time() * 1000)
+    series = [Metric(POSITION_SERIES, float(value), timestamp, step) for step, value in positions if value == value]
+    if series:
+        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=series)
+
+
+def log_dataset(cfg: DatasetConfig, records: list[Record]) -> None:
+    """The run's records as an MLflow dataset input: name, source, digest and schema, so runs filter by dataset.
+
+    `mlflow.search_runs(filter_string="dataset.name = 'pubmedqa'")`, or `dataset.digest = '...'` for exactly the
+    same records. The records themselves are not uploaded: MLflow keeps a digest, schema and row count.
+    """
+    from specbench.data import records_table
+
+    if cfg.path is not None:
+        source: str | DatasetSource = str(Path(cfg.path).resolve())
+    else:
+        source = HuggingFaceDatasetSource(cfg.hub_id, config_name=cfg.hub_config, split=cfg.split)
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source for two URI schemes and warns that a path matches both (same class)
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        dataset = mlflow.data.from_pandas(records_table(records), source=source, name=cfg.name)
+    mlflow.log_input(dataset, context=DATASET_CONTEXT)
+
+
 def log_jsonl(records: list[dict[str, Any]], path: str) -> None:
     """Records as a JSON-lines artifact."""
     mlflow.log_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), path)
@@ -208,6 +290,9 @@ def log_setup(setup: RunSetup) -> None:
     """Tags that trace the run to its machine and models, logged before decoding starts."""
     mlflow.set_tags(environment_tags(setup.device_name) | {"device": str(setup.device)})
     mlflow.set_tags({f"model.{name}": spec.label for name, spec in setup.specs.items()})
+    from specbench.models import model_revision  # torch and transformers: only once a run has models
+
+    mlflow.set_tags({f"model.{name}.revision": model_revision(spec) for name, spec in setup.specs.items()})
     if setup.gpu_memory_before_load_gb is not None:
         mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
 
@@ -220,8 +305,10 @@ def log_partial(table: pd.DataFrame) -> None:
 def log_result(result: RunResult) -> None:
     """Metrics, tables, generations, figures and the summary of a finished run."""
     log_metrics(result.metrics)
+    log_position_series(result.metrics)
     log_table(result.per_prompt, "per_prompt.csv")
     log_table(result.steps, "steps.csv")
+    log_ui_tables({"per_prompt.json": result.per_prompt, "steps.json": result.steps})
     log_jsonl(result.generations, "generations.jsonl")
     if result.verify_curve is not None:
         log_table(result.verify_curve, "verify_cost_curve.csv")

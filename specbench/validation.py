@@ -10,13 +10,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from string import Formatter
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from specbench.config import KScheduleKind, ModelConfig, Quantize, SpecBenchConfig
+from specbench.config import DatasetConfig, DatasetKind, KScheduleKind, ModelConfig, Quantize, SpecBenchConfig
 from specbench.drafters import needs_model, typed_drafter
 from specbench.errors import ConfigError
+
+# what a record fills in (specbench.data.PromptBuilder.format)
+TEMPLATE_FIELDS = {"prompt", "question", "abstract"}
 
 
 def typed_config(cfg: DictConfig) -> SpecBenchConfig:
@@ -101,11 +105,36 @@ def validate(cfg: SpecBenchConfig) -> None:
         _check(name != "verifier", "a drafter may not be named 'verifier' (the name is taken): rename it.")
         if needs_model(drafter):
             _validate_model(f"draft.drafters.{name}", drafter, on_cpu)
-    if cfg.dataset.path is not None:
-        _check(
-            Path(cfg.dataset.path).is_file(),
-            f"dataset.path={cfg.dataset.path} does not exist: point it at a PubMedQA JSONL or JSON file.",
-        )
+    _validate_dataset(cfg.dataset)
+
+
+def _validate_dataset(dataset: DatasetConfig) -> None:
+    prompts = dataset.kind is DatasetKind.prompts
+    if dataset.path is not None:
+        kind = "prompt file (JSONL, JSON or CSV)" if prompts else "PubMedQA JSONL or JSON file"
+        _check(Path(dataset.path).is_file(), f"dataset.path={dataset.path} does not exist: point it at a {kind}.")
+    _check(
+        not prompts or dataset.path is not None,
+        "dataset.kind=prompts reads a local file: set dataset.path=FILE (JSONL, JSON or CSV).",
+    )
+    try:
+        fields = {name for _, name, _, _ in Formatter().parse(dataset.template) if name is not None}
+    except ValueError as error:
+        raise ConfigError(f"dataset.template is not a valid format string ({error}): check its braces.") from error
+    unknown = fields - TEMPLATE_FIELDS
+    _check(
+        not unknown,
+        f"dataset.template uses {', '.join(sorted('{' + name + '}' for name in unknown))}: "
+        f"use only {', '.join(sorted('{' + name + '}' for name in TEMPLATE_FIELDS))} (double other braces).",
+    )
+    _check(
+        bool(fields),
+        "dataset.template has no placeholder, so every prompt would be the same: add {prompt} or {question}.",
+    )
+    _check(
+        dataset.per_category is None or dataset.per_category >= 1,
+        f"dataset.per_category={dataset.per_category} is invalid: set it to 1 or more (or null for no limit).",
+    )
 
 
 def _validate_model(key: str, model: ModelConfig, on_cpu: bool) -> None:
@@ -116,6 +145,10 @@ def _validate_model(key: str, model: ModelConfig, on_cpu: bool) -> None:
     _check(
         on_cpu or model.quantize is Quantize.none,
         f"{key}.quantize={model.quantize.value} runs on the CPU only: add device=cpu.",
+    )
+    _check(
+        model.revision is None or model.fetch is None,
+        f"{key}.revision applies to hub models, and {key} is fetched from PyPI (fetch={model.fetch}): drop revision.",
     )
     if model.gguf_file is not None or model.fetch is not None:
         _check(

@@ -30,8 +30,8 @@ from specbench.engine import (
 )
 from specbench.engine import cached_model as cached_model_module
 from specbench.engine.tree import build_tree
-from tests.test_sampling import chi_square_p
 from specbench.testing import make_model, make_windowed_model, one_torch_thread, untie_head
+from tests.test_sampling import chi_square_p
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 

@@ -128,7 +128,9 @@ def test_seed_sweep_through_the_real_cli(models_dir, pubmedqa_file, tmp_path):
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert {"git.commit", "torch.version", "transformers.version", "device.name"} <= set(run.data.tags)
+        tags = set(run.data.tags)
+        assert {"mlflow.source.git.commit", "git.dirty", "torch.version", "transformers.version", "device.name"} <= tags
+        assert "git.commit" not in run.data.tags  # MLflow's own tag holds it
         k = int(run.data.params["k"])
         expected = RUN_METRICS + [f"acceptance_rate_pos_{i}" for i in range(1, k + 1)]
         expected.append(f"acceptance_rate_{run.data.params['draft.name']}")

@@ -90,6 +90,7 @@ def test_hf_jsonl_and_the_authors_json_of_the_same_records_agree(tmp_path):
         "1001",
         "Does tea reduce fatigue?",
         (("BACKGROUND", "Fatigue is common."), ("RESULTS", "Tea drinkers slept more.")),
+        answer="yes",  # final_decision, kept for task accuracy
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from specbench.report.categories import category_table
 from specbench.report.files import ARTIFACT_DIR, log_report, table_markdown, write_report
 from specbench.report.query import load_runs, summary_table
 
@@ -35,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(table_markdown(summary_table(runs)))
+    by_category = category_table(runs)
+    if not by_category.empty:
+        print(f"\nBy category:\n\n{table_markdown(by_category)}")
     print(f"\n{len(runs)} runs; wrote {len(paths)} files to {out_dir}: summary.md, summary.csv, plots/*.png")
     if args.log_to_parent:
         print(f"logged to run {args.parent_run_id} under {ARTIFACT_DIR}/")

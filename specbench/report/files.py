@@ -1,4 +1,5 @@
-"""The report as files (summary.md, summary.csv, plots/*.png), and logged to a run (a sweep's parent)."""
+"""The report as files (summary.md, summary.csv, categories.md/.csv when runs have categories, plots/*.png),
+and logged to a run (a sweep's parent)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from specbench.report.categories import category_table
 from specbench.report.figures import comparison_figures
 from specbench.report.query import crossover_table, summary_table
 from specbench.summary import markdown_table
@@ -21,7 +23,7 @@ def table_markdown(table: pd.DataFrame) -> str:
 
 
 def write_report(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Write summary.md, summary.csv and plots/*.png under `out_dir`; return the paths written."""
+    """Write summary.md, summary.csv, categories.md/.csv and plots/*.png under `out_dir`; return the paths written."""
     table = summary_table(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, csv = out_dir / "summary.md", out_dir / "summary.csv"
@@ -32,6 +34,12 @@ def write_report(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     markdown.write_text(text)
     table.to_csv(csv, index=False)
     paths = [markdown, csv]
+    by_category = category_table(runs)
+    if not by_category.empty:  # runs of a prompt set with categories
+        markdown, csv = out_dir / "categories.md", out_dir / "categories.csv"
+        markdown.write_text(table_markdown(by_category) + "\n")
+        by_category.to_csv(csv, index=False)
+        paths += [markdown, csv]
     for artifact, figure in comparison_figures(runs).items():
         path = out_dir / artifact
         path.parent.mkdir(parents=True, exist_ok=True)
