@@ -11,13 +11,14 @@ import logging
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench.config import KSchedule, SpecBenchConfig
+from specbench import hf_backend
+from specbench.config import Backend, KSchedule, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
 from specbench.drafters import build_drafter, needs_model
 from specbench.engine import (
@@ -46,9 +47,6 @@ from specbench.models import (
 
 log = logging.getLogger(__name__)
 
-# Verify-cost curve: n = 1 .. max(k + 1, this) new tokens (enough to pick the best k).
-MIN_CURVE_TOKENS = 9
-
 
 @dataclass
 class RunSetup:
@@ -64,6 +62,7 @@ class RunSetup:
     device_name: str
     gpu_memory_before_load_gb: float | None  # after releasing the models this run does not use
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
+    models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
 
 
 def device_name(device: torch.device) -> str:
@@ -92,6 +91,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     for name, spec in specs.items():
         if name != "verifier":
             check_same_vocabulary(tokenizer, cache.tokenizer(spec), name, cfg.verifier.name)
+            if cfg.engine.backend is Backend.transformers:
+                hf_backend.check_assistant(specs["verifier"], name, spec)
     context = min(context_length(spec) for spec in specs.values())
     # room after the prompt: the output, or the cost curve's passes over the first prompt if longer
     room = max(cfg.generation.max_new_tokens, curve_tokens(cfg))
@@ -135,6 +136,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     )
     verifier = cached(verifier_model, verify_sizes)
     pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
+    models = {name: cache.model(spec) for name, spec in specs.items()}
     return RunSetup(
         device,
         verifier,
@@ -146,6 +148,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         device_name(device),
         gpu_memory_before_load,
         pool,
+        models,
     )
 
 
@@ -153,6 +156,8 @@ def _decoders(
     setup: RunSetup, cfg: SpecBenchConfig
 ) -> dict[str, Callable[[list[int], DecodeSettings, int], DecodeResult]]:
     """The two contenders by mode, as functions of (prompt ids, settings, seed)."""
+    if cfg.engine.backend is Backend.transformers:
+        return _transformers_decoders(setup, cfg)
     return {
         "baseline": lambda ids, settings, seed: decode_baseline(setup.verifier, ids, settings, seed),
         "spec": lambda ids, settings, seed: decode_speculative(
@@ -167,6 +172,18 @@ def _decoders(
             setup.pool,
         ),
     }
+
+
+def _transformers_decoders(
+    setup: RunSetup, cfg: SpecBenchConfig
+) -> dict[str, Callable[[list[int], DecodeSettings, int], DecodeResult]]:
+    """transformers' `generate()` with the run's one drafter (validation refuses draft sets for this backend)."""
+    ((name, drafter),) = cfg.draft.drafters.items()
+    assistant = setup.models[name] if needs_model(drafter) else None
+    lookup_ngram = None if assistant is not None else drafter.max_ngram
+    return hf_backend.TransformersDecoders(
+        setup.models["verifier"], len(setup.tokenizer), cfg.k, name, assistant, lookup_ngram
+    ).as_dict()
 
 
 def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
@@ -222,8 +239,8 @@ def longest_draft(cfg: SpecBenchConfig) -> int:
 
 
 def curve_tokens(cfg: SpecBenchConfig) -> int:
-    """The verify-cost curve covers n = 1 .. this many new tokens."""
-    return max(cfg.k + 1, MIN_CURVE_TOKENS)
+    """The verify-cost curve covers n = 1 .. this many new tokens (the speedup model predicts k = 1 .. this - 1)."""
+    return max(cfg.k, cfg.cost_curve_max_k) + 1
 
 
 def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:

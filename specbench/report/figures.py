@@ -31,12 +31,14 @@ def draft_colors(names: Iterable[str]) -> dict[str, tuple[float, ...]]:
 
 
 def comparison_figures(runs: pd.DataFrame) -> dict[str, Figure]:
-    """Cross-run figures keyed by artifact path; one colour per draft (per "verifier / draft" when those vary)."""
+    """Cross-run figures keyed by artifact path; one colour per draft (per "verifier / backend / draft" when
+    those vary)."""
     table = summary_table(runs)
     table["series"] = _series_labels(table)
     table = table.sort_values(["series", "k"], kind="stable").reset_index(drop=True)
     colors = draft_colors(table["series"])
-    subtitle = ", ".join(f"{name}: {table[name][0]}" for name in ("verifier", "sampling") if table[name].nunique() == 1)
+    constant = [name for name in ("verifier", "sampling", "backend") if table[name].nunique() == 1]
+    subtitle = ", ".join(f"{name}: {table[name][0]}" for name in constant)
 
     def bars(title: str, ylabel: str, *columns: tuple[str, str, str | None]) -> Figure:
         return _bars_vs_baseline(table, colors, title, subtitle, ylabel, list(columns))
@@ -67,8 +69,9 @@ def comparison_figures(runs: pd.DataFrame) -> dict[str, Figure]:
 
 
 def _series_labels(table: pd.DataFrame) -> pd.Series:
-    """The draft, prefixed by the verifier and followed by the sampling mode when those vary across runs."""
-    parts = [column for column in ("verifier", "draft", "sampling") if column == "draft" or table[column].nunique() > 1]
+    """The draft, prefixed by the verifier and the backend and followed by the sampling mode when those vary."""
+    varying = ("verifier", "backend", "draft", "sampling")
+    parts = [column for column in varying if column == "draft" or table[column].nunique() > 1]
     return table[parts].astype("string").fillna("?").agg(" / ".join, axis=1)
 
 

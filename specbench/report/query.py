@@ -83,19 +83,23 @@ def summary_columns() -> list[tuple[str, str, float]]:
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run with readable column names and units, sorted by draft then k; absent metrics are left out."""
+    """One row per run with readable column names and units, sorted by draft, k and backend; absent metrics are
+    left out."""
     table = pd.DataFrame(
         {
             "draft": param(runs, "draft.name"),
             "k": pd.to_numeric(param(runs, "k"), errors="coerce").astype("Int64"),
             "verifier": param(runs, "verifier.name"),
             "sampling": param(runs, "generation.do_sample").str.lower().map({"true": "sampled", "false": "greedy"}),
+            # runs from before engine.backend existed ran our engine
+            "backend": param(runs, "engine.backend").fillna("specbench"),
         }
     )
     for name, key, scale in summary_columns():
         if f"metrics.{key}" in runs:
             table[name] = runs[f"metrics.{key}"].to_numpy() * scale
-    return table.sort_values(["draft", "k", "verifier", "sampling"], kind="stable").reset_index(drop=True)
+    # the backends of one configuration sit side by side
+    return table.sort_values(["draft", "k", "backend", "verifier", "sampling"], kind="stable").reset_index(drop=True)
 
 
 def param(runs: pd.DataFrame, key: str) -> pd.Series:
