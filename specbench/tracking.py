@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 CONFIG_HASH_TAG = "specbench.config_hash"
 SWEEP_TAG = "specbench.sweep"
 # keys that change where or how a run is logged, not what it measures
-NON_RESULT_KEYS = ("tracking", "resume", "debug")
+NON_RESULT_KEYS = ("tracking", "resume", "debug", "objective")
 
 
 def config_hash(config: dict[str, Any]) -> str:
