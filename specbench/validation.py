@@ -113,8 +113,10 @@ def validate(cfg: SpecBenchConfig) -> None:
 def validate_transformers_backend(cfg: SpecBenchConfig) -> None:
     """What `engine.backend=transformers` cannot run: refuse it before any model loads.
 
-    transformers' assisted generation takes one assistant model or prompt lookup, at batch size 1,
-    with its own fixed or heuristic k; the options of our engine do not apply to it.
+    transformers' assisted generation takes one assistant model or prompt lookup, at batch size 1
+    (refuse batch sizes above 1 here once the config has them), at a fixed k here; the options of
+    our engine do not apply to it. A draft whose head size differs is refused in `prepare`, which
+    reads the models' configs (`hf_backend.check_assistant`).
     """
     _check(
         len(cfg.draft.drafters) == 1,

@@ -77,8 +77,11 @@ def test_the_shipped_searches_compose(monkeypatch, capsys):
     job = OmegaConf.create(out)
     assert job.objective == "speedup" and job.cost_curve_max_k == 12
     assert job.verifier.name == "qwen2_5_coder_1_5b" and job.tracking.experiment == "offline_search"
-    code, out, err = run_cli(["--config-name", "search", "--info", "config"], monkeypatch, capsys)
-    assert code == 0 and "optuna" in out, err
+    code, out, err = run_cli(["--config-name", "search_offline", "--cfg", "hydra"], monkeypatch, capsys)
+    sweeper = OmegaConf.to_container(OmegaConf.create(out).hydra.sweeper)  # unresolved: the job keys are not here
+    assert code == 0 and sweeper["_target_"].endswith("OptunaSweeper"), err
+    assert sweeper["direction"] == "${direction:${objective}}" and sweeper["params"]["k"] == "int(interval(1, 12))"
+    assert sweeper["params"]["draft"] == "choice(qwen2_5_coder_0_5b_int8, qwen2_5_coder_0_5b, prompt_lookup)"
 
 
 def test_one_run_predicts_the_best_k(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
