@@ -11,17 +11,22 @@ PORT ?= 5000
 EXPERIMENT ?= offline
 SERVER_PORT ?= 5001
 
-.PHONY: install test lint run sweep ui server report bench bench-gpu fetch clean
+.PHONY: install test lint run sweep search ui server report bench bench-gpu fetch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(VENV)/.installed  ## virtualenv + specbench and its dependencies (CPU torch)
 
+# The extras in one pip command, so that pip resolves Ray's cloudpickle<3 against joblib (it picks joblib
+# 1.5.x). hydra-optuna-sweeper 1.3.0, the current release, declares optuna<3, and optuna 2.10 fails with
+# SQLAlchemy 2 storages: it goes in after optuna>=3.6 with --no-deps (one pip command cannot resolve both;
+# a later plain `pip install hydra-optuna-sweeper` would downgrade optuna). See README, "Searching k".
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,ray,search]"
+	$(BIN)/pip install --no-deps hydra-optuna-sweeper==1.3.0
 	touch $@
 
 test: install  ## the test suite (tiny models the tests build; no hub, no GPU)
@@ -39,6 +44,9 @@ run: fetch  ## the main job on real pretrained models, offline
 
 sweep: fetch  ## a predefined sweep (drafts x k) that works offline; finished runs are skipped
 	$(BIN)/specbench --config-name offline_sweep resume=true
+
+search: fetch  ## search k (1..12) and the draft with Optuna, 12 trials, on the offline models
+	$(BIN)/specbench --config-name search_offline
 
 ui: install  ## browse and compare runs
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --port $(PORT)

@@ -398,6 +398,7 @@ METRICS: tuple[Metric, ...] = (
         "predicted_speedup",
         "Predicted speedup",
         "x",
+        better=HIGHER,
         doc="Leviathan et al.: (1 - a^(k+1)) / ((1 - a)(k c + v)), v the measured cost of verifying k+1 tokens "
         "over one; one drafter at a constant k only (not logged for draft sets or k_schedule=heuristic)",
         summary=True,
@@ -414,7 +415,8 @@ METRICS: tuple[Metric, ...] = (
         "predicted_speedup_best_k",
         "Predicted speedup at best k",
         "x",
-        doc="the model's speedup at that k",
+        better=HIGHER,
+        doc="the model's speedup at that k (it assumes every draft token is accepted independently with alpha)",
         summary=True,
     ),
     Metric(

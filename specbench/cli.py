@@ -28,7 +28,7 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from specbench import tracking
+from specbench import objective, tracking
 from specbench.config import CONFIG_PACKAGE, SWEEPS_PACKAGE, SpecBenchConfig, register_configs
 from specbench.config_errors import explain_config_error
 from specbench.data import load_records
@@ -113,13 +113,14 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
-def hydra_main(cfg: DictConfig) -> dict[str, str]:
-    """One Hydra job = one benchmark run."""
+def hydra_main(cfg: DictConfig) -> float:
+    """One Hydra job = one benchmark run; its objective goes back to Hydra (search sweepers use it)."""
     return run_job(cfg)
 
 
-def run_job(cfg: DictConfig) -> dict[str, str]:
-    """Run one job; a failure becomes one sentence on stderr (and a FAILED run), not a traceback."""
+def run_job(cfg: DictConfig) -> float:
+    """Run one job and return its objective metric; a failure becomes one sentence on stderr (and a FAILED
+    run), not a traceback, and returns the objective's worst value so that a search goes on."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # also in launcher worker processes, which skip main()
@@ -142,9 +143,9 @@ def run_job(cfg: DictConfig) -> dict[str, str]:
             raise
         if not multirun:
             sys.exit(1)
-        return status
+        return objective.failed_value(cfg.objective)
     _write_status(status)
-    return status
+    return objective.run_value(status["run_id"], cfg.objective)
 
 
 def _run_name(cfg: DictConfig) -> str:
@@ -168,6 +169,7 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
         log.info("resume: run %s already holds this configuration; skipping", existing)
         return {"status": "SKIPPED", "run_id": existing, "config_hash": config_hash}
     tags = {tracking.CONFIG_HASH_TAG: config_hash, "verifier": typed.verifier.name, "draft": typed.draft.name}
+    tags["engine.backend"] = typed.engine.backend.value
     parent = parent_run_id() if multirun else None
     system_metrics = typed.tracking.system_metrics
     with (

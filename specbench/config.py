@@ -17,6 +17,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from specbench.objective import objective_direction
+
 # Configs, sweeps and sample data ship inside the package (pyproject maps the top-level `conf/` and
 # `sweeps/` folders to these subpackages), so an installed specbench finds them wherever it runs.
 CONFIG_PACKAGE = "specbench.conf"
@@ -52,6 +54,13 @@ class DatasetKind(Enum):
 
     pubmedqa = "pubmedqa"  # PubMedQA records: question + abstract (hub or file), gold answer in final_decision
     prompts = "prompts"  # any JSONL / JSON / CSV file of prompts, optionally with a category per record
+
+
+class Backend(Enum):
+    """Which engine decodes: ours, or transformers' own `generate()` (the engine users may deploy)."""
+
+    specbench = "specbench"
+    transformers = "transformers"  # generate(assistant_model=...) or prompt lookup at a fixed k (hf_backend.py)
 
 
 class ChatTemplate(Enum):
@@ -160,7 +169,9 @@ class CostConfig:
 
 @dataclass
 class EngineConfig:
-    """How the decoding engine runs the models."""
+    """Which engine decodes, and how ours runs the models."""
+
+    backend: Backend = Backend.specbench
 
     # Static KV cache + one CUDA graph per decode shape: removes kernel-launch overhead on GPUs.
     cuda_graphs: bool = False
@@ -207,6 +218,9 @@ class SpecBenchConfig:
     # larger ones are skipped once one verifier pass takes longer than cost_grid_budget_s, or memory runs out
     cost_batch_grid: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     cost_grid_budget_s: float = 2.0
+    cost_curve_max_k: int = 8  # the speedup model predicts k = 1 .. this (the verify curve covers k+1 tokens)
+    # what a job returns to Hydra's search sweepers (a metric key); its direction comes from the catalog
+    objective: str = "speedup"
     resume: bool = False
     debug: bool = False
 
@@ -221,3 +235,5 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="specbench_schema", node=SpecBenchConfig)
     # ${sample:NAME} lets shipped configs name sample data wherever specbench is installed
     OmegaConf.register_new_resolver("sample", lambda name: str(package_file(SAMPLES_PACKAGE, name)), replace=True)
+    # ${direction:${objective}}: maximize or minimize, for a search sweeper's config
+    OmegaConf.register_new_resolver("direction", objective_direction, replace=True)

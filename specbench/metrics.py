@@ -94,7 +94,7 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
             "proposed": spec.proposed,
             "accepted": spec.accepted,
             "acceptance_rate": spec.accepted / spec.proposed if spec.proposed else math.nan,
-            "mean_accepted_tokens": (len(spec.tokens) - 1) / spec.steps if spec.steps else math.nan,
+            "mean_accepted_tokens": step_tokens(spec) / spec.steps if spec.steps else math.nan,
             "mean_k": _mean_k([spec]),
             "draft_time_s": spec.draft_time_s,
             "draft_prefill_s": spec.draft_prefill_s,
@@ -128,6 +128,14 @@ def batch_table(table: pd.DataFrame) -> pd.DataFrame:
     aggregations |= {"draft_prefill_s": "max", "pubid": "size"}
     batches = table.groupby(["repeat", "batch"], sort=True).agg(aggregations)
     return batches.rename(columns={"pubid": "rows"}).reset_index()
+
+
+def step_tokens(result: DecodeResult) -> int:
+    """Tokens emitted by speculative steps: all but one per verifier call that verified no drafts (a prefill).
+
+    Our engine's prefill chooses the first token on its own; transformers' first call also verifies drafts.
+    """
+    return len(result.tokens) - (result.verifier_calls - result.steps)
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -223,7 +231,7 @@ def acceptance_metrics(table: pd.DataFrame, outcomes: list[PromptOutcome]) -> di
     steps = table["steps"].sum()
     metrics: dict[str, float] = {
         "acceptance_rate": table["accepted"].sum() / proposed if proposed else math.nan,
-        "mean_accepted_tokens": (table["spec_tokens"] - 1).sum() / steps if steps else math.nan,
+        "mean_accepted_tokens": sum(step_tokens(o.spec) for o in outcomes) / steps if steps else math.nan,
         "mean_k": _mean_k([o.spec for o in outcomes]),
         # token ids, not texts: two id sequences can decode to the same text
         "disagreement_rate": 1.0 - table["identical"].mean(),
@@ -243,7 +251,7 @@ def acceptance_metrics(table: pd.DataFrame, outcomes: list[PromptOutcome]) -> di
         metrics[f"win_rate_{name}"] = (
             table[f"{name}_wins"].sum() / steps_with_acceptance if steps_with_acceptance else math.nan
         )
-        metrics[f"draft_time_s_{name}"] = float(table[f"{name}_draft_time_s"].sum())
+        metrics[f"draft_time_s_{name}"] = float(table[f"{name}_draft_time_s"].sum(min_count=1))  # NaN: not timed
     return metrics
 
 

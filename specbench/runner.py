@@ -16,13 +16,14 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench.config import KScheduleKind, SpecBenchConfig
+from specbench import hf_backend
+from specbench.config import Backend, KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
 from specbench.drafters import build_drafter, needs_model
 from specbench.engine import (
@@ -55,9 +56,6 @@ from specbench.models import (
 
 log = logging.getLogger(__name__)
 
-# Verify-cost curve: n = 1 .. max(k + 1, this) new tokens (enough to pick the best k).
-MIN_CURVE_TOKENS = 9
-
 
 @dataclass
 class RunSetup:
@@ -75,6 +73,7 @@ class RunSetup:
     schedule: KSchedule  # the draft length per step
     batches: list[list[int]]  # prompt indices, `batch_size` consecutive prompts each
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
+    models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
 
 
 def device_name(device: torch.device) -> str:
@@ -103,6 +102,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     for name, spec in specs.items():
         if name != "verifier":
             check_same_vocabulary(tokenizer, cache.tokenizer(spec), name, cfg.verifier.name)
+            if cfg.engine.backend is Backend.transformers:
+                hf_backend.check_assistant(specs["verifier"], name, spec)
     _check_attention(cfg, specs)
     context = min(context_length(spec) for spec in specs.values())
     # room after the prompt: the output, or the cost curve's passes over the first prompt if longer
@@ -170,6 +171,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         schedule=schedule,
         batches=batches,
         pool=pool,
+        models={name: cache.model(spec) for name, spec in specs.items()},
     )
 
 
@@ -190,8 +192,10 @@ def _check_attention(cfg: SpecBenchConfig, specs: dict[str, ModelSpec]) -> None:
 Decoder = Callable[[list[list[int]], DecodeSettings, list[int]], BatchResult]
 
 
-def _decoders(setup: RunSetup) -> dict[str, Decoder]:
+def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
     """The two contenders by mode, as functions of (prompts' ids, settings, one seed per prompt)."""
+    if cfg.engine.backend is Backend.transformers:
+        return _transformers_decoders(setup, cfg)
     return {
         "baseline": lambda prompts, settings, seeds: decode_baseline(setup.verifier, prompts, settings, seeds),
         "spec": lambda prompts, settings, seeds: decode_speculative(
@@ -202,6 +206,16 @@ def _decoders(setup: RunSetup) -> dict[str, Decoder]:
 
 def _models(setup: RunSetup) -> list[CachedModel]:
     return [setup.verifier, *(drafter.model for drafter in setup.drafters if isinstance(drafter, ModelDrafter))]
+
+
+def _transformers_decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
+    """transformers' `generate()` with the run's one drafter (validation refuses draft sets for this backend)."""
+    ((name, drafter),) = cfg.draft.drafters.items()
+    assistant = setup.models[name] if needs_model(drafter) else None
+    lookup_ngram = None if assistant is not None else drafter.max_ngram
+    return hf_backend.TransformersDecoders(
+        setup.models["verifier"], len(setup.tokenizer), cfg.k, name, assistant, lookup_ngram
+    ).as_dict()
 
 
 def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
@@ -223,7 +237,7 @@ def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
     short = replace(setup.settings, max_new_tokens=min(cfg.warmup_tokens, setup.settings.max_new_tokens))
     for number in range(math.ceil(cfg.warmup_prompts / cfg.batch_size)):
         batch = setup.batches[number % len(setup.batches)]
-        for decode in _decoders(setup).values():
+        for decode in _decoders(setup, cfg).values():
             decode([setup.prompts[index].input_ids for index in batch], short, [cfg.seed + index for index in batch])
 
 
@@ -234,7 +248,7 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
     Prompt i is decoded with seed `seed + i` in every repeat and whatever batch it is in.
     """
     on_gpu = setup.device.type == "cuda"
-    decoders = _decoders(setup)
+    decoders = _decoders(setup, cfg)
     with tqdm(total=cfg.repeats * len(setup.prompts), desc="prompts", unit="prompt", disable=not progress) as bar:
         for repeat in range(cfg.repeats):
             for number, batch in enumerate(setup.batches):
@@ -289,8 +303,8 @@ def longest_draft(cfg: SpecBenchConfig) -> int:
 
 
 def curve_tokens(cfg: SpecBenchConfig) -> int:
-    """The verify-cost curve covers n = 1 .. this many new tokens."""
-    return max(cfg.k + 1, MIN_CURVE_TOKENS)
+    """The verify-cost curve covers n = 1 .. this many new tokens (the speedup model predicts k = 1 .. this - 1)."""
+    return max(cfg.k, cfg.cost_curve_max_k) + 1
 
 
 def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:

@@ -51,7 +51,7 @@ DATASET_CONTEXT = "benchmark"  # the dataset input's context tag (mlflow.data.co
 _POSITION = re.compile(r"acceptance_rate_pos_(\d+)")
 SWEEP_TAG = "specbench.sweep"
 # keys that change where or how a run is logged, not what it measures
-NON_RESULT_KEYS = ("tracking", "resume", "debug")
+NON_RESULT_KEYS = ("tracking", "resume", "debug", "objective")
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -15,9 +15,18 @@ from string import Formatter
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from specbench.config import DatasetConfig, DatasetKind, KScheduleKind, ModelConfig, Quantize, SpecBenchConfig
-from specbench.drafters import needs_model, typed_drafter
+from specbench.config import (
+    Backend,
+    DatasetConfig,
+    DatasetKind,
+    KScheduleKind,
+    ModelConfig,
+    Quantize,
+    SpecBenchConfig,
+)
+from specbench.drafters import PromptLookupConfig, needs_model, typed_drafter
 from specbench.errors import ConfigError
+from specbench.objective import objective_direction
 
 # what a record fills in (specbench.data.PromptBuilder.format)
 TEMPLATE_FIELDS = {"prompt", "question", "abstract"}
@@ -79,6 +88,14 @@ def validate(cfg: SpecBenchConfig) -> None:
     )
     _check(cfg.repeats >= 1, f"repeats={cfg.repeats} is invalid: time the prompt set 1 or more times.")
     _check(
+        cfg.cost_curve_max_k >= 1, f"cost_curve_max_k={cfg.cost_curve_max_k} is invalid: set it to 1 or more (e.g. 12)."
+    )
+    objective_direction(cfg.objective)
+    _check(
+        cfg.cost_curve or cfg.objective not in ("predicted_speedup", "predicted_speedup_best_k"),
+        f"objective={cfg.objective} comes from the speedup model: drop cost_curve=false.",
+    )
+    _check(
         cfg.cost.usd_per_hour is None or cfg.cost.usd_per_hour >= 0,
         f"cost.usd_per_hour={cfg.cost.usd_per_hour} is invalid: use a price of 0 or more.",
     )
@@ -105,6 +122,8 @@ def validate(cfg: SpecBenchConfig) -> None:
         _check(name != "verifier", "a drafter may not be named 'verifier' (the name is taken): rename it.")
         if needs_model(drafter):
             _validate_model(f"draft.drafters.{name}", drafter, on_cpu)
+    if cfg.engine.backend is Backend.transformers:
+        validate_transformers_backend(cfg)
     _validate_dataset(cfg.dataset)
 
 
@@ -135,6 +154,51 @@ def _validate_dataset(dataset: DatasetConfig) -> None:
         dataset.per_category is None or dataset.per_category >= 1,
         f"dataset.per_category={dataset.per_category} is invalid: set it to 1 or more (or null for no limit).",
     )
+
+
+def validate_transformers_backend(cfg: SpecBenchConfig) -> None:
+    """What `engine.backend=transformers` cannot run: refuse it before any model loads.
+
+    transformers' assisted generation takes one assistant model or prompt lookup, at batch size 1,
+    at a fixed k here; the options of our engine do not apply to it. A draft whose head size differs
+    is refused in `prepare`, which reads the models' configs (`hf_backend.check_assistant`).
+    """
+    _check(
+        cfg.batch_size == 1,
+        f"batch_size={cfg.batch_size}: transformers' assisted generation decodes one prompt at a time: "
+        "use batch_size=1 with engine.backend=transformers, or engine.backend=specbench.",
+    )
+    _check(
+        len(cfg.draft.drafters) == 1,
+        f"draft '{cfg.draft.name}' is a set of {len(cfg.draft.drafters)} drafters, which transformers' "
+        "generate() cannot verify together: use engine.backend=specbench, or a draft with one drafter.",
+    )
+    ((name, drafter),) = cfg.draft.drafters.items()
+    _check(
+        needs_model(drafter) or isinstance(drafter, PromptLookupConfig),
+        f"drafter '{name}' (kind {getattr(drafter, 'kind', '?')}) has no transformers equivalent: "
+        "use engine.backend=specbench, or a model or prompt_lookup drafter.",
+    )
+    _check(
+        not needs_model(drafter) or _model_identity(drafter) != _model_identity(cfg.verifier),
+        f"drafter '{name}' is the verifier itself, whose calls as transformers' assistant specbench could not "
+        "tell from the verifier's: give it another dtype or quantize, or use engine.backend=specbench.",
+    )
+    _check(
+        cfg.k_schedule is KScheduleKind.constant,
+        "engine.backend=transformers is compared at a fixed k: drop k_schedule=heuristic "
+        "(it is our engine's schedule).",
+    )
+    _check(
+        not cfg.engine.cuda_graphs and not cfg.engine.compile,
+        "engine.cuda_graphs and engine.compile are options of specbench's engine: drop them "
+        "with engine.backend=transformers.",
+    )
+
+
+def _model_identity(model: ModelConfig) -> tuple:
+    """What makes two configured models the same loaded model."""
+    return (model.name_or_path, model.gguf_file, model.fetch, model.dtype, model.quantize)
 
 
 def _validate_model(key: str, model: ModelConfig, on_cpu: bool) -> None:

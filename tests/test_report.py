@@ -189,12 +189,26 @@ def test_comparison_figures_one_run_and_several_verifiers(runs: pd.DataFrame) ->
     assert {text.get_text() for text in legend} >= {"gpt2_xl / gpt2_family", "gpt_j_6b / distilgpt2"}
 
 
+def test_backends_sit_side_by_side_and_name_their_series(runs: pd.DataFrame) -> None:
+    assert set(summary_table(runs)["backend"]) == {"specbench"}  # runs without the param ran our engine
+    both = pd.concat([runs.assign(**{"params.engine.backend": backend}) for backend in ("transformers", "specbench")])
+    table = summary_table(both.reset_index(drop=True))
+    assert list(table[["draft", "k", "backend"]].itertuples(index=False, name=None))[:2] == [
+        ("distilgpt2", 1, "specbench"),
+        ("distilgpt2", 1, "transformers"),
+    ]
+    legend = comparison_figures(both.reset_index(drop=True))["plots/speedup_vs_k.png"].axes[0].get_legend()
+    assert {text.get_text() for text in legend.get_texts()} >= {"specbench / distilgpt2", "transformers / gpt2_family"}
+
+
 def test_write_report(runs: pd.DataFrame, tmp_path: Path) -> None:
     paths = write_report(runs, tmp_path / "report")
     relative = {path.relative_to(tmp_path / "report").as_posix() for path in paths}
     assert relative == {"summary.md", "summary.csv"} | FIGURES
     markdown = (tmp_path / "report" / "summary.md").read_text()
-    assert markdown.startswith("| draft | k | batch | verifier | sampling | Latency p50 per request, baseline (s) |")
+    assert markdown.startswith(
+        "| draft | k | batch | verifier | sampling | backend | Latency p50 per request, baseline (s) |"
+    )
     assert markdown.count("\n| distilgpt2 | ") == 3
     assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == 6
     for path in paths:

@@ -31,12 +31,14 @@ def draft_colors(names: Iterable[str]) -> dict[str, tuple[float, ...]]:
 
 
 def comparison_figures(runs: pd.DataFrame) -> dict[str, Figure]:
-    """Cross-run figures keyed by artifact path; one colour per draft (per "verifier / draft" when those vary)."""
+    """Cross-run figures keyed by artifact path; one colour per draft (per "verifier / backend / draft" when
+    those vary)."""
     table = summary_table(runs)
     table["series"] = _series_labels(table)
     table = table.sort_values(["series", "k", "batch"], kind="stable").reset_index(drop=True)
     colors = draft_colors(table["series"])
-    subtitle = ", ".join(f"{name}: {table[name][0]}" for name in ("verifier", "sampling") if table[name].nunique() == 1)
+    constant = [name for name in ("verifier", "sampling", "backend") if table[name].nunique() == 1]
+    subtitle = ", ".join(f"{name}: {table[name][0]}" for name in constant)
 
     def bars(title: str, ylabel: str, *columns: tuple[str, str, str | None]) -> Figure:
         return _bars_vs_baseline(table, colors, title, subtitle, ylabel, list(columns))
@@ -69,8 +71,10 @@ def comparison_figures(runs: pd.DataFrame) -> dict[str, Figure]:
     return figures
 
 
-def _series_labels(table: pd.DataFrame, by: tuple[str, ...] = ("verifier", "draft", "sampling", "batch")) -> pd.Series:
-    """The draft, with the verifier, the sampling mode and the batch size when those vary across runs."""
+def _series_labels(
+    table: pd.DataFrame, by: tuple[str, ...] = ("verifier", "backend", "draft", "sampling", "batch")
+) -> pd.Series:
+    """The draft, with the verifier, the backend, the sampling mode and the batch size when those vary across runs."""
     parts = [name for name in by if name == "draft" or table[name].nunique() > 1]
     labels = table[parts].astype("string").fillna("?")
     if "batch" in labels:
@@ -87,7 +91,7 @@ def _speedup_vs_batch(runs: pd.DataFrame, subtitle: str) -> Figure:
     size of its cost grid from its own acceptance and step costs).
     """
     table = summary_table(runs, sort=False)  # row i is runs.iloc[i]
-    table["series"] = _series_labels(table, by=("verifier", "draft", "k", "sampling"))
+    table["series"] = _series_labels(table, by=("verifier", "backend", "draft", "k", "sampling"))
     predicted = runs.filter(regex=r"^metrics\.predicted_speedup_batch_\d+$").reset_index(drop=True)
     predicted.columns = [int(name.rsplit("_", 1)[1]) for name in predicted.columns]
     predicted = predicted[sorted(predicted.columns)]

@@ -93,6 +93,8 @@ def summary_table(runs: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
             "batch": pd.to_numeric(param(runs, "batch_size"), errors="coerce").fillna(1).astype("Int64"),
             "verifier": param(runs, "verifier.name"),
             "sampling": param(runs, "generation.do_sample").str.lower().map({"true": "sampled", "false": "greedy"}),
+            # runs from before engine.backend existed ran our engine
+            "backend": param(runs, "engine.backend").fillna("specbench"),
         }
     )
     for name, key, scale in summary_columns():
@@ -106,7 +108,9 @@ def summary_table(runs: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
             table[name] = runs[f"metrics.{key}"].to_numpy() * scale
     if not sort:
         return table
-    return table.sort_values(["draft", "k", "batch", "verifier", "sampling"], kind="stable").reset_index(drop=True)
+    # the backends of one configuration sit side by side
+    order = ["draft", "k", "batch", "backend", "verifier", "sampling"]
+    return table.sort_values(order, kind="stable").reset_index(drop=True)
 
 
 def crossover_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,66 @@
+"""The shipped Ray launcher config, exercised: a 2x2 sweep on a local Ray instance into an MLflow tracking server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import common_args
+from tests.test_sweeps import FAST, ROOT, sweep_runs, tracking_server  # noqa: F401 (a fixture)
+
+pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="make install installs the Ray launcher")
+
+
+def processes_naming(folder: Path) -> list[int]:
+    """Ids of the processes whose command line names `folder`: the Ray processes of this test's instance."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(folder) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return found
+
+
+@pytest.fixture
+def ray_dir():
+    """Ray's state folder for this test (short: Ray's socket paths must stay under 108 bytes); removed afterwards,
+    with any Ray process of this instance still running."""
+    folder = Path(tempfile.mkdtemp(prefix="sbray", dir="/tmp"))
+    yield folder
+    for pid in processes_naming(folder):
+        with contextlib.suppress(ProcessLookupError):  # it ended by itself meanwhile
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_ray_launcher_sweep_into_a_tracking_server(models_dir, pubmedqa_file, tmp_path, tracking_server, ray_dir):  # noqa: F811
+    args = [
+        "-m", "hydra/launcher=ray_local", "draft=distilgpt2,gpt2", "k=2,3",
+        *common_args(models_dir, pubmedqa_file, tmp_path), f"tracking.uri={tracking_server}", *FAST,
+    ]  # fmt: skip
+    # Ray keeps its state under RAY_TMPDIR (not /tmp/ray), writes no auth token and sends no usage stats
+    env = {**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "specbench", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "Ray Launcher is launching 4 jobs" in output and "(_run_job pid=" in output  # jobs ran as Ray tasks
+    assert any(ray_dir.glob("ray/session_*"))  # on the instance this test started
+    (parent,), children = sweep_runs(tracking_server)
+    assert len(children) == 4 and {run.info.status for run in children} == {"FINISHED"}
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    assert {(run.data.params["draft.name"], run.data.params["k"]) for run in children} == {
+        (draft, k) for draft in ("distilgpt2", "gpt2") for k in ("2", "3")
+    }
+    assert parent.info.status == "FINISHED"
