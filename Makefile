@@ -10,8 +10,9 @@ STORE ?= sqlite:///mlruns/mlflow.db
 PORT ?= 5000
 EXPERIMENT ?= offline
 SERVER_PORT ?= 5001
+BENCH_ARGS ?=
 
-.PHONY: install test lint run sweep ui server report bench bench-gpu fetch clean
+.PHONY: install test lint run sweep ui server report bench bench-quick fetch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +41,8 @@ run: fetch  ## the main job on real pretrained models, offline
 sweep: fetch  ## a predefined sweep (drafts x k) that works offline; finished runs are skipped
 	$(BIN)/specbench --config-name offline_sweep resume=true
 
-ui: install  ## browse and compare runs
-	$(BIN)/mlflow ui --backend-store-uri $(STORE) --port $(PORT)
+ui: install  ## browse and compare runs: prints each experiment's runs-table URL, then starts the MLflow UI
+	$(BIN)/specbench ui --tracking-uri $(STORE) --port $(PORT)
 
 server: install  ## tracking server for parallel sweeps: tracking.uri=http://127.0.0.1:$(SERVER_PORT)
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
@@ -50,8 +51,11 @@ server: install  ## tracking server for parallel sweeps: tracking.uri=http://127
 report: install  ## cross-run comparison of an experiment (default: the one `make run` logs to)
 	$(BIN)/specbench report --tracking-uri $(STORE) --experiment $(EXPERIMENT)
 
-bench: fetch  ## CPU performance benchmark; results in benchmarks/results/
-	$(BIN)/python benchmarks/cpu.py
+bench: fetch  ## CPU benchmark against transformers on the shipped sample prompts; results in benchmarks/results/
+	$(BIN)/python benchmarks/cpu.py $(BENCH_ARGS)
+
+bench-quick: fetch  ## the same in a few minutes: one prompt, once, at k=4
+	$(BIN)/python benchmarks/cpu.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

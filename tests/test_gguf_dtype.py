@@ -1,0 +1,40 @@
+"""transformers' advice to load GGUF weights in float32 is silenced only where specbench chose another dtype."""
+
+from __future__ import annotations
+
+import logging
+
+from transformers.quantizers import quantizer_gguf
+
+from specbench.models import GGUF_DTYPE_ADVICE, ModelSpec, _chosen_gguf_dtype
+
+ADVICE = f"{GGUF_DTYPE_ADVICE}, and this one was asked for in torch.bfloat16. ... Pass `dtype=torch.float32`"
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_advice_is_dropped_for_a_gguf_in_a_chosen_dtype_only(caplog):
+    collect = Collect()
+    quantizer_gguf.logger.addHandler(collect)  # the logger transformers' GGUF quantizer warns on
+    try:
+        chosen = ModelSpec("models", "q.gguf", "bfloat16", "cpu")
+        with caplog.at_level(logging.DEBUG, logger="specbench.models"), _chosen_gguf_dtype(chosen):
+            quantizer_gguf.logger.warning(ADVICE)
+            quantizer_gguf.logger.warning("another warning")
+        with _chosen_gguf_dtype(ModelSpec("models", "q.gguf", "float32", "cpu")):
+            quantizer_gguf.logger.warning(ADVICE)
+        with _chosen_gguf_dtype(ModelSpec("models", None, "bfloat16", "cpu")):  # not a GGUF
+            quantizer_gguf.logger.warning(ADVICE)
+        quantizer_gguf.logger.warning(ADVICE)  # after loading, the filter is gone
+    finally:
+        quantizer_gguf.logger.removeHandler(collect)
+    assert collect.messages == ["another warning", ADVICE, ADVICE, ADVICE]
+    [note] = [record for record in caplog.records if record.name == "specbench.models"]
+    assert note.levelno == logging.DEBUG and "q.gguf: bfloat16 chosen on purpose" in note.getMessage()
