@@ -44,7 +44,7 @@ NON_RESULT_KEYS = ("tracking", "resume", "debug")
 # MLflow's UI renders this tag as the description of a run or an experiment (markdown).
 DESCRIPTION_TAG = "mlflow.note.content"
 MAX_TAG_LENGTH = 8000  # MLflow's limit on a tag value
-# MLflow 3.x opens an experiment in its GenAI view unless told it holds model development.
+# What an experiment holds, for MLflow's UI to pick its layout (3.17 still takes it from the URL's workflowType).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # A saved view of the runs table (columns, sort order) that a URL opens with `viewStateShareKey=`.
