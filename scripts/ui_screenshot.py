@@ -46,9 +46,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     size = {"width": args.width, "height": args.height}
     with ui.serve(args.tracking_uri, port):
-        ui.render(runs_table, screenshot=args.out / "runs-table.png", **size)
+        ui.screenshot(runs_table, args.out / "runs-table.png", **size)
         run_page = tracking.run_url(base_url, experiment.experiment_id, latest.info.run_id)
-        ui.render(run_page, screenshot=args.out / "run-page.png", **size)
+        ui.screenshot(run_page, args.out / "run-page.png", **size)
     print(f"{args.out / 'runs-table.png'}: {runs_table}\n{args.out / 'run-page.png'}: {run_page}")
 
 

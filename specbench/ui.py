@@ -4,8 +4,8 @@ It prints the URL of each experiment's runs table in the specbench view (the
 headline metrics as columns, fastest first), then becomes `mlflow ui`. MLflow 3.x
 otherwise opens an experiment on its GenAI overview, empty for specbench.
 
-`serve` and `render` start it in the background and look at a page with headless
-Chromium: the browser test and `scripts/ui_screenshot.py` use them.
+`serve` starts it in the background, and `render` and `screenshot` look at a page
+with headless Chromium: the browser test and `scripts/ui_screenshot.py` use them.
 """
 
 from __future__ import annotations
@@ -155,19 +155,26 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def render(url: str, screenshot: Path | None = None, width: int = 1600, height: int = 1000) -> str:
-    """The page's DOM after MLflow's app has rendered it, in headless Chromium; optionally a PNG of it."""
+def _headless(width: int, height: int) -> list[str]:
     browser = chromium()
     if browser is None:
         raise FileNotFoundError("no chromium on PATH: install it (Debian: apt-get install chromium)")
-    # --virtual-time-budget lets the single-page app fetch and render before the DOM is read
+    # --virtual-time-budget lets the single-page app fetch and render before the page is read
     options = [f"--window-size={width},{height}", "--virtual-time-budget=15000", "--hide-scrollbars"]
     options += ["--headless=new", "--disable-gpu", "--disable-dev-shm-usage"]
     if os.geteuid() == 0:
         options.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
-    if screenshot is not None:
-        subprocess.run(
-            [browser, *options, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True
-        )
-    done = subprocess.run([browser, *options, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return [browser, *options]
+
+
+def render(url: str, width: int = 1600, height: int = 1000) -> str:
+    """The page's DOM once MLflow's app has rendered it, from headless Chromium."""
+    done = subprocess.run([*_headless(width, height), "--dump-dom", url], capture_output=True, text=True, timeout=120)
     return done.stdout
+
+
+def screenshot(url: str, path: Path, width: int = 1600, height: int = 1000) -> None:
+    """A PNG of the page once MLflow's app has rendered it, from headless Chromium."""
+    subprocess.run(
+        [*_headless(width, height), f"--screenshot={path}", url], capture_output=True, timeout=120, check=True
+    )
