@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from transformers.quantizers import quantizer_gguf
 
 from specbench.models import GGUF_DTYPE_ADVICE, ModelSpec, _chosen_gguf_dtype
@@ -20,21 +21,39 @@ class Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_the_advice_is_dropped_for_a_gguf_in_a_chosen_dtype_only(caplog):
+@pytest.fixture
+def gguf_logger():
+    """The logger transformers' GGUF quantizer warns on, and specbench's, enabled whatever earlier logging setups
+    (Hydra's disables existing loggers) did to them."""
+    loggers = [quantizer_gguf.logger, logging.getLogger("specbench.models")]
+    saved = [(logger.disabled, logger.level) for logger in loggers]
+    disabled_below = logging.root.manager.disable
+    for logger in loggers:
+        logger.disabled = False
+        logger.setLevel(logging.DEBUG)
+    logging.disable(logging.NOTSET)
+    yield quantizer_gguf.logger
+    for logger, (disabled, level) in zip(loggers, saved, strict=True):
+        logger.disabled = disabled
+        logger.setLevel(level)
+    logging.disable(disabled_below)
+
+
+def test_the_advice_is_dropped_for_a_gguf_in_a_chosen_dtype_only(gguf_logger, caplog):
     collect = Collect()
-    quantizer_gguf.logger.addHandler(collect)  # the logger transformers' GGUF quantizer warns on
+    gguf_logger.addHandler(collect)
     try:
         chosen = ModelSpec("models", "q.gguf", "bfloat16", "cpu")
         with caplog.at_level(logging.DEBUG, logger="specbench.models"), _chosen_gguf_dtype(chosen):
-            quantizer_gguf.logger.warning(ADVICE)
-            quantizer_gguf.logger.warning("another warning")
+            gguf_logger.warning(ADVICE)
+            gguf_logger.warning("another warning")
         with _chosen_gguf_dtype(ModelSpec("models", "q.gguf", "float32", "cpu")):
-            quantizer_gguf.logger.warning(ADVICE)
+            gguf_logger.warning(ADVICE)
         with _chosen_gguf_dtype(ModelSpec("models", None, "bfloat16", "cpu")):  # not a GGUF
-            quantizer_gguf.logger.warning(ADVICE)
-        quantizer_gguf.logger.warning(ADVICE)  # after loading, the filter is gone
+            gguf_logger.warning(ADVICE)
+        gguf_logger.warning(ADVICE)  # after loading, the filter is gone
     finally:
-        quantizer_gguf.logger.removeHandler(collect)
+        gguf_logger.removeHandler(collect)
     assert collect.messages == ["another warning", ADVICE, ADVICE, ADVICE]
     [note] = [record for record in caplog.records if record.name == "specbench.models"]
     assert note.levelno == logging.DEBUG and "q.gguf: bfloat16 chosen on purpose" in note.getMessage()
