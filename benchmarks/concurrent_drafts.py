@@ -3,7 +3,9 @@
 Two copies of the int8 Qwen2.5-Coder-0.5B draft propose k tokens for the same
 prompt, one after the other, then in two threads (PyTorch releases the GIL in
 its kernels). Median of --repeats runs after a warm-up. The engine keeps
-drafting sequential unless this shows threads winning.
+drafting sequential unless this shows threads winning. The prompt is the first
+record of the dataset (the CLI's: `--dataset`, `--dataset-path`); `--draft-path`
+takes a local model folder instead of the offline draft.
 """
 
 from __future__ import annotations
@@ -12,35 +14,47 @@ import argparse
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+from prompt_options import add_dataset_arguments, load_prompt_records
 
-from specbench.config import PROJECT_ROOT, DrafterConfig
-from specbench.data import PromptBuilder, read_file
+from specbench.config import Dtype, Quantize
+from specbench.data import PromptBuilder
+from specbench.drafters import ModelDrafterConfig
 from specbench.engine import CachedModel, DecodeSettings, ModelDrafter, TokenChooser
-from specbench.models import ModelCache, model_spec
+from specbench.errors import UserError
+from specbench.models import ModelCache, context_length, model_spec
 
-PUBMEDQA = PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa" / "pqa_labeled.jsonl"
 
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="offline model to fetch")
+    parser.add_argument("--draft-path", type=Path, help="a local model folder (with nn.Linear layers) instead")
+    add_dataset_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        dataset, records = load_prompt_records(args, 1)
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None
     cache = ModelCache()
-    spec = model_spec(DrafterConfig(fetch="qwen2.5-coder-0.5b-instruct", quantize="int8_dynamic"), "float32",
-                      torch.device("cpu"), None)  # fmt: skip
+    source = {"name_or_path": str(args.draft_path)} if args.draft_path else {"fetch": args.draft}
+    config = ModelDrafterConfig(**source, quantize=Quantize.int8_dynamic)
+    spec = model_spec(config, Dtype.float32, torch.device("cpu"), None)
     tokenizer, model = cache.tokenizer(spec), cache.model(spec)
-    prompt = PromptBuilder(tokenizer, "{question}\n{abstract}", "auto", 1024).build(read_file(PUBMEDQA)[0]).input_ids
+    max_tokens = min(1024, context_length(spec) - args.k - 1)
+    builder = PromptBuilder(tokenizer, dataset.template, dataset.chat_template, max_tokens)
+    prompt = builder.build(records[0]).input_ids
     drafters = [ModelDrafter(f"d{i}", CachedModel(model, len(tokenizer))) for i in range(2)]
     chooser = TokenChooser(DecodeSettings(max_new_tokens=1))
     for drafter in drafters:
-        drafter.reset()
-        drafter.prefill(prompt)
+        drafter.reset(1)
+        drafter.prefill([prompt])
 
     def propose(drafter: ModelDrafter) -> list[int]:
-        return drafter.propose(prompt, args.k, chooser).tokens
+        return drafter.propose([prompt], [args.k], [chooser])[0].tokens
 
     def sequential() -> float:
         start = time.perf_counter()

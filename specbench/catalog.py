@@ -495,6 +495,15 @@ def report_metrics() -> list[Metric]:
     return [entry for entry in METRICS if entry.report]
 
 
+# What a user decides on, in this order: the end-of-run console summary and the columns of the MLflow runs table.
+HEADLINE_METRICS = ("speedup", "acceptance_rate", "spec_tokens_per_s", "disagreement_rate", "cost_saving_pct")
+
+
+def headline_metrics() -> list[Metric]:
+    """The metrics a user decides on; one measured in both modes shows its baseline too."""
+    return [_BY_KEY[key] for key in HEADLINE_METRICS]
+
+
 def readme_table() -> str:
     """The README's metric table (keys, unit, meaning)."""
     rows = ["| metric | unit | better | meaning |", "| --- | --- | --- | --- |"]

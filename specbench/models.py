@@ -36,6 +36,8 @@ from specbench.errors import ConfigError, FetchError, ModelLoadError
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers' advice, when a GGUF is loaded in another dtype than float32, to load it in float32
+GGUF_DTYPE_ADVICE = "Loading a GGUF checkpoint with its weights packed is fastest in float32"
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,10 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     """Load a causal LM in eval mode on its device and dtype, int8-quantised if asked."""
     log.info("loading %s", spec.label)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.source, gguf_file=spec.gguf_file, dtype=_DTYPES[spec.dtype], revision=spec.revision
-        )
+        with _chosen_gguf_dtype(spec):
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.source, gguf_file=spec.gguf_file, dtype=_DTYPES[spec.dtype], revision=spec.revision
+            )
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError) as error:
@@ -204,6 +207,36 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     if spec.quantize == "int8_dynamic":
         model = _quantize_int8(model, spec)
     return model
+
+
+class _DropGgufDtypeAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(GGUF_DTYPE_ADVICE)
+
+
+@contextmanager
+def _chosen_gguf_dtype(spec: ModelSpec) -> Iterator[None]:
+    """Silence transformers' advice to load a GGUF in float32 when the config chose another dtype on purpose.
+
+    The advice is for transformers' packed GGUF kernels (from the `kernels` hub package);
+    without them the weights are dequantised on load, and bfloat16 measured faster here.
+    """
+    if spec.gguf_file is None or spec.dtype == "float32":
+        yield
+        return
+    log.debug(
+        "%s: %s chosen on purpose (see README, 'Choosing the CPU dtype'); transformers' advice to load GGUF "
+        "weights in float32 is for its packed kernels and is silenced",
+        spec.gguf_file,
+        spec.dtype,
+    )
+    advice_filter = _DropGgufDtypeAdvice()
+    logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    logger.addFilter(advice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(advice_filter)
 
 
 def _quantize_int8(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:

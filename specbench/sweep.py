@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -23,7 +23,10 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from specbench import tracking
+from specbench import console, tracking
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +101,33 @@ class SweepCallback(Callback):
         run_ids = [s["run_id"] for s in statuses if s.get("status") in ("FINISHED", "SKIPPED")]
         failed = [s for s in statuses if s.get("status") not in ("FINISHED", "SKIPPED")]
         client = MlflowClient()
+        summary = ""
         try:
             if run_ids:
                 runs = report.load_runs(config.tracking.uri, config.tracking.experiment, run_ids=run_ids)
                 report.write_report(runs, sweep_dir / "report")
                 report.log_report(runs, parent_id)
                 print(f"sweep report: {sweep_dir / 'report' / 'summary.md'}")
+                summary = _describe_sweep(client, config.tracking.uri, parent_id, f"sweep {sweep_dir.name}", runs)
         except Exception as error:  # the runs are safe; only the summary is missing
             failed.append({"name": "the sweep report", "error": str(error).splitlines()[0]})
         finally:
             client.set_tag(parent_id, "specbench.jobs", f"{len(run_ids)} finished, {len(failed)} failed")
             client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+        print(summary, end="", flush=True)
         if failed:
             names = ", ".join(f"{s['name']} ({s.get('error', 'unknown error')})" for s in failed)
             print(f"error: {len(failed)} of {len(statuses)} configurations failed: {names}", file=sys.stderr)
             sys.exit(1)
+
+
+def _describe_sweep(client: MlflowClient, tracking_uri: str, parent_id: str, name: str, runs: pd.DataFrame) -> str:
+    """Set the report's table as the parent run's description; return the console summary of the sweep."""
+    from specbench.report import summary_table
+    from specbench.report.files import ARTIFACT_DIR, table_markdown
+
+    description = f"### {name}: {len(runs)} finished runs\n\n{table_markdown(summary_table(runs))}\n\n"
+    description += f"Plots and the table as CSV: the `{ARTIFACT_DIR}/` artifacts of this run.\n"
+    tracking.set_description(parent_id, description, f"the {ARTIFACT_DIR}/summary.md artifact")
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return console.sweep_summary(name, runs, console.where_to_look(tracking_uri, experiment_id, parent_id, "The sweep"))

@@ -34,7 +34,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 import specbench
-from specbench import plots
+from specbench import catalog, plots
 from specbench.config import DatasetConfig
 from specbench.errors import TrackingError
 from specbench.summary import summary_markdown
@@ -52,6 +52,18 @@ _POSITION = re.compile(r"acceptance_rate_pos_(\d+)")
 SWEEP_TAG = "specbench.sweep"
 # keys that change where or how a run is logged, not what it measures
 NON_RESULT_KEYS = ("tracking", "resume", "debug", "objective")
+# MLflow's UI renders this tag as the description of a run or an experiment (markdown).
+DESCRIPTION_TAG = "mlflow.note.content"
+MAX_TAG_LENGTH = 8000  # MLflow's limit on a tag value
+# What an experiment holds, for MLflow's UI to pick its layout (3.17 still takes it from the URL's workflowType).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved view of the runs table (columns, sort order) that a URL opens with `viewStateShareKey=`.
+VIEW_KEY = "specbench"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_NAME = "specbench: headline metrics"
+VIEW_PARAMS = ("k", "draft.name")
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -99,10 +111,66 @@ def connect(uri: str, experiment: str, artifact_location: str | None = None) -> 
     try:
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
+            tag_experiment(found.experiment_id, found.tags)
             return found.experiment_id
-        return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        tag_experiment(experiment_id, {})
+        return experiment_id
     except Exception as error:  # MLflow raises many types for an unusable store
         raise TrackingError(f"cannot use the MLflow store {uri} ({_first_line(error)}): check tracking.uri.") from error
+
+
+def runs_view_state() -> dict[str, Any]:
+    """The saved view of the runs table: the headline metrics and the params that tell runs apart, fastest first."""
+    metrics = [name for entry in catalog.headline_metrics() for name in (entry.key, entry.baseline) if name]
+    columns = [f"metrics.`{name}`" for name in metrics] + [f"params.`{name}`" for name in VIEW_PARAMS]
+    return {"orderByKey": "metrics.`speedup`", "orderByAsc": False, "selectedColumns": columns, "columnOrder": columns}
+
+
+def tag_experiment(experiment_id: str, tags: dict[str, str]) -> None:
+    """Make MLflow's UI open the experiment as model development, with the specbench view of its runs.
+
+    `tags` are the experiment's current tags: a kind someone chose is kept, and the
+    view is rewritten only when its columns changed.
+    """
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    state = json.dumps(runs_view_state())
+    try:
+        current = json.loads(tags[VIEW_TAG])["state"]
+    except (KeyError, TypeError, ValueError):
+        current = None
+    if current != state:
+        now = int(time.time() * 1000)
+        view = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": state}
+        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(view))
+
+
+def ui_base_url(uri: str) -> str:
+    """Where MLflow's UI for `uri` answers: the tracking server itself, else `specbench ui`'s default address."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+
+
+def runs_table_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs table in MLflow's UI, opened in the specbench view (the path must end in /runs:
+    MLflow's redirect from the experiment's bare URL drops the view)."""
+    return f"{base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in MLflow's UI (in its model-training layout)."""
+    return f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def set_description(run_id: str, markdown: str, full_text: str) -> None:
+    """Show `markdown` as the run's description in MLflow's UI, cut at a line to fit a tag (`full_text` says
+    where the whole text is)."""
+    if len(markdown) > MAX_TAG_LENGTH:
+        note = f"\n\n(cut to fit MLflow's tag limit: the whole table is in {full_text})\n"
+        cut = markdown.rfind("\n", 0, MAX_TAG_LENGTH - len(note))
+        markdown = markdown[: cut if cut > 0 else MAX_TAG_LENGTH - len(note)] + note
+    MlflowClient().set_tag(run_id, DESCRIPTION_TAG, markdown)
 
 
 def _check_server(uri: str) -> None:
@@ -327,4 +395,6 @@ def log_result(result: RunResult) -> None:
             batch_size=result.batch_size,
         )
     )
-    mlflow.log_text(summary_markdown(result.metrics, title=result.title, notes=result.notes), "summary.md")
+    summary = summary_markdown(result.metrics, title=result.title, notes=result.notes)
+    mlflow.log_text(summary, "summary.md")
+    set_description(mlflow.active_run().info.run_id, summary, "summary.md")

@@ -1,0 +1,91 @@
+"""What the console shows when a run or a sweep ends: the headline figures, then where to open them.
+
+Labels, units and formats come from `specbench.catalog`; the URLs from `specbench.tracking`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+
+from specbench import catalog, tracking
+from specbench.config import TrackingConfig
+
+
+def _with_unit(entry: catalog.Metric, text: str) -> str:
+    """A formatted value with its unit ("1.48x", "12.3 tokens/s"); rates, percentages and dollars carry theirs."""
+    if text == "—" or entry.fmt in ("rate", "pct", "usd") or not entry.unit:
+        return text
+    return f"{text}{entry.unit}" if entry.unit == "x" else f"{text} {entry.unit}"
+
+
+def _value(metrics: Mapping[str, float], entry: catalog.Metric, key: str) -> str:
+    """One value in its unit, followed by its 95% interval in brackets when the run logged one."""
+    value, low, high = (
+        _with_unit(entry, entry.format(metrics.get(name)))
+        for name in (key, *(key + s for s in catalog.INTERVAL_SUFFIXES))
+    )
+    return value if "—" in (value, low, high) else f"{value} [{low}, {high}]"
+
+
+def headline(metrics: Mapping[str, float]) -> list[tuple[str, str]]:
+    """(label, value) of each headline metric; a metric measured in both modes gives speculative and baseline."""
+    rows = []
+    for entry in catalog.headline_metrics():
+        value = _value(metrics, entry, entry.key)
+        if entry.baseline:
+            value = f"{value} speculative, {_value(metrics, entry, entry.baseline)} baseline"
+        rows.append((entry.label, value))
+    return rows
+
+
+def where_to_look(tracking_uri: str, experiment_id: str, run_id: str, what: str = "This run") -> list[str]:
+    """The MLflow URLs of a run and of its experiment's runs table, and how to serve them when no server is."""
+    base = tracking.ui_base_url(tracking_uri)
+    lines = [
+        f"{what}: {tracking.run_url(base, experiment_id, run_id)}",
+        f"All runs: {tracking.runs_table_url(base, experiment_id)}",
+    ]
+    if tracking_uri == TrackingConfig.uri:
+        lines.append("(serve them with `make ui` or `specbench ui`)")
+    elif not tracking_uri.startswith(("http://", "https://")):
+        lines.append(f"(serve them with `specbench ui --tracking-uri {tracking_uri}`)")
+    return lines
+
+
+def run_summary(title: str, metrics: Mapping[str, float], links: list[str]) -> str:
+    """The end-of-run block: the title, the headline figures, then `links` (from `where_to_look`)."""
+    rows = headline(metrics)
+    width = max(len(label) for label, _ in rows)
+    prompts = catalog.metric("num_prompts").format(metrics.get("num_prompts"))
+    lines = ["", f"{title}, {prompts} prompts ([low, high]: 95% bootstrap interval)"]
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    return "\n".join([*lines, *links]) + "\n"
+
+
+def sweep_table(runs: pd.DataFrame) -> str:
+    """The headline figures of a sweep's runs (`mlflow.search_runs` rows), one line per run, fastest first."""
+    columns = [(entry, name) for entry in catalog.headline_metrics() for name in (entry.key, entry.baseline) if name]
+    header = ["Run", *(entry.label + (", baseline" if name == entry.baseline else "") for entry, name in columns)]
+    rows = []
+    for name, metrics in zip(runs["tags.mlflow.runName"], _metric_rows(runs), strict=True):
+        speedup = metrics.get("speedup", float("nan"))
+        order = (speedup != speedup, -speedup)  # fastest first, runs without a speedup last
+        rows.append((order, [str(name), *(_value(metrics, entry, key) for entry, key in columns)]))
+    lines = [header, *(cells for _, cells in sorted(rows, key=lambda row: row[0]))]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def _metric_rows(runs: pd.DataFrame) -> list[dict[str, float]]:
+    """Each run's metrics as {key: value}."""
+    keys = [column for column in runs.columns if column.startswith("metrics.")]
+    return [{key.removeprefix("metrics."): row[key] for key in keys} for _, row in runs.iterrows()]
+
+
+def sweep_summary(name: str, runs: pd.DataFrame, links: list[str]) -> str:
+    """The end-of-sweep block: one line per finished run, then `links`."""
+    return "\n".join(["", f"{name}: {len(runs)} finished runs", sweep_table(runs), *links]) + "\n"

@@ -1,0 +1,123 @@
+"""The benchmarks run in a bare clone: their dataset options load the prompts the CLI would, and both scripts
+finish on tiny models from a copy of the repository with nothing beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specbench.config import DatasetConfig
+from specbench.data import load_records
+from specbench.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling modules, as `python benchmarks/x.py`
+
+import cpu  # noqa: E402
+from prompt_options import dataset_config, load_prompt_records  # noqa: E402
+
+SAMPLE = ROOT / "specbench" / "samples" / "sample_qa.jsonl"
+
+
+def test_the_shipped_sample_is_the_default():
+    args = cpu.parse_args([])
+    config, records = load_prompt_records(args, args.prompts)
+    assert Path(config.path) == SAMPLE
+    assert config.template == DatasetConfig.template and config.num_samples == 2
+    assert records == load_records(DatasetConfig(path=str(SAMPLE), num_samples=2))
+
+
+def test_a_local_file_and_the_hub(pubmedqa_file):
+    args = cpu.parse_args(["--dataset-path", str(pubmedqa_file), "--prompts", "3"])
+    _, records = load_prompt_records(args, args.prompts)
+    assert [record.pubid for record in records] == ["1000", "1001", "1002"]
+
+    hub = dataset_config(cpu.parse_args(["--dataset", "pubmedqa"]), 2)
+    assert hub.path is None and (hub.hub_id, hub.hub_config) == ("qiaojin/PubMedQA", "pqa_labeled")
+    with pytest.raises(DataError, match="from the HuggingFace hub"):  # the tests run offline
+        load_records(hub)
+
+
+def test_a_missing_file_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cpu.main(["--dataset-path", str(tmp_path / "nope.jsonl")])
+    assert str(stop.value).startswith(f"error: cannot read dataset file {tmp_path / 'nope.jsonl'}")
+
+
+def test_quick_changes_defaults_not_explicit_values():
+    quick = cpu.parse_args(["--quick", "--prompts", "3"])
+    assert (quick.prompts, quick.repeats, quick.ks, quick.skip_dtype_probe) == (3, 1, [4], True)
+    full = cpu.parse_args([])
+    assert (full.prompts, full.repeats, full.ks, full.skip_dtype_probe) == (2, 3, [2, 4, 6], False)
+
+
+@pytest.fixture(scope="module")
+def bare_clone(tmp_path_factory) -> Path:
+    """The repository's files (as git sees them, uncommitted ones included) alone in an empty folder."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    clone = tmp_path_factory.mktemp("bare") / "specbench"
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    assert sorted(path.name for path in clone.parent.iterdir()) == ["specbench"]
+    return clone
+
+
+def run_script(clone: Path, *args: str) -> subprocess.CompletedProcess:
+    environment = os.environ | {"PYTHONPATH": str(clone), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=clone, env=environment, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_make_bench_script_runs_in_a_bare_clone(bare_clone, models_dir):
+    """`make bench-quick`'s command, with tiny local models in place of the fetched Qwen pair."""
+    out = bare_clone / "results"
+    done = run_script(
+        bare_clone,
+        "benchmarks/cpu.py",
+        "--quick",
+        "--verifier-path",
+        str(models_dir / "openai-community" / "gpt2-large"),
+        "--draft-path",
+        str(models_dir / "EleutherAI" / "gpt-neo-125M"),  # nn.Linear layers, for the int8 copy
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = out.glob("cpu-*-float32-quick.json")
+    report = json.loads(result.read_text())
+    assert report["prompts"] == str(bare_clone / "specbench" / "samples" / "sample_qa.jsonl")
+    assert set(report["contenders"]) == {
+        "ours_baseline", "hf_generate", "ours_fp32_k4", "hf_fp32_k4",
+        "ours_int8_k4", "hf_int8_k4", "ours_lookup_k4", "hf_lookup_k4",
+    }  # fmt: skip
+    # float32 greedy: every contender, ours and transformers', reproduces verifier-only decoding
+    assert all(row["identical_to_baseline"] for row in report["contenders"].values())
+    assert (out / result.name.replace(".json", ".md")).is_file()
+
+
+def test_concurrent_drafts_script_runs_in_a_bare_clone(bare_clone, models_dir, pubmedqa_file):
+    draft = models_dir / "EleutherAI" / "gpt-neo-125M"
+    done = run_script(
+        bare_clone,
+        "benchmarks/concurrent_drafts.py",
+        "--repeats=1",
+        f"--draft-path={draft}",
+        f"--dataset-path={pubmedqa_file}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "two drafts x k=4: sequential" in done.stdout
