@@ -1,22 +1,28 @@
-"""GPU benchmark: the engine at real model sizes (random weights), eager and with CUDA graphs.
+"""GPU benchmark: the engine at real model sizes (random weights), one call of a GPU machine.
 
-    python benchmarks/gpu.py --out DIR            # on a GPU machine (one call of the device tool)
-    python benchmarks/gpu.py --out DIR --quick    # tiny configs on the CPU: checks the script runs
+    python benchmarks/gpu.py --out DIR                         # every section, on a GPU
+    python benchmarks/gpu.py --out DIR --sections eager batch  # some of them
+    python benchmarks/gpu.py --out DIR --quick                 # tiny models on the CPU: a dry run of the script
 
-No weights can reach the device and nothing measured here depends on weight
-values, so the real architectures are built from their configs with random
-weights: GPT-J-6B (bfloat16) as verifier; distilgpt2, gpt2, gpt-neo-125M and
-gpt2-medium as drafts. Measured, in both engine modes (eager; static KV cache +
-CUDA graphs; and, for verifier-only decode, torch.compile + CUDA graphs):
-1. verifier-only decode, ms/token: ours vs `generate()`, and the memory-bandwidth floor;
-2. the verify-cost curve: one verifier pass over n = 1..17 new tokens, relative to n = 1;
-3. the draft/verifier cost ratio c of each draft;
-4. speculative decoding with the verifier as its own draft (all accepted) and with
-   a random draft (almost none accepted): measured ms/token vs the prediction
-   from the measured c and curve; the gap is the engine's overhead;
-5. the same against `generate(assistant_model=...)` at equal k (eager only).
-Every timing synchronises the GPU before reading the clock; warm-up runs first;
-each figure is the median of --repeats runs.
+No weights can reach the device and nothing timed here depends on weight values,
+so GPT-J-6B (bfloat16) is built from its config with random weights, with
+GPT-2-family drafts (given GPT-J's 50400-row head so transformers' assisted
+generation takes them). Every figure is the median, with min and max, of
+--repeats runs after a warm-up; baseline and speculative runs alternate; every
+clock reading waits for the GPU. Sections (results are written after each one):
+
+- checks: tiny float32 models on the GPU. CUDA-graph decoding (static cache) equals eager decoding token for
+  token at batch sizes 1 and 3: baseline, the verifier as its own draft, a random draft, a draft set's tree,
+  and drafters proposing in parallel threads.
+- eager: verifier-only decode, ours against `generate()`; speculative (GPT-J as its own draft) against
+  `generate(assistant_model=...)`, batch size 1.
+- batch: CUDA graphs, batch sizes 1 .. 128: verifier-only throughput against eager batched `generate()`;
+  speculative throughput (self draft, distilgpt2) and its speedup over our baseline at the same batch size,
+  beside the speedup the model predicts from step costs measured at that batch size.
+- trees: CUDA graphs, batch size 1, k = 4: a two-draft set (distilgpt2 + gpt2) against each draft alone,
+  with the engine's overhead against the separately timed draft and verify steps.
+- compiled: torch.compile + CUDA graphs, batch size 1, verifier-only: as loaded, then with GPT-J's q/k/v
+  projections fused into one matrix product; against the memory-bandwidth floor.
 """
 
 from __future__ import annotations
@@ -25,55 +31,50 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
 
 from specbench.engine import (
     CachedModel,
-    Clock,
+    ConstantK,
     DecodeSettings,
     ModelDrafter,
-    TokenChooser,
+    PromptLookupDrafter,
     decode_baseline,
     decode_speculative,
 )
 from specbench.engine.costs import measure_step_costs
-from specbench.hf_backend import fixed_k, generate_new_tokens
+from specbench.engine.fusion import fuse_qkv_projections
+from specbench.engine.timing import Clock
+from specbench.hf_backend import fixed_k
+from specbench.speedup_model import iid_acceptance, predicted_speedup
+from specbench.testing import make_model
 
-GPT2_VOCAB = 50257  # the tokenizer: the engine never produces ids above it
-GPTJ_VOCAB = 50400  # GPT-J's head
+TOKENIZER_VOCAB = 50257  # GPT-2's tokenizer: the engine never produces ids above it
+HEAD_ROWS = 50400  # GPT-J's head
 
 
 def architectures(quick: bool) -> dict[str, tuple[type, object]]:
-    """name -> (model class, config): the real sizes, or tiny ones for a CPU dry run.
-
-    The drafts get GPT-J's 50400-row head (0.3% more head work than 50257) because
-    transformers' assisted generation refuses a draft whose vocabulary size differs.
-    """
-    vocab = {"vocab_size": GPTJ_VOCAB}
+    """name -> (model class, config): the real sizes, or tiny ones for a CPU dry run."""
+    head = {"vocab_size": HEAD_ROWS}
     if quick:
         return {
-            "gpt_j_6b": (GPTJForCausalLM, GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=2048)),
-            "distilgpt2": (GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=1, n_head=2, **vocab)),
-            "gpt2": (GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=2, n_head=2, **vocab)),
+            "gpt_j_6b": (GPTJForCausalLM, GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **head)),
+            "distilgpt2": (GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=1, n_head=2, **head)),
+            "gpt2": (GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=2, n_head=2, **head)),
         }
     return {
-        "gpt_j_6b": (GPTJForCausalLM, GPTJConfig()),  # the defaults are GPT-J-6B: 4096 wide, 28 layers, 50400 logits
-        "distilgpt2": (GPT2LMHeadModel, GPT2Config(n_layer=6, **vocab)),
-        "gpt2": (GPT2LMHeadModel, GPT2Config(**vocab)),
-        "gpt_neo_125m": (
-            GPTNeoForCausalLM,
-            GPTNeoConfig(
-                hidden_size=768, num_layers=12, num_heads=12, attention_types=[[["global", "local"], 6]], **vocab
-            ),
-        ),
-        "gpt2_medium": (GPT2LMHeadModel, GPT2Config(n_embd=1024, n_layer=24, n_head=16, **vocab)),
+        "gpt_j_6b": (GPTJForCausalLM, GPTJConfig()),  # the defaults are GPT-J-6B: 4096 wide, 28 layers
+        "distilgpt2": (GPT2LMHeadModel, GPT2Config(n_layer=6, **head)),
+        "gpt2": (GPT2LMHeadModel, GPT2Config(**head)),
     }
 
 
@@ -88,7 +89,12 @@ def build(model_class: type, config, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def copy_bandwidth(device: torch.device, gib: float) -> float:
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def copy_bandwidth(device: torch.device, gib: float = 4) -> float:
     """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
     source = torch.randn(int(gib * 2**30 / 2), dtype=torch.bfloat16, device=device)
     target = torch.empty_like(source)
@@ -98,163 +104,337 @@ def copy_bandwidth(device: torch.device, gib: float) -> float:
     start = clock.now()
     for _ in range(10):
         target.copy_(source)
-    seconds = (clock.now() - start) / 10
-    return 2 * source.numel() * source.element_size() / seconds / 1e9
+    return 2 * source.numel() * source.element_size() * 10 / (clock.now() - start) / 1e9
 
 
-def repeat(count: int, action) -> list:
-    return [action() for _ in range(count)]
+class Bench:
+    """The models, prompts and settings every section shares."""
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device("cpu" if args.quick else "cuda")
+        self.graphs = self.device.type == "cuda"
+        dtype = torch.float32 if args.quick else torch.bfloat16
+        self.models = {
+            name: build(cls, cfg, self.device, dtype) for name, (cls, cfg) in architectures(args.quick).items()
+        }
+        generator = torch.Generator().manual_seed(1)
+        self.prompts = torch.randint(0, TOKENIZER_VOCAB, (max(args.batch_sizes), args.prompt_len), generator=generator)
+        self.settings = DecodeSettings(max_new_tokens=args.new_tokens)
+        self.max_len = args.prompt_len + args.new_tokens + 3 * args.k + 24
 
-def timed_generate(model, prompt: list[int], clock: Clock, **kwargs) -> float:
-    """Seconds of one greedy `generate()` call, the GPU synchronised on both sides."""
-    start = clock.now()
-    generate_new_tokens(model, prompt, **kwargs)
-    return clock.now() - start
-
-
-def run_mode(mode: str, models: dict, args, device: torch.device, prompt: list[int], report: dict) -> dict:
-    """Every measurement in one engine mode: `eager` (dynamic cache) or `graphs` (static cache + CUDA graphs)."""
-    graphs = mode in ("graphs", "compiled")
-    max_len = len(prompt) + args.new_tokens + 2 * args.k + 24
-    compiled = mode == "compiled"  # every compiled shape costs ~40 s: only n = 1 and k + 1, and the spec drafts
-    curve_sizes = (1, args.k + 1) if compiled else range(1, args.curve_tokens + 1)
-
-    def cached(name: str, sizes) -> CachedModel:
+    def cached(self, name: str, sizes, graphs: bool | None = None, compile: bool = False) -> CachedModel:
+        graphs = self.graphs if graphs is None else graphs
         return CachedModel(
-            models[name], GPT2_VOCAB, max_len if graphs else None, sizes if graphs else (), compile=mode == "compiled"
+            self.models[name], TOKENIZER_VOCAB, self.max_len if graphs else None, sizes if graphs else (), compile
         )
 
-    verifier = cached("gpt_j_6b", curve_sizes)
-    drafts = {name: ModelDrafter(name, cached(name, (1, 2))) for name in models if name != "gpt_j_6b"}
-    drafts["self"] = ModelDrafter("self", cached("gpt_j_6b", (1, 2)))
-    if compiled:
-        drafts = {name: drafts[name] for name in args.spec_drafts}
-    settings = DecodeSettings(max_new_tokens=args.new_tokens)
-    clock = Clock(device)
-    results: dict = {}
+    def batch(self, size: int) -> tuple[list[list[int]], list[int]]:
+        return self.prompts[:size].tolist(), list(range(size))
 
-    decode_baseline(verifier, prompt, settings)  # warm-up (and graph capture)
-    runs = repeat(args.repeats, lambda: decode_baseline(verifier, prompt, settings))
-    baseline = runs[0]
-    decode_ms = statistics.median(1000 * (r.latency_s - r.ttft_s) / (len(r.tokens) - 1) for r in runs)
-    results["ours_baseline"] = {
-        "ms_per_token_decode": decode_ms,
-        "ms_per_token_total": statistics.median(1000 * r.latency_s / len(r.tokens) for r in runs),
-        "ttft_ms": statistics.median(1000 * r.ttft_s for r in runs),
-    }
-    print(f"[{mode}] ours verifier-only: {decode_ms:.2f} ms/token", flush=True)
+    def alternate(self, contenders: dict[str, Callable[[], float]]) -> dict[str, dict[str, float]]:
+        """Each contender once as a warm-up, then --repeats rounds in alternating order; seconds per run."""
+        for run in contenders.values():
+            run()
+        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        names = list(contenders)
+        for round_ in range(self.args.repeats):
+            for name in names if round_ % 2 == 0 else reversed(names):
+                samples[name].append(contenders[name]())
+        return {name: spread(values) for name, values in samples.items()}
 
-    chooser = TokenChooser(settings)
-    curve_tokens = args.k + 1 if compiled else args.curve_tokens
-    costs = measure_step_costs(verifier, list(drafts.values()), prompt, chooser, curve_tokens, repeats=5)
-    # compiled: sizes between 1 and k + 1 ran uncompiled, so only the two captured ones are reported
-    sizes = [1, args.k + 1] if compiled else range(1, curve_tokens + 1)
-    verify_ms = {n: 1000 * costs.verify_s[n - 1] for n in sizes}
-    results["verify_curve_ms"] = verify_ms
-    results["verify_curve_ratio"] = {n: t / verify_ms[1] for n, t in verify_ms.items()}
-    results["draft_step_ms"] = {name: 1000 * t for name, t in costs.draft_s.items()}
-    results["cost_ratio_c"] = {name: t / costs.verify_s[0] for name, t in costs.draft_s.items()}
-    print(f"[{mode}] verify curve ms: { {n: round(v, 2) for n, v in verify_ms.items()} }", flush=True)
-    print(f"[{mode}] draft step ms: { {n: round(v, 2) for n, v in results['draft_step_ms'].items()} }", flush=True)
 
-    results["speculative"] = {}
-    for name in args.spec_drafts:
-        drafter = drafts[name]
-        decode_speculative(verifier, [drafter], prompt, settings, k=args.k)  # warm-up
-        runs = repeat(args.repeats, lambda d=drafter: decode_speculative(verifier, [d], prompt, settings, k=args.k))
-        result = runs[0]
-        steps_ms = statistics.median(1000 * (r.latency_s - r.ttft_s - r.draft_prefill_s) for r in runs)
-        per_token = steps_ms / (len(result.tokens) - 1)
-        tokens_per_step = (len(result.tokens) - 1) / result.steps
-        # what k draft steps plus one verifier pass over k+1 tokens cost, per emitted token
-        predicted = (args.k * costs.draft_s[name] + costs.verify_s[args.k]) * 1000 / tokens_per_step
-        results["speculative"][name] = {
-            "ms_per_token_total": statistics.median(1000 * r.latency_s / len(r.tokens) for r in runs),
-            "ms_per_token_steps": per_token,
-            "predicted_ms_per_token": predicted,
-            "engine_overhead_pct": 100 * (per_token / predicted - 1),
-            "acceptance_rate": result.accepted / result.proposed,
-            "tokens_per_step": tokens_per_step,
-            "identical_to_baseline": result.tokens == baseline.tokens,
-            "speedup_vs_ours_baseline": decode_ms / per_token,
-            "draft_prefill_ms": 1000 * result.draft_prefill_s,
-        }
-        print(f"[{mode}] spec {name}: {per_token:.2f} ms/token, predicted {predicted:.2f}, "
-              f"acceptance {result.accepted / result.proposed:.2f}", flush=True)  # fmt: skip
+def section_checks(bench: Bench) -> dict:
+    """CUDA graphs (static cache) against eager (dynamic cache), tiny float32 models, batch sizes 1 and 3."""
+    vocab, settings = 300, DecodeSettings(max_new_tokens=40)
+    prompts = [[5, 17, 42, 99, 7, 5, 17, 42, 120, 33, 8, 250, 61, 5, 17], [3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9]]
+    draft = make_model("gpt2", vocab, seed=2, layers=1).to(bench.device)
+    graphs, results = bench.graphs, {}
+    for arch in ("gpt2", "gptj", "llama"):
+        model = make_model(arch, vocab, seed=1, layers=3).to(bench.device)
+        for rows in (1, 3):
+            batch, seeds = prompts[:rows], list(range(rows))
+            eager = [r.tokens for r in decode_baseline(CachedModel(model, vocab), batch, settings, seeds).rows]
+            verifier = CachedModel(model, vocab, 128 if graphs else None, range(1, 14) if graphs else ())
 
-    if not graphs:
-        vm = models["gpt_j_6b"]
-        vm.generation_config.eos_token_id = None
-        vm.generation_config.pad_token_id = 0
-        kwargs = {"max_new_tokens": args.new_tokens}
-        timed_generate(vm, prompt, clock, **kwargs)
-        seconds = statistics.median(repeat(args.repeats, lambda: timed_generate(vm, prompt, clock, **kwargs)))
-        results["hf_generate_ms_per_token_total"] = 1000 * seconds / args.new_tokens
-        print(f"[{mode}] generate(): {results['hf_generate_ms_per_token_total']:.2f} ms/token (total)", flush=True)
-        results["hf_assisted"] = {}
-        for name in args.spec_drafts:
-            assistant = vm if name == "self" else models[name]
-            fixed_k(assistant, args.k)
-            assistant.generation_config.eos_token_id = None
-            timed_generate(vm, prompt, clock, assistant_model=assistant, **kwargs)
-            seconds = statistics.median(
-                repeat(args.repeats, lambda a=assistant: timed_generate(vm, prompt, clock, assistant_model=a, **kwargs))
-            )
-            ours = results["speculative"][name]["ms_per_token_total"]
-            theirs = 1000 * seconds / args.new_tokens
-            results["hf_assisted"][name] = {"ms_per_token_total": theirs, "hf_time_over_ours": theirs / ours}
-            print(f"[{mode}] assisted {name}: {theirs:.2f} ms/token (total), ours {ours:.2f}", flush=True)
+            def drafter(weights, name: str) -> ModelDrafter:
+                return ModelDrafter(
+                    name, CachedModel(weights, vocab, 128 if graphs else None, (1, 2) if graphs else ())
+                )
+
+            runs = {
+                "self_draft": [drafter(model, "self")],
+                "random_draft": [drafter(draft, "random")],
+                "tree": [drafter(draft, "random"), drafter(model, "self"), PromptLookupDrafter("lookup")],
+            }
+            members = [verifier, *(d.model for ds in runs.values() for d in ds if isinstance(d, ModelDrafter))]
+            for cached in members:
+                cached.capture_graphs((rows,))
+            key = f"{arch}/batch{rows}"
+            results[f"{key}/baseline"] = [
+                r.tokens for r in decode_baseline(verifier, batch, settings, seeds).rows
+            ] == eager
+            for name, drafters in runs.items():
+                out = decode_speculative(verifier, drafters, batch, settings, ConstantK(4), seeds)
+                results[f"{key}/{name}"] = [r.tokens for r in out.rows] == eager
+            with ThreadPoolExecutor(3) as pool:
+                out = decode_speculative(verifier, runs["tree"], batch, settings, ConstantK(4), seeds, pool)
+            results[f"{key}/tree_parallel_drafts"] = [r.tokens for r in out.rows] == eager
+            if graphs:
+                results[f"{key}/graphs_captured"] = bool(verifier._graphs)
+    results["all_equal"] = all(results.values())
     return results
+
+
+def section_eager(bench: Bench) -> dict:
+    """Eager mode at batch size 1: ours against generate(), and against assisted generation (self draft)."""
+    args, verifier_model = bench.args, bench.models["gpt_j_6b"]
+    prompt, seeds = bench.batch(1)
+    verifier = bench.cached("gpt_j_6b", (), graphs=False)
+    self_draft = ModelDrafter("self", bench.cached("gpt_j_6b", (), graphs=False))
+    clock = Clock(bench.device)
+    config = transformers.GenerationConfig(
+        max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+        eos_token_id=None, suppress_tokens=list(range(TOKENIZER_VOCAB, HEAD_ROWS)),
+    )  # fmt: skip
+    fixed_k(verifier_model, args.k)
+    ids = torch.tensor(prompt, device=bench.device)
+
+    def generate(**extra) -> float:
+        start = clock.now()
+        with torch.inference_mode():
+            verifier_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, **extra)
+        return clock.now() - start
+
+    def ours_baseline() -> float:
+        return decode_baseline(verifier, prompt, bench.settings, seeds).wall_s
+
+    def ours_spec() -> float:
+        return decode_speculative(verifier, [self_draft], prompt, bench.settings, ConstantK(args.k), seeds).wall_s
+
+    per_token = 1000 / args.new_tokens
+    verifier_only = bench.alternate({"ours": ours_baseline, "generate": generate})
+    speculative = bench.alternate(
+        {"ours_self_draft": ours_spec, "assisted_self_draft": lambda: generate(assistant_model=verifier_model)}
+    )
+    results = {
+        name: {key: value * per_token if key != "runs" else value for key, value in figures.items()}
+        for name, figures in (verifier_only | speculative).items()
+    }  # ms per token
+    results["ours_over_generate"] = verifier_only["ours"]["median"] / verifier_only["generate"]["median"]
+    results["ours_spec_over_assisted"] = (
+        speculative["ours_self_draft"]["median"] / speculative["assisted_self_draft"]["median"]
+    )
+    results["unit"] = "ms per generated token (whole request, prefill included)"
+    return results
+
+
+def section_batch(bench: Bench) -> dict:
+    """Throughput against batch size: verifier-only (ours with graphs; eager generate()) and speculative."""
+    verifier = bench.cached("gpt_j_6b", range(1, bench.args.k + 2))
+    drafters = {
+        "self": ModelDrafter("self", bench.cached("gpt_j_6b", (1, 2))),
+        "distilgpt2": ModelDrafter("distilgpt2", bench.cached("distilgpt2", (1, 2))),
+    }
+    results = {}
+    for size in bench.args.batch_sizes:
+        start = time.perf_counter()
+        try:
+            row = _batch_row(bench, size, verifier, drafters)
+        except torch.OutOfMemoryError as error:
+            row = {"out_of_memory": str(error).splitlines()[0]}
+            torch.cuda.empty_cache()
+        for cached in [verifier, *(d.model for d in drafters.values())]:
+            cached.release(size)
+        row["section_s"] = time.perf_counter() - start
+        results[str(size)] = row
+        print(f"[batch {size}] {json.dumps(row, default=str)[:600]}", flush=True)
+        if "out_of_memory" in row:
+            break
+    return results
+
+
+def _batch_row(bench: Bench, size: int, verifier: CachedModel, drafters: dict[str, ModelDrafter]) -> dict:
+    args = bench.args
+    prompts, seeds = bench.batch(size)
+    for cached in [verifier, *(d.model for d in drafters.values())]:
+        cached.capture_graphs((size,))
+    ids = torch.tensor(prompts, device=bench.device)
+    clock = Clock(bench.device)
+    config = transformers.GenerationConfig(
+        max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+        eos_token_id=None, suppress_tokens=list(range(TOKENIZER_VOCAB, HEAD_ROWS)),
+    )  # fmt: skip
+
+    def generate() -> float:
+        begin = clock.now()
+        with torch.inference_mode():
+            bench.models["gpt_j_6b"].generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        return clock.now() - begin
+
+    def speculative(drafter: ModelDrafter):
+        return decode_speculative(verifier, [drafter], prompts, bench.settings, ConstantK(args.k), seeds)
+
+    contenders = {"ours_baseline": lambda: decode_baseline(verifier, prompts, bench.settings, seeds).wall_s}
+    for name, drafter in drafters.items():
+        contenders[f"ours_spec_{name}"] = lambda d=drafter: speculative(d).wall_s
+    if size <= args.generate_max_batch:
+        contenders["generate"] = generate
+    tokens = size * args.new_tokens
+    row: dict = {}
+    for name, figures in bench.alternate(contenders).items():  # seconds -> tokens/s (the fastest run: the max)
+        row[name] = {
+            "median": tokens / figures["median"],
+            "min": tokens / figures["max"],
+            "max": tokens / figures["min"],
+        }
+    row["ms_per_step_baseline"] = 1000 * tokens / row["ours_baseline"]["median"] / args.new_tokens / size
+    costs = measure_step_costs(
+        verifier, list(drafters.values()), prompts[0], bench.settings, {size: (1, args.k + 1)}, repeats=5
+    )
+    verify = costs.verify_s[size]
+    row["verify_cost_ratio_k_plus_1"] = verify[args.k + 1] / verify[1]
+    baseline = row["ours_baseline"]
+    for name, drafter in drafters.items():
+        result = speculative(drafter)
+        offered_accepted = [
+            pair for r in result.rows for pair in zip(r.offered_per_step, r.accepted_per_step, strict=True)
+        ]
+        full = [accepted for offered, accepted in offered_accepted if offered == args.k]
+        alpha = iid_acceptance(statistics.mean(full), args.k) if full else 0.0
+        spec = row[f"ours_spec_{name}"]
+        row[f"speedup_{name}"] = {
+            "median": spec["median"] / baseline["median"],
+            "min": spec["min"] / baseline["max"],
+            "max": spec["max"] / baseline["min"],
+        }
+        c = costs.draft_s[size][name] / verify[1]
+        row[f"predicted_speedup_{name}"] = predicted_speedup(alpha, args.k, c, row["verify_cost_ratio_k_plus_1"])
+        row[f"acceptance_{name}"] = sum(r.accepted for r in result.rows) / max(sum(r.proposed for r in result.rows), 1)
+        row[f"padded_token_share_{name}"] = result.padded_token_share
+    if "generate" in row:
+        row["ours_over_generate_throughput"] = baseline["median"] / row["generate"]["median"]
+    return row
+
+
+def section_trees(bench: Bench) -> dict:
+    """A two-draft set against each draft alone, batch size 1, k = 4, with graphs (trees are captured too)."""
+    args = bench.args
+    verifier = bench.cached("gpt_j_6b", range(1, 2 * args.k + 2))
+    drafters = {name: ModelDrafter(name, bench.cached(name, (1, 2))) for name in ("distilgpt2", "gpt2")}
+    for cached in [verifier, *(d.model for d in drafters.values())]:
+        cached.capture_graphs((1,))
+    prompts, seeds = bench.batch(1)
+    sets = {"distilgpt2": [drafters["distilgpt2"]], "gpt2": [drafters["gpt2"]], "set": list(drafters.values())}
+    timings = bench.alternate(
+        {
+            name: lambda ds=members: (
+                decode_speculative(verifier, ds, prompts, bench.settings, ConstantK(args.k), seeds).wall_s
+            )
+            for name, members in sets.items()
+        }
+    )
+    costs = measure_step_costs(
+        verifier, list(drafters.values()), prompts[0], bench.settings, {1: range(1, 2 * args.k + 2)}, repeats=5
+    )
+    results = {}
+    for name, members in sets.items():
+        (row,) = decode_speculative(verifier, members, prompts, bench.settings, ConstantK(args.k), seeds).rows
+        tree_nodes = 1 + len(members) * args.k  # the widest tree: no shared prefixes
+        draft_s = sum(costs.draft_s[1][d.name] for d in members)
+        predicted_s = row.steps * (args.k * draft_s + costs.verify_s[1][tree_nodes])
+        steps_s = row.latency_s - row.ttft_s - row.draft_prefill_s
+        results[name] = {
+            "ms_per_token": {k: 1000 * v / args.new_tokens if k != "runs" else v for k, v in timings[name].items()},
+            "acceptance": row.accepted / max(row.proposed, 1),
+            "tokens_per_step": (len(row.tokens) - 1) / row.steps,
+            "engine_overhead_pct": 100 * (steps_s / predicted_s - 1),
+        }
+    results["graphs_captured_tree_sizes"] = sorted(n for rows, n in verifier._graphs if rows == 1)
+    return results
+
+
+def section_compiled(bench: Bench) -> dict:
+    """torch.compile + CUDA graphs, verifier-only at batch size 1: as loaded, then with q/k/v fused."""
+    args, results = bench.args, {}
+    prompts, seeds = bench.batch(1)
+    weights_gb = sum(p.numel() * p.element_size() for p in bench.models["gpt_j_6b"].parameters()) / 1e9
+    for variant in ("as_loaded", "fused_qkv"):
+        if variant == "fused_qkv":
+            results["fused_layers"] = fuse_qkv_projections(bench.models["gpt_j_6b"])
+        start = time.perf_counter()
+        verifier = bench.cached("gpt_j_6b", (1,), compile=bench.graphs)
+        verifier.capture_graphs((1,))
+        compile_s = time.perf_counter() - start
+        timings = bench.alternate(
+            {"decode": lambda v=verifier: decode_baseline(v, prompts, bench.settings, seeds).wall_s}
+        )
+        runs = [decode_baseline(verifier, prompts, bench.settings, seeds).rows[0] for _ in range(args.repeats)]
+        per_token = [1000 * (r.latency_s - r.ttft_s) / (len(r.tokens) - 1) for r in runs]
+        results[variant] = {
+            "ms_per_token_decode": spread(per_token),
+            "ms_per_token_total": {k: 1000 * v / args.new_tokens if k != "runs" else v
+                                   for k, v in timings["decode"].items()},
+            "compile_and_capture_s": compile_s,
+        }  # fmt: skip
+        print(f"[compiled {variant}] {json.dumps(results[variant])}", flush=True)
+    if bench.graphs:
+        bandwidth = copy_bandwidth(bench.device)
+        results["copy_bandwidth_gb_s"] = bandwidth
+        results["floor_ms_per_token"] = 1000 * weights_gb / bandwidth
+    results["verifier_weight_gb"] = weights_gb
+    return results
+
+
+SECTIONS = {
+    "checks": section_checks,
+    "eager": section_eager,
+    "batch": section_batch,
+    "trees": section_trees,
+    "compiled": section_compiled,  # last: it fuses the verifier's q/k/v in place
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="tiny models on the CPU: a dry run of the script")
-    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--curve-tokens", type=int, default=17)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=["eager", "graphs"])
-    parser.add_argument("--spec-drafts", nargs="+", default=["self", "distilgpt2"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 128])
+    parser.add_argument("--generate-max-batch", type=int, default=128)
     args = parser.parse_args()
-    device = torch.device("cpu" if args.quick else "cuda")
-    dtype = torch.float32 if args.quick else torch.bfloat16
+    if args.quick:
+        args.new_tokens, args.batch_sizes, args.repeats = 12, [1, 2], 1
+    args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {key: value for key, value in vars(args).items() if key != "out"},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
     }
-    if device.type == "cuda":
-        report["device"] = torch.cuda.get_device_name(device)
-        report["driver"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
-        report["cuda"] = torch.version.cuda
-        report["copy_bandwidth_gb_s"] = copy_bandwidth(device, gib=4)
-        print(f"{report['device']}: copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s", flush=True)
     start = time.perf_counter()
-    models = {name: build(cls, config, device, dtype) for name, (cls, config) in architectures(args.quick).items()}
-    if args.quick:
-        args.spec_drafts = [d for d in args.spec_drafts if d in models or d == "self"]
-    weights = models["gpt_j_6b"]
-    report["verifier_weight_gb"] = sum(p.numel() * p.element_size() for p in weights.parameters()) / 1e9
-    if "copy_bandwidth_gb_s" in report:
-        report["floor_ms_per_token"] = 1000 * report["verifier_weight_gb"] / report["copy_bandwidth_gb_s"]
-    print(f"built models in {time.perf_counter() - start:.0f} s", flush=True)
-    prompt = torch.randint(0, GPT2_VOCAB, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    report["modes"] = {}
-    for mode in args.modes:
-        report["modes"][mode] = run_mode(mode, models, args, device, prompt, report)
-        if device.type == "cuda":
-            report["modes"][mode]["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_benchmark.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    bench = Bench(args)
+    report["build_s"] = time.perf_counter() - start
+    print(f"{report['device']}: models built in {report['build_s']:.0f} s", flush=True)
+    for name in args.sections:
+        begin = time.perf_counter()
+        try:
+            report[name] = SECTIONS[name](bench)
+        except Exception as error:  # one failing section must not lose the others
+            report[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+        report[name + "_s"] = time.perf_counter() - begin
+        if bench.device.type == "cuda":
+            report[name + "_peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        (args.out / "gpu_benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+        print(
+            f"[{name}] done in {report[name + '_s']:.0f} s: {json.dumps(report[name], default=str)[:1500]}", flush=True
+        )
 
 
 if __name__ == "__main__":

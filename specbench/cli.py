@@ -184,7 +184,7 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
     parent = parent_run_id() if multirun else None
     system_metrics = typed.tracking.system_metrics
     with (
-        gpu_lease(typed.device) as device,
+        gpu_lease(typed.device, sharded=typed.verifier.device_map is not None) as device,
         tracking.tracked_run(experiment_id, _run_name(cfg), tags, parent, system_metrics) as run_id,
     ):
         tracking.log_params(tracking.flatten(resolved))

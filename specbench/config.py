@@ -91,6 +91,10 @@ class VerifierConfig(ModelConfig):
     """The large model whose output speculative decoding must reproduce."""
 
     name: str = MISSING
+    # Shard the verifier over several devices with transformers' device_map (accelerate): auto, balanced,
+    # balanced_low_0, sequential, or a mapping of module names to devices. Drafts stay on the run's device.
+    device_map: Any = None
+    max_memory: dict[str, str] | None = None  # with device_map: the most each device may hold, e.g. {0: 70GiB}
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
 from specbench.engine import BatchResult, Clock, DecodeResult, DecodeSettings, DrafterStats
+from specbench.engine.timing import model_devices
 from specbench.errors import ConfigError
 from specbench.models import ModelSpec
 
@@ -248,7 +249,7 @@ class TransformersDecoders:
         mask = torch.ones_like(ids)
         if settings.do_sample:
             torch.manual_seed(seed)  # generate() samples from torch's global generators (every device's)
-        clock = Clock(self.verifier.device)
+        clock = Clock(model_devices(self.verifier))
         with counting_calls(self.verifier, clock) as calls, torch.inference_mode():
             start = clock.now()
             output = self.verifier.generate(ids, attention_mask=mask, generation_config=config, **extra)

@@ -50,12 +50,20 @@ class ModelSpec:
     device: str
     quantize: str = "none"
     revision: str | None = None  # hub branch, tag or commit; None is the main branch
+    # sharded over several devices (transformers' device_map): a strategy name, or (module, device) pairs
+    device_map: str | tuple[tuple[str, str], ...] | None = None
+    max_memory: tuple[tuple[str, str], ...] | None = None
 
     @property
     def label(self) -> str:
         """Human-readable name for messages."""
         name = f"{self.source}/{self.gguf_file}" if self.gguf_file else self.source
-        return f"{name} ({self.dtype}, {self.device}{', int8' if self.quantize != 'none' else ''})"
+        where = (
+            f"device_map={self.device_map if isinstance(self.device_map, str) else 'custom'}"
+            if self.device_map
+            else self.device
+        )
+        return f"{name} ({self.dtype}, {where}{', int8' if self.quantize != 'none' else ''})"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,14 +74,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 @contextmanager
-def gpu_lease(device: str) -> Iterator[str]:
+def gpu_lease(device: str, sharded: bool = False) -> Iterator[str]:
     """On a host with several GPUs, give `auto`/`cuda` a GPU that no other specbench job holds.
 
     Parallel sweep workers (joblib, submitit_local) each lock one GPU for the
     whole job through a lock file per GPU, so two jobs never share a card by
-    accident. An explicit `cuda:N`, the CPU, or a single GPU pass through.
+    accident. An explicit `cuda:N`, the CPU, a single GPU, or a `sharded` verifier (it
+    uses the GPUs its device_map names) pass through.
     """
-    count = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    count = torch.cuda.device_count() if device in ("auto", "cuda") and not sharded else 0
     if count < 2:
         yield device
         return
@@ -126,7 +135,12 @@ def model_spec(cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_
     dtype = resolve_dtype(cfg.dtype or run_dtype, device)
     if cfg.quantize is Quantize.int8_dynamic:
         dtype = "float32"  # dynamic int8 kernels take float32 activations (validation kept it to the CPU)
-    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize.value, cfg.revision)
+    device_map = getattr(cfg, "device_map", None)  # verifiers only
+    if device_map is not None and not isinstance(device_map, str):
+        device_map = tuple((str(module), str(where)) for module, where in dict(device_map).items())
+    max_memory = getattr(cfg, "max_memory", None)
+    max_memory = tuple((str(where), str(size)) for where, size in max_memory.items()) if max_memory else None
+    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize.value, cfg.revision, device_map, max_memory)
 
 
 def model_revision(spec: ModelSpec) -> str:
@@ -197,16 +211,33 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     try:
         with _chosen_gguf_dtype(spec):
             model = AutoModelForCausalLM.from_pretrained(
-                spec.source, gguf_file=spec.gguf_file, dtype=_DTYPES[spec.dtype], revision=spec.revision
+                spec.source,
+                gguf_file=spec.gguf_file,
+                dtype=_DTYPES[spec.dtype],
+                revision=spec.revision,
+                **_sharding(spec),
             )
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError) as error:
         raise _loading_error(spec, "weights", error) from error
-    model = model.to(spec.device).eval()
+    model = (model if spec.device_map else model.to(spec.device)).eval()
     if spec.quantize == "int8_dynamic":
         model = _quantize_int8(model, spec)
     return model
+
+
+def _sharding(spec: ModelSpec) -> dict:
+    """from_pretrained's device_map and max_memory for a sharded model (GPU indices as ints, as accelerate wants)."""
+    if spec.device_map is None:
+        return {}
+
+    def device(name: str) -> int | str:
+        return int(name) if name.isdigit() else name
+
+    device_map = spec.device_map if isinstance(spec.device_map, str) else {m: device(d) for m, d in spec.device_map}
+    max_memory = {device(where): size for where, size in spec.max_memory} if spec.max_memory else None
+    return {"device_map": device_map, "max_memory": max_memory}
 
 
 class _DropGgufDtypeAdvice(logging.Filter):

@@ -114,6 +114,7 @@ def validate(cfg: SpecBenchConfig) -> None:
     )
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     _validate_model("verifier", cfg.verifier, on_cpu)
+    _validate_sharding(cfg)
     _check(
         len(cfg.draft.drafters) >= 1,
         f"draft '{cfg.draft.name}' has no drafters: add at least one under draft.drafters.",
@@ -199,6 +200,52 @@ def validate_transformers_backend(cfg: SpecBenchConfig) -> None:
 def _model_identity(model: ModelConfig) -> tuple:
     """What makes two configured models the same loaded model."""
     return (model.name_or_path, model.gguf_file, model.fetch, model.dtype, model.quantize)
+
+
+SHARDING_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _validate_sharding(cfg: SpecBenchConfig) -> None:
+    """verifier.device_map: a strategy or a module -> device mapping over devices this machine has."""
+    verifier = cfg.verifier
+    if verifier.device_map is None:
+        _check(
+            verifier.max_memory is None,
+            "verifier.max_memory only applies to a sharded verifier: add verifier.device_map=auto, or drop it.",
+        )
+        return
+    if isinstance(verifier.device_map, str):
+        _check(
+            verifier.device_map in SHARDING_STRATEGIES,
+            f"verifier.device_map={verifier.device_map} is unknown: use one of {', '.join(SHARDING_STRATEGIES)}, "
+            "or a mapping of module names to devices.",
+        )
+        devices = []
+    else:
+        _check(
+            isinstance(verifier.device_map, dict) and bool(verifier.device_map),
+            "verifier.device_map must be a strategy (auto, balanced, sequential) or a mapping of module names to "
+            "devices, e.g. {model.embed_tokens: 0, model.layers.0: 0, model.layers.1: 1, model.norm: 1, lm_head: 1}.",
+        )
+        devices = [str(device) for device in verifier.device_map.values()]
+    devices += [str(device) for device in verifier.max_memory or {}]
+    gpus = torch.cuda.device_count()
+    for device in devices:
+        index = device.removeprefix("cuda:")
+        _check(
+            device in ("cpu", "cuda") or (index.isdigit() and int(index) < gpus),
+            f"verifier.device_map names device {device}, which this machine does not have ({gpus} GPU(s)): "
+            f"use cpu{f' or 0..{gpus - 1}' if gpus else ''}.",
+        )
+    _check(
+        not cfg.engine.cuda_graphs,
+        "engine.cuda_graphs=true cannot capture a verifier sharded over several devices: drop engine.cuda_graphs "
+        "or verifier.device_map.",
+    )
+    _check(
+        verifier.quantize is Quantize.none,
+        "verifier.quantize=int8_dynamic does not combine with verifier.device_map: drop one of them.",
+    )
 
 
 def _validate_model(key: str, model: ModelConfig, on_cpu: bool) -> None:

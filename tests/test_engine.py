@@ -21,6 +21,7 @@ from specbench.engine import (
     decode_speculative,
 )
 from specbench.engine.costs import measure_step_costs
+from specbench.engine.fusion import fuse_qkv_projections
 from specbench.engine.scoring import output_log_likelihood
 from specbench.engine.tree import build_tree, walk_greedy
 from specbench.testing import GPTJ_SPARE_ROWS, make_model, one_torch_thread
@@ -329,3 +330,16 @@ def test_step_costs_stop_at_the_first_batch_size_out_of_memory(verifiers):
     shapes = {size: (1, 2) for size in (1, 2, 4, 8)}
     costs = measure_step_costs(verifier, [LookupWithoutMemoryFrom(4)], PROMPT, SETTINGS, shapes, repeats=1)
     assert set(costs.verify_s) == set(costs.draft_s) == {1, 2}
+
+
+@pytest.mark.parametrize("arch", ["gptj", "llama"])
+def test_fused_qkv_projections_keep_the_outputs(arch):
+    fused, plain = make_model(arch, VOCAB, seed=4, layers=2), make_model(arch, VOCAB, seed=4, layers=2)
+    assert fuse_qkv_projections(fused) == 2  # one per layer
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    settings = DecodeSettings(max_new_tokens=20)
+    fused_tokens = baseline(CachedModel(fused, VOCAB), settings=settings).tokens
+    assert fused_tokens == baseline(CachedModel(plain, VOCAB), settings=settings).tokens

@@ -50,6 +50,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from specbench.engine.attention import needs_plain_causal_mask, ragged_mask
+from specbench.engine.timing import model_devices
 from specbench.engine.tree import ancestor_matrix
 
 # Architectures whose attention takes the additive 4-D mask a static cache needs. GPT-Neo adds its own
@@ -80,7 +81,10 @@ class CachedModel:
     ) -> None:
         self.model = model
         self.vocab_size = vocab_size
-        self.device = next(model.parameters()).device
+        # where inputs go (and logits come back): the input embeddings' device; a model sharded with
+        # transformers' device_map has layers on several devices, which every clock reading waits for
+        self.device = model.get_input_embeddings().weight.device
+        self.devices = model_devices(model)
         self.plain_mask_only = needs_plain_causal_mask(model.config)
         self.max_len: int | None = None
         # a static cache always takes the engine's mask, which windowed attentions it cannot express would misread
@@ -259,7 +263,7 @@ class CachedModel:
         ).logits
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits[..., : self.vocab_size]
+        logits = logits[..., : self.vocab_size].to(self.device)  # a sharded model's head may sit elsewhere
         if logits.shape[-1] < self.vocab_size:  # a draft head smaller than the verifier's vocabulary
             logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=-torch.inf)
         return logits
@@ -333,14 +337,17 @@ class CachedModel:
 
         A dynamic cache ends at start+width afterwards; the caller sets the column count.
         """
-        index = index.to(self.device)
         width = index.shape[1]
+        on_device: dict[torch.device, torch.Tensor] = {}  # a sharded model's layers sit on several devices
         for layer in self.cache.layers:
             if not layer.is_initialized:
                 continue
             for name in ("keys", "values"):
                 states = getattr(layer, name)
-                moved = states.gather(2, index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3]))
+                if states.device not in on_device:
+                    on_device[states.device] = index.to(states.device)[:, None, :, None]
+                where = on_device[states.device]
+                moved = states.gather(2, where.expand(-1, states.shape[1], -1, states.shape[3]))
                 if isinstance(self.cache, StaticCache):
                     states[:, :, start : start + width] = moved
                 else:

@@ -47,7 +47,7 @@ def measure_step_costs(
     Every row reads `prompt_ids` first. Each shape runs once as a warm-up, then `repeats` times. Larger
     batch sizes are skipped once one verifier pass took more than `budget_s`, or one ran out of memory.
     """
-    clock = Clock(verifier.device)
+    clock = Clock(verifier.devices)
 
     def median_seconds(action: Callable[[], object], undo: Callable[[], None]) -> float:
         samples = []

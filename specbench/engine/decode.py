@@ -68,7 +68,7 @@ def decode_baseline(
     """Verifier-only decoding with a KV cache: one token per row per forward pass, as `generate()` does."""
     _check_masks(verifier, [], len(prompts))
     rows = _start_rows(prompts, settings, seeds, [], None)
-    watch = Stopwatch(verifier.device)
+    watch = Stopwatch(verifier.devices)
     tokens = _prefill(verifier, rows, settings, watch)
     while not all(row.finished for row in rows):
         logits = verifier.forward(tokens[:, None], [int(not row.finished) for row in rows])[:, -1]
@@ -100,7 +100,7 @@ def decode_speculative(
     """
     _check_masks(verifier, drafters, len(prompts))
     rows = _start_rows(prompts, settings, seeds, drafters, schedule)
-    watch = Stopwatch(verifier.device)
+    watch = Stopwatch(verifier.devices)
     for drafter in drafters:
         drafter.reset(len(rows))
     _prefill(verifier, rows, settings, watch)

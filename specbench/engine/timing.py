@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
+
+
+def model_devices(model: torch.nn.Module) -> tuple[torch.device, ...]:
+    """Every device a model's weights sit on (several for a model sharded with transformers' device_map)."""
+    return tuple(sorted({parameter.device for parameter in model.parameters()}, key=str))
 
 
 class Clock:
     """Wall clock that first waits for queued GPU work, so readings are honest."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device if device.type == "cuda" else None
+    def __init__(self, devices: torch.device | Sequence[torch.device]) -> None:
+        devices = [devices] if isinstance(devices, torch.device) else list(devices)
+        self.devices = [device for device in devices if device.type == "cuda"]  # a sharded model uses several
 
     def now(self) -> float:
-        """Seconds, after all queued work on the device is done."""
-        if self.device is not None:
-            torch.cuda.synchronize(self.device)
+        """Seconds, after all queued work on the devices is done."""
+        for device in self.devices:
+            torch.cuda.synchronize(device)
         return time.perf_counter()
 
 
 class Stopwatch:
     """Started at the start of a batch; each reading also marks the start of the next lap."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.clock = Clock(device)
+    def __init__(self, devices: torch.device | Sequence[torch.device]) -> None:
+        self.clock = Clock(devices)
         self.start = self._mark = self.clock.now()
 
     def mark(self) -> None:
