@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
@@ -36,7 +36,9 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 from specbench.engine import BatchResult, Clock, DecodeResult, DecodeSettings, DrafterStats
 from specbench.engine.timing import model_devices
 from specbench.errors import ConfigError
-from specbench.models import ModelSpec
+
+if TYPE_CHECKING:  # the GPU benchmarks import this module on machines without Hydra
+    from specbench.models import ModelSpec
 
 Decoder = Callable[[list[int], DecodeSettings, int], DecodeResult]
 BatchDecoder = Callable[[list[list[int]], DecodeSettings, list[int]], BatchResult]
