@@ -132,13 +132,13 @@ class Bench:
     def batch(self, size: int) -> tuple[list[list[int]], list[int]]:
         return self.prompts[:size].tolist(), list(range(size))
 
-    def alternate(self, contenders: dict[str, Callable[[], float]]) -> dict[str, dict[str, float]]:
-        """Each contender once as a warm-up, then --repeats rounds in alternating order; seconds per run."""
+    def alternate(self, contenders: dict[str, Callable[[], float]], repeats: int | None = None) -> dict[str, dict]:
+        """Each contender once as a warm-up, then `repeats` (--repeats) rounds in alternating order; seconds per run."""
         for run in contenders.values():
             run()
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         names = list(contenders)
-        for round_ in range(self.args.repeats):
+        for round_ in range(repeats or self.args.repeats):
             for name in names if round_ % 2 == 0 else reversed(names):
                 samples[name].append(contenders[name]())
         return {name: spread(values) for name, values in samples.items()}
@@ -213,9 +213,10 @@ def section_eager(bench: Bench) -> dict:
         return decode_speculative(verifier, [self_draft], prompt, bench.settings, ConstantK(args.k), seeds).wall_s
 
     per_token = 1000 / args.new_tokens
-    verifier_only = bench.alternate({"ours": ours_baseline, "generate": generate})
+    verifier_only = bench.alternate({"ours": ours_baseline, "generate": generate}, args.eager_repeats)
     speculative = bench.alternate(
-        {"ours_self_draft": ours_spec, "assisted_self_draft": lambda: generate(assistant_model=verifier_model)}
+        {"ours_self_draft": ours_spec, "assisted_self_draft": lambda: generate(assistant_model=verifier_model)},
+        args.eager_repeats,
     )
     results = {
         name: {key: value * per_token if key != "runs" else value for key, value in figures.items()}
@@ -226,7 +227,16 @@ def section_eager(bench: Bench) -> dict:
         speculative["ours_self_draft"]["median"] / speculative["assisted_self_draft"]["median"]
     )
     results["unit"] = "ms per generated token (whole request, prefill included)"
+    results["profile_top_cpu_ops"] = {"ours": _profile(ours_baseline), "generate": _profile(generate)}
     return results
+
+
+def _profile(decode: Callable[[], object], rows: int = 12) -> list[dict]:
+    """The ops that take the most CPU time (self) over one whole decode: where the host's time per step goes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        decode()
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in events[:rows]]
 
 
 def section_batch(bench: Bench) -> dict:
@@ -404,11 +414,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eager-repeats", type=int, default=5, help="rounds of the eager comparisons")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 128])
     parser.add_argument("--generate-max-batch", type=int, default=128)
     args = parser.parse_args()
     if args.quick:
-        args.new_tokens, args.batch_sizes, args.repeats = 12, [1, 2], 1
+        args.new_tokens, args.batch_sizes, args.repeats, args.eager_repeats = 12, [1, 2], 1, 1
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

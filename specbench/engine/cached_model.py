@@ -363,6 +363,7 @@ class CachedModel:
 
     # ---- CUDA graphs -------------------------------------------------------------------------------
 
+    @torch.inference_mode()  # the static buffers are inference tensors: capture writes them in the same mode
     def capture_graphs(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Capture (and compile) every graph size for each batch size now, before anything is timed.
 
