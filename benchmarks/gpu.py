@@ -396,8 +396,35 @@ def section_compiled(bench: Bench) -> dict:
     return results
 
 
+def section_profile(bench: Bench) -> dict:
+    """Where a batched verifier-only step spends its time with CUDA graphs: GPU kernels and host ops, batch 64."""
+    size = min(64, max(bench.args.batch_sizes))
+    verifier = bench.cached("gpt_j_6b", (1,))
+    verifier.capture_graphs((size,))
+    prompts, seeds = bench.batch(size)
+    decode_baseline(verifier, prompts, bench.settings, seeds)  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if bench.graphs:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        result = decode_baseline(verifier, prompts, bench.settings, seeds)
+    events = profiler.key_averages()
+    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    by_gpu = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:15]
+    return {
+        "batch_size": size,
+        "ms_per_step": 1000 * result.wall_s / bench.args.new_tokens,
+        "top_cpu_ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in by_cpu],
+        "top_gpu_ops": [
+            {"op": e.key, "calls": e.count, "self_gpu_ms": getattr(e, "self_device_time_total", 0) / 1000}
+            for e in by_gpu
+        ],
+    }
+
+
 SECTIONS = {
     "checks": section_checks,
+    "profile": section_profile,
     "eager": section_eager,
     "batch": section_batch,
     "trees": section_trees,

@@ -403,7 +403,7 @@ class CachedModel:
                     self._set_columns(columns)  # both warm-ups write the same n columns, past the cached ones
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):  # the stream the warm-up ran on (cuBLAS workspaces)
                 output = step()
             self._set_columns(columns)  # the capture only recorded the counters' advance; keep them as they were
 
