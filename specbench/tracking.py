@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import specbench
@@ -340,7 +341,15 @@ def log_dataset(cfg: DatasetConfig, records: list[Record]) -> None:
         # MLflow registers its local-file source for two URI schemes and warns that a path matches both (same class)
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         dataset = mlflow.data.from_pandas(records_table(records), source=source, name=cfg.name)
-    mlflow.log_input(dataset, context=DATASET_CONTEXT)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=DATASET_CONTEXT)
+            return
+        except MlflowException as error:
+            # two jobs of a parallel sweep can register the same dataset at once; a retry finds the row the other
+            # wrote and only links it to this run
+            if "UNIQUE constraint" not in str(error) or attempt == 2:
+                raise
 
 
 def log_jsonl(records: list[dict[str, Any]], path: str) -> None:

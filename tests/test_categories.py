@@ -24,6 +24,7 @@ def outcome(
         tokens=list(range(tokens)),
         latency_s=spec_s,
         ttft_s=0.01,
+        verifier_calls=steps + 1,  # the prefill, then one call per step
         steps=steps,
         proposed=2 * steps,
         accepted=accepted,
