@@ -31,6 +31,7 @@ from transformers import (
 from transformers.utils import cached_file, extract_commit_hash
 
 from specbench.config import Dtype, ModelConfig, Quantize
+from specbench.engine.fusion import fuse_qkv_projections
 from specbench.errors import ConfigError, FetchError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class ModelSpec:
     # sharded over several devices (transformers' device_map): a strategy name, or (module, device) pairs
     device_map: str | tuple[tuple[str, str], ...] | None = None
     max_memory: tuple[tuple[str, str], ...] | None = None
+    fuse_qkv: bool = False  # q/k/v projections fused into one matrix product after loading
 
     @property
     def label(self) -> str:
@@ -114,7 +116,9 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> str:
     return "float32"
 
 
-def model_spec(cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_dir: str | None) -> ModelSpec:
+def model_spec(
+    cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_dir: str | None, fuse_qkv: bool = False
+) -> ModelSpec:
     """Resolve where a configured model comes from (fetching offline models) and how it is loaded."""
     source, gguf_file = cfg.name_or_path, cfg.gguf_file
     if cfg.fetch is not None:
@@ -140,7 +144,9 @@ def model_spec(cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_
         device_map = tuple((str(module), str(where)) for module, where in dict(device_map).items())
     max_memory = getattr(cfg, "max_memory", None)
     max_memory = tuple((str(where), str(size)) for where, size in max_memory.items()) if max_memory else None
-    return ModelSpec(source, gguf_file, dtype, str(device), cfg.quantize.value, cfg.revision, device_map, max_memory)
+    return ModelSpec(
+        source, gguf_file, dtype, str(device), cfg.quantize.value, cfg.revision, device_map, max_memory, fuse_qkv
+    )
 
 
 def model_revision(spec: ModelSpec) -> str:
@@ -222,6 +228,8 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     except (OSError, ValueError) as error:
         raise _loading_error(spec, "weights", error) from error
     model = (model if spec.device_map else model.to(spec.device)).eval()
+    if spec.fuse_qkv and spec.quantize == "none":  # dynamic int8 quantises nn.Linear layers, which fusion replaces
+        fuse_qkv_projections(model)
     if spec.quantize == "int8_dynamic":
         model = _quantize_int8(model, spec)
     return model

@@ -94,10 +94,11 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # kernels, syncs and graph captures all go to this job's GPU
-    specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir)}
+    fuse = cfg.engine.fuse_qkv
+    specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir, fuse)}
     for name, drafter in cfg.draft.drafters.items():
         if needs_model(drafter):
-            specs[name] = model_spec(drafter, cfg.dtype, device, cfg.models_dir)
+            specs[name] = model_spec(drafter, cfg.dtype, device, cfg.models_dir, fuse)
     tokenizer = cache.tokenizer(specs["verifier"])
     for name, spec in specs.items():
         if name != "verifier":

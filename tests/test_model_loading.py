@@ -1,5 +1,5 @@
-"""A verifier sharded with transformers' device_map decodes exactly like the whole model (CPU entries stand in
-for GPUs), and a device_map naming a device the machine lacks is refused in one sentence."""
+"""Models loaded in special ways decode like plain ones: a verifier sharded with transformers' device_map (CPU
+entries stand in for GPUs; a device the machine lacks is refused in one sentence), and q/k/v projections fused."""
 
 from __future__ import annotations
 
@@ -82,3 +82,11 @@ def test_a_device_map_over_devices_the_machine_lacks_is_one_sentence():
         validate(config("everywhere"))
     with pytest.raises(ConfigError, match="max_memory only applies to a sharded verifier"):
         validate(config(None, max_memory={"0": "10GiB"}))
+
+
+def test_a_model_loaded_with_fused_projections_decodes_the_same(saved_llama):
+    plain = load_model(ModelSpec(str(saved_llama), None, "float32", "cpu"))
+    fused = load_model(ModelSpec(str(saved_llama), None, "float32", "cpu", fuse_qkv=True))
+    assert sum(hasattr(module, "qkv_fused") for module in fused.modules()) == 3  # one per layer
+    rows = [decode_baseline(CachedModel(model, VOCAB), PROMPTS, SETTINGS, [0, 1]).rows for model in (plain, fused)]
+    assert [row.tokens for row in rows[0]] == [row.tokens for row in rows[1]]
