@@ -90,8 +90,8 @@ def verifier_config(args) -> VerifierConfig:
     return model_config(VerifierConfig, args.verifier, args.verifier_path, name="verifier")
 
 
-def dtype_probe(cache: ModelCache, args) -> dict[str, float]:
-    """ms per decode step of the verifier in float32 and bfloat16 (the CPU dtype choice)."""
+def dtype_probe(cache: ModelCache, args) -> dict[str, dict[str, float]]:
+    """ms per decode step of the verifier in float32 and bfloat16 (the CPU dtype choice), over `--repeats`."""
     results = {}
     for dtype in (Dtype.float32, Dtype.bfloat16):
         spec = model_spec(verifier_config(args), dtype, torch.device("cpu"), None)
@@ -100,10 +100,23 @@ def dtype_probe(cache: ModelCache, args) -> dict[str, float]:
         settings = DecodeSettings(max_new_tokens=16)
         prompt = [token % vocab for token in range(1000, 1300)]  # any 300 tokens: the time does not depend on them
         decode_baseline(model, [prompt], settings, [0])  # warm-up
-        (result,) = decode_baseline(model, [prompt], settings, [0]).rows
-        results[dtype.value] = 1000 * (result.latency_s - result.ttft_s) / (len(result.tokens) - 1)
+        step_ms = []
+        for _ in range(args.repeats):
+            (result,) = decode_baseline(model, [prompt], settings, [0]).rows
+            step_ms.append(1000 * (result.latency_s - result.ttft_s) / (len(result.tokens) - 1))
+        results[dtype.value] = spread(step_ms)
         cache.keep_only(set())
     return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def show(figure: dict[str, float], digits: int) -> str:
+    """A spread as `median [min, max]`."""
+    return f"{figure['median']:.{digits}f} [{figure['min']:.{digits}f}, {figure['max']:.{digits}f}]"
 
 
 def _plain(value):
@@ -250,23 +263,26 @@ def main(argv: list[str] | None = None) -> None:
 
     baseline_tokens = next(c for c in contenders if c.name == "ours_baseline").outputs
     total_tokens = sum(len(t) for t in baseline_tokens)
+    totals = {contender.name: [sum(per_prompt) for per_prompt in contender.seconds] for contender in contenders}
     rows = {}
     for contender in contenders:
-        median_total = statistics.median(sum(per_prompt) for per_prompt in contender.seconds)
+        total = spread(totals[contender.name])
         rows[contender.name] = {
             "seconds_by_repeat_and_prompt": contender.seconds,
-            "median_total_s": median_total,
-            "tokens_per_s": total_tokens / median_total,
+            "total_s": total,
+            "median_total_s": total["median"],
+            "tokens_per_s": total_tokens / total["median"],
             "identical_to_baseline": contender.outputs == baseline_tokens,
         }
-    ratios = {
-        "ours_baseline_vs_generate_tokens_per_s": rows["ours_baseline"]["tokens_per_s"]
-        / rows["hf_generate"]["tokens_per_s"]
-    }
+
+    def per_repeat_ratio(numerator: str, denominator: str) -> dict[str, float]:
+        """numerator's total time / denominator's, repeat by repeat (contenders of a repeat ran side by side)."""
+        return spread([a / b for a, b in zip(totals[numerator], totals[denominator], strict=True)])
+
+    # generate()'s time / ours is our tokens/s / generate()'s: the same prompts give the same tokens
+    ratios = {"ours_baseline_vs_generate_tokens_per_s": per_repeat_ratio("hf_generate", "ours_baseline")}
     for name, k in pairs:
-        ratios[f"hf_{name}_k{k}_time_over_ours"] = (
-            rows[f"hf_{name}_k{k}"]["median_total_s"] / rows[f"ours_{name}_k{k}"]["median_total_s"]
-        )
+        ratios[f"hf_{name}_k{k}_time_over_ours"] = per_repeat_ratio(f"hf_{name}_k{k}", f"ours_{name}_k{k}")
 
     curve = {1: range(1, max(args.ks) + 2)}  # batch size 1, n = 1 .. max k + 1 new tokens
     costs = measure_step_costs(verifier, list(ours.values()), prompts[0], settings, curve)
@@ -323,14 +339,21 @@ def write_results(report: dict, out_dir: Path) -> None:
     ]
     if "verifier_ms_per_token_by_dtype" in report:
         probe = report["verifier_ms_per_token_by_dtype"]
-        lines += ["Verifier ms per decode step by dtype: " + ", ".join(f"{k} {v:.0f} ms" for k, v in probe.items()), ""]
-    lines += ["| contender | median total (s) | tokens/s | identical to baseline |", "| --- | --- | --- | --- |"]
+        lines += [
+            "Verifier ms per decode step by dtype, median [min, max]: "
+            + ", ".join(f"{k} {show(v, 0)} ms" for k, v in probe.items()),
+            "",
+        ]
+    lines += [
+        "| contender | total (s), median [min, max] over repeats | tokens/s (median) | identical to baseline |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, row in report["contenders"].items():
         lines.append(
-            f"| {name} | {row['median_total_s']:.2f} | {row['tokens_per_s']:.2f} | {row['identical_to_baseline']} |"
+            f"| {name} | {show(row['total_s'], 2)} | {row['tokens_per_s']:.2f} | {row['identical_to_baseline']} |"
         )
-    lines += ["", "| ratio | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
+    lines += ["", "| ratio (per repeat) | median [min, max] |", "| --- | --- |"]
+    lines += [f"| {name} | {show(value, 3)} |" for name, value in report["ratios"].items()]
     lines += [
         "",
         "| drafter, k | acceptance | alpha | c | v(k+1) | predicted | measured steady state | measured/predicted "
