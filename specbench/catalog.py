@@ -135,11 +135,18 @@ METRICS: tuple[Metric, ...] = (
         "Throughput",
         "tokens/s",
         HIGHER,
-        "generated tokens / total request time (prefill included), all prompts and repeats pooled",
+        "generated tokens / total wall time of the batches (prefill included), all prompts and repeats pooled; "
+        "at batch size 1, total request time",
         summary=True,
         report=True,
     ),
-    _pair("total_s", "Total decode time", "s", LOWER, "sum of request latencies over all prompts and repeats"),
+    _pair(
+        "total_s",
+        "Total decode time",
+        "s",
+        LOWER,
+        "sum of the batches' wall times over all prompts and repeats (at batch size 1, of request latencies)",
+    ),
     Metric(
         "speedup",
         "Speedup",
@@ -281,7 +288,8 @@ METRICS: tuple[Metric, ...] = (
         "Drafting time of a drafter",
         "s",
         better=LOWER,
-        doc="its drafting time over all prompts",
+        doc="its drafting time over all prompts (drafters proposing in parallel threads on a GPU: each reading "
+        "waits for the whole device, so it includes the others' concurrent work)",
     ),
     # fidelity to the baseline
     Metric(

@@ -199,8 +199,8 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
         except torch.OutOfMemoryError as error:  # becomes the run's error tag and the one-line message
             raise GpuMemoryError(
                 f"out of GPU memory with verifier {typed.verifier.name} and draft {typed.draft.name} "
-                f"(dtype={typed.dtype.value}): use dtype=bfloat16, a smaller model or draft set, or a lower "
-                "generation.max_new_tokens."
+                f"(dtype={typed.dtype.value}, batch_size={typed.batch_size}): use a lower batch_size, "
+                "dtype=bfloat16, a smaller model or draft set, or a lower generation.max_new_tokens."
             ) from error
     links = console.where_to_look(typed.tracking.uri, experiment_id, run_id)
     print(console.run_summary(result.title, result.metrics, links), flush=True)

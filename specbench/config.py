@@ -222,9 +222,10 @@ class SpecBenchConfig:
     repeats: int = 1  # time the whole prompt set this many times (warm-up once): machine noise between passes
     cost_curve: bool = True  # measure draft and verify step costs (the speedup model)
     # batch sizes whose step costs predict where speculation stops paying (crossover_batch_predicted);
-    # larger ones are skipped once one verifier pass takes longer than cost_grid_budget_s, or memory runs out
+    # measured in ascending order until the next would take the grid past cost_grid_budget_s seconds in all
+    # (prefills included), or memory runs out
     cost_batch_grid: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
-    cost_grid_budget_s: float = 2.0
+    cost_grid_budget_s: float = 60.0
     cost_curve_max_k: int = 8  # the speedup model predicts k = 1 .. this (the verify curve covers k+1 tokens)
     # what a job returns to Hydra's search sweepers (a metric key); its direction comes from the catalog
     objective: str = "speedup"

@@ -299,7 +299,7 @@ def test_step_costs_by_batch_size(verifiers, drafts):
     assert all(min(curve.values()) > 0 for curve in costs.verify_s.values())
     assert all(set(steps) == {"draft", "lookup"} for steps in costs.draft_s.values())
     assert verifier.lengths == [0]  # left reset for whatever runs next
-    # a budget no pass can meet stops the grid after the first batch size
+    # a budget the first batch size already spends stops the grid there
     slow = measure_step_costs(verifier, members, PROMPT, SETTINGS, shapes, repeats=1, budget_s=1e-9)
     assert set(slow.verify_s) == {1}
 

@@ -44,8 +44,10 @@ def measure_step_costs(
     """Time, for each batch size b of `shapes` (ascending), verifier passes of b rows x n tokens for each n of
     `shapes[b]`, and one step of each drafter at b rows.
 
-    Every row reads `prompt_ids` first. Each shape runs once as a warm-up, then `repeats` times. Larger
-    batch sizes are skipped once one verifier pass took more than `budget_s`, or one ran out of memory.
+    Every row reads `prompt_ids` first. Each shape runs once as a warm-up, then `repeats` times. The
+    smallest batch size is always measured; a larger one is skipped, with every one after it, once the
+    time spent so far (prefills included) plus its estimate (the last one's time, scaled by rows) would
+    pass `budget_s`, or once a batch size ran out of memory.
     """
     clock = Clock(verifier.devices)
 
@@ -60,7 +62,11 @@ def measure_step_costs(
 
     costs = StepCosts({}, {})
     models = [verifier, *(drafter.model for drafter in drafters if isinstance(drafter, ModelDrafter))]
+    start, last = clock.now(), None  # last: (batch size, seconds its measurement took)
     for batch in sorted(shapes):
+        if budget_s is not None and last is not None and clock.now() - start + last[1] * batch / last[0] > budget_s:
+            break
+        began = clock.now()
         try:
             verify_s = _verify_passes(verifier, prompt_ids, batch, shapes[batch], median_seconds)
             draft_s = {
@@ -76,8 +82,7 @@ def measure_step_costs(
             break
         costs.verify_s[batch] = verify_s
         costs.draft_s[batch] = draft_s
-        if budget_s is not None and max(verify_s.values()) > budget_s:
-            break
+        last = (batch, clock.now() - began)
     verifier.reset()
     for drafter in drafters:
         drafter.reset(1)
