@@ -75,10 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         samples["sequential"].append(sequential())
         samples["threaded"].append(threaded())
-    medians = {name: 1000 * statistics.median(values) for name, values in samples.items()}
+    ratios = [t / s for s, t in zip(samples["sequential"], samples["threaded"], strict=True)]
+
+    def spread(values: list[float], scale: float, digits: int) -> str:
+        """median [min, max] of the runs"""
+        low, mid, high = (scale * v for v in (min(values), statistics.median(values), max(values)))
+        return f"{mid:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
     print(f"torch threads {torch.get_num_threads()}; two drafts x k={args.k}: "
-          f"sequential {medians['sequential']:.1f} ms, threaded {medians['threaded']:.1f} ms, "
-          f"threaded/sequential {medians['threaded'] / medians['sequential']:.2f}")  # fmt: skip
+          f"sequential {spread(samples['sequential'], 1000, 1)} ms, "
+          f"threaded {spread(samples['threaded'], 1000, 1)} ms, "
+          f"threaded/sequential {spread(ratios, 1, 2)} (median [min, max] of {args.repeats} runs)")  # fmt: skip
 
 
 if __name__ == "__main__":
