@@ -11,13 +11,13 @@ takes a local model folder instead of the offline draft.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from prompt_options import add_dataset_arguments, load_prompt_records
+from repeats import show, spread
 
 from specbench.config import Dtype, Quantize
 from specbench.data import PromptBuilder
@@ -75,17 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         samples["sequential"].append(sequential())
         samples["threaded"].append(threaded())
-    ratios = [t / s for s, t in zip(samples["sequential"], samples["threaded"], strict=True)]
-
-    def spread(values: list[float], scale: float, digits: int) -> str:
-        """median [min, max] of the runs"""
-        low, mid, high = (scale * v for v in (min(values), statistics.median(values), max(values)))
-        return f"{mid:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
+    ratios = spread([t / s for s, t in zip(samples["sequential"], samples["threaded"], strict=True)])
     print(f"torch threads {torch.get_num_threads()}; two drafts x k={args.k}: "
-          f"sequential {spread(samples['sequential'], 1000, 1)} ms, "
-          f"threaded {spread(samples['threaded'], 1000, 1)} ms, "
-          f"threaded/sequential {spread(ratios, 1, 2)} (median [min, max] of {args.repeats} runs)")  # fmt: skip
+          f"sequential {show(spread(samples['sequential']), 1, 1000)} ms, "
+          f"threaded {show(spread(samples['threaded']), 1, 1000)} ms, "
+          f"threaded/sequential {show(ratios, 2)} (median [min, max] of {args.repeats} runs)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import transformers
 from prompt_options import add_dataset_arguments, load_prompt_records
+from repeats import show, spread
 
 from specbench.config import Dtype, ModelConfig, Quantize, VerifierConfig
 from specbench.data import PromptBuilder
@@ -107,16 +108,6 @@ def dtype_probe(cache: ModelCache, args) -> dict[str, dict[str, float]]:
         results[dtype.value] = spread(step_ms)
         cache.keep_only(set())
     return results
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Median, min and max of repeated measurements."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def show(figure: dict[str, float], digits: int) -> str:
-    """A spread as `median [min, max]`."""
-    return f"{figure['median']:.{digits}f} [{figure['min']:.{digits}f}, {figure['max']:.{digits}f}]"
 
 
 def _plain(value):

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from repeats import copy_bandwidth, spread
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
 
@@ -91,24 +92,6 @@ def build(model_class: type, config, device: torch.device, dtype: torch.dtype):
             return model_class(config).eval()
     finally:
         torch.set_default_dtype(previous)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Median, min and max of repeated measurements."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
-
-
-def copy_bandwidth(device: torch.device, gib: float = 4) -> float:
-    """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
-    source = torch.randn(int(gib * 2**30 / 2), dtype=torch.bfloat16, device=device)
-    target = torch.empty_like(source)
-    clock = Clock(device)
-    for _ in range(3):
-        target.copy_(source)
-    start = clock.now()
-    for _ in range(10):
-        target.copy_(source)
-    return 2 * source.numel() * source.element_size() * 10 / (clock.now() - start) / 1e9
 
 
 class Bench:

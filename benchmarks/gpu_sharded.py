@@ -32,6 +32,7 @@ import torch
 import transformers
 from accelerate import dispatch_model
 from accelerate.utils import set_module_tensor_to_device
+from repeats import copy_bandwidth, spread
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter, decode_baseline, decode_speculative
@@ -83,22 +84,6 @@ def sharded_model(config: LlamaConfig, device_map: dict[str, str]) -> LlamaForCa
     return dispatch_model(model, device_map=device_map, force_hooks=True)
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
-
-
-def copy_bandwidth(device: str, gib: float = 4) -> float:
-    source = torch.randn(int(gib * 2**30 / 2), dtype=torch.bfloat16, device=device)
-    target = torch.empty_like(source)
-    clock = Clock(torch.device(device))
-    for _ in range(3):
-        target.copy_(source)
-    start = clock.now()
-    for _ in range(10):
-        target.copy_(source)
-    return 2 * source.numel() * source.element_size() * 10 / (clock.now() - start) / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -143,7 +128,7 @@ def main() -> None:
         "draft_gb": sum(p.numel() * p.element_size() for p in draft_model.parameters()) / 1e9,
     }
     if not args.quick:
-        bandwidth = {device: copy_bandwidth(device) for device in devices}
+        bandwidth = {device: copy_bandwidth(torch.device(device)) for device in devices}
         report["build"]["copy_bandwidth_gb_s"] = bandwidth
         # the cards run one after the other: each streams its share, and the times add up
         report["build"]["floor_ms_per_token"] = sum(1000 * bytes_by_device[d] / 1e9 / bandwidth[d] for d in devices)
