@@ -185,22 +185,27 @@ def _acceptance(metrics: dict[str, float], positions: list[int], title: str) -> 
     return figure
 
 
+def _measured_speedup(ax: Axes, x: float, metrics: dict[str, float], label: str) -> None:
+    """The run's measured speedup at `x`, with its 95% interval as error bars."""
+    ax.errorbar(
+        [x],
+        [_get(metrics, "speedup")],
+        yerr=np.array([_error(metrics, "speedup")]).T,
+        fmt="s",
+        markersize=9,
+        capsize=5,
+        color=SPEC_COLOR,
+        label=label,
+    )
+
+
 def _speedup(metrics: dict[str, float], predicted: pd.DataFrame | None, k: int | None, title: str) -> Figure:
     figure, (ax,) = new_figure("Speedup over the baseline", title)
     if predicted is not None:
         ax.plot(
             predicted["k"], predicted["predicted_speedup"], marker="o", color=PREDICTED_COLOR, label="predicted (model)"
         )
-        ax.errorbar(
-            [math.nan if k is None else k],
-            [_get(metrics, "speedup")],
-            yerr=np.array([_error(metrics, "speedup")]).T,
-            fmt="s",
-            markersize=9,
-            capsize=5,
-            color=SPEC_COLOR,
-            label=f"measured at k={k} (95% interval)",
-        )
+        _measured_speedup(ax, math.nan if k is None else k, metrics, f"measured at k={k} (95% interval)")
         ax.plot(
             [math.nan if k is None else k],
             [_get(metrics, "steady_state_speedup")],
@@ -281,16 +286,7 @@ def _batch_scaling(metrics: dict[str, float], surface: pd.DataFrame, k: int, bat
     if sizes:
         predicted = [_get(metrics, f"predicted_speedup_batch_{size}") for size in sizes]
         speedup.plot(sizes, predicted, marker="o", color=PREDICTED_COLOR, label="predicted (model)")
-        speedup.errorbar(
-            [batch_size],
-            [_get(metrics, "speedup")],
-            yerr=np.array([_error(metrics, "speedup")]).T,
-            fmt="s",
-            markersize=9,
-            capsize=5,
-            color=SPEC_COLOR,
-            label=f"measured at batch {batch_size}",
-        )
+        _measured_speedup(speedup, batch_size, metrics, f"measured at batch {batch_size}")
         speedup.set_xscale("log", base=2)
     reference_line(speedup, 1.0, "no speedup (1.0x)")
     speedup.set(title=f"Speedup at k={k}", xlabel="batch size (rows)", ylabel=axis_label("speedup"))
