@@ -393,7 +393,7 @@ def section_trees(bench: Bench) -> dict:
             "tokens_per_step": (len(row.tokens) - 1) / row.steps,
             "engine_overhead_pct": 100 * (steps_s / predicted_s - 1),
         }
-    results["graphs_captured_tree_sizes"] = sorted(n for rows, n in verifier._graphs if rows == 1)
+    results["graphs_captured_tree_sizes"] = sorted({n for rows, n, _ in verifier._graphs if rows == 1})
     return results
 
 

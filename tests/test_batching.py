@@ -13,6 +13,7 @@ import threading
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import Gemma2Config, GPT2Config, LlamaConfig
 
 from specbench.engine import (
@@ -29,6 +30,7 @@ from specbench.engine import (
     needs_plain_causal_mask,
 )
 from specbench.engine import cached_model as cached_model_module
+from specbench.engine.attention import PREFIX_ATTENTION, PREFIX_BUCKET, prefix_width
 from specbench.engine.tree import build_tree
 from specbench.testing import make_model, make_windowed_model, one_torch_thread, untie_head
 from tests.test_sampling import chi_square_p
@@ -283,7 +285,7 @@ def test_graphs_are_never_captured_in_a_pool_thread(verifiers):
 
     def capture() -> None:
         try:
-            cached._graph(2, 3)
+            cached._graph(2, 3, 64)
         except RuntimeError as error:
             errors.append(str(error))
 
@@ -291,6 +293,44 @@ def test_graphs_are_never_captured_in_a_pool_thread(verifiers):
     thread.start()
     thread.join()
     assert errors and "capture_graphs" in errors[0]
+
+
+class KeyColumns(TorchFunctionMode):
+    """Records how many key columns each scaled_dot_product_attention call reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.seen.add(args[1].shape[-2])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_static_cache_attends_over_the_columns_in_use(verifiers, arch):
+    """A buffer far longer than the decode: attention reads the used columns rounded up, and the output holds."""
+    settings = DecodeSettings(MAX_NEW)
+    static = CachedModel(verifiers[arch], VOCAB, max_len=1000)
+    with KeyColumns() as keys:
+        batch = decode_baseline(static, PROMPTS, settings, [0] * len(PROMPTS))
+    dynamic = decode_baseline(CachedModel(verifiers[arch], VOCAB), PROMPTS, settings, [0] * len(PROMPTS))
+    assert [row.tokens for row in batch.rows] == [row.tokens for row in dynamic.rows]
+    longest = max(len(prompt) for prompt in PROMPTS) + MAX_NEW  # 99 columns at most: one 128-column width
+    assert keys.seen == {prefix_width(longest, 1000)} == {2 * PREFIX_BUCKET}
+
+
+def test_switching_to_prefix_attention_leaves_generate_unchanged():
+    """The engine switches a model it gives a static cache to; transformers' generate() must not notice."""
+    model = make_model("llama", VOCAB, seed=1, layers=2)
+    ids = torch.tensor([[0, 0, *PROMPTS[3][:4]], PROMPTS[3]])
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    before = model.generate(ids, attention_mask=padding, max_new_tokens=8, do_sample=False)
+    CachedModel(model, VOCAB, max_len=1000)
+    assert model.config._attn_implementation == PREFIX_ATTENTION
+    after = model.generate(ids, attention_mask=padding, max_new_tokens=8, do_sample=False)
+    assert torch.equal(before, after)
 
 
 # ---- the ragged cache --------------------------------------------------------------------------------

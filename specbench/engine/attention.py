@@ -12,15 +12,27 @@ Other windowed or chunked attentions (GPT-Neo's local layers add their own bias
 over physical key columns; Gemma-style hybrids are untested here) cannot take a
 custom mask: `needs_plain_causal_mask` says so, and the engine refuses to use
 them where a mask would be needed (draft sets on the verifier, batches > 1).
+
+A static cache's buffer is sized for the whole run, but only its first columns
+are in use. `PREFIX_ATTENTION` is SDPA over as many key columns as the mask has:
+the engine passes masks `prefix_width` columns wide, so attention reads the used
+columns (rounded up to `PREFIX_BUCKET`, one CUDA graph per width) rather than
+the whole buffer. With a mask as wide as the keys, or none, it is plain SDPA.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import PretrainedConfig
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 # model type -> how it takes a windowed mask: one mask for all layers, or a dict keyed by layer type
 WINDOWED_MASK_STYLES = {"mistral": "single", "qwen2": "by_layer_type"}
+# the name models are switched to when the engine gives them a static cache (see the module docstring)
+PREFIX_ATTENTION = "specbench_prefix_sdpa"
+# key columns are read in steps of this many: fewer widths mean fewer CUDA graphs to capture
+PREFIX_BUCKET = 64
 
 
 def sliding_window(config: PretrainedConfig) -> int | None:
@@ -89,3 +101,26 @@ def ragged_mask(
     if WINDOWED_MASK_STYLES.get(config.model_type) == "by_layer_type":
         return {"full_attention": full, "sliding_attention": windowed}
     return windowed
+
+
+def prefix_width(columns: int, buffer_columns: int) -> int:
+    """Key columns attention reads when `columns` are in use: rounded up to `PREFIX_BUCKET`, at most the buffer."""
+    return min(buffer_columns, -(-columns // PREFIX_BUCKET) * PREFIX_BUCKET)
+
+
+def prefix_widths(min_columns: int, buffer_columns: int) -> list[int]:
+    """Every width `prefix_width` returns for `min_columns` up to `buffer_columns` columns in use."""
+    first = prefix_width(min_columns, buffer_columns)
+    return sorted({*range(first, buffer_columns, PREFIX_BUCKET), buffer_columns})
+
+
+def prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA over the first key columns only, as many as `attention_mask` has."""
+    if attention_mask is not None:  # sliced unconditionally: torch.compile sees no branch on the (dynamic) width
+        width = attention_mask.shape[-1]
+        key, value = key[:, :, :width], value[:, :, :width]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(PREFIX_ATTENTION, prefix_sdpa)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, sdpa_mask)  # masks transformers builds itself: as SDPA's

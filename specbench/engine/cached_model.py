@@ -32,12 +32,16 @@ the batch shape (new graphs) and copy the cache at every finish.
 Two cache types:
 - dynamic (default): transformers' DynamicCache, grown by concatenation;
 - static (`max_len` given): transformers' StaticCache, one per batch size used
-  (each holds its buffers until the model is dropped), written in place. With `graph_sizes`, each listed feed length
-  of a decode step is captured once per batch size as a CUDA graph (ids,
-  positions and mask are its inputs) and replayed afterwards: one launch instead
-  of hundreds. With `compile`, the step is first compiled by torch.compile, then
-  captured. Rows that finished stay in the batch as padding, so the shapes, and
-  the graphs, stay the same.
+  (each holds its buffers until the model is dropped), written in place. A model
+  on SDPA is switched to `attention.PREFIX_ATTENTION`, so attention reads the
+  columns in use (in steps of `PREFIX_BUCKET`), not the whole buffer. With
+  `graph_sizes`, each listed feed length of a decode step is captured once per
+  batch size and attention width as a CUDA graph (ids, positions and mask are its
+  inputs; the graphs of a batch size share one memory pool) and replayed
+  afterwards: one launch instead of hundreds. With `compile`, the step is first
+  compiled by torch.compile (the width is a dynamic dimension, so it compiles once
+  per feed length), then captured. Rows that finished stay in the batch as
+  padding, so the shapes, and the graphs, stay the same.
 """
 
 from __future__ import annotations
@@ -49,7 +53,13 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
-from specbench.engine.attention import needs_plain_causal_mask, ragged_mask
+from specbench.engine.attention import (
+    PREFIX_ATTENTION,
+    needs_plain_causal_mask,
+    prefix_width,
+    prefix_widths,
+    ragged_mask,
+)
 from specbench.engine.timing import model_devices
 from specbench.engine.tree import ancestor_matrix
 
@@ -93,10 +103,16 @@ class CachedModel:
             probe = StaticCache(config=model.config, max_cache_len=max_len)
             if not any(layer.is_sliding for layer in probe.layers):  # sliding layers keep host-side counters
                 self.max_len = max_len
+        # attention over the used columns only (see the module docstring); other implementations read the buffer
+        self.reads_prefix = self.max_len is not None and model.config._attn_implementation in ("sdpa", PREFIX_ATTENTION)
+        if self.reads_prefix:
+            model.set_attn_implementation(PREFIX_ATTENTION)
         # without a static cache, the dynamic one (every architecture supports it) and no graphs
         self.graph_sizes = set(graph_sizes) if self.max_len is not None and self.device.type == "cuda" else set()
         self._static_caches: dict[int, StaticCache] = {}
-        self._graphs: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int], Callable[..., torch.Tensor]] = {}  # by rows, feed length, width
+        self._graph_pools: dict[int, tuple[int, int]] = {}  # by rows
+        self._capture_stream = torch.cuda.Stream(self.device) if self.graph_sizes else None
         self._graph_step = self._run
         if compile and self.graph_sizes:
             # torch.compile fuses the many small kernels of a decode step before the graph captures them;
@@ -116,7 +132,10 @@ class CachedModel:
             self.cache = DynamicCache()
         else:
             if batch_size not in self._static_caches:
-                self._static_caches[batch_size] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+                # one spare column when attention reads a prefix: every width is then shorter than the buffer,
+                # so torch.compile keeps the width dynamic instead of specialising the full-buffer case
+                buffer_columns = self.max_len + self.reads_prefix
+                self._static_caches[batch_size] = StaticCache(config=self.model.config, max_cache_len=buffer_columns)
             self.cache = self._static_caches[batch_size]
         self._valid = torch.zeros(batch_size, 0, dtype=torch.bool)  # [rows, columns], on the CPU
         self._counts = [0] * batch_size  # valid columns per row
@@ -130,6 +149,7 @@ class CachedModel:
     def release(self, batch_size: int) -> None:
         """Free the static buffers and CUDA graphs of one batch size (one no longer decoded at)."""
         self._static_caches.pop(batch_size, None)
+        self._graph_pools.pop(batch_size, None)
         for key in [key for key in self._graphs if key[0] == batch_size]:
             del self._graphs[key]
         if self.cache is not None and self.cache not in self._static_caches.values() and self.max_len is not None:
@@ -236,13 +256,13 @@ class CachedModel:
                 new_visible = torch.ones(n, n, dtype=torch.bool).tril_().expand(rows, n, n)
             # padding slots are nobody's keys; every slot sees itself, so no softmax row is empty
             new_visible = (new_visible & slot_valid[:, None, :]) | torch.eye(n, dtype=torch.bool)
-            width = self.max_len or self._columns + n
+            width = self._key_width(self._columns + n)
             mask = ragged_mask(self._valid, new_visible, positions, width, self.model.dtype, self.model.config)
             mask = _to_device(mask, self.device)
             position_ids = _to_device(positions, self.device)
             if n in self.graph_sizes and self._columns > 0:
                 # the graph computes logits for all n columns; the extra rows cost next to nothing at decode sizes
-                logits = self._graph(rows, n)(input_ids, position_ids, mask)[:, -logits_to_keep:]
+                logits = self._graph(rows, n, width)(input_ids, position_ids, mask)[:, -logits_to_keep:]
             else:
                 logits = self._run(input_ids, position_ids, mask, logits_to_keep)
         self._valid = torch.cat([self._valid, slot_valid], dim=1)
@@ -251,6 +271,12 @@ class CachedModel:
         self.fed_positions += rows * n
         self.padded_positions += rows * n - int(slot_valid.sum())
         return self._fit_vocab(logits)
+
+    def _key_width(self, columns: int) -> int:
+        """Key columns a forward attends over when `columns` will be in use."""
+        if self.max_len is None:
+            return columns
+        return prefix_width(columns, self.max_len) if self.reads_prefix else self.max_len
 
     def _run(self, input_ids, position_ids, attention_mask, logits_to_keep) -> torch.Tensor:
         return self.model(
@@ -365,7 +391,7 @@ class CachedModel:
 
     @torch.inference_mode()  # the static buffers are inference tensors: capture writes them in the same mode
     def capture_graphs(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Capture (and compile) every graph size for each batch size now, before anything is timed.
+        """Capture (and compile) every graph size and attention width for each batch size now, before timing.
 
         Call it on the main thread before decoding, and before drafting in a thread pool: a graph
         is never captured inside a pool thread. Leaves the model reset.
@@ -375,12 +401,19 @@ class CachedModel:
         for batch_size in batch_sizes:
             self.prefill([[PAD_TOKEN]] * batch_size)  # allocates this batch size's static buffers
             for size in sorted(self.graph_sizes):
-                self._graph(batch_size, size)
+                widths = prefix_widths(1 + size, self.max_len) if self.reads_prefix else [self.max_len]
+                for width in widths:
+                    self._graph(batch_size, size, width)
         self.reset()
 
-    def _graph(self, rows: int, n: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The CUDA graph of a forward of `rows` rows over n new columns, captured on first use (main thread)."""
-        if (rows, n) not in self._graphs:
+    def _graph(
+        self, rows: int, n: int, width: int
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The CUDA graph of a forward of `rows` rows over n new columns attending over `width` key columns.
+
+        Captured on first use (main thread only).
+        """
+        if (rows, n, width) not in self._graphs:
             if threading.current_thread() is not threading.main_thread():
                 raise RuntimeError(
                     f"no CUDA graph for {rows} rows x {n} tokens: call capture_graphs(({rows},)) before drafting "
@@ -388,14 +421,16 @@ class CachedModel:
                 )
             ids = torch.zeros(rows, n, dtype=torch.long, device=self.device)
             positions = torch.zeros(rows, n, dtype=torch.long, device=self.device)
-            mask = torch.zeros(rows, 1, n, self.max_len, dtype=self.model.dtype, device=self.device)
+            mask = torch.zeros(rows, 1, n, width, dtype=self.model.dtype, device=self.device)
+            if self._graph_step is not self._run:
+                torch._dynamo.maybe_mark_dynamic(mask, 3)  # one compiled step serves every width
 
             def step() -> torch.Tensor:
                 return self._graph_step(ids, positions, mask, n)
 
             columns = self._columns
             torch.cuda.set_device(self.device)  # graph capture uses the current device's streams
-            side = torch.cuda.Stream(self.device)
+            side = self._capture_stream  # one stream for every capture that shares a memory pool
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
                 for _ in range(2):
@@ -403,7 +438,9 @@ class CachedModel:
                     self._set_columns(columns)  # both warm-ups write the same n columns, past the cached ones
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):  # the stream the warm-up ran on (cuBLAS workspaces)
+            # one pool per batch size: graphs never run at once, and each output is read before the next replay
+            pool = self._graph_pools.setdefault(rows, torch.cuda.graph_pool_handle())
+            with torch.cuda.graph(graph, pool=pool, stream=side):  # the warm-up's stream (cuBLAS workspaces)
                 output = step()
             self._set_columns(columns)  # the capture only recorded the counters' advance; keep them as they were
 
@@ -414,8 +451,8 @@ class CachedModel:
                 graph.replay()
                 return output
 
-            self._graphs[rows, n] = replay
-        return self._graphs[rows, n]
+            self._graphs[rows, n, width] = replay
+        return self._graphs[rows, n, width]
 
 
 def _to_device(tensors, device: torch.device):
