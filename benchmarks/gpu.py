@@ -21,14 +21,16 @@ clock reading waits for the GPU. Sections (results are written after each one):
   beside the speedup the model predicts from step costs measured at that batch size.
 - trees: CUDA graphs, batch size 1, k = 4: a two-draft set (distilgpt2 + gpt2) against each draft alone,
   with the engine's overhead against the separately timed draft and verify steps.
-- compiled: torch.compile + CUDA graphs, batch size 1, verifier-only: as loaded, then with GPT-J's q/k/v
-  projections fused into one matrix product; against the memory-bandwidth floor.
+- compiled: torch.compile + CUDA graphs, verifier-only, batch sizes 1 and 64: as loaded, with GPT-J's q/k/v
+  projections fused into one matrix product, then with inductor's autotuning; against the device time of the
+  captured step alone and the memory-bandwidth floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import statistics
@@ -56,6 +58,7 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
+from specbench.engine.cached_model import PAD_TOKEN
 from specbench.engine.costs import measure_step_costs
 from specbench.engine.fusion import fuse_qkv_projections
 from specbench.engine.timing import Clock
@@ -397,36 +400,82 @@ def section_trees(bench: Bench) -> dict:
     return results
 
 
+# torch.compile variants, each on top of the previous one's model; the options are inductor's (the
+# "max-autotune-no-cudagraphs" mode sets both: matrix-product templates and kernel launch parameters tuned)
+COMPILE_VARIANTS = {
+    "as_loaded": {},
+    "fused_qkv": {},
+    "fused_qkv_max_autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+}
+
+
 def section_compiled(bench: Bench) -> dict:
-    """torch.compile + CUDA graphs, verifier-only at batch size 1: as loaded, then with q/k/v fused."""
+    """torch.compile + CUDA graphs, verifier-only: as loaded, with q/k/v fused, then with inductor's autotuning.
+
+    Batch size 1 (and the first batch size above 1 of --compiled-batch-sizes): decode ms/token against the
+    device time of the captured step alone (replayed back to back, per attention width) and the bandwidth floor.
+    """
     args, results = bench.args, {}
-    prompts, seeds = bench.batch(1)
     weights_gb = sum(p.numel() * p.element_size() for p in bench.models["gpt_j_6b"].parameters()) / 1e9
-    for variant in ("as_loaded", "fused_qkv"):
+    for variant, options in COMPILE_VARIANTS.items():
         if variant == "fused_qkv":
             results["fused_layers"] = fuse_qkv_projections(bench.models["gpt_j_6b"])
-        start = time.perf_counter()
-        verifier = bench.cached("gpt_j_6b", (1,), compile=bench.graphs)
-        verifier.capture_graphs((1,))
-        compile_s = time.perf_counter() - start
-        timings = bench.alternate(
-            {"decode": lambda v=verifier: decode_baseline(v, prompts, bench.settings, seeds).wall_s}
-        )
-        runs = [decode_baseline(verifier, prompts, bench.settings, seeds).rows[0] for _ in range(args.repeats)]
-        per_token = [1000 * (r.latency_s - r.ttft_s) / (len(r.tokens) - 1) for r in runs]
-        results[variant] = {
-            "ms_per_token_decode": spread(per_token),
-            "ms_per_token_total": {k: 1000 * v / args.new_tokens if k != "runs" else v
-                                   for k, v in timings["decode"].items()},
-            "compile_and_capture_s": compile_s,
-        }  # fmt: skip
-        print(f"[compiled {variant}] {json.dumps(results[variant])}", flush=True)
+        results[variant] = {}
+        for size in args.compiled_batch_sizes:
+            torch._dynamo.reset()  # each variant compiles afresh under its own options
+            prompts, seeds = bench.batch(size)
+            start = time.perf_counter()
+            verifier = bench.cached("gpt_j_6b", (1,), compile=bench.graphs)
+            with torch._inductor.config.patch(options):
+                verifier.capture_graphs((size,))
+            compile_s = time.perf_counter() - start
+            runs = []
+            for _ in range(args.repeats + 1):  # the first is a warm-up
+                runs.append(decode_baseline(verifier, prompts, bench.settings, seeds))
+            per_token = [1000 * (r.wall_s - r.rows[0].ttft_s) / (args.new_tokens - 1) for r in runs[1:]]
+            results[variant][f"batch{size}"] = {
+                "ms_per_step_decode": spread(per_token),
+                "device_ms_per_step_by_width": device_step_ms(verifier, size, args.prompt_len) if bench.graphs else {},
+                "compile_and_capture_s": compile_s,
+            }
+            print(f"[compiled {variant} batch {size}] {json.dumps(results[variant][f'batch{size}'])}", flush=True)
+            del verifier
+            gc.collect()  # the compiled step refers back to its model: a cycle
+            if bench.graphs:
+                torch.cuda.empty_cache()
     if bench.graphs:
         bandwidth = copy_bandwidth(bench.device)
         results["copy_bandwidth_gb_s"] = bandwidth
         results["floor_ms_per_token"] = 1000 * weights_gb / bandwidth
     results["verifier_weight_gb"] = weights_gb
     return results
+
+
+def device_step_ms(verifier: CachedModel, rows: int, columns: int, replays: int = 20) -> dict[int, float]:
+    """Device time of one captured verifier-only step per attention width: replays back to back, no host work.
+
+    Set against the decode's ms/step, the difference is what the host adds (mask building, copies, reading the
+    tokens back). The cache is rewound to `columns` before each width, so the replays write where a decode would.
+    """
+    times = {}
+    verifier.prefill([[PAD_TOKEN] * columns] * rows)
+    ids = torch.zeros(rows, 1, dtype=torch.long, device=verifier.device)
+    positions = torch.full((rows, 1), columns, dtype=torch.long, device=verifier.device)
+    for (graph_rows, n, width), replay in sorted(verifier._graphs.items()):
+        if graph_rows != rows or n != 1 or width <= columns:
+            continue
+        mask = torch.zeros(rows, 1, 1, width, dtype=verifier.model.dtype, device=verifier.device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _round in ("warm-up", "timed"):  # the events keep the last round
+            verifier._set_columns(columns)
+            begin.record()
+            for _ in range(replays):
+                replay(ids, positions, mask)
+            end.record()
+        end.synchronize()
+        times[width] = begin.elapsed_time(end) / replays
+    verifier.reset(rows)
+    return times
 
 
 def section_profile(bench: Bench) -> dict:
@@ -477,9 +526,11 @@ def main() -> None:
     parser.add_argument("--eager-repeats", type=int, default=5, help="rounds of the eager comparisons")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 128])
     parser.add_argument("--generate-max-batch", type=int, default=128)
+    parser.add_argument("--compiled-batch-sizes", type=int, nargs="+", default=[1, 64])
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.batch_sizes, args.repeats, args.eager_repeats = 12, [1, 2], 1, 1
+        args.compiled_batch_sizes = [1, 2]
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
