@@ -144,6 +144,25 @@ def test_a_finished_row_does_not_change_the_others(verifiers, draft):
     assert stopped.padded_positions > free.padded_positions  # the finished rows rode along as padding
 
 
+@pytest.mark.parametrize("max_len", [None, 160], ids=["dynamic", "static"])
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_reading_ahead_rolls_back_rows_that_stop(verifiers, max_len, do_sample):
+    """The GPU's default: a step is queued before the previous tokens are read; rows that stopped are rolled back."""
+    verifier = CachedModel(verifiers["llama"], VOCAB, max_len=max_len)
+    seeds = [0, 1, 2, 3]
+    free = decode_baseline(verifier, PROMPTS, DecodeSettings(MAX_NEW, do_sample=do_sample), seeds)
+    # row 1 stops at its first token (from the prefill), row 3 at its second: fed once more, then rolled back
+    stops = frozenset({free.rows[1].tokens[0], free.rows[3].tokens[1]})
+    settings = DecodeSettings(MAX_NEW, eos_token_ids=stops, do_sample=do_sample)
+    step_by_step = decode_baseline(verifier, PROMPTS, settings, seeds, read_ahead=False)
+    lengths_step_by_step = verifier.lengths
+    ahead = decode_baseline(verifier, PROMPTS, settings, seeds, read_ahead=True)
+    assert len(ahead.rows[1].tokens) == 1 and len(ahead.rows[3].tokens) <= 2
+    assert [row.tokens for row in ahead.rows] == [row.tokens for row in step_by_step.rows]
+    assert [row.verifier_calls for row in ahead.rows] == [row.verifier_calls for row in step_by_step.rows]
+    assert verifier.lengths == lengths_step_by_step  # each row holds its prompt and all but its last token
+
+
 def test_padding_accounting_on_a_known_case(verifiers):
     """Two rows, the verifier as its own draft at k=2 (every draft accepted), 7 tokens per row.
 

@@ -48,7 +48,7 @@ class FakeClock:
     def __call__(self, device: torch.device) -> FakeClock:
         return self
 
-    def now(self) -> float:
+    def now(self, wait: bool = True) -> float:
         return self.time
 
     def tick(self, seconds: float) -> None:

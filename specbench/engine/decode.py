@@ -23,7 +23,7 @@ row stays in the batch as padding until the last row finishes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -63,25 +63,59 @@ class _Row:
 
 
 def decode_baseline(
-    verifier: CachedModel, prompts: Sequence[list[int]], settings: DecodeSettings, seeds: Sequence[int]
+    verifier: CachedModel,
+    prompts: Sequence[list[int]],
+    settings: DecodeSettings,
+    seeds: Sequence[int],
+    read_ahead: bool | None = None,
 ) -> BatchResult:
-    """Verifier-only decoding with a KV cache: one token per row per forward pass, as `generate()` does."""
+    """Verifier-only decoding with a KV cache: one token per row per forward pass, as `generate()` does.
+
+    With `read_ahead` (the default on a GPU), each forward is queued before the tokens of the one
+    before are read back, so the host's work on a step (mask, copies, reading tokens) overlaps the
+    GPU's work on the previous one. The queued forward feeds every row the length limit does not
+    stop; a row whose token turns out to be a stop token is rolled back, and a decode that ends on a
+    stop token computes one step it throws away (counted in `wall_s`). Outputs are the same.
+    """
     _check_masks(verifier, [], len(prompts))
     rows = _start_rows(prompts, settings, seeds, [], None)
+    if read_ahead is None:
+        read_ahead = verifier.device.type == "cuda"
     watch = Stopwatch(verifier.devices)
     tokens = _prefill(verifier, rows, settings, watch)
-    while not all(row.finished for row in rows):
-        logits = verifier.forward(tokens[:, None], [int(not row.finished) for row in rows])[:, -1]
+    fed = [not row.finished for row in rows]
+    logits = verifier.forward(tokens[:, None], fed)[:, -1] if any(fed) else None
+    wasted_step = False
+    while logits is not None:
         tokens = _choose(rows, logits)
+        read_tokens = _start_reading(tokens)
+        logits = None
+        if read_ahead:
+            limit = settings.max_new_tokens
+            ahead = [feeds and len(row.result.tokens) + 1 < limit for feeds, row in zip(fed, rows, strict=True)]
+            if any(ahead):
+                logits = verifier.forward(tokens[:, None], ahead)[:, -1]
+        values = read_tokens()
+        seconds = watch.elapsed(wait=not read_ahead)  # the queued step is not this step's time
         finishing = []
-        for row, token in zip(rows, tokens.tolist(), strict=True):
-            if not row.finished:
+        for row, token, feeds in zip(rows, values, fed, strict=True):
+            if feeds:
                 row.result.verifier_calls += 1
                 row.emit([token], settings)
                 if row.finished:
                     finishing.append(row)
-        _record_latency(finishing, watch)
-    return _batch_result(rows, verifier)
+        _record_latency(finishing, watch, seconds)
+        if read_ahead:
+            stopped = [feeds and row.finished for feeds, row in zip(ahead, rows, strict=True)]  # fed one token too many
+            if any(stopped):
+                verifier.truncate([length - stop for length, stop in zip(verifier.lengths, stopped, strict=True)])
+            fed = [feeds and not row.finished for feeds, row in zip(ahead, rows, strict=True)]
+            if logits is not None and not any(fed):
+                logits, wasted_step = None, True
+        else:
+            fed = [not row.finished for row in rows]
+            logits = verifier.forward(tokens[:, None], fed)[:, -1] if any(fed) else None
+    return _batch_result(rows, verifier, watch.elapsed() if wasted_step else None)
 
 
 def decode_speculative(
@@ -176,6 +210,22 @@ def _choose(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         for index, row in enumerate(rows)
     ]
     return torch.cat(draws)
+
+
+def _start_reading(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying `tokens` to the host; the returned function waits for that copy, not for work queued later."""
+    if tokens.device.type != "cuda":
+        return tokens.tolist
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(tokens.device))
+
+    def read() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def _prefill(verifier: CachedModel, rows: list[_Row], settings: DecodeSettings, watch: Stopwatch) -> torch.Tensor:
@@ -346,10 +396,11 @@ def _record_latency(finishing: list[_Row], watch: Stopwatch, seconds: float | No
             row.result.latency_s = seconds
 
 
-def _batch_result(rows: list[_Row], verifier: CachedModel) -> BatchResult:
+def _batch_result(rows: list[_Row], verifier: CachedModel, wall_s: float | None = None) -> BatchResult:
+    """The rows' results; the batch's wall time is its last row's latency unless given."""
     return BatchResult(
         rows=[row.result for row in rows],
-        wall_s=max(row.result.latency_s for row in rows),
+        wall_s=max(row.result.latency_s for row in rows) if wall_s is None else wall_s,
         verifier_positions=verifier.fed_positions,
         padded_positions=verifier.padded_positions,
     )

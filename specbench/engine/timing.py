@@ -20,9 +20,10 @@ class Clock:
         devices = [devices] if isinstance(devices, torch.device) else list(devices)
         self.devices = [device for device in devices if device.type == "cuda"]  # a sharded model uses several
 
-    def now(self) -> float:
-        """Seconds, after all queued work on the devices is done."""
-        for device in self.devices:
+    def now(self, wait: bool = True) -> float:
+        """Seconds, after all queued work on the devices is done (unless `wait` is false: a reading taken
+        just after a result reached the host, while later work is still queued)."""
+        for device in self.devices if wait else ():
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
@@ -44,7 +45,7 @@ class Stopwatch:
         seconds, self._mark = now - self._mark, now
         return seconds
 
-    def elapsed(self) -> float:
-        """Seconds since the start."""
-        self._mark = self.clock.now()
+    def elapsed(self, wait: bool = True) -> float:
+        """Seconds since the start (see `Clock.now` for `wait`)."""
+        self._mark = self.clock.now(wait)
         return self._mark - self.start
