@@ -250,6 +250,15 @@ METRICS: tuple[Metric, ...] = (
         better=HIGHER,
         doc="speedup over the prompts of one category (a ratio of sums, like the run's)",
     ),
+    *(
+        Metric(
+            f"speedup_repeat_{stat}_cat_{{category}}",
+            f"Speedup of a category over repeats, {stat}",
+            "x",
+            doc=f"{REPEAT_STATS[stat]} over repeats of a category's speedup in one pass (logged when repeats > 1)",
+        )
+        for stat in ("min", "median", "max")
+    ),
     Metric(
         "acceptance_rate_cat_{category}",
         "Acceptance rate of a category",

@@ -5,7 +5,10 @@ per-prompt table (so a ratio of sums, like the run's own), logged as
 `<metric>_cat_<category>` with the category made safe for an MLflow key. The
 rows of a batch share its wall time whatever their categories, so here each
 request counts its own latency (from its batch's start to its last token) as
-its time; at batch size 1 that is the batch's time.
+its time; at batch size 1 that is the batch's time. With `repeats` > 1 each
+category's speedup also gets its spread over the passes,
+`speedup_repeat_{min,median,max}_cat_<category>`: a category of a few prompts
+moves more between passes than the whole set.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from specbench.metrics import PromptOutcome
 
 # run-level metrics that get one value per category
 PER_CATEGORY = ("speedup", "acceptance_rate", "mean_accepted_tokens", "spec_tokens_per_s")
+SPREAD_STATS = ("min", "median", "max")  # of the speedup over repeats
 _UNSAFE = re.compile(r"[^0-9A-Za-z_]+")
 
 
@@ -56,4 +60,8 @@ def category_metrics(table: pd.DataFrame, outcomes: Sequence[PromptOutcome]) -> 
         overall = metrics.timing_metrics(subset) | metrics.acceptance_metrics(subset, kept)
         suffix = metric_suffix(category)
         results |= {f"{key}_cat_{suffix}": float(overall[key]) for key in PER_CATEGORY}
+        spread = metrics.repeat_metrics(subset)  # empty for one pass
+        results |= {
+            f"speedup_repeat_{stat}_cat_{suffix}": spread[f"speedup_repeat_{stat}"] for stat in SPREAD_STATS if spread
+        }
     return results

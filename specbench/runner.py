@@ -226,13 +226,14 @@ def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
     """
     batch_sizes = sorted({len(batch) for batch in setup.batches})
     models = _models(setup)
-    graphs, start = len(batch_sizes) * sum(len(model.graph_sizes) for model in models), time.perf_counter()
-    if graphs:  # minutes with torch.compile: say what is happening
+    start = time.perf_counter()
+    if any(model.graph_sizes for model in models):  # minutes with torch.compile: say what is happening
         what = "compiling and capturing" if cfg.engine.compile else "capturing"
-        log.info("%s %d CUDA graphs (%d models, batch sizes %s, one per decode shape)", what, graphs, len(models),
-                 batch_sizes)  # fmt: skip
-    for model in models:  # on the main thread, before any drafting pool runs
-        model.capture_graphs(batch_sizes)
+        log.info("%s CUDA graphs (%d models, batch sizes %s, one per decode shape and attention width)", what,
+                 len(models), batch_sizes)  # fmt: skip
+    shortest = min(len(prompt.input_ids) for prompt in setup.prompts)
+    # on the main thread, before any drafting pool runs
+    graphs = sum(model.capture_graphs(batch_sizes, shortest) for model in models)
     if graphs:
         log.info("%d CUDA graphs ready in %.1f s", graphs, time.perf_counter() - start)
     short = replace(setup.settings, max_new_tokens=min(cfg.warmup_tokens, setup.settings.max_new_tokens))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ from specbench.engine import DecodeResult
 from specbench.metrics import BatchStats, PromptOutcome, per_prompt_table
 from specbench.plots import run_figures
 from specbench.report import write_report
-from specbench.report.categories import category_table
+from specbench.report.categories import SPREAD_COLUMN, category_table
 
 
 def outcome(
@@ -65,6 +66,26 @@ def test_category_figures_are_ratios_of_sums_per_category():
             "spec_tokens_per_s_cat_Math_Logic": 3.5,
         }
     )
+
+
+def test_with_repeats_each_category_gets_the_spread_of_its_speedup():
+    first = [outcome("a", 2.0, 1.0, 9, 4, 4, batch=0), outcome("b", 1.0, 1.0, 5, 4, 0, batch=1)]
+    second = [outcome("a", 3.0, 1.0, 9, 4, 4, batch=0), outcome("b", 1.0, 2.0, 5, 4, 0, batch=1)]
+    outcomes = first + [replace(item, repeat=1) for item in second]
+    table = per_prompt_table(outcomes)
+    add_category_column(table, [Prompt("a", "", [], False, "qa"), Prompt("b", "", [], False, "math")])
+    figures = category_metrics(table, outcomes)
+    assert {key: figures[key] for key in figures if "_repeat_" in key} == pytest.approx(
+        {
+            "speedup_repeat_min_cat_qa": 2.0,  # passes: 2.0x, then 3.0x
+            "speedup_repeat_median_cat_qa": 2.5,
+            "speedup_repeat_max_cat_qa": 3.0,
+            "speedup_repeat_min_cat_math": 0.5,  # passes: 1.0x, then 0.5x
+            "speedup_repeat_median_cat_math": 0.75,
+            "speedup_repeat_max_cat_math": 1.0,
+        }
+    )
+    assert figures["speedup_cat_qa"] == pytest.approx((18 / 2) / (18 / 5))  # pooled: both passes' sums
 
 
 def test_no_categories_no_column_and_no_figures():
@@ -119,6 +140,9 @@ def runs_frame() -> pd.DataFrame:
             "params.generation.do_sample": ["False", "False"],
             "metrics.speedup": [1.4, 1.2],
             "metrics.speedup_cat_qa": [1.6, None],
+            "metrics.speedup_repeat_min_cat_qa": [1.5, None],
+            "metrics.speedup_repeat_median_cat_qa": [1.6, None],
+            "metrics.speedup_repeat_max_cat_qa": [1.7, None],
             "metrics.acceptance_rate_cat_qa": [0.6, None],
             "metrics.speedup_cat_translation": [1.1, None],
             "metrics.acceptance_rate_cat_translation": [0.3, None],
@@ -134,6 +158,7 @@ def test_the_report_has_a_category_table(tmp_path: Path):
     ]
     assert table["Speedup (x)"].tolist() == [1.6, 1.1] and table["Acceptance rate (%)"].tolist() == [60.0, 30.0]
     assert table["Throughput (tokens/s)"].isna().all()  # not logged by these runs
+    assert table[SPREAD_COLUMN].tolist() == ["1.5 / 1.6 / 1.7", "—"]  # only qa has repeat figures
     paths = {path.name for path in write_report(runs_frame(), tmp_path)}
     assert {"categories.md", "categories.csv"} <= paths
     assert "| qa | prompts | distilgpt2 | 4 | gpt_j_6b | 1.6 | 60 |" in (tmp_path / "categories.md").read_text()

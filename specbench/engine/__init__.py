@@ -4,7 +4,7 @@ It knows nothing of Hydra or MLflow: it takes models and token ids, and returns
 tokens, timings and acceptance counts. Everything is batch-first; a batch of one
 prompt decodes exactly as a single sequence would (same forwards, no masks).
 
-    decode_baseline(verifier, prompts, settings, seeds) -> BatchResult
+    decode_baseline(verifier, prompts, settings, seeds, read_ahead=None) -> BatchResult
     decode_speculative(verifier, drafters, prompts, settings, schedule, seeds, pool=None) -> BatchResult
 
 - `verifier`: a `CachedModel` (the model, its vocabulary size, optionally a static

@@ -390,21 +390,25 @@ class CachedModel:
     # ---- CUDA graphs -------------------------------------------------------------------------------
 
     @torch.inference_mode()  # the static buffers are inference tensors: capture writes them in the same mode
-    def capture_graphs(self, batch_sizes: Sequence[int] = (1,)) -> None:
+    def capture_graphs(self, batch_sizes: Sequence[int] = (1,), shortest_prompt: int = 1) -> int:
         """Capture (and compile) every graph size and attention width for each batch size now, before timing.
 
+        A step starts from at least `shortest_prompt` - 1 cached columns (a row's cache never holds
+        less than its prompt but the last token), so narrower attention widths are not captured.
         Call it on the main thread before decoding, and before drafting in a thread pool: a graph
-        is never captured inside a pool thread. Leaves the model reset.
+        is never captured inside a pool thread. Leaves the model reset; returns how many graphs it holds.
         """
         if not self.graph_sizes:
-            return
+            return 0
         for batch_size in batch_sizes:
             self.prefill([[PAD_TOKEN]] * batch_size)  # allocates this batch size's static buffers
             for size in sorted(self.graph_sizes):
-                widths = prefix_widths(1 + size, self.max_len) if self.reads_prefix else [self.max_len]
+                least_columns = max(shortest_prompt - 1, 1) + size
+                widths = prefix_widths(least_columns, self.max_len) if self.reads_prefix else [self.max_len]
                 for width in widths:
                     self._graph(batch_size, size, width)
         self.reset()
+        return len(self._graphs)
 
     def _graph(
         self, rows: int, n: int, width: int

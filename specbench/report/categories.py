@@ -7,11 +7,13 @@ import re
 import pandas as pd
 
 from specbench.catalog import metric
+from specbench.categories import SPREAD_STATS
 from specbench.report.query import column, param
 
 # the run-level metric whose label and unit name each column, and the per-category key's prefix
 COLUMNS = ("speedup", "acceptance_rate", "mean_accepted_tokens", "spec_tokens_per_s")
 _SPEEDUP = re.compile(r"metrics\.speedup_cat_(.+)")
+SPREAD_COLUMN = "Speedup over repeats, min / median / max (x)"
 
 
 def category_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -39,8 +41,13 @@ def category_table(runs: pd.DataFrame) -> pd.DataFrame:
                 entry = metric(key)
                 value = runs.get(f"metrics.{key}_cat_{match[1]}", pd.Series(float("nan"), index=runs.index))
                 row[column(key, entry)] = value.iloc[index] * (100.0 if entry.fmt == "rate" else 1.0)
+            spread = [runs.get(f"metrics.speedup_repeat_{stat}_cat_{match[1]}") for stat in SPREAD_STATS]
+            if all(values is not None and pd.notna(values.iloc[index]) for values in spread):  # runs with repeats
+                row[SPREAD_COLUMN] = " / ".join(metric("speedup").format(values.iloc[index]) for values in spread)
             rows.append(row)
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows)
+    if SPREAD_COLUMN in table:
+        table[SPREAD_COLUMN] = table[SPREAD_COLUMN].fillna("—")  # a run without repeats
     return table.sort_values(["category", "dataset", "draft", "k"], kind="stable").reset_index(drop=True)
