@@ -1,4 +1,5 @@
-"""The shipped Ray launcher config, exercised: a 2x2 sweep on a local Ray instance into an MLflow tracking server."""
+"""The shipped Ray launcher configs, exercised into an MLflow tracking server: a 2x2 sweep on a local Ray instance
+(`ray_local`), and a sweep that joins a cluster started beforehand with `ray start --head` (`ray_cluster`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import common_args
-from tests.test_sweeps import FAST, ROOT, sweep_runs, tracking_server  # noqa: F401 (a fixture)
+from tests.test_sweeps import FAST, ROOT, free_port, sweep_runs, tracking_server  # noqa: F401 (a fixture)
 
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="make install installs the Ray launcher")
 
@@ -43,13 +44,17 @@ def ray_dir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def ray_environment(ray_dir: Path) -> dict[str, str]:
+    """Ray keeps its state under RAY_TMPDIR (not /tmp/ray), writes no auth token and sends no usage stats."""
+    return {**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def test_ray_launcher_sweep_into_a_tracking_server(models_dir, pubmedqa_file, tmp_path, tracking_server, ray_dir):  # noqa: F811
     args = [
         "-m", "hydra/launcher=ray_local", "draft=distilgpt2,gpt2", "k=2,3",
         *common_args(models_dir, pubmedqa_file, tmp_path), f"tracking.uri={tracking_server}", *FAST,
     ]  # fmt: skip
-    # Ray keeps its state under RAY_TMPDIR (not /tmp/ray), writes no auth token and sends no usage stats
-    env = {**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = ray_environment(ray_dir)
     done = subprocess.run(
         [sys.executable, "-m", "specbench", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
@@ -63,4 +68,33 @@ def test_ray_launcher_sweep_into_a_tracking_server(models_dir, pubmedqa_file, tm
     assert {(run.data.params["draft.name"], run.data.params["k"]) for run in children} == {
         (draft, k) for draft in ("distilgpt2", "gpt2") for k in ("2", "3")
     }
+    assert parent.info.status == "FINISHED"
+
+
+def test_ray_cluster_launcher_joins_a_running_cluster(models_dir, pubmedqa_file, tmp_path, tracking_server, ray_dir):  # noqa: F811
+    """`hydra/launcher=ray_cluster` as its config says to use it, on a one-node cluster without GPUs."""
+    port = free_port()
+    env = ray_environment(ray_dir) | {"RAY_ADDRESS": f"127.0.0.1:{port}"}
+    ray = str(Path(sys.executable).with_name("ray"))
+    head = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
+    started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        args = [
+            "-m", "hydra/launcher=ray_cluster", "hydra.launcher.ray.remote.num_gpus=0", "draft=distilgpt2,gpt2", "k=2",
+            *common_args(models_dir, pubmedqa_file, tmp_path), f"tracking.uri={tracking_server}", *FAST,
+        ]  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "specbench", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "Ray Launcher is launching 2 jobs" in output
+    joined = [line for line in output.splitlines() if "Connecting to existing Ray cluster at address:" in line]
+    assert joined and f":{port}" in joined[0]  # the head started above (named by the node's address), not a new one
+    (parent,), children = sweep_runs(tracking_server)
+    assert {run.info.status for run in children} == {"FINISHED"} and len(children) == 2
+    assert {run.data.params["draft.name"] for run in children} == {"distilgpt2", "gpt2"}
     assert parent.info.status == "FINISHED"
