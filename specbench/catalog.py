@@ -417,7 +417,9 @@ METRICS: tuple[Metric, ...] = (
         "x",
         better=HIGHER,
         doc="Leviathan et al.: (1 - a^(k+1)) / ((1 - a)(k c + v)), v the measured cost of verifying k+1 tokens "
-        "over one; one drafter at a constant k only (not logged for draft sets or k_schedule=heuristic)",
+        "over one; at batch size > 1, times what waiting for each batch's longest row costs each mode (from the "
+        "run's per-prompt counts); one drafter at a constant k only (not logged for draft sets or "
+        "k_schedule=heuristic)",
         summary=True,
         report=True,
     ),
@@ -444,7 +446,8 @@ METRICS: tuple[Metric, ...] = (
         "Predicted speedup at batch size b",
         "x",
         doc="the model at batch size b, with c and v measured at b rows (one and k+1 tokens per row), alpha from "
-        "this run; b over cost_batch_grid, as far as cost_grid_budget_s and memory allow",
+        "this run, and batches of b consecutive prompts waiting for their longest row (each prompt's verifier "
+        "calls in this run); b over cost_batch_grid, as far as cost_grid_budget_s and memory allow",
     ),
     Metric(
         "crossover_batch_predicted",

@@ -10,6 +10,12 @@ probability alpha, a step yields (1 - alpha^(k+1)) / (1 - alpha) tokens, so
 alpha is fitted to the measured accepted tokens per step; c and v come from the
 step costs measured after the run (`specbench.engine.costs`).
 
+At batch size b, c and v are measured at b rows, and one more effect counts: a
+batch runs until its longest row ends, finished rows riding along. Each row needs
+the same verifier calls whatever its batch (greedy rows decode as if alone), so
+the run's own per-prompt counts tell what batches of b consecutive prompts cost
+in each mode; `finished_rows_factor` scales the prediction by it.
+
 The model describes one drafter at a constant k. A draft set is verified as a
 tree (not a (k+1)-chain) and its drafters may run in parallel (their costs do not
 add up); an adaptive k has no single k for alpha. For those runs only the
@@ -70,6 +76,25 @@ def out_of_scope(drafters: int, adaptive_k: bool) -> str | None:
     )
 
 
+def finished_rows_factor(outcomes: list[PromptOutcome], batch: int) -> float:
+    """What batches of `batch` consecutive prompts do to the speedup by running until their longest row ends.
+
+    A batch makes as many verifier calls as its row that needs the most: (baseline calls / speculative
+    steps) summed that way, over the same ratio summed row by row (1 at batch size 1, and when every row
+    needs the same). From the first pass over the prompts; batch sizes above the prompt count take them
+    all as one batch.
+    """
+    first_pass = [outcome for outcome in outcomes if outcome.repeat == 0]
+    baseline = [outcome.baseline.verifier_calls - 1 for outcome in first_pass]  # the prefill's call excluded
+    speculative = [outcome.spec.steps for outcome in first_pass]
+    groups = [slice(start, start + batch) for start in range(0, len(first_pass), batch)]
+    batched_steps = sum(max(speculative[group]) for group in groups)
+    if not batched_steps or not sum(speculative):
+        return 1.0
+    batched = sum(max(baseline[group]) for group in groups) / batched_steps
+    return batched / (sum(baseline) / sum(speculative))
+
+
 def _cost_ratio(costs: StepCosts, batch: int) -> float:
     """c at a batch size: one step of every drafter over one verifier step over one token per row."""
     return sum(costs.draft_s[batch].values()) / costs.verify_s[batch][1]
@@ -105,14 +130,16 @@ def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int, 
     alpha = iid_acceptance(float(np.mean(full_steps)), k) if full_steps else 0.0
     predictions = _predictions_by_k(alpha, costs, batch)
     best = max(predictions, key=predictions.get)
+    steady = predicted_speedup(alpha, k, _cost_ratio(costs, batch), _verify_ratio(costs, batch, k + 1))
     metrics = {
         "alpha_iid": alpha,
-        "predicted_speedup": predicted_speedup(alpha, k, _cost_ratio(costs, batch), _verify_ratio(costs, batch, k + 1)),
+        "predicted_speedup": steady * finished_rows_factor(outcomes, batch),
         "best_k_predicted": best,
         "predicted_speedup_best_k": predictions[best],
     }
     by_batch = {
         size: predicted_speedup(alpha, k, _cost_ratio(costs, size), _verify_ratio(costs, size, k + 1))
+        * finished_rows_factor(outcomes, size)
         for size in sorted(costs.verify_s)
         if k + 1 in costs.verify_s[size]
     }

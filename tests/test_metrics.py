@@ -149,8 +149,11 @@ def test_the_model_predicts_the_batch_size_where_speculation_stops_paying(outcom
     )
     metrics = prediction_metrics(costs, outcomes, k=2, batch=1)
     alpha = metrics["alpha_iid"]
-    assert metrics["predicted_speedup_batch_4"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 1.0))
-    assert metrics["predicted_speedup_batch_8"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 2.5))
+    # both prompts in one batch: it takes max(3, 2) steps against max(6, 6) baseline calls, not 5 against 12
+    waits = (6 / 3) / (12 / 5)
+    assert metrics["predicted_speedup_batch_1"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 1.0))
+    assert metrics["predicted_speedup_batch_4"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 1.0) * waits)
+    assert metrics["predicted_speedup_batch_8"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 2.5) * waits)
     assert metrics["predicted_speedup_batch_4"] > 1 > metrics["predicted_speedup_batch_8"]
     assert metrics["crossover_batch_predicted"] == 8
     # a grid that never crosses logs no crossover rather than a made-up one
@@ -279,3 +282,17 @@ def test_cost_per_query_and_profiles(outcomes):
     assert usd_per_hour(None, "h100", profiles, "NVIDIA H200") == 7.0
     assert usd_per_hour(2.5, "auto", profiles, "NVIDIA H200") == 2.5
     assert math.isnan(usd_per_hour(None, "auto", {"l4": 0.8}, "NVIDIA L40S"))  # not an L4
+
+
+def test_a_batch_waits_for_its_row_with_the_most_steps():
+    """Same output length; one row accepts 3 drafts a step (10 steps), the other mostly none (30 steps)."""
+    fast = outcome("fast", 4.0, 1.0, [3] * 10, k=3)  # 41 tokens: 40 baseline calls after the prefill
+    slow = outcome("slow", 4.0, 3.0, [1] * 10 + [0] * 20, k=3)  # 41 tokens in 30 steps
+    again = outcome("fast", 4.0, 1.0, [0] * 40, k=3, repeat=1)  # later passes are not read
+    rows = [fast, slow, again]
+    assert speedup_model.finished_rows_factor(rows, 1) == pytest.approx(1.0)
+    # together: 30 steps against 40 calls, where alone they average 40 steps against 80 calls
+    assert speedup_model.finished_rows_factor(rows, 2) == pytest.approx((40 / 30) / (80 / 40))
+    assert speedup_model.finished_rows_factor(rows, 8) == speedup_model.finished_rows_factor(rows, 2)
+    even = [outcome("a", 4.0, 1.0, [1] * 20, k=3), outcome("b", 4.0, 1.0, [1] * 20, k=3)]
+    assert speedup_model.finished_rows_factor(even, 2) == pytest.approx(1.0)  # rows that end together cost nothing
