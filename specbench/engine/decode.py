@@ -95,16 +95,15 @@ def decode_baseline(
             ahead = [feeds and len(row.result.tokens) + 1 < limit for feeds, row in zip(fed, rows, strict=True)]
             if any(ahead):
                 logits = verifier.forward(tokens[:, None], ahead)[:, -1]
-        values = read_tokens()
-        seconds = watch.elapsed(wait=not read_ahead)  # the queued step is not this step's time
         finishing = []
-        for row, token, feeds in zip(rows, values, fed, strict=True):
+        for row, token, feeds in zip(rows, read_tokens(), fed, strict=True):
             if feeds:
                 row.result.verifier_calls += 1
                 row.emit([token], settings)
                 if row.finished:
                     finishing.append(row)
-        _record_latency(finishing, watch, seconds)
+        if finishing:  # a clock reading only when a row ends; the queued step is not this step's time
+            _record_latency(finishing, watch, watch.elapsed(wait=not read_ahead))
         if read_ahead:
             stopped = [feeds and row.finished for feeds, row in zip(ahead, rows, strict=True)]  # fed one token too many
             if any(stopped):
