@@ -101,7 +101,7 @@ def run_benchmark(
         else:
             results |= speedup_model.prediction_metrics(costs, outcomes, cfg.k, cfg.batch_size)
             results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
-            result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs, cfg.batch_size)
+            result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs, cfg.batch_size, outcomes)
     return result
 
 

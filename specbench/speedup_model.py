@@ -128,18 +128,16 @@ def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int, 
         if offered == k
     ]
     alpha = iid_acceptance(float(np.mean(full_steps)), k) if full_steps else 0.0
-    predictions = _predictions_by_k(alpha, costs, batch)
+    predictions = _predictions_by_k(alpha, costs, batch, outcomes)
     best = max(predictions, key=predictions.get)
-    steady = predicted_speedup(alpha, k, _cost_ratio(costs, batch), _verify_ratio(costs, batch, k + 1))
     metrics = {
         "alpha_iid": alpha,
-        "predicted_speedup": steady * finished_rows_factor(outcomes, batch),
+        "predicted_speedup": _predicted(alpha, k, costs, batch, outcomes),
         "best_k_predicted": best,
         "predicted_speedup_best_k": predictions[best],
     }
     by_batch = {
-        size: predicted_speedup(alpha, k, _cost_ratio(costs, size), _verify_ratio(costs, size, k + 1))
-        * finished_rows_factor(outcomes, size)
+        size: _predicted(alpha, k, costs, size, outcomes)
         for size in sorted(costs.verify_s)
         if k + 1 in costs.verify_s[size]
     }
@@ -179,17 +177,21 @@ def verify_surface_table(costs: StepCosts) -> pd.DataFrame:
     )
 
 
-def _predictions_by_k(alpha: float, costs: StepCosts, batch: int) -> dict[int, float]:
+def _predicted(alpha: float, k: int, costs: StepCosts, batch: int, outcomes: list[PromptOutcome]) -> float:
+    """The model at `batch` rows: Leviathan's speedup with the costs measured there, times `finished_rows_factor`."""
+    steady = predicted_speedup(alpha, k, _cost_ratio(costs, batch), _verify_ratio(costs, batch, k + 1))
+    return steady * finished_rows_factor(outcomes, batch)
+
+
+def _predictions_by_k(alpha: float, costs: StepCosts, batch: int, outcomes: list[PromptOutcome]) -> dict[int, float]:
     """Predicted speedup for every k the measured verify curve at `batch` rows covers."""
     curve = costs.verify_s[batch]
-    return {
-        k: predicted_speedup(alpha, k, _cost_ratio(costs, batch), _verify_ratio(costs, batch, k + 1))
-        for k in range(1, max(curve))
-        if k + 1 in curve
-    }
+    return {k: _predicted(alpha, k, costs, batch, outcomes) for k in range(1, max(curve)) if k + 1 in curve}
 
 
-def predicted_speedup_curve(metrics: dict[str, float], costs: StepCosts, batch: int) -> pd.DataFrame:
+def predicted_speedup_curve(
+    metrics: dict[str, float], costs: StepCosts, batch: int, outcomes: list[PromptOutcome]
+) -> pd.DataFrame:
     """Predicted speedup against k at the run's batch size (for the predicted-vs-measured plot)."""
-    predictions = _predictions_by_k(metrics["alpha_iid"], costs, batch)
+    predictions = _predictions_by_k(metrics["alpha_iid"], costs, batch, outcomes)
     return pd.DataFrame({"k": list(predictions), "predicted_speedup": list(predictions.values())})

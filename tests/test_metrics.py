@@ -156,6 +156,10 @@ def test_the_model_predicts_the_batch_size_where_speculation_stops_paying(outcom
     assert metrics["predicted_speedup_batch_8"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 2.5) * waits)
     assert metrics["predicted_speedup_batch_4"] > 1 > metrics["predicted_speedup_batch_8"]
     assert metrics["crossover_batch_predicted"] == 8
+    # a run at batch size 4: every prediction at its batch size counts the wait, the best k's included
+    at_four = prediction_metrics(costs, outcomes, k=2, batch=4)
+    assert at_four["predicted_speedup"] == pytest.approx(metrics["predicted_speedup_batch_4"])
+    assert at_four["best_k_predicted"] == 2 and at_four["predicted_speedup_best_k"] == at_four["predicted_speedup"]
     # a grid that never crosses logs no crossover rather than a made-up one
     costs.verify_s = {size: flat | {2: 0.1} for size in (1, 2, 4)}
     assert "crossover_batch_predicted" not in prediction_metrics(costs, outcomes, k=2, batch=1)
