@@ -159,6 +159,8 @@ def test_the_report_has_a_category_table(tmp_path: Path):
     assert table["Speedup (x)"].tolist() == [1.6, 1.1] and table["Acceptance rate (%)"].tolist() == [60.0, 30.0]
     assert table["Throughput (tokens/s)"].isna().all()  # not logged by these runs
     assert table[SPREAD_COLUMN].tolist() == ["1.5 / 1.6 / 1.7", "—"]  # only qa has repeat figures
+    one_pass = runs_frame().filter(regex=r"^(?!metrics\.speedup_repeat_)")
+    assert SPREAD_COLUMN not in category_table(one_pass)  # no run with repeats: no column of dashes
     paths = {path.name for path in write_report(runs_frame(), tmp_path)}
     assert {"categories.md", "categories.csv"} <= paths
     assert "| qa | prompts | distilgpt2 | 4 | gpt_j_6b | 1.6 | 60 |" in (tmp_path / "categories.md").read_text()

@@ -30,6 +30,7 @@ def category_table(runs: pd.DataFrame) -> pd.DataFrame:
         }
     )
     rows = []
+    missing = pd.Series(float("nan"), index=runs.index)
     for name in runs.columns:
         if not (match := _SPEEDUP.fullmatch(name)):
             continue
@@ -39,15 +40,17 @@ def category_table(runs: pd.DataFrame) -> pd.DataFrame:
             row = {"category": match[1], **identity.iloc[index].to_dict()}
             for key in COLUMNS:
                 entry = metric(key)
-                value = runs.get(f"metrics.{key}_cat_{match[1]}", pd.Series(float("nan"), index=runs.index))
+                value = runs.get(f"metrics.{key}_cat_{match[1]}", missing)
                 row[column(key, entry)] = value.iloc[index] * (100.0 if entry.fmt == "rate" else 1.0)
-            spread = [runs.get(f"metrics.speedup_repeat_{stat}_cat_{match[1]}") for stat in SPREAD_STATS]
-            if all(values is not None and pd.notna(values.iloc[index]) for values in spread):  # runs with repeats
-                row[SPREAD_COLUMN] = " / ".join(metric("speedup").format(values.iloc[index]) for values in spread)
+            spread = {
+                f"speedup_repeat_{stat}": runs.get(f"metrics.speedup_repeat_{stat}_cat_{match[1]}", missing).iloc[index]
+                for stat in SPREAD_STATS
+            }
+            row[SPREAD_COLUMN] = metric("speedup_repeat_median").format_spread(spread, "speedup_repeat_median")
             rows.append(row)
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows)
-    if SPREAD_COLUMN in table:
-        table[SPREAD_COLUMN] = table[SPREAD_COLUMN].fillna("—")  # a run without repeats
+    if (table[SPREAD_COLUMN] == "—").all():  # no run had repeats
+        table = table.drop(columns=SPREAD_COLUMN)
     return table.sort_values(["category", "dataset", "draft", "k"], kind="stable").reset_index(drop=True)
