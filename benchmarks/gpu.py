@@ -13,7 +13,7 @@ clock reading waits for the GPU. Sections (results are written after each one):
 
 - checks: tiny float32 models on the GPU. CUDA-graph decoding (static cache) equals eager decoding token for
   token at batch sizes 1 and 3: baseline, the verifier as its own draft, a random draft, a draft set's tree,
-  and drafters proposing in parallel threads.
+  and drafters proposing in parallel threads; at batch size 3, compiled steps too (baseline and self draft).
 - eager: verifier-only decode, ours against `generate()`; speculative (GPT-J as its own draft) against
   `generate(assistant_model=...)`, batch size 1.
 - batch: CUDA graphs, batch sizes 1 .. 128: verifier-only throughput against eager batched `generate()`;
@@ -22,8 +22,8 @@ clock reading waits for the GPU. Sections (results are written after each one):
 - trees: CUDA graphs, batch size 1, k = 4: a two-draft set (distilgpt2 + gpt2) against each draft alone,
   with the engine's overhead against the separately timed draft and verify steps.
 - compiled: torch.compile + CUDA graphs, verifier-only, batch sizes 1 and 64: as loaded, with GPT-J's q/k/v
-  projections fused into one matrix product, then with inductor's autotuning; against the device time of the
-  captured step alone and the memory-bandwidth floor.
+  and MLP input projections stacked into one matrix product (`fuse_projections`), then with inductor's
+  autotuning; against the device time of the captured step alone and the memory-bandwidth floor.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ import torch
 import transformers
 from repeats import copy_bandwidth, spread
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
+from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from specbench.engine import (
     BatchResult,
@@ -58,9 +59,10 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
+from specbench.engine.attention import PREFIX_ATTENTION, prefix_attention
 from specbench.engine.cached_model import PAD_TOKEN
 from specbench.engine.costs import measure_step_costs
-from specbench.engine.fusion import fuse_qkv_projections
+from specbench.engine.fusion import fuse_projections
 from specbench.engine.timing import Clock
 from specbench.hf_backend import fixed_k
 from specbench.speedup_model import iid_acceptance, predicted_speedup
@@ -181,6 +183,13 @@ def section_checks(bench: Bench) -> dict:
             results[f"{key}/tree_parallel_drafts"] = [r.tokens for r in out.rows] == eager
             if graphs:
                 results[f"{key}/graphs_captured"] = bool(verifier._graphs)
+            if graphs and rows > 1:  # compiled steps attend with matmuls (engine.attention), ragged rows included
+                compiled = CachedModel(model, vocab, 128, (1, 5), compile=True)
+                compiled.capture_graphs((rows,))
+                out = decode_baseline(compiled, batch, settings, seeds)
+                results[f"{key}/compiled_baseline"] = [r.tokens for r in out.rows] == eager
+                out = decode_speculative(compiled, runs["self_draft"], batch, settings, ConstantK(4), seeds)
+                results[f"{key}/compiled_self_draft"] = [r.tokens for r in out.rows] == eager
     results["all_equal"] = all(results.values())
     if graphs:
         torch.backends.cuda.preferred_blas_library("default")
@@ -408,16 +417,33 @@ def section_trees(bench: Bench) -> dict:
 
 
 # torch.compile variants, each on top of the previous one's model; the options are inductor's (the
-# "max-autotune-no-cudagraphs" mode sets both: matrix-product templates and kernel launch parameters tuned)
+# "max-autotune-no-cudagraphs" mode sets both: matrix-product templates and kernel launch parameters tuned).
+# "_sdpa_attention": compiled steps keep SDPA rather than the engine's matmul attention (see `attention`).
 COMPILE_VARIANTS = {
     "as_loaded": {},
-    "fused_qkv": {},
-    "fused_qkv_max_autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+    "fused_projections": {},
+    "fused_projections_sdpa_attention": {},
+    "fused_projections_max_autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
 
 
+@contextlib.contextmanager
+def sdpa_in_compiled_steps():
+    """Prefix attention that stays SDPA when torch.compile traces it, as compiled steps ran before matmul attention."""
+
+    def prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
+        width = attention_mask.shape[-1]
+        return sdpa_attention_forward(module, query, key[:, :, :width], value[:, :, :width], attention_mask, **kwargs)
+
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_sdpa)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+
+
 def section_compiled(bench: Bench) -> dict:
-    """torch.compile + CUDA graphs, verifier-only: as loaded, with q/k/v fused, then with inductor's autotuning.
+    """torch.compile + CUDA graphs, verifier-only: as loaded, projections stacked, then with inductor's autotuning.
 
     Batch size 1 (and the first batch size above 1 of --compiled-batch-sizes): decode ms/token against the
     device time of the captured step alone (replayed back to back, per attention width) and the bandwidth floor.
@@ -427,15 +453,16 @@ def section_compiled(bench: Bench) -> dict:
     for variant, options in COMPILE_VARIANTS.items():
         if variant not in args.compile_variants:
             continue
-        if variant.startswith("fused_qkv") and "fused_layers" not in results:
-            results["fused_layers"] = fuse_qkv_projections(bench.models["gpt_j_6b"])
+        if variant.startswith("fused_projections") and "fused_layers" not in results:
+            results["fused_layers"] = fuse_projections(bench.models["gpt_j_6b"])
         results[variant] = {}
         for size in args.compiled_batch_sizes:
             torch._dynamo.reset()  # each variant compiles afresh under its own options
             prompts, seeds = bench.batch(size)
             start = time.perf_counter()
             verifier = bench.cached("gpt_j_6b", (1,), compile=bench.graphs)
-            with torch._inductor.config.patch(options):
+            sdpa = variant.endswith("_sdpa_attention")
+            with torch._inductor.config.patch(options), sdpa_in_compiled_steps() if sdpa else contextlib.nullcontext():
                 verifier.capture_graphs((size,))
             compile_s = time.perf_counter() - start
             runs = []
@@ -520,7 +547,7 @@ SECTIONS = {
     "eager": section_eager,
     "batch": section_batch,
     "trees": section_trees,
-    "compiled": section_compiled,  # last: it fuses the verifier's q/k/v in place
+    "compiled": section_compiled,  # last: it stacks the verifier's projections in place
 }
 
 
@@ -538,7 +565,7 @@ def main() -> None:
     parser.add_argument("--generate-max-batch", type=int, default=128)
     parser.add_argument("--compiled-batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument(
-        "--compile-variants", nargs="+", default=["as_loaded", "fused_qkv"], choices=list(COMPILE_VARIANTS)
+        "--compile-variants", nargs="+", default=["as_loaded", "fused_projections"], choices=list(COMPILE_VARIANTS)
     )
     args = parser.parse_args()
     if args.quick:

@@ -1,7 +1,7 @@
 """A verifier larger than one GPU, sharded with a device_map over two H200s (one call of nvidia-h200-x2).
 
     python benchmarks/gpu_sharded.py --out DIR            # on a machine with 2 GPUs
-    python benchmarks/gpu_sharded.py --out DIR --quick    # tiny models, "cpu" shards: a dry run of the script
+    python benchmarks/gpu_sharded.py --out DIR --quick    # tiny float32 models, "cpu" shards: a dry run
 
 The verifier has Llama-3-70B's layer shape with 100 layers instead of 80 (bfloat16,
 about 175 GB: more than one H200 holds), built on the meta device and given random
@@ -69,17 +69,17 @@ def split(config: LlamaConfig, devices: list[str]) -> dict[str, str]:
     return device_map | {"model.norm": devices[1], "lm_head": devices[1]}
 
 
-def sharded_model(config: LlamaConfig, device_map: dict[str, str]) -> LlamaForCausalLM:
-    """Random bfloat16 weights placed straight on their devices (nothing larger than one tensor is ever built)."""
+def sharded_model(config: LlamaConfig, device_map: dict[str, str], dtype: torch.dtype) -> LlamaForCausalLM:
+    """Random weights placed straight on their devices (nothing larger than one tensor is ever built)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config).eval()
     for seed, (name, parameter) in enumerate(list(model.named_parameters())):
         module = next(prefix for prefix in sorted(device_map, key=len, reverse=True) if name.startswith(prefix + "."))
         device = device_map[module]
-        value = torch.empty(parameter.shape, dtype=torch.bfloat16, device=device)
+        value = torch.empty(parameter.shape, dtype=dtype, device=device)
         torch.manual_seed(seed)
         value.normal_(0.0, 0.02) if parameter.dim() > 1 else value.fill_(1.0)  # norms' weights are ones
-        set_module_tensor_to_device(model, name, device, value=value)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)  # not the meta model's float32
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device_map["model.rotary_emb"])
     return dispatch_model(model, device_map=device_map, force_hooks=True)
 
@@ -113,10 +113,13 @@ def main() -> None:
     start = time.perf_counter()
     verifier_config, draft_config = configs(args.quick)
     device_map = split(verifier_config, devices)
-    verifier_model = sharded_model(verifier_config, device_map)
+    # float32 in the dry run, where speculative output must equal the baseline's (bfloat16 rounds a k+1-token
+    # verify differently from a 1-token step, and random weights' near-flat logits turn that into other tokens)
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    verifier_model = sharded_model(verifier_config, device_map, dtype)
     torch.manual_seed(1)
     with torch.device(devices[0]):
-        draft_model = LlamaForCausalLM(draft_config).to(torch.bfloat16).eval()
+        draft_model = LlamaForCausalLM(draft_config).to(dtype).eval()
     bytes_by_device: dict[str, float] = {}
     for parameter in verifier_model.parameters():
         key = str(parameter.device)

@@ -183,9 +183,10 @@ class EngineConfig:
     compile: bool = False
     # Draft sets: the drafters propose in parallel threads (two int8 drafts on 2 CPU cores: 0.76x the time).
     parallel_drafts: bool = False
-    # Fuse each attention layer's q, k and v projections into one matrix product at load (GPT-J-6B compiled on
-    # an H200: 4.41 -> 4.05 ms/token). The same products: outputs agree to float rounding.
-    fuse_qkv: bool = False
+    # Stack the projections that read one input into one matrix product at load: each attention layer's q, k
+    # and v, and in GPT-J's parallel blocks the MLP's input projection too (GPT-J-6B compiled on an H200:
+    # FIGURE). The same products: outputs agree to float rounding.
+    fuse_projections: bool = False
 
 
 @dataclass

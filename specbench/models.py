@@ -31,7 +31,7 @@ from transformers import (
 from transformers.utils import cached_file, extract_commit_hash
 
 from specbench.config import Dtype, ModelConfig, Quantize
-from specbench.engine.fusion import fuse_qkv_projections
+from specbench.engine.fusion import fuse_projections
 from specbench.errors import ConfigError, FetchError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class ModelSpec:
     # sharded over several devices (transformers' device_map): a strategy name, or (module, device) pairs
     device_map: str | tuple[tuple[str, str], ...] | None = None
     max_memory: tuple[tuple[str, str], ...] | None = None
-    fuse_qkv: bool = False  # q/k/v projections fused into one matrix product after loading
+    fuse_projections: bool = False  # projections of one input stacked into one matrix product after loading (fusion)
 
     @property
     def label(self) -> str:
@@ -117,7 +117,7 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> str:
 
 
 def model_spec(
-    cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_dir: str | None, fuse_qkv: bool = False
+    cfg: ModelConfig, run_dtype: Dtype, device: torch.device, models_dir: str | None, fuse: bool = False
 ) -> ModelSpec:
     """Resolve where a configured model comes from (fetching offline models) and how it is loaded."""
     source, gguf_file = cfg.name_or_path, cfg.gguf_file
@@ -145,7 +145,7 @@ def model_spec(
     max_memory = getattr(cfg, "max_memory", None)
     max_memory = tuple((str(where), str(size)) for where, size in max_memory.items()) if max_memory else None
     return ModelSpec(
-        source, gguf_file, dtype, str(device), cfg.quantize.value, cfg.revision, device_map, max_memory, fuse_qkv
+        source, gguf_file, dtype, str(device), cfg.quantize.value, cfg.revision, device_map, max_memory, fuse
     )
 
 
@@ -228,8 +228,8 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     except (OSError, ValueError) as error:
         raise _loading_error(spec, "weights", error) from error
     model = (model if spec.device_map else model.to(spec.device)).eval()
-    if spec.fuse_qkv and spec.quantize == "none":  # dynamic int8 quantises nn.Linear layers, which fusion replaces
-        fuse_qkv_projections(model)
+    if spec.fuse_projections and spec.quantize == "none":  # int8 quantises nn.Linear layers, which fusion replaces
+        fuse_projections(model)
     if spec.quantize == "int8_dynamic":
         model = _quantize_int8(model, spec)
     return model

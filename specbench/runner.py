@@ -94,7 +94,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # kernels, syncs and graph captures all go to this job's GPU
-    fuse = cfg.engine.fuse_qkv
+    fuse = cfg.engine.fuse_projections
     specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir, fuse)}
     for name, drafter in cfg.draft.drafters.items():
         if needs_model(drafter):

@@ -10,6 +10,7 @@ graph capture inside pool threads).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ from specbench.engine import (
     needs_plain_causal_mask,
 )
 from specbench.engine import cached_model as cached_model_module
-from specbench.engine.attention import PREFIX_ATTENTION, PREFIX_BUCKET, prefix_width
+from specbench.engine.attention import PREFIX_ATTENTION, PREFIX_BUCKET, matmul_attention, prefix_width
 from specbench.engine.tree import build_tree
 from specbench.testing import make_model, make_windowed_model, one_torch_thread, untie_head
 from tests.test_sampling import chi_square_p
@@ -338,6 +339,47 @@ def test_a_static_cache_attends_over_the_columns_in_use(verifiers, arch):
     assert [row.tokens for row in batch.rows] == [row.tokens for row in dynamic.rows]
     longest = max(len(prompt) for prompt in PROMPTS) + MAX_NEW  # 99 columns at most: one 128-column width
     assert keys.seen == {prefix_width(longest, 1000)} == {2 * PREFIX_BUCKET}
+
+
+class TracedOps:
+    """A torch.compile backend that runs each traced graph as is and records the functions it calls."""
+
+    def __init__(self) -> None:
+        self.functions: set = set()
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.functions |= {node.target for node in graph_module.graph.nodes if node.op == "call_function"}
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_steps_attend_with_matmuls_and_decode_the_same(verifiers, monkeypatch, arch):
+    """Under torch.compile, prefix attention is two matmuls and a softmax, not SDPA: the tokens are the same."""
+    settings = DecodeSettings(MAX_NEW)
+    eager = decode_baseline(CachedModel(verifiers[arch], VOCAB, max_len=160), PROMPTS, settings, [0] * len(PROMPTS))
+    static = CachedModel(verifiers[arch], VOCAB, max_len=160)
+    traced = TracedOps()
+    monkeypatch.setattr(static, "_run", torch.compile(static._run, backend=traced, dynamic=False))
+    compiled = decode_baseline(static, PROMPTS, settings, [0] * len(PROMPTS))
+    assert [row.tokens for row in compiled.rows] == [row.tokens for row in eager.rows]
+    assert torch.matmul in traced.functions
+    assert torch._C._nn.scaled_dot_product_attention not in traced.functions
+    assert torch.nn.functional.scaled_dot_product_attention not in traced.functions
+
+
+@pytest.mark.parametrize(("heads", "key_heads"), [(4, 4), (4, 2), (6, 1)])
+def test_matmul_attention_equals_sdpa_with_shared_key_heads(heads, key_heads):
+    generator = torch.Generator().manual_seed(heads * 10 + key_heads)
+    rows, n, width, dim = 3, 5, 12, 8
+    query = torch.randn(rows, heads, n, dim, generator=generator)
+    key, value = (torch.randn(rows, key_heads, width, dim, generator=generator) for _ in range(2))
+    visible = torch.rand(rows, n, width, generator=generator) < 0.7
+    visible[:, :, 0] = True  # no softmax row is empty
+    mask = torch.zeros(rows, 1, n, width).masked_fill_(~visible[:, None], torch.finfo(torch.float32).min)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(matmul_attention(query, key, value, mask, 0.3), expected)
 
 
 def test_switching_to_prefix_attention_leaves_generate_unchanged():

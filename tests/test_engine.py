@@ -21,7 +21,7 @@ from specbench.engine import (
     decode_speculative,
 )
 from specbench.engine.costs import measure_step_costs
-from specbench.engine.fusion import fuse_qkv_projections
+from specbench.engine.fusion import fuse_projections
 from specbench.engine.scoring import output_log_likelihood
 from specbench.engine.tree import build_tree, walk_greedy
 from specbench.testing import GPTJ_SPARE_ROWS, make_model, one_torch_thread
@@ -332,11 +332,15 @@ def test_step_costs_stop_at_the_first_batch_size_out_of_memory(verifiers):
     assert set(costs.verify_s) == set(costs.draft_s) == {1, 2}
 
 
-@pytest.mark.parametrize("arch", ["gptj", "llama"])
-def test_fused_qkv_projections_keep_the_outputs(arch):
+@pytest.mark.parametrize(("arch", "stacked_outputs"), [("gptj", 4), ("llama", 3)])
+def test_fused_projections_keep_the_outputs(arch, stacked_outputs):
+    """q/k/v, and in GPT-J's parallel blocks the MLP's input projection too, in one product: same outputs."""
     fused, plain = make_model(arch, VOCAB, seed=4, layers=2), make_model(arch, VOCAB, seed=4, layers=2)
-    assert fuse_qkv_projections(fused) == 2  # one per layer
-    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert fuse_projections(fused) == 2  # one per layer
+    stacks = [module.stacked_projection for module in fused.modules() if hasattr(module, "stacked_projection")]
+    assert [len(stack.sizes) for stack in stacks] == [stacked_outputs] * 2
+    weights = [sum(p.numel() for p in model.parameters() if p.dim() > 1) for model in (fused, plain)]
+    assert weights[0] == weights[1]  # each matrix once (a stacked bias has zeros for layers without one)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)

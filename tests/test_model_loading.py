@@ -86,7 +86,7 @@ def test_a_device_map_over_devices_the_machine_lacks_is_one_sentence():
 
 def test_a_model_loaded_with_fused_projections_decodes_the_same(saved_llama):
     plain = load_model(ModelSpec(str(saved_llama), None, "float32", "cpu"))
-    fused = load_model(ModelSpec(str(saved_llama), None, "float32", "cpu", fuse_qkv=True))
-    assert sum(hasattr(module, "qkv_fused") for module in fused.modules()) == 3  # one per layer
+    fused = load_model(ModelSpec(str(saved_llama), None, "float32", "cpu", fuse_projections=True))
+    assert sum(hasattr(module, "stacked_projection") for module in fused.modules()) == 3  # one per layer
     rows = [decode_baseline(CachedModel(model, VOCAB), PROMPTS, SETTINGS, [0, 1]).rows for model in (plain, fused)]
     assert [row.tokens for row in rows[0]] == [row.tokens for row in rows[1]]

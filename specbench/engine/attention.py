@@ -14,10 +14,14 @@ custom mask: `needs_plain_causal_mask` says so, and the engine refuses to use
 them where a mask would be needed (draft sets on the verifier, batches > 1).
 
 A static cache's buffer is sized for the whole run, but only its first columns
-are in use. `PREFIX_ATTENTION` is SDPA over as many key columns as the mask has:
+are in use. `PREFIX_ATTENTION` attends over as many key columns as the mask has:
 the engine passes masks `prefix_width` columns wide, so attention reads the used
 columns (rounded up to `PREFIX_BUCKET`, one CUDA graph per width) rather than
 the whole buffer. With a mask as wide as the keys, or none, it is plain SDPA.
+Inside a step that torch.compile traces (the engine's compiled decode steps) it
+is `matmul_attention` instead: for a few query tokens per row, SDPA's kernels take
+longer than two matrix products and a softmax that inductor fuses with the mask
+(`benchmarks/attention_kernels.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 # model type -> how it takes a windowed mask: one mask for all layers, or a dict keyed by layer type
 WINDOWED_MASK_STYLES = {"mistral": "single", "qwen2": "by_layer_type"}
 # the name models are switched to when the engine gives them a static cache (see the module docstring)
-PREFIX_ATTENTION = "specbench_prefix_sdpa"
+PREFIX_ATTENTION = "specbench_prefix"
 # key columns are read in steps of this many: fewer widths mean fewer CUDA graphs to capture
 PREFIX_BUCKET = 64
 
@@ -114,13 +118,34 @@ def prefix_widths(min_columns: int, buffer_columns: int) -> list[int]:
     return sorted({*range(first, buffer_columns, PREFIX_BUCKET), buffer_columns})
 
 
-def prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA over the first key columns only, as many as `attention_mask` has."""
+def matmul_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention as matmul, softmax (in float32) and matmul, like transformers' eager attention.
+
+    query [rows, heads, n, dim]; key and value [rows, key heads, width, dim], each key head shared
+    by `heads // key heads` consecutive query heads; mask additive, [rows, 1, n, width].
+    Returns [rows, n, heads, dim], the layout transformers' attention functions return.
+    """
+    rows, heads, n, dim = query.shape
+    key_heads, width = key.shape[1], key.shape[2]
+    grouped = query.reshape(rows, key_heads, heads // key_heads * n, dim)  # no copy of the keys for shared heads
+    scores = torch.matmul(grouped * scaling, key.transpose(-1, -2)).view(rows, key_heads, -1, n, width)
+    weights = torch.softmax(scores + mask[:, :, None], dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights.view(rows, key_heads, -1, width), value)
+    return output.view(rows, heads, n, dim).transpose(1, 2).contiguous()
+
+
+def prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention over the first key columns only, as many as `attention_mask` has (see the module docstring)."""
     if attention_mask is not None:  # sliced unconditionally: torch.compile sees no branch on the (dynamic) width
         width = attention_mask.shape[-1]
         key, value = key[:, :, :width], value[:, :, :width]
+        if torch.compiler.is_compiling():
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            return matmul_attention(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(PREFIX_ATTENTION, prefix_sdpa)
+AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, sdpa_mask)  # masks transformers builds itself: as SDPA's

@@ -443,7 +443,9 @@ class CachedModel:
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # one pool per batch size: graphs never run at once, and each output is read before the next replay
-            pool = self._graph_pools.setdefault(rows, torch.cuda.graph_pool_handle())
+            if rows not in self._graph_pools:
+                self._graph_pools[rows] = torch.cuda.graph_pool_handle()
+            pool = self._graph_pools[rows]
             with torch.cuda.graph(graph, pool=pool, stream=side):  # the warm-up's stream (cuBLAS workspaces)
                 output = step()
             self._set_columns(columns)  # the capture only recorded the counters' advance; keep them as they were
