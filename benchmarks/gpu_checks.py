@@ -1,7 +1,7 @@
 """GPU checks of the whole CLI, for one call of a GPU machine (CI has none); the engine's own GPU checks
 (CUDA graphs against eager decoding) are `benchmarks/gpu.py --sections checks`.
 
-    python benchmarks/gpu_checks.py --out DIR    # needs specbench's dependencies there (wheels in .whl/)
+    python benchmarks/gpu_checks.py --out DIR    # specbench installed there (benchmarks/NOTES.md: how)
 
 1. The whole CLI runs on the GPU: a 2x2 multirun in bfloat16 with CUDA graphs
    into a local SQLite store; every run FINISHED and tagged with the GPU.

@@ -185,7 +185,7 @@ class EngineConfig:
     parallel_drafts: bool = False
     # Stack the projections that read one input into one matrix product at load: each attention layer's q, k
     # and v, and in GPT-J's parallel blocks the MLP's input projection too (GPT-J-6B compiled on an H200:
-    # FIGURE). The same products: outputs agree to float rounding.
+    # 4.24 -> 3.73-3.86 ms/token). The same products: outputs agree to float rounding.
     fuse_projections: bool = False
 
 

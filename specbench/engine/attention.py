@@ -21,7 +21,7 @@ the whole buffer. With a mask as wide as the keys, or none, it is plain SDPA.
 Inside a step that torch.compile traces (the engine's compiled decode steps) it
 is `matmul_attention` instead: for a few query tokens per row, SDPA's kernels take
 longer than two matrix products and a softmax that inductor fuses with the mask
-(`benchmarks/attention_kernels.py`).
+(GPT-J-6B on an H200: `benchmarks/NOTES.md`).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is not None:  # sliced unconditionally: torch.compile sees no branch on the (dynamic) width
         width = attention_mask.shape[-1]
         key, value = key[:, :, :width], value[:, :, :width]
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and attention_mask.is_floating_point():  # the engine's additive masks
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             return matmul_attention(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
