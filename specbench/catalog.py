@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HIGHER, LOWER = "higher", "lower"
+SPREAD_STATS = ("min", "median", "max")  # a figure over repeats as reports show it: min / median / max
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Metric:
     def format_spread(self, values: Mapping[str, float | None], key: str) -> str:
         """The "min / median / max" of the `_repeat_` family whose median is `key`, or "—" when one is missing."""
         stem = key.removesuffix("_median")
-        texts = [self.format(values.get(f"{stem}_{stat}")) for stat in ("min", "median", "max")]
+        texts = [self.format(values.get(f"{stem}_{stat}")) for stat in SPREAD_STATS]
         return "—" if "—" in texts else " / ".join(texts)
 
     @property
@@ -257,7 +258,7 @@ METRICS: tuple[Metric, ...] = (
             "x",
             doc=f"{REPEAT_STATS[stat]} over repeats of a category's speedup in one pass (logged when repeats > 1)",
         )
-        for stat in ("min", "median", "max")
+        for stat in SPREAD_STATS
     ),
     Metric(
         "acceptance_rate_cat_{category}",

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 import pandas as pd
 
 from specbench import metrics
+from specbench.catalog import SPREAD_STATS
 from specbench.data import Prompt
 from specbench.metrics import PromptOutcome
 
 # run-level metrics that get one value per category
 PER_CATEGORY = ("speedup", "acceptance_rate", "mean_accepted_tokens", "spec_tokens_per_s")
-SPREAD_STATS = ("min", "median", "max")  # of the speedup over repeats
 _UNSAFE = re.compile(r"[^0-9A-Za-z_]+")
 
 

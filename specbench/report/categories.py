@@ -6,8 +6,7 @@ import re
 
 import pandas as pd
 
-from specbench.catalog import metric
-from specbench.categories import SPREAD_STATS
+from specbench.catalog import SPREAD_STATS, metric
 from specbench.report.query import column, param
 
 # the run-level metric whose label and unit name each column, and the per-category key's prefix
