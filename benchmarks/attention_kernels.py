@@ -1,6 +1,6 @@
 """Decode-step attention kernels for GPT-J-6B's shapes on a GPU: which one a compiled CUDA graph should hold.
 
-A few query tokens per row attend over the used columns of a static KV buffer (16 heads x 256 dims),
+One query token per row attends over the used columns of a static KV buffer (16 heads x 256 dims),
 28 layers back to back inside one CUDA graph, so launch gaps do not count. Kernels:
 scaled_dot_product_attention as dispatched (cuDNN on an H200), its memory-efficient kernel forced, the
 engine's `matmul_attention` (matmul, softmax, matmul) eager and compiled, and one query token written as

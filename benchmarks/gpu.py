@@ -47,7 +47,6 @@ import transformers
 from repeats import copy_bandwidth, spread
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from specbench.engine import (
     BatchResult,
@@ -59,7 +58,7 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
-from specbench.engine.attention import PREFIX_ATTENTION, prefix_attention
+from specbench.engine.attention import PREFIX_ATTENTION, prefix_attention, prefix_sdpa
 from specbench.engine.cached_model import PAD_TOKEN
 from specbench.engine.costs import measure_step_costs
 from specbench.engine.fusion import fuse_projections
@@ -430,11 +429,6 @@ COMPILE_VARIANTS = {
 @contextlib.contextmanager
 def sdpa_in_compiled_steps():
     """Prefix attention that stays SDPA when torch.compile traces it, as compiled steps ran before matmul attention."""
-
-    def prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
-        width = attention_mask.shape[-1]
-        return sdpa_attention_forward(module, query, key[:, :, :width], value[:, :, :width], attention_mask, **kwargs)
-
     AttentionInterface.register(PREFIX_ATTENTION, prefix_sdpa)
     try:
         yield

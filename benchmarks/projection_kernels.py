@@ -1,10 +1,11 @@
 """GPT-J-6B's projections of one layer-norm output at decode sizes on a GPU: two products or one stacked.
 
 Per layer, q/k/v (already stacked: [3 x 4096, 4096], no bias) then the MLP's input projection
-([16384, 4096] with bias), against one product over all four stacked ([28672, 4096], zeros in the
-bias where q/k/v have none), as `specbench.engine.fusion.fuse_projections` does for GPT-J's parallel
-blocks. 28 layers back to back in one CUDA graph, each variant captured and timed three times; prints
-and writes microseconds per layer, median [min, max].
+([16384, 4096] with bias), against one product over all four stacked ([28672, 4096] with a bias over
+all four; the engine puts zeros where q/k/v have none, the values do not change the timing), as
+`specbench.engine.fusion.fuse_projections` does for GPT-J's parallel blocks. 28 layers back to back
+in one CUDA graph, each variant captured and timed three times; prints and writes microseconds per
+layer, median [min, max].
 
     python benchmarks/projection_kernels.py --out DIR
 """

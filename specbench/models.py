@@ -228,7 +228,9 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     except (OSError, ValueError) as error:
         raise _loading_error(spec, "weights", error) from error
     model = (model if spec.device_map else model.to(spec.device)).eval()
-    if spec.fuse_projections and spec.quantize == "none":  # int8 quantises nn.Linear layers, which fusion replaces
+    if spec.fuse_projections and spec.quantize != "none":  # int8 quantises nn.Linear layers, which fusion replaces
+        log.info("engine.fuse_projections leaves %s as it is: its %s layers are quantised", spec.label, spec.quantize)
+    elif spec.fuse_projections:
         fuse_projections(model)
     if spec.quantize == "int8_dynamic":
         model = _quantize_int8(model, spec)

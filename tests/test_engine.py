@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from specbench.engine import (
     AdaptiveK,
@@ -344,6 +345,50 @@ def test_fused_projections_keep_the_outputs(arch, stacked_outputs):
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    assert all(stack.last is None for stack in stacks)  # no product outlives its forward
     settings = DecodeSettings(max_new_tokens=20)
     fused_tokens = baseline(CachedModel(fused, VOCAB), settings=settings).tokens
     assert fused_tokens == baseline(CachedModel(plain, VOCAB), settings=settings).tokens
+
+
+class Projections(nn.Module):
+    """q/k/v of one input, with a bias on some of them only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4, bias=False), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def test_stacked_projections_keep_each_bias_and_answer_any_input():
+    torch.manual_seed(0)
+    fused = nn.Sequential(Projections())
+    plain = Projections().requires_grad_(False)
+    plain.load_state_dict(fused[0].state_dict())
+    assert fuse_projections(fused) == 1
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        for got, expected in zip(fused[0](x), plain(x), strict=True):
+            torch.testing.assert_close(got, expected)
+        fused[0].q_proj(x)  # leaves the product of x for k and v
+        torch.testing.assert_close(fused[0].k_proj(y), plain.k_proj(y))  # another input: its own product
+
+
+def test_compiled_stacked_projections_run_one_product_per_layer():
+    """Under torch.compile (the engine's compiled steps) each layer runs the stacked product once."""
+    fused, plain = make_model("gptj", VOCAB, seed=4, layers=2), make_model("gptj", VOCAB, seed=4, layers=2)
+    fuse_projections(fused)
+    traced = []
+
+    def record(graph_module: torch.fx.GraphModule, example_inputs: list):
+        traced.extend(node.target for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = torch.compile(fused, backend=record, fullgraph=True)(ids).logits
+        torch.testing.assert_close(logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    # per layer: the stacked product, the attention's output and the MLP's output; then the head
+    assert traced.count(torch._C._nn.linear) == 2 * 3 + 1

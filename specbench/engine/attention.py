@@ -17,9 +17,9 @@ A static cache's buffer is sized for the whole run, but only its first columns
 are in use. `PREFIX_ATTENTION` attends over as many key columns as the mask has:
 the engine passes masks `prefix_width` columns wide, so attention reads the used
 columns (rounded up to `PREFIX_BUCKET`, one CUDA graph per width) rather than
-the whole buffer. With a mask as wide as the keys, or none, it is plain SDPA.
-Inside a step that torch.compile traces (the engine's compiled decode steps) it
-is `matmul_attention` instead: for a few query tokens per row, SDPA's kernels take
+the whole buffer; without a mask it is plain SDPA. With the engine's mask, inside
+a step that torch.compile traces (the engine's compiled decode steps), it is
+`matmul_attention` rather than SDPA: for a few query tokens per row, SDPA's kernels take
 longer than two matrix products and a softmax that inductor fuses with the mask
 (GPT-J-6B on an H200: `benchmarks/NOTES.md`).
 """
@@ -133,18 +133,31 @@ def matmul_attention(
     scores = torch.matmul(grouped * scaling, key.transpose(-1, -2)).view(rows, key_heads, -1, n, width)
     weights = torch.softmax(scores + mask[:, :, None], dim=-1, dtype=torch.float32).to(query.dtype)
     output = torch.matmul(weights.view(rows, key_heads, -1, width), value)
-    return output.view(rows, heads, n, dim).transpose(1, 2).contiguous()
+    return output.view(rows, heads, n, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA over the first key columns only, as many as `attention_mask` has."""
+    key, value = _used_columns(key, value, attention_mask)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention over the first key columns only, as many as `attention_mask` has (see the module docstring)."""
-    if attention_mask is not None:  # sliced unconditionally: torch.compile sees no branch on the (dynamic) width
-        width = attention_mask.shape[-1]
-        key, value = key[:, :, :width], value[:, :, :width]
-        if torch.compiler.is_compiling() and attention_mask.is_floating_point():  # the engine's additive masks
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            return matmul_attention(query, key, value, attention_mask, scaling), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    """Attention over the first key columns only: `matmul_attention` in a compiled step, else `prefix_sdpa`."""
+    if attention_mask is not None and attention_mask.is_floating_point() and torch.compiler.is_compiling():
+        key, value = _used_columns(key, value, attention_mask)
+        scaling = kwargs.get("scaling")
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return matmul_attention(query, key, value, attention_mask, scaling), None
+    return prefix_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+def _used_columns(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Keys and values cut to the mask's width (sliced unconditionally: torch.compile sees no branch on it)."""
+    if mask is None:
+        return key, value
+    width = mask.shape[-1]
+    return key[:, :, :width], value[:, :, :width]
 
 
 AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)

@@ -7,13 +7,16 @@ streams the same bytes with one kernel launch instead of three, and a larger
 product wastes less of the GPU at its start and end. In a parallel block (GPT-J:
 attention and MLP both read the output of one layer norm) the MLP's input
 projection joins the stack: one product per layer instead of two (on an H200 at
-one row, 57.7 us instead of 62.7 for GPT-J's shapes).
+one row, 56.3 us instead of 59.0 for GPT-J's shapes: `benchmarks/NOTES.md`).
 
-The model code calls the projections in turn on the same input (q, k, v, then
-the MLP's), so the stacked product runs when the first one is called and the
-others hand out their parts of it. Outputs are the same dot products (to float
-rounding: a larger product may sum in another order); a layer without a bias
-gets zeros in the stacked bias.
+The model code calls the projections in turn on the same input tensor (q, k, v,
+then the MLP's), so the first part called with a new input runs the stacked
+product and the others hand out their parts of it; the last part lets go of it,
+so nothing outlives the forward. A part called with any other tensor (another
+thread's forward, a projection fed something else) runs the product itself, so
+outputs never come from another input. Outputs are the same dot products (to
+float rounding: a larger product may sum in another order); a layer without a
+bias gets zeros in the stacked bias.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from torch import nn
 
 # where a parallel block's MLP input projection sits, from the block holding the attention module, by model type
 PARALLEL_MLP_INPUTS = {"gptj": ("mlp", "fc_in")}
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 class _StackedProjection(nn.Module):
-    """The stacked weights; the first part called computes every projection, the others read theirs."""
+    """The stacked weights, and the last product with the input it was computed from."""
 
     def __init__(self, layers: list[nn.Linear]) -> None:
         super().__init__()
@@ -37,11 +41,12 @@ class _StackedProjection(nn.Module):
             zeros = [layer.weight.new_zeros(layer.out_features) for layer in layers]
             biases = [zero if layer.bias is None else layer.bias for layer, zero in zip(layers, zeros, strict=True)]
             self.bias = nn.Parameter(torch.cat(biases).detach(), requires_grad=False)
-        self.outputs: tuple[torch.Tensor, ...] = ()
+        # (input, parts of its product); replaced as a whole, so a thread never reads half of another's
+        self.last: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
 
 class _Part(nn.Module):
-    """One of the stacked projections: the first runs the product, the others return what it left."""
+    """One of the stacked projections: its part of the stacked product of its input."""
 
     def __init__(self, stacked: _StackedProjection, index: int) -> None:
         super().__init__()
@@ -50,10 +55,13 @@ class _Part(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         stacked = self.stacked
-        if self.index == 0:
+        last = stacked.last
+        if last is None or last[0] is not hidden_states:
             product = nn.functional.linear(hidden_states, stacked.weight, stacked.bias)
-            stacked.outputs = product.split(stacked.sizes, dim=-1)
-        return stacked.outputs[self.index]
+            last = stacked.last = (hidden_states, product.split(stacked.sizes, dim=-1))
+        if self.index == len(stacked.sizes) - 1:
+            stacked.last = None  # the last part read: the product is not kept past the forward
+        return last[1][self.index]
 
 
 def fuse_projections(model: nn.Module) -> int:
@@ -63,24 +71,37 @@ def fuse_projections(model: nn.Module) -> int:
     Done once, after loading and before decoding.
     """
     mlp_input = PARALLEL_MLP_INPUTS.get(getattr(getattr(model, "config", None), "model_type", ""))
-    parents = {child: module for module in model.modules() for child in module.children()}
+    # (block, attention module) pairs, collected first: the loop replaces their layers, and holding nothing
+    # else lets each replaced layer go at once (a model that barely fits is not doubled while it is fused)
+    attentions = [
+        (block, child)
+        for block in model.modules()
+        for child in block.children()
+        if all(isinstance(getattr(child, name, None), nn.Linear) for name in QKV)
+    ]
     fused_count = 0
-    for module in list(model.modules()):
-        owners = [(module, name) for name in ("q_proj", "k_proj", "v_proj")]
-        layers = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-        if not all(isinstance(layer, nn.Linear) for layer in layers):
-            continue
-        if len({layer.in_features for layer in layers}) != 1:
-            continue
-        if mlp_input is not None and module in parents:
-            mlp = getattr(parents[module], mlp_input[0], None)
+    for block, attention in attentions:
+        owners = [(attention, name) for name in QKV]
+        layers = [getattr(attention, name) for name in QKV]
+        if mlp_input is not None:
+            mlp = getattr(block, mlp_input[0], None)
             mlp_layer = getattr(mlp, mlp_input[1], None)
-            if isinstance(mlp_layer, nn.Linear) and mlp_layer.in_features == layers[0].in_features:
+            if isinstance(mlp_layer, nn.Linear):
                 owners.append((mlp, mlp_input[1]))
                 layers.append(mlp_layer)
+        if not _stackable(layers[:3]):
+            continue
+        if not _stackable(layers):  # e.g. a device_map that put the MLP on another device than the attention
+            owners, layers = owners[:3], layers[:3]
         stacked = _StackedProjection(layers)
-        module.stacked_projection = stacked  # registered once, so the weight moves and counts with the model
+        attention.stacked_projection = stacked  # registered once, so the weight moves and counts with the model
         for index, (owner, name) in enumerate(owners):
             setattr(owner, name, _Part(stacked, index))
         fused_count += 1
     return fused_count
+
+
+def _stackable(layers: list[nn.Linear]) -> bool:
+    """One input size, one device and real weights (not offloaded to the meta device)."""
+    devices = {layer.weight.device for layer in layers}
+    return len({layer.in_features for layer in layers}) == 1 and len(devices) == 1 and devices != {torch.device("meta")}
