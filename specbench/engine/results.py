@@ -63,3 +63,60 @@ class BatchResult:
     def padded_token_share(self) -> float:
         """Share of the verifier's post-prefill work spent on padding."""
         return self.padded_positions / self.verifier_positions if self.verifier_positions else 0.0
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request of an arrival trace, as the continuous-batching scheduler takes it."""
+
+    request_id: int
+    arrival_s: float  # seconds after the trace starts
+    prompt_ids: list[int]
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass
+class ServedRequest:
+    """One request served under load, in one mode: its output and when things happened.
+
+    Times are seconds from the start of the trace (the scheduler's clock, or the load client's).
+    Chunks are what a client would receive at once: one token per baseline step, the accepted
+    tokens plus the verifier's own under speculation, a streamed chunk from a server.
+    """
+
+    request_id: int
+    arrival_s: float
+    admitted_s: float  # it left the queue: its prefill began (a server: the request was sent)
+    first_token_s: float
+    finish_s: float
+    num_tokens: int  # output tokens (a server: from its usage report, else the tokenizer)
+    tokens: list[int] = field(default_factory=list)  # output token ids, when known
+    chunk_times_s: list[float] = field(default_factory=list)  # when each chunk reached the host; [0]: first token
+    chunk_sizes: list[int] = field(default_factory=list)  # tokens in each chunk
+    proposed: int = 0  # draft positions offered for this request (speculative mode)
+    accepted: int = 0  # of which accepted and emitted
+    error: str | None = None  # why the request failed (a server backend); its times are then not used
+
+
+@dataclass
+class StepRecord:
+    """One scheduler step under load: when it ended, how full the batch was, and what speculation did."""
+
+    time_s: float  # seconds from the start of the trace
+    rows: int  # running requests (occupancy)
+    computed_rows: int  # rows the step computed, padding rows included (powers of two under CUDA graphs)
+    k: int  # draft tokens per row this step (0: a plain decode step)
+    proposed: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class ServeResult:
+    """A whole arrival trace served in one mode."""
+
+    requests: list[ServedRequest]  # in request-id order
+    steps: list[StepRecord]
+    wall_s: float  # from the trace's start until its last request finished
+    verifier_positions: int = 0
+    padded_positions: int = 0
