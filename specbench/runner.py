@@ -151,6 +151,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         temperature=gen.temperature,
         top_p=gen.top_p,
         top_k=gen.top_k,
+        # our engine keeps the verifier's log-probability of each token it emits (perplexity without a second pass)
+        logprobs=cfg.quality.perplexity and cfg.engine.backend is Backend.specbench,
     )
     verifier = cached(verifier_model, verify_sizes)
     pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
@@ -280,12 +282,18 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
                         spec_batch=batch_stats["spec"],
                         baseline_peak_gpu_gb=peaks["baseline"],
                         spec_peak_gpu_gb=peaks["spec"],
+                        baseline_logprob=baseline.logprob,
+                        spec_logprob=spec.logprob,
                     )
                 bar.update(len(batch))
 
 
 def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
-    """Fill in the verifier's log-likelihood of both outputs of every prompt (after timing is over)."""
+    """Fill in the verifier's log-likelihood of the outputs whose decode did not collect it (after timing is over).
+
+    Our engine collects it while decoding; transformers' `generate()` does not return it cheaply, so
+    its outputs are scored by one more verifier pass each.
+    """
     prompts = {prompt.pubid: prompt for prompt in setup.prompts}
     scored: dict[tuple[str, tuple[int, ...]], float] = {}  # repeats (and agreeing modes) repeat outputs
 
@@ -294,9 +302,12 @@ def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
             scored[pubid, tuple(tokens)] = output_log_likelihood(setup.verifier, prompts[pubid].input_ids, tokens)
         return scored[pubid, tuple(tokens)]
 
-    for outcome in tqdm(outcomes, desc="perplexity", unit="prompt", leave=False):
-        outcome.baseline_logprob = score(outcome.pubid, outcome.baseline.tokens)
-        outcome.spec_logprob = score(outcome.pubid, outcome.spec.tokens)
+    unscored = [o for o in outcomes if o.baseline_logprob is None or o.spec_logprob is None]
+    for outcome in tqdm(unscored, desc="perplexity", unit="prompt", leave=False):
+        if outcome.baseline_logprob is None:
+            outcome.baseline_logprob = score(outcome.pubid, outcome.baseline.tokens)
+        if outcome.spec_logprob is None:
+            outcome.spec_logprob = score(outcome.pubid, outcome.spec.tokens)
 
 
 def longest_draft(cfg: SpecBenchConfig) -> int:

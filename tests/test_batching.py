@@ -218,7 +218,11 @@ def test_parallel_drafting_in_a_batch_gives_the_same_output(verifiers, draft):
 
 
 def test_acceptance_counts_only_emitted_tokens(verifiers):
-    """The verifier as its own draft accepts every draft; a stop inside the block cuts what is counted."""
+    """The verifier as its own draft accepts every draft; a stop inside the block ends what was offered.
+
+    Draft positions after the stop token were never judged by the verifier: they count neither as
+    offered nor as rejected, so a self draft keeps an acceptance of exactly 1 at every position.
+    """
     model = verifiers["gpt2"]
     verifier = CachedModel(model, VOCAB)
     free = alone(verifier, PROMPTS[0], DecodeSettings(MAX_NEW)).tokens
@@ -229,11 +233,30 @@ def test_acceptance_counts_only_emitted_tokens(verifiers):
         verifier, [ModelDrafter("self", CachedModel(model, VOCAB))], PROMPTS[:1], settings, ConstantK(4), [0]
     ).rows[0]
     assert result.tokens == free[:4]
-    assert (result.steps, result.proposed, result.accepted) == (1, 4, 3)
-    assert result.accepted_per_step == [3] and result.offered_per_step == [4]
-    assert result.proposed_by_position == [1, 1, 1, 1] and result.accepted_by_position == [1, 1, 1, 0]
+    assert (result.steps, result.proposed, result.accepted) == (1, 3, 3)
+    assert result.accepted_per_step == [3] and result.offered_per_step == [3]
+    assert result.proposed_by_position == [1, 1, 1, 0] and result.accepted_by_position == [1, 1, 1, 0]
     stats = result.drafters["self"]
-    assert (stats.proposed, stats.accepted, stats.wins) == (4, 3, 1)
+    assert (stats.proposed, stats.accepted, stats.wins) == (3, 3, 1)
+
+
+@pytest.mark.parametrize("stop_index", [2, 5, 8])
+def test_self_draft_accepts_everything_whatever_the_stop(verifiers, stop_index):
+    """Stops anywhere (inside a block, on the verifier's own token) leave a self draft at acceptance 1 everywhere,
+    and a step cut by its stop offers fewer than k, so it stays out of the steps the speedup model fits alpha to."""
+    model = verifiers["gpt2"]
+    verifier = CachedModel(model, VOCAB)
+    free = alone(verifier, PROMPTS[0], DecodeSettings(MAX_NEW)).tokens
+    stop = free[stop_index]
+    settings = DecodeSettings(MAX_NEW, eos_token_ids=frozenset({stop}))
+    result = decode_speculative(
+        verifier, [ModelDrafter("self", CachedModel(model, VOCAB))], PROMPTS[:1], settings, ConstantK(3), [0]
+    ).rows[0]
+    assert result.tokens == free[: free.index(stop) + 1]
+    assert result.accepted == result.proposed > 0
+    assert result.accepted_by_position == result.proposed_by_position
+    full = [accepted for offered, accepted in zip(result.offered_per_step, result.accepted_per_step) if offered == 3]
+    assert all(accepted == 3 for accepted in full)
 
 
 def test_max_new_tokens_ends_a_block_and_k_is_the_schedules(verifiers):

@@ -294,6 +294,146 @@ class CachedModel:
             logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=-torch.inf)
         return logits
 
+    # ---- rows joining and leaving a running batch (continuous batching) ----------------------------
+
+    @torch.inference_mode()
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], logits_to_keep: int = 1) -> torch.Tensor:
+        """Prefill `prompts` into row `slots` while every other row keeps its cache; return their last logits.
+
+        The new rows are prefilled apart (one eager forward of their own, left-padded; the running rows
+        wait for it), then their keys and values are copied into their slots' columns, right-aligned
+        with the layout (which widens on the left if a prompt is longer than the columns in use). A slot
+        past the batch size grows the batch (see `keep_rows`); a slot's earlier contents are dropped.
+        Returns [len(prompts), logits_to_keep, vocab].
+        """
+        if self._tree_pending:
+            raise RuntimeError("a token tree was fed: commit the accepted path before admitting rows")
+        if not any(self._counts):  # nothing cached: a plain prefill, rows placed in their slots
+            placed: list[list[int]] = [[] for _ in range(max(self.batch_size, max(slots) + 1))]
+            for slot, prompt in zip(slots, prompts, strict=True):
+                placed[slot] = list(prompt)
+            counted = self.fed_positions, self.padded_positions  # a prefill restarts them; a load run keeps them
+            logits = self.prefill(placed, logits_to_keep)
+            self.fed_positions, self.padded_positions = counted
+            return logits[list(slots)]
+        if max(slots) >= self.batch_size:
+            self.keep_rows([*range(self.batch_size), *[None] * (max(slots) + 1 - self.batch_size)])
+        keys_values, slot_valid, logits = self._prefill_apart(prompts, logits_to_keep)
+        width = slot_valid.shape[1]
+        if self.max_len is not None and width > self.max_len:
+            raise ValueError(f"the static cache holds {self.max_len} tokens; a prompt of {width} was admitted")
+        if self._columns < width:
+            self._widen(width - self._columns)
+        start = self._columns - width
+        index = torch.tensor(list(slots))
+        for layer, (keys, values) in zip(self.cache.layers, keys_values, strict=True):
+            for states, new in ((layer.keys, keys), (layer.values, values)):
+                states[index.to(states.device), :, start : self._columns] = new.to(states.device, states.dtype)
+        self._valid[index] = False
+        self._valid[index, start:] = slot_valid
+        for slot, prompt in zip(slots, prompts, strict=True):
+            self._counts[slot] = len(prompt)
+        self._last_feed = None
+        return self._fit_vocab(logits)
+
+    def _prefill_apart(
+        self, prompts: Sequence[Sequence[int]], logits_to_keep: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """One eager forward over the prompts alone (left-padded) on a cache of their own.
+
+        Returns each layer's (keys, values) [prompts, heads, width, dim], which columns hold a token
+        [prompts, width] and the logits. Every padding slot attends to itself, so its keys are finite.
+        """
+        rows, width = len(prompts), max(len(prompt) for prompt in prompts)
+        if min(len(prompt) for prompt in prompts) == 0:
+            raise ValueError("an admitted prompt is empty")
+        pads = [width - len(prompt) for prompt in prompts]
+        ids = torch.tensor([[PAD_TOKEN] * pad + list(prompt) for pad, prompt in zip(pads, prompts, strict=True)])
+        slot_valid = torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
+        positions = (torch.arange(width)[None, :] - torch.tensor(pads)[:, None]).clamp_(min=0)
+        visible = torch.ones(width, width, dtype=torch.bool).tril_() & slot_valid[:, None, :]
+        visible |= torch.eye(width, dtype=torch.bool)
+        mask = None
+        if any(pads) or self.max_len is not None:  # a static-cache model attends with the engine's masks
+            no_cache = torch.zeros(rows, 0, dtype=torch.bool)
+            mask = ragged_mask(no_cache, visible, positions, width, self.model.dtype, self.model.config)
+            mask = _to_device(mask, self.device)
+        apart = DynamicCache()
+        logits = self.model(
+            input_ids=ids.to(self.device),
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            position_ids=_to_device(positions, self.device),
+            attention_mask=mask,
+            **{self._cache_argument: apart},
+        ).logits
+        return [(layer.keys, layer.values) for layer in apart.layers], slot_valid, logits
+
+    def _widen(self, extra: int) -> None:
+        """Prepend `extra` hole columns to every row (a prompt longer than the columns in use is joining)."""
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)
+                if isinstance(self.cache, StaticCache):
+                    states[:, :, extra : extra + self._columns] = states[:, :, : self._columns].clone()
+                else:
+                    holes = states.new_zeros(states.shape[0], states.shape[1], extra, states.shape[3])
+                    setattr(layer, name, torch.cat([holes, states], dim=2))
+        self._valid = torch.cat([torch.zeros(self.batch_size, extra, dtype=torch.bool), self._valid], dim=1)
+        self._set_columns(self._columns + extra)
+
+    @torch.inference_mode()
+    def remove_rows(self, slots: Sequence[int]) -> None:
+        """Forget the cached tokens of row `slots` (requests that finished); their columns become holes."""
+        for slot in slots:
+            self._valid[slot] = False
+            self._counts[slot] = 0
+        self._last_feed = None
+        self._crop_and_compact()
+
+    @torch.inference_mode()
+    def keep_rows(self, rows: Sequence[int | None]) -> None:
+        """Re-form the batch: new row i holds old row `rows[i]`'s cache (None: an empty row).
+
+        Copies the cache once (into the other batch size's static buffers, with a static cache).
+        """
+        index = torch.tensor([-1 if row is None else row for row in rows])
+        present = index >= 0
+        old_cache, columns = self.cache, self._columns
+        if self.max_len is None:
+            for layer in old_cache.layers:
+                if layer.is_initialized:
+                    for name in ("keys", "values"):
+                        states = getattr(layer, name)
+                        moved = states[index.clamp(min=0).to(states.device)]
+                        moved[~present.to(states.device)] = 0
+                        setattr(layer, name, moved)
+        else:
+            if len(rows) not in self._static_caches:
+                self._static_caches[len(rows)] = StaticCache(
+                    config=self.model.config, max_cache_len=self.max_len + self.reads_prefix
+                )
+            new_cache = self._static_caches[len(rows)]
+            for old, new in zip(old_cache.layers, new_cache.layers, strict=True):
+                if not old.is_initialized:
+                    continue
+                if not new.is_initialized:
+                    new.lazy_initialization(
+                        old.keys.new_empty(len(rows), *old.keys.shape[1:]),
+                        old.values.new_empty(len(rows), *old.values.shape[1:]),
+                    )
+                for name in ("keys", "values"):
+                    source, target = getattr(old, name), getattr(new, name)
+                    target[:, :, :columns] = source[index.clamp(min=0).to(source.device), :, :columns]
+                    target[~present.to(target.device)] = 0
+            self.cache = new_cache
+        valid = self._valid[index.clamp(min=0)]
+        valid[~present] = False
+        self._valid = valid
+        self._counts = [self._counts[row] if row is not None else 0 for row in rows]
+        self._last_feed = None
+        self._set_columns(columns)
+
     # ---- rewinding ---------------------------------------------------------------------------------
 
     @torch.inference_mode()

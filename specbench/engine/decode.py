@@ -16,50 +16,261 @@ prefill), then repeats one step until every row has finished:
    back at its next proposal.
 Invariant: for each row, the verifier cache holds every committed token but the last one.
 
-Rows are independent: each has its own seeded choosers, drawn from in the same
-order as when the row is decoded alone, its own k, and its own stop. A finished
-row stays in the batch as padding until the last row finishes.
+Each mode is a decoder object (`BaselineDecoder`, `SpeculativeDecoder`) with two
+operations: `admit` prefills new rows into free slots of the batch, `step` advances
+every running row by one verifier call. `decode_baseline` and `decode_speculative`
+admit all prompts at once and step until they finish (a static batch: a finished
+row stays as padding until the last one ends); the continuous-batching scheduler
+(`continuous.py`) admits requests as they arrive and frees the slots of finished ones.
+
+Rows are independent: each has its own seeded random streams (`stream_seed`), drawn
+from in the same order as when the row is decoded alone, its own k, and its own stop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from specbench.engine.cached_model import PAD_TOKEN, CachedModel
 from specbench.engine.drafters import Drafter, ModelDrafter, Proposal
 from specbench.engine.results import BatchResult, DecodeResult, DrafterStats
-from specbench.engine.sampling import DecodeSettings, TokenChooser
+from specbench.engine.sampling import DecodeSettings, TokenChooser, stream_seed
 from specbench.engine.schedule import KSchedule
 from specbench.engine.timing import Stopwatch
-from specbench.engine.tree import DraftTree, build_tree, walk_greedy, walk_sampling
+from specbench.engine.tree import DraftTree, build_tree, walk_greedy, walk_sampling_batch
 
 Outcome = tuple[list[int], int]  # a row's accepted tree nodes, and the verifier's own next token
 
 
 @dataclass
-class _Row:
+class Row:
     """One prompt's decoding state."""
 
     tokens: list[int]  # the prompt, then every committed output token
     result: DecodeResult
+    max_new_tokens: int
     chooser: TokenChooser
     draft_choosers: list[TokenChooser]  # one per drafter: independent draws, whatever order threads run in
     k: int = 0
     finished: bool = False
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # the verifier's log-probabilities of its tokens
 
     def emit(self, new_tokens: list[int], settings: DecodeSettings) -> int:
         """Append `new_tokens` up to the first stop (EOS, length limit); return how many were appended."""
         for count, token in enumerate(new_tokens, start=1):
             self.tokens.append(token)
             self.result.tokens.append(token)
-            if token in settings.eos_token_ids or len(self.result.tokens) >= settings.max_new_tokens:
+            if token in settings.eos_token_ids or len(self.result.tokens) >= self.max_new_tokens:
                 self.finished = True
                 return count
         return len(new_tokens)
+
+
+def new_row(
+    prompt: Sequence[int], seed: int, settings: DecodeSettings, drafter_names: Sequence[str], max_k: int, first_k: int,
+    max_new_tokens: int | None = None,
+) -> Row:  # fmt: skip
+    """Fresh state for one prompt: its random streams derive from `seed` (verifier 0, drafter d: d + 1)."""
+    result = DecodeResult(
+        tokens=[],
+        latency_s=0.0,
+        ttft_s=0.0,
+        proposed_by_position=[0] * max_k,
+        accepted_by_position=[0] * max_k,
+        drafters={name: DrafterStats() for name in drafter_names},
+    )
+    draft_choosers = [TokenChooser(settings, stream_seed(seed, index + 1)) for index in range(len(drafter_names))]
+    limit = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+    return Row(list(prompt), result, limit, TokenChooser(settings, stream_seed(seed, 0)), draft_choosers, first_k)
+
+
+class BaselineDecoder:
+    """Verifier-only decoding with a KV cache: one token per running row per forward pass, as `generate()` does.
+
+    With `read_ahead` (static batches on a GPU), each forward is queued before the tokens of the one
+    before are read back, so the host's work on a step (mask, copies, reading tokens) overlaps the
+    GPU's work on the previous one. The queued forward feeds every row the length limit does not
+    stop; a row whose token turns out to be a stop token is rolled back. A decode that ends on a
+    stop token has queued one step it throws away: the clock stops at the last token read, so that
+    step is not counted (the next measurement's clock waits for it). Outputs are the same.
+    """
+
+    def __init__(self, verifier: CachedModel, settings: DecodeSettings, watch: Stopwatch, read_ahead: bool) -> None:
+        self.verifier = verifier
+        self.settings = settings
+        self.watch = watch
+        self.read_ahead = read_ahead
+        self.rows: list[Row | None] = []
+        self._tokens: torch.Tensor | None = None  # every slot's last token, on the device
+        self._queued: tuple[torch.Tensor, list[bool]] | None = None  # a forward queued ahead, and the rows it fed
+
+    @property
+    def running(self) -> list[Row]:
+        """Rows that have not finished."""
+        return [row for row in self.rows if row is not None and not row.finished]
+
+    def admit(self, rows: list[Row], slots: list[int]) -> None:
+        """Prefill `rows` into `slots` and emit their first tokens (their time to first token)."""
+        if self._queued is not None:
+            raise RuntimeError("rows join between steps: a read-ahead decode admits its rows once, at the start")
+        fresh = not self.running
+        _place(self.rows, rows, slots)
+        if fresh:
+            self.verifier.reset(len(self.rows))
+        first = _prefill(self.verifier, rows, slots, self.settings, self.watch)
+        tokens = torch.full((len(self.rows),), PAD_TOKEN, dtype=torch.long, device=self.verifier.device)
+        if self._tokens is not None:
+            tokens[: len(self._tokens)] = self._tokens[: len(tokens)]
+        tokens[torch.tensor(slots, device=tokens.device)] = first
+        self._tokens = tokens
+
+    def keep_rows(self, order: list[int | None]) -> None:
+        """Re-form the batch between steps: new slot i holds old slot `order[i]` (None: an empty slot)."""
+        self.verifier.keep_rows(order)
+        self.rows = [None if slot is None else self.rows[slot] for slot in order]
+        index = torch.tensor([0 if slot is None else slot for slot in order], device=self._tokens.device)
+        self._tokens = self._tokens[index]
+
+    def release(self, slots: list[int]) -> None:
+        """Free the slots of finished rows: their cache columns become holes, the slots take new rows."""
+        self.verifier.remove_rows(slots)
+        for slot in slots:
+            self.rows[slot] = None
+
+    def step(self) -> list[tuple[Row, int]]:
+        """One verifier call for every running row; returns the rows that emitted, with how many tokens (1)."""
+        fed = [row is not None and not row.finished for row in self.rows]
+        if self._queued is None:
+            logits = self.verifier.forward(self._tokens[:, None], fed)[:, -1]
+        else:
+            logits, fed = self._queued
+            self._queued = None
+        rows = [row if feeds else None for row, feeds in zip(self.rows, fed, strict=True)]
+        tokens = _choose(rows, logits)
+        _collect_logprobs(self.settings, rows, logits[:, None], tokens[:, None], [1 if row else 0 for row in rows])
+        read_tokens = _start_reading(tokens)
+        ahead = []
+        if self.read_ahead:
+            ahead = [row is not None and len(row.result.tokens) + 1 < row.max_new_tokens for row in rows]
+            if any(ahead):
+                self._queued = (self.verifier.forward(tokens[:, None], ahead)[:, -1], ahead)
+        emitted, finishing = [], []
+        for row, token in zip(rows, read_tokens(), strict=True):
+            if row is not None:
+                row.result.verifier_calls += 1
+                row.emit([token], self.settings)
+                emitted.append((row, 1))
+                if row.finished:
+                    finishing.append(row)
+        # a clock reading only when a row ends; a queued step is not this step's time
+        _record_latency(finishing, self.watch, wait=not self.read_ahead)
+        if self._queued is not None:
+            stopped = [feeds and row.finished for feeds, row in zip(ahead, self.rows, strict=True)]  # fed one too many
+            if any(stopped):
+                self.verifier.truncate([count - stop for count, stop in zip(self.verifier.lengths, stopped, strict=True)])
+            still = [feeds and not row.finished for feeds, row in zip(ahead, self.rows, strict=True)]
+            self._queued = (self._queued[0], still) if any(still) else None
+        self._tokens = tokens
+        return emitted
+
+
+class SpeculativeDecoder:
+    """Speculative decoding with one or several drafters; lossless for greedy and sampled decoding.
+
+    With a thread `pool`, the drafters propose concurrently (each row draws from one seeded
+    generator per drafter either way, so a seed gives the same output with or without the pool).
+    `k_for_step`, when given, sets every running row's k at the start of each step (a load-aware
+    schedule); otherwise each row keeps its own k from `schedule`.
+    """
+
+    def __init__(
+        self,
+        verifier: CachedModel,
+        drafters: list[Drafter],
+        settings: DecodeSettings,
+        schedule: KSchedule,
+        watch: Stopwatch,
+        pool: ThreadPoolExecutor | None = None,
+        k_for_step: Callable[[int], int] | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.drafters = drafters
+        self.settings = settings
+        self.schedule = schedule
+        self.watch = watch
+        self.pool = pool
+        self.k_for_step = k_for_step
+        self.rows: list[Row | None] = []
+
+    @property
+    def running(self) -> list[Row]:
+        """Rows that have not finished."""
+        return [row for row in self.rows if row is not None and not row.finished]
+
+    def admit(self, rows: list[Row], slots: list[int]) -> None:
+        """Prefill `rows` into `slots` in the verifier (first tokens) and in every drafter.
+
+        Into an empty batch, drafters start over (`reset`, `prefill`); into a running one, they `admit`.
+        """
+        fresh = not self.running
+        _place(self.rows, rows, slots)
+        if fresh:
+            self.verifier.reset(len(self.rows))
+        _prefill(self.verifier, rows, slots, self.settings, self.watch)
+        live = [(row, slot) for row, slot in zip(rows, slots, strict=True) if not row.finished]
+        if not live:
+            return
+        self.watch.mark()
+        for drafter in self.drafters:
+            if fresh:
+                drafter.reset(len(self.rows))
+                drafter.prefill([row.tokens if row is not None and not row.finished else [] for row in self.rows])
+            else:
+                drafter.admit([slot for _, slot in live], [row.tokens for row, _ in live], len(self.rows))
+            seconds = self.watch.lap()
+            for row, _ in live:
+                row.result.drafters[drafter.name].prefill_s = seconds
+
+    def keep_rows(self, order: list[int | None]) -> None:
+        """Re-form the batch between steps: new slot i holds old slot `order[i]` (None: an empty slot)."""
+        self.verifier.keep_rows(order)
+        for drafter in self.drafters:
+            drafter.keep_rows(order)
+        self.rows = [None if slot is None else self.rows[slot] for slot in order]
+
+    def release(self, slots: list[int]) -> None:
+        """Free the slots of finished rows in the verifier and every drafter."""
+        self.verifier.remove_rows(slots)
+        for drafter in self.drafters:
+            drafter.remove_rows(slots)
+        for slot in slots:
+            self.rows[slot] = None
+
+    def step(self) -> list[tuple[Row, int]]:
+        """Draft, verify, accept and commit once for every running row; returns the rows that emitted and how many."""
+        rows = [row if row is not None and not row.finished else None for row in self.rows]
+        if self.k_for_step is not None:
+            k = self.k_for_step(sum(row is not None for row in rows))
+            for row in rows:
+                if row is not None:
+                    row.k = k
+        depths = [_draft_depth(row) for row in rows]
+        proposals = _draft(self.drafters, rows, depths, self.pool, self.watch)
+        trees = [
+            None if row is None else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
+            for row, row_proposals in zip(rows, proposals, strict=True)
+        ]
+        logits = _verify(self.verifier, trees)
+        outcomes = _accept(rows, trees, logits, proposals, self.settings)
+        emitted = _commit(self.verifier, rows, trees, outcomes, self.settings)
+        if self.settings.logprobs:
+            _collect_step_logprobs(self.settings, rows, logits, outcomes, emitted)
+        _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
+        return [(row, count) for row, count in zip(rows, emitted, strict=True) if row is not None]
 
 
 def decode_baseline(
@@ -69,52 +280,16 @@ def decode_baseline(
     seeds: Sequence[int],
     read_ahead: bool | None = None,
 ) -> BatchResult:
-    """Verifier-only decoding with a KV cache: one token per row per forward pass, as `generate()` does.
-
-    With `read_ahead` (the default on a GPU), each forward is queued before the tokens of the one
-    before are read back, so the host's work on a step (mask, copies, reading tokens) overlaps the
-    GPU's work on the previous one. The queued forward feeds every row the length limit does not
-    stop; a row whose token turns out to be a stop token is rolled back, and a decode that ends on a
-    stop token computes one step it throws away (counted in `wall_s`). Outputs are the same.
-    """
-    _check_masks(verifier, [], len(prompts))
+    """Verifier-only decoding of a static batch; `read_ahead` defaults to on for a GPU (see `BaselineDecoder`)."""
+    check_masks(verifier, [], len(prompts))
     rows = _start_rows(prompts, settings, seeds, [], None)
-    if read_ahead is None:
-        read_ahead = verifier.device.type == "cuda"
-    watch = Stopwatch(verifier.devices)
-    tokens = _prefill(verifier, rows, settings, watch)
-    fed = [not row.finished for row in rows]
-    logits = verifier.forward(tokens[:, None], fed)[:, -1] if any(fed) else None
-    wasted_step = False
-    while logits is not None:
-        tokens = _choose(rows, logits)
-        read_tokens = _start_reading(tokens)
-        logits = None
-        if read_ahead:
-            limit = settings.max_new_tokens
-            ahead = [feeds and len(row.result.tokens) + 1 < limit for feeds, row in zip(fed, rows, strict=True)]
-            if any(ahead):
-                logits = verifier.forward(tokens[:, None], ahead)[:, -1]
-        finishing = []
-        for row, token, feeds in zip(rows, read_tokens(), fed, strict=True):
-            if feeds:
-                row.result.verifier_calls += 1
-                row.emit([token], settings)
-                if row.finished:
-                    finishing.append(row)
-        if finishing:  # a clock reading only when a row ends; the queued step is not this step's time
-            _record_latency(finishing, watch, watch.elapsed(wait=not read_ahead))
-        if read_ahead:
-            stopped = [feeds and row.finished for feeds, row in zip(ahead, rows, strict=True)]  # fed one token too many
-            if any(stopped):
-                verifier.truncate([length - stop for length, stop in zip(verifier.lengths, stopped, strict=True)])
-            fed = [feeds and not row.finished for feeds, row in zip(ahead, rows, strict=True)]
-            if logits is not None and not any(fed):
-                logits, wasted_step = None, True
-        else:
-            fed = [not row.finished for row in rows]
-            logits = verifier.forward(tokens[:, None], fed)[:, -1] if any(fed) else None
-    return _batch_result(rows, verifier, watch.elapsed() if wasted_step else None)
+    decoder = BaselineDecoder(
+        verifier, settings, Stopwatch(verifier.devices), verifier.device.type == "cuda" if read_ahead is None else read_ahead
+    )  # fmt: skip
+    decoder.admit(rows, list(range(len(rows))))
+    while decoder.running:
+        decoder.step()
+    return _batch_result(rows, verifier, settings)
 
 
 def decode_speculative(
@@ -126,33 +301,17 @@ def decode_speculative(
     seeds: Sequence[int],
     pool: ThreadPoolExecutor | None = None,
 ) -> BatchResult:
-    """Speculative decoding with one or several drafters; lossless for greedy and sampled decoding.
-
-    With a thread `pool`, the drafters propose concurrently (each row draws from one seeded
-    generator per drafter either way, so a seed gives the same output with or without the pool).
-    """
-    _check_masks(verifier, drafters, len(prompts))
+    """Speculative decoding of a static batch (see `SpeculativeDecoder`)."""
+    check_masks(verifier, drafters, len(prompts))
     rows = _start_rows(prompts, settings, seeds, drafters, schedule)
-    watch = Stopwatch(verifier.devices)
-    for drafter in drafters:
-        drafter.reset(len(rows))
-    _prefill(verifier, rows, settings, watch)
-    _prefill_drafters(drafters, rows, watch)
-    while not all(row.finished for row in rows):
-        depths = [_draft_depth(row, settings) for row in rows]
-        proposals = _draft(drafters, rows, depths, pool, watch)
-        trees = [
-            None if row.finished else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
-            for row, row_proposals in zip(rows, proposals, strict=True)
-        ]
-        logits = _verify(verifier, trees)
-        outcomes = _accept(rows, trees, logits, proposals, settings)
-        emitted = _commit(verifier, rows, trees, outcomes, settings)
-        _end_step(rows, trees, outcomes, emitted, depths, schedule, watch)
-    return _batch_result(rows, verifier)
+    decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, Stopwatch(verifier.devices), pool)
+    decoder.admit(rows, list(range(len(rows))))
+    while decoder.running:
+        decoder.step()
+    return _batch_result(rows, verifier, settings)
 
 
-def _check_masks(verifier: CachedModel, drafters: list[Drafter], batch_size: int) -> None:
+def check_masks(verifier: CachedModel, drafters: list[Drafter], batch_size: int) -> None:
     """Refuse what a model's own causal mask must do (see `attention.needs_plain_causal_mask`)."""
     if len(drafters) > 1 and verifier.plain_mask_only:
         raise ValueError(
@@ -164,48 +323,44 @@ def _check_masks(verifier: CachedModel, drafters: list[Drafter], batch_size: int
         raise ValueError("a model with windowed attention cannot decode ragged batches: use batch_size=1.")
 
 
+
 def _start_rows(
     prompts: Sequence[list[int]],
     settings: DecodeSettings,
     seeds: Sequence[int],
     drafters: list[Drafter],
     schedule: KSchedule | None,
-) -> list[_Row]:
+) -> list[Row]:
     """Fresh state for each prompt, seeded with its own seed."""
     if not prompts or len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds: give one seed per prompt")
     names = [drafter.name for drafter in drafters]
     if len(set(names)) != len(names):
         raise ValueError(f"drafter names must be distinct: {names}")
-    max_k = schedule.max_k if schedule else 0
-    rows = []
-    for prompt, seed in zip(prompts, seeds, strict=True):
-        result = DecodeResult(
-            tokens=[],
-            latency_s=0.0,
-            ttft_s=0.0,
-            proposed_by_position=[0] * max_k,
-            accepted_by_position=[0] * max_k,
-            drafters={name: DrafterStats() for name in names},
-        )
-        draft_choosers = [TokenChooser(settings, seed * 1_000_003 + index + 1) for index in range(len(names))]
-        k = schedule.first if schedule else 0
-        rows.append(_Row(list(prompt), result, TokenChooser(settings, seed), draft_choosers, k))
-    return rows
+    max_k, first_k = (schedule.max_k, schedule.first) if schedule else (0, 0)
+    return [new_row(prompt, seed, settings, names, max_k, first_k) for prompt, seed in zip(prompts, seeds, strict=True)]
 
 
-def _draft_depth(row: _Row, settings: DecodeSettings) -> int:
+def _place(slots_rows: list[Row | None], rows: list[Row], slots: list[int]) -> None:
+    """Put `rows` into the batch's `slots`, growing it if a slot is past its end."""
+    slots_rows.extend([None] * (max(slots) + 1 - len(slots_rows)))
+    for row, slot in zip(rows, slots, strict=True):
+        slots_rows[slot] = row
+
+
+def _draft_depth(row: Row | None) -> int:
     """Tokens the row drafts this step: its k, cut so that the step cannot pass the length limit; 0 when finished."""
-    return 0 if row.finished else min(row.k, settings.max_new_tokens - len(row.result.tokens) - 1)
+    return 0 if row is None or row.finished else min(row.k, row.max_new_tokens - len(row.result.tokens) - 1)
 
 
-def _choose(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-    """One token per row from its logits [rows, vocab] (a placeholder for finished rows), on the device."""
-    if not rows[0].chooser.do_sample:
+def _choose(rows: Sequence[Row | None], logits: torch.Tensor) -> torch.Tensor:
+    """One token per row from its logits [rows, vocab] (a placeholder for rows that are None), on the device."""
+    live = next((row for row in rows if row is not None), None)
+    if live is None or not live.chooser.do_sample:
         return logits.argmax(dim=-1)
-    probs = rows[0].chooser.distribution(logits)  # the warping is the same for every row
+    probs = live.chooser.distribution(logits)  # the warping is the same for every row
     draws = [
-        row.chooser.sample(probs[index : index + 1]) if not row.finished else probs.new_zeros(1, dtype=torch.long)
+        row.chooser.sample(probs[index : index + 1]) if row is not None else probs.new_zeros(1, dtype=torch.long)
         for index, row in enumerate(rows)
     ]
     return torch.cat(draws)
@@ -227,9 +382,13 @@ def _start_reading(tokens: torch.Tensor) -> Callable[[], list[int]]:
     return read
 
 
-def _prefill(verifier: CachedModel, rows: list[_Row], settings: DecodeSettings, watch: Stopwatch) -> torch.Tensor:
-    """Feed the prompts to the verifier and emit each row's first token; return those tokens (on the device)."""
-    tokens = _choose(rows, verifier.prefill([row.tokens for row in rows])[:, -1])
+def _prefill(
+    verifier: CachedModel, rows: list[Row], slots: list[int], settings: DecodeSettings, watch: Stopwatch
+) -> torch.Tensor:
+    """Feed the rows' prompts to the verifier in their slots and emit each row's first token; return those tokens."""
+    logits = verifier.admit(slots, [row.tokens for row in rows])[:, -1]
+    tokens = _choose(rows, logits)
+    _collect_logprobs(settings, rows, logits[:, None], tokens[:, None], [1] * len(rows))
     for row, token in zip(rows, tokens.tolist(), strict=True):
         row.emit([token], settings)
         row.result.verifier_calls = 1
@@ -240,43 +399,77 @@ def _prefill(verifier: CachedModel, rows: list[_Row], settings: DecodeSettings, 
     return tokens
 
 
-def _prefill_drafters(drafters: list[Drafter], rows: list[_Row], watch: Stopwatch) -> None:
-    """Each drafter reads the unfinished rows' prompts and first tokens; time each drafter."""
-    if all(row.finished for row in rows):
+def _collect_logprobs(
+    settings: DecodeSettings,
+    rows: Sequence[Row | None],
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    counts: Sequence[int],
+    nodes: torch.Tensor | None = None,
+) -> None:
+    """Keep, on the device, the verifier's log-probability of each row's first `counts[r]` emitted tokens.
+
+    `logits` [rows, n, vocab]; `nodes` [rows, >= max count] says which of the n columns predicted each
+    token (default: column i the i-th token); `tokens` [rows, >= max count]. Raw logits, unwarped:
+    the figure is the verifier's perplexity of the text. Nothing is read back here (no sync).
+    """
+    if not settings.logprobs or not any(counts):
         return
-    contexts = [[] if row.finished else row.tokens for row in rows]
-    watch.mark()
-    for drafter in drafters:
-        drafter.prefill(contexts)
-        seconds = watch.lap()
-        for row in rows:
-            if not row.finished:
-                row.result.drafters[drafter.name].prefill_s = seconds
+    width = max(counts)
+    if nodes is None:
+        nodes = torch.arange(width, device=logits.device).expand(logits.shape[0], width)
+    predicting = logits.gather(1, nodes[:, :width, None].expand(-1, -1, logits.shape[-1])).float()
+    chosen = predicting.gather(2, tokens[:, :width, None].to(logits.device))[..., 0]
+    logprobs = chosen - predicting.logsumexp(dim=-1)
+    for index, (row, count) in enumerate(zip(rows, counts, strict=True)):
+        if row is not None and count:
+            row.logprobs.append(logprobs[index, :count])
+
+
+def _collect_step_logprobs(
+    settings: DecodeSettings,
+    rows: Sequence[Row | None],
+    logits: torch.Tensor,
+    outcomes: Sequence[Outcome | None],
+    emitted: Sequence[int],
+) -> None:
+    """The log-probabilities of a speculative step's emitted tokens: each is predicted at its parent node."""
+    width = logits.shape[1]
+    nodes, tokens = [], []
+    for row, outcome, count in zip(rows, outcomes, emitted, strict=True):
+        row_nodes = [0, *outcome[0]][:count] if outcome else []
+        row_tokens = row.result.tokens[len(row.result.tokens) - count :] if row is not None and count else []
+        nodes.append(row_nodes + [0] * (width - len(row_nodes)))
+        tokens.append(row_tokens + [0] * (width - len(row_tokens)))
+    device = logits.device
+    _collect_logprobs(settings, rows, logits, torch.tensor(tokens, device=device), emitted,
+                      torch.tensor(nodes, device=device))  # fmt: skip
 
 
 def _draft(
     drafters: list[Drafter],
-    rows: list[_Row],
+    rows: list[Row | None],
     depths: list[int],
     pool: ThreadPoolExecutor | None,
     watch: Stopwatch,
 ) -> list[list[Proposal]]:
     """Every drafter's proposal for every row, as [row][drafter] (in parallel threads with a pool)."""
     watch.mark()
-    contexts = [row.tokens for row in rows]
+    contexts = [row.tokens if row is not None else [] for row in rows]
+    choosers = [[row.draft_choosers[index] if row is not None else None for row in rows] for index in range(len(drafters))]
 
     def propose(index: int) -> tuple[list[Proposal], float]:
         if max(depths) == 0:
             return [Proposal([]) for _ in rows], 0.0
         begin = watch.clock.now()
-        proposals = drafters[index].propose(contexts, depths, [row.draft_choosers[index] for row in rows])
+        proposals = drafters[index].propose(contexts, depths, choosers[index])
         return proposals, watch.clock.now() - begin
 
     indices = range(len(drafters))
     drafted = list(pool.map(propose, indices)) if pool else [propose(index) for index in indices]
     phase_s = watch.lap()  # wall time: drafters in a pool overlap
     for row in rows:
-        if not row.finished:
+        if row is not None:
             row.result.draft_time_s += phase_s
             for drafter, (_, seconds) in zip(drafters, drafted, strict=True):
                 row.result.drafters[drafter.name].draft_time_s += seconds
@@ -297,32 +490,31 @@ def _verify(verifier: CachedModel, trees: list[DraftTree | None]) -> torch.Tenso
 
 
 def _accept(
-    rows: list[_Row],
+    rows: list[Row | None],
     trees: list[DraftTree | None],
     logits: torch.Tensor,
     proposals: list[list[Proposal]],
     settings: DecodeSettings,
 ) -> list[Outcome | None]:
-    """Each unfinished row's accepted path and next token: greedy walk, or multi-step speculative sampling."""
+    """Each running row's accepted path and next token: greedy walk, or multi-step speculative sampling."""
     if not settings.do_sample:
         verifier_tokens = logits.argmax(dim=-1).tolist()
         return [
             walk_greedy(tree, tokens) if tree else None for tree, tokens in zip(trees, verifier_tokens, strict=True)
         ]
-    probs = rows[0].chooser.distribution(logits.flatten(0, 1)).view(logits.shape)
-    outcomes: list[Outcome | None] = []
-    for index, (row, tree) in enumerate(zip(rows, trees, strict=True)):
-        if tree is None:
-            outcomes.append(None)
-            continue
-        draft_probs = [p.probs.to(logits.device) if p.probs is not None else None for p in proposals[index]]
-        outcomes.append(walk_sampling(tree, probs[index], draft_probs, row.chooser))
-    return outcomes
+    live = next(row for row in rows if row is not None)
+    probs = live.chooser.distribution(logits.flatten(0, 1)).view(logits.shape)
+    draft_probs = [
+        [p.probs.to(logits.device) if p.probs is not None else None for p in row_proposals]
+        for row_proposals in proposals
+    ]
+    choosers = [row.chooser if row is not None else None for row in rows]
+    return walk_sampling_batch(trees, probs, draft_probs, choosers)
 
 
 def _commit(
     verifier: CachedModel,
-    rows: list[_Row],
+    rows: list[Row | None],
     trees: list[DraftTree | None],
     outcomes: list[Outcome | None],
     settings: DecodeSettings,
@@ -340,7 +532,7 @@ def _commit(
 
 
 def _end_step(
-    rows: list[_Row],
+    rows: list[Row | None],
     trees: list[DraftTree | None],
     outcomes: list[Outcome | None],
     emitted: list[int],
@@ -356,16 +548,23 @@ def _end_step(
             continue
         path = outcome[0]
         row.result.verify_time_s += verify_s
-        offered = _count_step(row.result, tree, path[:count], row.k, depth)
-        row.k = schedule.next(row.k, len(path), offered)
+        offered = _count_step(row.result, tree, path, count, row.k, depth)
+        row.k = schedule.next(row.k, min(len(path), count), offered)
         if row.finished:
             finishing.append(row)
     _record_latency(finishing, watch)
 
 
-def _count_step(result: DecodeResult, tree: DraftTree, emitted_path: list[int], k: int, depth: int) -> int:
-    """Add one step to a row's counts, counting only the draft tokens it emitted; return the longest proposal."""
-    offered = max((len(branch) for branch in tree.branches), default=0)
+def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], emitted: int, k: int, depth: int) -> int:
+    """Add one step to a row's counts; return the draft positions it offered.
+
+    A position counts as offered when the verifier judged it: up to the first rejection, or up to the
+    token where the row stopped. Draft positions after a stop inside an accepted block are neither
+    offered nor accepted (the row would have stopped there whatever they held).
+    """
+    longest = max((len(branch) for branch in tree.branches), default=0)
+    offered = min(longest, emitted)  # `emitted` <= len(path) + 1: a stop cuts the block after `emitted` tokens
+    emitted_path = path[:emitted]
     result.verifier_calls += 1
     result.steps += 1
     result.k_per_step.append(k)
@@ -381,25 +580,34 @@ def _count_step(result: DecodeResult, tree: DraftTree, emitted_path: list[int], 
         shared = 0
         while shared < min(len(branch), len(emitted_path)) and branch[shared] == emitted_path[shared]:
             shared += 1
-        stats.proposed += len(branch)
+        stats.proposed += min(len(branch), emitted)
         stats.accepted += shared
         stats.wins += bool(emitted_path) and shared == len(emitted_path)
     return offered
 
 
-def _record_latency(finishing: list[_Row], watch: Stopwatch, seconds: float | None = None) -> None:
-    """The rows that just produced their last token: their latency is the time since the batch's start."""
+def _record_latency(finishing: list[Row], watch: Stopwatch, seconds: float | None = None, wait: bool = True) -> None:
+    """The rows that just produced their last token: their latency is the time since the watch started."""
     if finishing:
-        seconds = watch.elapsed() if seconds is None else seconds
+        seconds = watch.elapsed(wait) if seconds is None else seconds
         for row in finishing:
             row.result.latency_s = seconds
 
 
-def _batch_result(rows: list[_Row], verifier: CachedModel, wall_s: float | None = None) -> BatchResult:
-    """The rows' results; the batch's wall time is its last row's latency unless given."""
+def finish_logprobs(rows: Sequence[Row]) -> None:
+    """Sum each row's collected log-probabilities into its result (reads the device: call after timing)."""
+    for row in rows:
+        if row.logprobs:
+            row.result.logprob = float(torch.cat(row.logprobs).sum())
+            row.logprobs = []
+
+
+def _batch_result(rows: list[Row], verifier: CachedModel, settings: DecodeSettings) -> BatchResult:
+    """The rows' results; the batch's wall time is its last row's latency (the last token read)."""
+    finish_logprobs(rows)
     return BatchResult(
         rows=[row.result for row in rows],
-        wall_s=max(row.result.latency_s for row in rows) if wall_s is None else wall_s,
+        wall_s=max(row.result.latency_s for row in rows),
         verifier_positions=verifier.fed_positions,
         padded_positions=verifier.padded_positions,
     )

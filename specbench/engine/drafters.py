@@ -43,9 +43,23 @@ class Drafter(Protocol):
         """Read each row's prompt and first token before the first proposal (an empty row: a finished one)."""
 
     def propose(
-        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser]
+        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser | None]
     ) -> list[Proposal]:
-        """Per row, propose at most `depths[row]` tokens to follow `contexts[row]` (nothing when it is 0)."""
+        """Per row, propose at most `depths[row]` tokens to follow `contexts[row]` (nothing when it is 0; an idle
+        row has no chooser)."""
+
+
+class JoiningDrafter(Drafter, Protocol):
+    """A drafter that serves a running batch: rows join it and leave it between steps (continuous batching)."""
+
+    def admit(self, slots: Sequence[int], contexts: Sequence[list[int]], batch_size: int) -> None:
+        """Read the joining rows' tokens into `slots` of a batch that now has `batch_size` rows."""
+
+    def keep_rows(self, order: Sequence[int | None]) -> None:
+        """Re-form the batch: new row i is old row `order[i]` (None: an empty row)."""
+
+    def remove_rows(self, slots: Sequence[int]) -> None:
+        """Forget the rows in `slots` (their requests finished)."""
 
 
 class ModelDrafter:
@@ -76,6 +90,30 @@ class ModelDrafter:
         self._committed = [len(tokens) for tokens in cached]
         self._drafted = [[] for _ in contexts]
 
+    @torch.inference_mode()
+    def admit(self, slots: Sequence[int], contexts: Sequence[list[int]], batch_size: int) -> None:
+        """Cache all of each joining row's tokens but the last, in its slot (the other rows keep theirs)."""
+        grow = batch_size - len(self._committed)
+        if grow > 0:
+            self.keep_rows([*range(len(self._committed)), *[None] * grow])
+        self.model.admit(slots, [tokens[:-1] for tokens in contexts])
+        for slot, tokens in zip(slots, contexts, strict=True):
+            self._committed[slot] = len(tokens) - 1
+            self._drafted[slot] = []
+
+    def keep_rows(self, order: Sequence[int | None]) -> None:
+        """Re-form the batch: new row i is old row `order[i]` (None: an empty row)."""
+        self.model.keep_rows(order)
+        self._committed = [0 if row is None else self._committed[row] for row in order]
+        self._drafted = [[] if row is None else self._drafted[row] for row in order]
+
+    def remove_rows(self, slots: Sequence[int]) -> None:
+        """Forget the rows in `slots`."""
+        self.model.remove_rows(slots)
+        for slot in slots:
+            self._committed[slot] = 0
+            self._drafted[slot] = []
+
     def _reusable_prefix(self, row: int, tokens: list[int]) -> int:
         """Length of the row's cached prefix still valid for `tokens`, leaving at least one token to feed."""
         committed = min(self._committed[row], len(tokens) - 1)
@@ -87,7 +125,7 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def propose(
-        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser]
+        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser | None]
     ) -> list[Proposal]:
         """Draft each row's tokens autoregressively, greedy or sampled like the verifier, all rows per forward."""
         rows = range(len(contexts))
@@ -107,10 +145,11 @@ class ModelDrafter:
             fed = self.model.forward(ids, [len(feed) for feed in feeds], logits_to_keep=width)
             logits = torch.stack([fed[row, max(len(feed), 1) - 1] for row, feed in enumerate(feeds)])
         steps = max(depths)
+        chooser = choosers[drafting[0]]  # the warping is the same for every row
         columns, distributions = [], []
         for position in range(steps):
-            if choosers[0].do_sample:
-                probs = choosers[0].distribution(logits)  # the warping is the same for every row
+            if chooser.do_sample:
+                probs = chooser.distribution(logits)
                 tokens = torch.cat([_draw(choosers[row], probs, row, depths[row] > position) for row in rows])
                 distributions.append(probs)
             else:
@@ -154,8 +193,17 @@ class PromptLookupDrafter:
     def prefill(self, contexts: Sequence[list[int]]) -> None:
         """Nothing to read ahead: matches are searched at each proposal."""
 
+    def admit(self, slots: Sequence[int], contexts: Sequence[list[int]], batch_size: int) -> None:
+        """Nothing to read: the drafter keeps no state."""
+
+    def keep_rows(self, order: Sequence[int | None]) -> None:
+        """Nothing to move: the drafter keeps no state."""
+
+    def remove_rows(self, slots: Sequence[int]) -> None:
+        """Nothing to forget: the drafter keeps no state."""
+
     def propose(
-        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser]
+        self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser | None]
     ) -> list[Proposal]:
         """Per row, the continuation of the latest earlier match of the longest matching n-gram."""
         return [Proposal(self.lookup(tokens, depth)) for tokens, depth in zip(contexts, depths, strict=True)]

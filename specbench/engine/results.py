@@ -43,6 +43,7 @@ class DecodeResult:
     draft_time_s: float = 0.0  # wall time of the drafting phases of the row's steps
     verify_time_s: float = 0.0  # wall time of the verifying phases (forward, acceptance, cache rewind)
     drafters: dict[str, DrafterStats] = field(default_factory=dict)
+    logprob: float | None = None  # the verifier's log-likelihood of the output (raw logits), when collected
 
     @property
     def draft_prefill_s(self) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -30,6 +31,16 @@ class DecodeSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    logprobs: bool = False  # keep the verifier's log-probability of every emitted token (perplexity)
+
+
+def stream_seed(row_seed: int, role: int) -> int:
+    """The seed of one random stream of a row: role 0 is the verifier's, role d + 1 drafter d's.
+
+    numpy's SeedSequence hashes (row seed, role), so no two streams of a run share a seed (with a
+    plain sum, prompt 0's drafter would draw what prompt 1's verifier draws).
+    """
+    return int(np.random.SeedSequence([row_seed % 2**64, role]).generate_state(1, np.uint64)[0])
 
 
 class TokenChooser:
@@ -74,21 +85,28 @@ class TokenChooser:
         """Draw one token per row of `probs`."""
         return torch.multinomial(probs, 1, generator=self.generator(probs.device)).view(-1)
 
-    def uniform(self, device: torch.device) -> torch.Tensor:
-        """One draw from U[0, 1) as a 0-d tensor."""
-        return torch.rand((), generator=self.generator(device), device=device)
+    def uniforms(self, count: int) -> torch.Tensor:
+        """`count` draws from U[0, 1), made on the host (no device work, nothing to wait for)."""
+        return torch.rand(count, generator=self.generator(torch.device("cpu")))
 
 
-def accepts(p_token: torch.Tensor, q_token: torch.Tensor, uniform: torch.Tensor) -> bool:
-    """The acceptance rule: keep a draft token x with probability min(1, p(x) / q(x))."""
-    return bool(uniform * q_token < p_token)
+def accepts(p_token: torch.Tensor, q_token: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The acceptance rule, elementwise: keep a draft token x with probability min(1, p(x) / q(x))."""
+    return uniform * q_token < p_token
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)): where to sample from after the draft token was rejected.
+    """norm(max(0, p - q)) over the last dimension: where to sample from after the draft token was rejected.
 
-    If p and q agree everywhere (rejection then had probability 0) p is returned.
+    Where p and q agree everywhere (rejection then had probability 0) p is returned.
     """
     residual = (p - q).clamp_(min=0)
-    total = residual.sum()
-    return residual / total if total > 0 else p
+    total = residual.sum(-1, keepdim=True)
+    return torch.where(total > 0, residual / total.clamp(min=torch.finfo(total.dtype).tiny), p)
+
+
+def sample_by_uniforms(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` [n, vocab] by inverting its CDF at `uniforms` [n] (exact; one batched op)."""
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniforms.to(probs.device, probs.dtype)[:, None] * cdf[:, -1:]).contiguous()
+    return torch.searchsorted(cdf, targets, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
