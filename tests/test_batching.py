@@ -255,7 +255,8 @@ def test_self_draft_accepts_everything_whatever_the_stop(verifiers, stop_index):
     assert result.tokens == free[: free.index(stop) + 1]
     assert result.accepted == result.proposed > 0
     assert result.accepted_by_position == result.proposed_by_position
-    full = [accepted for offered, accepted in zip(result.offered_per_step, result.accepted_per_step) if offered == 3]
+    steps = zip(result.offered_per_step, result.accepted_per_step, strict=True)
+    full = [accepted for offered, accepted in steps if offered == 3]
     assert all(accepted == 3 for accepted in full)
 
 

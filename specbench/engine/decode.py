@@ -171,7 +171,8 @@ class BaselineDecoder:
         if self._queued is not None:
             stopped = [feeds and row.finished for feeds, row in zip(ahead, self.rows, strict=True)]  # fed one too many
             if any(stopped):
-                self.verifier.truncate([count - stop for count, stop in zip(self.verifier.lengths, stopped, strict=True)])
+                lengths = self.verifier.lengths
+                self.verifier.truncate([count - stop for count, stop in zip(lengths, stopped, strict=True)])
             still = [feeds and not row.finished for feeds, row in zip(ahead, self.rows, strict=True)]
             self._queued = (self._queued[0], still) if any(still) else None
         self._tokens = tokens
@@ -283,9 +284,9 @@ def decode_baseline(
     """Verifier-only decoding of a static batch; `read_ahead` defaults to on for a GPU (see `BaselineDecoder`)."""
     check_masks(verifier, [], len(prompts))
     rows = _start_rows(prompts, settings, seeds, [], None)
-    decoder = BaselineDecoder(
-        verifier, settings, Stopwatch(verifier.devices), verifier.device.type == "cuda" if read_ahead is None else read_ahead
-    )  # fmt: skip
+    if read_ahead is None:
+        read_ahead = verifier.device.type == "cuda"
+    decoder = BaselineDecoder(verifier, settings, Stopwatch(verifier.devices), read_ahead)
     decoder.admit(rows, list(range(len(rows))))
     while decoder.running:
         decoder.step()
@@ -321,7 +322,6 @@ def check_masks(verifier: CachedModel, drafters: list[Drafter], batch_size: int)
     models = [verifier, *(drafter.model for drafter in drafters if isinstance(drafter, ModelDrafter))]
     if batch_size > 1 and any(model.plain_mask_only for model in models):
         raise ValueError("a model with windowed attention cannot decode ragged batches: use batch_size=1.")
-
 
 
 def _start_rows(
@@ -456,7 +456,7 @@ def _draft(
     """Every drafter's proposal for every row, as [row][drafter] (in parallel threads with a pool)."""
     watch.mark()
     contexts = [row.tokens if row is not None else [] for row in rows]
-    choosers = [[row.draft_choosers[index] if row is not None else None for row in rows] for index in range(len(drafters))]
+    choosers = [[row and row.draft_choosers[index] for row in rows] for index in range(len(drafters))]
 
     def propose(index: int) -> tuple[list[Proposal], float]:
         if max(depths) == 0:

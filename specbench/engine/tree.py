@@ -170,7 +170,7 @@ def walk_sampling_batch(
         sampled = [index for index, q_row in enumerate(qs) if q_row is not None]
         if sampled:
             q[torch.tensor(sampled, device=device)] = torch.stack([qs[index] for index in sampled]).to(q.dtype)
-        one_hot = [index for index, (q_row, offer) in enumerate(zip(qs, offers, strict=True)) if offer and q_row is None]
+        one_hot = [index for index, q_row in enumerate(qs) if offers[index] and q_row is None]
         if one_hot:
             where = torch.tensor(one_hot, device=device)
             q[where, token_index[where, 0]] = 1.0
