@@ -47,6 +47,16 @@ Outcome = tuple[list[int], int]  # a row's accepted tree nodes, and the verifier
 
 
 @dataclass
+class StepReport:
+    """What one step did: the rows that emitted (with how many tokens each) and what speculation offered."""
+
+    emitted: list[tuple[Row, int]]
+    k: int = 0  # the most draft tokens a row was asked for (0: a plain decode step)
+    proposed: int = 0  # draft positions offered, all rows together
+    accepted: int = 0
+
+
+@dataclass
 class Row:
     """One prompt's decoding state."""
 
@@ -113,11 +123,16 @@ class BaselineDecoder:
         """Rows that have not finished."""
         return [row for row in self.rows if row is not None and not row.finished]
 
-    def admit(self, rows: list[Row], slots: list[int]) -> None:
-        """Prefill `rows` into `slots` and emit their first tokens (their time to first token)."""
+    def admit(self, rows: list[Row], slots: list[int], batch_size: int | None = None) -> None:
+        """Prefill `rows` into `slots` and emit their first tokens (their time to first token).
+
+        Into an empty batch, the verifier starts over with `batch_size` slots (default: just enough).
+        """
         if self._queued is not None:
             raise RuntimeError("rows join between steps: a read-ahead decode admits its rows once, at the start")
         fresh = not self.running
+        if fresh:
+            self.rows, self._tokens = [None] * (batch_size or max(slots) + 1), None
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
@@ -141,8 +156,8 @@ class BaselineDecoder:
         for slot in slots:
             self.rows[slot] = None
 
-    def step(self) -> list[tuple[Row, int]]:
-        """One verifier call for every running row; returns the rows that emitted, with how many tokens (1)."""
+    def step(self) -> StepReport:
+        """One verifier call for every running row, each emitting one token."""
         fed = [row is not None and not row.finished for row in self.rows]
         if self._queued is None:
             logits = self.verifier.forward(self._tokens[:, None], fed)[:, -1]
@@ -176,7 +191,7 @@ class BaselineDecoder:
             still = [feeds and not row.finished for feeds, row in zip(ahead, self.rows, strict=True)]
             self._queued = (self._queued[0], still) if any(still) else None
         self._tokens = tokens
-        return emitted
+        return StepReport(emitted)
 
 
 class SpeculativeDecoder:
@@ -212,12 +227,15 @@ class SpeculativeDecoder:
         """Rows that have not finished."""
         return [row for row in self.rows if row is not None and not row.finished]
 
-    def admit(self, rows: list[Row], slots: list[int]) -> None:
+    def admit(self, rows: list[Row], slots: list[int], batch_size: int | None = None) -> None:
         """Prefill `rows` into `slots` in the verifier (first tokens) and in every drafter.
 
-        Into an empty batch, drafters start over (`reset`, `prefill`); into a running one, they `admit`.
+        Into an empty batch of `batch_size` slots (default: just enough), the verifier and drafters start
+        over (`reset`, `prefill`); into a running one, they `admit`.
         """
         fresh = not self.running
+        if fresh:
+            self.rows = [None] * (batch_size or max(slots) + 1)
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
@@ -251,8 +269,8 @@ class SpeculativeDecoder:
         for slot in slots:
             self.rows[slot] = None
 
-    def step(self) -> list[tuple[Row, int]]:
-        """Draft, verify, accept and commit once for every running row; returns the rows that emitted and how many."""
+    def step(self) -> StepReport:
+        """Draft, verify, accept and commit once for every running row."""
         rows = [row if row is not None and not row.finished else None for row in self.rows]
         if self.k_for_step is not None:
             k = self.k_for_step(sum(row is not None for row in rows))
@@ -271,7 +289,13 @@ class SpeculativeDecoder:
         if self.settings.logprobs:
             _collect_step_logprobs(self.settings, rows, logits, outcomes, emitted)
         _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
-        return [(row, count) for row, count in zip(rows, emitted, strict=True) if row is not None]
+        took_part = [row for row in rows if row is not None]
+        return StepReport(
+            emitted=[(row, count) for row, count in zip(rows, emitted, strict=True) if row is not None],
+            k=max(depths),
+            proposed=sum(row.result.offered_per_step[-1] for row in took_part),
+            accepted=sum(row.result.accepted_per_step[-1] for row in took_part),
+        )
 
 
 def decode_baseline(

@@ -121,3 +121,4 @@ class ServeResult:
     wall_s: float  # from the trace's start until its last request finished
     verifier_positions: int = 0
     padded_positions: int = 0
+    results: list[DecodeResult] = field(default_factory=list)  # each request's engine counts, in request-id order
