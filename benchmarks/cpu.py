@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         ratios[f"hf_{name}_k{k}_time_over_ours"] = per_repeat_ratio(f"hf_{name}_k{k}", f"ours_{name}_k{k}")
 
     curve = {1: range(1, max(args.ks) + 2)}  # batch size 1, n = 1 .. max k + 1 new tokens
-    costs = measure_step_costs(verifier, list(ours.values()), prompts[0], settings, curve)
+    costs = measure_step_costs(verifier, list(ours.values()), prompts, settings, curve)
     verify_s, draft_s = costs.verify_s[1], costs.draft_s[1]
     model_check = {}
     for name, k in pairs:

@@ -351,7 +351,7 @@ def _batch_row(bench: Bench, size: int, verifier: CachedModel, drafters: dict[st
         }
     row["ms_per_step_baseline"] = 1000 * tokens / row["ours_baseline"]["median"] / args.new_tokens / size
     costs = measure_step_costs(
-        verifier, list(drafters.values()), prompts[0], bench.settings, {size: (1, args.k + 1)}, repeats=5
+        verifier, list(drafters.values()), [prompts[0]], bench.settings, {size: (1, args.k + 1)}, repeats=5
     )
     verify = costs.verify_s[size]
     row["verify_cost_ratio_k_plus_1"] = verify[args.k + 1] / verify[1]
@@ -396,7 +396,7 @@ def section_trees(bench: Bench) -> dict:
         }
     )
     costs = measure_step_costs(
-        verifier, list(drafters.values()), prompts[0], bench.settings, {1: range(1, 2 * args.k + 2)}, repeats=5
+        verifier, list(drafters.values()), [prompts[0]], bench.settings, {1: range(1, 2 * args.k + 2)}, repeats=5
     )
     results = {}
     for name, members in sets.items():

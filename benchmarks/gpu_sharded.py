@@ -172,7 +172,7 @@ def main() -> None:
     report["ms_per_token"] = {name: spread(values) for name, values in samples.items()}
     save("ms_per_token")
 
-    costs = measure_step_costs(verifier, [draft], prompt, settings, {1: (1, args.k + 1)}, repeats=3)
+    costs = measure_step_costs(verifier, [draft], [prompt], settings, {1: (1, args.k + 1)}, repeats=3)
     baseline, spec = ours().rows[0], speculative().rows[0]
     full = [a for o, a in zip(spec.offered_per_step, spec.accepted_per_step, strict=True) if o == args.k]
     alpha = iid_acceptance(statistics.mean(full), args.k) if full else 0.0

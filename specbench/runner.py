@@ -321,18 +321,21 @@ def curve_tokens(cfg: SpecBenchConfig) -> int:
 
 
 def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
-    """Step costs on the first prompt, the inputs of the speedup model: at the run's batch size the draft step
-    and the verify curve n = 1..; over `cost_batch_grid`, one and k+1 tokens (as far as time and memory allow)."""
-    prompt = setup.prompts[0].input_ids
+    """Step costs on the run's own prompts (ragged, as the decode batches them), the inputs of the speedup model:
+    at the run's batch size the draft step and the verify curve n = 1..; over `cost_batch_grid`, one and k+1
+    tokens (as far as time and memory allow)."""
+    prompts = [prompt.input_ids for prompt in setup.prompts]
     log.info("measuring step costs: verify curve at batch size %d, then batch sizes up to %d", cfg.batch_size,
              max(cfg.cost_batch_grid, default=cfg.batch_size))  # fmt: skip
     start = time.perf_counter()
     run_curve = {cfg.batch_size: range(1, curve_tokens(cfg) + 1)}
-    costs = measure_step_costs(setup.verifier, setup.drafters, prompt, setup.settings, run_curve)
+    costs = measure_step_costs(setup.verifier, setup.drafters, prompts, setup.settings, run_curve)
     grid = {size: (1, cfg.k + 1) for size in cfg.cost_batch_grid if size != cfg.batch_size}
+    if any(model.plain_mask_only for model in _models(setup)):  # windowed attention: batch size 1 only
+        grid = {size: shape for size, shape in grid.items() if size == 1}
     if grid:
         more = measure_step_costs(
-            setup.verifier, setup.drafters, prompt, setup.settings, grid, budget_s=cfg.cost_grid_budget_s
+            setup.verifier, setup.drafters, prompts, setup.settings, grid, budget_s=cfg.cost_grid_budget_s
         )
         costs.verify_s |= more.verify_s
         costs.draft_s |= more.draft_s

@@ -294,14 +294,14 @@ def test_step_costs_by_batch_size(verifiers, drafts):
     verifier = CachedModel(verifiers["llama"], VOCAB, max_len=64)
     members = [drafter(drafts["gpt2"]), PromptLookupDrafter("lookup")]
     shapes = {1: (1, 2, 3), 2: (1, 3), 4: (1, 3)}
-    costs = measure_step_costs(verifier, members, PROMPT, SETTINGS, shapes, repeats=1)
+    costs = measure_step_costs(verifier, members, [PROMPT], SETTINGS, shapes, repeats=1)
     assert set(costs.verify_s) == set(costs.draft_s) == {1, 2, 4}
     assert {size: tuple(curve) for size, curve in costs.verify_s.items()} == shapes
     assert all(min(curve.values()) > 0 for curve in costs.verify_s.values())
     assert all(set(steps) == {"draft", "lookup"} for steps in costs.draft_s.values())
     assert verifier.lengths == [0]  # left reset for whatever runs next
     # a budget the first batch size already spends stops the grid there
-    slow = measure_step_costs(verifier, members, PROMPT, SETTINGS, shapes, repeats=1, budget_s=1e-9)
+    slow = measure_step_costs(verifier, members, [PROMPT], SETTINGS, shapes, repeats=1, budget_s=1e-9)
     assert set(slow.verify_s) == {1}
 
 
@@ -329,7 +329,7 @@ class LookupWithoutMemoryFrom(PromptLookupDrafter):
 def test_step_costs_stop_at_the_first_batch_size_out_of_memory(verifiers):
     verifier = CachedModel(verifiers["gpt2"], VOCAB)
     shapes = {size: (1, 2) for size in (1, 2, 4, 8)}
-    costs = measure_step_costs(verifier, [LookupWithoutMemoryFrom(4)], PROMPT, SETTINGS, shapes, repeats=1)
+    costs = measure_step_costs(verifier, [LookupWithoutMemoryFrom(4)], [PROMPT], SETTINGS, shapes, repeats=1)
     assert set(costs.verify_s) == set(costs.draft_s) == {1, 2}
 
 

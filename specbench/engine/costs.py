@@ -35,7 +35,7 @@ class StepCosts:
 def measure_step_costs(
     verifier: CachedModel,
     drafters: list[Drafter],
-    prompt_ids: list[int],
+    prompts: Sequence[list[int]],
     settings: DecodeSettings,
     shapes: Mapping[int, Sequence[int]],
     repeats: int = 3,
@@ -44,70 +44,111 @@ def measure_step_costs(
     """Time, for each batch size b of `shapes` (ascending), verifier passes of b rows x n tokens for each n of
     `shapes[b]`, and one step of each drafter at b rows.
 
-    Every row reads `prompt_ids` first. Each shape runs once as a warm-up, then `repeats` times. The
-    smallest batch size is always measured; a larger one is skipped, with every one after it, once the
-    time spent so far (prefills included) plus its estimate (the last one's time, scaled by rows) would
-    pass `budget_s`, or once a batch size ran out of memory.
+    The b rows are the run's own prompts (cycling through `prompts`), prefilled left-padded as a
+    decode batches them, so a pass attends over the same ragged layout and masks as the decode.
+    Each shape runs once as a warm-up, then `repeats` times. The smallest batch size is always
+    measured. With `budget_s`, the time is checked before every measurement (each prefill, each
+    shape, each drafter): one that would take the grid past the budget, estimated from the same
+    measurement at the last batch size scaled by rows (a prefill: by prompt tokens), is not started,
+    and neither is any larger batch size; a batch size that ran out of memory ends the grid too.
     """
     clock = Clock(verifier.devices)
+    budget = _Budget(clock, budget_s)
 
-    def median_seconds(action: Callable[[], object], undo: Callable[[], None]) -> float:
+    def median_seconds(kind: object, rows: int, action: Callable[[], object], undo: Callable[[], None]) -> float:
+        budget.check(kind, rows)
         samples = []
         for _ in range(repeats + 1):  # the first pass of each shape is a warm-up
             start = clock.now()
             action()
             samples.append(clock.now() - start)
             undo()
+        budget.spent(kind, rows, sum(samples))
         return statistics.median(samples[1:])
 
     costs = StepCosts({}, {})
     models = [verifier, *(drafter.model for drafter in drafters if isinstance(drafter, ModelDrafter))]
-    start, last = clock.now(), None  # last: (batch size, seconds its measurement took)
     for batch in sorted(shapes):
-        if budget_s is not None and last is not None and clock.now() - start + last[1] * batch / last[0] > budget_s:
-            break
-        began = clock.now()
+        rows = [list(prompts[index % len(prompts)]) for index in range(batch)]
         try:
-            verify_s = _verify_passes(verifier, prompt_ids, batch, shapes[batch], median_seconds)
-            draft_s = {
-                drafter.name: _draft_step(drafter, prompt_ids, batch, settings, median_seconds) for drafter in drafters
-            }
-        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in newer releases
+            verify_s = _verify_passes(verifier, rows, shapes[batch], budget, median_seconds)
+            draft_s = {drafter.name: _draft_step(drafter, rows, settings, budget, median_seconds) for drafter in drafters}
+        except (torch.cuda.OutOfMemoryError, _OverBudget) as stop:  # torch.OutOfMemoryError in newer releases
             verify_s = None
+            if not isinstance(stop, _OverBudget) and verifier.device.type == "cuda":
+                torch.cuda.empty_cache()
         for model in models:  # the static buffers of every size measured would add up
             model.release(batch)
         if verify_s is None:
-            if verifier.device.type == "cuda":
-                torch.cuda.empty_cache()
             break
         costs.verify_s[batch] = verify_s
         costs.draft_s[batch] = draft_s
-        last = (batch, clock.now() - began)
+        budget.measured_first = True
     verifier.reset()
     for drafter in drafters:
         drafter.reset(1)
     return costs
 
 
+class _OverBudget(Exception):
+    """The next measurement would take the grid past its time budget."""
+
+
+class _Budget:
+    """The grid's time budget: each measurement's time is estimated from the same one at the last batch size."""
+
+    def __init__(self, clock: Clock, budget_s: float | None) -> None:
+        self.clock, self.budget_s, self.start = clock, budget_s, clock.now()
+        self.measured_first = False  # the smallest batch size is always measured, whatever the budget
+        self._last: dict[object, tuple[int, float]] = {}  # kind -> (units, seconds) when last measured
+
+    def check(self, kind: object, units: int) -> None:
+        """Raise `_OverBudget` if this measurement of `units` (rows, or prompt tokens) would pass the budget."""
+        if self.budget_s is None or not self.measured_first or kind not in self._last:
+            return
+        last_units, last_seconds = self._last[kind]
+        if self.clock.now() - self.start + last_seconds * units / last_units > self.budget_s:
+            raise _OverBudget
+
+    def spent(self, kind: object, units: int, seconds: float) -> None:
+        """Record what a measurement took."""
+        self._last[kind] = (units, seconds)
+
+
 def _verify_passes(
-    verifier: CachedModel, prompt_ids: list[int], batch: int, token_counts: Sequence[int], median_seconds
+    verifier: CachedModel, rows: list[list[int]], token_counts: Sequence[int], budget: _Budget, median_seconds
 ) -> dict[int, float]:
-    verifier.prefill([prompt_ids[:-1]] * batch)
+    cached = [row[:-1] for row in rows]
+    prompt_tokens = sum(len(row) for row in cached)
+    budget.check("prefill", prompt_tokens)
+    began = budget.clock.now()
+    verifier.prefill(cached)
+    budget.spent("prefill", prompt_tokens, budget.clock.now() - began)
     prefix = verifier.lengths
     longest = max(token_counts)
-    new_ids = torch.tensor((prompt_ids * longest)[:longest], device=verifier.device).expand(batch, -1)
+    # each row feeds its own last prompt token, then its own tokens again (the ids do not change the cost)
+    new_ids = torch.tensor([(row[-1:] + row * longest)[:longest] for row in rows], device=verifier.device)
     return {
         n: median_seconds(
-            lambda n=n: verifier.forward(new_ids[:, :n], logits_to_keep=n), lambda: verifier.truncate(prefix)
+            ("verify", n),
+            len(rows),
+            lambda n=n: verifier.forward(new_ids[:, :n], logits_to_keep=n),
+            lambda: verifier.truncate(prefix),
         )
         for n in token_counts
     }
 
 
-def _draft_step(drafter: Drafter, prompt_ids: list[int], batch: int, settings: DecodeSettings, median_seconds):
-    contexts, depths = [prompt_ids] * batch, [1] * batch
-    choosers = [TokenChooser(settings, seed) for seed in range(batch)]
-    drafter.reset(batch)
-    drafter.prefill(contexts)
+def _draft_step(drafter: Drafter, rows: list[list[int]], settings: DecodeSettings, budget: _Budget, median_seconds):
+    depths = [1] * len(rows)
+    choosers = [TokenChooser(settings, seed) for seed in range(len(rows))]
+    prompt_tokens = sum(len(row) for row in rows)
+    budget.check(("draft prefill", drafter.name), prompt_tokens)
+    began = budget.clock.now()
+    drafter.reset(len(rows))
+    drafter.prefill(rows)
+    budget.spent(("draft prefill", drafter.name), prompt_tokens, budget.clock.now() - began)
     # each proposal rolls the drafter back to the prompt less its last token, then drafts one token
-    return median_seconds(lambda: drafter.propose(contexts, depths, choosers), lambda: None)
+    return median_seconds(
+        ("draft", drafter.name), len(rows), lambda: drafter.propose(rows, depths, choosers), lambda: None
+    )
