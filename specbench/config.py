@@ -249,6 +249,9 @@ class SloConfig:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2el_ms: float | None = None
+    # max_rate_under_slo: the highest rate at which this share of requests meets every SLO set (0.99 with only
+    # tpot_ms set: p99 TPOT within it; DistServe uses 0.9)
+    attainment: float = 0.99
 
 
 @dataclass

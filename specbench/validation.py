@@ -180,6 +180,11 @@ def validate_load(cfg: SpecBenchConfig) -> None:
             f"slo.{name}={target} is invalid: give a latency target of 0 ms or more, or leave it unset.",
         )
     _check(
+        0 < cfg.slo.attainment <= 1,
+        f"slo.attainment={cfg.slo.attainment} is invalid: give the share of requests that must meet the SLOs, "
+        "in (0, 1] (e.g. 0.99).",
+    )
+    _check(
         load.crossover_metric is not CrossoverMetric.goodput
         or any(getattr(cfg.slo, name) is not None for name in ("ttft_ms", "tpot_ms", "e2el_ms")),
         "load.crossover_metric=goodput counts requests meeting the SLOs: set slo.ttft_ms, slo.tpot_ms or "
