@@ -224,3 +224,16 @@ def test_goodput_ratio_by_hand():
     assert metrics["paired_requests"] == 3  # r2 failed in both
     assert metrics["e2el_p99_ratio"] == pytest.approx(0.5)
     assert metrics["tpot_p99_ratio"] == pytest.approx(0.5)
+
+
+def test_goodput_ratio_counts_a_request_failed_in_one_mode_as_not_good_there():
+    # spec halves every time but r0 fails in it: baseline good r0, r3 (2 in 5 s), spec good r1, r3 (2 in 4 s):
+    # (2 / 4) / (2 / 5) = 1.25; pairing only the requests both modes served would give (2 / 4) / (1 / 5)
+    baseline = baseline_timeline()
+    spec = scaled(baseline, 0.5, wall_s=4.0)
+    spec.requests[0] = request(0, 0.0, 0.0, [], error="timeout")
+    metrics = load_metrics({"baseline": baseline, "spec": spec}, SloConfig(e2el_ms=2600))
+    assert metrics["goodput_ratio"] == pytest.approx(1.25)
+    assert metrics["goodput_ratio"] == pytest.approx(metrics["goodput_rps_spec"] / metrics["goodput_rps_baseline"])
+    assert metrics["paired_requests"] == 2  # r1 and r3: the latency ratios' requests
+    assert metrics["e2el_p99_ratio"] == pytest.approx(0.5)

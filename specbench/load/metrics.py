@@ -36,9 +36,10 @@ backends too. Acceptance by occupancy groups the scheduler's steps by their
 running rows (1, 2-3, 4-7, ...): `acceptance_rate_occupancy_{low}_{high}`.
 
 The ratios `tpot_p99_ratio`, `e2el_p99_ratio` and `goodput_ratio` (spec over
-baseline) have 95% bootstrap intervals (`_ci_low`, `_ci_high`) over the requests
-both modes served, paired by request id: a drawn request brings its figures in
-both modes. `paired_requests` is how many requests were resampled.
+baseline) have 95% bootstrap intervals (`_ci_low`, `_ci_high`) over the trace's
+requests, paired by request id: a drawn request brings its figures in both modes.
+The latency ratios are over the `paired_requests` that both modes served; for
+goodput a request that failed in a mode is simply not good there.
 """
 
 from __future__ import annotations
@@ -181,26 +182,43 @@ def ratio_metrics(
     baseline: ServeResult, spec: ServeResult, slo: SloConfig | None = None, seed: int = 0
 ) -> dict[str, float]:
     """`tpot_p99_ratio`, `e2el_p99_ratio` and (with SLOs) `goodput_ratio`, spec over baseline, with 95% bootstrap
-    intervals over the requests both modes served, paired by request id; `paired_requests` is their number.
+    intervals over the trace's requests, paired by request id (a drawn request brings its figures in both modes).
 
-    A ratio whose value cannot be computed (no TPOT in a mode, no good baseline request) is left out, and an
-    interval with an unbounded end too.
+    The latency ratios are over the requests both modes served (`paired_requests`); goodput counts a request
+    that failed in a mode as not good there, so its ratio is goodput_rps_spec / goodput_rps_baseline. A ratio
+    that cannot be computed (no TPOT in a mode, no good baseline request) is left out, and an unbounded interval.
     """
-    modes = {"baseline": RequestTimes.of(baseline), "spec": RequestTimes.of(spec)}
-    paired = np.intersect1d(modes["baseline"].request_ids, modes["spec"].request_ids)
-    if not len(paired):
+    ids = np.union1d(*(np.array([r.request_id for r in result.requests], dtype=int) for result in (baseline, spec)))
+    if not len(ids):
         return {}
-    rows = {mode: np.searchsorted(times.request_ids, paired) for mode, times in modes.items()}
-    tpot = {mode: times.tpot_s[rows[mode]] for mode, times in modes.items()}
-    e2el = {mode: times.e2el_s[rows[mode]] for mode, times in modes.items()}
-    good = {mode: times.meets(slo)[rows[mode]] for mode, times in modes.items()} if slo_set(slo) else None
+    modes = {"baseline": RequestTimes.of(baseline), "spec": RequestTimes.of(spec)}
+    rows = {mode: np.searchsorted(ids, times.request_ids) for mode, times in modes.items()}
+    served_by_both = np.zeros(len(ids), dtype=bool)
+    served_by_both[np.intersect1d(rows["baseline"], rows["spec"])] = True
+
+    def by_request(mode: str, values: np.ndarray, missing: float | bool) -> np.ndarray:
+        """`values` of the mode's served requests, aligned on `ids`, `missing` elsewhere."""
+        aligned = np.full(len(ids), missing, dtype=np.asarray(values).dtype)
+        aligned[rows[mode]] = values
+        return aligned
+
+    latencies = {
+        name: {
+            mode: np.where(served_by_both, by_request(mode, getattr(times, name), np.nan), np.nan)
+            for mode, times in modes.items()
+        }
+        for name in ("tpot_s", "e2el_s")
+    }
+    good = {mode: by_request(mode, times.meets(slo), False) for mode, times in modes.items()} if slo_set(slo) else None
 
     def ratios(picks: np.ndarray) -> dict[str, np.ndarray]:
         """Each ratio over the requests at `picks` (one row of picks: one resample)."""
         values = {}
-        if all((~np.isnan(seconds)).any() for seconds in tpot.values()):
-            values["tpot_p99_ratio"] = _p99(tpot["spec"], picks) / _p99(tpot["baseline"], picks)
-        values["e2el_p99_ratio"] = _p99(e2el["spec"], picks) / _p99(e2el["baseline"], picks)
+        for name, seconds in latencies.items():
+            if all((~np.isnan(mode_seconds)).any() for mode_seconds in seconds.values()):
+                values[f"{name.removesuffix('_s')}_p99_ratio"] = _p99(seconds["spec"], picks) / _p99(
+                    seconds["baseline"], picks
+                )
         if good is not None:
             rates = {
                 mode: good[mode][picks].sum(axis=-1) / result.wall_s
@@ -210,18 +228,16 @@ def ratio_metrics(
         return values
 
     rng = np.random.default_rng(seed)
-    metrics: dict[str, float] = {"paired_requests": len(paired)}
+    metrics: dict[str, float] = {"paired_requests": int(served_by_both.sum())}
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample whose TPOTs are all undefined
-        points = ratios(np.arange(len(paired)))
-        draws = [
-            ratios(rng.integers(0, len(paired), size=(_CHUNK, len(paired)))) for _ in range(BOOTSTRAP_SAMPLES // _CHUNK)
-        ]
+        points = ratios(np.arange(len(ids)))
+        draws = [ratios(rng.integers(0, len(ids), size=(_CHUNK, len(ids)))) for _ in range(BOOTSTRAP_SAMPLES // _CHUNK)]
         for key, point in points.items():
             if not np.isfinite(point):
                 continue
             metrics[key] = float(point)
-            low, high = np.percentile(np.concatenate([draw[key] for draw in draws]), (2.5, 97.5))
+            low, high = np.nanpercentile(np.concatenate([draw[key] for draw in draws]), (2.5, 97.5))
             if np.isfinite(low) and np.isfinite(high):
                 metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = float(low), float(high)
     return metrics
