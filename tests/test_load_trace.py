@@ -114,7 +114,10 @@ def test_a_missing_trace_file_and_an_unknown_record_id(tmp_path):
     with pytest.raises(ConfigError, match=r"^load\.trace_path=.*absent\.jsonl does not exist: point it at a JSONL"):
         read_trace(tmp_path / "absent.jsonl")
     trace = read_trace(write_lines(tmp_path / "trace.jsonl", '{"arrival_s": 0, "record_id": "zz"}'))
-    with pytest.raises(ConfigError, match=r"^load\.trace_path=t\.jsonl request 0 names record_id 'zz', which is not"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^load\.trace_path=t\.jsonl request 0 \(counting its requests from 0\) names record_id 'zz', which",
+    ):
         resolve_prompts(trace, ["a", "b"], "t.jsonl")
 
 

@@ -156,7 +156,8 @@ def resolve_prompts(trace: Sequence[TraceRequest], record_ids: Sequence[str], pa
             continue
         if request.record_id not in index_of:
             raise ConfigError(
-                f"{TRACE_KEY}={path} request {request.request_id} names record_id {request.record_id!r}, which is "
+                f"{TRACE_KEY}={path} request {request.request_id} (counting its requests from 0) names record_id "
+                f"{request.record_id!r}, which is "
                 f"not among the run's {len(record_ids)} prompts: use one of the dataset's record ids (widen "
                 "dataset.num_samples or dataset.start), or give the prompt as text."
             )
