@@ -66,6 +66,212 @@ def _pair(stem: str, label: str, unit: str, better: str | None, doc: str, **extr
     return Metric(f"spec_{stem}", label, unit, better=better, doc=doc, baseline=f"baseline_{stem}", **extra)
 
 
+def _per_mode(stem: str, label: str, unit: str, better: str | None, doc: str, **extra) -> Metric:
+    """A load-run metric of both modes, keyed `<stem>_spec` and `<stem>_baseline`."""
+    return Metric(f"{stem}_spec", label, unit, better=better, doc=doc, baseline=f"{stem}_baseline", **extra)
+
+
+LATENCIES = {
+    "ttft": ("Time to first token", "first token - arrival (queue and prefill included)"),
+    "tpot": ("Time per output token", "(E2EL - TTFT) / (output tokens - 1), outputs of 2 tokens or more"),
+    "itl": (
+        "Inter-chunk latency",
+        "gaps between consecutive chunks a client receives, pooled; under speculation a chunk holds the accepted "
+        "tokens plus the verifier's, so compare the modes on TPOT",
+    ),
+    "e2el": ("End-to-end latency", "finish - arrival"),
+    "queue": ("Queueing time", "admitted (prefill began; a server: request sent) - arrival"),
+}
+LATENCY_STATS = {"p50": "median", "p90": "90th percentile", "p99": "99th percentile", "mean": "mean"}
+
+
+def _latencies() -> list[Metric]:
+    """`{latency}_ms_{stat}_{mode}` of load runs: every latency at every statistic, over requests that did not fail."""
+    return [
+        _per_mode(
+            f"{name}_ms_{stat}",
+            f"{label} {stat}",
+            "ms",
+            LOWER,
+            f"load runs: {meaning}, {LATENCY_STATS[stat]} over requests",
+            summary=stat == "p99" and name != "queue",
+            report=stat == "p99" and name in ("tpot", "e2el"),
+        )
+        for name, (label, meaning) in LATENCIES.items()
+        for stat in LATENCY_STATS
+    ]
+
+
+def _predicted_per_mode(stem: str, label: str, unit: str, doc: str, **extra) -> Metric:
+    return _per_mode(f"predicted_{stem}", f"{label} (predicted)", unit, None, f"load model: {doc}", **extra)
+
+
+LOAD_METRICS: tuple[Metric, ...] = (
+    *_latencies(),
+    _per_mode(
+        "requests_per_s",
+        "Completed requests per second",
+        "requests/s",
+        HIGHER,
+        "load runs: completed requests / duration (trace start to last finish)",
+        summary=True,
+    ),
+    _per_mode(
+        "output_tokens_per_s",
+        "Output tokens per second",
+        "tokens/s",
+        HIGHER,
+        "load runs: output tokens of completed requests / duration (trace start to last finish)",
+        summary=True,
+    ),
+    _per_mode(
+        "goodput_rps",
+        "Goodput",
+        "requests/s",
+        HIGHER,
+        "load runs with SLOs: requests meeting every SLO set (slo.ttft_ms, slo.tpot_ms, slo.e2el_ms) / duration "
+        "(DistServe, as vLLM computes it; a one-token output has TPOT 0)",
+        summary=True,
+        report=True,
+    ),
+    _per_mode(
+        "slo_attainment",
+        "SLO attainment",
+        "",
+        HIGHER,
+        "load runs with SLOs: share of all requests (failed ones included) meeting every SLO set",
+        fmt="rate",
+    ),
+    _per_mode(
+        "failed_requests",
+        "Failed requests",
+        "",
+        LOWER,
+        "load runs: requests that ended in an error, left out of every other figure",
+        fmt="int",
+        summary=True,
+    ),
+    _per_mode(
+        "occupancy_mean",
+        "Occupancy, mean",
+        "rows",
+        None,
+        "load runs: running requests, time-weighted over the duration (idle time counts 0): the sum of (finish - "
+        "admitted) over the duration, Little's law's L",
+        summary=True,
+    ),
+    _per_mode(
+        "occupancy_max",
+        "Occupancy, max",
+        "rows",
+        None,
+        "load runs: most requests running at once, from their [admitted, finish) intervals",
+        fmt="int",
+    ),
+    Metric(
+        "acceptance_rate_occupancy_{low}_{high}",
+        "Acceptance at occupancy low-high",
+        fmt="rate",
+        better=HIGHER,
+        doc="load runs: accepted / proposed draft tokens over the speculative steps that ran low to high rows "
+        "(buckets 1, 2-3, 4-7, ...)",
+    ),
+    Metric(
+        "tpot_p99_ratio",
+        "TPOT p99, spec / baseline",
+        "x",
+        better=LOWER,
+        doc="load runs: tpot_ms_p99_spec / tpot_ms_p99_baseline over the requests both modes served; its interval "
+        "is a bootstrap over those requests, paired by request id",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "e2el_p99_ratio",
+        "E2EL p99, spec / baseline",
+        "x",
+        better=LOWER,
+        doc="load runs: e2el_ms_p99_spec / e2el_ms_p99_baseline, paired bootstrap interval as for TPOT",
+        summary=True,
+    ),
+    Metric(
+        "goodput_ratio",
+        "Goodput, spec / baseline",
+        "x",
+        better=HIGHER,
+        doc="load runs with SLOs: goodput_rps_spec / goodput_rps_baseline, paired bootstrap interval as for TPOT",
+        summary=True,
+    ),
+    Metric(
+        "paired_requests",
+        "Requests behind the ratios",
+        fmt="int",
+        doc="load runs: requests both modes served, which the ratios' bootstrap resamples",
+        summary=True,
+    ),
+    Metric(
+        "crossover_rate",
+        "Crossover rate",
+        "requests/s",
+        doc="load.find_crossover: the request rate where speculation stops beating the baseline on "
+        "load.crossover_metric, interpolated on log rate between the probes around it (not logged when it lies "
+        "outside load.rate_min..load.rate_max)",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "crossover_rate_low",
+        "Crossover rate, interval low",
+        "requests/s",
+        doc="where the ratio's bootstrap bound least favourable to speculation first crosses 1 (not logged when "
+        "below load.rate_min)",
+        summary=True,
+    ),
+    Metric(
+        "crossover_rate_high",
+        "Crossover rate, interval high",
+        "requests/s",
+        doc="where the bound most favourable to speculation last crosses 1 (not logged when above load.rate_max)",
+        summary=True,
+    ),
+    Metric("crossover_probes", "Crossover probes", fmt="int", doc="request rates the crossover search served"),
+    _per_mode(
+        "max_rate_under_slo",
+        "Max rate under the SLOs",
+        "requests/s",
+        HIGHER,
+        "load.find_crossover with SLOs: the highest rate where at least slo.attainment of the requests meet every "
+        "SLO, interpolated on log rate between probes (not logged when outside the probed range)",
+        summary=True,
+    ),
+    Metric(
+        "predicted_crossover_rate",
+        "Crossover rate (predicted)",
+        "requests/s",
+        doc="load model: where the predicted mean TPOT (or E2EL) of the two modes cross",
+        summary=True,
+    ),
+    _predicted_per_mode(
+        "occupancy", "Occupancy", "rows", "the occupancy solving Little's law b = rate x time in the batch"
+    ),
+    _predicted_per_mode(
+        "tpot_ms", "Time per output token", "ms", "step time at the occupancy / tokens per step / decode share"
+    ),
+    _predicted_per_mode("e2el_ms", "End-to-end latency", "ms", "prefill + decode steps x step time (not saturated)"),
+    _predicted_per_mode(
+        "output_tokens_per_s", "Output tokens per second", "tokens/s", "requests admitted per second x output tokens"
+    ),
+    _predicted_per_mode(
+        "capacity_rps", "Capacity", "requests/s", "the most requests per second the mode sustains with a full batch"
+    ),
+    _predicted_per_mode(
+        "saturated", "Saturated", "", "1 when the rate exceeds the capacity (the queue grows)", fmt="int"
+    ),
+    Metric("predicted_tpot_ratio", "TPOT, spec / baseline (predicted)", "x", doc="load model: predicted TPOT ratio"),
+    Metric("predicted_e2el_ratio", "E2EL, spec / baseline (predicted)", "x", doc="load model: predicted E2EL ratio"),
+)
+
+
 REPEAT_STATS = {
     "min": "lowest",
     "median": "median",
@@ -243,6 +449,8 @@ METRICS: tuple[Metric, ...] = (
         doc="the acceptance_rate_pos_{i} values as one metric at step i, so MLflow's chart view draws a curve "
         "per run (its latest value is the deepest position's)",
     ),
+    # under load (mode=load); before the per-drafter families, which would match acceptance by occupancy
+    *LOAD_METRICS,
     # per category (records with a category: `dataset=prompts`); before the per-drafter families, which would match
     Metric(
         "speedup_cat_{category}",

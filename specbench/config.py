@@ -49,6 +49,30 @@ class KScheduleKind(Enum):
     heuristic = "heuristic"  # +2 after a fully accepted block, -1 otherwise, within 1..k_max
 
 
+class RunMode(Enum):
+    """What a run measures: prompts decoded in fixed batches, or an arrival trace served as it comes."""
+
+    batch = "batch"  # the prompt set in batches of batch_size, one mode after the other
+    load = "load"  # requests arriving over time, continuously batched (the `load` settings)
+
+
+class ArrivalKind(Enum):
+    """How the requests of a load run arrive."""
+
+    poisson = "poisson"  # exponential gaps at load.rate requests/s
+    gamma = "gamma"  # gamma gaps of mean 1/load.rate and shape load.burstiness (1: Poisson; below 1: burstier)
+    constant = "constant"  # one request every 1/load.rate seconds
+    trace = "trace"  # the arrival times and prompts of load.trace_path
+
+
+class CrossoverMetric(Enum):
+    """What speculation must beat the baseline on, in the crossover search."""
+
+    tpot_p99 = "tpot_p99"
+    e2el_p99 = "e2el_p99"
+    goodput = "goodput"
+
+
 class DatasetKind(Enum):
     """How a dataset file is read."""
 
@@ -198,6 +222,39 @@ class QualityConfig:
 
 
 @dataclass
+class LoadConfig:
+    """An arrival trace served with continuous batching (mode=load), and the search for the crossover rate.
+
+    The defaults suit the offline pair on a 2-core CPU, where one request of 64 tokens takes tens of seconds.
+    """
+
+    rate: float = 0.1  # requests per second (poisson, gamma, constant)
+    arrival: ArrivalKind = ArrivalKind.poisson
+    burstiness: float = 1.0  # gamma's shape: 1 is Poisson, below 1 burstier, above 1 more regular
+    num_requests: int = 16  # requests of a generated trace (a trace file replays all its lines)
+    trace_path: str | None = None  # arrival=trace: JSONL, one request a line (arrival_s, record_id or text)
+    max_batch_size: int = 8  # running requests at most; later arrivals wait in a FIFO queue
+    # search the rate, on a log scale between rate_min and rate_max, where speculation stops beating the baseline
+    find_crossover: bool = False
+    rate_min: float = 0.02
+    rate_max: float = 0.5
+    max_probes: int = 5
+    crossover_metric: CrossoverMetric = CrossoverMetric.tpot_p99
+
+
+@dataclass
+class SloConfig:
+    """Service-level objectives: a request is good when it meets every one set (DistServe's goodput)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
+    # max_rate_under_slo: the highest rate at which this share of requests meets every SLO set (0.99 with only
+    # tpot_ms set: p99 TPOT within it; DistServe uses 0.9)
+    attainment: float = 0.99
+
+
+@dataclass
 class SpecBenchConfig:
     """One run: a verifier, a draft set, k, a dataset and decoding settings."""
 
@@ -209,6 +266,9 @@ class SpecBenchConfig:
     cost: CostConfig = field(default_factory=CostConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    mode: RunMode = RunMode.batch
+    load: LoadConfig = field(default_factory=LoadConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
     k: int = 4
     batch_size: int = 1  # prompts decoded together, consecutive in dataset order (the last batch may be smaller)
     k_schedule: KScheduleKind = KScheduleKind.constant

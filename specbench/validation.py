@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from pathlib import Path
 from string import Formatter
 
@@ -16,16 +17,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from specbench.config import (
+    ArrivalKind,
     Backend,
+    CrossoverMetric,
     DatasetConfig,
     DatasetKind,
     KScheduleKind,
     ModelConfig,
     Quantize,
+    RunMode,
     SpecBenchConfig,
 )
 from specbench.drafters import PromptLookupConfig, needs_model, typed_drafter
 from specbench.errors import ConfigError
+from specbench.load.trace import read_trace
 from specbench.objective import objective_direction
 
 # what a record fills in (specbench.data.PromptBuilder.format)
@@ -126,6 +131,65 @@ def validate(cfg: SpecBenchConfig) -> None:
     if cfg.engine.backend is Backend.transformers:
         validate_transformers_backend(cfg)
     _validate_dataset(cfg.dataset)
+    if cfg.mode is RunMode.load:
+        validate_load(cfg)
+
+
+def validate_load(cfg: SpecBenchConfig) -> None:
+    """mode=load: the arrival settings, the trace file, the crossover search's bounds and the SLOs."""
+    load = cfg.load
+
+    def positive(key: str, value: float, example: str) -> None:
+        _check(math.isfinite(value) and value > 0, f"{key}={value} is invalid: give a positive number ({example}).")
+
+    if load.arrival is ArrivalKind.trace:
+        _check(
+            load.trace_path is not None,
+            "load.arrival=trace replays a file: set load.trace_path=FILE (JSONL, one request a line).",
+        )
+        _check(
+            not load.find_crossover,
+            "load.find_crossover=true varies the request rate, which a trace file fixes: "
+            "use load.arrival=poisson, gamma or constant.",
+        )
+        read_trace(load.trace_path)
+    else:
+        positive("load.rate", load.rate, "requests per second, e.g. load.rate=0.2")
+        _check(load.num_requests >= 1, f"load.num_requests={load.num_requests} is invalid: send 1 or more requests.")
+    positive("load.burstiness", load.burstiness, "1 is Poisson, below 1 burstier, e.g. load.burstiness=0.5")
+    _check(
+        load.max_batch_size >= 1,
+        f"load.max_batch_size={load.max_batch_size} is invalid: run 1 or more requests at once (e.g. 8).",
+    )
+    if load.find_crossover:
+        positive("load.rate_min", load.rate_min, "requests per second, e.g. load.rate_min=0.02")
+        positive("load.rate_max", load.rate_max, "requests per second, e.g. load.rate_max=0.5")
+        _check(
+            load.rate_min < load.rate_max,
+            f"load.rate_min={load.rate_min} is not below load.rate_max={load.rate_max}: "
+            "the crossover search needs a range of rates.",
+        )
+        _check(
+            load.max_probes >= 2,
+            f"load.max_probes={load.max_probes} is invalid: the search probes both ends of the range, so 2 or more.",
+        )
+    for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
+        target = getattr(cfg.slo, name)
+        _check(
+            target is None or (math.isfinite(target) and target >= 0),
+            f"slo.{name}={target} is invalid: give a latency target of 0 ms or more, or leave it unset.",
+        )
+    _check(
+        0 < cfg.slo.attainment <= 1,
+        f"slo.attainment={cfg.slo.attainment} is invalid: give the share of requests that must meet the SLOs, "
+        "in (0, 1] (e.g. 0.99).",
+    )
+    _check(
+        load.crossover_metric is not CrossoverMetric.goodput
+        or any(getattr(cfg.slo, name) is not None for name in ("ttft_ms", "tpot_ms", "e2el_ms")),
+        "load.crossover_metric=goodput counts requests meeting the SLOs: set slo.ttft_ms, slo.tpot_ms or "
+        "slo.e2el_ms, or use load.crossover_metric=tpot_p99.",
+    )
 
 
 def _validate_dataset(dataset: DatasetConfig) -> None:

@@ -132,3 +132,39 @@ def test_jobs_that_left_no_status_count_as_lost(tmp_path):
     (tmp_path / "report").mkdir()  # not a job folder
     statuses = job_statuses(tmp_path)
     assert [s["status"] for s in statuses] == ["FINISHED", "LOST"]
+
+
+def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, tmp_path):
+    cfg = typed_config(composer("experiment=offline", "mode=load", "load.rate=0.2", "load.num_requests=24"))
+    assert cfg.mode.value == "load" and cfg.load.rate == 0.2 and cfg.load.num_requests == 24
+    assert typed_config(composer("device=cpu")).mode.value == "batch"  # the default
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"arrival_s": 1.0, "record_id": "a"}\n{"arrival_s": 0.5, "record_id": "b"}\n')
+    load = ["mode=load", "device=cpu"]
+    cases = [
+        (["load.rate=0"], r"^load\.rate=0\.0 is invalid: give a positive number"),
+        (["load.rate=-1"], r"^load\.rate=-1\.0 is invalid"),
+        (["load.rate=nan"], r"^load\.rate=nan is invalid"),
+        (["load.burstiness=0"], r"^load\.burstiness=0\.0 is invalid"),
+        (["load.num_requests=0"], r"^load\.num_requests=0 is invalid: send 1 or more requests"),
+        (["load.max_batch_size=0"], r"^load\.max_batch_size=0 is invalid"),
+        (["load.find_crossover=true", "load.rate_min=1", "load.rate_max=0.5"], r"^load\.rate_min=1\.0 is not below"),
+        (["load.find_crossover=true", "load.max_probes=1"], r"^load\.max_probes=1 is invalid"),
+        (["slo.tpot_ms=-5"], r"^slo\.tpot_ms=-5\.0 is invalid: give a latency target of 0 ms or more"),
+        (["slo.attainment=1.5"], r"^slo\.attainment=1\.5 is invalid"),
+        (["load.crossover_metric=goodput"], r"^load\.crossover_metric=goodput counts requests meeting the SLOs"),
+        (["load.arrival=trace"], r"^load\.arrival=trace replays a file: set load\.trace_path"),
+        (["load.arrival=trace", "load.trace_path=/no/such.jsonl"], r"^load\.trace_path=/no/such\.jsonl does not exist"),
+        (["load.arrival=trace", f"load.trace_path={trace}"], r"line 2 arrives at 0\.5 s, before the line above"),
+        (
+            ["load.arrival=trace", f"load.trace_path={trace}", "load.find_crossover=true"],
+            r"^load\.find_crossover=true varies the request rate, which a trace file fixes",
+        ),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            typed_config(composer(*load, *overrides))
+    typed_config(composer("load.rate=0", "slo.tpot_ms=-5", "device=cpu"))  # mode=batch ignores the load settings
+    with pytest.raises(Exception, match=r"load\.rate") as error:
+        composer("mode=load", "load.rate=fast")
+    assert explain_config_error(error.value).startswith("load.rate: Value 'fast' of type 'str' could not be")

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from specbench.report.categories import category_table
 from specbench.report.figures import comparison_figures
+from specbench.report.load import load_figures, probe_table
 from specbench.report.query import crossover_table, summary_table
 from specbench.summary import markdown_table
 
@@ -31,6 +32,9 @@ def write_report(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     crossovers = crossover_table(runs)
     if not crossovers.empty:
         text += "\n### Where speculation stops paying (batch size)\n\n" + table_markdown(crossovers) + "\n"
+    probes = probe_table(runs)
+    if not probes.empty:
+        text += "\n### Under load (one row per request rate)\n\n" + table_markdown(probes) + "\n"
     markdown.write_text(text)
     table.to_csv(csv, index=False)
     paths = [markdown, csv]
@@ -40,7 +44,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
         markdown.write_text(table_markdown(by_category) + "\n")
         by_category.to_csv(csv, index=False)
         paths += [markdown, csv]
-    for artifact, figure in comparison_figures(runs).items():
+    for artifact, figure in (comparison_figures(runs) | load_figures(runs)).items():
         path = out_dir / artifact
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)

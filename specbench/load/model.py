@@ -1,0 +1,231 @@
+"""The speedup model under load: TPOT and the crossover rate from the measured step costs, by Little's law.
+
+Under load the batch size is not chosen: it is the occupancy b (running requests,
+time-averaged) that the arrival rate produces. For each mode:
+
+- a step of b rows costs s(b): the verifier over 1 token per row (baseline), or k
+  draft steps plus the verifier over k+1 tokens per row (speculation), from the
+  measured `StepCosts`, interpolated linearly in log b between measured batch
+  sizes (below the smallest: its cost; above the largest: its cost, an
+  underestimate);
+- a step emits E tokens per row: 1 (baseline), or Leviathan et al.'s
+  E = (1 - alpha^(k+1)) / (1 - alpha) with the measured per-token acceptance alpha;
+- a request's prefill costs p (the verifier's, plus the drafts' under
+  speculation) and yields its first token; the running rows wait for it, so
+  requests joining at a rate a take a share a p of the time, and the decode steps
+  get the rest;
+- so a request of L output tokens decodes in n = (L - 1) / E steps and stays in
+  the batch T = p + n s(b) / (1 - a p).
+
+Little's law ties them: b = a T. For a given b this is a quadratic in u = a p,
+u^2 - (1 + b + n s(b) / p) u + b = 0, whose smaller root gives the rate a(b)
+that sustains occupancy b (a(b) = b / (n s(b)) without prefill). The occupancy
+at arrival rate lambda is the fixed point a(b) = lambda: the smallest one in
+(0, max_batch_size] (a scan, then bisection), which a server filling up from
+empty settles at when a step cost that grows faster than b somewhere gives
+several. When lambda is above a(max_batch_size), the mode is
+saturated: the batch is full, requests leave at a(max_batch_size) per second, the
+queue grows, and E2EL is not predicted.
+
+Predicted per mode: occupancy b, TPOT = s(b) / (E (1 - a p)), E2EL = T (TTFT = p;
+the wait for the running step to end and queueing below saturation are left out),
+output tokens/s = a L, and the capacity a(max_batch_size). These are means: the
+crossover they predict is where the mean TPOTs (or E2ELs) cross, which the
+measured p99s need not match.
+
+The predicted crossover rate is where the speculative and baseline TPOT (or
+E2EL) predictions cross, searched on a log grid of rates and refined by
+bisection. For E2EL a saturated mode loses to one that is not, and two saturated
+modes compare by capacity. The model predicts no goodput: it needs the latency
+distributions, not their means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from specbench.config import CrossoverMetric
+from specbench.engine.costs import StepCosts
+
+_GRID = 64  # rates scanned for the predicted crossover, log-spaced
+_OCCUPANCY_GRID = 128  # occupancies scanned for the smallest fixed point
+_BISECTIONS = 60
+
+
+def interpolate_log_batch(values: Mapping[int, float], batch: float) -> float:
+    """`values` (by batch size) at `batch`, linear in log batch size between measured sizes, clamped outside."""
+    sizes = sorted(values)
+    return float(np.interp(math.log(max(batch, sizes[0])), np.log(sizes), [values[size] for size in sizes]))
+
+
+@dataclass(frozen=True)
+class ModeModel:
+    """One mode's step cost by occupancy, tokens per step and per-request prefill."""
+
+    step_s: Mapping[int, float]  # by measured batch size
+    tokens_per_step: float
+    prefill_s: float
+
+    def step_at(self, occupancy: float) -> float:
+        return interpolate_log_batch(self.step_s, occupancy)
+
+    def sustaining_rate(self, occupancy: float, decode_steps: float) -> float:
+        """The arrival rate a at which Little's law b = a (p + n s(b) / (1 - a p)) holds at occupancy b."""
+        work = decode_steps * self.step_at(occupancy)  # n s(b): a request's decode time on a server of its own
+        if self.prefill_s <= 0:
+            return occupancy / work if work > 0 else math.inf
+        middle = 1 + occupancy + work / self.prefill_s
+        # the smaller root of u^2 - middle u + b = 0, written so that it does not cancel
+        share = 2 * occupancy / (middle + math.sqrt(middle**2 - 4 * occupancy))
+        return share / self.prefill_s
+
+
+@dataclass(frozen=True)
+class ModePrediction:
+    """What the model predicts for one mode at one arrival rate (seconds, requests/s)."""
+
+    occupancy: float
+    step_s: float
+    tpot_s: float
+    e2el_s: float | None  # None when saturated: the queue grows with the trace
+    admitted_rps: float  # requests/s joining (and leaving) the batch
+    capacity_rps: float  # the most requests/s the mode sustains with a full batch
+    saturated: bool
+
+
+def predict_mode(mode: ModeModel, rate: float, mean_output_tokens: float, max_batch_size: int) -> ModePrediction:
+    """One mode at arrival rate `rate`: the occupancy solving Little's law, and TPOT and E2EL there."""
+    decode_steps = max(mean_output_tokens - 1, 0) / mode.tokens_per_step
+    capacity = mode.sustaining_rate(max_batch_size, decode_steps)
+    saturated = rate >= capacity
+    if saturated:
+        occupancy, admitted = float(max_batch_size), capacity
+    else:
+        occupancy, admitted = _smallest_occupancy(mode, rate, decode_steps, max_batch_size), rate
+    step = mode.step_at(occupancy)
+    decode_share = 1 - admitted * mode.prefill_s  # of the time, what the prefills of joining requests leave
+    return ModePrediction(
+        occupancy=occupancy,
+        step_s=step,
+        tpot_s=step / (mode.tokens_per_step * decode_share),
+        e2el_s=None if saturated else mode.prefill_s + decode_steps * step / decode_share,
+        admitted_rps=admitted,
+        capacity_rps=capacity,
+        saturated=saturated,
+    )
+
+
+def _smallest_occupancy(mode: ModeModel, rate: float, decode_steps: float, max_batch_size: int) -> float:
+    """The smallest occupancy b whose sustaining rate reaches `rate` (below the capacity): the one a server
+    filling up from empty settles at, when the per-row step cost does not fall with b everywhere and several
+    occupancies satisfy Little's law. A scan over (0, max_batch_size], then bisection in the first bracket."""
+    grid = np.linspace(0.0, max_batch_size, _OCCUPANCY_GRID + 1)
+    first = next(i for i in range(1, len(grid)) if mode.sustaining_rate(grid[i], decode_steps) >= rate)
+    low, high = grid[first - 1], grid[first]
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mode.sustaining_rate(middle, decode_steps) < rate else (low, middle)
+    return (low + high) / 2
+
+
+def tokens_per_step(alpha: float, k: int) -> float:
+    """Leviathan et al.'s expected tokens per speculative step: (1 - alpha^(k+1)) / (1 - alpha)."""
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def mode_models(
+    costs: StepCosts, alpha: float, k: int, prefill_s: float, draft_prefill_s: float = 0.0
+) -> dict[str, ModeModel]:
+    """The baseline's and speculation's step costs (at the batch sizes where both were measured) and yields."""
+    sizes = [size for size, curve in costs.verify_s.items() if 1 in curve and k + 1 in curve and size in costs.draft_s]
+    if not sizes:
+        raise ValueError(f"the step costs have no batch size with verifier passes over 1 and {k + 1} tokens")
+    return {
+        "baseline": ModeModel({size: costs.verify_s[size][1] for size in sizes}, 1.0, prefill_s),
+        "spec": ModeModel(
+            {size: k * sum(costs.draft_s[size].values()) + costs.verify_s[size][k + 1] for size in sizes},
+            tokens_per_step(alpha, k),
+            prefill_s + draft_prefill_s,
+        ),
+    }
+
+
+def predicted_load_metrics(
+    costs: StepCosts,
+    alpha: float,
+    k: int,
+    rate: float,
+    mean_output_tokens: float,
+    prefill_s: float,
+    max_batch_size: int,
+    draft_prefill_s: float = 0.0,
+) -> dict[str, float]:
+    """The model's figures at arrival rate `rate`, to log beside the measured ones (ms, requests/s; keys
+    `predicted_*_{mode}`, and `predicted_tpot_ratio`, `predicted_e2el_ratio` spec over baseline)."""
+    metrics: dict[str, float] = {}
+    predictions = {
+        mode: predict_mode(model, rate, mean_output_tokens, max_batch_size)
+        for mode, model in mode_models(costs, alpha, k, prefill_s, draft_prefill_s).items()
+    }
+    for mode, prediction in predictions.items():
+        metrics[f"predicted_occupancy_{mode}"] = prediction.occupancy
+        metrics[f"predicted_tpot_ms_{mode}"] = 1000 * prediction.tpot_s
+        if prediction.e2el_s is not None:
+            metrics[f"predicted_e2el_ms_{mode}"] = 1000 * prediction.e2el_s
+        metrics[f"predicted_output_tokens_per_s_{mode}"] = prediction.admitted_rps * mean_output_tokens
+        metrics[f"predicted_capacity_rps_{mode}"] = prediction.capacity_rps
+        metrics[f"predicted_saturated_{mode}"] = float(prediction.saturated)
+    metrics["predicted_tpot_ratio"] = predictions["spec"].tpot_s / predictions["baseline"].tpot_s
+    if predictions["spec"].e2el_s is not None and predictions["baseline"].e2el_s is not None:
+        metrics["predicted_e2el_ratio"] = predictions["spec"].e2el_s / predictions["baseline"].e2el_s
+    return metrics
+
+
+def _spec_advantage(predictions: Mapping[str, ModePrediction], metric: CrossoverMetric) -> float:
+    """Above 0 where the model says speculation wins on `metric` (a log ratio, baseline over spec)."""
+    baseline, spec = predictions["baseline"], predictions["spec"]
+    if metric is CrossoverMetric.tpot_p99:
+        return math.log(baseline.tpot_s / spec.tpot_s)
+    if baseline.e2el_s is not None and spec.e2el_s is not None:
+        return math.log(baseline.e2el_s / spec.e2el_s)
+    return math.log(spec.capacity_rps / baseline.capacity_rps)  # the mode that saturates later wins
+
+
+def predicted_crossover_rate(
+    costs: StepCosts,
+    alpha: float,
+    k: int,
+    mean_output_tokens: float,
+    prefill_s: float,
+    max_batch_size: int,
+    rate_min: float,
+    rate_max: float,
+    metric: CrossoverMetric = CrossoverMetric.tpot_p99,
+    draft_prefill_s: float = 0.0,
+) -> float | None:
+    """The lowest rate in [rate_min, rate_max] where the model's speculative and baseline TPOT (or E2EL) cross;
+    None when they do not cross in the range, or for goodput (which the model does not predict)."""
+    if metric is CrossoverMetric.goodput:
+        return None
+    models = mode_models(costs, alpha, k, prefill_s, draft_prefill_s)
+
+    def advantage(rate: float) -> float:
+        predictions = {
+            mode: predict_mode(model, rate, mean_output_tokens, max_batch_size) for mode, model in models.items()
+        }
+        return _spec_advantage(predictions, metric)
+
+    rates = np.geomspace(rate_min, rate_max, _GRID)
+    signs = [advantage(rate) > 0 for rate in rates]
+    change = next((i for i in range(1, _GRID) if signs[i] != signs[i - 1]), None)
+    if change is None:
+        return None
+    low, high = math.log(rates[change - 1]), math.log(rates[change])
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if (advantage(math.exp(middle)) > 0) == signs[change - 1] else (low, middle)
+    return math.exp((low + high) / 2)
