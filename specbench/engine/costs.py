@@ -72,7 +72,7 @@ def measure_step_costs(
         rows = [list(prompts[index % len(prompts)]) for index in range(batch)]
         try:
             verify_s = _verify_passes(verifier, rows, shapes[batch], budget, median_seconds)
-            draft_s = {drafter.name: _draft_step(drafter, rows, settings, budget, median_seconds) for drafter in drafters}
+            draft_s = {d.name: _draft_step(d, rows, settings, budget, median_seconds) for d in drafters}
         except (torch.cuda.OutOfMemoryError, _OverBudget) as stop:  # torch.OutOfMemoryError in newer releases
             verify_s = None
             if not isinstance(stop, _OverBudget) and verifier.device.type == "cuda":
