@@ -267,6 +267,53 @@ LOAD_METRICS: tuple[Metric, ...] = (
     _predicted_per_mode(
         "saturated", "Saturated", "", "1 when the rate exceeds the capacity (the queue grows)", fmt="int"
     ),
+    Metric(
+        "request_rate",
+        "Request rate",
+        "requests/s",
+        doc="load runs: the arrival rate the trace was generated at (poisson, gamma, constant)",
+        summary=True,
+    ),
+    Metric(
+        "num_requests",
+        "Requests",
+        fmt="int",
+        doc="load runs: requests in the trace, each served in both modes (`repeats` times)",
+        summary=True,
+    ),
+    Metric("repeats", "Repeats", fmt="int", doc="load runs: times the trace was replayed in each mode"),
+    *(
+        Metric(
+            f"{ratio}_repeat_{{stat}}",
+            f"{label} over repeats",
+            "x",
+            doc=f"load runs with repeats > 1, load.crossover_metric={metric}: {ratio} of each replay of the trace "
+            "(stat: min, median, max)",
+        )
+        for ratio, label, metric in (
+            ("tpot_p99_ratio", "TPOT p99, spec / baseline", "tpot_p99"),
+            ("e2el_p99_ratio", "E2EL p99, spec / baseline", "e2el_p99"),
+            ("goodput_ratio", "Goodput, spec / baseline", "goodput"),
+        )
+    ),
+    Metric(
+        "oracle_acceptance_pos_1",
+        "Oracle acceptance at position 1",
+        fmt="rate",
+        doc="draft=oracle: steps whose first draft token was accepted, over the steps on the reference path "
+        "(the output so far equal to the baseline's); its interval is Wilson's (binomial, 95%); it should "
+        "contain oracle.acceptance",
+        summary=True,
+    ),
+    Metric("oracle_acceptance_target", "Oracle acceptance set", fmt="rate", doc="draft=oracle: oracle.acceptance"),
+    Metric(
+        "oracle_off_path_steps",
+        "Oracle steps off the path",
+        fmt="int",
+        doc="draft=oracle: row-steps drafted after the row's output parted from the reference (a bfloat16 "
+        "near-tie); left out of oracle_acceptance_pos_1",
+        summary=True,
+    ),
     Metric("predicted_tpot_ratio", "TPOT, spec / baseline (predicted)", "x", doc="load model: predicted TPOT ratio"),
     Metric("predicted_e2el_ratio", "E2EL, spec / baseline (predicted)", "x", doc="load model: predicted E2EL ratio"),
 )

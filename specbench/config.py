@@ -47,9 +47,10 @@ class KScheduleKind(Enum):
 
     constant = "constant"
     heuristic = "heuristic"  # +2 after a fully accepted block, -1 otherwise, within 1..k_max
+    load = "load"  # mode=load: k for each step from the batch's occupancy, 0..k_max (0: a plain decode step)
 
 
-class RunMode(Enum):
+class BenchmarkMode(Enum):
     """What a run measures: prompts decoded in fixed batches, or an arrival trace served as it comes."""
 
     batch = "batch"  # the prompt set in batches of batch_size, one mode after the other
@@ -255,6 +256,14 @@ class SloConfig:
 
 
 @dataclass
+class OracleConfig:
+    """`draft=oracle`: a synthetic draft of chosen acceptance, for models no trained draft reaches (greedy only)."""
+
+    acceptance: float = 0.7  # each drafted token is the verifier's own greedy continuation with this probability
+    cost_model: str = "distilbert/distilgpt2"  # a hub id or folder: every draft step runs its forward, for its cost
+
+
+@dataclass
 class SpecBenchConfig:
     """One run: a verifier, a draft set, k, a dataset and decoding settings."""
 
@@ -266,9 +275,10 @@ class SpecBenchConfig:
     cost: CostConfig = field(default_factory=CostConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    mode: RunMode = RunMode.batch
+    mode: BenchmarkMode = BenchmarkMode.batch
     load: LoadConfig = field(default_factory=LoadConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
     k: int = 4
     batch_size: int = 1  # prompts decoded together, consecutive in dataset order (the last batch may be smaller)
     k_schedule: KScheduleKind = KScheduleKind.constant

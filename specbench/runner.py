@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from specbench import hf_backend
 from specbench.config import Backend, KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
-from specbench.drafters import build_drafter, needs_model
+from specbench.drafters import build_drafter, needs_model, shares_tokenizer
 from specbench.engine import (
     AdaptiveK,
     BatchResult,
@@ -34,12 +34,13 @@ from specbench.engine import (
     DecodeSettings,
     Drafter,
     KSchedule,
-    ModelDrafter,
     decode_baseline,
     decode_speculative,
     needs_plain_causal_mask,
 )
 from specbench.engine.costs import StepCosts, measure_step_costs
+from specbench.engine.drafters import drafter_models
+from specbench.engine.oracle import OracleDrafter
 from specbench.engine.scoring import output_log_likelihood
 from specbench.errors import ConfigError
 from specbench.metrics import BatchStats, PromptOutcome
@@ -73,6 +74,7 @@ class RunSetup:
     schedule: KSchedule  # the draft length per step
     batches: list[list[int]]  # prompt indices, `batch_size` consecutive prompts each
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
+    prompt_builder: PromptBuilder | None = None  # tokenizes prompts given as text (a load trace's)
     models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
 
 
@@ -101,7 +103,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             specs[name] = model_spec(drafter, cfg.dtype, device, cfg.models_dir, fuse)
     tokenizer = cache.tokenizer(specs["verifier"])
     for name, spec in specs.items():
-        if name != "verifier":
+        if name != "verifier" and shares_tokenizer(cfg.draft.drafters[name]):
             check_same_vocabulary(tokenizer, cache.tokenizer(spec), name, cfg.verifier.name)
             if cfg.engine.backend is Backend.transformers:
                 hf_backend.check_assistant(specs["verifier"], name, spec)
@@ -175,6 +177,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         batches=batches,
         pool=pool,
         models={name: cache.model(spec) for name, spec in specs.items()},
+        prompt_builder=builder,
     )
 
 
@@ -208,7 +211,7 @@ def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
 
 
 def _models(setup: RunSetup) -> list[CachedModel]:
-    return [setup.verifier, *(drafter.model for drafter in setup.drafters if isinstance(drafter, ModelDrafter))]
+    return [setup.verifier, *drafter_models(setup.drafters)]
 
 
 def _transformers_decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
@@ -221,11 +224,30 @@ def _transformers_decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, D
     ).as_dict()
 
 
+def prepare_oracles(setup: RunSetup, prompts: Sequence[tuple[list[int], int]]) -> None:
+    """Give every oracle drafter its references: the verifier's greedy output for each (prompt, length limit),
+    decoded untimed before the run (a prompt asked for at several limits is decoded at the longest)."""
+    oracles = [drafter for drafter in setup.drafters if isinstance(drafter, OracleDrafter)]
+    if not oracles:
+        return
+    longest: dict[tuple[int, ...], int] = {}
+    for ids, limit in prompts:
+        longest[tuple(ids)] = max(longest.get(tuple(ids), 0), limit)
+    settings = replace(setup.settings, logprobs=False)
+    references = {}
+    for prompt, limit in longest.items():
+        (row,) = decode_baseline(setup.verifier, [list(prompt)], replace(settings, max_new_tokens=limit), [0]).rows
+        references[prompt] = row.tokens
+    for oracle in oracles:
+        oracle.set_references(references)
+
+
 def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
     """Capture every CUDA graph, then decode `warmup_prompts` short outputs both ways, before anything is timed.
 
     The warm-up batches have the run's batch sizes, so the shapes the timing uses are the ones warmed.
     """
+    prepare_oracles(setup, [(prompt.input_ids, cfg.generation.max_new_tokens) for prompt in setup.prompts])
     batch_sizes = sorted({len(batch) for batch in setup.batches})
     models = _models(setup)
     start = time.perf_counter()
@@ -312,7 +334,7 @@ def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
 
 def longest_draft(cfg: SpecBenchConfig) -> int:
     """The most tokens one drafter proposes in a step."""
-    return cfg.k_max if cfg.k_schedule is KScheduleKind.heuristic else cfg.k
+    return cfg.k if cfg.k_schedule is KScheduleKind.constant else cfg.k_max
 
 
 def curve_tokens(cfg: SpecBenchConfig) -> int:

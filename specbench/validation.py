@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from specbench.config import (
     ArrivalKind,
     Backend,
+    BenchmarkMode,
     CrossoverMetric,
     DatasetConfig,
     DatasetKind,
     KScheduleKind,
     ModelConfig,
     Quantize,
-    RunMode,
     SpecBenchConfig,
 )
 from specbench.drafters import PromptLookupConfig, needs_model, typed_drafter
@@ -131,13 +131,28 @@ def validate(cfg: SpecBenchConfig) -> None:
     if cfg.engine.backend is Backend.transformers:
         validate_transformers_backend(cfg)
     _validate_dataset(cfg.dataset)
-    if cfg.mode is RunMode.load:
+    if cfg.mode is BenchmarkMode.load:
         validate_load(cfg)
+    _check(
+        cfg.k_schedule is not KScheduleKind.load or cfg.mode is BenchmarkMode.load,
+        "k_schedule=load chooses k from the occupancy of a running batch: use it with mode=load.",
+    )
+    oracles = [name for name, drafter in cfg.draft.drafters.items() if getattr(drafter, "kind", "") == "oracle"]
+    _check(
+        not oracles or not cfg.generation.do_sample,
+        f"draft {cfg.draft.name} is an oracle, which proposes the verifier's greedy continuation: "
+        "use greedy decoding (generation.do_sample=false).",
+    )
 
 
 def validate_load(cfg: SpecBenchConfig) -> None:
     """mode=load: the arrival settings, the trace file, the crossover search's bounds and the SLOs."""
     load = cfg.load
+    _check(
+        cfg.engine.backend is Backend.specbench,
+        f"mode=load needs an engine that lets requests join and leave a running batch, which "
+        f"engine.backend={cfg.engine.backend.value} cannot: use engine.backend=specbench.",
+    )
 
     def positive(key: str, value: float, example: str) -> None:
         _check(math.isfinite(value) and value > 0, f"{key}={value} is invalid: give a positive number ({example}).")
