@@ -4,6 +4,7 @@ probe runs, the oracle draft, k_schedule=load, and the bad inputs that belong to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -41,7 +42,7 @@ def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_
     assert 1 <= metrics["occupancy_max_spec"] <= 3
     client = MlflowClient()
     folder = client.download_artifacts(run.info.run_id, "requests.jsonl", str(tmp_path))
-    lines = [json.loads(line) for line in open(folder, encoding="utf-8")]
+    lines = [json.loads(line) for line in Path(folder).read_text(encoding="utf-8").splitlines()]
     assert [line["request_id"] for line in lines] == list(range(6))
     arrivals = [line["arrival_s"] for line in lines]
     assert arrivals == sorted(arrivals) and arrivals[0] > 0
@@ -82,7 +83,7 @@ def test_the_oracle_draft_is_accepted_as_often_as_asked(models_dir, pubmedqa_fil
     oracle = ["draft=oracle", "oracle.acceptance=0.7", "oracle.cost_model=distilbert/distilgpt2", "load.num_requests=8"]
     args = ["mode=load", *FAST, *oracle, "generation.max_new_tokens=24", *common_args(models_dir, pubmedqa_file,
             tmp_path)]  # fmt: skip
-    code, out, err = run_cli(args, monkeypatch, capsys)
+    code, _out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)
     metrics = run.data.metrics
@@ -93,7 +94,7 @@ def test_the_oracle_draft_is_accepted_as_often_as_asked(models_dir, pubmedqa_fil
 
 def test_k_schedule_load_chooses_k_per_step(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
     args = ["mode=load", *FAST, "k_schedule=load", "k_max=4", *common_args(models_dir, pubmedqa_file, tmp_path)]
-    code, out, err = run_cli(args, monkeypatch, capsys)
+    code, _out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)
     ks = {point.value for point in MlflowClient().get_metric_history(run.info.run_id, "k_spec")}
@@ -110,6 +111,6 @@ def test_k_schedule_load_chooses_k_per_step(models_dir, pubmedqa_file, tmp_path,
     ],
 )
 def test_bad_load_input_is_one_sentence(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys, override, message):
-    code, out, err = run_cli([*override, *common_args(models_dir, pubmedqa_file, tmp_path)], monkeypatch, capsys)
+    code, _out, err = run_cli([*override, *common_args(models_dir, pubmedqa_file, tmp_path)], monkeypatch, capsys)
     assert code == 1 and message in err and "Traceback" not in err
     assert err.strip().count("\n") == 0  # one line
