@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -108,7 +108,8 @@ def gpu_lease(device: str, sharded: bool = False) -> Iterator[str]:
 
 
 def resolve_dtype(dtype: Dtype, device: torch.device) -> str:
-    """`auto` means float32 on CPU (exact greedy equality) and bfloat16 on GPUs that support it."""
+    """`auto` means bfloat16 on GPUs that support it, else float16, and float32 on CPU (where a run measures
+    its choice instead: `specbench.dtype_probe`)."""
     if dtype is not Dtype.auto:
         return dtype.value
     if device.type == "cuda":
@@ -204,10 +205,10 @@ class ModelCache:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def model(self, spec: ModelSpec) -> PreTrainedModel:
-        """The model for `spec`, loaded on first use."""
+    def model(self, spec: ModelSpec, load: Callable[[ModelSpec], PreTrainedModel] | None = None) -> PreTrainedModel:
+        """The model for `spec`, loaded on first use (by `load_model`, or `load` when given)."""
         if spec not in self._models:
-            self._models[spec] = load_model(spec)
+            self._models[spec] = (load or load_model)(spec)
         return self._models[spec]
 
 
