@@ -3,8 +3,8 @@
 Whether bfloat16 pays on a CPU depends on the CPU (native bfloat16 instructions such as AVX512_BF16 or
 AMX, or none) and on the kernels torch has for it, so it is measured, never assumed. At load, each model
 is loaded once in float32 and a bfloat16 copy is cast from it (the weights, buffers and logits that
-loading in bfloat16 gives). Each dtype's models are then timed, on a short prefix of the first prompt,
-on the three steps decoding is made of (median of `REPEATS` after a warm-up):
+loading in bfloat16 gives). Each dtype's models are then timed, on a short prefix of the first prompt
+and at the run's batch size, on the three steps decoding is made of (median of `REPEATS` after a warm-up):
 - `verify_1`: one verifier step over one new token (the baseline's step);
 - `verify_k1`: one verifier pass over k+1 new tokens (speculation's verify);
 - `draft`: one drafting step (a draft set's drafters summed).
@@ -17,8 +17,9 @@ bfloat16 is chosen when the geometric mean of the two ratios is below `1 - BFLOA
 modes agree, if it saves at least that much on average; when they disagree, the mode with the larger
 relative change decides. Otherwise float32, which also keeps greedy outputs exactly equal.
 
-The figures are cached per machine (CPU, thread count, torch version, the models' files and settings, k)
-in `cache_dir()`, so later runs on the same machine choose without probing.
+The figures are cached per machine (CPU, thread count, torch version, the models' files and settings, k,
+batch size) in `cache_dir()`, so later runs on the same machine choose without probing. Tests replace
+`time_steps`, the probe's timer, to say which dtype wins.
 """
 
 from __future__ import annotations
@@ -66,10 +67,6 @@ class StepTimes:
     def spec_step(self, k: int) -> float:
         """One speculative step: k drafting steps and the verify."""
         return k * self.draft + self.verify_k1
-
-
-# (verifier, drafters, prompt ids, k) -> the step times of those models; tests inject their own
-StepTimer = Callable[[CachedModel, list[Drafter], list[int], int], StepTimes]
 
 
 def needs_probe(run_dtype: Dtype, device: torch.device) -> bool:
@@ -132,7 +129,6 @@ def choose_run_dtype(
     cache: ModelCache,
     prompt_ids: list[int],
     vocab_size: int,
-    timer: StepTimer | None = None,
 ) -> DtypeChoice:
     """The run's dtype: `cfg.dtype` resolved, probed on a CPU (or read from the cache) when it is `auto`.
 
@@ -144,28 +140,29 @@ def choose_run_dtype(
     candidates = {dtype.value: specs_in(dtype) for dtype in CANDIDATES}
     if len({tuple(specs.values()) for specs in candidates.values()}) == 1:  # every model pins its own dtype
         return DtypeChoice(resolve_dtype(cfg.dtype, device))
-    key = _cache_key(machine, cfg.k, candidates)
+    key = _cache_key(machine, cfg.k, cfg.batch_size, candidates)
     path = cache_dir() / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
     times = _read_cache(path, key)
     cached = times is not None
     if times is None:
         log.info("dtype auto: timing float32 against bfloat16 on this CPU (%s)", machine)
-        times = _measure(cfg, candidates, cache, prompt_ids[:PROBE_TOKENS], vocab_size, timer or time_steps)
+        times = _measure(cfg, candidates, cache, prompt_ids[:PROBE_TOKENS], vocab_size)
         _write_cache(path, key, times)
     choice = DtypeChoice(choose(times, cfg.k), times, path, cached)
     log.info(choice.describe(cfg.k))
     return choice
 
 
-def time_steps(verifier: CachedModel, drafters: list[Drafter], prompt_ids: list[int], k: int) -> StepTimes:
-    """The probe's timer: the speedup model's step-cost measurement, at one row."""
-    costs = measure_step_costs(
-        verifier, drafters, prompt_ids, DecodeSettings(max_new_tokens=k + 1), {1: (1, k + 1)}, repeats=REPEATS
-    )
+def time_steps(
+    verifier: CachedModel, drafters: list[Drafter], prompt_ids: list[int], k: int, batch_size: int
+) -> StepTimes:
+    """The probe's timer: the speedup model's step-cost measurement, at `batch_size` rows."""
+    settings = DecodeSettings(max_new_tokens=k + 1)
+    costs = measure_step_costs(verifier, drafters, prompt_ids, settings, {batch_size: (1, k + 1)}, repeats=REPEATS)
     return StepTimes(
-        verify_1=costs.verify_s[1][1] * 1e3,
-        verify_k1=costs.verify_s[1][k + 1] * 1e3,
-        draft=sum(costs.draft_s[1].values()) * 1e3,
+        verify_1=costs.verify_s[batch_size][1] * 1e3,
+        verify_k1=costs.verify_s[batch_size][k + 1] * 1e3,
+        draft=sum(costs.draft_s[batch_size].values()) * 1e3,
     )
 
 
@@ -187,7 +184,6 @@ def _measure(
     cache: ModelCache,
     prompt_ids: list[int],
     vocab_size: int,
-    timer: StepTimer,
 ) -> dict[str, StepTimes]:
     """Load the float32 models, cast the bfloat16 ones from them, and time each dtype's steps."""
     cache.keep_only({spec for specs in candidates.values() for spec in specs.values()})
@@ -202,7 +198,9 @@ def _measure(
             build_drafter(name, drafter, CachedModel(models[name], vocab_size) if name in models else None)
             for name, drafter in cfg.draft.drafters.items()
         ]
-        times[dtype] = timer(CachedModel(models["verifier"], vocab_size), drafters, prompt_ids, cfg.k)
+        times[dtype] = time_steps(
+            CachedModel(models["verifier"], vocab_size), drafters, prompt_ids, cfg.k, cfg.batch_size
+        )
     return times
 
 
@@ -210,8 +208,8 @@ def _cast_copy(cache: ModelCache, float32_spec: ModelSpec, bfloat16_spec: ModelS
     return bfloat16_copy(cache.model(float32_spec))
 
 
-def _cache_key(machine: str, k: int, candidates: dict[str, dict[str, ModelSpec]]) -> dict:
-    """What the figures depend on: the CPU and its threads, torch, k, and each model's settings and files."""
+def _cache_key(machine: str, k: int, batch_size: int, candidates: dict[str, dict[str, ModelSpec]]) -> dict:
+    """What the figures depend on: the CPU and its threads, torch, the shapes, and each model's settings and files."""
     models = {
         name: {
             "specs": {dtype: dataclasses.asdict(specs[name]) for dtype, specs in candidates.items()},
@@ -220,7 +218,8 @@ def _cache_key(machine: str, k: int, candidates: dict[str, dict[str, ModelSpec]]
         for name, spec in candidates[Dtype.float32.value].items()
     }
     threads = torch.get_num_threads()
-    return {"machine": machine, "threads": threads, "torch": torch.__version__, "k": k, "models": models}
+    shapes = {"k": k, "batch_size": batch_size}
+    return {"machine": machine, "threads": threads, "torch": torch.__version__, **shapes, "models": models}
 
 
 def _read_cache(path: Path, key: dict) -> dict[str, StepTimes] | None:

@@ -57,7 +57,7 @@ class FakeTimer:
         self.timed: list[dict[str, torch.dtype]] = []  # per call: model name -> dtype of its weights
         self.prompts: list[list[int]] = []
 
-    def __call__(self, verifier: CachedModel, drafters: list, prompt_ids: list[int], k: int) -> StepTimes:
+    def __call__(self, verifier: CachedModel, drafters: list, prompt_ids: list[int], k: int, batch_size: int):
         models = {"verifier": verifier.model.dtype}
         models |= {drafter.name: drafter.model.model.dtype for drafter in drafters if isinstance(drafter, ModelDrafter)}
         self.timed.append(models)
@@ -148,6 +148,7 @@ def test_cached_figures_are_reused_until_the_machine_or_models_change(
 
     changes = [
         lambda: setattr(cfg, "k", 2),  # the verify step covers k+1 tokens
+        lambda: setattr(cfg, "batch_size", 2),  # each step, 2 rows
         lambda: torch.set_num_threads(2),  # the module runs on one thread
         lambda: (own_models / DRAFT / "config.json").write_text(config + "\n"),  # the draft's files changed
     ]
@@ -229,7 +230,7 @@ def test_the_real_timer_times_every_step(models_dir, tokenizer):
     verifier = CachedModel(load_model(ModelSpec(str(models_dir / VERIFIER), None, "float32", "cpu")), len(tokenizer))
     draft = CachedModel(load_model(ModelSpec(str(models_dir / DRAFT), None, "float32", "cpu")), len(tokenizer))
     prompt = tokenizer("Does early surgery reduce mortality in elderly patients?")["input_ids"]
-    times = time_steps(verifier, [ModelDrafter("draft", draft), PromptLookupDrafter()], prompt, k=3)
+    times = time_steps(verifier, [ModelDrafter("draft", draft), PromptLookupDrafter()], prompt, k=3, batch_size=2)
     assert times.verify_1 > 0 and times.verify_k1 > 0 and times.draft > 0
     assert verifier.lengths == [0]  # the verifier was left empty, as the cost measurement leaves it
 
