@@ -261,7 +261,7 @@ def _chosen_gguf_dtype(spec: ModelSpec) -> Iterator[None]:
     """Silence transformers' advice to load a GGUF in float32 when the config chose another dtype on purpose.
 
     The advice is for transformers' packed GGUF kernels (from the `kernels` hub package);
-    without them the weights are dequantised on load, and bfloat16 measured faster here.
+    without them the weights are dequantised on load, and bfloat16 can run faster (`dtype=auto` measures it).
     """
     if spec.gguf_file is None or spec.dtype == "float32":
         yield
