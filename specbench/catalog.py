@@ -735,6 +735,14 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("draft_step_ms_{draft}", "Draft step of a drafter", "ms", doc="one drafting step of each model drafter"),
     Metric(
+        "dtype_probe_ms_{dtype}_{step}",
+        "dtype probe: one step",
+        "ms",
+        doc="dtype=auto on a CPU: one step (verify_1: a verifier step over 1 token, verify_k1: over k+1 tokens, "
+        "draft: a drafting step) in float32 and bfloat16, the figures the run's dtype (param dtype_chosen) was "
+        "chosen from; logged when probed, or read from the probe's cache (param dtype_probe)",
+    ),
+    Metric(
         "system/{name}",
         "System metric",
         doc="MLflow's system metrics with tracking.system_metrics=true: CPU, memory, disk, network, and GPU "

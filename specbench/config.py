@@ -29,7 +29,7 @@ SAMPLES_PACKAGE = "specbench.samples"
 class Dtype(Enum):
     """Floating-point type of a model's weights and activations."""
 
-    auto = "auto"  # float32 on CPU (exact greedy equality), bfloat16 on GPUs that support it
+    auto = "auto"  # CPU: float32 or bfloat16, measured (specbench.dtype_probe); GPU: bfloat16 where supported
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"

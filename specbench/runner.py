@@ -23,9 +23,10 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specbench import hf_backend
-from specbench.config import Backend, KScheduleKind, SpecBenchConfig
+from specbench.config import Backend, Dtype, KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
 from specbench.drafters import build_drafter, needs_model, shares_tokenizer
+from specbench.dtype_probe import DtypeChoice, choose_run_dtype
 from specbench.engine import (
     AdaptiveK,
     BatchResult,
@@ -76,6 +77,7 @@ class RunSetup:
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
     prompt_builder: PromptBuilder | None = None  # tokenizes prompts given as text (a load trace's)
     models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
+    dtype_choice: DtypeChoice | None = None  # the run's dtype (`auto` resolved), with the CPU probe's figures
 
 
 def device_name(device: torch.device) -> str:
@@ -97,10 +99,15 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # kernels, syncs and graph captures all go to this job's GPU
     fuse = cfg.engine.fuse_projections
-    specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir, fuse)}
-    for name, drafter in cfg.draft.drafters.items():
-        if needs_model(drafter):
-            specs[name] = model_spec(drafter, cfg.dtype, device, cfg.models_dir, fuse)
+
+    def specs_in(run_dtype: Dtype) -> dict[str, ModelSpec]:
+        specs = {"verifier": model_spec(cfg.verifier, run_dtype, device, cfg.models_dir, fuse)}
+        for name, drafter in cfg.draft.drafters.items():
+            if needs_model(drafter):
+                specs[name] = model_spec(drafter, run_dtype, device, cfg.models_dir, fuse)
+        return specs
+
+    specs = specs_in(cfg.dtype)
     tokenizer = cache.tokenizer(specs["verifier"])
     for name, spec in specs.items():
         if name != "verifier" and shares_tokenizer(cfg.draft.drafters[name]):
@@ -124,6 +131,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             "batch_size=%d is more than the %d prompts: they are decoded as one batch", cfg.batch_size, len(prompts)
         )
 
+    machine = device_name(device)
+    dtype_choice = choose_run_dtype(cfg, device, machine, specs_in, cache, prompts[0].input_ids, len(tokenizer))
+    specs = specs_in(Dtype(dtype_choice.dtype))
     cache.keep_only(set(specs.values()))
     gpu_memory_before_load = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     vocab_size = len(tokenizer)
@@ -171,13 +181,14 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         prompts=prompts,
         settings=settings,
         specs=specs,
-        device_name=device_name(device),
+        device_name=machine,
         gpu_memory_before_load_gb=gpu_memory_before_load,
         schedule=schedule,
         batches=batches,
         pool=pool,
         models={name: cache.model(spec) for name, spec in specs.items()},
         prompt_builder=builder,
+        dtype_choice=dtype_choice,
     )
 
 

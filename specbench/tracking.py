@@ -375,6 +375,11 @@ def log_setup(setup: RunSetup) -> None:
     mlflow.set_tags({f"model.{name}.revision": model_revision(spec) for name, spec in setup.specs.items()})
     if setup.gpu_memory_before_load_gb is not None:
         mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
+    if setup.dtype_choice is not None:
+        mlflow.log_param("dtype_chosen", setup.dtype_choice.dtype)
+        if setup.dtype_choice.times:
+            mlflow.log_param("dtype_probe", "cached" if setup.dtype_choice.cached else "measured")
+            log_metrics(setup.dtype_choice.metrics())
 
 
 def log_partial(table: pd.DataFrame) -> None:
