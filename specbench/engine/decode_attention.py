@@ -103,7 +103,7 @@ def launch(
         partial_values = torch.empty(pairs, splits, block_m, block_d, dtype=torch.float32, device=query.device)
         partial_max = torch.empty(pairs, splits, block_m, dtype=torch.float32, device=query.device)
         partial_sum = torch.empty_like(partial_max)
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"  # float32 stays float32 (tf32 is for its dots)
+    precision = "ieee" if query.dtype == torch.float32 else None  # float32 dots stay float32, not tf32
     decode_kernels.split_attention[(pairs, splits)](
         query, key, value, mask, output, partial_values, partial_max, partial_sum,
         scaling, torch.finfo(mask.dtype).min, n, group, key_heads, width, split_columns, dim,

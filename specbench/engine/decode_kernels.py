@@ -4,10 +4,11 @@
 row's query heads that share the key head, times the new tokens: up to BLOCK_M
 vectors, attended together over the split's key columns, BLOCK_N at a time, with
 a running maximum and sum (the online softmax). A column the mask hides from
-every one of the program's queries is not read: its loads are predicated off. Masked scores are -inf, so a query that sees nothing ends with a
-sum of 0 and gets zeros. With one split the program writes the output itself;
-otherwise it writes its unnormalised sum of values, its maximum and its sum of
-weights (float32), and `combine_splits` rescales and adds them per query.
+every one of the program's queries is not read: its loads are predicated off.
+Masked scores are -inf, so a query that sees nothing ends with a sum of 0 and
+gets zeros. With one split the program writes the output itself; otherwise it
+writes its unnormalised sum of values, its maximum and its sum of weights
+(float32), and `combine_splits` rescales and adds them per query.
 This module needs Triton; `decode_attention` imports it only when it runs on CUDA.
 """
 
