@@ -158,7 +158,7 @@ def time_steps(
 ) -> StepTimes:
     """The probe's timer: the speedup model's step-cost measurement, at `batch_size` rows."""
     settings = DecodeSettings(max_new_tokens=k + 1)
-    costs = measure_step_costs(verifier, drafters, prompt_ids, settings, {batch_size: (1, k + 1)}, repeats=REPEATS)
+    costs = measure_step_costs(verifier, drafters, [prompt_ids], settings, {batch_size: (1, k + 1)}, repeats=REPEATS)
     return StepTimes(
         verify_1=costs.verify_s[batch_size][1] * 1e3,
         verify_k1=costs.verify_s[batch_size][k + 1] * 1e3,
