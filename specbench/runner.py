@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench import hf_backend
+from specbench import hf_backend, llamacpp
 from specbench.config import Backend, KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
 from specbench.drafters import build_drafter, needs_model
@@ -74,10 +74,12 @@ class RunSetup:
     batches: list[list[int]]  # prompt indices, `batch_size` consecutive prompts each
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
     models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
+    # other engines timed beside ours on the same prompts, by mode name (llama.cpp's own prompt lookup)
+    contenders: dict[str, Decoder] = field(default_factory=dict)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and core count."""
+def device_name(device: torch.device, threads: int | None = None) -> str:
+    """The GPU's name, or the CPU's model and thread count (torch's unless `threads` is given)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -86,7 +88,7 @@ def device_name(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+    return f"CPU: {cpu} ({threads or torch.get_num_threads()} threads)"
 
 
 def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> RunSetup:
@@ -122,6 +124,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             "batch_size=%d is more than the %d prompts: they are decoded as one batch", cfg.batch_size, len(prompts)
         )
 
+    if cfg.engine.backend is Backend.llamacpp:
+        cache.keep_only(set())  # llama.cpp reads the GGUF files itself: no torch model is loaded
+        return _llamacpp_setup(cfg, specs, tokenizer, prompts, room)
     cache.keep_only(set(specs.values()))
     gpu_memory_before_load = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     vocab_size = len(tokenizer)
@@ -143,18 +148,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         build_drafter(name, drafter, cached(cache.model(specs[name]), (1, 2)) if name in specs else None)
         for name, drafter in cfg.draft.drafters.items()
     ]
-    gen = cfg.generation
-    settings = DecodeSettings(
-        max_new_tokens=gen.max_new_tokens,
-        eos_token_ids=eos_token_ids(verifier_model, tokenizer) if gen.stop_at_eos else frozenset(),
-        do_sample=gen.do_sample,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        top_k=gen.top_k,
-    )
+    settings = decode_settings(cfg, eos_token_ids(verifier_model, tokenizer))
     verifier = cached(verifier_model, verify_sizes)
     pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
-    schedule = AdaptiveK(cfg.k, cfg.k_max) if cfg.k_schedule is KScheduleKind.heuristic else ConstantK(cfg.k)
     batches = [
         list(range(start, min(start + cfg.batch_size, len(prompts))))
         for start in range(0, len(prompts), cfg.batch_size)
@@ -169,10 +165,56 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         specs=specs,
         device_name=device_name(device),
         gpu_memory_before_load_gb=gpu_memory_before_load,
-        schedule=schedule,
+        schedule=k_schedule(cfg),
         batches=batches,
         pool=pool,
         models={name: cache.model(spec) for name, spec in specs.items()},
+    )
+
+
+def decode_settings(cfg: SpecBenchConfig, eos_token_ids: frozenset[int]) -> DecodeSettings:
+    """What every decode of the run generates: `generation`'s settings, stopping at the verifier's stop tokens."""
+    gen = cfg.generation
+    return DecodeSettings(
+        max_new_tokens=gen.max_new_tokens,
+        eos_token_ids=eos_token_ids if gen.stop_at_eos else frozenset(),
+        do_sample=gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+    )
+
+
+def k_schedule(cfg: SpecBenchConfig) -> KSchedule:
+    """The draft length per step: constant k, or the heuristic schedule between 1 and k_max."""
+    return AdaptiveK(cfg.k, cfg.k_max) if cfg.k_schedule is KScheduleKind.heuristic else ConstantK(cfg.k)
+
+
+def _llamacpp_setup(
+    cfg: SpecBenchConfig,
+    specs: dict[str, ModelSpec],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    room: int,
+) -> RunSetup:
+    """engine.backend=llamacpp: llama.cpp contexts long enough for the longest prompt and what follows it (the
+    output or the cost curve, and one step's drafts), one prompt per batch (validation keeps batch_size=1)."""
+    context = max(len(prompt.input_ids) for prompt in prompts) + room + longest_draft(cfg) + 2
+    models = llamacpp.load_models(cfg, specs, tokenizer, context)
+    device = torch.device("cpu")
+    return RunSetup(
+        device=device,
+        verifier=models.verifier,
+        drafters=models.drafters,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        settings=decode_settings(cfg, models.eos_token_ids),
+        specs={name: replace(spec, dtype=models.descriptions[name]) for name, spec in specs.items()},
+        device_name=device_name(device, models.threads),
+        gpu_memory_before_load_gb=None,
+        schedule=k_schedule(cfg),
+        batches=[[index] for index in range(len(prompts))],
+        contenders=models.contenders,
     )
 
 
@@ -202,6 +244,7 @@ def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
         "spec": lambda prompts, settings, seeds: decode_speculative(
             setup.verifier, setup.drafters, prompts, settings, setup.schedule, seeds, setup.pool
         ),
+        **setup.contenders,
     }
 
 
@@ -280,6 +323,7 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
                         spec_batch=batch_stats["spec"],
                         baseline_peak_gpu_gb=peaks["baseline"],
                         spec_peak_gpu_gb=peaks["spec"],
+                        contenders={mode: results[mode].rows[row] for mode in setup.contenders},
                     )
                 bar.update(len(batch))
 
@@ -319,6 +363,8 @@ def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
     run_curve = {cfg.batch_size: range(1, curve_tokens(cfg) + 1)}
     costs = measure_step_costs(setup.verifier, setup.drafters, prompt, setup.settings, run_curve)
     grid = {size: (1, cfg.k + 1) for size in cfg.cost_batch_grid if size != cfg.batch_size}
+    if cfg.engine.backend is Backend.llamacpp:  # its contexts decode one prompt at a time
+        grid = {}
     if grid:
         more = measure_step_costs(
             setup.verifier, setup.drafters, prompt, setup.settings, grid, budget_s=cfg.cost_grid_budget_s
