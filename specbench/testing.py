@@ -209,12 +209,19 @@ def write_pubmedqa_jsonl(path: Path, count: int = 8) -> Path:
     return path
 
 
-def write_gguf_llama(path: Path, seed: int = 0, noise: float = 0.0, layers: int = 2, context: int = 512) -> Path:
-    """A tiny random llama (`make_model`'s, float32) with the shared tokenizer as a GGUF file llama.cpp and
-    transformers both load; `noise` perturbs every weight (a draft that agrees with the seed's model on some
-    tokens, not all). Written the way llama.cpp's converter writes llama: q and k rows permuted for its rotary
-    layout, which transformers' GGUF loader undoes."""
-    tokenizer = train_tokenizer()
+def write_gguf_llama(
+    path: Path,
+    seed: int = 0,
+    noise: float = 0.0,
+    layers: int = 2,
+    context: int = 512,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Path:
+    """A tiny random llama (`make_model`'s, float32) and a tokenizer (default: the shared one) as a GGUF file
+    llama.cpp and transformers both load; `noise` perturbs every weight (a draft that agrees with the seed's model
+    on some tokens, not all). Written the way llama.cpp's converter writes llama: q and k rows permuted for its
+    rotary layout, which transformers' GGUF loader undoes; tokens added to the tokenizer become user-defined."""
+    tokenizer = tokenizer or train_tokenizer()
     model = untie_head(make_model("llama", len(tokenizer), seed, layers, context), seed + 1)
     if noise:
         generator = torch.Generator().manual_seed(seed + 2)
@@ -236,11 +243,16 @@ def write_gguf_llama(path: Path, seed: int = 0, noise: float = 0.0, layers: int 
     writer.add_vocab_size(len(tokenizer))
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    types = [
+        gguf.TokenType.CONTROL if token == EOS else gguf.TokenType.NORMAL if token in bpe["vocab"]
+        else gguf.TokenType.USER_DEFINED
+        for token in tokens
+    ]  # fmt: skip
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t == EOS else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_types(types)
     writer.add_token_merges([" ".join(merge) for merge in bpe["merges"]])
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
