@@ -208,10 +208,6 @@ def validate_llamacpp_backend(cfg: SpecBenchConfig) -> None:
     `prepare` (the tokenizers, then llama.cpp's vocabulary sizes).
     """
     _check(
-        llamacpp.binding_installed(),
-        f"engine.backend=llamacpp needs llama-cpp-python, which is not installed: {llamacpp.INSTALL_HINT}.",
-    )
-    _check(
         cfg.batch_size == 1,
         f"batch_size={cfg.batch_size}: engine.backend=llamacpp decodes one prompt at a time: use batch_size=1, "
         "or engine.backend=specbench.",
@@ -241,6 +237,10 @@ def validate_llamacpp_backend(cfg: SpecBenchConfig) -> None:
         )
         if model.fetch is None:
             _validate_local_gguf(key, model, cfg.models_dir)
+    _check(
+        llamacpp.binding_installed(),
+        f"engine.backend=llamacpp needs llama-cpp-python, which is not installed: {llamacpp.INSTALL_HINT}.",
+    )
 
 
 def _validate_local_gguf(key: str, model: ModelConfig, models_dir: str | None) -> None:

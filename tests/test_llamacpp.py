@@ -39,13 +39,15 @@ from specbench.errors import ConfigError
 from specbench.llamacpp import LlamaCppModel, NativeDecoder
 from specbench.models import ModelCache
 from specbench.runner import decode_prompts, prepare
-from specbench.testing import train_tokenizer, write_gguf_llama
+from specbench.testing import one_torch_thread, train_tokenizer, write_gguf_llama
 from specbench.validation import typed_config
 from tests.test_cli import common_args, run_cli
 from tests.test_sweeps import sweep_runs
 
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)  # as runs on llama.cpp do
+
 needs_binding = pytest.mark.skipif(
-    not llamacpp.binding_installed(), reason=f"llama-cpp-python is not installed ({llamacpp.INSTALL_HINT})"
+    not llamacpp.binding_installed(), reason=f"llama-cpp-python is not installed: {llamacpp.INSTALL_HINT}"
 )
 
 VOCAB = 400  # the shared test tokenizer's
@@ -64,11 +66,11 @@ def gguf_dir(tmp_path_factory) -> Path:
     tokenizer with 4 tokens added: the same ids, a larger vocabulary); broken.gguf (not GGUF)."""
     folder = tmp_path_factory.mktemp("gguf")
     write_gguf_llama(folder / "verifier.gguf", seed=0)
-    write_gguf_llama(folder / "draft.gguf", seed=0, noise=0.05)
+    write_gguf_llama(folder / "draft.gguf", seed=0, noise=0.01)
     write_gguf_llama(folder / "foreign.gguf", seed=3, tokenizer=train_tokenizer(vocab_size=350))
     padded = train_tokenizer()
     padded.add_tokens(["<extra_0>", "<extra_1>", "<extra_2>", "<extra_3>"])
-    write_gguf_llama(folder / "padded.gguf", seed=0, noise=0.05, tokenizer=padded)
+    write_gguf_llama(folder / "padded.gguf", seed=0, noise=0.01, tokenizer=padded)
     (folder / "broken.gguf").write_bytes(b"PK\x03\x04 not a GGUF file")
     return folder
 
@@ -95,14 +97,18 @@ def baseline_tokens(verifier: LlamaCppModel, prompt: list[int], settings: Decode
 @needs_binding
 def test_llama_cpp_computes_what_transformers_computes_from_the_same_file(gguf_dir, verifier):
     """The file, positions and logits line up: llama.cpp's logits of every prompt position match transformers'
-    float32 forward of the same GGUF, and so do its logits after a cached continuation."""
+    float32 forward of the same GGUF, and so do its logits after a cached continuation (to the rounding of
+    llama.cpp's float16 KV cache; a wrong rotary layout or position is off by whole units)."""
     model = specbench.models.load_model(specbench.models.ModelSpec(str(gguf_dir), "verifier.gguf", "float32", "cpu"))
     prompt = PROMPTS[0]
     with torch.no_grad():
         expected = model(torch.tensor([prompt])).logits[0]
     ours = verifier.prefill([prompt[:10]], logits_to_keep=10)[0]
     continued = verifier.forward(torch.tensor([prompt[10:]]), logits_to_keep=len(prompt) - 10)[0]
-    assert torch.allclose(torch.cat([ours, continued]), expected, atol=1e-3)
+    logits = torch.cat([ours, continued])
+    assert torch.allclose(logits, expected, atol=2e-2)  # llama.cpp caches keys and values in float16
+    assert (logits - expected).abs().max() < 1e-3 * expected.abs().max() * 10
+    assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
 
 
 @needs_binding
@@ -192,12 +198,16 @@ def test_prompt_lookup_speculates_on_llama_cpp_and_so_does_the_bindings_own(gguf
 
 # ---- sampling: the verifier's warped law, as llama.cpp computes it --------------------------------------------
 
-SAMPLED = DecodeSettings(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=5, top_p=0.85)
+# hot enough that the tiny model's peaked logits leave several tokens to draw, and the draft's law differs
+TEMPERATURE, TOP_K, TOP_P = 3.0, 8, 0.9
+SAMPLED = DecodeSettings(max_new_tokens=4, do_sample=True, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P)
 SAMPLED_PROMPT = [5, 17, 42, 99]
 DRAWS = 600
 
 
-def warped_law(logits: torch.Tensor, temperature: float = 0.8, top_k: int = 5, top_p: float = 0.85) -> np.ndarray:
+def warped_law(
+    logits: torch.Tensor, temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P
+) -> np.ndarray:
     """Temperature, then top-k, then top-p (the smallest most-likely set holding top_p of the mass)."""
     probs = torch.softmax(logits.double() / temperature, -1)
     order = probs.argsort(descending=True)
@@ -253,9 +263,9 @@ def test_sampled_speculation_keeps_llama_cpps_warped_law(gguf_dir, verifier, dra
     assert first_kept > DRAWS // 10 and first_rejected > DRAWS // 10  # both paths produced position 2
     laws = ExactLaws(load(gguf_dir))
     assert pit_p_value(outputs, laws.law(warped_law)) > 1e-3
-    # controls: the same draws and check reject the law without the temperature, or without any warping
-    assert pit_p_value(outputs, laws.law(lambda logits: warped_law(logits, temperature=1.0))) < 1e-6
-    assert pit_p_value(outputs, laws.law(lambda logits: warped_law(logits, 1.0, VOCAB, 1.0))) < 1e-6
+    # controls: the same draws and check reject the law without the temperature, without top-k, or without top-p
+    for wrong in ({"temperature": 1.0}, {"top_k": VOCAB}, {"top_p": 1.0}):
+        assert pit_p_value(outputs, laws.law(lambda logits, wrong=wrong: warped_law(logits, **wrong))) < 1e-6, wrong
 
 
 # ---- the run: configs, bad input, the CLI ------------------------------------------------------------------
@@ -301,7 +311,7 @@ REFUSALS = [
     (["batch_size=2"], "batch_size=2: engine.backend=llamacpp decodes one prompt at a time"),
     (["draft=gpt2_family"], "is a set of 3 drafters, whose token tree engine.backend=llamacpp does not verify"),
     (["+draft.drafters.distilgpt2.quantize=int8_dynamic"], "quantize=int8_dynamic quantises torch layers"),
-    (["engine.cuda_graphs=true"], "are options of specbench's torch engine"),
+    (["engine.fuse_projections=true"], "are options of specbench's torch engine"),
 ]
 
 
@@ -319,7 +329,7 @@ def test_a_hub_model_is_refused(composer, pubmedqa_file):
 
 def test_without_the_binding_the_refusal_says_how_to_install_it(composer, gguf_dir, pubmedqa_file, monkeypatch):
     monkeypatch.setattr(llamacpp, "binding_installed", lambda: False)
-    with pytest.raises(ConfigError, match=r"needs llama-cpp-python, which is not installed: pip install"):
+    with pytest.raises(ConfigError, match="needs llama-cpp-python, which is not installed: pip install"):
         compose_run(composer, pubmedqa_file, "engine.backend=llamacpp", *gguf_run(gguf_dir))
 
 
@@ -366,6 +376,7 @@ def test_one_sweep_compares_all_three_engines_through_the_cli(gguf_dir, pubmedqa
     outputs, the same metrics, and on llama.cpp the binding's own prompt lookup beside ours."""
     args = [
         "-m", "engine.backend=specbench,transformers,llamacpp", *gguf_run(gguf_dir, "prompt_lookup"), "k=3",
+        "engine.llamacpp_threads=2",
         *common_args(gguf_dir, pubmedqa_file, tmp_path), "quality.embedder=none",
     ]  # fmt: skip
     code, _, err = run_cli(args, monkeypatch, capsys)
@@ -390,7 +401,7 @@ def test_one_sweep_compares_all_three_engines_through_the_cli(gguf_dir, pubmedqa
         if backend == "llamacpp":
             assert metrics["native_lookup_exact_match_rate"] == 1.0
             assert metrics["native_lookup_tokens_per_s"] > 0 and metrics["speedup_native_lookup"] > 0
-            assert "llama.cpp threads" in run.data.tags["device.name"]
+            assert run.data.tags["device.name"].endswith("(2 threads)")  # llama.cpp's, not torch's (1 here)
             assert "F32" in run.data.tags["model.verifier"]  # llama.cpp's description of the file
         else:
             assert "native_lookup_tokens_per_s" not in metrics

@@ -17,7 +17,14 @@ imports it until a model is loaded.
 """
 
 from specbench.llamacpp.load import NATIVE_LOOKUP, LlamaCppModels, gguf_path, load_models
-from specbench.llamacpp.model import INSTALL_HINT, LlamaCppModel, binding_installed, is_gguf, physical_cores
+from specbench.llamacpp.model import (
+    INSTALL_HINT,
+    LlamaCppModel,
+    binding_installed,
+    is_gguf,
+    physical_cores,
+    torch_on_one_thread,
+)
 from specbench.llamacpp.native import NativeDecoder
 
 __all__ = [
@@ -31,4 +38,5 @@ __all__ = [
     "is_gguf",
     "load_models",
     "physical_cores",
+    "torch_on_one_thread",
 ]
