@@ -184,12 +184,14 @@ def load_fresh_logits(model: LlamaCppModel, tokens: list[int]) -> torch.Tensor:
 
 
 @needs_binding
-def test_prompt_lookup_speculates_on_llama_cpp_and_so_does_the_bindings_own(gguf_dir, verifier):
-    prompt = PROMPTS[0] * 3  # repeats: lookup finds matches
+def test_prompt_lookup_speculates_on_llama_cpp_and_so_does_the_bindings_own(gguf_dir):
+    """Also past the binding's batch of 512 tokens, where its own prompt lookup needs logits for every position."""
+    prompt = PROMPTS[0] * 40  # 600 tokens of repeats: lookup finds matches
+    verifier = load(gguf_dir, context=1024)
     expected = baseline_tokens(verifier, prompt)
     (row,) = decode_speculative(verifier, [PromptLookupDrafter("lookup", 3)], [prompt], GREEDY, ConstantK(4), [0]).rows
     assert row.tokens == expected and row.proposed > 0
-    native = NativeDecoder(gguf_dir / "verifier.gguf", CONTEXT, threads=1, lookup=(3, 4))
+    native = NativeDecoder(gguf_dir / "verifier.gguf", 1024, threads=1, lookup=(3, 4))
     theirs = native.decode_one(prompt, GREEDY)
     assert theirs.tokens == expected
     assert theirs.verifier_calls < len(expected)  # it speculated: fewer decode calls than tokens

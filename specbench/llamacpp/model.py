@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 from specbench.errors import ModelLoadError
@@ -40,6 +39,8 @@ def binding_installed() -> bool:
 
 def physical_cores() -> int:
     """The CPU's physical cores: llama.cpp's default thread count (hyper-threads only contend for the same units)."""
+    import psutil  # the llamacpp extra's
+
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 

@@ -43,6 +43,9 @@ class NativeDecoder:
             n_threads=threads,
             n_threads_batch=threads,
             draft_model=draft,
+            # with a draft model the binding keeps every position's logits, but sizes their buffer by this flag
+            # (n_batch rows without it): a context past n_batch tokens would overflow it
+            logits_all=draft is not None,
             verbose=False,
         )
         self.evals = 0
