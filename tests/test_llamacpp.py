@@ -9,6 +9,7 @@ KV cache as if they had never been fed.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,24 @@ def test_sampled_speculation_keeps_llama_cpps_warped_law(gguf_dir, verifier, dra
     # controls: the same draws and check reject the law without the temperature, without top-k, or without top-p
     for wrong in ({"temperature": 1.0}, {"top_k": VOCAB}, {"top_p": 1.0}):
         assert pit_p_value(outputs, laws.law(lambda logits, wrong=wrong: warped_law(logits, **wrong))) < 1e-6, wrong
+
+
+@needs_binding
+def test_the_benchmark_script_runs_on_gguf_files(gguf_dir, tmp_path, monkeypatch):
+    """benchmarks/llamacpp_cpu.py --quick on the tiny files: every contender, the curve, the model, the verdict."""
+    monkeypatch.syspath_prepend(Path(__file__).resolve().parents[1] / "benchmarks")  # it imports its siblings
+    llamacpp_cpu = importlib.import_module("llamacpp_cpu")
+    args = ["--quick", "--verifier-path", str(gguf_dir / "verifier.gguf"), "--draft-path", str(gguf_dir / "draft.gguf")]
+    llamacpp_cpu.main([*args, "--threads", "1", "--bandwidth-gib", "0.02", "--out", str(tmp_path)])
+    (results,) = tmp_path.glob("llamacpp-cpu-*-quick.json")
+    report = json.loads(results.read_text())
+    assert set(report["contenders"]) == {
+        "ours_baseline", "binding_generate", "ours_draft_k2", "ours_lookup_k2", "binding_lookup_k2"
+    }  # fmt: skip
+    assert all(row["identical_to_baseline"] for row in report["contenders"].values())
+    assert list(report["verify_ms"]) == ["1", "2", "3"] and set(report["speedup_model"]) == {"draft_k2", "lookup_k2"}
+    assert report["floor"]["bytes_read_per_token"] > 0 and len(report["verdict"]) == 2
+    assert report["machine"]["device"].startswith("CPU: ") and "llama_cpp_system_info" in report["machine"]
 
 
 # ---- the run: configs, bad input, the CLI ------------------------------------------------------------------

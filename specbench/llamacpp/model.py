@@ -143,7 +143,7 @@ class LlamaCppModel:
         """Forget every cached token."""
         if batch_size != 1:
             raise ValueError(f"llama.cpp contexts decode one prompt at a time, not {batch_size}: use batch_size=1.")
-        self._api.llama_memory_clear(self._memory, True)
+        self._api.llama_memory_clear(self._memory, False)  # forget the cells; their contents are overwritten
         self._length = 0
         self._last_feed = None
         self.fed_positions = self.padded_positions = 0
