@@ -397,7 +397,7 @@ def test_one_sweep_compares_all_three_engines_through_the_cli(gguf_dir, pubmedqa
     outputs, the same metrics, and on llama.cpp the binding's own prompt lookup beside ours."""
     args = [
         "-m", "engine.backend=specbench,transformers,llamacpp", *gguf_run(gguf_dir, "prompt_lookup"), "k=3",
-        "engine.llamacpp_threads=2",
+        "engine.llamacpp_threads=2", "cost_batch_grid=[1]",
         *common_args(gguf_dir, pubmedqa_file, tmp_path), "quality.embedder=none",
     ]  # fmt: skip
     code, _, err = run_cli(args, monkeypatch, capsys)
