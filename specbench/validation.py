@@ -223,6 +223,10 @@ def validate_llamacpp_backend(cfg: SpecBenchConfig) -> None:
     )
     engine = cfg.engine
     _check(
+        engine.llamacpp_threads is None or engine.llamacpp_threads >= 1,
+        f"engine.llamacpp_threads={engine.llamacpp_threads} is invalid: use 1 or more, or null for the physical cores.",
+    )
+    _check(
         not (engine.cuda_graphs or engine.compile or engine.fuse_projections) and cfg.verifier.device_map is None,
         "engine.cuda_graphs, engine.compile, engine.fuse_projections and verifier.device_map are options of "
         "specbench's torch engine: drop them with engine.backend=llamacpp.",

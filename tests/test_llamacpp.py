@@ -25,10 +25,12 @@ from scipy.stats import kstest
 import specbench.models
 from specbench import llamacpp
 from specbench.config import CONFIG_PACKAGE, register_configs
+from specbench.contenders import contender_metrics
 from specbench.data import load_records
 from specbench.engine import (
     CachedModel,
     ConstantK,
+    DecodeResult,
     DecodeSettings,
     ModelDrafter,
     PromptLookupDrafter,
@@ -38,6 +40,7 @@ from specbench.engine import (
 )
 from specbench.errors import ConfigError
 from specbench.llamacpp import LlamaCppModel, NativeDecoder
+from specbench.metrics import BatchStats, PromptOutcome
 from specbench.models import ModelCache
 from specbench.runner import decode_prompts, prepare
 from specbench.testing import one_torch_thread, train_tokenizer, write_gguf_llama
@@ -289,6 +292,24 @@ def test_the_benchmark_script_runs_on_gguf_files(gguf_dir, tmp_path, monkeypatch
     assert report["machine"]["device"].startswith("CPU: ") and "llama_cpp_system_info" in report["machine"]
 
 
+def test_a_contenders_figures_are_ratios_of_sums_over_the_same_decodes():
+    def outcome(baseline: DecodeResult, native: DecodeResult) -> PromptOutcome:
+        stats = BatchStats(baseline.latency_s)
+        return PromptOutcome("p", 5, False, baseline, baseline, "", "", stats, stats, contenders={"native": native})
+
+    outcomes = [
+        outcome(DecodeResult([1, 2, 3, 4], 2.0, 0.5), DecodeResult([1, 2, 3, 4], 1.0, 0.5)),
+        outcome(DecodeResult([5, 6], 2.0, 0.5), DecodeResult([5, 7], 3.0, 0.5)),
+    ]
+    metrics = contender_metrics(outcomes)
+    assert metrics == {
+        "native_tokens_per_s": 6 / 4.0,
+        "speedup_native": (6 / 4.0) / (6 / 4.0),
+        "native_exact_match_rate": 0.5,
+    }
+    assert contender_metrics(outcomes[:1])["speedup_native"] == 2.0
+
+
 # ---- the run: configs, bad input, the CLI ------------------------------------------------------------------
 
 
@@ -333,6 +354,7 @@ REFUSALS = [
     (["draft=gpt2_family"], "is a set of 3 drafters, whose token tree engine.backend=llamacpp does not verify"),
     (["+draft.drafters.distilgpt2.quantize=int8_dynamic"], "quantize=int8_dynamic quantises torch layers"),
     (["engine.fuse_projections=true"], "are options of specbench's torch engine"),
+    (["engine.llamacpp_threads=0"], "engine.llamacpp_threads=0 is invalid: use 1 or more"),
 ]
 
 
