@@ -431,6 +431,34 @@ METRICS: tuple[Metric, ...] = (
     ),
     *_over_repeats("speedup", "Speedup", "x", "the speedup", paired=False, report=True),
     *_over_repeats("tokens_per_s", "Throughput", "tokens/s", "each mode's throughput", paired=True),
+    # llama.cpp's own prompt-lookup speculation, timed beside ours (engine.backend=llamacpp, prompt-lookup draft)
+    Metric(
+        "native_lookup_tokens_per_s",
+        "llama.cpp's own prompt lookup: throughput",
+        "tokens/s",
+        better=HIGHER,
+        doc="llama-cpp-python's Llama.generate with its LlamaPromptLookupDecoding draft model (greedy, the run's k "
+        "and max_ngram) on the same prompts, interleaved with both modes (engine.backend=llamacpp with a "
+        "prompt-lookup draft)",
+        summary=True,
+    ),
+    Metric(
+        "speedup_native_lookup",
+        "llama.cpp's own prompt lookup: speedup",
+        "x",
+        better=HIGHER,
+        doc="native_lookup_tokens_per_s / baseline_tokens_per_s: llama.cpp's own speculation over our llama.cpp "
+        "baseline (compare with speedup, ours)",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "native_lookup_exact_match_rate",
+        "llama.cpp's own prompt lookup: exact match",
+        fmt="rate",
+        better=HIGHER,
+        doc="share of prompts where llama.cpp's own prompt lookup emitted exactly the baseline's tokens",
+    ),
     Metric(
         "draft_prefill_s_mean",
         "Draft prefill per prompt",

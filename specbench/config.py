@@ -86,6 +86,7 @@ class Backend(Enum):
 
     specbench = "specbench"
     transformers = "transformers"  # generate(assistant_model=...) or prompt lookup at a fixed k (hf_backend.py)
+    llamacpp = "llamacpp"  # our engine's algorithm on llama.cpp, running the GGUF files as stored (specbench/llamacpp)
 
 
 class ChatTemplate(Enum):
@@ -212,6 +213,8 @@ class EngineConfig:
     # and v, and in GPT-J's parallel blocks the MLP's input projection too (GPT-J-6B compiled on an H200:
     # 4.24 -> 3.73-3.86 ms/token). The same products: outputs agree to float rounding.
     fuse_projections: bool = False
+    # engine.backend=llamacpp: llama.cpp's threads; None means the CPU's physical cores
+    llamacpp_threads: int | None = None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -334,7 +335,12 @@ def check_same_vocabulary(
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """The stop tokens `generate()` would use: the generation config's, plus the tokenizer's."""
-    ids = model.generation_config.eos_token_id
+    return generation_eos_ids(model.generation_config, tokenizer)
+
+
+def generation_eos_ids(generation: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The stop tokens of a generation config, plus the tokenizer's (a model's, or one made from its config)."""
+    ids = generation.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench import hf_backend
+from specbench import hf_backend, llamacpp
 from specbench.config import Backend, Dtype, KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
 from specbench.drafters import build_drafter, needs_model, shares_tokenizer
@@ -78,10 +78,12 @@ class RunSetup:
     prompt_builder: PromptBuilder | None = None  # tokenizes prompts given as text (a load trace's)
     models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
     dtype_choice: DtypeChoice | None = None  # the run's dtype (`auto` resolved), with the CPU probe's figures
+    # other engines timed beside ours on the same prompts, by mode name (llama.cpp's own prompt lookup)
+    contenders: dict[str, Decoder] = field(default_factory=dict)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and core count."""
+def device_name(device: torch.device, threads: int | None = None) -> str:
+    """The GPU's name, or the CPU's model and thread count (torch's unless `threads` is given)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -90,7 +92,7 @@ def device_name(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+    return f"CPU: {cpu} ({threads or torch.get_num_threads()} threads)"
 
 
 def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> RunSetup:
@@ -131,6 +133,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             "batch_size=%d is more than the %d prompts: they are decoded as one batch", cfg.batch_size, len(prompts)
         )
 
+    if cfg.engine.backend is Backend.llamacpp:
+        cache.keep_only(set())  # llama.cpp reads the GGUF files itself: no torch model is loaded
+        return _llamacpp_setup(cfg, specs, tokenizer, prompts, room)
     machine = device_name(device)
     dtype_choice = choose_run_dtype(cfg, device, machine, specs_in, cache, prompts[0].input_ids, len(tokenizer))
     specs = specs_in(Dtype(dtype_choice.dtype))
@@ -155,20 +160,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         build_drafter(name, drafter, cached(cache.model(specs[name]), (1, 2)) if name in specs else None)
         for name, drafter in cfg.draft.drafters.items()
     ]
-    gen = cfg.generation
-    settings = DecodeSettings(
-        max_new_tokens=gen.max_new_tokens,
-        eos_token_ids=eos_token_ids(verifier_model, tokenizer) if gen.stop_at_eos else frozenset(),
-        do_sample=gen.do_sample,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        top_k=gen.top_k,
-        # our engine keeps the verifier's log-probability of each token it emits (perplexity without a second pass)
-        logprobs=cfg.quality.perplexity and cfg.engine.backend is Backend.specbench,
-    )
+    settings = decode_settings(cfg, eos_token_ids(verifier_model, tokenizer))
     verifier = cached(verifier_model, verify_sizes)
     pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
-    schedule = AdaptiveK(cfg.k, cfg.k_max) if cfg.k_schedule is KScheduleKind.heuristic else ConstantK(cfg.k)
     batches = [
         list(range(start, min(start + cfg.batch_size, len(prompts))))
         for start in range(0, len(prompts), cfg.batch_size)
@@ -183,12 +177,61 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         specs=specs,
         device_name=machine,
         gpu_memory_before_load_gb=gpu_memory_before_load,
-        schedule=schedule,
+        schedule=k_schedule(cfg),
         batches=batches,
         pool=pool,
         models={name: cache.model(spec) for name, spec in specs.items()},
         prompt_builder=builder,
         dtype_choice=dtype_choice,
+    )
+
+
+def decode_settings(cfg: SpecBenchConfig, eos_token_ids: frozenset[int]) -> DecodeSettings:
+    """What every decode of the run generates: `generation`'s settings, stopping at the verifier's stop tokens."""
+    gen = cfg.generation
+    return DecodeSettings(
+        max_new_tokens=gen.max_new_tokens,
+        eos_token_ids=eos_token_ids if gen.stop_at_eos else frozenset(),
+        do_sample=gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        # our engine's loops keep the verifier's log-probability of each token they emit (perplexity without a
+        # second pass); transformers' generate() does not, and its outputs are scored afterwards
+        logprobs=cfg.quality.perplexity and cfg.engine.backend is not Backend.transformers,
+    )
+
+
+def k_schedule(cfg: SpecBenchConfig) -> KSchedule:
+    """The draft length per step: constant k, or the heuristic schedule between 1 and k_max."""
+    return AdaptiveK(cfg.k, cfg.k_max) if cfg.k_schedule is KScheduleKind.heuristic else ConstantK(cfg.k)
+
+
+def _llamacpp_setup(
+    cfg: SpecBenchConfig,
+    specs: dict[str, ModelSpec],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    room: int,
+) -> RunSetup:
+    """engine.backend=llamacpp: llama.cpp contexts long enough for the longest prompt and what follows it (the
+    output or the cost curve, and one step's drafts), one prompt per batch (validation keeps batch_size=1)."""
+    context = max(len(prompt.input_ids) for prompt in prompts) + room + longest_draft(cfg) + 2
+    models = llamacpp.load_models(cfg, specs, tokenizer, context)
+    device = torch.device("cpu")
+    return RunSetup(
+        device=device,
+        verifier=models.verifier,
+        drafters=models.drafters,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        settings=decode_settings(cfg, models.eos_token_ids),
+        specs={name: replace(spec, dtype=models.descriptions[name]) for name, spec in specs.items()},
+        device_name=device_name(device, models.threads),
+        gpu_memory_before_load_gb=None,
+        schedule=k_schedule(cfg),
+        batches=[[index] for index in range(len(prompts))],
+        contenders=models.contenders,
     )
 
 
@@ -218,6 +261,7 @@ def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
         "spec": lambda prompts, settings, seeds: decode_speculative(
             setup.verifier, setup.drafters, prompts, settings, setup.schedule, seeds, setup.pool
         ),
+        **setup.contenders,
     }
 
 
@@ -317,6 +361,7 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
                         spec_peak_gpu_gb=peaks["spec"],
                         baseline_logprob=baseline.logprob,
                         spec_logprob=spec.logprob,
+                        contenders={mode: results[mode].rows[row] for mode in setup.contenders},
                     )
                 bar.update(len(batch))
 
@@ -364,7 +409,9 @@ def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
     run_curve = {cfg.batch_size: range(1, curve_tokens(cfg) + 1)}
     costs = measure_step_costs(setup.verifier, setup.drafters, prompts, setup.settings, run_curve)
     grid = {size: (1, cfg.k + 1) for size in cfg.cost_batch_grid if size != cfg.batch_size}
-    if any(model.plain_mask_only for model in _models(setup)):  # windowed attention: batch size 1 only
+    if cfg.engine.backend is Backend.llamacpp:  # its contexts decode one prompt at a time
+        grid = {}
+    elif any(model.plain_mask_only for model in _models(setup)):  # windowed attention: batch size 1 only
         grid = {size: shape for size, shape in grid.items() if size == 1}
     if grid:
         more = measure_step_costs(
