@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
         curve = {1: range(1, max(args.ks) + 2)}
         cost_runs = [
-            measure_step_costs(verifier, [draft, lookup], prompts[0], settings, curve) for _ in range(args.repeats)
+            measure_step_costs(verifier, [draft, lookup], prompts[:1], settings, curve) for _ in range(args.repeats)
         ]
 
     baseline = next(c for c in contenders if c.name == "ours_baseline")

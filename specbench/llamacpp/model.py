@@ -168,6 +168,12 @@ class LlamaCppModel:
             logits.append(self._decode(piece, max(first_kept - start, 0)))
         return torch.cat(logits, dim=0)[None]
 
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], logits_to_keep: int = 1) -> torch.Tensor:
+        """A static batch's start: the one prompt into slot 0 (rows never join a running context here)."""
+        if list(slots) != [0] or self._length:
+            raise ValueError("llama.cpp contexts hold one sequence: no row can join a running one (mode=batch only).")
+        return self.prefill(prompts, logits_to_keep)
+
     def forward(
         self,
         input_ids: torch.Tensor,
