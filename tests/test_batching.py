@@ -34,6 +34,7 @@ from specbench.engine import cached_model as cached_model_module
 from specbench.engine.attention import PREFIX_ATTENTION, PREFIX_BUCKET, matmul_attention, prefix_width
 from specbench.engine.tree import build_tree
 from specbench.testing import make_model, make_windowed_model, one_torch_thread, untie_head
+from tests.fake_time import install
 from tests.test_sampling import chi_square_p
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
@@ -113,11 +114,17 @@ def test_rows_decode_as_if_alone(verifiers, draft, arch, kind, max_len):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batched_baseline_equals_generate(verifiers, arch):
+def test_batched_baseline_equals_generate(verifiers, monkeypatch, arch):
+    """Also timed under fake time: a pass costs one second per column fed (the prefill is 75 wide), so every row
+    has its first token at 75 s and its 16th, after 15 more passes, at 90 s."""
     model = verifiers[arch]
     spare = list(range(VOCAB, model.config.vocab_size))  # GPT-J's head rows the tokenizer lacks
+    fake = install(monkeypatch)
     for max_len in (None, 128):
-        batch = decode_baseline(CachedModel(model, VOCAB, max_len=max_len), PROMPTS, DecodeSettings(16), [0] * 4)
+        verifier = fake.time_passes(CachedModel(model, VOCAB, max_len=max_len), lambda ids: ids.shape[1], "verifier")
+        start = fake.now
+        batch = decode_baseline(verifier, PROMPTS, DecodeSettings(16), [0] * 4)
+        assert batch.wall_s == fake.now - start == 90
         for prompt, row in zip(PROMPTS, batch.rows, strict=True):
             reference = model.generate(
                 torch.tensor([prompt]),
@@ -128,7 +135,7 @@ def test_batched_baseline_equals_generate(verifiers, arch):
                 pad_token_id=0,
             )[0, len(prompt) :].tolist()
             assert row.tokens == reference
-            assert row.verifier_calls == 16 and row.ttft_s <= row.latency_s <= batch.wall_s
+            assert row.verifier_calls == 16 and (row.ttft_s, row.latency_s) == (75, 90)
 
 
 def test_a_finished_row_does_not_change_the_others(verifiers, draft):
