@@ -35,7 +35,9 @@ from specbench.engine.attention import PREFIX_ATTENTION, PREFIX_BUCKET, matmul_a
 from specbench.engine.tree import build_tree
 from specbench.testing import make_model, make_windowed_model, one_torch_thread, untie_head
 from tests.fake_time import install
-from tests.test_sampling import chi_square_p
+from tests.test_sampling import PROMPTS as SMALL_PROMPTS
+from tests.test_sampling import STOP, check_speculative_law, law_models
+from tests.test_sampling import VOCAB as SMALL_VOCAB
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
@@ -458,70 +460,23 @@ def test_a_static_cache_compacts_instead_of_overflowing(verifiers, monkeypatch, 
 
 # ---- sampling ----------------------------------------------------------------------------------------
 
-SMALL_VOCAB = 6
-SMALL_PROMPTS = [[1, 2, 3, 4], [5], [2, 2, 4, 1, 3, 5, 0, 1], [3, 1]]
-SAMPLING = DecodeSettings(max_new_tokens=4, do_sample=True)
-
 
 @pytest.fixture(scope="module")
 def small_models():
-    # A larger init spread gives peaked, different distributions: partial acceptance.
-    def model(seed):
-        m = make_model("gpt2", SMALL_VOCAB, seed=seed, layers=1, context=64)
-        with torch.no_grad():
-            m.lm_head.weight.mul_(8)
-        return m
-
-    return model(0), model(1), model(2)
-
-
-def exact_pair_law(model, prompt: list[int]) -> dict[tuple[int, int], float]:
-    """P(first two output tokens = (a, b)) under the model's own distribution."""
-    with torch.no_grad():
-        first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
-        second = torch.softmax(model(torch.tensor([[*prompt, a] for a in range(SMALL_VOCAB)])).logits[:, -1], -1)
-    return {(a, b): float(first[a] * second[a, b]) for a in range(SMALL_VOCAB) for b in range(SMALL_VOCAB)}
-
-
-def sample_batches(verifier: CachedModel, drafters: list[Drafter], batches: int) -> tuple[dict[tuple, int], int, int]:
-    """Counts of (row, first two tokens) over `batches` batches of the four prompts, every row its own seed.
-
-    Also returns the draft tokens accepted and proposed over all rows.
-    """
-    counts: dict[tuple, int] = {}
-    accepted = proposed = 0
-    for batch in range(batches):
-        seeds = [4 * batch + row for row in range(4)]
-        result = decode_speculative(verifier, drafters, SMALL_PROMPTS, SAMPLING, ConstantK(2), seeds)
-        for row, decoded in enumerate(result.rows):
-            key = (row, *decoded.tokens[:2])
-            counts[key] = counts.get(key, 0) + 1
-            accepted, proposed = accepted + decoded.accepted, proposed + decoded.proposed
-    return counts, accepted, proposed
+    return law_models()
 
 
 @pytest.mark.parametrize("draft_set", [False, True], ids=["one_draft", "draft_set"])
 def test_each_sampled_row_follows_the_verifier_law(small_models, draft_set):
-    """Batches of 4 rows (prompts of 1 to 8 tokens): the joint law of (row, first two tokens) is the verifier's."""
-    verifier_model, draft_a, draft_b = small_models
-    verifier = CachedModel(verifier_model, SMALL_VOCAB)
-    drafters: list[Drafter] = [ModelDrafter("a", CachedModel(draft_a, SMALL_VOCAB))]
+    """Batches of 4 rows (prompts of 1 to 8 tokens) on a static cache, each row its own adaptive k, outputs of up
+    to 5 tokens: the joint law of (row, whole output) is the verifier's, at positions 3 to 5 too, with stops
+    inside blocks."""
+    _, draft_a, draft_b = small_models
+    drafters: list[Drafter] = [ModelDrafter("a", CachedModel(draft_a, SMALL_VOCAB, max_len=32))]
     if draft_set:
         drafters += [ModelDrafter("b", CachedModel(draft_b, SMALL_VOCAB)), PromptLookupDrafter("lookup", max_ngram=1)]
-    batches = 400
-    counts, accepted, proposed = sample_batches(verifier, drafters, batches)
-    assert 0 < accepted < proposed  # both acceptance and rejection were exercised
-
-    def law(model) -> dict[tuple, float]:  # each row carries a quarter of the mass
-        return {
-            (row, *pair): p / 4
-            for row, prompt in enumerate(SMALL_PROMPTS)
-            for pair, p in exact_pair_law(model, prompt).items()
-        }
-
-    assert chi_square_p(counts, law(verifier_model), 4 * batches) > 1e-3
-    # control: the same samples against the draft's law fail, so the test has power
-    assert chi_square_p(counts, law(draft_a), 4 * batches) < 1e-6
+    settings = DecodeSettings(max_new_tokens=5, do_sample=True, eos_token_ids=frozenset({STOP}))
+    check_speculative_law(small_models, drafters, AdaptiveK(2, 4), settings, max_len=32, batches=300)
 
 
 def test_a_sampled_row_does_not_depend_on_its_batch_mates(small_models):
