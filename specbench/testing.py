@@ -81,7 +81,10 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
     """A randomly initialised tiny model of a real architecture (gpt2, gpt_neo, gptj, llama, qwen2).
 
     "qwen2" is plain Qwen2 (Qwen2.5's architecture): full attention in every layer, and biases on the query,
-    key and value projections, drawn at random here (transformers starts them at zero, where they do nothing).
+    key and value projections, drawn at random here (transformers starts them at zero, where they do nothing),
+    about as large as the projections' outputs. Its weights start 10x wider than transformers' default, so that
+    attention depends on positions: at the default, a tiny rotary model attends almost uniformly, and wrong
+    positions leave its greedy output unchanged.
     """
     torch.manual_seed(seed)
     common = {"bos_token_id": 0, "eos_token_id": 0}
@@ -134,6 +137,7 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
+            initializer_range=0.2,
             **common,
         )
         model = Qwen2ForCausalLM(config).eval()

@@ -9,6 +9,7 @@ graph capture inside pool threads).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 
@@ -56,6 +57,7 @@ MAX_NEW = 24
 @pytest.fixture(scope="module")
 def verifiers():
     models = {arch: make_model(arch, VOCAB, seed=1, layers=2) for arch in ARCHS}
+    models["qwen2"] = make_model("qwen2", VOCAB, seed=6, layers=2)  # varied outputs, long enough for early_stops
     untie_head(models["gpt2"], seed=5)  # varied outputs rather than one repeated token
     return models
 
@@ -89,7 +91,7 @@ def make_drafters(kind: str, verifier_model, draft_model, max_len: int | None) -
     ]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen2"])
 @pytest.mark.parametrize("kind", ["model", "lookup", "self", "set"])
 @pytest.mark.parametrize("max_len", [None, 160], ids=["dynamic", "static"])
 def test_rows_decode_as_if_alone(verifiers, draft, arch, kind, max_len):
@@ -115,7 +117,25 @@ def test_rows_decode_as_if_alone(verifiers, draft, arch, kind, max_len):
                 assert result.accepted_per_step[:-1] == result.offered_per_step[:-1]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def test_the_qwen2_verifier_is_plain_qwen2(verifiers):
+    """The default verifier's architecture (Qwen2.5): full attention in every layer, and biases on q, k and v that
+    change the output, so the tests above would see them dropped or misplaced."""
+    model = verifiers["qwen2"]
+    assert set(model.config.layer_types) == {"full_attention"} and not needs_plain_causal_mask(model.config)
+    unbiased = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in unbiased.model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.zero_()
+    settings = DecodeSettings(MAX_NEW)
+    assert (
+        alone(CachedModel(unbiased, VOCAB), PROMPTS[0], settings).tokens
+        != alone(CachedModel(model, VOCAB), PROMPTS[0], settings).tokens
+    )
+    assert CachedModel(model, VOCAB, max_len=160).max_len == 160  # it takes the static cache
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen2"])
 def test_batched_baseline_equals_generate(verifiers, monkeypatch, arch):
     """Also timed under fake time: a pass costs one second per column fed (the prefill is 75 wide), so every row
     has its first token at 75 s and its 16th, after 15 more passes, at 90 s."""
@@ -131,7 +151,7 @@ def test_batched_baseline_equals_generate(verifiers, monkeypatch, arch):
             reference = model.generate(
                 torch.tensor([prompt]),
                 max_new_tokens=16,
-                min_new_tokens=16,
+                eos_token_id=None,  # no stop, and no suppressed EOS either (min_new_tokens would suppress it)
                 do_sample=False,
                 suppress_tokens=spare or None,
                 pad_token_id=0,
