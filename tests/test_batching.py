@@ -34,6 +34,7 @@ from specbench.engine import (
 from specbench.engine import cached_model as cached_model_module
 from specbench.engine.attention import PREFIX_ATTENTION, PREFIX_BUCKET, matmul_attention, prefix_width
 from specbench.engine.tree import build_tree
+from specbench.models import ModelSpec, load_model
 from specbench.testing import make_model, make_windowed_model, one_torch_thread, untie_head
 from tests.fake_time import install
 from tests.test_sampling import PROMPTS as SMALL_PROMPTS
@@ -133,6 +134,26 @@ def test_the_qwen2_verifier_is_plain_qwen2(verifiers):
         != alone(CachedModel(model, VOCAB), PROMPTS[0], settings).tokens
     )
     assert CachedModel(model, VOCAB, max_len=160).max_len == 160  # it takes the static cache
+
+
+def test_an_int8_draft_is_lossless_with_a_float32_verifier(verifiers, tmp_path):
+    """The default draft's setting (quantize=int8_dynamic): the verifier's own weights, saved and loaded as the run
+    loads a draft, quantised to int8; its proposals differ, so some are rejected, and the output stays the
+    verifier's at batch 1 and in a ragged batch."""
+    model = verifiers["qwen2"]
+    model.save_pretrained(tmp_path)
+    spec = ModelSpec(str(tmp_path), None, "float32", "cpu", quantize="int8_dynamic")
+    int8 = load_model(spec)
+    assert any(isinstance(module, torch.ao.nn.quantized.dynamic.Linear) for module in int8.modules())
+    assert not any(type(module) is torch.nn.Linear for module in int8.model.layers.modules())
+    verifier = CachedModel(model, VOCAB)
+    drafters = [ModelDrafter("int8", CachedModel(int8, VOCAB))]
+    settings = early_stops(verifier, PROMPTS)
+    singles = [decode_speculative(verifier, drafters, [p], settings, ConstantK(4), [0]).rows[0] for p in PROMPTS]
+    assert [single.tokens for single in singles] == [alone(verifier, p, settings).tokens for p in PROMPTS]
+    assert 0 < sum(single.accepted for single in singles) < sum(single.proposed for single in singles)
+    batch = decode_speculative(verifier, drafters, PROMPTS, settings, ConstantK(4), [0] * len(PROMPTS))
+    assert [row.tokens for row in batch.rows] == [single.tokens for single in singles]
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "qwen2"])
