@@ -38,19 +38,20 @@ class FakeTime:
     def __init__(self, gpus: Sequence[torch.device] = GPUS) -> None:
         self.gpus = tuple(gpus)
         self.now = 0.0
-        self.events: list[
-            tuple[str, object]
-        ] = []  # ("pass", model name), ("sync", device), ("copy" | "host" | "read", ...)
+        # in order: ("pass", model name), ("sync", device), ("copy", None), ("host", None), ("read", module)
+        self.events: list[tuple[str, object]] = []
         self._queued: deque[_Pass] = deque()  # passes not known to be done, oldest first
         self._issued = self._done = 0  # passes queued so far, and how many of them are done
 
     def perf_counter(self) -> float:
+        """The fake time; a reading by specbench's code is logged."""
         module = sys._getframe(1).f_globals.get("__name__", "")
         if module.startswith("specbench."):
             self.events.append(("read", module))
         return self.now
 
     def synchronize(self, device: torch.device) -> None:
+        """Wait for `device`: the passes queued on it are done once every GPU they run on was synchronized."""
         self.events.append(("sync", torch.device(device)))
         for queued in self._queued:
             queued.unsynchronized.discard(torch.device(device))

@@ -205,7 +205,12 @@ def law_p_values(
 
 
 def check_speculative_law(
-    models, drafters: list[Drafter], schedule: KSchedule, settings: DecodeSettings, max_len: int | None, batches: int
+    models: tuple[torch.nn.Module, ...],
+    drafters: list[Drafter],
+    schedule: KSchedule,
+    settings: DecodeSettings,
+    max_len: int | None,
+    batches: int,
 ) -> None:
     """Sample batches of PROMPTS speculatively: whole outputs and positions >= 3 follow the verifier's law, both
     fail under a draft's law (the check has power), and acceptance, rejection and stops inside blocks all happen."""
