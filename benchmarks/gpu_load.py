@@ -279,6 +279,7 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
                 "probes": {f"{p.rate:.4g}": measured[p.rate] for p in probes},
             }
             print(f"[load alpha={alpha} k={k}] {crossover.message} predicted {predicted}", flush=True)
+            (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 
-from mlflow.tracking import MlflowClient
-
 from specbench.catalog import HIGHER, LOWER, metric
 from specbench.errors import ConfigError
 
@@ -39,5 +37,7 @@ def failed_value(key: str) -> float:
 
 def run_value(run_id: str, key: str) -> float:
     """The objective as the run logged it (the worst value if it logged none, e.g. a cost without a price)."""
+    from mlflow.tracking import MlflowClient  # the config schema imports this module; MLflow only a finished job
+
     value = MlflowClient().get_run(run_id).data.metrics.get(key)
     return failed_value(key) if value is None else value

@@ -12,7 +12,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import gguf
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -255,6 +254,8 @@ def write_gguf_llama(
                 weight.add_(noise * torch.randn(weight.shape, generator=generator))
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    import gguf  # the GGUF writer: only the llama.cpp tests need it
+
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
