@@ -9,7 +9,8 @@ so that greedy outputs do not part between modes at near-ties, which random weig
 few tokens; the cost of a step is unchanged) verifies under CUDA graphs, with slot buckets 1, 2, 4, ... up
 to --max-batch rows. A random-weight draft is never accepted, so the draft is the oracle
 (`specbench.engine.oracle`): the verifier's own greedy continuation with per-token probability alpha, at
-the real cost of distilgpt2's forward passes. Every clock reading waits for the GPU. Sections (results are written after each one):
+the real cost of distilgpt2's forward passes. Every clock reading waits for the GPU. Sections (results are
+written after each one):
 
 - checks: tiny float32 models on the GPU, CUDA graphs and bucketed slots: every request served under
   continuous batching (joins, leaves, a queue) equals its lone eager decode, baseline and speculative.
