@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -205,4 +206,81 @@ def write_pubmedqa_jsonl(path: Path, count: int = 8) -> Path:
                 "final_decision": "yes",
             }
             out.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_gguf_llama(
+    path: Path,
+    seed: int = 0,
+    noise: float = 0.0,
+    layers: int = 2,
+    context: int = 512,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Path:
+    """A tiny random llama (`make_model`'s, float32) and a tokenizer (default: the shared one) as a GGUF file
+    llama.cpp and transformers both load; `noise` perturbs every weight (a draft that agrees with the seed's model
+    on some tokens, not all). Written the way llama.cpp's converter writes llama: q and k rows permuted for its
+    rotary layout, which transformers' GGUF loader undoes; tokens added to the tokenizer become user-defined."""
+    tokenizer = tokenizer or train_tokenizer()
+    model = untie_head(make_model("llama", len(tokenizer), seed, layers, context), seed + 1)
+    if noise:
+        generator = torch.Generator().manual_seed(seed + 2)
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.add_(noise * torch.randn(weight.shape, generator=generator))
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(context)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(config.hidden_size // heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(len(tokenizer))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    types = [
+        gguf.TokenType.CONTROL if token == EOS else gguf.TokenType.NORMAL if token in bpe["vocab"]
+        else gguf.TokenType.USER_DEFINED
+        for token in tokens
+    ]  # fmt: skip
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([" ".join(merge) for merge in bpe["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_add_bos_token(False)
+
+    def rotary_rows(weight: torch.Tensor, count: int) -> torch.Tensor:
+        return weight.reshape(count, 2, weight.shape[0] // count // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+    layer_names = {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }  # fmt: skip
+    for name, weight in model.state_dict().items():
+        parts = name.removeprefix("model.").removesuffix(".weight")
+        if parts.startswith("layers."):
+            _, index, module = parts.split(".", 2)
+            gguf_name = f"blk.{index}.{layer_names[module]}"
+            if module == "self_attn.q_proj":
+                weight = rotary_rows(weight, heads)
+            elif module == "self_attn.k_proj":
+                weight = rotary_rows(weight, kv_heads)
+        else:
+            gguf_name = names[parts]
+        writer.add_tensor(f"{gguf_name}.weight", weight.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
