@@ -1,0 +1,216 @@
+"""One mode of a load run served by an OpenAI-compatible server (engine.backend=server).
+
+    trace = server_trace(cfg, record_ids)
+    outcome = serve_mode(cfg, trace, prompts_text, "baseline", out_dir, tokenizer)
+    outcome.result     # ServeResult: the mode's requests (failures carry `error`), for the load metrics
+    outcome.metrics    # the server's own figures: acceptance from its counters (spec mode)
+    outcome.artifacts  # responses_{mode}.jsonl (records with output texts), server_{mode}.log (a started server)
+    outcome.notes      # one line each: what the server does not expose, what looked wrong
+
+For each mode: start its server if it has a command (`managed`), or take its URL; check
+that it answers (`GET /v1/models`, which also names the model when `server.model` is
+unset) before any request, else one sentence (`ServerError`); send the warm-up requests
+(`warmup_prompts` of `warmup_tokens`, not timed; a failed one stops the run, since every
+request would fail alike); read `/metrics`; replay the trace (`client.replay`); read
+`/metrics` again; stop the server. The caller runs the modes in turn (alternating their
+order over repeats), so the two servers never share the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+from specbench.config import RunMode, SpecBenchConfig
+from specbench.engine.results import ServeResult
+from specbench.errors import ServerError
+from specbench.load.trace import TraceRequest, build_trace
+from specbench.server import prometheus
+from specbench.server.client import RequestSettings, replay
+from specbench.server.managed import base_url, root_url, started_server
+from specbench.server.records import SpooledRequests
+
+log = logging.getLogger(__name__)
+CHECK_TIMEOUT_S = 10.0
+
+
+@dataclass
+class ModeOutcome:
+    """What serving one mode's trace produced."""
+
+    result: ServeResult
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def server_trace(cfg: SpecBenchConfig, record_ids: Sequence[str]) -> list[TraceRequest]:
+    """The run's trace: the load settings' (`build_trace`), or with server.fixed_batch=true every request at time 0
+    (load.num_requests of them under mode=load, prompts cycling; each prompt once under mode=batch)."""
+    if not cfg.server.fixed_batch:
+        return build_trace(cfg.load, record_ids, cfg.seed)
+    count = len(record_ids) if cfg.mode is RunMode.batch else cfg.load.num_requests
+    log.warning("server.fixed_batch=true: all %d requests are sent at time 0 (a fixed batch, not arrivals)", count)
+    return [
+        TraceRequest(index, 0.0, index % len(record_ids), str(record_ids[index % len(record_ids)]))
+        for index in range(count)
+    ]
+
+
+def request_settings(cfg: SpecBenchConfig, model: str) -> RequestSettings:
+    """What every request sends: the model, `generation`'s limits and sampling, and the client's limits."""
+    gen, server = cfg.generation, cfg.server
+    return RequestSettings(
+        model=model,
+        max_tokens=gen.max_new_tokens,
+        chat=server.chat,
+        temperature=gen.temperature if gen.do_sample else 0.0,
+        top_p=gen.top_p if gen.do_sample else 1.0,
+        top_k=gen.top_k if gen.do_sample else 0,
+        seed=cfg.seed if gen.do_sample else None,
+        ignore_eos=not gen.stop_at_eos,
+        max_concurrency=server.max_concurrency,
+        timeout_s=server.timeout_s,
+        api_key=os.environ.get(server.api_key_env) or None,
+    )
+
+
+def served_model(base: str, mode: str, model: str | None, api_key: str | None) -> str:
+    """The model to ask for; raises ServerError in one sentence if the server does not answer `GET /v1/models`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{base}/models", headers=headers, timeout=CHECK_TIMEOUT_S)
+    except httpx.HTTPError as error:
+        raise ServerError(
+            f"the {mode} server at {base} does not answer ({type(error).__name__}: {error}): start it, or point "
+            f"server.{mode}_url at it."
+        ) from error
+    if response.status_code != 200:
+        raise ServerError(
+            f"the {mode} server answered GET {base}/models with HTTP {response.status_code}: point "
+            f"server.{mode}_url at an OpenAI-compatible server's base URL (http://HOST:PORT/v1)."
+        )
+    if model:
+        return model
+    try:
+        return str(response.json()["data"][0]["id"])
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise ServerError(
+            f"the {mode} server lists no model at {base}/models: set server.model to the name it serves."
+        ) from error
+
+
+def serve_mode(
+    cfg: SpecBenchConfig,
+    trace: Sequence[TraceRequest],
+    prompts_text: Sequence[str],
+    mode: str,
+    out_dir: Path,
+    tokenizer: Any = None,
+) -> ModeOutcome:
+    """Serve `trace` in `mode` (baseline or spec) on that mode's server; see the module docstring.
+
+    Raises ServerError (one sentence, a started server's log tail after it) when the server does not answer,
+    exits, never becomes ready, or fails its warm-up; failed trace requests are records, not errors.
+    """
+    server = cfg.server
+    out_dir.mkdir(parents=True, exist_ok=True)
+    api_key = os.environ.get(server.api_key_env) or None
+    log_path = out_dir / f"server_{mode}.log"
+    with _mode_server(cfg, mode, log_path) as (base, check_alive):
+        settings = request_settings(cfg, served_model(base, mode, server.model, api_key))
+        _warm_up(base, mode, trace, prompts_text, settings, cfg, out_dir)
+        before = prometheus.scrape(root_url(base), api_key)
+        result = replay(base, trace, prompts_text, settings, out_dir / f"responses_{mode}.jsonl", tokenizer)
+        after = prometheus.scrape(root_url(base), api_key)
+        check_alive()  # a started server that died mid-trace ends the run, not just its requests
+    outcome = ModeOutcome(result, artifacts=[out_dir / f"responses_{mode}.jsonl"])
+    if log_path.is_file():
+        outcome.artifacts.append(log_path)
+    _server_figures(outcome, mode, before, after)
+    for note in outcome.notes:
+        log.info(note)
+    return outcome
+
+
+@contextmanager
+def _mode_server(cfg: SpecBenchConfig, mode: str, log_path: Path) -> Iterator[tuple[str, Any]]:
+    """The mode's OpenAI base URL and a check that raises if its server has died; a command is started first."""
+    url, command = getattr(cfg.server, f"{mode}_url"), getattr(cfg.server, f"{mode}_cmd")
+    if not command:
+        yield base_url(url), lambda: None
+        return
+    with started_server(command, mode, url, log_path, cfg.server.start_timeout_s) as started:
+        yield started.base_url, started.check_alive
+
+
+def _warm_up(
+    base: str,
+    mode: str,
+    trace: Sequence[TraceRequest],
+    prompts_text: Sequence[str],
+    settings: RequestSettings,
+    cfg: SpecBenchConfig,
+    out_dir: Path,
+) -> None:
+    """Send `warmup_prompts` requests of `warmup_tokens` one after the other; raise if one fails."""
+    if cfg.warmup_prompts < 1:
+        return
+    requests = [
+        TraceRequest(index, 0.0, request.prompt_index, request.record_id, request.text, cfg.warmup_tokens)
+        for index, request in enumerate(trace[: cfg.warmup_prompts])
+    ]
+    one_at_a_time = replace(settings, max_concurrency=1)
+    path = out_dir / f"warmup_{mode}.jsonl"
+    warm = replay(base, requests, prompts_text, one_at_a_time, path)
+    errors = [request.error for request in warm.requests if request.error]
+    path.unlink()
+    if errors:
+        raise ServerError(
+            f"the {mode} server at {base} failed the warm-up request ({errors[0]}): check server.model and the "
+            "server's options."
+        )
+
+
+def _server_figures(outcome: ModeOutcome, mode: str, before: prometheus.Scrape, after: prometheus.Scrape) -> None:
+    """Acceptance from the spec server's counters, or from per-response draft counts, and notes on what is missing."""
+    if mode == "baseline":
+        drafted = prometheus.drafted_tokens(before, after)
+        if drafted > 0:
+            outcome.notes.append(f"the baseline server drafted {drafted:g} tokens: it speculates, check its command")
+        return
+    outcome.metrics |= prometheus.acceptance_metrics(before, after)
+    if outcome.metrics:
+        return
+    proposed = sum(request.proposed for request in outcome.result.requests if request.error is None)
+    if proposed > 0:  # llama.cpp's llama-server reports each response's drafts
+        accepted = sum(request.accepted for request in outcome.result.requests if request.error is None)
+        outcome.metrics |= {
+            "server_draft_tokens": proposed,
+            "server_accepted_tokens": accepted,
+            "acceptance_rate": accepted / proposed,
+        }
+        return
+    reason = after.missing or before.missing
+    outcome.notes.append(f"the spec server's acceptance is not logged: {reason}, and its responses count no drafts")
+
+
+def text_disagreement(results: Mapping[str, ServeResult]) -> dict[str, float]:
+    """`disagreement_rate` and `exact_match_rate` over the requests both modes served: the share whose output texts
+    differ (or are equal). Servers are not batch-invariant: at temperature 0 the same request can get another text
+    beside other requests, in either mode, so a nonzero rate does not by itself show speculation is lossy."""
+    baseline, spec = results["baseline"].requests, results["spec"].requests
+    if not (isinstance(baseline, SpooledRequests) and isinstance(spec, SpooledRequests)):
+        return {}
+    pairs = [(a, b) for a, b in zip(baseline.texts(), spec.texts(), strict=True) if a is not None and b is not None]
+    if not pairs:
+        return {}
+    same = sum(a == b for a, b in pairs) / len(pairs)
+    return {"disagreement_rate": 1.0 - same, "exact_match_rate": same}
