@@ -75,7 +75,7 @@ def scripts(*prompts: str, gap_s: float = 0.01) -> list[TraceRequest]:
 FAULTS = {
     1: ("status=500", r"^HTTP 500: .*scripted HTTP 500"),
     2: ("status=429", r"^HTTP 429 \(rate limited\)"),
-    3: ("drop=2 chunks=6", r"^the stream failed after 2 text chunks \(RemoteProtocolError"),
+    3: ("drop=2 chunks=6", r"^the connection failed after 2 text chunks \(ClientPayloadError: Response payload is not"),
     4: ("hang=1", r"^no complete answer within server.timeout_s=2 s \(0 text chunks received\)"),
     5: ("no_finish=1 chunks=3", r"^the stream ended without a finish_reason after 3 text chunks"),
     6: ("error_after=1", r"^the server reported an error mid-stream: scripted mid-stream error"),
@@ -200,7 +200,8 @@ def test_records_stream_to_disk_so_memory_does_not_grow_with_the_trace(tmp_path)
 def test_a_server_down_at_start_gets_one_sentence_and_no_request(composer, tmp_path):
     down = f"http://127.0.0.1:{free_port()}/v1"
     cfg = url_config(composer, down, down)
-    with pytest.raises(ServerError, match=r"^the baseline server at .* does not answer \(ConnectError") as error:
+    refused = r"^the baseline server at .* does not answer \(ConnectionRefusedError"
+    with pytest.raises(ServerError, match=refused) as error:
         serve_mode(cfg, scripts("chunks=2"), [], "baseline", tmp_path)
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []  # nothing was sent, nothing recorded

@@ -10,40 +10,44 @@ as queueing). Each request streams (`stream=true`) from `/v1/completions`, or
 stream (`stream_options`; vLLM and SGLang also report the running count in every chunk,
 which gives each chunk's token count).
 
-Times are seconds from the trace's start on `time.perf_counter`'s clock:
+While a request streams, the client does no more than note each network read and its
+time: parsing the events, a tokenizer, writing records all wait until the request or the
+whole replay has ended, so that they delay no other stream's timestamps. aiohttp, whose
+HTTP parser is compiled, reads the streams (on the 2-core machine of the notes it cost
+55 us per chunk against httpx2's 150 us, events parsed). Times are seconds from the
+trace's start on `time.perf_counter`'s clock:
 - `admitted_s`: the request was sent;
-- `chunk_times_s`: each chunk carrying output text was parsed (empty chunks, such as a chat
-  stream's opening role chunk or the closing usage chunk, are not output);
+- `chunk_times_s`: the read that completed each event carrying output text arrived
+  (`stream`: empty events, such as a chat stream's opening role chunk or the closing usage
+  chunk, are not output);
 - `first_token_s`: the first of those (TTFT counts from the trace's arrival time);
 - `finish_s`: the last of those, as vLLM's benchmark counts it.
 
 A request fails, and the replay goes on, when the server answers with an HTTP error (429
-included), the stream breaks or ends without `[DONE]`, it ends without a `finish_reason`
-(cut short: llama-cpp-python's server does that to a stream when another request arrives,
-unless started with `--interrupt_requests false`), it reports an error mid-stream, it
-streams no text at all, or the whole request takes longer than `settings.timeout_s`. Its
-record says why (`error`); a failed request's `first_token_s` and `finish_s` are then the
-time it failed (or its first chunk's), and the load metrics leave it out.
+included), the connection breaks, the stream ends without `[DONE]` or without a
+`finish_reason` (cut short: llama-cpp-python's server does that to a stream when another
+request arrives, unless started with `--interrupt_requests false`), it reports an error
+mid-stream, it streams no text at all, or the whole request takes longer than
+`settings.timeout_s`. Its record says why (`error`), and the load metrics leave it out.
 
 Records stream to disk as requests end (`records.RequestSpool`): memory holds the requests
-in flight, not the trace's outputs. Token counts are completed after the replay, outside
-the timed window (`records.complete_tokens`), so no tokenizer runs while chunks arrive.
+in flight, not the trace's outputs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
+import aiohttp
 
 from specbench.engine.results import ServeResult
 from specbench.load.trace import TraceRequest
+from specbench.server.http import auth_headers
 from specbench.server.records import RequestSpool, finish_spool
 
 ERROR_BODY_CHARS = 300  # of an HTTP error's body kept in the request's error
@@ -87,10 +91,6 @@ class RequestSettings:
             body["ignore_eos"] = True
         return body
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
 
 def endpoint(base_url: str, chat: bool) -> str:
     """The completions URL under an OpenAI base URL."""
@@ -98,136 +98,67 @@ def endpoint(base_url: str, chat: bool) -> str:
 
 
 @dataclass
-class StreamState:
-    """What one request has received so far."""
+class Exchange:
+    """What the client noted of one request: when it was sent, each network read and its time, how it ended."""
 
+    request: TraceRequest
     admitted_s: float
-    chunk_times_s: list[float] = field(default_factory=list)
-    chunk_chars: list[int] = field(default_factory=list)
-    text_parts: list[str] = field(default_factory=list)
-    usage_tokens: int | None = None  # the server's latest completion_tokens
-    usage_at_last_chunk: int = 0
-    usage_chunk_sizes: list[int] = field(default_factory=list)  # from running usage counts, when reported
-    finish_reason: str | None = None
-    done: bool = False  # [DONE] arrived
-    proposed: int = 0  # draft tokens the server reports for this request (llama.cpp's `timings`)
-    accepted: int = 0
-    error: str | None = None
+    reads: list[bytes] = field(default_factory=list)
+    read_times: list[float] = field(default_factory=list)
+    error: str | None = None  # the transport's: an HTTP status, a broken connection, the timeout
+    end_s: float = 0.0
 
-    def take(self, chunk: dict[str, Any], now_s: float) -> None:
-        """Account for one parsed stream event."""
-        if "error" in chunk:
-            detail = chunk["error"]
-            message = detail.get("message", detail) if isinstance(detail, dict) else detail
-            self.error = f"the server reported an error mid-stream: {message}"
-            return
-        usage = chunk.get("usage")
-        if usage and usage.get("completion_tokens") is not None:
-            self.usage_tokens = int(usage["completion_tokens"])
-        timings = chunk.get("timings")
-        if timings and "draft_n" in timings:  # llama.cpp's llama-server: cumulative per request
-            self.proposed = int(timings["draft_n"])
-            self.accepted = int(timings.get("draft_n_accepted", 0))
-        for choice in chunk.get("choices") or ():
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            text = _choice_text(choice)
-            if text:
-                self.chunk_times_s.append(now_s)
-                self.chunk_chars.append(len(text))
-                self.text_parts.append(text)
-                if self.usage_tokens is not None and usage:
-                    self.usage_chunk_sizes.append(self.usage_tokens - self.usage_at_last_chunk)
-                    self.usage_at_last_chunk = self.usage_tokens
-
-    def problem(self) -> str | None:
-        """Why a stream that ended is not a complete answer, if it is not."""
-        chunks = len(self.chunk_times_s)
-        if self.error:
-            return self.error
-        if not self.done:
-            return f"the stream ended without [DONE] after {chunks} text chunks"
-        if self.finish_reason is None:
-            return (
-                f"the stream ended without a finish_reason after {chunks} text chunks: the server cut it short "
-                "(llama-cpp-python's server does when another request arrives; start it with "
-                "--interrupt_requests false)"
-            )
-        if not chunks:
-            return f"no output text (finish_reason={self.finish_reason})"
-        return None
-
-    def record(self, request: TraceRequest, end_s: float) -> dict[str, Any]:
-        """The request's raw record (`records.complete_tokens` finishes its token counts)."""
-        first = self.chunk_times_s[0] if self.chunk_times_s else end_s
-        sizes_known = len(self.usage_chunk_sizes) == len(self.chunk_times_s)
+    def raw(self) -> dict[str, Any]:
+        """The spool's record of it (`stream.request_record` parses it later)."""
+        ends, total = [], 0
+        for read in self.reads:
+            total += len(read)
+            ends.append(total)
         return {
-            "request_id": request.request_id,
-            "arrival_s": request.arrival_s,
+            "request_id": self.request.request_id,
+            "arrival_s": self.request.arrival_s,
             "admitted_s": self.admitted_s,
-            "first_token_s": first,
-            "finish_s": self.chunk_times_s[-1] if self.error is None else end_s,
-            "chunk_times_s": self.chunk_times_s,
-            "proposed": self.proposed,
-            "accepted": self.accepted,
+            "end_s": self.end_s,
             "error": self.error,
-            "text": "".join(self.text_parts),
-            "chunk_chars": self.chunk_chars,
-            "usage_chunk_sizes": self.usage_chunk_sizes if sizes_known and self.usage_chunk_sizes else None,
-            "usage_tokens": self.usage_tokens,
+            "body": b"".join(self.reads).decode("utf-8", errors="replace"),
+            "read_ends": ends,
+            "read_times": self.read_times,
         }
 
 
-def _choice_text(choice: dict[str, Any]) -> str | None:
-    """A streamed choice's output text: `text` (completions) or the delta's content or reasoning (chat)."""
-    if "text" in choice:
-        return choice["text"]
-    delta = choice.get("delta") or {}
-    return delta.get("content") or delta.get("reasoning_content")
-
-
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], state: StreamState, start: float) -> None:
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            text = (await response.aread()).decode(errors="replace").strip()[:ERROR_BODY_CHARS]
-            limited = " (rate limited)" if response.status_code == 429 else ""
-            state.error = f"HTTP {response.status_code}{limited}: {text}"
+async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any], exchange: Exchange, start: float):
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            text = (await response.text(errors="replace")).strip()[:ERROR_BODY_CHARS]
+            limited = " (rate limited)" if response.status == 429 else ""
+            exchange.error = f"HTTP {response.status}{limited}: {text}"
             return
-        async for event in httpx.EventSource(response):
-            now = time.perf_counter() - start
-            if event.data == "[DONE]":
-                state.done = True
-                return
-            state.take(json.loads(event.data), now)
-            if state.error:
-                return
+        async for data in response.content.iter_any():
+            exchange.read_times.append(time.perf_counter() - start)
+            exchange.reads.append(data)
 
 
 async def _send(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     url: str,
     settings: RequestSettings,
     request: TraceRequest,
     prompt: str,
     start: float,
-) -> dict[str, Any]:
-    """Send one request and stream its answer; its raw record, whatever happened."""
-    state = StreamState(admitted_s=time.perf_counter() - start)
+) -> Exchange:
+    """Send one request and note its stream, whatever happens."""
+    exchange = Exchange(request, admitted_s=time.perf_counter() - start)
     try:
         body = settings.payload(prompt, request)
-        await asyncio.wait_for(_stream(client, url, body, state, start), settings.timeout_s)
-        state.error = state.problem()
-    except (TimeoutError, httpx.TimeoutException):
-        state.error = (
-            f"no complete answer within server.timeout_s={settings.timeout_s:g} s "
-            f"({len(state.chunk_times_s)} text chunks received)"
+        await asyncio.wait_for(_stream(session, url, body, exchange, start), settings.timeout_s)
+    except TimeoutError:
+        exchange.error = (
+            f"no complete answer within server.timeout_s={settings.timeout_s:g} s ({{chunks}} text chunks received)"
         )
-    except httpx.HTTPError as error:
-        chunks = len(state.chunk_times_s)
-        state.error = f"the stream failed after {chunks} text chunks ({type(error).__name__}: {error})"
-    except (ValueError, TypeError, AttributeError) as error:  # JSON that is not a completion chunk
-        state.error = f"a malformed stream event ({type(error).__name__}: {error})"
-    return state.record(request, time.perf_counter() - start)
+    except aiohttp.ClientError as error:
+        exchange.error = f"the connection failed after {{chunks}} text chunks ({type(error).__name__}: {error})"
+    exchange.end_s = time.perf_counter() - start
+    return exchange
 
 
 async def _replay(
@@ -243,22 +174,24 @@ async def _replay(
     limit = settings.max_concurrency
     slots = asyncio.Semaphore(limit) if limit else None
     in_flight: set[asyncio.Task] = set()
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(None),  # the whole request is bounded by settings.timeout_s instead
-        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
-        headers=settings.headers,
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit or 0),  # 0: no limit
+        timeout=aiohttp.ClientTimeout(total=None),  # each request is bounded by settings.timeout_s instead
+        headers=auth_headers(settings.api_key),
     )
 
     async def send(position: int, request: TraceRequest) -> None:
         prompt = request.text if request.text is not None else prompts_text[request.prompt_index]
         try:
-            spool.write(position, await _send(client, url, settings, request, prompt, start))
+            exchange = await _send(session, url, settings, request, prompt, start)
         finally:
             if slots:
                 slots.release()
+        spool.write(position, exchange.raw())
 
-    async with client:
-        await client.get(f"{base_url}/models")  # connect before the trace starts: its setup is not timed
+    async with session:
+        async with session.get(f"{base_url}/models") as response:  # connect before the trace starts: not timed
+            await response.read()
         start = time.perf_counter() if start_at is None else start_at
         for position, request in enumerate(requests):
             delay = start + request.arrival_s - time.perf_counter()

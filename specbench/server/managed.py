@@ -27,9 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2 as httpx
-
 from specbench.errors import ServerError
+from specbench.server.http import get
 
 POLL_S = 0.5  # between health checks
 STOP_GRACE_S = 30.0  # SIGTERM, then SIGKILL
@@ -88,45 +87,62 @@ class ManagedServer:
     def wait_until_ready(self, start_timeout_s: float) -> None:
         """Poll its health endpoint until it answers, it exits, or `start_timeout_s` passes."""
         deadline = time.monotonic() + start_timeout_s
-        with httpx.Client(timeout=POLL_S * 4) as client:
-            while True:
-                self.check_alive()
-                if _answers(client, self.base_url):
-                    return
-                if time.monotonic() > deadline:
-                    raise self.failure(
-                        f"did not answer {root_url(self.base_url)}/health or /v1/models within "
-                        f"server.start_timeout_s={start_timeout_s:g} s"
-                    )
-                time.sleep(POLL_S)
+        while True:
+            self.check_alive()
+            if _answers(self.base_url):
+                return
+            if time.monotonic() > deadline:
+                raise self.failure(
+                    f"did not answer {root_url(self.base_url)}/health or /v1/models within "
+                    f"server.start_timeout_s={start_timeout_s:g} s"
+                )
+            time.sleep(POLL_S)
 
     def stop(self) -> None:
-        """SIGTERM to its process group, SIGKILL if it is still there after STOP_GRACE_S."""
-        if self.process.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        """SIGTERM to its process group, SIGKILL if any of it is still there after STOP_GRACE_S; returns when the
+        group is gone (the shell may exit before the server it started, which would still hold the port)."""
+        group = self.process.pid  # start_new_session: the shell leads a group of its own
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.killpg(self.process.pid, sig)
+                os.killpg(group, sig)
             except ProcessLookupError:
                 return
-            try:
-                self.process.wait(timeout=wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+            deadline = time.monotonic() + STOP_GRACE_S
+            while time.monotonic() < deadline:
+                self.process.poll()  # reap the shell
+                if not _group_alive(group):
+                    return
+                time.sleep(0.05)
 
 
-def _answers(client: httpx.Client, base: str) -> bool:
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group still runs (zombies, which hold nothing, do not count)."""
+    stats = list(Path("/proc").glob("[0-9]*/stat"))
+    if not stats:  # no /proc: ask the kernel, which counts zombies too
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in stats:
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # it ended while we looked
+        if int(pgrp) == group and state != "Z":
+            return True
+    return False
+
+
+def _answers(base: str) -> bool:
     """Whether the server is ready: /health says 200, or, without a /health, /v1/models does."""
     try:
-        health = client.get(f"{root_url(base)}/health")
-        if health.status_code == 200:
-            return True
-        if health.status_code in (404, 405):
-            return client.get(f"{base}/models").status_code == 200
-    except httpx.HTTPError:
-        pass  # not listening yet
-    return False
+        health, _ = get(f"{root_url(base)}/health", timeout_s=4 * POLL_S)
+        if health in (404, 405):
+            return get(f"{base}/models", timeout_s=4 * POLL_S)[0] == 200
+        return health == 200
+    except OSError:
+        return False  # not listening yet
 
 
 @contextmanager

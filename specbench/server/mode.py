@@ -18,6 +18,7 @@ order over repeats), so the two servers never share the machine.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,14 +27,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
-
 from specbench.config import RunMode, SpecBenchConfig
 from specbench.engine.results import ServeResult
 from specbench.errors import ServerError
 from specbench.load.trace import TraceRequest, build_trace
 from specbench.server import prometheus
 from specbench.server.client import RequestSettings, replay
+from specbench.server.http import get
 from specbench.server.managed import base_url, root_url, started_server
 from specbench.server.records import SpooledRequests
 
@@ -84,27 +84,32 @@ def request_settings(cfg: SpecBenchConfig, model: str) -> RequestSettings:
 
 def served_model(base: str, mode: str, model: str | None, api_key: str | None) -> str:
     """The model to ask for; raises ServerError in one sentence if the server does not answer `GET /v1/models`."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(f"{base}/models", headers=headers, timeout=CHECK_TIMEOUT_S)
-    except httpx.HTTPError as error:
+        status, text = get(f"{base}/models", api_key, CHECK_TIMEOUT_S)
+    except OSError as error:
         raise ServerError(
-            f"the {mode} server at {base} does not answer ({type(error).__name__}: {error}): start it, or point "
+            f"the {mode} server at {base} does not answer ({_reason(error)}): start it, or point "
             f"server.{mode}_url at it."
         ) from error
-    if response.status_code != 200:
+    if status != 200:
         raise ServerError(
-            f"the {mode} server answered GET {base}/models with HTTP {response.status_code}: point "
+            f"the {mode} server answered GET {base}/models with HTTP {status}: point "
             f"server.{mode}_url at an OpenAI-compatible server's base URL (http://HOST:PORT/v1)."
         )
     if model:
         return model
     try:
-        return str(response.json()["data"][0]["id"])
+        return str(json.loads(text)["data"][0]["id"])
     except (ValueError, KeyError, IndexError, TypeError) as error:
         raise ServerError(
             f"the {mode} server lists no model at {base}/models: set server.model to the name it serves."
         ) from error
+
+
+def _reason(error: OSError) -> str:
+    """What an OSError from urllib says, without its wrapper (`URLError`)."""
+    reason = getattr(error, "reason", error)
+    return f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
 
 
 def serve_mode(

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import httpx2 as httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from specbench.server.http import get
 
 DRAFTS = "vllm:spec_decode_num_drafts"
 DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
@@ -48,14 +49,13 @@ class Scrape:
 
 def scrape(root_url: str, api_key: str | None = None) -> Scrape:
     """Read the speculation counters at `root_url`/metrics."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(f"{root_url}/metrics", headers=headers, timeout=SCRAPE_TIMEOUT_S)
-    except httpx.HTTPError as error:
+        status, text = get(f"{root_url}/metrics", api_key, SCRAPE_TIMEOUT_S)
+    except OSError as error:
         return Scrape(missing=f"{root_url}/metrics could not be read ({type(error).__name__})")
-    if response.status_code != 200:
-        return Scrape(missing=f"{root_url} has no Prometheus /metrics (HTTP {response.status_code})")
-    return parse(response.text)
+    if status != 200:
+        return Scrape(missing=f"{root_url} has no Prometheus /metrics (HTTP {status})")
+    return parse(text)
 
 
 def parse(text: str) -> Scrape:

@@ -2,10 +2,11 @@
 
 A trace of 10,000 requests at a high rate would otherwise keep every output and every chunk
 time in memory until the mode ends. Here each request is written to a spool file the moment
-it ends (in whatever order requests end), and memory holds only the file offset of each
-(8 bytes a request). When the mode is over, `finish_spool` rewrites the spool in trace
-order, counting tokens with the tokenizer where the server did not report them, into the
-mode's `responses_{mode}.jsonl` artifact; `SpooledRequests` is that file seen as the
+it ends (in whatever order requests end: what the client noted, its raw stream and read
+times), and memory holds only the file offset of each (8 bytes a request). When the mode
+is over, `finish_spool` rewrites the spool in trace order into the mode's
+`responses_{mode}.jsonl` artifact, each stream parsed (`stream.request_record`) and its
+tokens counted (`complete_tokens`); `SpooledRequests` is that file seen as the
 `ServeResult.requests` sequence, parsing one line per access.
 
 A line holds the `ServedRequest` fields and the output `text`, the only place a server's
@@ -23,6 +24,7 @@ from typing import Any, overload
 import numpy as np
 
 from specbench.engine.results import ServedRequest
+from specbench.server.stream import request_record
 
 # the ServedRequest fields a line holds, in order
 FIELDS = (
@@ -119,13 +121,13 @@ def served_request(line: dict[str, Any]) -> ServedRequest:
 
 
 def finish_spool(spool: RequestSpool, path: Path, tokenizer: Any = None) -> SpooledRequests:
-    """Write the spool's records to `path` in trace order, token counts completed (`complete_tokens`), and return
-    them as a sequence; the spool file is removed."""
+    """Write the spool's records to `path` in trace order, each stream parsed (`stream.request_record`) and its token
+    counts completed (`complete_tokens`), and return them as a sequence; the spool file is removed."""
     offsets = np.zeros(len(spool), dtype=np.int64)
     with path.open("wb") as out:
         for position, record in enumerate(spool.read()):
             offsets[position] = out.tell()
-            out.write(json.dumps(complete_tokens(record, tokenizer)).encode() + b"\n")
+            out.write(json.dumps(complete_tokens(request_record(record), tokenizer)).encode() + b"\n")
     spool.close()
     spool.path.unlink()
     return SpooledRequests(path, offsets)
