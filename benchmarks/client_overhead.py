@@ -9,9 +9,15 @@ parses it, on the same clock (CLOCK_MONOTONIC, shared by the processes), so
 
 per chunk: the server framework's send path (starlette, uvicorn), the loopback socket,
 aiohttp's HTTP parsing and the event loop's scheduling until the client notes the read, i.e. an
-upper bound on what the client adds to every TTFT and ITL it reports. Target: <= 0.2 ms
-at p99. `--streams` requests start together and each streams `--chunks` chunks
-`--interval-ms` apart (100 x 50 chunks/s: 5,000 chunks/s by default).
+upper bound on what the client adds to every TTFT and ITL it reports. `--streams`
+requests each stream `--chunks` chunks `--interval-ms` apart (100 x 50 chunks/s: 5,000
+chunks/s by default), in two arrangements:
+- staggered: the streams start evenly spread over one interval, so their chunks do not
+  coincide (independent streams): the client's own latency per chunk, target <= 0.2 ms at
+  p99;
+- lockstep: every stream's chunk at the same instant, as a batching server's decode step
+  emits them: the client takes the reads one after the other, so this is how far apart it
+  timestamps chunks that arrived together.
 
 Each run's p50, p90, p99 and max go to benchmarks/results/ with the machine; the figures
 are median [min, max] over `--repeats` runs. Timings mean something only on a quiet
@@ -25,9 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from machine import describe_machine, results_path
 from repeats import show, spread
 
 from specbench.load.trace import TraceRequest
@@ -57,26 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def machine() -> dict:
-    """What the figures were measured on."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
-    flags_line = re.search(r"flags\s*:\s*(.+)", cpuinfo)
-    flags = set(flags_line.group(1).split()) if flags_line else set()
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "cpu_flags": sorted(flags & {"avx2", "avx512f", "amx_tile"}),
-        "load_average_1m_at_start": os.getloadavg()[0],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+ARRANGEMENTS = ("staggered", "lockstep")
 
 
-def one_run(base_url: str, args: argparse.Namespace, folder: Path) -> dict[str, float]:
+def one_run(base_url: str, args: argparse.Namespace, folder: Path, arrangement: str) -> dict[str, float]:
     """Per-chunk added latency (ms) of one run: its percentiles."""
     script = f"chunks={args.chunks} interval_ms={args.interval_ms:g} stamp=1"
-    trace = [TraceRequest(index, 0.0, text=script) for index in range(args.streams)]
+    spread_s = args.interval_ms / 1000 / args.streams if arrangement == "staggered" else 0.0
+    trace = [TraceRequest(index, index * spread_s, text=script) for index in range(args.streams)]
     settings = RequestSettings(model="scripted", max_tokens=args.chunks, timeout_s=600)
     start_at = time.perf_counter() + LEAD_S
     result = replay(base_url, trace, [], settings, folder / "responses.jsonl", start_at=start_at)
@@ -95,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     report: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": describe_machine(),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "target_p99_ms": TARGET_P99_MS,
         "runs": [],
@@ -103,17 +95,23 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         command = f"{sys.executable} -m specbench.server.scripted --port {{port}}"
         with started_server(command, "scripted", None, Path(scratch) / "server.log", 60) as server:
-            one_run(server.base_url, argparse.Namespace(**{**vars(args), "streams": 2, "chunks": 3}), Path(scratch))
-            for _ in range(args.repeats):
-                report["runs"].append(one_run(server.base_url, args, Path(scratch)))
+            warm_up = argparse.Namespace(**{**vars(args), "streams": 2, "chunks": 3})
+            one_run(server.base_url, warm_up, Path(scratch), "lockstep")
+            for _ in range(args.repeats):  # the arrangements alternate, so drift hits both alike
+                report["runs"].append(
+                    {name: one_run(server.base_url, args, Path(scratch), name) for name in ARRANGEMENTS}
+                )
     report["added_latency_ms"] = {
-        stat: spread([run[stat] for run in report["runs"]]) for stat in ("p50", "p90", "p99", "max")
+        name: {stat: spread([run[name][stat] for run in report["runs"]]) for stat in ("p50", "p90", "p99", "max")}
+        for name in ARRANGEMENTS
     }
-    for stat, figure in report["added_latency_ms"].items():
-        print(f"added latency per chunk, {stat}: {show(figure, 3)} ms (median [min, max] of {len(report['runs'])})")
+    for name, figures in report["added_latency_ms"].items():
+        for stat, figure in figures.items():
+            print(
+                f"{name}, added latency per chunk, {stat}: {show(figure, 3)} ms (median [min, max] of {args.repeats})"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", report["machine"]["cpu"].lower()).strip("-")[:40]
-    path = args.out / f"client-overhead-{slug}-{report['date'][:10]}{'-' + args.tag if args.tag else ''}.json"
+    path = results_path(args.out, "client-overhead", report["machine"], report["date"], args.tag)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     return path

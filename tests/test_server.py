@@ -406,3 +406,16 @@ def test_bad_server_settings_get_one_sentence(composer, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
         composer(*base, "engine.backend=server", *overrides)
     assert "\n" not in str(error.value)
+
+
+def test_the_client_overhead_benchmark_measures_every_chunk_of_both_arrangements(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import client_overhead
+
+    path = client_overhead.main(["--streams", "3", "--chunks", "4", "--interval-ms", "5", "--repeats", "1",
+                                 "--out", str(tmp_path)])  # fmt: skip
+    report = json.loads(path.read_text())
+    assert report["machine"]["cores"] >= 1 and len(report["runs"]) == 1
+    for arrangement in ("staggered", "lockstep"):
+        figures = report["runs"][0][arrangement]
+        assert figures["chunks"] == 3 * 4 and 0 < figures["p50"] <= figures["p99"] <= figures["max"]
