@@ -23,10 +23,11 @@ install: $(VENV)/.installed  ## virtualenv + specbench and its dependencies (CPU
 # 1.5.x). hydra-optuna-sweeper 1.3.0, the current release, declares optuna<3, and optuna 2.10 fails with
 # SQLAlchemy 2 storages: it goes in after optuna>=3.6 with --no-deps (one pip command cannot resolve both;
 # a later plain `pip install hydra-optuna-sweeper` would downgrade optuna). See README, "Searching k".
+# The llamacpp extra builds llama.cpp from source the first time (about 5.5 minutes on 2 cores; pip caches the wheel).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev,ray,search]"
+	$(BIN)/pip install -e ".[dev,ray,search,llamacpp]"
 	$(BIN)/pip install --no-deps hydra-optuna-sweeper==1.3.0
 	touch $@
 

@@ -13,17 +13,23 @@ clock reading waits for the GPU. Sections (results are written after each one):
 
 - checks: tiny float32 models on the GPU. CUDA-graph decoding (static cache) equals eager decoding token for
   token at batch sizes 1 and 3: baseline, the verifier as its own draft, a random draft, a draft set's tree,
-  and drafters proposing in parallel threads; at batch size 3, compiled steps too (baseline and self draft).
+  and drafters proposing in parallel threads; compiled steps too (every decode but the threads). The decode
+  kernel against `matmul_attention` on random masks (float32 and bfloat16). GPT-J-6B in bfloat16: graphs
+  against eager, batch sizes 1 and 4.
+- profile: graphs without compile, batch 64, with the decode kernel and without it (SDPA): ms/step, the
+  captured step alone against the matrix products alone, and the GPU kernels of a step with attention's share.
 - eager: verifier-only decode, ours against `generate()`; speculative (GPT-J as its own draft) against
   `generate(assistant_model=...)`, batch size 1.
 - batch: CUDA graphs, batch sizes 1 .. 128: verifier-only throughput against eager batched `generate()`;
   speculative throughput (self draft, distilgpt2) and its speedup over our baseline at the same batch size,
-  beside the speedup the model predicts from step costs measured at that batch size.
+  beside the speedup the model predicts from step costs measured at that batch size; the crossover of each.
 - trees: CUDA graphs, batch size 1, k = 4: a two-draft set (distilgpt2 + gpt2) against each draft alone,
   with the engine's overhead against the separately timed draft and verify steps.
-- compiled: torch.compile + CUDA graphs, verifier-only, batch sizes 1 and 64: as loaded, with GPT-J's q/k/v
-  and MLP input projections stacked into one matrix product (`fuse_projections`), then with inductor's
-  autotuning; against the device time of the captured step alone and the memory-bandwidth floor.
+- compiled: torch.compile + CUDA graphs, verifier-only, --compiled-batch-sizes: the --compile-variants (as
+  loaded; GPT-J's q/k/v and MLP input projections stacked into one matrix product, `fuse_projections`;
+  the same without the decode kernel, or with SDPA, in compiled steps; inductor's autotuning); against the
+  device time of the captured step alone, the memory-bandwidth floor, and cuBLAS's matrix products of a
+  step alone (`products_ms`, measured in the same call).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import contextlib
 import gc
 import json
 import platform
+import re
 import statistics
 import time
 import traceback
@@ -44,8 +51,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from repeats import copy_bandwidth, spread
+from repeats import copy_bandwidth, graph_replay_ms, spread
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import linear
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
 
 from specbench.engine import (
@@ -58,9 +66,17 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
-from specbench.engine.attention import PREFIX_ATTENTION, prefix_attention, prefix_sdpa
+from specbench.engine.attention import (
+    PREFIX_ATTENTION,
+    additive,
+    matmul_attention,
+    prefix_attention,
+    prefix_attention_without_kernel,
+    prefix_sdpa,
+)
 from specbench.engine.cached_model import PAD_TOKEN
 from specbench.engine.costs import measure_step_costs
+from specbench.engine.decode_attention import block_sizes, decode_attention, launch
 from specbench.engine.fusion import fuse_projections
 from specbench.engine.timing import Clock
 from specbench.hf_backend import fixed_k
@@ -98,6 +114,33 @@ def build(model_class: type, config, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def products_ms(rows: int, repeats: int = 3) -> dict[str, float]:
+    """cuBLAS's matrix products of one GPT-J-6B step alone, in one CUDA graph: ms, median [min, max] of `repeats`.
+
+    Per layer the stacked q/k/v and MLP input projection (as `fuse_projections` leaves them), the attention
+    output and the MLP output projection; then the head. Random bfloat16 weights, `rows` input rows.
+    """
+    config, options = GPTJConfig(), {"device": "cuda", "dtype": torch.bfloat16}
+    hidden, inner = config.n_embd, 4 * config.n_embd
+
+    def weights(out_features: int, in_features: int, bias: bool) -> tuple:
+        weight = torch.randn(out_features, in_features, **options) / in_features**0.5
+        return weight, torch.randn(out_features, **options) if bias else None
+
+    layers = [
+        (weights(3 * hidden + inner, hidden, True), weights(hidden, hidden, False), weights(hidden, inner, True))
+        for _ in range(config.n_layer)
+    ]
+    head = weights(HEAD_ROWS, hidden, True)
+    x, y = torch.randn(rows, hidden, **options), torch.randn(rows, inner, **options)
+
+    def step() -> list[torch.Tensor]:
+        outputs = [linear(x if i != 2 else y, *w) for layer in layers for i, w in enumerate(layer)]
+        return [*outputs, linear(x, *head)]
+
+    return spread([graph_replay_ms(step)[0] for _ in range(repeats)])
+
+
 class Bench:
     """The models, prompts and settings every section shares."""
 
@@ -113,6 +156,14 @@ class Bench:
         self.prompts = torch.randint(0, TOKENIZER_VOCAB, (max(args.batch_sizes), args.prompt_len), generator=generator)
         self.settings = DecodeSettings(max_new_tokens=args.new_tokens)
         self.max_len = args.prompt_len + args.new_tokens + 3 * args.k + 24
+        self._products: dict[int, dict[str, float]] = {}
+
+    def products(self, rows: int) -> dict[str, float]:
+        """`products_ms` at `rows` rows, measured once per call."""
+        if rows not in self._products:
+            self._products[rows] = products_ms(rows)
+            torch.cuda.empty_cache()  # the products' weights
+        return self._products[rows]
 
     def cached(self, name: str, sizes, graphs: bool | None = None, compile: bool = False) -> CachedModel:
         graphs = self.graphs if graphs is None else graphs
@@ -182,17 +233,63 @@ def section_checks(bench: Bench) -> dict:
             results[f"{key}/tree_parallel_drafts"] = [r.tokens for r in out.rows] == eager
             if graphs:
                 results[f"{key}/graphs_captured"] = bool(verifier._graphs)
-            if graphs and rows > 1:  # compiled steps attend with matmuls (engine.attention), ragged rows included
+            if graphs:  # compiled steps of feed lengths 1 and 5 (a tree's other widths run uncompiled), ragged rows
                 compiled = CachedModel(model, vocab, 128, (1, 5), compile=True)
                 compiled.capture_graphs((rows,))
                 out = decode_baseline(compiled, batch, settings, seeds)
                 results[f"{key}/compiled_baseline"] = [r.tokens for r in out.rows] == eager
-                out = decode_speculative(compiled, runs["self_draft"], batch, settings, ConstantK(4), seeds)
-                results[f"{key}/compiled_self_draft"] = [r.tokens for r in out.rows] == eager
-    results["all_equal"] = all(results.values())
+                for name, drafters in runs.items():
+                    out = decode_speculative(compiled, drafters, batch, settings, ConstantK(4), seeds)
+                    results[f"{key}/compiled_{name}"] = [r.tokens for r in out.rows] == eager
+    if graphs:
+        results |= _decode_kernel_check(bench.device)
+    results["all_equal"] = all(value is True for value in results.values())
     if graphs:
         torch.backends.cuda.preferred_blas_library("default")
         results |= _real_size_graphs_check(bench)
+    return results
+
+
+def _decode_kernel_check(device: torch.device) -> dict:
+    """The decode kernel against `matmul_attention` in float64, random masks: per case, whether it passed.
+
+    Every query sees its own column and a random share of the others (row 0: its own only); keys and
+    values of columns no query of a row sees are NaN, so reading one fails the check. Relative error
+    ||out - ref|| / ||ref|| under 1e-5 in float32 and 2e-2 in bfloat16; with the automatic split, one
+    split and one tile a split, and through the custom op.
+    """
+    generator = torch.Generator().manual_seed(0)
+    shapes = {  # rows, heads, key heads, new tokens, head size, width
+        "gptj_1row": (1, 16, 16, 1, 256, 192),
+        "gptj_64rows_verify": (64, 16, 16, 5, 256, 256),
+        "grouped_tree": (3, 32, 8, 9, 128, 320),
+        "tiny_grouped": (5, 4, 2, 13, 8, 64),
+        "odd_head_size": (7, 2, 2, 3, 24, 100),
+    }
+    results = {}
+    for name, (rows, heads, key_heads, n, dim, width) in shapes.items():
+        visible = torch.rand(rows, n, width, generator=generator) < 0.6
+        visible[:, :, width - n - 30 : width - n] = False  # a hole in every row: never read
+        visible[0] = False
+        visible[:, torch.arange(n), width - n + torch.arange(n)] = True
+        query = torch.randn(rows, heads, n, dim, generator=generator)
+        key, value = (torch.randn(rows, key_heads, width + 11, dim, generator=generator) for _ in range(2))
+        reference = matmul_attention(query.double(), key[:, :, :width].double(), value[:, :, :width].double(),
+                                     additive(visible, torch.float64), dim**-0.5)  # fmt: skip
+        hidden = ~visible.any(1)  # [rows, width]: no query of the row sees the column
+        for states in (key, value):
+            states[:, :, :width][hidden[:, None].expand(-1, key_heads, -1)] = torch.nan
+            states[:, :, width:] = torch.nan
+        _, block_n, _ = block_sizes(heads // key_heads * n, dim)
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            inputs = [t.to(device, dtype) for t in (query, key, value)] + [additive(visible, dtype).to(device)]
+            outputs = {f"split{columns}": launch(*inputs, dim**-0.5, columns) for columns in (width, block_n)}
+            outputs["automatic_op"] = decode_attention(*inputs, dim**-0.5)
+            for variant, output in outputs.items():
+                error = ((output.double().cpu() - reference).norm() / reference.norm()).item()
+                results[f"decode_kernel/{name}/{str(dtype)[6:]}/{variant}"] = error < tolerance
+                if not error < tolerance:
+                    print(f"decode kernel {name} {dtype} {variant}: relative error {error}", flush=True)
     return results
 
 
@@ -278,16 +375,11 @@ def section_eager(bench: Bench) -> dict:
         speculative["ours_self_draft"]["median"] / speculative["assisted_self_draft"]["median"]
     )
     results["unit"] = "ms per generated token (whole request, prefill included)"
-    results["profile_top_cpu_ops"] = {"ours": _profile(ours_baseline), "generate": _profile(generate)}
+    results["profile_top_cpu_ops"] = {
+        "ours": _profile_kernels(ours_baseline)[1],
+        "generate": _profile_kernels(generate)[1],
+    }
     return results
-
-
-def _profile(decode: Callable[[], object], rows: int = 12) -> list[dict]:
-    """The ops that take the most CPU time (self) over one whole decode: where the host's time per step goes."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        decode()
-    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
-    return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in events[:rows]]
 
 
 def section_batch(bench: Bench) -> dict:
@@ -312,7 +404,19 @@ def section_batch(bench: Bench) -> dict:
         print(f"[batch {size}] {json.dumps(row, default=str)[:600]}", flush=True)
         if "out_of_memory" in row:
             break
+    results["crossover"] = {name: crossover(results, name) for name in drafters}
     return results
+
+
+def crossover(rows: dict[str, dict], drafter: str) -> dict[str, int | None]:
+    """The smallest batch size at which speculation stops paying (speedup below 1), measured and predicted.
+
+    None: it pays at every batch size run. The first batch size run means it never paid.
+    """
+    sizes = sorted(int(size) for size, row in rows.items() if f"speedup_{drafter}" in row)
+    measured = [size for size in sizes if rows[str(size)][f"speedup_{drafter}"]["median"] < 1]
+    predicted = [size for size in sizes if rows[str(size)][f"predicted_speedup_{drafter}"] < 1]
+    return {"measured": min(measured, default=None), "predicted": min(predicted, default=None)}
 
 
 def _batch_row(bench: Bench, size: int, verifier: CachedModel, drafters: dict[str, ModelDrafter]) -> dict:
@@ -417,19 +521,25 @@ def section_trees(bench: Bench) -> dict:
 
 # torch.compile variants, each on top of the previous one's model; the options are inductor's (the
 # "max-autotune-no-cudagraphs" mode sets both: matrix-product templates and kernel launch parameters tuned).
-# "_sdpa_attention": compiled steps keep SDPA rather than the engine's matmul attention (see `attention`).
+# Attention is the engine's (`decode_attention` on CUDA) unless the name says otherwise:
+# "_without_decode_kernel": matmul attention in compiled steps, as before the decode kernel (see `attention`);
+# "_sdpa_attention": compiled steps keep SDPA, as before matmul attention.
 COMPILE_VARIANTS = {
     "as_loaded": {},
     "fused_projections": {},
+    "fused_projections_without_decode_kernel": {},
     "fused_projections_sdpa_attention": {},
     "fused_projections_max_autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
+ATTENTION_BY_SUFFIX = {"_without_decode_kernel": prefix_attention_without_kernel, "_sdpa_attention": prefix_sdpa}
+# the kernels of attention in a profile: the decode kernel's, SDPA's (cuDNN, efficient, flash)
+ATTENTION_KERNEL_NAMES = re.compile(r"split_attention|combine_splits|sdpa|fmha|flash|attention", re.IGNORECASE)
 
 
 @contextlib.contextmanager
-def sdpa_in_compiled_steps():
-    """Prefix attention that stays SDPA when torch.compile traces it, as compiled steps ran before matmul attention."""
-    AttentionInterface.register(PREFIX_ATTENTION, prefix_sdpa)
+def attention_function(function: Callable):
+    """Prefix attention replaced by `function` (one of `engine.attention`'s), as an earlier engine ran it."""
+    AttentionInterface.register(PREFIX_ATTENTION, function)
     try:
         yield
     finally:
@@ -455,19 +565,21 @@ def section_compiled(bench: Bench) -> dict:
             prompts, seeds = bench.batch(size)
             start = time.perf_counter()
             verifier = bench.cached("gpt_j_6b", (1,), compile=bench.graphs)
-            sdpa = variant.endswith("_sdpa_attention")
-            with torch._inductor.config.patch(options), sdpa_in_compiled_steps() if sdpa else contextlib.nullcontext():
+            attention = next((f for end, f in ATTENTION_BY_SUFFIX.items() if variant.endswith(end)), prefix_attention)
+            with torch._inductor.config.patch(options), attention_function(attention):
                 verifier.capture_graphs((size,))
             compile_s = time.perf_counter() - start
             runs = []
             for _ in range(args.repeats + 1):  # the first is a warm-up
                 runs.append(decode_baseline(verifier, prompts, bench.settings, seeds))
             per_token = [1000 * (r.wall_s - r.rows[0].ttft_s) / (args.new_tokens - 1) for r in runs[1:]]
-            results[variant][f"batch{size}"] = {
+            results[variant][f"batch{size}"] = row = {
                 "ms_per_step_decode": spread(per_token),
                 "device_ms_per_step_by_width": device_step_ms(verifier, size, args.prompt_len) if bench.graphs else {},
                 "compile_and_capture_s": compile_s,
             }
+            if bench.graphs:
+                row |= over_products(row, bench.products(size))
             print(f"[compiled {variant} batch {size}] {json.dumps(results[variant][f'batch{size}'])}", flush=True)
             del verifier
             gc.collect()  # the compiled step refers back to its model: a cycle
@@ -509,30 +621,74 @@ def device_step_ms(verifier: CachedModel, rows: int, columns: int, replays: int 
     return times
 
 
+def over_products(row: dict, products: dict[str, float]) -> dict:
+    """A step's decode and device times over the matrix products alone (`products_ms`), measured in the same call."""
+    device = row["device_ms_per_step_by_width"]
+    return {
+        "products_ms": products,
+        "decode_over_products": row["ms_per_step_decode"]["median"] / products["median"],
+        "device_over_products_by_width": {width: ms / products["median"] for width, ms in device.items()},
+    }
+
+
 def section_profile(bench: Bench) -> dict:
-    """Where a batched verifier-only step spends its time with CUDA graphs: GPU kernels and host ops, batch 64."""
+    """Where a batched verifier-only step spends its time with CUDA graphs (not compiled), batch 64.
+
+    With the decode kernel and without it (SDPA, as before), in the same call: decode ms/step, the captured
+    step alone by width against the matrix products alone, and the GPU kernels of the steps (the profile of
+    the decode less that of its prefill), with attention's share.
+    """
     size = min(64, max(bench.args.batch_sizes))
+    results: dict = {"batch_size": size}
+    for name, attention in (
+        ("decode_kernel", prefix_attention),
+        ("without_decode_kernel", prefix_attention_without_kernel),
+    ):
+        with attention_function(attention):
+            results[name] = _profile_row(bench, size)
+        print(f"[profile {name}] {json.dumps(results[name], default=str)[:800]}", flush=True)
+        gc.collect()
+    return results
+
+
+def _profile_row(bench: Bench, size: int) -> dict:
+    prompts, seeds = bench.batch(size)
+    steps = bench.args.new_tokens - 1
     verifier = bench.cached("gpt_j_6b", (1,))
     verifier.capture_graphs((size,))
-    prompts, seeds = bench.batch(size)
     decode_baseline(verifier, prompts, bench.settings, seeds)  # warm-up
-    activities = [torch.profiler.ProfilerActivity.CPU]
+    runs = [decode_baseline(verifier, prompts, bench.settings, seeds) for _ in range(bench.args.repeats)]
+    row = {"ms_per_step_decode": spread([1000 * (r.wall_s - r.rows[0].ttft_s) / steps for r in runs])}
     if bench.graphs:
+        row["device_ms_per_step_by_width"] = device_step_ms(verifier, size, bench.args.prompt_len)
+        row |= over_products(row, bench.products(size))
+    decode_kernels, row["top_cpu_ops"] = _profile_kernels(
+        lambda: decode_baseline(verifier, prompts, bench.settings, seeds)
+    )
+    prefill_kernels, _ = _profile_kernels(lambda: verifier.prefill(prompts))
+    step_kernels = {op: (ms - prefill_kernels.get(op, 0.0)) / steps for op, ms in decode_kernels.items()}
+    attention_ms = sum(ms for op, ms in step_kernels.items() if ATTENTION_KERNEL_NAMES.search(op))
+    row["gpu_ms_per_step"] = sum(step_kernels.values())
+    row["attention_gpu_ms_per_step"] = attention_ms
+    row["attention_share"] = attention_ms / row["gpu_ms_per_step"] if row["gpu_ms_per_step"] else None
+    top = sorted(step_kernels.items(), key=lambda item: item[1], reverse=True)[:15]
+    row["top_gpu_kernels_ms_per_step"] = [{"kernel": op, "ms": ms} for op, ms in top]
+    return row
+
+
+def _profile_kernels(run: Callable[[], object], rows: int = 12) -> tuple[dict[str, float], list[dict]]:
+    """GPU ms by kernel over one `run`, and the host ops that take the most CPU time (self)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
-        result = decode_baseline(verifier, prompts, bench.settings, seeds)
+        run()
     events = profiler.key_averages()
-    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    by_gpu = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:15]
-    return {
-        "batch_size": size,
-        "ms_per_step": 1000 * result.wall_s / bench.args.new_tokens,
-        "top_cpu_ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in by_cpu],
-        "top_gpu_ops": [
-            {"op": e.key, "calls": e.count, "self_gpu_ms": getattr(e, "self_device_time_total", 0) / 1000}
-            for e in by_gpu
-        ],
+    kernels = {
+        e.key: e.self_device_time_total / 1000 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
     }
+    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return kernels, [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in by_cpu]
 
 
 SECTIONS = {

@@ -267,6 +267,53 @@ LOAD_METRICS: tuple[Metric, ...] = (
     _predicted_per_mode(
         "saturated", "Saturated", "", "1 when the rate exceeds the capacity (the queue grows)", fmt="int"
     ),
+    Metric(
+        "request_rate",
+        "Request rate",
+        "requests/s",
+        doc="load runs: the arrival rate the trace was generated at (poisson, gamma, constant)",
+        summary=True,
+    ),
+    Metric(
+        "num_requests",
+        "Requests",
+        fmt="int",
+        doc="load runs: requests in the trace, each served in both modes (`repeats` times)",
+        summary=True,
+    ),
+    Metric("repeats", "Repeats", fmt="int", doc="load runs: times the trace was replayed in each mode"),
+    *(
+        Metric(
+            f"{ratio}_repeat_{{stat}}",
+            f"{label} over repeats",
+            "x",
+            doc=f"load runs with repeats > 1, load.crossover_metric={metric}: {ratio} of each replay of the trace "
+            "(stat: min, median, max)",
+        )
+        for ratio, label, metric in (
+            ("tpot_p99_ratio", "TPOT p99, spec / baseline", "tpot_p99"),
+            ("e2el_p99_ratio", "E2EL p99, spec / baseline", "e2el_p99"),
+            ("goodput_ratio", "Goodput, spec / baseline", "goodput"),
+        )
+    ),
+    Metric(
+        "oracle_acceptance_pos_1",
+        "Oracle acceptance at position 1",
+        fmt="rate",
+        doc="draft=oracle: steps whose first draft token was accepted, over the steps on the reference path "
+        "(the output so far equal to the baseline's); its interval is Wilson's (binomial, 95%); it should "
+        "contain oracle.acceptance",
+        summary=True,
+    ),
+    Metric("oracle_acceptance_target", "Oracle acceptance set", fmt="rate", doc="draft=oracle: oracle.acceptance"),
+    Metric(
+        "oracle_off_path_steps",
+        "Oracle steps off the path",
+        fmt="int",
+        doc="draft=oracle: row-steps drafted after the row's output parted from the reference (a bfloat16 "
+        "near-tie); left out of oracle_acceptance_pos_1",
+        summary=True,
+    ),
     Metric("predicted_tpot_ratio", "TPOT, spec / baseline (predicted)", "x", doc="load model: predicted TPOT ratio"),
     Metric("predicted_e2el_ratio", "E2EL, spec / baseline (predicted)", "x", doc="load model: predicted E2EL ratio"),
 )
@@ -384,6 +431,34 @@ METRICS: tuple[Metric, ...] = (
     ),
     *_over_repeats("speedup", "Speedup", "x", "the speedup", paired=False, report=True),
     *_over_repeats("tokens_per_s", "Throughput", "tokens/s", "each mode's throughput", paired=True),
+    # llama.cpp's own prompt-lookup speculation, timed beside ours (engine.backend=llamacpp, prompt-lookup draft)
+    Metric(
+        "native_lookup_tokens_per_s",
+        "llama.cpp's own prompt lookup: throughput",
+        "tokens/s",
+        better=HIGHER,
+        doc="llama-cpp-python's Llama.generate with its LlamaPromptLookupDecoding draft model (greedy, the run's k "
+        "and max_ngram) on the same prompts, interleaved with both modes (engine.backend=llamacpp with a "
+        "prompt-lookup draft)",
+        summary=True,
+    ),
+    Metric(
+        "speedup_native_lookup",
+        "llama.cpp's own prompt lookup: speedup",
+        "x",
+        better=HIGHER,
+        doc="native_lookup_tokens_per_s / baseline_tokens_per_s: llama.cpp's own speculation over our llama.cpp "
+        "baseline (compare with speedup, ours)",
+        summary=True,
+        report=True,
+    ),
+    Metric(
+        "native_lookup_exact_match_rate",
+        "llama.cpp's own prompt lookup: exact match",
+        fmt="rate",
+        better=HIGHER,
+        doc="share of prompts where llama.cpp's own prompt lookup emitted exactly the baseline's tokens",
+    ),
     Metric(
         "draft_prefill_s_mean",
         "Draft prefill per prompt",
@@ -687,6 +762,14 @@ METRICS: tuple[Metric, ...] = (
         doc="one verifier pass over n = k+1 tokens per row / over one token per row, at the run's batch size",
     ),
     Metric("draft_step_ms_{draft}", "Draft step of a drafter", "ms", doc="one drafting step of each model drafter"),
+    Metric(
+        "dtype_probe_ms_{dtype}_{step}",
+        "dtype probe: one step",
+        "ms",
+        doc="dtype=auto on a CPU: one step (verify_1: a verifier step over 1 token, verify_k1: over k+1 tokens, "
+        "draft: a drafting step) in float32 and bfloat16, the figures the run's dtype (param dtype_chosen) was "
+        "chosen from; logged when probed, or read from the probe's cache (param dtype_probe)",
+    ),
     Metric(
         "system/{name}",
         "System metric",

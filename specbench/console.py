@@ -89,3 +89,43 @@ def _metric_rows(runs: pd.DataFrame) -> list[dict[str, float]]:
 def sweep_summary(name: str, runs: pd.DataFrame, links: list[str]) -> str:
     """The end-of-sweep block: one line per finished run, then `links`."""
     return "\n".join(["", f"{name}: {len(runs)} finished runs", sweep_table(runs), *links]) + "\n"
+
+
+LOAD_HEADLINE = ("ttft_ms_p99", "tpot_ms_p99", "e2el_ms_p99", "output_tokens_per_s", "goodput_rps", "occupancy_mean")
+LOAD_RATIOS = ("tpot_p99_ratio", "e2el_p99_ratio", "goodput_ratio")
+
+
+def load_summary(title: str, metrics: Mapping[str, float], links: list[str], conclusion: str | None = None) -> str:
+    """The end-of-run block of a load run: each mode's latencies and throughput, the ratios with their intervals,
+    acceptance, and (for a crossover search) its conclusion, then `links`."""
+    rows = []
+    for stem in LOAD_HEADLINE:
+        entry = catalog.metric(f"{stem}_spec")
+        if entry is None or f"{stem}_spec" not in metrics:
+            continue
+        spec, baseline = (_value(metrics, entry, f"{stem}_{mode}") for mode in ("spec", "baseline"))
+        rows.append((entry.label.removesuffix(", speculative"), f"{spec} speculative, {baseline} baseline"))
+    for key in (*LOAD_RATIOS, "acceptance_rate", "crossover_rate", "predicted_crossover_rate"):
+        entry = catalog.metric(key)
+        if entry is not None and key in metrics:
+            rows.append((entry.label, _value(metrics, entry, key)))
+    lines = ["", title]
+    requests = metrics.get("num_requests")
+    if requests is not None:
+        repeats = int(metrics.get("repeats", 1))
+        lines[-1] += f", {int(requests)} requests x {repeats} ([low, high]: 95% bootstrap interval over requests)"
+    if rows:
+        width = max(len(label) for label, _ in rows)
+        lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    if conclusion:
+        lines.append(conclusion)
+    return "\n".join([*lines, *links]) + "\n"
+
+
+def load_probe_line(rate: float, metrics: Mapping[str, float], crossover_metric: str) -> str:
+    """One line per probed rate of a crossover search: the rate, the ratio it is searched on, and occupancy."""
+    key = {"tpot_p99": "tpot_p99_ratio", "e2el_p99": "e2el_p99_ratio", "goodput": "goodput_ratio"}[crossover_metric]
+    entry = catalog.metric(key)
+    ratio = _value(metrics, entry, key) if entry is not None else str(metrics.get(key))
+    occupancy = metrics.get("occupancy_mean_spec", float("nan"))
+    return f"  rate {rate:.3g} requests/s: {key} {ratio}, mean occupancy {occupancy:.2f} (speculative)"

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from specbench.config import ModelConfig
 from specbench.engine import CachedModel, Drafter, ModelDrafter, PromptLookupDrafter
+from specbench.engine.oracle import OracleDrafter
 from specbench.errors import ConfigError
 
 
@@ -46,6 +47,24 @@ class PromptLookupConfig:
             raise ConfigError(f"{key}.max_ngram={self.max_ngram} is invalid: set it to 1 or more.")
 
 
+@dataclass
+class OracleDrafterConfig(ModelConfig):
+    """A synthetic draft of chosen acceptance (`specbench.engine.oracle`): the model named here only sets its cost.
+
+    Greedy only. Its proposals come from the verifier's own greedy output, so any cost model will do,
+    whatever its tokenizer.
+    """
+
+    kind: str = "oracle"
+    acceptance: float = 0.7
+    shares_tokenizer: ClassVar[bool] = False  # its tokens never reach the verifier
+
+    def check(self, key: str) -> None:
+        """Raise ConfigError for an acceptance outside [0, 1]."""
+        if not 0 <= self.acceptance <= 1:
+            raise ConfigError(f"oracle.acceptance={self.acceptance} is invalid: use a probability in [0, 1].")
+
+
 @dataclass(frozen=True)
 class DrafterKind:
     """A registered drafter kind: its config class and how to build it (name, config, model or None)."""
@@ -66,11 +85,21 @@ register_drafter("model", ModelDrafterConfig, lambda name, config, model: ModelD
 register_drafter(
     "prompt_lookup", PromptLookupConfig, lambda name, config, model: PromptLookupDrafter(name, config.max_ngram)
 )
+register_drafter(
+    "oracle",
+    OracleDrafterConfig,
+    lambda name, config, model: OracleDrafter(name, config.acceptance, ModelDrafter(name, model), model.vocab_size),
+)
 
 
 def needs_model(config: Any) -> bool:
     """True for drafter configs that name a model to load."""
     return isinstance(config, ModelConfig)
+
+
+def shares_tokenizer(config: Any) -> bool:
+    """True for drafters whose tokens the verifier reads (their tokenizer must be the verifier's)."""
+    return getattr(config, "shares_tokenizer", True)
 
 
 def typed_drafter(key: str, entry: Any) -> Any:

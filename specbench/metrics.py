@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -60,6 +60,7 @@ class PromptOutcome:
     spec_logprob: float | None = None
     baseline_peak_gpu_gb: float | None = None
     spec_peak_gpu_gb: float | None = None
+    contenders: dict[str, DecodeResult] = field(default_factory=dict)  # other engines' decodes, by mode name
 
 
 def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +24,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -108,7 +109,8 @@ def gpu_lease(device: str, sharded: bool = False) -> Iterator[str]:
 
 
 def resolve_dtype(dtype: Dtype, device: torch.device) -> str:
-    """`auto` means float32 on CPU (exact greedy equality) and bfloat16 on GPUs that support it."""
+    """`auto` means bfloat16 on GPUs that support it, else float16, and float32 on CPU (where a run measures
+    its choice instead: `specbench.dtype_probe`)."""
     if dtype is not Dtype.auto:
         return dtype.value
     if device.type == "cuda":
@@ -204,10 +206,10 @@ class ModelCache:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def model(self, spec: ModelSpec) -> PreTrainedModel:
-        """The model for `spec`, loaded on first use."""
+    def model(self, spec: ModelSpec, load: Callable[[ModelSpec], PreTrainedModel] | None = None) -> PreTrainedModel:
+        """The model for `spec`, loaded on first use (by `load_model`, or `load` when given)."""
         if spec not in self._models:
-            self._models[spec] = load_model(spec)
+            self._models[spec] = (load or load_model)(spec)
         return self._models[spec]
 
 
@@ -260,7 +262,7 @@ def _chosen_gguf_dtype(spec: ModelSpec) -> Iterator[None]:
     """Silence transformers' advice to load a GGUF in float32 when the config chose another dtype on purpose.
 
     The advice is for transformers' packed GGUF kernels (from the `kernels` hub package);
-    without them the weights are dequantised on load, and bfloat16 measured faster here.
+    without them the weights are dequantised on load, and bfloat16 can run faster (`dtype=auto` measures it).
     """
     if spec.gguf_file is None or spec.dtype == "float32":
         yield
@@ -333,7 +335,12 @@ def check_same_vocabulary(
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """The stop tokens `generate()` would use: the generation config's, plus the tokenizer's."""
-    ids = model.generation_config.eos_token_id
+    return generation_eos_ids(model.generation_config, tokenizer)
+
+
+def generation_eos_ids(generation: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The stop tokens of a generation config, plus the tokenizer's (a model's, or one made from its config)."""
+    ids = generation.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)

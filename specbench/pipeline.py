@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from specbench import answers, categories, metrics, quality, speedup_model
+from specbench import answers, categories, contenders, metrics, quality, speedup_model
 from specbench.config import KScheduleKind, SpecBenchConfig
 from specbench.metrics import PromptOutcome
 from specbench.runner import RunSetup, decode_prompts, measure_costs, score_likelihoods, warm_up
@@ -75,6 +75,7 @@ def run_benchmark(
     timing = metrics.timing_metrics(table)
     results = timing | metrics.repeat_metrics(table) | metrics.acceptance_metrics(table, outcomes)
     results |= metrics.likelihood_metrics(table)
+    results |= contenders.contender_metrics(outcomes)
     results |= quality.quality_metrics(scores, references, candidates)
     results |= categories.category_metrics(table, outcomes) | answers.accuracy_metrics(table)
     results |= metrics.bootstrap_intervals(table, cfg.seed)

@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specbench import hf_backend
-from specbench.config import Backend, KScheduleKind, SpecBenchConfig
+from specbench import hf_backend, llamacpp
+from specbench.config import Backend, Dtype, KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record
-from specbench.drafters import build_drafter, needs_model
+from specbench.drafters import build_drafter, needs_model, shares_tokenizer
+from specbench.dtype_probe import DtypeChoice, choose_run_dtype
 from specbench.engine import (
     AdaptiveK,
     BatchResult,
@@ -34,12 +35,13 @@ from specbench.engine import (
     DecodeSettings,
     Drafter,
     KSchedule,
-    ModelDrafter,
     decode_baseline,
     decode_speculative,
     needs_plain_causal_mask,
 )
 from specbench.engine.costs import StepCosts, measure_step_costs
+from specbench.engine.drafters import drafter_models
+from specbench.engine.oracle import OracleDrafter
 from specbench.engine.scoring import output_log_likelihood
 from specbench.errors import ConfigError
 from specbench.metrics import BatchStats, PromptOutcome
@@ -73,11 +75,15 @@ class RunSetup:
     schedule: KSchedule  # the draft length per step
     batches: list[list[int]]  # prompt indices, `batch_size` consecutive prompts each
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
+    prompt_builder: PromptBuilder | None = None  # tokenizes prompts given as text (a load trace's)
     models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
+    dtype_choice: DtypeChoice | None = None  # the run's dtype (`auto` resolved), with the CPU probe's figures
+    # other engines timed beside ours on the same prompts, by mode name (llama.cpp's own prompt lookup)
+    contenders: dict[str, Decoder] = field(default_factory=dict)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and core count."""
+def device_name(device: torch.device, threads: int | None = None) -> str:
+    """The GPU's name, or the CPU's model and thread count (torch's unless `threads` is given)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -86,7 +92,7 @@ def device_name(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+    return f"CPU: {cpu} ({threads or torch.get_num_threads()} threads)"
 
 
 def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> RunSetup:
@@ -95,13 +101,18 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # kernels, syncs and graph captures all go to this job's GPU
     fuse = cfg.engine.fuse_projections
-    specs = {"verifier": model_spec(cfg.verifier, cfg.dtype, device, cfg.models_dir, fuse)}
-    for name, drafter in cfg.draft.drafters.items():
-        if needs_model(drafter):
-            specs[name] = model_spec(drafter, cfg.dtype, device, cfg.models_dir, fuse)
+
+    def specs_in(run_dtype: Dtype) -> dict[str, ModelSpec]:
+        specs = {"verifier": model_spec(cfg.verifier, run_dtype, device, cfg.models_dir, fuse)}
+        for name, drafter in cfg.draft.drafters.items():
+            if needs_model(drafter):
+                specs[name] = model_spec(drafter, run_dtype, device, cfg.models_dir, fuse)
+        return specs
+
+    specs = specs_in(cfg.dtype)
     tokenizer = cache.tokenizer(specs["verifier"])
     for name, spec in specs.items():
-        if name != "verifier":
+        if name != "verifier" and shares_tokenizer(cfg.draft.drafters[name]):
             check_same_vocabulary(tokenizer, cache.tokenizer(spec), name, cfg.verifier.name)
             if cfg.engine.backend is Backend.transformers:
                 hf_backend.check_assistant(specs["verifier"], name, spec)
@@ -122,6 +133,12 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             "batch_size=%d is more than the %d prompts: they are decoded as one batch", cfg.batch_size, len(prompts)
         )
 
+    if cfg.engine.backend is Backend.llamacpp:
+        cache.keep_only(set())  # llama.cpp reads the GGUF files itself: no torch model is loaded
+        return _llamacpp_setup(cfg, specs, tokenizer, prompts, room)
+    machine = device_name(device)
+    dtype_choice = choose_run_dtype(cfg, device, machine, specs_in, cache, prompts[0].input_ids, len(tokenizer))
+    specs = specs_in(Dtype(dtype_choice.dtype))
     cache.keep_only(set(specs.values()))
     gpu_memory_before_load = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     vocab_size = len(tokenizer)
@@ -143,20 +160,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         build_drafter(name, drafter, cached(cache.model(specs[name]), (1, 2)) if name in specs else None)
         for name, drafter in cfg.draft.drafters.items()
     ]
-    gen = cfg.generation
-    settings = DecodeSettings(
-        max_new_tokens=gen.max_new_tokens,
-        eos_token_ids=eos_token_ids(verifier_model, tokenizer) if gen.stop_at_eos else frozenset(),
-        do_sample=gen.do_sample,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        top_k=gen.top_k,
-        # our engine keeps the verifier's log-probability of each token it emits (perplexity without a second pass)
-        logprobs=cfg.quality.perplexity and cfg.engine.backend is Backend.specbench,
-    )
+    settings = decode_settings(cfg, eos_token_ids(verifier_model, tokenizer))
     verifier = cached(verifier_model, verify_sizes)
     pool = ThreadPoolExecutor(len(drafters)) if cfg.engine.parallel_drafts and len(drafters) > 1 else None
-    schedule = AdaptiveK(cfg.k, cfg.k_max) if cfg.k_schedule is KScheduleKind.heuristic else ConstantK(cfg.k)
     batches = [
         list(range(start, min(start + cfg.batch_size, len(prompts))))
         for start in range(0, len(prompts), cfg.batch_size)
@@ -169,12 +175,63 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         prompts=prompts,
         settings=settings,
         specs=specs,
-        device_name=device_name(device),
+        device_name=machine,
         gpu_memory_before_load_gb=gpu_memory_before_load,
-        schedule=schedule,
+        schedule=k_schedule(cfg),
         batches=batches,
         pool=pool,
         models={name: cache.model(spec) for name, spec in specs.items()},
+        prompt_builder=builder,
+        dtype_choice=dtype_choice,
+    )
+
+
+def decode_settings(cfg: SpecBenchConfig, eos_token_ids: frozenset[int]) -> DecodeSettings:
+    """What every decode of the run generates: `generation`'s settings, stopping at the verifier's stop tokens."""
+    gen = cfg.generation
+    return DecodeSettings(
+        max_new_tokens=gen.max_new_tokens,
+        eos_token_ids=eos_token_ids if gen.stop_at_eos else frozenset(),
+        do_sample=gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        # our engine's loops keep the verifier's log-probability of each token they emit (perplexity without a
+        # second pass); transformers' generate() does not, and its outputs are scored afterwards
+        logprobs=cfg.quality.perplexity and cfg.engine.backend is not Backend.transformers,
+    )
+
+
+def k_schedule(cfg: SpecBenchConfig) -> KSchedule:
+    """The draft length per step: constant k, or the heuristic schedule between 1 and k_max."""
+    return AdaptiveK(cfg.k, cfg.k_max) if cfg.k_schedule is KScheduleKind.heuristic else ConstantK(cfg.k)
+
+
+def _llamacpp_setup(
+    cfg: SpecBenchConfig,
+    specs: dict[str, ModelSpec],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    room: int,
+) -> RunSetup:
+    """engine.backend=llamacpp: llama.cpp contexts long enough for the longest prompt and what follows it (the
+    output or the cost curve, and one step's drafts), one prompt per batch (validation keeps batch_size=1)."""
+    context = max(len(prompt.input_ids) for prompt in prompts) + room + longest_draft(cfg) + 2
+    models = llamacpp.load_models(cfg, specs, tokenizer, context)
+    device = torch.device("cpu")
+    return RunSetup(
+        device=device,
+        verifier=models.verifier,
+        drafters=models.drafters,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        settings=decode_settings(cfg, models.eos_token_ids),
+        specs={name: replace(spec, dtype=models.descriptions[name]) for name, spec in specs.items()},
+        device_name=device_name(device, models.threads),
+        gpu_memory_before_load_gb=None,
+        schedule=k_schedule(cfg),
+        batches=[[index] for index in range(len(prompts))],
+        contenders=models.contenders,
     )
 
 
@@ -204,11 +261,12 @@ def _decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
         "spec": lambda prompts, settings, seeds: decode_speculative(
             setup.verifier, setup.drafters, prompts, settings, setup.schedule, seeds, setup.pool
         ),
+        **setup.contenders,
     }
 
 
 def _models(setup: RunSetup) -> list[CachedModel]:
-    return [setup.verifier, *(drafter.model for drafter in setup.drafters if isinstance(drafter, ModelDrafter))]
+    return [setup.verifier, *drafter_models(setup.drafters)]
 
 
 def _transformers_decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, Decoder]:
@@ -221,11 +279,30 @@ def _transformers_decoders(setup: RunSetup, cfg: SpecBenchConfig) -> dict[str, D
     ).as_dict()
 
 
+def prepare_oracles(setup: RunSetup, prompts: Sequence[tuple[list[int], int]]) -> None:
+    """Give every oracle drafter its references: the verifier's greedy output for each (prompt, length limit),
+    decoded untimed before the run (a prompt asked for at several limits is decoded at the longest)."""
+    oracles = [drafter for drafter in setup.drafters if isinstance(drafter, OracleDrafter)]
+    if not oracles:
+        return
+    longest: dict[tuple[int, ...], int] = {}
+    for ids, limit in prompts:
+        longest[tuple(ids)] = max(longest.get(tuple(ids), 0), limit)
+    settings = replace(setup.settings, logprobs=False)
+    references = {}
+    for prompt, limit in longest.items():
+        (row,) = decode_baseline(setup.verifier, [list(prompt)], replace(settings, max_new_tokens=limit), [0]).rows
+        references[prompt] = row.tokens
+    for oracle in oracles:
+        oracle.set_references(references)
+
+
 def warm_up(setup: RunSetup, cfg: SpecBenchConfig) -> None:
     """Capture every CUDA graph, then decode `warmup_prompts` short outputs both ways, before anything is timed.
 
     The warm-up batches have the run's batch sizes, so the shapes the timing uses are the ones warmed.
     """
+    prepare_oracles(setup, [(prompt.input_ids, cfg.generation.max_new_tokens) for prompt in setup.prompts])
     batch_sizes = sorted({len(batch) for batch in setup.batches})
     models = _models(setup)
     start = time.perf_counter()
@@ -284,6 +361,7 @@ def decode_prompts(setup: RunSetup, cfg: SpecBenchConfig, progress: bool = True)
                         spec_peak_gpu_gb=peaks["spec"],
                         baseline_logprob=baseline.logprob,
                         spec_logprob=spec.logprob,
+                        contenders={mode: results[mode].rows[row] for mode in setup.contenders},
                     )
                 bar.update(len(batch))
 
@@ -312,7 +390,7 @@ def score_likelihoods(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
 
 def longest_draft(cfg: SpecBenchConfig) -> int:
     """The most tokens one drafter proposes in a step."""
-    return cfg.k_max if cfg.k_schedule is KScheduleKind.heuristic else cfg.k
+    return cfg.k if cfg.k_schedule is KScheduleKind.constant else cfg.k_max
 
 
 def curve_tokens(cfg: SpecBenchConfig) -> int:
@@ -331,7 +409,9 @@ def measure_costs(setup: RunSetup, cfg: SpecBenchConfig) -> StepCosts:
     run_curve = {cfg.batch_size: range(1, curve_tokens(cfg) + 1)}
     costs = measure_step_costs(setup.verifier, setup.drafters, prompts, setup.settings, run_curve)
     grid = {size: (1, cfg.k + 1) for size in cfg.cost_batch_grid if size != cfg.batch_size}
-    if any(model.plain_mask_only for model in _models(setup)):  # windowed attention: batch size 1 only
+    if cfg.engine.backend is Backend.llamacpp:  # its contexts decode one prompt at a time
+        grid = {}
+    elif any(model.plain_mask_only for model in _models(setup)):  # windowed attention: batch size 1 only
         grid = {size: shape for size, shape in grid.items() if size == 1}
     if grid:
         more = measure_step_costs(

@@ -252,12 +252,14 @@ def tracked_run(
     tags: dict[str, str],
     parent_run_id: str | None = None,
     system_metrics: bool = False,
+    nested: bool = False,
 ) -> Iterator[str]:
     """Start a run and yield its id; a run that raises is ended FAILED (KILLED on Ctrl-C) with the reason.
 
     What was logged before the failure stays. The reason goes to the `error` tag
     and, with the traceback, to `error.txt`. `system_metrics` starts MLflow's
-    sampler of CPU, memory and (with pynvml) GPU use for the run.
+    sampler of CPU, memory and (with pynvml) GPU use for the run. `nested` starts it inside the active run
+    (its parent), as a load run's crossover search does for each probed rate.
     """
     run = mlflow.start_run(
         experiment_id=experiment_id,
@@ -265,6 +267,7 @@ def tracked_run(
         tags=tags,
         parent_run_id=parent_run_id,
         log_system_metrics=system_metrics,
+        nested=nested,
     )
     mlflow.set_tags(source_tags(run.data.tags))
     status = RunStatus.FINISHED
@@ -372,6 +375,11 @@ def log_setup(setup: RunSetup) -> None:
     mlflow.set_tags({f"model.{name}.revision": model_revision(spec) for name, spec in setup.specs.items()})
     if setup.gpu_memory_before_load_gb is not None:
         mlflow.log_metric("gpu_mem_before_load_gb", setup.gpu_memory_before_load_gb)
+    if setup.dtype_choice is not None:
+        mlflow.log_param("dtype_chosen", setup.dtype_choice.dtype)
+        if setup.dtype_choice.times:
+            mlflow.log_param("dtype_probe", "cached" if setup.dtype_choice.cached else "measured")
+            log_metrics(setup.dtype_choice.metrics())
 
 
 def log_partial(table: pd.DataFrame) -> None:

@@ -17,16 +17,17 @@ from urllib.parse import urlsplit
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from specbench import llamacpp
 from specbench.config import (
     ArrivalKind,
     Backend,
+    BenchmarkMode,
     CrossoverMetric,
     DatasetConfig,
     DatasetKind,
     KScheduleKind,
     ModelConfig,
     Quantize,
-    RunMode,
     SpecBenchConfig,
 )
 from specbench.drafters import PromptLookupConfig, needs_model, typed_drafter
@@ -131,16 +132,33 @@ def validate(cfg: SpecBenchConfig) -> None:
             _validate_model(f"draft.drafters.{name}", drafter, on_cpu)
     if cfg.engine.backend is Backend.transformers:
         validate_transformers_backend(cfg)
+    if cfg.engine.backend is Backend.llamacpp:
+        validate_llamacpp_backend(cfg)
     if cfg.engine.backend is Backend.server:
         validate_server_backend(cfg)
     _validate_dataset(cfg.dataset)
-    if cfg.mode is RunMode.load:
+    if cfg.mode is BenchmarkMode.load:
         validate_load(cfg)
+    _check(
+        cfg.k_schedule is not KScheduleKind.load or cfg.mode is BenchmarkMode.load,
+        "k_schedule=load chooses k from the occupancy of a running batch: use it with mode=load.",
+    )
+    oracles = [name for name, drafter in cfg.draft.drafters.items() if getattr(drafter, "kind", "") == "oracle"]
+    _check(
+        not oracles or not cfg.generation.do_sample,
+        f"draft {cfg.draft.name} is an oracle, which proposes the verifier's greedy continuation: "
+        "use greedy decoding (generation.do_sample=false).",
+    )
 
 
 def validate_load(cfg: SpecBenchConfig) -> None:
     """mode=load: the arrival settings, the trace file, the crossover search's bounds and the SLOs."""
     load = cfg.load
+    _check(
+        cfg.engine.backend in (Backend.specbench, Backend.server),  # a server batches requests itself
+        f"mode=load needs an engine that lets requests join and leave a running batch, which "
+        f"engine.backend={cfg.engine.backend.value} cannot: use engine.backend=specbench (or server).",
+    )
 
     def positive(key: str, value: float, example: str) -> None:
         _check(math.isfinite(value) and value > 0, f"{key}={value} is invalid: give a positive number ({example}).")
@@ -264,12 +282,83 @@ def validate_transformers_backend(cfg: SpecBenchConfig) -> None:
     )
 
 
+def validate_llamacpp_backend(cfg: SpecBenchConfig) -> None:
+    """What `engine.backend=llamacpp` cannot run: refuse it before any model loads.
+
+    llama.cpp runs local GGUF files as they are, one prompt at a time, on the CPU, verifying one
+    drafter's chain per step. A draft whose vocabulary differs from the verifier's is refused in
+    `prepare` (the tokenizers, then llama.cpp's vocabulary sizes).
+    """
+    _check(
+        cfg.batch_size == 1,
+        f"batch_size={cfg.batch_size}: engine.backend=llamacpp decodes one prompt at a time: use batch_size=1, "
+        "or engine.backend=specbench.",
+    )
+    _check(
+        len(cfg.draft.drafters) == 1,
+        f"draft '{cfg.draft.name}' is a set of {len(cfg.draft.drafters)} drafters, whose token tree "
+        "engine.backend=llamacpp does not verify: use a draft with one drafter, or engine.backend=specbench.",
+    )
+    _check(
+        cfg.device in ("auto", "cpu"),
+        f"device={cfg.device}: engine.backend=llamacpp runs llama.cpp on the CPU: use device=cpu.",
+    )
+    engine = cfg.engine
+    _check(
+        engine.llamacpp_threads is None or engine.llamacpp_threads >= 1,
+        f"engine.llamacpp_threads={engine.llamacpp_threads} is invalid: use 1 or more, or null for the physical cores.",
+    )
+    _check(
+        not (engine.cuda_graphs or engine.compile or engine.fuse_projections) and cfg.verifier.device_map is None,
+        "engine.cuda_graphs, engine.compile, engine.fuse_projections and verifier.device_map are options of "
+        "specbench's torch engine: drop them with engine.backend=llamacpp.",
+    )
+    models = {"verifier": cfg.verifier}
+    models |= {f"draft.drafters.{name}": entry for name, entry in cfg.draft.drafters.items() if needs_model(entry)}
+    for key, model in models.items():
+        _check(
+            model.quantize is Quantize.none,
+            f"{key}.quantize={model.quantize.value} quantises torch layers; llama.cpp runs the GGUF file's own "
+            f"quantisation: drop {key}.quantize with engine.backend=llamacpp.",
+        )
+        if model.fetch is None:
+            _validate_local_gguf(key, model, cfg.models_dir)
+    _check(
+        llamacpp.binding_installed(),
+        f"engine.backend=llamacpp needs llama-cpp-python, which is not installed: {llamacpp.INSTALL_HINT}.",
+    )
+
+
+def _validate_local_gguf(key: str, model: ModelConfig, models_dir: str | None) -> None:
+    """A model llama.cpp can open: `gguf_file`, a GGUF file in a local folder (models_dir resolves hub ids)."""
+    _check(
+        model.gguf_file is not None,
+        f"{key} is {model.name_or_path}, not a GGUF file, and engine.backend=llamacpp runs GGUF files: set "
+        f"{key}.gguf_file to a .gguf in a local folder, or {key}.fetch to an offline model.",
+    )
+    folder = Path(model.name_or_path)
+    if models_dir is not None and (Path(models_dir) / model.name_or_path).is_dir():
+        folder = Path(models_dir) / model.name_or_path
+    _check(
+        folder.is_dir(),
+        f"{key}.name_or_path={model.name_or_path} is not a local folder, and engine.backend=llamacpp reads GGUF "
+        f"files from disk, not the hub: download {model.gguf_file} and point {key}.name_or_path at its folder.",
+    )
+    path = folder / model.gguf_file
+    _check(path.is_file(), f"{key}.gguf_file={model.gguf_file} does not exist in {folder}: check the file name.")
+    _check(
+        llamacpp.is_gguf(path),
+        f"{path} is not a GGUF file (it does not start with GGUF's magic bytes): point {key}.gguf_file at a "
+        ".gguf model.",
+    )
+
+
 def validate_server_backend(cfg: SpecBenchConfig) -> None:
     """engine.backend=server: each mode's server is a well-formed URL or a command that says where it listens, the
     client's limits are positive, and the run is an arrival trace (mode=load) or a fixed batch sent at once."""
     server = cfg.server
     _check(
-        cfg.mode is RunMode.load or server.fixed_batch,
+        cfg.mode is BenchmarkMode.load or server.fixed_batch,
         "engine.backend=server sends requests to a server over time, which is mode=load: add mode=load, or "
         "server.fixed_batch=true to send the dataset's prompts all at time 0 (a fixed batch).",
     )
@@ -280,7 +369,7 @@ def validate_server_backend(cfg: SpecBenchConfig) -> None:
             "drop load.find_crossover=true or server.fixed_batch=true.",
         )
         _check(
-            cfg.mode is RunMode.batch or cfg.load.arrival is not ArrivalKind.trace,
+            cfg.mode is BenchmarkMode.batch or cfg.load.arrival is not ArrivalKind.trace,
             "server.fixed_batch=true sends every request at time 0, but load.arrival=trace takes the arrival times "
             "from load.trace_path: drop one of them.",
         )

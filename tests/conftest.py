@@ -20,6 +20,15 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 absl.logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dtype_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dtype probe's cache (`dtype=auto` on a CPU) in a folder of this session's, for subprocesses too:
+    no test reads a choice the user's machine cached, or leaves one there."""
+    folder = tmp_path_factory.mktemp("dtype-probe-cache")
+    os.environ["SPECBENCH_DTYPE_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()

@@ -240,6 +240,21 @@ def test_acceptance_counts_only_emitted_tokens(verifiers):
     assert (stats.proposed, stats.accepted, stats.wins) == (3, 3, 1)
 
 
+def test_positions_after_a_rejection_count_as_offered(verifiers, draft):
+    """Without a stop, a step offers every drafted position, whether the verifier rejects the first or none:
+    the acceptance rate is accepted over all drafted tokens (only a stop inside the accepted drafts cuts it)."""
+    verifier = CachedModel(verifiers["gpt2"], VOCAB)
+    result = decode_speculative(
+        verifier, [ModelDrafter("draft", CachedModel(draft, VOCAB))], PROMPTS[:1], DecodeSettings(MAX_NEW),
+        ConstantK(4), [0],
+    ).rows[0]  # fmt: skip
+    assert result.offered_per_step == result.depth_per_step
+    assert result.proposed == sum(result.depth_per_step) and result.accepted < result.proposed
+    assert any(accepted < offered for offered, accepted in zip(result.offered_per_step, result.accepted_per_step,
+                                                                strict=True))  # fmt: skip
+    assert result.proposed_by_position[3] == sum(depth >= 4 for depth in result.depth_per_step)
+
+
 @pytest.mark.parametrize("stop_index", [2, 5, 8])
 def test_self_draft_accepts_everything_whatever_the_stop(verifiers, stop_index):
     """Stops anywhere (inside a block, on the verifier's own token) leave a self draft at acceptance 1 everywhere,

@@ -76,6 +76,7 @@ RUN_ARTIFACTS = [
 def common_args(models_dir: Path, data: Path, tmp_path: Path) -> list[str]:
     return [
         f"models_dir={models_dir}",
+        "dtype=float32",  # greedy outputs are exactly equal in float32; `auto` measures (tests/test_dtype_probe.py)
         f"dataset.path={data}",
         "dataset.num_samples=2",
         "generation.max_new_tokens=8",

@@ -18,14 +18,16 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from specbench.config import CONFIG_PACKAGE, SloConfig, SpecBenchConfig, register_configs
+from specbench.data import Record
 from specbench.errors import ConfigError, ServerError
 from specbench.load.metrics import mode_metrics
 from specbench.load.trace import TraceRequest, write_requests
 from specbench.server import prometheus
 from specbench.server.client import RequestSettings, replay
 from specbench.server.managed import free_port, started_server
-from specbench.server.mode import serve_mode, server_trace, text_disagreement
+from specbench.server.mode import serve_on_server, server_figures, server_trace, text_disagreement
 from specbench.server.records import complete_tokens
+from specbench.server.run import run_server_load
 from specbench.server.scripted import ScriptedServer
 from specbench.testing import train_tokenizer, write_gguf_llama
 from specbench.validation import typed_config
@@ -87,7 +89,7 @@ def test_every_fault_is_a_failed_request_with_its_reason_and_the_run_goes_on(com
     trace = scripts(*prompts)
     with ScriptedServer() as url:
         cfg = url_config(composer, url, url, "server.timeout_s=2", "warmup_prompts=1", "warmup_tokens=2")
-        outcome = serve_mode(cfg, trace, [], "baseline", tmp_path)
+        outcome = serve_on_server(cfg, trace, [], "baseline", tmp_path)
     requests = list(outcome.result.requests)
     assert [request.request_id for request in requests] == list(range(len(prompts)))
     for index, (_, reason) in FAULTS.items():
@@ -113,14 +115,14 @@ def test_a_failed_warm_up_stops_the_mode_before_the_trace(composer, tmp_path):
     with ScriptedServer() as url:
         cfg = url_config(composer, url, url, "warmup_prompts=1")
         with pytest.raises(ServerError, match=r"the spec server at .* failed the warm-up request \(HTTP 500"):
-            serve_mode(cfg, scripts("status=500", "chunks=2"), [], "spec", tmp_path)
+            serve_on_server(cfg, scripts("status=500", "chunks=2"), [], "spec", tmp_path)
     assert not (tmp_path / "responses_spec.jsonl").exists()
 
 
 def test_chat_streams_count_content_chunks_only(composer, tmp_path):
     with ScriptedServer() as url:
         cfg = url_config(composer, url, url, "server.chat=true", "warmup_prompts=0")
-        outcome = serve_mode(cfg, scripts("chunks=3 tokens=2"), [], "baseline", tmp_path)
+        outcome = serve_on_server(cfg, scripts("chunks=3 tokens=2"), [], "baseline", tmp_path)
     (request,) = outcome.result.requests
     # the opening role chunk and the closing empty delta carry no text: three chunks, the first is the first token
     assert request.error is None and len(request.chunk_times_s) == 3 and request.chunk_sizes == [2, 2, 2]
@@ -202,13 +204,13 @@ def test_a_server_down_at_start_gets_one_sentence_and_no_request(composer, tmp_p
     cfg = url_config(composer, down, down)
     refused = r"^the baseline server at .* does not answer \(ConnectionRefusedError"
     with pytest.raises(ServerError, match=refused) as error:
-        serve_mode(cfg, scripts("chunks=2"), [], "baseline", tmp_path)
+        serve_on_server(cfg, scripts("chunks=2"), [], "baseline", tmp_path)
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []  # nothing was sent, nothing recorded
     with ScriptedServer() as url:
         wrong = url.replace("/v1", "/api/v1")
         with pytest.raises(ServerError, match=r"answered GET .*/api/v1/models with HTTP 404: point server.spec_url"):
-            serve_mode(url_config(composer, wrong, wrong), scripts("chunks=2"), [], "spec", tmp_path)
+            serve_on_server(url_config(composer, wrong, wrong), scripts("chunks=2"), [], "spec", tmp_path)
 
 
 def test_a_started_server_that_exits_ends_the_run_with_its_last_log_lines(composer, tmp_path):
@@ -217,7 +219,7 @@ def test_a_started_server_that_exits_ends_the_run_with_its_last_log_lines(compos
     cfg = composer("mode=load", "engine.backend=server", f"server.baseline_cmd='{PYTHON} {crash} --port {{port}}'",
                    f"server.spec_cmd='{SCRIPTED_CMD}'")  # fmt: skip
     with pytest.raises(ServerError, match=r"^the baseline server \(.*\) exited with code 3: see its log") as error:
-        serve_mode(cfg, scripts("chunks=2"), [], "baseline", tmp_path)
+        serve_on_server(cfg, scripts("chunks=2"), [], "baseline", tmp_path)
     assert str(error.value).endswith("loading weights\nno GPU found")
     assert not (tmp_path / "responses_baseline.jsonl").exists()
 
@@ -237,43 +239,65 @@ def test_a_started_server_that_never_becomes_ready_is_stopped_after_start_timeou
 # --- speculation counters ---------------------------------------------------------------------------------------
 
 
-def test_acceptance_is_the_difference_of_a_started_servers_counters(composer, tmp_path):
-    # each chunk of T tokens is one draft of 4 tokens with T - 1 accepted; the warm-up (3 x 3) is read before
+def test_a_run_pools_the_spec_servers_counters_over_repeats_and_alternates_the_modes(composer, tmp_path):
+    # each chunk of T tokens is one draft of 4 tokens with T - 1 accepted; each repeat restarts both servers, whose
+    # warm-up (the first prompt) is read before the trace
     cfg = composer("mode=load", "engine.backend=server", f"server.baseline_cmd='{SCRIPTED_CMD}'",
-                   f"server.spec_cmd='{SCRIPTED_CMD} --spec-k 4 # {{\"a\": 1}}'", "warmup_prompts=1")  # fmt: skip
-    trace = scripts("chunks=3 tokens=3", "chunks=2 tokens=5", "chunks=4 tokens=1")
-    baseline = serve_mode(cfg, trace, [], "baseline", tmp_path)
-    spec = serve_mode(cfg, trace, [], "spec", tmp_path)
-    assert baseline.metrics == {} and baseline.notes == []
-    drafts = 3 + 2 + 4
-    assert spec.metrics == pytest.approx(
+                   f"server.spec_cmd='{SCRIPTED_CMD} --spec-k 4 # {{\"a\": 1}}'", "warmup_prompts=1", "repeats=2",
+                   "load.arrival=constant", "load.rate=100", "load.num_requests=3",
+                   "dataset.template='{question}'")  # fmt: skip
+    records = [Record(name, script, ()) for name, script in zip("abc", ("chunks=3 tokens=3", "chunks=2 tokens=5",
+                                                                       "chunks=4 tokens=1"), strict=True)]  # fmt: skip
+    result, artifacts = run_server_load(cfg, records, 100.0, tmp_path)
+    drafts = 2 * (3 + 2 + 4)
+    accepted = 2 * (3 * 2 + 2 * 4)
+    assert {key: value for key, value in result.metrics.items() if "draft" in key or "accept" in key} == pytest.approx(
         {
             "server_drafts": drafts,
             "server_draft_tokens": 4 * drafts,
-            "server_accepted_tokens": 3 * 2 + 2 * 4,
-            "acceptance_rate": 14 / 36,
-            "mean_accepted_tokens": 1 + 14 / drafts,
-            "acceptance_rate_pos_1": 5 / drafts,
-            "acceptance_rate_pos_2": 5 / drafts,
-            "acceptance_rate_pos_3": 2 / drafts,
-            "acceptance_rate_pos_4": 2 / drafts,
+            "server_accepted_tokens": accepted,
+            "acceptance_rate": accepted / (4 * drafts),
+            "mean_accepted_tokens": 1 + accepted / drafts,
+            "acceptance_rate_pos_1": 10 / drafts,
+            "acceptance_rate_pos_2": 10 / drafts,
+            "acceptance_rate_pos_3": 4 / drafts,
+            "acceptance_rate_pos_4": 4 / drafts,
         }
     )
-    assert {path.name for path in spec.artifacts} == {"responses_spec.jsonl", "server_spec.log"}
-    assert (tmp_path / "server_spec.log").read_text().startswith("==> specbench started: ")
+    assert result.notes == []
+    assert result.metrics["failed_requests_baseline"] == result.metrics["failed_requests_spec"] == 0
+    assert result.metrics["disagreement_rate"] == 0 and result.metrics["request_rate"] == 100
+    assert [len(result.served[mode]) for mode in ("baseline", "spec")] == [2, 2]
+    assert sorted(str(path.relative_to(tmp_path)) for path in artifacts) == sorted(
+        f"repeat{repeat}/{name}_{mode}.{ext}"
+        for repeat in (0, 1)
+        for mode in ("baseline", "spec")
+        for name, ext in (("responses", "jsonl"), ("server", "log"))
+    )
+    written = {path: path.stat().st_mtime_ns for path in artifacts if path.name.startswith("responses")}
+    assert written[tmp_path / "repeat0/responses_baseline.jsonl"] < written[tmp_path / "repeat0/responses_spec.jsonl"]
+    assert written[tmp_path / "repeat1/responses_spec.jsonl"] < written[tmp_path / "repeat1/responses_baseline.jsonl"]
+    assert (tmp_path / "repeat0" / "server_spec.log").read_text().startswith("==> specbench started: ")
 
 
 def test_a_baseline_that_drafts_or_a_server_without_counters_is_said_in_one_line(composer, tmp_path):
     with ScriptedServer(spec_k=2) as drafting, ScriptedServer() as plain:
         cfg = url_config(composer, drafting, plain, "warmup_prompts=0")
-        baseline = serve_mode(cfg, scripts("chunks=3"), [], "baseline", tmp_path)
-        spec = serve_mode(cfg, scripts("chunks=2 draft=8 accepted=5"), [], "spec", tmp_path)
-        silent = serve_mode(cfg, scripts("chunks=2"), [], "spec", tmp_path)
-    assert baseline.notes == ["the baseline server drafted 6 tokens: it speculates, check its command"]
+        baseline = serve_on_server(cfg, scripts("chunks=3"), [], "baseline", tmp_path)
+        spec = serve_on_server(cfg, scripts("chunks=2 draft=8 accepted=5"), [], "spec", tmp_path)
+        with pytest.raises(FileExistsError):  # spec's requests are read from its responses file
+            serve_on_server(cfg, scripts("chunks=2"), [], "spec", tmp_path)
+        silent = serve_on_server(cfg, scripts("chunks=2"), [], "spec", tmp_path / "again")
+    assert server_figures({"baseline": [baseline]}) == (
+        {}, ["the baseline server drafted 6 tokens: it speculates, check its command"]
+    )  # fmt: skip
     # no speculation counters, but llama-server style per-response draft counts
-    assert spec.metrics == {"server_draft_tokens": 8, "server_accepted_tokens": 5, "acceptance_rate": 5 / 8}
-    assert silent.metrics == {}
-    assert silent.notes == [
+    assert server_figures({"spec": [spec]}) == (
+        {"server_draft_tokens": 8, "server_accepted_tokens": 5, "acceptance_rate": 5 / 8}, []
+    )  # fmt: skip
+    metrics, notes = server_figures({"spec": [silent]})
+    assert metrics == {}
+    assert notes == [
         "the spec server's acceptance is not logged: its /metrics has no speculation counters "
         "(vllm:spec_decode_num_draft_tokens), and its responses count no drafts"
     ]
@@ -310,7 +334,7 @@ def test_llama_cpp_server_plain_and_with_prompt_lookup_serve_the_binding_s_own_g
     )  # fmt: skip
     tokenizer = train_tokenizer()
     trace = server_trace(cfg, ["a", "b"])
-    outcomes = {mode: serve_mode(cfg, trace, PROMPTS, mode, tmp_path, tokenizer) for mode in ("baseline", "spec")}
+    outcomes = {mode: serve_on_server(cfg, trace, PROMPTS, mode, tmp_path, tokenizer) for mode in ("baseline", "spec")}
     # the server samples greedily after its default repeat penalty (1.1): the binding's own decode, in-process
     model = Llama(str(gguf), n_ctx=256, n_threads=1, verbose=False)
     expected = [model.create_completion(p, max_tokens=MAX_TOKENS, temperature=0.0, repeat_penalty=1.1)["choices"][0]
@@ -327,9 +351,10 @@ def test_llama_cpp_server_plain_and_with_prompt_lookup_serve_the_binding_s_own_g
             assert sum(request.chunk_sizes) == request.num_tokens == len(request.tokens) > 0
         assert (tmp_path / f"server_{mode}.log").read_text().startswith("==> specbench started")
     assert text_disagreement({mode: outcome.result for mode, outcome in outcomes.items()})["disagreement_rate"] == 0
-    assert outcomes["spec"].metrics == {}
-    assert outcomes["spec"].notes[0].startswith("the spec server's acceptance is not logged: http://127.0.0.1:")
-    assert "has no Prometheus /metrics (HTTP 404)" in outcomes["spec"].notes[0]
+    metrics, notes = server_figures({mode: [outcome] for mode, outcome in outcomes.items()})
+    assert metrics == {} and len(notes) == 1
+    assert notes[0].startswith("the spec server's acceptance is not logged: http://127.0.0.1:")
+    assert "has no Prometheus /metrics (HTTP 404)" in notes[0]
 
 
 @needs_binding

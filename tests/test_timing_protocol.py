@@ -22,6 +22,7 @@ import specbench.runner
 from specbench.config import (
     DatasetConfig,
     DraftConfig,
+    Dtype,
     GenerationConfig,
     QualityConfig,
     SpecBenchConfig,
@@ -157,6 +158,7 @@ def tiny_config(models_dir, pubmedqa_file, **overrides) -> SpecBenchConfig:
         quality=QualityConfig(embedder="none", perplexity=False),
         models_dir=str(models_dir),
         device="cpu",
+        dtype=Dtype.float32,  # `auto` would probe the CPU first, whose passes this test would count
         k=2,
         warmup_tokens=2,
         cost_curve=False,

@@ -72,6 +72,7 @@ def module_store(tmp_path_factory, models_dir, pubmedqa_file) -> Store:
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     common = [
         f"models_dir={models_dir}",
+        "dtype=float32",
         "generation.max_new_tokens=8",
         "quality.embedder=none",
         "quality.perplexity=false",

@@ -21,7 +21,9 @@ the whole buffer; without a mask it is plain SDPA. With the engine's mask, insid
 a step that torch.compile traces (the engine's compiled decode steps), it is
 `matmul_attention` rather than SDPA: for a few query tokens per row, SDPA's kernels take
 longer than two matrix products and a softmax that inductor fuses with the mask
-(GPT-J-6B on an H200: `benchmarks/NOTES.md`).
+(GPT-J-6B on an H200: `benchmarks/NOTES.md`). On CUDA, a step of a few query tokens
+per row (eager, captured or compiled) runs `decode_attention` instead, which splits
+the key columns across blocks; the CPU keeps the paths above.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from specbench.engine.decode_attention import decode_attention, serves
 
 # model type -> how it takes a windowed mask: one mask for all layers, or a dict keyed by layer type
 WINDOWED_MASK_STYLES = {"mistral": "single", "qwen2": "by_layer_type"}
@@ -143,13 +147,23 @@ def prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention over the first key columns only: `decode_attention` where it serves (CUDA), else as without it."""
+    if attention_mask is not None and attention_mask.is_floating_point() and serves(query, key, value, attention_mask):
+        return decode_attention(query, key, value, attention_mask, _scaling(query, kwargs)), None
+    return prefix_attention_without_kernel(module, query, key, value, attention_mask, **kwargs)
+
+
+def prefix_attention_without_kernel(module, query, key, value, attention_mask, **kwargs):
     """Attention over the first key columns only: `matmul_attention` in a compiled step, else `prefix_sdpa`."""
     if attention_mask is not None and attention_mask.is_floating_point() and torch.compiler.is_compiling():
         key, value = _used_columns(key, value, attention_mask)
-        scaling = kwargs.get("scaling")
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return matmul_attention(query, key, value, attention_mask, scaling), None
+        return matmul_attention(query, key, value, attention_mask, _scaling(query, kwargs)), None
     return prefix_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+def _scaling(query: torch.Tensor, kwargs: dict) -> float:
+    scaling = kwargs.get("scaling")
+    return query.shape[-1] ** -0.5 if scaling is None else scaling
 
 
 def _used_columns(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

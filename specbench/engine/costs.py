@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from specbench.engine.cached_model import CachedModel
-from specbench.engine.drafters import Drafter, ModelDrafter
+from specbench.engine.drafters import Drafter, drafter_models
 from specbench.engine.sampling import DecodeSettings, TokenChooser
 from specbench.engine.timing import Clock
 
@@ -67,7 +67,7 @@ def measure_step_costs(
         return statistics.median(samples[1:])
 
     costs = StepCosts({}, {})
-    models = [verifier, *(drafter.model for drafter in drafters if isinstance(drafter, ModelDrafter))]
+    models = [verifier, *drafter_models(drafters)]
     for batch in sorted(shapes):
         rows = [list(prompts[index % len(prompts)]) for index in range(batch)]
         try:

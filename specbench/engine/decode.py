@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specbench.engine.cached_model import PAD_TOKEN, CachedModel
-from specbench.engine.drafters import Drafter, ModelDrafter, Proposal
+from specbench.engine.drafters import Drafter, Proposal, drafter_models
 from specbench.engine.results import BatchResult, DecodeResult, DrafterStats
 from specbench.engine.sampling import DecodeSettings, TokenChooser, stream_seed
 from specbench.engine.schedule import KSchedule
@@ -343,7 +343,7 @@ def check_masks(verifier: CachedModel, drafters: list[Drafter], batch_size: int)
             f"the verifier ({verifier.model.config.model_type}) cannot verify token trees under its windowed "
             "attention: use one drafter."
         )
-    models = [verifier, *(drafter.model for drafter in drafters if isinstance(drafter, ModelDrafter))]
+    models = [verifier, *drafter_models(drafters)]
     if batch_size > 1 and any(model.plain_mask_only for model in models):
         raise ValueError("a model with windowed attention cannot decode ragged batches: use batch_size=1.")
 
@@ -582,12 +582,13 @@ def _end_step(
 def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], emitted: int, k: int, depth: int) -> int:
     """Add one step to a row's counts; return the draft positions it offered.
 
-    A position counts as offered when the verifier judged it: up to the first rejection, or up to the
-    token where the row stopped. Draft positions after a stop inside an accepted block are neither
-    offered nor accepted (the row would have stopped there whatever they held).
+    Every drafted position counts as offered (those after a rejection as rejected), except after a stop
+    token inside the accepted drafts: the row ends there whatever the later positions held, so they are
+    neither offered nor accepted. `emitted` is the tokens the row emitted this step, at most len(path) + 1.
     """
     longest = max((len(branch) for branch in tree.branches), default=0)
-    offered = min(longest, emitted)  # `emitted` <= len(path) + 1: a stop cuts the block after `emitted` tokens
+    cut = emitted <= len(path)  # the row stopped on one of the accepted drafts
+    offered = emitted if cut else longest
     emitted_path = path[:emitted]
     result.verifier_calls += 1
     result.steps += 1
@@ -604,7 +605,7 @@ def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], emitted:
         shared = 0
         while shared < min(len(branch), len(emitted_path)) and branch[shared] == emitted_path[shared]:
             shared += 1
-        stats.proposed += min(len(branch), emitted)
+        stats.proposed += min(len(branch), emitted) if cut else len(branch)
         stats.accepted += shared
         stats.wins += bool(emitted_path) and shared == len(emitted_path)
     return offered

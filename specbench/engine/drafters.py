@@ -172,6 +172,11 @@ class ModelDrafter:
         return proposals
 
 
+def drafter_models(drafters: Sequence[Drafter]) -> list[CachedModel]:
+    """The cached models the drafters run (model drafters, and any drafter that exposes the model it runs)."""
+    return [drafter.model for drafter in drafters if isinstance(getattr(drafter, "model", None), CachedModel)]
+
+
 def _draw(chooser: TokenChooser, probs: torch.Tensor, row: int, drafting: bool) -> torch.Tensor:
     """The row's sampled token (one element), or a placeholder that draws nothing from its generator."""
     if drafting:

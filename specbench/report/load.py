@@ -80,12 +80,10 @@ def load_figures(runs: pd.DataFrame) -> dict[str, Figure]:
 
 def _crossovers(table: pd.DataFrame) -> pd.DataFrame:
     """Each series' crossover from the first run that logged one (a crossover search's parent)."""
-    if "crossover_rate" not in table:
-        return pd.DataFrame(columns=["series", "crossover_rate"])
-    found = table[table["crossover_rate"].notna()].drop_duplicates("series")
-    return found.reindex(
-        columns=["series", "crossover_metric", "crossover_rate", "crossover_rate_low", "crossover_rate_high"]
-    )
+    columns = ["series", "crossover_metric", "crossover_rate", "crossover_rate_low", "crossover_rate_high"]
+    if "crossover_rate" not in table:  # no search logged one (or its crossover lay outside the range)
+        return pd.DataFrame(columns=columns)
+    return table[table["crossover_rate"].notna()].drop_duplicates("series").reindex(columns=columns)
 
 
 def _modes(ax: Axes, probes: pd.DataFrame, colors: dict, stem: str) -> list[Line2D]:

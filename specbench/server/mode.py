@@ -1,11 +1,11 @@
 """One mode of a load run served by an OpenAI-compatible server (engine.backend=server).
 
     trace = server_trace(cfg, record_ids)
-    outcome = serve_mode(cfg, trace, prompts_text, "baseline", out_dir, tokenizer)
+    outcome = serve_on_server(cfg, trace, prompts_text, "baseline", out_dir, tokenizer)
     outcome.result     # ServeResult: the mode's requests (failures carry `error`), for the load metrics
-    outcome.metrics    # the server's own figures: acceptance from its counters (spec mode)
+    outcome.readings   # its /metrics before and after the trace
     outcome.artifacts  # responses_{mode}.jsonl (records with output texts), server_{mode}.log (a started server)
-    outcome.notes      # one line each: what the server does not expose, what looked wrong
+    metrics, notes = server_figures({"baseline": [outcome], "spec": [...]})  # acceptance, what is missing
 
 For each mode: start its server if it has a command (`managed`), or take its URL; check
 that it answers (`GET /v1/models`, which also names the model when `server.model` is
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from specbench.config import RunMode, SpecBenchConfig
+from specbench.config import BenchmarkMode, SpecBenchConfig
 from specbench.engine.results import ServeResult
 from specbench.errors import ServerError
 from specbench.load.trace import TraceRequest, build_trace
@@ -46,9 +46,8 @@ class ModeOutcome:
     """What serving one mode's trace produced."""
 
     result: ServeResult
-    metrics: dict[str, float] = field(default_factory=dict)
+    readings: tuple[prometheus.Scrape, prometheus.Scrape]  # the server's /metrics before and after the trace
     artifacts: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 def server_trace(cfg: SpecBenchConfig, record_ids: Sequence[str]) -> list[TraceRequest]:
@@ -56,7 +55,7 @@ def server_trace(cfg: SpecBenchConfig, record_ids: Sequence[str]) -> list[TraceR
     (load.num_requests of them under mode=load, prompts cycling; each prompt once under mode=batch)."""
     if not cfg.server.fixed_batch:
         return build_trace(cfg.load, record_ids, cfg.seed)
-    count = len(record_ids) if cfg.mode is RunMode.batch else cfg.load.num_requests
+    count = len(record_ids) if cfg.mode is BenchmarkMode.batch else cfg.load.num_requests
     log.warning("server.fixed_batch=true: all %d requests are sent at time 0 (a fixed batch, not arrivals)", count)
     return [
         TraceRequest(index, 0.0, index % len(record_ids), str(record_ids[index % len(record_ids)]))
@@ -112,7 +111,7 @@ def _reason(error: OSError) -> str:
     return f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
 
 
-def serve_mode(
+def serve_on_server(
     cfg: SpecBenchConfig,
     trace: Sequence[TraceRequest],
     prompts_text: Sequence[str],
@@ -123,9 +122,13 @@ def serve_mode(
     """Serve `trace` in `mode` (baseline or spec) on that mode's server; see the module docstring.
 
     Raises ServerError (one sentence, a started server's log tail after it) when the server does not answer,
-    exits, never becomes ready, or fails its warm-up; failed trace requests are records, not errors.
+    exits, never becomes ready, or fails its warm-up; failed trace requests are records, not errors. The result's
+    requests are read from `out_dir/responses_{mode}.jsonl`, so each call needs a folder of its own.
     """
     server = cfg.server
+    responses = out_dir / f"responses_{mode}.jsonl"
+    if responses.exists():  # an earlier result reads its requests from there
+        raise FileExistsError(f"{responses} exists: give each serve_on_server call a folder of its own")
     out_dir.mkdir(parents=True, exist_ok=True)
     api_key = os.environ.get(server.api_key_env) or None
     log_path = out_dir / f"server_{mode}.log"
@@ -133,16 +136,11 @@ def serve_mode(
         settings = request_settings(cfg, served_model(base, mode, server.model, api_key))
         _warm_up(base, mode, trace, prompts_text, settings, cfg, out_dir)
         before = prometheus.scrape(root_url(base), api_key)
-        result = replay(base, trace, prompts_text, settings, out_dir / f"responses_{mode}.jsonl", tokenizer)
+        result = replay(base, trace, prompts_text, settings, responses, tokenizer)
         after = prometheus.scrape(root_url(base), api_key)
         check_alive()  # a started server that died mid-trace ends the run, not just its requests
-    outcome = ModeOutcome(result, artifacts=[out_dir / f"responses_{mode}.jsonl"])
-    if log_path.is_file():
-        outcome.artifacts.append(log_path)
-    _server_figures(outcome, mode, before, after)
-    for note in outcome.notes:
-        log.info(note)
-    return outcome
+    artifacts = [responses, *([log_path] if log_path.is_file() else [])]
+    return ModeOutcome(result, (before, after), artifacts)
 
 
 @contextmanager
@@ -184,27 +182,32 @@ def _warm_up(
         )
 
 
-def _server_figures(outcome: ModeOutcome, mode: str, before: prometheus.Scrape, after: prometheus.Scrape) -> None:
-    """Acceptance from the spec server's counters, or from per-response draft counts, and notes on what is missing."""
-    if mode == "baseline":
-        drafted = prometheus.drafted_tokens(before, after)
-        if drafted > 0:
-            outcome.notes.append(f"the baseline server drafted {drafted:g} tokens: it speculates, check its command")
-        return
-    outcome.metrics |= prometheus.acceptance_metrics(before, after)
-    if outcome.metrics:
-        return
-    proposed = sum(request.proposed for request in outcome.result.requests if request.error is None)
-    if proposed > 0:  # llama.cpp's llama-server reports each response's drafts
-        accepted = sum(request.accepted for request in outcome.result.requests if request.error is None)
-        outcome.metrics |= {
-            "server_draft_tokens": proposed,
-            "server_accepted_tokens": accepted,
-            "acceptance_rate": accepted / proposed,
-        }
-        return
-    reason = after.missing or before.missing
-    outcome.notes.append(f"the spec server's acceptance is not logged: {reason}, and its responses count no drafts")
+def server_figures(served: Mapping[str, Sequence[ModeOutcome]]) -> tuple[dict[str, float], list[str]]:
+    """The servers' own figures over a run's repeats, and one line for each thing missing or wrong.
+
+    The spec server's acceptance comes from its counters (`prometheus.acceptance_metrics`), else from the draft
+    counts its responses carried (llama.cpp's llama-server), else a note says it is not logged; a baseline server
+    whose counters show drafts gets a note (it speculates).
+    """
+    metrics: dict[str, float] = {}
+    notes = []
+    baseline_drafted = prometheus.drafted_tokens([outcome.readings for outcome in served.get("baseline", ())])
+    if baseline_drafted > 0:
+        notes.append(f"the baseline server drafted {baseline_drafted:g} tokens: it speculates, check its command")
+    spec = served.get("spec", ())
+    if spec:
+        metrics |= prometheus.acceptance_metrics([outcome.readings for outcome in spec])
+    if spec and not metrics:
+        served_ok = [request for outcome in spec for request in outcome.result.requests if request.error is None]
+        proposed = sum(request.proposed for request in served_ok)
+        accepted = sum(request.accepted for request in served_ok)
+        if proposed > 0:  # llama.cpp's llama-server reports each response's drafts
+            metrics = {"server_draft_tokens": proposed, "server_accepted_tokens": accepted,
+                       "acceptance_rate": accepted / proposed}  # fmt: skip
+        else:
+            reason = next(reading.missing for outcome in spec for reading in outcome.readings if reading.missing)
+            notes.append(f"the spec server's acceptance is not logged: {reason}, and its responses count no drafts")
+    return metrics, notes
 
 
 def text_disagreement(results: Mapping[str, ServeResult]) -> dict[str, float]:

@@ -85,13 +85,14 @@ def parse(text: str) -> Scrape:
     return reading
 
 
-def acceptance_metrics(before: Scrape, after: Scrape) -> dict[str, float]:
-    """The acceptance over the trace from two readings of the speculative server (empty without counters)."""
-    if before.missing or after.missing:
+def acceptance_metrics(readings: list[tuple[Scrape, Scrape]]) -> dict[str, float]:
+    """The acceptance over one or more traces (repeats), from the speculative server's readings before and after
+    each; empty when a reading has no counters."""
+    if any(before.missing or after.missing for before, after in readings):
         return {}
 
     def grown(name: str) -> float:
-        return after.counters.get(name, 0.0) - before.counters.get(name, 0.0)
+        return sum(after.counters.get(name, 0.0) - before.counters.get(name, 0.0) for before, after in readings)
 
     drafts, proposed, accepted = grown(DRAFTS), grown(DRAFT_TOKENS), grown(ACCEPTED_TOKENS)
     metrics = {"server_draft_tokens": proposed, "server_accepted_tokens": accepted}
@@ -100,14 +101,20 @@ def acceptance_metrics(before: Scrape, after: Scrape) -> dict[str, float]:
     if drafts > 0:
         metrics["server_drafts"] = drafts
         metrics["mean_accepted_tokens"] = 1 + accepted / drafts
-        for position, count in sorted(after.accepted_per_position.items()):
-            kept = count - before.accepted_per_position.get(position, 0.0)
+        positions = sorted({position for _, after in readings for position in after.accepted_per_position})
+        for position in positions:
+            kept = sum(
+                after.accepted_per_position.get(position, 0.0) - before.accepted_per_position.get(position, 0.0)
+                for before, after in readings
+            )
             metrics[f"acceptance_rate_pos_{position + 1}"] = kept / drafts
     return metrics
 
 
-def drafted_tokens(before: Scrape, after: Scrape) -> float:
-    """Draft tokens a server proposed between two readings (0 without counters): a baseline server should not."""
-    if before.missing or after.missing:
+def drafted_tokens(readings: list[tuple[Scrape, Scrape]]) -> float:
+    """Draft tokens a server proposed over its traces (0 without counters): a baseline server should not."""
+    if any(before.missing or after.missing for before, after in readings):
         return 0.0
-    return after.counters.get(DRAFT_TOKENS, 0.0) - before.counters.get(DRAFT_TOKENS, 0.0)
+    return sum(
+        after.counters.get(DRAFT_TOKENS, 0.0) - before.counters.get(DRAFT_TOKENS, 0.0) for before, after in readings
+    )

@@ -1,0 +1,116 @@
+"""mode=load through the real CLI, in-process, on tiny models: one run per rate, a crossover search with nested
+probe runs, the oracle draft, k_schedule=load, and the bad inputs that belong to the engine side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.test_cli import common_args, run_cli
+
+FAST = ["load.rate=40", "load.num_requests=6", "load.max_batch_size=3", "k=3", "cost_batch_grid=[1,2]"]
+
+
+def store(tmp_path) -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    return MlflowClient()
+
+
+def finished_runs(tmp_path) -> list:
+    store(tmp_path)
+    return mlflow.search_runs(experiment_names=["specbench"], output_format="list")
+
+
+def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
+    args = ["mode=load", *FAST, "repeats=2", *common_args(models_dir, pubmedqa_file, tmp_path)]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    (run,) = finished_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for key in ("ttft_ms_p99_spec", "tpot_ms_p99_baseline", "e2el_ms_p50_spec", "queue_ms_mean_baseline",
+                "output_tokens_per_s_spec", "requests_per_s_baseline", "occupancy_mean_spec", "occupancy_max_baseline",
+                "tpot_p99_ratio", "tpot_p99_ratio_ci_low", "e2el_p99_ratio", "acceptance_rate",
+                "tpot_p99_ratio_repeat_median", "predicted_tpot_ratio"):  # fmt: skip
+        assert key in metrics, key
+    assert metrics["num_requests"] == 6 and metrics["repeats"] == 2 and metrics["request_rate"] == 40
+    assert metrics["disagreement_rate"] == 0  # float32 greedy: every request equals its baseline
+    assert 1 <= metrics["occupancy_max_spec"] <= 3
+    client = MlflowClient()
+    folder = client.download_artifacts(run.info.run_id, "requests.jsonl", str(tmp_path))
+    lines = [json.loads(line) for line in Path(folder).read_text(encoding="utf-8").splitlines()]
+    assert [line["request_id"] for line in lines] == list(range(6))
+    arrivals = [line["arrival_s"] for line in lines]
+    assert arrivals == sorted(arrivals) and arrivals[0] > 0
+    for line in lines:
+        assert line["baseline"]["tokens"] == line["spec"]["tokens"]
+        for mode in ("baseline", "spec"):
+            times = line[mode]
+            assert line["arrival_s"] <= times["admitted_s"] <= times["first_token_s"] <= times["finish_s"]
+    occupancy = client.get_metric_history(run.info.run_id, "occupancy_spec")
+    assert occupancy and max(point.value for point in occupancy) <= 3
+    assert [point.step for point in occupancy] == list(range(len(occupancy)))
+    drafted = {point.value for point in client.get_metric_history(run.info.run_id, "k_spec")}
+    assert max(drafted) == 3 and drafted <= {0.0, 1.0, 2.0, 3.0}  # k, cut near a request's length limit
+    assert any(dataset.dataset.name == "trace" for dataset in run.inputs.dataset_inputs)
+    assert "TPOT p99, spec / baseline" in out and "6 requests x 2" in out
+
+
+def test_the_crossover_search_runs_one_nested_run_per_probe(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
+    search = ["load.find_crossover=true", "load.rate_min=5", "load.rate_max=80", "load.max_probes=3"]
+    args = ["mode=load", *FAST, *search, *common_args(models_dir, pubmedqa_file, tmp_path)]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    runs = finished_runs(tmp_path)
+    (parent,) = [run for run in runs if "crossover_probes" in run.data.metrics]
+    probes = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(probes) == parent.data.metrics["crossover_probes"] == 3
+    assert sorted(float(run.data.params["load.rate"]) for run in probes)[:2] == [5.0, pytest.approx(20.0)]
+    assert all(run.info.status == "FINISHED" and "tpot_p99_ratio" in run.data.metrics for run in probes)
+    conclusion = parent.data.tags["crossover"]
+    assert conclusion.startswith("Speculation ") and conclusion in out
+    inside = "crossover_rate" in parent.data.metrics
+    assert inside == ("at both ends" not in conclusion and "either end" not in conclusion)
+    artifacts = {item.path for item in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert "load_probes.csv" in artifacts and "summary.md" in artifacts
+
+
+def test_the_oracle_draft_is_accepted_as_often_as_asked(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
+    oracle = ["draft=oracle", "oracle.acceptance=0.7", "oracle.cost_model=distilbert/distilgpt2", "load.num_requests=8"]
+    args = ["mode=load", *FAST, *oracle, "generation.max_new_tokens=24", *common_args(models_dir, pubmedqa_file,
+            tmp_path)]  # fmt: skip
+    code, _out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    (run,) = finished_runs(tmp_path)
+    metrics = run.data.metrics
+    assert metrics["disagreement_rate"] == 0 and metrics["oracle_off_path_steps"] == 0
+    assert metrics["oracle_acceptance_pos_1_ci_low"] <= 0.7 <= metrics["oracle_acceptance_pos_1_ci_high"]
+    assert 0.4 < metrics["oracle_acceptance_pos_1"] < 0.95
+
+
+def test_k_schedule_load_chooses_k_per_step(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
+    args = ["mode=load", *FAST, "k_schedule=load", "k_max=4", *common_args(models_dir, pubmedqa_file, tmp_path)]
+    code, _out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    (run,) = finished_runs(tmp_path)
+    ks = {point.value for point in MlflowClient().get_metric_history(run.info.run_id, "k_spec")}
+    assert ks <= {0.0, 1.0, 2.0, 3.0, 4.0} and run.data.metrics["disagreement_rate"] == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["mode=load", "engine.backend=transformers"], "mode=load needs an engine that lets requests join"),
+        (["draft=oracle", "generation.do_sample=true"], "use greedy decoding (generation.do_sample=false)"),
+        (["k_schedule=load"], "k_schedule=load chooses k from the occupancy of a running batch: use it with mode=load"),
+        (["draft=oracle", "oracle.acceptance=1.5"], "oracle.acceptance=1.5 is invalid"),
+    ],
+)
+def test_bad_load_input_is_one_sentence(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys, override, message):
+    code, _out, err = run_cli([*override, *common_args(models_dir, pubmedqa_file, tmp_path)], monkeypatch, capsys)
+    assert code == 1 and message in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0  # one line
