@@ -79,7 +79,14 @@ def train_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 
 
 def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: int = 512) -> PreTrainedModel:
-    """A randomly initialised tiny model of a real architecture (gpt2, gpt_neo, gptj, llama)."""
+    """A randomly initialised tiny model of a real architecture (gpt2, gpt_neo, gptj, llama, qwen2).
+
+    "qwen2" is plain Qwen2 (Qwen2.5's architecture): full attention in every layer, and biases on the query,
+    key and value projections, drawn at random here (transformers starts them at zero, where they do nothing),
+    about as large as the projections' outputs. Its weights start 10x wider than transformers' default, so that
+    attention depends on positions: at the default, a tiny rotary model attends almost uniformly, and wrong
+    positions leave its greedy output unchanged.
+    """
     torch.manual_seed(seed)
     common = {"bos_token_id": 0, "eos_token_id": 0}
     if arch == "gpt2":
@@ -122,6 +129,24 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
             **common,
         )
         return LlamaForCausalLM(config).eval()
+    if arch == "qwen2":
+        config = Qwen2Config(
+            vocab_size=vocab_size,
+            max_position_embeddings=context,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+            **common,
+        )
+        model = Qwen2ForCausalLM(config).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    projection.bias.normal_()
+        return model
     raise ValueError(arch)
 
 

@@ -9,6 +9,7 @@ graph capture inside pool threads).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 
@@ -33,8 +34,12 @@ from specbench.engine import (
 from specbench.engine import cached_model as cached_model_module
 from specbench.engine.attention import PREFIX_ATTENTION, PREFIX_BUCKET, matmul_attention, prefix_width
 from specbench.engine.tree import build_tree
+from specbench.models import ModelSpec, load_model
 from specbench.testing import make_model, make_windowed_model, one_torch_thread, untie_head
-from tests.test_sampling import chi_square_p
+from tests.fake_time import install
+from tests.test_sampling import PROMPTS as SMALL_PROMPTS
+from tests.test_sampling import STOP, check_speculative_law, law_models
+from tests.test_sampling import VOCAB as SMALL_VOCAB
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
@@ -53,6 +58,7 @@ MAX_NEW = 24
 @pytest.fixture(scope="module")
 def verifiers():
     models = {arch: make_model(arch, VOCAB, seed=1, layers=2) for arch in ARCHS}
+    models["qwen2"] = make_model("qwen2", VOCAB, seed=6, layers=2)  # varied outputs, long enough for early_stops
     untie_head(models["gpt2"], seed=5)  # varied outputs rather than one repeated token
     return models
 
@@ -86,7 +92,7 @@ def make_drafters(kind: str, verifier_model, draft_model, max_len: int | None) -
     ]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen2"])
 @pytest.mark.parametrize("kind", ["model", "lookup", "self", "set"])
 @pytest.mark.parametrize("max_len", [None, 160], ids=["dynamic", "static"])
 def test_rows_decode_as_if_alone(verifiers, draft, arch, kind, max_len):
@@ -112,23 +118,67 @@ def test_rows_decode_as_if_alone(verifiers, draft, arch, kind, max_len):
                 assert result.accepted_per_step[:-1] == result.offered_per_step[:-1]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_batched_baseline_equals_generate(verifiers, arch):
+def test_the_qwen2_verifier_is_plain_qwen2(verifiers):
+    """The default verifier's architecture (Qwen2.5): full attention in every layer, and biases on q, k and v that
+    change the output, so the tests above would see them dropped or misplaced."""
+    model = verifiers["qwen2"]
+    assert set(model.config.layer_types) == {"full_attention"} and not needs_plain_causal_mask(model.config)
+    unbiased = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in unbiased.model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.zero_()
+    settings = DecodeSettings(MAX_NEW)
+    assert (
+        alone(CachedModel(unbiased, VOCAB), PROMPTS[0], settings).tokens
+        != alone(CachedModel(model, VOCAB), PROMPTS[0], settings).tokens
+    )
+    assert CachedModel(model, VOCAB, max_len=160).max_len == 160  # it takes the static cache
+
+
+def test_an_int8_draft_is_lossless_with_a_float32_verifier(verifiers, tmp_path):
+    """The default draft's setting (quantize=int8_dynamic): the verifier's own weights, saved and loaded as the run
+    loads a draft, quantised to int8; its proposals differ, so some are rejected, and the output stays the
+    verifier's at batch 1 and in a ragged batch."""
+    model = verifiers["qwen2"]
+    model.save_pretrained(tmp_path)
+    spec = ModelSpec(str(tmp_path), None, "float32", "cpu", quantize="int8_dynamic")
+    int8 = load_model(spec)
+    assert any(isinstance(module, torch.ao.nn.quantized.dynamic.Linear) for module in int8.modules())
+    assert not any(type(module) is torch.nn.Linear for module in int8.model.layers.modules())
+    verifier = CachedModel(model, VOCAB)
+    drafters = [ModelDrafter("int8", CachedModel(int8, VOCAB))]
+    settings = early_stops(verifier, PROMPTS)
+    singles = [decode_speculative(verifier, drafters, [p], settings, ConstantK(4), [0]).rows[0] for p in PROMPTS]
+    assert [single.tokens for single in singles] == [alone(verifier, p, settings).tokens for p in PROMPTS]
+    assert 0 < sum(single.accepted for single in singles) < sum(single.proposed for single in singles)
+    batch = decode_speculative(verifier, drafters, PROMPTS, settings, ConstantK(4), [0] * len(PROMPTS))
+    assert [row.tokens for row in batch.rows] == [single.tokens for single in singles]
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen2"])
+def test_batched_baseline_equals_generate(verifiers, monkeypatch, arch):
+    """Also timed under fake time: a pass costs one second per column fed (the prefill is 75 wide), so every row
+    has its first token at 75 s and its 16th, after 15 more passes, at 90 s."""
     model = verifiers[arch]
     spare = list(range(VOCAB, model.config.vocab_size))  # GPT-J's head rows the tokenizer lacks
+    fake = install(monkeypatch)
     for max_len in (None, 128):
-        batch = decode_baseline(CachedModel(model, VOCAB, max_len=max_len), PROMPTS, DecodeSettings(16), [0] * 4)
+        verifier = fake.time_passes(CachedModel(model, VOCAB, max_len=max_len), lambda ids: ids.shape[1], "verifier")
+        start = fake.now
+        batch = decode_baseline(verifier, PROMPTS, DecodeSettings(16), [0] * 4)
+        assert batch.wall_s == fake.now - start == 90
         for prompt, row in zip(PROMPTS, batch.rows, strict=True):
             reference = model.generate(
                 torch.tensor([prompt]),
                 max_new_tokens=16,
-                min_new_tokens=16,
+                eos_token_id=None,  # no stop, and no suppressed EOS either (min_new_tokens would suppress it)
                 do_sample=False,
                 suppress_tokens=spare or None,
                 pad_token_id=0,
             )[0, len(prompt) :].tolist()
             assert row.tokens == reference
-            assert row.verifier_calls == 16 and row.ttft_s <= row.latency_s <= batch.wall_s
+            assert row.verifier_calls == 16 and (row.ttft_s, row.latency_s) == (75, 90)
 
 
 def test_a_finished_row_does_not_change_the_others(verifiers, draft):
@@ -490,70 +540,23 @@ def test_a_static_cache_compacts_instead_of_overflowing(verifiers, monkeypatch, 
 
 # ---- sampling ----------------------------------------------------------------------------------------
 
-SMALL_VOCAB = 6
-SMALL_PROMPTS = [[1, 2, 3, 4], [5], [2, 2, 4, 1, 3, 5, 0, 1], [3, 1]]
-SAMPLING = DecodeSettings(max_new_tokens=4, do_sample=True)
-
 
 @pytest.fixture(scope="module")
 def small_models():
-    # A larger init spread gives peaked, different distributions: partial acceptance.
-    def model(seed):
-        m = make_model("gpt2", SMALL_VOCAB, seed=seed, layers=1, context=64)
-        with torch.no_grad():
-            m.lm_head.weight.mul_(8)
-        return m
-
-    return model(0), model(1), model(2)
-
-
-def exact_pair_law(model, prompt: list[int]) -> dict[tuple[int, int], float]:
-    """P(first two output tokens = (a, b)) under the model's own distribution."""
-    with torch.no_grad():
-        first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
-        second = torch.softmax(model(torch.tensor([[*prompt, a] for a in range(SMALL_VOCAB)])).logits[:, -1], -1)
-    return {(a, b): float(first[a] * second[a, b]) for a in range(SMALL_VOCAB) for b in range(SMALL_VOCAB)}
-
-
-def sample_batches(verifier: CachedModel, drafters: list[Drafter], batches: int) -> tuple[dict[tuple, int], int, int]:
-    """Counts of (row, first two tokens) over `batches` batches of the four prompts, every row its own seed.
-
-    Also returns the draft tokens accepted and proposed over all rows.
-    """
-    counts: dict[tuple, int] = {}
-    accepted = proposed = 0
-    for batch in range(batches):
-        seeds = [4 * batch + row for row in range(4)]
-        result = decode_speculative(verifier, drafters, SMALL_PROMPTS, SAMPLING, ConstantK(2), seeds)
-        for row, decoded in enumerate(result.rows):
-            key = (row, *decoded.tokens[:2])
-            counts[key] = counts.get(key, 0) + 1
-            accepted, proposed = accepted + decoded.accepted, proposed + decoded.proposed
-    return counts, accepted, proposed
+    return law_models()
 
 
 @pytest.mark.parametrize("draft_set", [False, True], ids=["one_draft", "draft_set"])
 def test_each_sampled_row_follows_the_verifier_law(small_models, draft_set):
-    """Batches of 4 rows (prompts of 1 to 8 tokens): the joint law of (row, first two tokens) is the verifier's."""
-    verifier_model, draft_a, draft_b = small_models
-    verifier = CachedModel(verifier_model, SMALL_VOCAB)
-    drafters: list[Drafter] = [ModelDrafter("a", CachedModel(draft_a, SMALL_VOCAB))]
+    """Batches of 4 rows (prompts of 1 to 8 tokens) on a static cache, each row its own adaptive k, outputs of up
+    to 5 tokens: the joint law of (row, whole output) is the verifier's, at positions 3 to 5 too, with stops
+    inside blocks."""
+    _, draft_a, draft_b = small_models
+    drafters: list[Drafter] = [ModelDrafter("a", CachedModel(draft_a, SMALL_VOCAB, max_len=32))]
     if draft_set:
         drafters += [ModelDrafter("b", CachedModel(draft_b, SMALL_VOCAB)), PromptLookupDrafter("lookup", max_ngram=1)]
-    batches = 400
-    counts, accepted, proposed = sample_batches(verifier, drafters, batches)
-    assert 0 < accepted < proposed  # both acceptance and rejection were exercised
-
-    def law(model) -> dict[tuple, float]:  # each row carries a quarter of the mass
-        return {
-            (row, *pair): p / 4
-            for row, prompt in enumerate(SMALL_PROMPTS)
-            for pair, p in exact_pair_law(model, prompt).items()
-        }
-
-    assert chi_square_p(counts, law(verifier_model), 4 * batches) > 1e-3
-    # control: the same samples against the draft's law fail, so the test has power
-    assert chi_square_p(counts, law(draft_a), 4 * batches) < 1e-6
+    settings = DecodeSettings(max_new_tokens=5, do_sample=True, eos_token_ids=frozenset({STOP}))
+    check_speculative_law(small_models, drafters, AdaptiveK(2, 4), settings, max_len=32, batches=300)
 
 
 def test_a_sampled_row_does_not_depend_on_its_batch_mates(small_models):

@@ -26,6 +26,7 @@ from specbench.engine.fusion import fuse_projections
 from specbench.engine.scoring import output_log_likelihood
 from specbench.engine.tree import build_tree, walk_greedy
 from specbench.testing import GPTJ_SPARE_ROWS, make_model, one_torch_thread
+from tests.fake_time import install
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
@@ -290,15 +291,30 @@ def test_parallel_drafting_gives_the_same_output(verifiers, drafts):
     assert sampled[0] == sampled[1]  # each drafter has its own seeded generator: threads change nothing
 
 
-def test_step_costs_by_batch_size(verifiers, drafts):
-    verifier = CachedModel(verifiers["llama"], VOCAB, max_len=64)
-    members = [drafter(drafts["gpt2"]), PromptLookupDrafter("lookup")]
+RUN_FACTORS = (16, 1, 4, 2)  # a shape's first run (the warm-up) is slow; the median of the next three is 2
+
+
+def test_step_costs_by_batch_size(verifiers, drafts, monkeypatch):
+    """Under fake time, a pass of b rows x n tokens costs b n / 8 s (the draft's b n / 16 s) times RUN_FACTORS for
+    the shape's successive runs: each cost must be exactly twice that, the median of the timed runs alone."""
+    fake = install(monkeypatch)
+    runs: dict[tuple, int] = {}
+
+    def pass_s(name: str, seconds_per_token: float):
+        def seconds(input_ids: torch.Tensor) -> float:
+            shape = (name, *input_ids.shape)
+            runs[shape] = runs.get(shape, 0) + 1
+            return seconds_per_token * input_ids.numel() * RUN_FACTORS[(runs[shape] - 1) % len(RUN_FACTORS)]
+
+        return seconds
+
+    verifier = fake.time_passes(CachedModel(verifiers["llama"], VOCAB, max_len=64), pass_s("verifier", 1 / 8), "v")
+    draft = fake.time_passes(CachedModel(drafts["gpt2"], VOCAB), pass_s("draft", 1 / 16), "draft")
+    members = [ModelDrafter("draft", draft), PromptLookupDrafter("lookup")]
     shapes = {1: (1, 2, 3), 2: (1, 3), 4: (1, 3)}
-    costs = measure_step_costs(verifier, members, [PROMPT], SETTINGS, shapes, repeats=1)
-    assert set(costs.verify_s) == set(costs.draft_s) == {1, 2, 4}
-    assert {size: tuple(curve) for size, curve in costs.verify_s.items()} == shapes
-    assert all(min(curve.values()) > 0 for curve in costs.verify_s.values())
-    assert all(set(steps) == {"draft", "lookup"} for steps in costs.draft_s.values())
+    costs = measure_step_costs(verifier, members, [PROMPT], SETTINGS, shapes, repeats=3)
+    assert costs.verify_s == {size: {n: 2 * size * n / 8 for n in counts} for size, counts in shapes.items()}
+    assert costs.draft_s == {size: {"draft": 2 * size / 16, "lookup": 0.0} for size in shapes}  # one token per row
     assert verifier.lengths == [0]  # left reset for whatever runs next
     # a budget the first batch size already spends stops the grid there
     slow = measure_step_costs(verifier, members, [PROMPT], SETTINGS, shapes, repeats=1, budget_s=1e-9)

@@ -1,0 +1,395 @@
+"""GPU benchmark under live request load: continuous batching at GPT-J-6B sizes, one call of a GPU machine.
+
+    python benchmarks/gpu_load.py --out DIR                      # every section, on a GPU
+    python benchmarks/gpu_load.py --out DIR --sections checks sampled_step
+    python benchmarks/gpu_load.py --out DIR --quick              # tiny models on the CPU: a dry run
+
+GPT-J-6B (bfloat16, random weights, its head scaled so that greedy choices are not bfloat16 near-ties)
+verifies under CUDA graphs, with slot buckets 1, 2, 4, ... up to --max-batch rows. A random-weight draft
+is never accepted, so the draft is the oracle (`specbench.engine.oracle`): the verifier's own greedy
+continuation with per-token probability alpha, at the real cost of distilgpt2's forward passes. Every
+clock reading waits for the GPU. Sections (results are written after each one):
+
+- checks: tiny float32 models on the GPU, CUDA graphs and bucketed slots: every request served under
+  continuous batching (joins, leaves, a queue) equals its lone eager decode, baseline and speculative.
+- sampled_step: the sampled acceptance of one batch-64 verify step (GPT-J shapes: 5 nodes a row, its
+  vocabulary), the previous walk (one host read per candidate) against the batched one (one read), and one
+  whole sampled speculative step at 64 rows.
+- load: for each alpha and k, the crossover search over request rates (both modes on the same Poisson
+  trace at each rate), with the load model's predicted crossover, and the most requests/s each mode
+  serves with p99 TPOT within twice the batch-1 step.
+- saturation: every request at once (the batch full): the load-mode baseline's output tokens/s against
+  a static batch of the same rows; host time per scheduler step at 64 rows against the captured step's
+  device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import statistics
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from gpu import architectures, build, device_step_ms
+from repeats import spread
+
+from specbench.config import ArrivalKind, CrossoverMetric, SloConfig
+from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter, decode_baseline
+from specbench.engine.continuous import serve, slot_buckets
+from specbench.engine.costs import measure_step_costs
+from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
+from specbench.engine.oracle import OracleDrafter
+from specbench.engine.results import EngineRequest
+from specbench.engine.sampling import TokenChooser, accepts, residual_distribution
+from specbench.engine.timing import Clock, Stopwatch
+from specbench.engine.tree import build_tree, walk_sampling_batch
+from specbench.load.crossover import crossover_metrics, find_crossover, probe_from_metrics
+from specbench.load.metrics import load_metrics
+from specbench.load.model import predicted_crossover_rate
+from specbench.load.trace import arrival_times
+from specbench.speedup_model import iid_acceptance
+from specbench.testing import make_model
+
+TOKENIZER_VOCAB = 50257
+HEAD_SCALE = 16.0  # random heads give near-flat logits, whose argmax bfloat16 rounding flips: sharpen them
+
+
+class StepClock:
+    """One unit per reading (the checks: joins at fixed steps, whatever the machine's speed)."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def now(self) -> float:
+        self.time += 1.0
+        return self.time
+
+    def wait_until(self, seconds: float) -> None:
+        self.time = max(self.time, seconds)
+
+
+def section_checks(args: argparse.Namespace, device: torch.device) -> dict:
+    """Continuous batching under CUDA graphs (bucketed slots) against lone eager decodes, float32."""
+    vocab, results = 300, {}
+    if device.type == "cuda":  # torch 2.11's cuBLASLt failed to capture a float32 matmul with a bias epilogue
+        torch.backends.cuda.preferred_blas_library("cublas")
+    prompts = [[5, 17, 42, 99, 7, 5, 17, 42, 120, 33, 8], [9, 4], [3, 1, 4, 1, 5, 9, 2, 6] * 6, [61, 5, 17]]
+    trace = [(0, 0, 20), (0, 1, 30), (2, 2, 12), (3, 3, 25), (4, 0, 1), (5, 1, 16), (40, 2, 9)]
+    requests = [EngineRequest(i, float(at), prompts[p], limit, seed=i) for i, (at, p, limit) in enumerate(trace)]
+    draft = make_model("gpt2", vocab, seed=2, layers=1).to(device)
+    graphs = device.type == "cuda"
+    for arch in ("gpt2", "gptj", "llama"):
+        model = make_model(arch, vocab, seed=1, layers=3).to(device)
+        eager = CachedModel(model, vocab)
+        alone = [
+            decode_baseline(eager, [r.prompt_ids], DecodeSettings(r.max_new_tokens), [r.seed]).rows[0].tokens
+            for r in requests
+        ]
+        for mode, drafter_model in (("baseline", None), ("self_draft", model), ("random_draft", draft)):
+
+            def cached(weights, sizes):
+                return CachedModel(weights, vocab, 160 if graphs else None, sizes if graphs else ())
+
+            verifier = cached(model, range(1, 6))
+            drafters = [ModelDrafter("draft", cached(drafter_model, (1, 2)))] if drafter_model is not None else []
+            for member in [verifier, *(d.model for d in drafters)]:
+                member.capture_graphs(slot_buckets(3))
+            settings, watch = DecodeSettings(30), Stopwatch(verifier.devices)
+            if drafters:
+                decoder = SpeculativeDecoder(verifier, drafters, settings, ConstantK(4), watch)
+            else:
+                decoder = BaselineDecoder(verifier, settings, watch, read_ahead=False)
+            names = [d.name for d in drafters]
+
+            def make_row(request, settings=settings, names=names):
+                return new_row(request.prompt_ids, request.seed, settings, names, 4, 4, request.max_new_tokens)
+
+            served = serve(decoder, requests, make_row, 3, graphs, StepClock())
+            results[f"{arch}/{mode}"] = [record.tokens for record in served.requests] == alone
+    results["all_equal"] = all(results.values())
+    if device.type == "cuda":
+        torch.backends.cuda.preferred_blas_library("default")
+    return results
+
+
+def sequential_walk(tree, verifier_probs, draft_probs, chooser: TokenChooser) -> tuple[list[int], int]:
+    """The previous acceptance walk (until 2026-12-02), for the A/B only: one host read per candidate."""
+    path, node = [], 0
+    while True:
+        residual, depth, accepted_child = verifier_probs[node], tree.depths[node], None
+        for draft, branch in enumerate(tree.branches):
+            if not (len(branch) > depth and (depth == 0 or branch[depth - 1] == node)):
+                continue
+            child = branch[depth]
+            token, q_row = tree.tokens[child], draft_probs[draft][depth]
+            uniform = torch.rand((), generator=chooser.generator(residual.device), device=residual.device)
+            if bool(accepts(residual[token], q_row[token], uniform)):
+                accepted_child = child
+                break
+            residual = residual_distribution(residual, q_row)
+        if accepted_child is None:
+            return path, int(chooser.sample(residual[None])[0])
+        path.append(accepted_child)
+        node = accepted_child
+
+
+def section_sampled_step(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
+    """The sampled acceptance of one batch-64 verify step, before (per-candidate reads) and after (one read)."""
+    rows, k, vocab = 64, 4, TOKENIZER_VOCAB
+    settings = DecodeSettings(max_new_tokens=64, do_sample=True, temperature=1.0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    verifier_probs = torch.softmax(torch.randn(rows, k + 1, vocab, device=device, generator=generator) * 3, -1)
+    draft_probs = [[torch.softmax(torch.randn(k, vocab, device=device, generator=generator) * 3, -1)] for _ in
+                   range(rows)]  # fmt: skip
+    trees = [build_tree(0, [torch.multinomial(q[0], 1).view(-1).tolist()]) for q in draft_probs]
+    clock = Clock(device)
+
+    def time_walk(walk) -> dict:
+        samples = []
+        for _ in range(args.repeats + 1):
+            choosers = [TokenChooser(settings, seed) for seed in range(rows)]
+            start = clock.now()
+            walk(choosers)
+            samples.append(1000 * (clock.now() - start))
+        return spread(samples[1:])
+
+    def before(choosers):
+        return [sequential_walk(t, verifier_probs[r], draft_probs[r], choosers[r]) for r, t in enumerate(trees)]
+
+    def after(choosers):
+        return walk_sampling_batch(trees, verifier_probs, draft_probs, choosers)
+
+    results = {"acceptance_ms_before": time_walk(before), "acceptance_ms_after": time_walk(after)}
+    # one whole sampled speculative step at 64 rows: the mean over a decode's steps
+    verifier, drafter = _verifier(args, models, (1, k + 1)), _cost_drafter(args, models, "draft")
+    for member in (verifier, drafter.model):
+        member.capture_graphs((rows,))
+    prompts = _prompts(args, rows)
+    seeds, schedule = list(range(rows)), ConstantK(k)
+    names = [drafter.name]
+    samples = []
+    for _ in range(args.repeats + 1):
+        decoder = SpeculativeDecoder(verifier, [drafter], settings, schedule, Stopwatch(verifier.devices))
+        rows_state = [new_row(p, s, settings, names, k, k, 32) for p, s in zip(prompts, seeds, strict=True)]
+        decoder.admit(rows_state, list(range(rows)))
+        steps, start = 0, clock.now()
+        while decoder.running:
+            decoder.step()
+            steps += 1
+        samples.append(1000 * (clock.now() - start) / steps)
+    results["sampled_step_ms_64_rows"] = spread(samples[1:])
+    return results
+
+
+def _prompts(args: argparse.Namespace, count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, TOKENIZER_VOCAB, (count, args.prompt_len), generator=generator).tolist()
+
+
+def _verifier(args: argparse.Namespace, models: dict, sizes) -> CachedModel:
+    graphs = args.device.type == "cuda"
+    max_len = args.prompt_len + args.new_tokens + 2 * max(args.ks) + 24
+    return CachedModel(models["gpt_j_6b"], TOKENIZER_VOCAB, max_len if graphs else None, sizes if graphs else ())
+
+
+def _cost_drafter(args: argparse.Namespace, models: dict, name: str) -> ModelDrafter:
+    graphs = args.device.type == "cuda"
+    max_len = args.prompt_len + args.new_tokens + 2 * max(args.ks) + 24
+    model = CachedModel(models["distilgpt2"], TOKENIZER_VOCAB, max_len if graphs else None, (1, 2) if graphs else ())
+    return ModelDrafter(name, model)
+
+
+def _requests(args: argparse.Namespace, rate: float, prompts: list[list[int]]) -> list[EngineRequest]:
+    """A Poisson trace at `rate`: enough requests to last about --trace-seconds, within [--min, --max] requests."""
+    count = int(min(args.max_requests, max(args.min_requests, rate * args.trace_seconds)))
+    times = arrival_times(ArrivalKind.poisson, rate, count, seed=0)
+    return [
+        EngineRequest(i, float(at), prompts[i % len(prompts)], args.new_tokens, seed=i) for i, at in enumerate(times)
+    ]
+
+
+def section_load(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
+    """The crossover search per (alpha, k), with the model's prediction and each mode's max rate under the SLO."""
+    buckets = slot_buckets(args.max_batch)
+    verifier = _verifier(args, models, range(1, max(args.ks) + 2))
+    cost = _cost_drafter(args, models, "oracle")
+    for member in (verifier, cost.model):
+        member.capture_graphs(buckets, args.prompt_len)
+    prompts = _prompts(args, args.distinct_prompts)
+    settings = DecodeSettings(max_new_tokens=args.new_tokens)
+    references = {}
+    for start in range(0, len(prompts), args.max_batch):  # the verifier's own continuations, untimed
+        chunk = prompts[start : start + args.max_batch]
+        for prompt, row in zip(chunk, decode_baseline(verifier, chunk, settings, [0] * len(chunk)).rows, strict=True):
+            references[tuple(prompt)] = row.tokens
+    shapes = {size: sorted({1, *(k + 1 for k in args.ks)}) for size in buckets}
+    costs = measure_step_costs(verifier, [cost], prompts, settings, shapes, repeats=args.repeats)
+    batch_one_step_ms = 1000 * costs.verify_s[1][1]
+    slo = SloConfig(tpot_ms=2 * batch_one_step_ms, attainment=0.99)
+    results: dict = {"verify_ms": {b: {n: 1000 * s for n, s in c.items()} for b, c in costs.verify_s.items()},
+                     "draft_ms": {b: 1000 * sum(c.values()) for b, c in costs.draft_s.items()},
+                     "slo_tpot_ms": slo.tpot_ms}  # fmt: skip
+    for alpha in args.alphas:
+        for k in args.ks:
+            oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
+            oracle.set_references(references)
+            probes, measured = [], {}
+
+            def probe(rate: float, oracle=oracle, k=k, alpha=alpha, measured=measured):
+                requests = _requests(args, rate, prompts)
+                served = {}
+                for mode in ("baseline", "spec"):
+                    served[mode] = _serve(verifier, [oracle] if mode == "spec" else [], requests, k, args.max_batch)
+                metrics = load_metrics(served, slo)
+                steps = [a for r in served["spec"].results for o, a in
+                         zip(r.offered_per_step, r.accepted_per_step, strict=True) if o == k]  # fmt: skip
+                metrics["alpha_iid"] = iid_acceptance(statistics.mean(steps), k) if steps else float("nan")
+                metrics["requests"] = len(requests)
+                metrics["off_path_steps"] = oracle.off_path_steps
+                metrics["disagreements"] = sum(
+                    a.tokens != b.tokens for a, b in zip(served["baseline"].requests, served["spec"].requests,
+                                                         strict=True))  # fmt: skip
+                oracle.off_path_steps = 0
+                measured[rate] = {key: value for key, value in metrics.items() if not key.startswith("itl")}
+                print(f"[load alpha={alpha} k={k}] rate {rate:.3g}: tpot_p99_ratio {metrics.get('tpot_p99_ratio')}"
+                      f" occupancy {metrics.get('occupancy_mean_spec'):.1f}", flush=True)  # fmt: skip
+                return probe_from_metrics(rate, metrics, CrossoverMetric.tpot_p99)
+
+            crossover = find_crossover(probe, CrossoverMetric.tpot_p99, args.rate_min, args.rate_max, args.probes)
+            probes = crossover.probes
+            fitted = [m["alpha_iid"] for m in measured.values() if math.isfinite(m["alpha_iid"])]
+            prefill_s = measured[min(measured)]["ttft_ms_p50_baseline"] / 1000  # the idlest probe: its prefill
+            predicted = predicted_crossover_rate(
+                costs, statistics.median(fitted), k, args.new_tokens, prefill_s, args.max_batch, args.rate_min,
+                args.rate_max,
+            ) if fitted else None  # fmt: skip
+            results[f"alpha{alpha}_k{k}"] = {
+                "crossover": crossover_metrics(crossover, slo.attainment),
+                "message": crossover.message,
+                "predicted_crossover_rate": predicted,
+                "alpha_fitted": fitted,
+                "probes": {f"{p.rate:.4g}": measured[p.rate] for p in probes},
+            }
+            print(f"[load alpha={alpha} k={k}] {crossover.message} predicted {predicted}", flush=True)
+    return results
+
+
+def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int, max_batch: int):
+    settings = DecodeSettings(max_new_tokens=max(r.max_new_tokens for r in requests))
+    watch = Stopwatch(verifier.devices)
+    if drafters:
+        decoder = SpeculativeDecoder(verifier, drafters, settings, ConstantK(k), watch)
+    else:
+        decoder = BaselineDecoder(verifier, settings, watch, read_ahead=False)
+    names = [d.name for d in drafters]
+
+    def make_row(request: EngineRequest):
+        return new_row(request.prompt_ids, request.seed, settings, names, k, k, request.max_new_tokens)
+
+    return serve(decoder, requests, make_row, max_batch, bool(verifier.graph_sizes))
+
+
+def section_saturation(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
+    """A full batch from the start: load-mode baseline tokens/s against a static batch of the same requests, and
+    the host time of a 64-row scheduler step against its captured step's device time."""
+    results = {}
+    verifier = _verifier(args, models, (1,))
+    verifier.capture_graphs(slot_buckets(args.max_batch), args.prompt_len)
+    settings = DecodeSettings(max_new_tokens=args.new_tokens)
+    for rows in sorted({min(64, args.max_batch), args.max_batch}):
+        prompts = _prompts(args, rows)
+        requests = [EngineRequest(i, 0.0, p, args.new_tokens, seed=i) for i, p in enumerate(prompts)]
+        load, static, steps_ms = [], [], []
+        for _ in range(args.repeats + 1):
+            served = _serve(verifier, [], requests, 1, args.max_batch)
+            load.append(sum(r.num_tokens for r in served.requests) / served.wall_s)
+            times = [step.time_s for step in served.steps if step.rows == rows]
+            steps_ms.append(1000 * statistics.median(b - a for a, b in itertools.pairwise(times)))
+            batch = decode_baseline(verifier, prompts, settings, list(range(rows)))
+            static.append(sum(len(r.tokens) for r in batch.rows) / batch.wall_s)
+        device_ms = device_step_ms(verifier, rows, args.prompt_len + args.new_tokens // 2) if device.type == "cuda" \
+            else {}  # fmt: skip
+        device_median = statistics.median(device_ms.values()) if device_ms else float("nan")
+        scheduler = spread(steps_ms[1:])
+        results[f"rows{rows}"] = {
+            "load_baseline_tokens_per_s": spread(load[1:]),
+            "static_baseline_tokens_per_s": spread(static[1:]),
+            "load_over_static": statistics.median(load[1:]) / statistics.median(static[1:]),
+            "scheduler_step_ms": scheduler,
+            "device_step_ms_by_width": device_ms,
+            "host_share_of_step": (scheduler["median"] - device_median) / device_median if device_ms else None,
+        }
+        print(f"[saturation rows={rows}] {json.dumps(results[f'rows{rows}'], default=str)[:600]}", flush=True)
+    return results
+
+
+SECTIONS = ("checks", "sampled_step", "load", "saturation")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="tiny models on the CPU: a dry run of the script")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.6, 0.8])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--max-batch", type=int, default=128)
+    parser.add_argument("--rate-min", type=float, default=4.0)
+    parser.add_argument("--rate-max", type=float, default=1024.0)
+    parser.add_argument("--probes", type=int, default=5)
+    parser.add_argument("--trace-seconds", type=float, default=4.0, help="each probe's trace lasts about this long")
+    parser.add_argument("--min-requests", type=int, default=24)
+    parser.add_argument("--max-requests", type=int, default=384)
+    parser.add_argument("--distinct-prompts", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.quick:
+        args.prompt_len, args.new_tokens, args.max_batch, args.probes, args.repeats = 12, 10, 4, 3, 1
+        args.alphas, args.ks, args.rate_min, args.rate_max = [0.8], [2], 2.0, 200.0
+        args.min_requests, args.max_requests, args.distinct_prompts, args.trace_seconds = 6, 12, 4, 1.0
+    args.device = torch.device("cpu" if args.quick else "cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {key: str(value) for key, value in vars(args).items() if key != "out"},
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",
+        "head_scale": HEAD_SCALE,
+    }
+    start = time.perf_counter()
+    models = {}
+    if set(args.sections) - {"checks"}:
+        dtype = torch.float32 if args.quick else torch.bfloat16
+        models = {name: build(cls, cfg, args.device, dtype) for name, (cls, cfg) in architectures(args.quick).items()}
+        with torch.no_grad():
+            models["gpt_j_6b"].lm_head.weight.mul_(HEAD_SCALE)
+    report["build_s"] = time.perf_counter() - start
+    for name in args.sections:
+        begin = time.perf_counter()
+        try:
+            section = {"checks": section_checks, "sampled_step": section_sampled_step, "load": section_load,
+                       "saturation": section_saturation}[name]  # fmt: skip
+            report[name] = section(args, args.device) if name == "checks" else section(args, args.device, models)
+        except Exception as error:  # one failing section must not lose the others
+            report[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+        report[name + "_s"] = time.perf_counter() - begin
+        (args.out / "gpu_load.json").write_text(json.dumps(report, indent=2, default=str))
+        print(
+            f"[{name}] done in {report[name + '_s']:.0f} s: {json.dumps(report[name], default=str)[:1200]}", flush=True
+        )
+
+
+if __name__ == "__main__":
+    main()
