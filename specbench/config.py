@@ -87,6 +87,7 @@ class Backend(Enum):
     specbench = "specbench"
     transformers = "transformers"  # generate(assistant_model=...) or prompt lookup at a fixed k (hf_backend.py)
     llamacpp = "llamacpp"  # our engine's algorithm on llama.cpp, running the GGUF files as stored (specbench/llamacpp)
+    server = "server"  # an OpenAI-compatible server per mode (vLLM, SGLang, llama.cpp): the `server` settings
 
 
 class ChatTemplate(Enum):
@@ -259,6 +260,34 @@ class SloConfig:
 
 
 @dataclass
+class ServerConfig:
+    """engine.backend=server: the trace is sent to an OpenAI-compatible server per mode, one without speculation
+    (baseline) and one with it (spec), each already running at its URL or started by specbench from a command.
+
+    A URL is the server's OpenAI base URL (`http://host:8000/v1`; `/v1` is added when missing). A command is run by
+    the shell in its own process group, `{port}` in it filled with a free port (the URL is then
+    http://127.0.0.1:PORT/v1); without `{port}`, the mode's URL says where it listens. Sampling comes from
+    `generation`; generation.stop_at_eos=false sends ignore_eos.
+    """
+
+    model: str | None = None  # the model name the server serves; None: the first one its /v1/models lists
+    baseline_url: str | None = None
+    spec_url: str | None = None
+    baseline_cmd: str | None = None
+    spec_cmd: str | None = None
+    chat: bool = False  # /v1/chat/completions (the prompt as one user message) instead of /v1/completions
+    max_concurrency: int | None = None  # requests in flight at most; later arrivals wait (None: no limit)
+    timeout_s: float = 600.0  # a request not finished this long after it was sent fails
+    start_timeout_s: float = 600.0  # a started server must answer its health check within this
+    # the environment variable holding the API key sent as a bearer token (the key itself stays out of the
+    # logged config); unset or empty: no key is sent
+    api_key_env: str = "OPENAI_API_KEY"
+    # send every request at time 0 (a fixed batch, not an arrival trace): load.num_requests requests under
+    # mode=load, the dataset's prompts once each under mode=batch
+    fixed_batch: bool = False
+
+
+@dataclass
 class OracleConfig:
     """`draft=oracle`: a synthetic draft of chosen acceptance, for models no trained draft reaches (greedy only)."""
 
@@ -281,6 +310,7 @@ class SpecBenchConfig:
     mode: BenchmarkMode = BenchmarkMode.batch
     load: LoadConfig = field(default_factory=LoadConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
     k: int = 4
     batch_size: int = 1  # prompts decoded together, consecutive in dataset order (the last batch may be smaller)

@@ -32,3 +32,7 @@ class TrackingError(UserError, RuntimeError):
 
 class GpuMemoryError(UserError, RuntimeError):
     """The GPU ran out of memory."""
+
+
+class ServerError(UserError, RuntimeError):
+    """A server (engine.backend=server) that does not answer, exits, or never becomes healthy."""

@@ -12,6 +12,7 @@ import importlib.util
 import math
 from pathlib import Path
 from string import Formatter
+from urllib.parse import urlsplit
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -133,6 +134,8 @@ def validate(cfg: SpecBenchConfig) -> None:
         validate_transformers_backend(cfg)
     if cfg.engine.backend is Backend.llamacpp:
         validate_llamacpp_backend(cfg)
+    if cfg.engine.backend is Backend.server:
+        validate_server_backend(cfg)
     _validate_dataset(cfg.dataset)
     if cfg.mode is BenchmarkMode.load:
         validate_load(cfg)
@@ -152,9 +155,9 @@ def validate_load(cfg: SpecBenchConfig) -> None:
     """mode=load: the arrival settings, the trace file, the crossover search's bounds and the SLOs."""
     load = cfg.load
     _check(
-        cfg.engine.backend is Backend.specbench,
+        cfg.engine.backend in (Backend.specbench, Backend.server),  # a server batches requests itself
         f"mode=load needs an engine that lets requests join and leave a running batch, which "
-        f"engine.backend={cfg.engine.backend.value} cannot: use engine.backend=specbench.",
+        f"engine.backend={cfg.engine.backend.value} cannot: use engine.backend=specbench (or server).",
     )
 
     def positive(key: str, value: float, example: str) -> None:
@@ -347,6 +350,80 @@ def _validate_local_gguf(key: str, model: ModelConfig, models_dir: str | None) -
         llamacpp.is_gguf(path),
         f"{path} is not a GGUF file (it does not start with GGUF's magic bytes): point {key}.gguf_file at a "
         ".gguf model.",
+    )
+
+
+def validate_server_backend(cfg: SpecBenchConfig) -> None:
+    """engine.backend=server: each mode's server is a well-formed URL or a command that says where it listens, the
+    client's limits are positive, and the run is an arrival trace (mode=load) or a fixed batch sent at once."""
+    server = cfg.server
+    _check(
+        cfg.mode is BenchmarkMode.load or server.fixed_batch,
+        "engine.backend=server sends requests to a server over time, which is mode=load: add mode=load, or "
+        "server.fixed_batch=true to send the dataset's prompts all at time 0 (a fixed batch).",
+    )
+    if server.fixed_batch:
+        _check(
+            not cfg.load.find_crossover,
+            "server.fixed_batch=true sends every request at time 0, so there is no request rate to search: "
+            "drop load.find_crossover=true or server.fixed_batch=true.",
+        )
+        _check(
+            cfg.mode is BenchmarkMode.batch or cfg.load.arrival is not ArrivalKind.trace,
+            "server.fixed_batch=true sends every request at time 0, but load.arrival=trace takes the arrival times "
+            "from load.trace_path: drop one of them.",
+        )
+    given = {mode: (getattr(server, f"{mode}_url"), getattr(server, f"{mode}_cmd")) for mode in ("baseline", "spec")}
+    _check(
+        any(url or command for url, command in given.values()),
+        "engine.backend=server needs a server per mode: set server.baseline_url and server.spec_url (servers "
+        "already running), or server.baseline_cmd and server.spec_cmd (commands specbench starts, with {port}).",
+    )
+    for mode, (url, command) in given.items():
+        other = "spec" if mode == "baseline" else "baseline"
+        _check(
+            bool(url or command),
+            f"server.{mode}_url and server.{mode}_cmd are both unset while the {other} mode has its server: "
+            f"give the {mode} server's URL (server.{mode}_url=http://HOST:PORT/v1) or the command that starts it "
+            f"(server.{mode}_cmd=...).",
+        )
+        if url:
+            _check_url(f"server.{mode}_url", url)
+        if command:
+            _check(
+                "{port}" in command or bool(url),
+                f"server.{mode}_cmd has no {{port}} and server.{mode}_url is unset, so specbench cannot tell where "
+                f"the server listens: put --port {{port}} in the command, or set server.{mode}_url.",
+            )
+            _check(
+                "{port}" not in command or not url,
+                f"server.{mode}_cmd has {{port}}, which makes the server listen on http://127.0.0.1:PORT/v1, and "
+                f"server.{mode}_url says otherwise: drop one of them.",
+            )
+    _check(
+        server.max_concurrency is None or server.max_concurrency >= 1,
+        f"server.max_concurrency={server.max_concurrency} is invalid: allow 1 or more requests in flight, or "
+        "leave it unset for no limit.",
+    )
+    for key in ("timeout_s", "start_timeout_s"):
+        value = getattr(server, key)
+        _check(
+            math.isfinite(value) and value > 0,
+            f"server.{key}={value} is invalid: give a positive number of seconds (e.g. server.{key}=600).",
+        )
+
+
+def _check_url(key: str, url: str) -> None:
+    """An http(s) URL with a host and, if any, a valid port."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+        parts = None
+    _check(
+        parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok,
+        f"{key}={url} is not a server URL: write it as http://HOST:PORT/v1 (the server's OpenAI base URL).",
     )
 
 

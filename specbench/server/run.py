@@ -1,0 +1,69 @@
+"""One load run against servers, without Hydra or MLflow: the sibling of `load.pipeline.run_load` for
+engine.backend=server.
+
+    result, artifacts = run_server_load(cfg, records, rate, out_dir, tokenizer)
+
+No model is loaded: the prompts are the dataset's records filled into `dataset.template`
+(as text: the server tokenizes, and with server.chat=true applies its own chat template),
+the trace is built once (`mode.server_trace`) and served by each mode's server in turn,
+`repeats` times with the order of the modes alternating, as for our engine. The figures
+are the load metrics of the pooled repeats (`load.metrics.load_metrics`), the servers'
+own (`mode.server_figures`), and at temperature 0 the agreement of the two modes'
+texts. `artifacts` are each mode's responses and server logs, under `out_dir/repeat<i>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from specbench.config import ChatTemplate, SpecBenchConfig
+from specbench.data import PromptBuilder, Record
+from specbench.engine.results import ServeResult
+from specbench.load.metrics import load_metrics
+from specbench.load.pipeline import LoadResult
+from specbench.load.trace import MODES
+from specbench.server.mode import ModeOutcome, serve_on_server, server_figures, server_trace, text_disagreement
+
+
+def prompt_texts(cfg: SpecBenchConfig, records: list[Record]) -> list[str]:
+    """Each record filled into dataset.template, as the text a server gets (not cut: a server refuses a prompt
+    longer than its context, and that request fails with the server's reason)."""
+    builder = PromptBuilder(None, cfg.dataset.template, ChatTemplate.off, max_tokens=0)  # formatting needs no tokenizer
+    return [builder.format(record, record.abstract()) for record in records]
+
+
+def server_title(cfg: SpecBenchConfig, rate: float | None) -> str:
+    """A server load run's name in figures and logs."""
+    load = "a fixed batch" if cfg.server.fixed_batch else f"{rate:g} requests/s" if rate is not None else "trace file"
+    model = cfg.server.model or "the served model"
+    return f"{model} on its servers (engine.backend=server), {load}"
+
+
+def run_server_load(
+    cfg: SpecBenchConfig, records: list[Record], rate: float | None, out_dir: Path, tokenizer: Any = None
+) -> tuple[LoadResult, list[Path]]:
+    """Serve the trace at `rate` (None: load.trace_path's, or a fixed batch) on both modes' servers `repeats` times,
+    and measure; the result and its artifacts. Raises ServerError when a server does not answer, exits or never
+    becomes ready."""
+    cfg = cfg if rate is None else replace(cfg, load=replace(cfg.load, rate=rate))
+    trace = server_trace(cfg, [record.pubid for record in records])
+    texts = prompt_texts(cfg, records)
+    outcomes: dict[str, list[ModeOutcome]] = {mode: [] for mode in MODES}
+    for repeat in range(cfg.repeats):
+        for mode in MODES if repeat % 2 == 0 else reversed(MODES):
+            outcome = serve_on_server(cfg, trace, texts, mode, out_dir / f"repeat{repeat}", tokenizer)
+            outcomes[mode].append(outcome)
+    served = {mode: [outcome.result for outcome in results] for mode, results in outcomes.items()}
+    result = LoadResult(server_title(cfg, rate), rate, trace, served, {})
+    figures, result.notes = server_figures(outcomes)
+    result.metrics = load_metrics(result.pooled(), cfg.slo, cfg.seed) | figures
+    result.metrics |= {"num_requests": len(trace), "repeats": cfg.repeats}
+    if rate is not None and not cfg.server.fixed_batch:
+        result.metrics["request_rate"] = rate
+    if not cfg.generation.do_sample:
+        first: dict[str, ServeResult] = {mode: results[0] for mode, results in served.items()}
+        result.metrics |= text_disagreement(first)
+    artifacts = [path for results in outcomes.values() for outcome in results for path in outcome.artifacts]
+    return result, artifacts
