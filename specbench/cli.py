@@ -194,12 +194,15 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
         tracking.log_dataset(typed.dataset, records)
         typed.device = device
         try:
-            setup = prepare(typed, records, MODEL_CACHE)
-            tracking.log_setup(setup)
-            if typed.mode is BenchmarkMode.load:
+            served_elsewhere = typed.engine.backend is Backend.server  # the servers hold the models
+            setup = None if served_elsewhere else prepare(typed, records, MODEL_CACHE)
+            if setup is not None:
+                tracking.log_setup(setup)
+            if typed.mode is BenchmarkMode.load or served_elsewhere:
                 params = tracking.flatten(resolved)
-                title, metrics, conclusion = run_load_job(typed, setup, experiment_id, run_id, _run_name(cfg), params,
-                                                          tags)  # fmt: skip
+                title, metrics, conclusion = run_load_job(
+                    typed, setup, records, experiment_id, run_id, _run_name(cfg), params, tags
+                )
             else:
                 llamacpp_run = typed.engine.backend is Backend.llamacpp
                 with llamacpp.torch_on_one_thread() if llamacpp_run else contextlib.nullcontext():
@@ -212,7 +215,7 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
                 "dtype=bfloat16, a smaller model or draft set, or a lower generation.max_new_tokens."
             ) from error
     links = console.where_to_look(typed.tracking.uri, experiment_id, run_id)
-    if typed.mode is BenchmarkMode.load:
+    if typed.mode is BenchmarkMode.load or typed.engine.backend is Backend.server:
         print(console.load_summary(title, metrics, links, conclusion), flush=True)
     else:
         print(console.run_summary(result.title, result.metrics, links), flush=True)

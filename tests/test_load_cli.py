@@ -4,6 +4,8 @@ probe runs, the oracle draft, k_schedule=load, and the bad inputs that belong to
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import mlflow
@@ -114,3 +116,27 @@ def test_bad_load_input_is_one_sentence(models_dir, pubmedqa_file, tmp_path, mon
     code, _out, err = run_cli([*override, *common_args(models_dir, pubmedqa_file, tmp_path)], monkeypatch, capsys)
     assert code == 1 and message in err and "Traceback" not in err
     assert err.strip().count("\n") == 0  # one line
+
+
+def test_the_server_backend_runs_the_same_load_job_through_the_cli(
+    models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys
+):
+    """engine.backend=server, two scripted servers started from commands: the crossover search's probes are nested
+    runs with the load figures and each server's log, and no model is loaded."""
+    scripted = f"{shlex.quote(sys.executable)} -m specbench.server.scripted --port {{port}}"
+    servers = [f"server.baseline_cmd='{scripted}'", f"server.spec_cmd='{scripted} --spec-k 4'"]
+    search = ["load.find_crossover=true", "load.rate_min=5", "load.rate_max=50", "load.max_probes=2"]
+    args = ["mode=load", "engine.backend=server", *servers, *search, "load.num_requests=6", "warmup_prompts=0",
+            *common_args(models_dir, pubmedqa_file, tmp_path)]  # fmt: skip
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    runs = finished_runs(tmp_path)
+    (parent,) = [run for run in runs if "crossover_probes" in run.data.metrics]
+    probes = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(probes) == 2 and all(run.info.status == "FINISHED" for run in probes)
+    for run in probes:
+        assert run.data.metrics["failed_requests_spec"] == 0 and "tpot_ms_p99_spec" in run.data.metrics
+        logs = {item.path for item in MlflowClient().list_artifacts(run.info.run_id, "servers")}
+        assert any(path.endswith("server_spec.log") for path in logs)
+    assert "model.verifier" not in parent.data.tags  # the servers hold the models: none was loaded here
+    assert parent.data.tags["crossover"] in out

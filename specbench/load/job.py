@@ -19,11 +19,13 @@ from mlflow.entities import Metric
 
 from specbench import console, tracking
 from specbench.config import ArrivalKind, SpecBenchConfig
+from specbench.data import Record
 from specbench.load.crossover import crossover_metrics, find_crossover, probe_from_metrics
 from specbench.load.metrics import slo_set
 from specbench.load.pipeline import LoadResult, load_costs, load_title, run_load
 from specbench.load.trace import write_requests
 from specbench.runner import RunSetup
+from specbench.server.run import run_server_load
 from specbench.speedup_model import verify_surface_table
 from specbench.summary import summary_markdown
 
@@ -32,7 +34,8 @@ SERIES_BATCH = 1000  # step metrics per MLflow call
 
 def run_load_job(
     cfg: SpecBenchConfig,
-    setup: RunSetup,
+    setup: RunSetup | None,
+    records: list[Record],
     experiment_id: str,
     run_id: str,
     run_name: str,
@@ -40,14 +43,29 @@ def run_load_job(
     tags: dict[str, str],
 ) -> tuple[str, dict[str, float], str | None]:
     """Serve the trace (or search the crossover rate) and log it all to the active run `run_id`; returns the title
-    and metrics the console shows, and the search's conclusion (None without a search)."""
-    costs = load_costs(cfg, setup)
+    and metrics the console shows, and the search's conclusion (None without a search).
+
+    `setup` holds our engine's models; with engine.backend=server it is None and the servers serve the trace.
+    """
+    costs = load_costs(cfg, setup) if setup is not None else None
     if costs is not None:
         tracking.log_table(verify_surface_table(costs), "verify_cost_surface.csv")
+
+    def serve_and_log(rate: float | None) -> LoadResult:
+        if setup is not None:
+            result = run_load(cfg, setup, rate, costs)
+            log_load_result(result)
+            return result
+        with tempfile.TemporaryDirectory() as folder:  # the servers' responses and logs, read as they are logged
+            result, artifacts = run_server_load(cfg, records, rate, Path(folder), tokenizer=None)
+            log_load_result(result)
+            for path in artifacts:
+                mlflow.log_artifact(str(path), "servers")
+        return result
+
     if not cfg.load.find_crossover:
         rate = None if cfg.load.arrival is ArrivalKind.trace else cfg.load.rate
-        result = run_load(cfg, setup, rate, costs)
-        log_load_result(result)
+        result = serve_and_log(rate)
         return result.title, result.metrics, None
 
     predictions = []
@@ -55,8 +73,7 @@ def run_load_job(
     def probe(rate: float):
         with tracking.tracked_run(experiment_id, f"{run_name}-rate{rate:.3g}", tags, run_id, nested=True):
             tracking.log_params(params | {"load.rate": str(rate), "load.find_crossover": "False"})
-            result = run_load(cfg, setup, rate, costs)
-            log_load_result(result)
+            result = serve_and_log(rate)
         print(console.load_probe_line(rate, result.metrics, cfg.load.crossover_metric.value), flush=True)
         if "predicted_crossover_rate" in result.metrics:
             predictions.append(result.metrics["predicted_crossover_rate"])
