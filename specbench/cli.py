@@ -203,5 +203,6 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
                 "dtype=bfloat16, a smaller model or draft set, or a lower generation.max_new_tokens."
             ) from error
     links = console.where_to_look(typed.tracking.uri, experiment_id, run_id)
-    print(console.run_summary(result.title, result.metrics, links), flush=True)
+    summary = console.run_summary(result.title, result.metrics, links, result.notes, result.sampled, result.dtype)
+    print(summary, flush=True)
     return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}

@@ -29,7 +29,7 @@ SAMPLES_PACKAGE = "specbench.samples"
 class Dtype(Enum):
     """Floating-point type of a model's weights and activations."""
 
-    auto = "auto"  # float32 on CPU (exact greedy equality), bfloat16 on GPUs that support it
+    auto = "auto"  # float32 on CPU (greedy equality exact on the tested models), bfloat16 on GPUs that support it
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
@@ -54,6 +54,14 @@ class DatasetKind(Enum):
 
     pubmedqa = "pubmedqa"  # PubMedQA records: question + abstract (hub or file), gold answer in final_decision
     prompts = "prompts"  # any JSONL / JSON / CSV file of prompts, optionally with a category per record
+
+
+class TooLong(Enum):
+    """What a prompt that does not fit the models' context becomes (after a PubMedQA abstract is cut away)."""
+
+    error = "error"  # stop before any model loads, naming the record
+    skip = "skip"  # leave it out; the next record (of its category, with per_category) takes its place
+    truncate = "truncate"  # cut the record's text from its start, keeping its end
 
 
 class Backend(Enum):
@@ -134,6 +142,8 @@ class DatasetConfig:
     categories: list[str] = field(default_factory=list)  # keep only records of these categories
     # the first N records of each category, in file order (start and num_samples then do not apply)
     per_category: int | None = None
+    # a prompt too long for the models' context even without its abstract: error | skip | truncate
+    too_long: TooLong = TooLong.error
 
 
 @dataclass

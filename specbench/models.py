@@ -108,7 +108,7 @@ def gpu_lease(device: str, sharded: bool = False) -> Iterator[str]:
 
 
 def resolve_dtype(dtype: Dtype, device: torch.device) -> str:
-    """`auto` means float32 on CPU (exact greedy equality) and bfloat16 on GPUs that support it."""
+    """`auto` means float32 on CPU (greedy equality exact on the tested models) and bfloat16 on GPUs that support it."""
     if dtype is not Dtype.auto:
         return dtype.value
     if device.type == "cuda":

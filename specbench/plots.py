@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from specbench.catalog import metric
+from specbench.intervals import sample_size
 
 FIGSIZE = (7.0, 4.5)
 DPI = 110
@@ -153,7 +154,8 @@ def _latency(metrics: dict[str, float], title: str) -> Figure:
         MODE_COLORS,
         _per_mode(lambda mode: [_error(metrics, f"{mode}_latency_{q}_s") for q in quantiles]),
     )
-    ax.set(xlabel="percentile over prompts (error bars: 95% bootstrap interval)", ylabel="latency per request (s)")
+    bars = f"95% interval, {sample_size(metrics)}" if sample_size(metrics) else "95% interval"
+    ax.set(xlabel=f"percentile over prompts (error bars: {bars})", ylabel="latency per request (s)")
     return figure
 
 

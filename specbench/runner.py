@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specbench import hf_backend
 from specbench.config import Backend, KScheduleKind, SpecBenchConfig
-from specbench.data import Prompt, PromptBuilder, Record
+from specbench.data import Prompt, PromptBuilder, Record, build_prompts
 from specbench.drafters import build_drafter, needs_model
 from specbench.engine import (
     AdaptiveK,
@@ -74,6 +74,7 @@ class RunSetup:
     batches: list[list[int]]  # prompt indices, `batch_size` consecutive prompts each
     pool: ThreadPoolExecutor | None = None  # drafters propose in parallel threads when set
     models: dict[str, PreTrainedModel] = field(default_factory=dict)  # the loaded models by name, for other backends
+    skipped_too_long: list[Record] = field(default_factory=list)  # left out by dataset.too_long=skip
 
 
 def device_name(device: torch.device) -> str:
@@ -115,8 +116,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             f"generation.max_new_tokens={cfg.generation.max_new_tokens} leaves no room for a prompt in the "
             f"models' context of {context} tokens: lower generation.max_new_tokens."
         )
-    builder = PromptBuilder(tokenizer, cfg.dataset.template, cfg.dataset.chat_template, prompt_budget)
-    prompts = [builder.build(record) for record in records]
+    builder = PromptBuilder(tokenizer, cfg.dataset.template, cfg.dataset.chat_template, prompt_budget, context)
+    prompts, skipped_too_long = build_prompts(builder, records, cfg.dataset)
     if cfg.batch_size > len(prompts):
         log.info(
             "batch_size=%d is more than the %d prompts: they are decoded as one batch", cfg.batch_size, len(prompts)
@@ -173,6 +174,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         batches=batches,
         pool=pool,
         models={name: cache.model(spec) for name, spec in specs.items()},
+        skipped_too_long=skipped_too_long,
     )
 
 
