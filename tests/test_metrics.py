@@ -13,6 +13,7 @@ from scipy.stats import binom, logistic, t
 from specbench import speedup_model
 from specbench.engine import DecodeResult, DrafterStats
 from specbench.engine.costs import StepCosts
+from specbench.intervals import interval, resample_cells
 from specbench.metrics import (
     BatchStats,
     PromptOutcome,
@@ -24,7 +25,6 @@ from specbench.metrics import (
     timing_metrics,
     usd_per_hour,
 )
-from specbench.intervals import interval, resample_cells
 from specbench.speedup_model import (
     expected_maximum,
     iid_acceptance,

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlflow
 import pytest
 
 from specbench.config import SAMPLES_PACKAGE, ChatTemplate, DatasetConfig, DatasetKind, TooLong, package_file
 from specbench.data import PromptBuilder, Record, build_prompts, load_records, read_file, records_table
 from specbench.errors import DataError
+from specbench.pipeline import prompt_set_metrics, prompt_set_notes
 from specbench.prompt_files import read_prompt_file
+from tests.test_cli import common_args, run_cli
 
 SAMPLE = package_file(SAMPLES_PACKAGE, "prompts_sample.jsonl")
 SAMPLE_CATEGORIES = ["qa", "translation", "summarization", "math_reasoning"]
@@ -182,7 +186,7 @@ def test_a_prompt_too_long_for_the_context_names_the_setting_and_its_own_id(toke
     assert "set dataset.too_long=skip" in message and "dataset.too_long=truncate" in message
     assert "max_new_tokens" not in message  # it needs more than the whole context: fewer new tokens cannot help
     within_the_context = PromptBuilder(tokenizer, "{prompt}", ChatTemplate.off, max_tokens=40, context=2000)
-    with pytest.raises(DataError, match="lower generation.max_new_tokens"):
+    with pytest.raises(DataError, match=r"lower generation\.max_new_tokens"):
         build_prompts(within_the_context, records, cfg)
 
 
@@ -208,3 +212,37 @@ def test_truncate_keeps_the_end_of_the_prompt(tokenizer, spec_bench_file):
     assert cut.text.endswith("\nA:") and LONG.endswith(cut.text.removeprefix("Q: ").removesuffix("\nA:"))
     assert len(cut.input_ids) >= 38  # as much of the end as fits (re-encoding a cut text may shift a token)
     assert not kept.cut_from_start and kept.text == "Q: Short question?\nA:"
+
+
+def test_the_prompts_too_long_are_counted_by_category_and_named(tokenizer, spec_bench_file):
+    cfg = prompts(spec_bench_file, num_samples=3, too_long=TooLong.truncate)
+    builder = PromptBuilder(tokenizer, "{prompt}", ChatTemplate.off, max_tokens=40)
+    cut, _ = build_prompts(builder, load_records(cfg), cfg)
+    skipped = [Record("9", LONG, (), category="translation", id_name="question_id")]
+    setup = SimpleNamespace(prompts=cut, skipped_too_long=skipped)
+    assert prompt_set_metrics(setup) == {
+        "prompts_skipped_too_long": 1,
+        "prompts_skipped_too_long_cat_translation": 1,
+        "prompts_truncated": 1,
+        "prompts_truncated_cat_qa": 1,
+    }
+    assert [note.rsplit(": ", 1)[1] for note in prompt_set_notes(setup)] == ["question_id 9.", "question_id 1."]
+
+
+def test_a_run_that_skips_a_prompt_says_which(models_dir, spec_bench_file, tmp_path, monkeypatch, capsys):
+    """Through the CLI: question 1 needs more than the tiny models' 512-token context; question 2 takes its place."""
+    spec_bench_file.write_text(spec_bench_file.read_text().replace(LONG, LONG * 4))
+    args = [arg for arg in common_args(models_dir, spec_bench_file, tmp_path) if not arg.startswith("dataset.num")]
+    args += ["dataset=prompts", "dataset.per_category=1", "dataset.too_long=skip", "cost_curve=false"]
+    args += ["quality.perplexity=false", "quality.embedder=none"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert (
+        "Left out as too long for the models' context (dataset.too_long=skip), the next records taking their "
+        "places: question_id 1." in out.splitlines()
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["specbench"], output_format="list")
+    metrics = run.data.metrics
+    assert (metrics["prompts_skipped_too_long"], metrics["prompts_skipped_too_long_cat_qa"]) == (1, 1)
+    assert metrics["prompts_truncated"] == 0 and metrics["num_prompts"] == 2  # question 2 (qa) and 3 (translation)
