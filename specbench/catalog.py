@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HIGHER, LOWER = "higher", "lower"
+# the speedup model's predictions at batch sizes above this many times the prompt count are marked `_extrapolated`
+EXTRAPOLATED_BEYOND = 4
 SPREAD_STATS = ("min", "median", "max")  # a figure over repeats as reports show it: min / median / max
 
 
@@ -350,8 +352,40 @@ METRICS: tuple[Metric, ...] = (
         doc="prompts in the set, each decoded in both modes (`repeats` times)",
         summary=True,
     ),
+    Metric("num_repeats", "Repeats", fmt="int", doc="passes over the prompt set (`repeats`)"),
     Metric(
-        "truncated_prompts", "Truncated prompts", fmt="int", doc="prompts whose abstract was cut to fit the context"
+        "truncated_prompts",
+        "Truncated prompts",
+        fmt="int",
+        doc="prompts cut to fit the context: a PubMedQA abstract shortened (the question kept whole), or a text cut "
+        "from its start (dataset.too_long=truncate)",
+    ),
+    Metric(
+        "prompts_skipped_too_long",
+        "Prompts skipped as too long",
+        fmt="int",
+        doc="records left out with dataset.too_long=skip, too long for the models' context even without an "
+        "abstract; the next records (of their category, with per_category) took their places; named in the "
+        "console and summary.md",
+    ),
+    Metric(
+        "prompts_truncated",
+        "Prompts cut from their start",
+        fmt="int",
+        doc="prompts whose text was cut from its start to fit the context (dataset.too_long=truncate), keeping "
+        "its end; named in the console and summary.md",
+    ),
+    Metric(
+        "prompts_skipped_too_long_cat_{category}",
+        "Prompts skipped as too long, of a category",
+        fmt="int",
+        doc="prompts_skipped_too_long among the records of one category",
+    ),
+    Metric(
+        "prompts_truncated_cat_{category}",
+        "Prompts cut from their start, of a category",
+        fmt="int",
+        doc="prompts_truncated among the prompts of one category",
     ),
     # timing
     _pair(
@@ -407,7 +441,10 @@ METRICS: tuple[Metric, ...] = (
         "x",
         better=HIGHER,
         doc="speculative tokens/s / baseline tokens/s (ratios of sums; equals total baseline time / total "
-        "speculative time when both modes emit the same tokens, and output length cannot bias it when they do not)",
+        "speculative time when both modes emit the same tokens). When they stop at different lengths (sampling, a "
+        "bfloat16 near-tie), the token rate takes length out of the decoding time but not out of the costs paid "
+        "once per request (time to first token, the drafts' prefill), which favour the mode that emits more: "
+        "decode_speedup and steady_state_speedup leave them out",
         summary=True,
         report=True,
     ),
@@ -590,10 +627,30 @@ METRICS: tuple[Metric, ...] = (
         "Disagreement rate",
         fmt="rate",
         better=LOWER,
-        doc="share of prompts whose speculative token ids differ from the baseline token ids (stricter than "
-        "comparing texts, which different ids can spell alike)",
+        doc="share of decodes whose speculative token ids differ from the baseline token ids (stricter than "
+        "comparing texts, which different ids can spell alike); near 100% by design when sampling, where the "
+        "console and the report's headline leave it out",
         summary=True,
         report=True,
+    ),
+    Metric(
+        "disagreements_at_near_tie",
+        "Disagreements at a near-tie",
+        fmt="int",
+        doc="greedy decodes whose output differs from the baseline's where the verifier's top two logits (the "
+        "baseline's prefix, one teacher-forced forward, upcast to float32) are within 4 rounding units of its "
+        "dtype at the top logit's magnitude (eps x 2^floor(log2 |logit|)): rounding explains them; per decode in "
+        "per_prompt.csv (first_difference_gap, first_difference_unit, first_difference_near_tie)",
+        summary=True,
+    ),
+    Metric(
+        "disagreements_not_near_tie",
+        "Disagreements not at a near-tie",
+        fmt="int",
+        better=LOWER,
+        doc="greedy decodes whose output differs from the baseline's at a wider gap: rounding does not explain "
+        "them, the console warns naming each; the lossless claim rests on this being 0",
+        summary=True,
     ),
     Metric(
         "exact_match_rate",
@@ -641,7 +698,7 @@ METRICS: tuple[Metric, ...] = (
         fmt="rate",
         better=HIGHER,
         doc="share of prompts with a gold answer whose output gives that decision (specbench.answers parses it); "
-        "equal in greedy float32 by construction, the quality figure under sampling or bf16",
+        "equal when the outputs are (greedy float32 on the tested models), the quality figure under sampling or bf16",
         baseline="accuracy_baseline",
         summary=True,
         report=True,
@@ -701,8 +758,8 @@ METRICS: tuple[Metric, ...] = (
         "x",
         better=HIGHER,
         doc="Leviathan et al.: (1 - a^(k+1)) / ((1 - a)(k c + v)), v the measured cost of verifying k+1 tokens "
-        "over one; at batch size > 1, times what waiting for each batch's longest row costs each mode (from the "
-        "run's per-prompt counts); one drafter at a constant k only (not logged for draft sets or "
+        "over one; at batch size > 1, times what waiting for each batch's longest row costs each mode (the expected "
+        "largest of the run's per-prompt counts); one drafter at a constant k only (not logged for draft sets or "
         "k_schedule=heuristic)",
         summary=True,
         report=True,
@@ -726,12 +783,21 @@ METRICS: tuple[Metric, ...] = (
         "speedup_prediction_ratio", "Measured / predicted speedup", "x", doc="steady_state_speedup / predicted_speedup"
     ),
     Metric(
+        "predicted_speedup_batch_{b}_extrapolated",
+        "Predicted speedup at batch size b is extrapolated",
+        fmt="int",
+        doc=f"1 when b is more than {EXTRAPOLATED_BEYOND}x the prompts measured: b rows then mostly repeat the few "
+        "prompts, whose longest output understates a real batch's, so the prediction is optimistic (console and "
+        "report mark it)",
+    ),
+    Metric(
         "predicted_speedup_batch_{b}",
         "Predicted speedup at batch size b",
         "x",
         doc="the model at batch size b, with c and v measured at b rows (one and k+1 tokens per row), alpha from "
-        "this run, and batches of b consecutive prompts waiting for their longest row (each prompt's verifier "
-        "calls in this run); b over cost_batch_grid, as far as cost_grid_budget_s and memory allow",
+        "this run, and a batch of b prompts waiting for its longest row: the expected largest of b per-prompt "
+        "verifier calls in each mode, drawn with replacement from this run's prompts (computed exactly, no "
+        "random draws); b over cost_batch_grid, as far as cost_grid_budget_s and memory allow",
     ),
     Metric(
         "crossover_batch_predicted",
@@ -742,6 +808,13 @@ METRICS: tuple[Metric, ...] = (
         "never does within the measured batch sizes)",
         summary=True,
         report=True,
+    ),
+    Metric(
+        "crossover_batch_predicted_extrapolated",
+        "Crossover batch size is extrapolated",
+        fmt="int",
+        doc=f"1 when that batch size is more than {EXTRAPOLATED_BEYOND}x the prompts measured (as "
+        "predicted_speedup_batch_{b}_extrapolated)",
     ),
     Metric(
         "draft_verifier_cost_ratio",
@@ -769,6 +842,13 @@ METRICS: tuple[Metric, ...] = (
         doc="dtype=auto on a CPU: one step (verify_1: a verifier step over 1 token, verify_k1: over k+1 tokens, "
         "draft: a drafting step) in float32 and bfloat16, the figures the run's dtype (param dtype_chosen) was "
         "chosen from; logged when probed, or read from the probe's cache (param dtype_probe)",
+    ),
+    Metric(
+        "interval_units",
+        "Units of the 95% intervals",
+        fmt="int",
+        doc="independent units the intervals resample: batches (prompts at batch size 1), each with num_repeats "
+        "repeats; from 20 on a percentile bootstrap, below a t interval (tag interval_method)",
     ),
     Metric(
         "system/{name}",
@@ -824,8 +904,12 @@ def readme_table() -> str:
         unit = {"rate": "share", "usd": "USD"}.get(entry.fmt, entry.unit)
         rows.append(f"| {keys} | {unit} | {entry.better or ''} | {entry.doc} |")
     rows.append(
-        "| `*_ci_low`, `*_ci_high` | as the metric | | 95% bootstrap interval over batches (prompts, at batch "
-        "size 1), a drawn batch with all its repeats (speedup, acceptance rate, latency percentiles) |"
+        "| `*_ci_low`, `*_ci_high` | as the metric | | 95% interval of the speedup, acceptance rate and latency "
+        "percentiles from a two-level bootstrap: batches (prompts, at batch size 1) drawn with replacement, then "
+        "repeats within each drawn batch. From 20 batches the bootstrap's percentiles; below, a t interval on the "
+        "log scale (logit for the acceptance rate) with the bootstrap's standard error and n - 1 degrees of "
+        "freedom. The run's `interval_method` tag names the method; consoles and reports print n "
+        "(`interval_units` x `num_repeats`) beside each interval |"
     )
     return "\n".join(rows)
 

@@ -218,5 +218,6 @@ def _run(cfg: DictConfig, multirun: bool) -> dict[str, str]:
     if typed.mode is BenchmarkMode.load or typed.engine.backend is Backend.server:
         print(console.load_summary(title, metrics, links, conclusion), flush=True)
     else:
-        print(console.run_summary(result.title, result.metrics, links), flush=True)
+        summary = console.run_summary(result.title, result.metrics, links, result.notes, result.sampled, result.dtype)
+        print(summary, flush=True)
     return {"status": "FINISHED", "run_id": run_id, "config_hash": config_hash}

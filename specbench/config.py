@@ -81,6 +81,14 @@ class DatasetKind(Enum):
     prompts = "prompts"  # any JSONL / JSON / CSV file of prompts, optionally with a category per record
 
 
+class TooLong(Enum):
+    """What a prompt that does not fit the models' context becomes (after a PubMedQA abstract is cut away)."""
+
+    error = "error"  # stop before any model loads, naming the record
+    skip = "skip"  # leave it out; the next record (of its category, with per_category) takes its place
+    truncate = "truncate"  # cut the record's text from its start, keeping its end
+
+
 class Backend(Enum):
     """Which engine decodes: ours, or transformers' own `generate()` (the engine users may deploy)."""
 
@@ -161,6 +169,8 @@ class DatasetConfig:
     categories: list[str] = field(default_factory=list)  # keep only records of these categories
     # the first N records of each category, in file order (start and num_samples then do not apply)
     per_category: int | None = None
+    # a prompt too long for the models' context even without its abstract: error | skip | truncate
+    too_long: TooLong = TooLong.error
 
 
 @dataclass

@@ -5,12 +5,16 @@ Labels, units and formats come from `specbench.catalog`; the URLs from `specbenc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from specbench import catalog, tracking
+from specbench import catalog, intervals, tracking
+from specbench.catalog import EXTRAPOLATED_BEYOND
 from specbench.config import TrackingConfig
+
+_BY_BATCH = re.compile(r"predicted_speedup_batch_(\d+)")
 
 
 def _with_unit(entry: catalog.Metric, text: str) -> str:
@@ -21,23 +25,64 @@ def _with_unit(entry: catalog.Metric, text: str) -> str:
 
 
 def _value(metrics: Mapping[str, float], entry: catalog.Metric, key: str) -> str:
-    """One value in its unit, followed by its 95% interval in brackets when the run logged one."""
+    """One value in its unit, followed by its 95% interval in brackets and its n when the run logged one."""
     value, low, high = (
         _with_unit(entry, entry.format(metrics.get(name)))
         for name in (key, *(key + s for s in catalog.INTERVAL_SUFFIXES))
     )
-    return value if "—" in (value, low, high) else f"{value} [{low}, {high}]"
+    return value if "—" in (value, low, high) else f"{value} [{low}, {high}] {intervals.sample_size(metrics)}".rstrip()
 
 
-def headline(metrics: Mapping[str, float]) -> list[tuple[str, str]]:
-    """(label, value) of each headline metric; a metric measured in both modes gives speculative and baseline."""
+def headline(metrics: Mapping[str, float], sampled: bool = False, dtype: str = "") -> list[tuple[str, str]]:
+    """(label, value) of each headline metric; a metric measured in both modes gives speculative and baseline.
+
+    Disagreement is left out of `sampled` runs (their outputs differ by design); a greedy run that counted its
+    near-ties shows them (`dtype`: the verifier's, whose rounding makes them).
+    """
     rows = []
     for entry in catalog.headline_metrics():
+        if entry.key == "disagreement_rate" and sampled:
+            continue
+        if entry.key == "disagreement_rate" and "disagreements_at_near_tie" in metrics:
+            rows.append(("Disagreement", disagreement(metrics, dtype)))
+            continue
         value = _value(metrics, entry, entry.key)
         if entry.baseline:
             value = f"{value} speculative, {_value(metrics, entry, entry.baseline)} baseline"
         rows.append((entry.label, value))
+    if predictions := predictions_by_batch(metrics):
+        rows.append(("Predicted speedup by batch", predictions))
     return rows
+
+
+def disagreement(metrics: Mapping[str, float], dtype: str = "") -> str:
+    """ "1 of 6 prompts, all at near-ties (bfloat16 rounding)": greedy decodes whose output differs, by the near-tie
+    rule (`specbench.engine.scoring.TopTwoGap`); decodes rather than prompts with repeats."""
+    repeats = int(metrics.get("num_repeats") or 1)
+    decodes = int(metrics.get("num_prompts") or 0) * repeats
+    near, other = int(metrics["disagreements_at_near_tie"]), int(metrics["disagreements_not_near_tie"])
+    text = f"{near + other} of {decodes} {'prompts' if repeats == 1 else 'decodes'}"
+    rounding = f" ({dtype} rounding)" if dtype else ""
+    if not other:
+        return text + (f", all at near-ties{rounding}" if near else "")
+    if not near:
+        return f"{text}, none at a near-tie: see the warnings"
+    return f"{text}: {near} at near-ties{rounding}, {other} not (see the warnings)"
+
+
+def predictions_by_batch(metrics: Mapping[str, float]) -> str:
+    """The speedup model's prediction at each batch size ("1: 1.5x, 64*: 0.7x"), extrapolated ones starred."""
+    sizes = sorted(int(match[1]) for key in metrics if (match := _BY_BATCH.fullmatch(key)))
+    entry = catalog.metric("predicted_speedup_batch_{b}")
+    parts, starred = [], False
+    for size in sizes:
+        mark = "*" if metrics.get(f"predicted_speedup_batch_{size}_extrapolated") else ""
+        starred |= bool(mark)
+        parts.append(f"{size}{mark}: {_with_unit(entry, entry.format(metrics[f'predicted_speedup_batch_{size}']))}")
+    if starred:
+        prompts = catalog.metric("num_prompts").format(metrics.get("num_prompts"))
+        parts[-1] += f" (*: extrapolated, over {EXTRAPOLATED_BEYOND}x the {prompts} prompts)"
+    return ", ".join(parts)
 
 
 def where_to_look(tracking_uri: str, experiment_id: str, run_id: str, what: str = "This run") -> list[str]:
@@ -54,14 +99,25 @@ def where_to_look(tracking_uri: str, experiment_id: str, run_id: str, what: str 
     return lines
 
 
-def run_summary(title: str, metrics: Mapping[str, float], links: list[str]) -> str:
-    """The end-of-run block: the title, the headline figures, then `links` (from `where_to_look`)."""
-    rows = headline(metrics)
+def run_summary(
+    title: str,
+    metrics: Mapping[str, float],
+    links: list[str],
+    notes: Sequence[str] = (),
+    sampled: bool = False,
+    dtype: str = "",
+) -> str:
+    """The end-of-run block: the title, the headline figures (see `headline`), the run's `notes` (prompts left out
+    or cut, warnings), then `links` (from `where_to_look`)."""
+    rows = headline(metrics, sampled, dtype)
     width = max(len(label) for label, _ in rows)
     prompts = catalog.metric("num_prompts").format(metrics.get("num_prompts"))
-    lines = ["", f"{title}, {prompts} prompts ([low, high]: 95% bootstrap interval)"]
+    repeats = int(metrics.get("num_repeats") or 1)
+    legend = intervals.legend(metrics)
+    heading = f"{title}, {prompts} prompts" + (f" x {repeats} repeats" if repeats > 1 else "")
+    lines = ["", heading + (f" ({legend})" if legend else "")]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-    return "\n".join([*lines, *links]) + "\n"
+    return "\n".join([*lines, *notes, *links]) + "\n"
 
 
 def sweep_table(runs: pd.DataFrame) -> str:
@@ -69,7 +125,10 @@ def sweep_table(runs: pd.DataFrame) -> str:
     columns = [(entry, name) for entry in catalog.headline_metrics() for name in (entry.key, entry.baseline) if name]
     header = ["Run", *(entry.label + (", baseline" if name == entry.baseline else "") for entry, name in columns)]
     rows = []
-    for name, metrics in zip(runs["tags.mlflow.runName"], _metric_rows(runs), strict=True):
+    sampled = runs.get("params.generation.do_sample", pd.Series("False", index=runs.index)).astype(str) == "True"
+    for name, metrics, by_design in zip(runs["tags.mlflow.runName"], _metric_rows(runs), sampled, strict=True):
+        if by_design:  # sampled: outputs differ from the baseline's by design
+            metrics.pop("disagreement_rate", None)
         speedup = metrics.get("speedup", float("nan"))
         order = (speedup != speedup, -speedup)  # fastest first, runs without a speedup last
         rows.append((order, [str(name), *(_value(metrics, entry, key) for entry, key in columns)]))

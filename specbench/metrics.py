@@ -3,11 +3,17 @@
 Metric names are stable MLflow keys, so runs compare across versions. Rates
 over a run are ratios of sums (total tokens / total time), not means of
 per-prompt ratios, and a speedup is a ratio of token rates (speculative tokens/s
-over baseline tokens/s): when sampling makes the two modes stop at different
-lengths, output length cannot bias it. With `repeats` > 1 the table holds every
-prompt once per repeat; headline figures pool all repeats, `*_repeat_*` figures
-show the spread between repeats, and confidence intervals bootstrap over prompts
-(a drawn prompt brings all its repeats).
+over baseline tokens/s). When both modes emit the same tokens (greedy), that is
+the ratio of total times. When they stop at different lengths (sampling, a
+bfloat16 near-tie), the token rate takes out the length's effect on the time
+spent decoding, but not on the costs paid once per request (the prefill up to
+the first token, the drafts' reading of the prompt): spread over more tokens,
+they favour the mode that emitted more. `decode_speedup` and
+`steady_state_speedup` leave those costs out. With `repeats` > 1 the table
+holds every prompt once per repeat; headline figures pool all repeats,
+`*_repeat_*` figures show the spread between repeats. Confidence intervals
+resample batches of prompts (prompts, at batch size 1), then repeats within
+each drawn batch (`bootstrap_intervals`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from specbench.engine import BatchResult, DecodeResult
+from specbench.engine.scoring import TopTwoGap
+from specbench.intervals import interval, resample_cells
 
 log = logging.getLogger(__name__)
-
-BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass
@@ -61,6 +67,7 @@ class PromptOutcome:
     baseline_peak_gpu_gb: float | None = None
     spec_peak_gpu_gb: float | None = None
     contenders: dict[str, DecodeResult] = field(default_factory=dict)  # other engines' decodes, by mode name
+    first_difference_gap: TopTwoGap | None = None  # the verifier's top-two gap where the outputs part (greedy)
 
 
 def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
@@ -101,7 +108,8 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
             "draft_prefill_s": spec.draft_prefill_s,
             "verify_time_s": spec.verify_time_s,
             "identical": outcome.baseline.tokens == spec.tokens,
-            "first_difference": _first_difference(outcome.baseline.tokens, spec.tokens),
+            "first_difference": first_difference(outcome.baseline.tokens, spec.tokens),
+            **_gap_columns(outcome.first_difference_gap),
             "baseline_logprob": outcome.baseline_logprob,
             "spec_logprob": outcome.spec_logprob,
         }
@@ -112,6 +120,20 @@ def per_prompt_table(outcomes: list[PromptOutcome]) -> pd.DataFrame:
             row[f"{name}_draft_time_s"] = stats.draft_time_s
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _gap_columns(gap: TopTwoGap | None) -> dict[str, object]:
+    """The verifier's top-1 minus top-2 logit where the outputs part, its top logit, its dtype's rounding unit at
+    that logit, and whether the gap is a near-tie (`TopTwoGap`); empty when the outputs agree or were not scored."""
+    if gap is None:
+        numbers = ("first_difference_gap", "first_difference_top_logit", "first_difference_unit")
+        return dict.fromkeys(numbers, math.nan) | {"first_difference_near_tie": None}
+    return {
+        "first_difference_gap": gap.gap,
+        "first_difference_top_logit": gap.top_logit,
+        "first_difference_unit": gap.rounding_unit,
+        "first_difference_near_tie": gap.near_tie,
+    }
 
 
 def _mean_k(results: list[DecodeResult]) -> float:
@@ -139,7 +161,7 @@ def step_tokens(result: DecodeResult) -> int:
     return len(result.tokens) - (result.verifier_calls - result.steps)
 
 
-def _first_difference(a: list[int], b: list[int]) -> int:
+def first_difference(a: list[int], b: list[int]) -> int:
     """Index of the first differing token, -1 when the sequences are equal."""
     for index, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -238,6 +260,7 @@ def acceptance_metrics(table: pd.DataFrame, outcomes: list[PromptOutcome]) -> di
         "disagreement_rate": 1.0 - table["identical"].mean(),
         "exact_match_rate": float(table["identical"].mean()),
         "num_prompts": int((table["repeat"] == 0).sum()),
+        "num_repeats": int(table["repeat"].nunique()),
         "truncated_prompts": int(table.loc[table["repeat"] == 0, "truncated"].sum()),
     }
     by_position_proposed = np.sum([o.spec.proposed_by_position for o in outcomes], axis=0)
@@ -256,6 +279,16 @@ def acceptance_metrics(table: pd.DataFrame, outcomes: list[PromptOutcome]) -> di
     return metrics
 
 
+def near_tie_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """Greedy disagreements (decodes whose outputs differ) split by the near-tie rule at their first difference.
+
+    Needs the gap columns of every disagreeing row (`first_difference_gap`, filled for greedy runs).
+    """
+    disagreeing = table[~table["identical"].astype(bool)]
+    near_tie = disagreeing["first_difference_near_tie"].astype(bool)
+    return {"disagreements_at_near_tie": int(near_tie.sum()), "disagreements_not_near_tie": int((~near_tie).sum())}
+
+
 def likelihood_metrics(table: pd.DataFrame) -> dict[str, float]:
     """Verifier perplexity and mean log-likelihood per token of each mode's outputs."""
     metrics: dict[str, float] = {}
@@ -270,44 +303,49 @@ def likelihood_metrics(table: pd.DataFrame) -> dict[str, float]:
 
 
 def bootstrap_intervals(table: pd.DataFrame, seed: int = 0) -> dict[str, float]:
-    """95% bootstrap intervals over batches for speedup, acceptance and latency percentiles.
+    """95% intervals of the speedup, the acceptance rate and the latency percentiles, and `interval_units`.
 
-    The unit of resampling is a batch of the prompt set (a prompt, at batch size 1), drawn with
-    replacement and with all its repeats, because its rows share their timing. Resamples whose
-    batches proposed no draft token have no acceptance rate and are left out of its interval.
+    The unit is a batch of the prompt set (a prompt, at batch size 1), because its rows share their
+    timing; a cell is a unit in one repeat. Every figure is computed on the same two-level resamples
+    (`resample_cells`), and the interval follows `interval_method`. Resamples whose cells proposed no
+    draft token have no acceptance rate and are left out of its interval. No interval from one unit.
     """
-    units = table["batch"].to_numpy()
-    count = int(units.max()) + 1 if len(table) else 0
-    if count < 2:
+    units, repeats = table["batch"].nunique(), table["repeat"].nunique()
+    if units < 2:
         return {}
-    picks = np.random.default_rng(seed).integers(0, count, size=(BOOTSTRAP_SAMPLES, count))
-    batches = batch_table(table).groupby("batch").sum(numeric_only=True)
-    rows = table.groupby("batch")[["accepted", "proposed"]].sum()
+    picks = resample_cells(units, repeats, seed)
+    everything = np.arange(units * repeats)[None, :]
+    cells = batch_table(table).sort_values(["batch", "repeat"])  # row unit * repeats + repeat
+    counts = table.groupby(["batch", "repeat"], sort=True)[["accepted", "proposed"]].sum()
 
-    def resampled(column: pd.Series) -> np.ndarray:  # the column's sum over each resample's batches
-        return column.to_numpy(dtype=float)[picks].sum(axis=1)
+    def summed(column: pd.Series, chosen: np.ndarray) -> np.ndarray:  # the column's sum over each row's cells
+        return column.to_numpy(dtype=float)[chosen].sum(axis=1)
 
-    estimates = {
-        "speedup": token_rate_ratio(
-            resampled(batches["spec_tokens"]),
-            resampled(batches["spec_batch_s"]),
-            resampled(batches["baseline_tokens"]),
-            resampled(batches["baseline_batch_s"]),
-        )
-    }
-    proposed, accepted = resampled(rows["proposed"]), resampled(rows["accepted"])
-    if (proposed > 0).any():
-        estimates["acceptance_rate"] = accepted[proposed > 0] / proposed[proposed > 0]
+    def speedup(chosen: np.ndarray) -> np.ndarray:
+        spec = summed(cells["spec_tokens"], chosen), summed(cells["spec_batch_s"], chosen)
+        baseline = summed(cells["baseline_tokens"], chosen), summed(cells["baseline_batch_s"], chosen)
+        return token_rate_ratio(*spec, *baseline)
+
+    def acceptance(chosen: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return summed(counts["accepted"], chosen) / summed(counts["proposed"], chosen)  # NaN: none proposed
+
+    figures = {"speedup": (speedup, False)}
+    if counts["proposed"].sum() > 0:
+        figures["acceptance_rate"] = (acceptance, True)
+    latency_cells = table.sort_values(["batch", "repeat"]).groupby(["batch", "repeat"], sort=True)
     for mode in ("baseline", "spec"):
-        latency = [table.loc[units == unit, f"{mode}_latency_s"].to_numpy() for unit in range(count)]
+        latencies = [group[f"{mode}_latency_s"].to_numpy() for _, group in latency_cells]
         for q in (50, 95):
-            estimates[f"{mode}_latency_p{q}_s"] = np.array(
-                [np.percentile(np.concatenate([latency[unit] for unit in pick]), q) for pick in picks]
-            )
-    intervals = {}
-    for name, values in estimates.items():
-        intervals[f"{name}_ci_low"] = float(np.percentile(values, 2.5))
-        intervals[f"{name}_ci_high"] = float(np.percentile(values, 97.5))
+
+            def percentile(chosen: np.ndarray, latencies=latencies, q=q) -> np.ndarray:
+                return np.array([np.percentile(np.concatenate([latencies[c] for c in row]), q) for row in chosen])
+
+            figures[f"{mode}_latency_p{q}_s"] = (percentile, False)
+    intervals: dict[str, float] = {"interval_units": units}
+    for name, (statistic, share) in figures.items():
+        estimate = float(statistic(everything)[0])
+        intervals[f"{name}_ci_low"], intervals[f"{name}_ci_high"] = interval(estimate, statistic(picks), units, share)
     return intervals
 
 

@@ -9,15 +9,19 @@ The result holds every number and table a run produces; `tracking` logs it and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from specbench import answers, categories, contenders, metrics, quality, speedup_model
+from specbench import answers, categories, contenders, intervals, metrics, quality, speedup_model
 from specbench.config import KScheduleKind, SpecBenchConfig
+from specbench.engine.scoring import NEAR_TIE_UNITS, TopTwoGap, top_two_gap
 from specbench.metrics import PromptOutcome
 from specbench.runner import RunSetup, decode_prompts, measure_costs, score_likelihoods, warm_up
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,7 +39,10 @@ class RunResult:
     verify_curve: pd.DataFrame | None = None  # the verifier's cost of n new tokens, n = 1.., at the run's batch size
     verify_surface: pd.DataFrame | None = None  # every verifier pass measured: b rows x n new tokens
     predicted_curve: pd.DataFrame | None = None  # the speedup model's prediction for each k
-    notes: list[str] = field(default_factory=list)  # lines under the summary table
+    notes: list[str] = field(default_factory=list)  # lines under the summary table (and the console's figures)
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. how the intervals were computed
+    sampled: bool = False  # outputs differ from the baseline's by design: disagreement is no headline figure
+    dtype: str = ""  # the verifier's compute dtype, whose rounding explains greedy near-ties
 
 
 def run_title(cfg: SpecBenchConfig) -> str:
@@ -63,6 +70,8 @@ def run_benchmark(
         raise
     if cfg.quality.perplexity:
         score_likelihoods(setup, outcomes)
+    if not cfg.generation.do_sample:
+        score_first_differences(setup, outcomes)
     table = metrics.per_prompt_table(outcomes)
     categories.add_category_column(table, setup.prompts)
     answers.add_answer_columns(table, outcomes, setup.prompts)
@@ -78,7 +87,9 @@ def run_benchmark(
     results |= contenders.contender_metrics(outcomes)
     results |= quality.quality_metrics(scores, references, candidates)
     results |= categories.category_metrics(table, outcomes) | answers.accuracy_metrics(table)
-    results |= metrics.bootstrap_intervals(table, cfg.seed)
+    results |= metrics.bootstrap_intervals(table, cfg.seed) | prompt_set_metrics(setup)
+    if not cfg.generation.do_sample:
+        results |= metrics.near_tie_metrics(table)
     price = metrics.usd_per_hour(cfg.cost.usd_per_hour, cfg.cost.profile, cfg.cost.profiles, setup.device_name)
     results |= metrics.cost_metrics(timing, table, price)
     result = RunResult(
@@ -90,7 +101,12 @@ def run_benchmark(
         per_prompt=table,
         steps=metrics.steps_table(outcomes),
         generations=[_generation(outcome) for outcome in outcomes],
+        notes=prompt_set_notes(setup) + disagreement_warnings(outcomes, {p.pubid: p.name for p in setup.prompts}),
+        sampled=cfg.generation.do_sample,
+        dtype=str(setup.verifier.model.dtype).removeprefix("torch."),
     )
+    if "interval_units" in results:
+        result.tags["interval_method"] = intervals.interval_method(int(results["interval_units"]))
     if cfg.cost_curve:
         costs = measure_costs(setup, cfg)
         results |= speedup_model.cost_metrics(costs, cfg.k, cfg.batch_size)
@@ -117,3 +133,68 @@ def _generation(outcome: PromptOutcome) -> dict:
         "baseline_tokens": outcome.baseline.tokens,
         "spec_tokens": outcome.spec.tokens,
     }
+
+
+def score_first_differences(setup: RunSetup, outcomes: list[PromptOutcome]) -> None:
+    """Fill in, for each greedy decode whose output differs from the baseline's, the verifier's top-two logit gap
+    at the first differing token: one teacher-forced forward over the prompt and the baseline's output before it
+    (after timing; repeats that part alike are scored once)."""
+    prompts = {prompt.pubid: prompt for prompt in setup.prompts}
+    scored: dict[tuple[str, tuple[int, ...]], TopTwoGap] = {}
+    for outcome in outcomes:
+        position = metrics.first_difference(outcome.baseline.tokens, outcome.spec.tokens)
+        if position < 0:
+            continue
+        key = (outcome.pubid, tuple(outcome.baseline.tokens[:position]))
+        if key not in scored:
+            scored[key] = top_two_gap(setup.verifier, prompts[outcome.pubid].input_ids, list(key[1]))
+        outcome.first_difference_gap = scored[key]
+
+
+def disagreement_warnings(outcomes: list[PromptOutcome], names: dict[str, str]) -> list[str]:
+    """A warning, logged and returned, for each greedy disagreement that the near-tie rule does not explain;
+    `names`: each prompt's name by id (`Prompt.name`)."""
+    warnings = []
+    for outcome in outcomes:
+        gap = outcome.first_difference_gap
+        if gap is None or gap.near_tie:
+            continue
+        position = metrics.first_difference(outcome.baseline.tokens, outcome.spec.tokens)
+        warnings.append(
+            f"warning: the speculative output of {names[outcome.pubid]} (repeat {outcome.repeat}) differs from the "
+            f"baseline's at output token {position}, where the verifier's top two logits are {gap.gap:.3g} apart, "
+            f"{gap.gap / gap.rounding_unit:.3g} rounding units of its dtype: not a near-tie (at most "
+            f"{NEAR_TIE_UNITS}), so rounding does not explain it."
+        )
+        log.warning(warnings[-1].removeprefix("warning: "))
+    return warnings
+
+
+def prompt_set_metrics(setup: RunSetup) -> dict[str, float]:
+    """How dataset.too_long changed the prompt set: prompts skipped and prompts cut from their start, overall and by
+    category (when the records have categories)."""
+    groups = {
+        "prompts_skipped_too_long": [record.category for record in setup.skipped_too_long],
+        "prompts_truncated": [prompt.category for prompt in setup.prompts if prompt.cut_from_start],
+    }
+    results: dict[str, float] = {}
+    for key, members in groups.items():
+        results[key] = len(members)
+        for category in filter(None, dict.fromkeys(members)):
+            results[f"{key}_cat_{categories.metric_suffix(category)}"] = members.count(category)
+    return results
+
+
+def prompt_set_notes(setup: RunSetup) -> list[str]:
+    """The prompts dataset.too_long left out or cut, by name, so the set measured is never silently the file's."""
+    notes = []
+    if setup.skipped_too_long:
+        names = ", ".join(record.name for record in setup.skipped_too_long)
+        notes.append(
+            f"Left out as too long for the models' context (dataset.too_long=skip), the next records taking "
+            f"their places: {names}."
+        )
+    cut = [prompt.name for prompt in setup.prompts if prompt.cut_from_start]
+    if cut:
+        notes.append(f"Cut from their start to fit the models' context (dataset.too_long=truncate): {', '.join(cut)}.")
+    return notes

@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from specbench.catalog import metric
+from specbench.intervals import sample_size
 
 FIGSIZE = (7.0, 4.5)
 DPI = 110
@@ -30,6 +31,7 @@ MODES = {"baseline": ("baseline", BASELINE_COLOR), "spec": ("speculative", SPEC_
 MODE_COLORS = [color for _, color in MODES.values()]
 _POSITION_KEY = re.compile(r"acceptance_rate_pos_(\d+)")
 _CATEGORY_KEY = re.compile(r"speedup_cat_(.+)")
+_BY_BATCH_KEY = re.compile(r"predicted_speedup_batch_(\d+)")
 
 
 def axis_label(key: str) -> str:
@@ -153,7 +155,8 @@ def _latency(metrics: dict[str, float], title: str) -> Figure:
         MODE_COLORS,
         _per_mode(lambda mode: [_error(metrics, f"{mode}_latency_{q}_s") for q in quantiles]),
     )
-    ax.set(xlabel="percentile over prompts (error bars: 95% bootstrap interval)", ylabel="latency per request (s)")
+    bars = f"95% interval, {sample_size(metrics)}" if sample_size(metrics) else "95% interval"
+    ax.set(xlabel=f"percentile over prompts (error bars: {bars})", ylabel="latency per request (s)")
     return figure
 
 
@@ -282,16 +285,24 @@ def _batch_scaling(metrics: dict[str, float], surface: pd.DataFrame, k: int, bat
     cost.set(title="Verifier cost, measured", xlabel="batch size (rows)", ylabel="time / one-token time (x)")
     cost.set_xscale("log", base=2)
     cost.legend()
-    sizes = sorted(int(key.rsplit("_", 1)[1]) for key in metrics if key.startswith("predicted_speedup_batch_"))
+    sizes = sorted(int(match[1]) for key in metrics if (match := _BY_BATCH_KEY.fullmatch(key)))
     if sizes:
         predicted = [_get(metrics, f"predicted_speedup_batch_{size}") for size in sizes]
         speedup.plot(sizes, predicted, marker="o", color=PREDICTED_COLOR, label="predicted (model)")
+        far = [(size, value) for size, value in zip(sizes, predicted, strict=True) if _extrapolated(metrics, size)]
+        if far:  # more than 4x the prompts measured: drawn hollow
+            label = "predicted, extrapolated"
+            speedup.plot(*zip(*far, strict=True), "o", mfc="white", color=PREDICTED_COLOR, label=label)
         _measured_speedup(speedup, batch_size, metrics, f"measured at batch {batch_size}")
         speedup.set_xscale("log", base=2)
     reference_line(speedup, 1.0, "no speedup (1.0x)")
     speedup.set(title=f"Speedup at k={k}", xlabel="batch size (rows)", ylabel=axis_label("speedup"))
     speedup.legend()
     return figure
+
+
+def _extrapolated(metrics: dict[str, float], size: int) -> bool:
+    return metrics.get(f"predicted_speedup_batch_{size}_extrapolated") == 1
 
 
 def _by_category(metrics: dict[str, float], categories: list[str], title: str) -> Figure:

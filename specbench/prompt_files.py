@@ -114,11 +114,10 @@ def _record(where: str, number: int, item: Any, cfg: DatasetConfig) -> Record:
         raise DataError(f"{where}: expected an object per record, got {type(item).__name__}; fix that record.")
     question, sections = _text(where, item, cfg)
     id_names = [cfg.id_field] if cfg.id_field else ID_FIELDS
-    record_id = next((item[name] for name in id_names if item.get(name) not in (None, "")), None)
-    if record_id is None:
-        if cfg.id_field:
-            raise DataError(f"{where}: field '{cfg.id_field}' (dataset.id_field) is missing; add it or unset it.")
-        record_id = number
+    id_name = next((name for name in id_names if item.get(name) not in (None, "")), None)
+    if id_name is None and cfg.id_field:
+        raise DataError(f"{where}: field '{cfg.id_field}' (dataset.id_field) is missing; add it or unset it.")
+    record_id = number if id_name is None else item[id_name]
     category = item.get(cfg.category_field)
     return Record(
         pubid=str(record_id),
@@ -126,6 +125,7 @@ def _record(where: str, number: int, item: Any, cfg: DatasetConfig) -> Record:
         sections=sections,
         category=None if category in (None, "") else str(category),
         answer=decision(item.get(cfg.answer_field)),
+        id_name=id_name or "record",  # numbered in file order: "record 3"
     )
 
 
@@ -163,7 +163,7 @@ def _check_ids_and_categories(records: list[Record], places: list[str]) -> None:
     for record, where in zip(records, places, strict=True):
         if record.pubid in seen:
             raise DataError(
-                f"{where}: id {record.pubid} repeats the id at {seen[record.pubid]}: ids must be unique; "
+                f"{where}: {record.name} repeats the id at {seen[record.pubid]}: ids must be unique; "
                 "fix the file or name another id field with dataset.id_field."
             )
         seen[record.pubid] = where

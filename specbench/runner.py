@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specbench import hf_backend, llamacpp
 from specbench.config import Backend, Dtype, KScheduleKind, SpecBenchConfig
-from specbench.data import Prompt, PromptBuilder, Record
+from specbench.data import Prompt, PromptBuilder, Record, build_prompts
 from specbench.drafters import build_drafter, needs_model, shares_tokenizer
 from specbench.dtype_probe import DtypeChoice, choose_run_dtype
 from specbench.engine import (
@@ -80,6 +80,7 @@ class RunSetup:
     dtype_choice: DtypeChoice | None = None  # the run's dtype (`auto` resolved), with the CPU probe's figures
     # other engines timed beside ours on the same prompts, by mode name (llama.cpp's own prompt lookup)
     contenders: dict[str, Decoder] = field(default_factory=dict)
+    skipped_too_long: list[Record] = field(default_factory=list)  # left out by dataset.too_long=skip
 
 
 def device_name(device: torch.device, threads: int | None = None) -> str:
@@ -126,8 +127,8 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
             f"generation.max_new_tokens={cfg.generation.max_new_tokens} leaves no room for a prompt in the "
             f"models' context of {context} tokens: lower generation.max_new_tokens."
         )
-    builder = PromptBuilder(tokenizer, cfg.dataset.template, cfg.dataset.chat_template, prompt_budget)
-    prompts = [builder.build(record) for record in records]
+    builder = PromptBuilder(tokenizer, cfg.dataset.template, cfg.dataset.chat_template, prompt_budget, context)
+    prompts, skipped_too_long = build_prompts(builder, records, cfg.dataset)
     if cfg.batch_size > len(prompts):
         log.info(
             "batch_size=%d is more than the %d prompts: they are decoded as one batch", cfg.batch_size, len(prompts)
@@ -135,7 +136,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
 
     if cfg.engine.backend is Backend.llamacpp:
         cache.keep_only(set())  # llama.cpp reads the GGUF files itself: no torch model is loaded
-        return _llamacpp_setup(cfg, specs, tokenizer, prompts, room)
+        return _llamacpp_setup(cfg, specs, tokenizer, prompts, room, skipped_too_long)
     machine = device_name(device)
     dtype_choice = choose_run_dtype(cfg, device, machine, specs_in, cache, prompts[0].input_ids, len(tokenizer))
     specs = specs_in(Dtype(dtype_choice.dtype))
@@ -183,6 +184,7 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         models={name: cache.model(spec) for name, spec in specs.items()},
         prompt_builder=builder,
         dtype_choice=dtype_choice,
+        skipped_too_long=skipped_too_long,
     )
 
 
@@ -213,6 +215,7 @@ def _llamacpp_setup(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[Prompt],
     room: int,
+    skipped_too_long: list[Record],
 ) -> RunSetup:
     """engine.backend=llamacpp: llama.cpp contexts long enough for the longest prompt and what follows it (the
     output or the cost curve, and one step's drafts), one prompt per batch (validation keeps batch_size=1)."""
@@ -232,6 +235,7 @@ def _llamacpp_setup(
         schedule=k_schedule(cfg),
         batches=[[index] for index in range(len(prompts))],
         contenders=models.contenders,
+        skipped_too_long=skipped_too_long,
     )
 
 

@@ -13,8 +13,11 @@ step costs measured after the run (`specbench.engine.costs`).
 At batch size b, c and v are measured at b rows, and one more effect counts: a
 batch runs until its longest row ends, finished rows riding along. Each row needs
 the same verifier calls whatever its batch (greedy rows decode as if alone), so
-the run's own per-prompt counts tell what batches of b consecutive prompts cost
-in each mode; `finished_rows_factor` scales the prediction by it.
+the run's own per-prompt counts tell what a batch of b prompts drawn from the
+run's prompts costs in each mode: the expected largest of b draws
+(`finished_rows_factor`), which grows with b. Past EXTRAPOLATED_BEYOND times the
+prompt count, most of those b rows repeat prompts and the largest is that of the
+few prompts measured, so the prediction is optimistic and marked extrapolated.
 
 The model describes one drafter at a constant k. A draft set is verified as a
 tree (not a (k+1)-chain) and its drafters may run in parallel (their costs do not
@@ -24,9 +27,12 @@ measured costs are logged, and `out_of_scope` says why there is no prediction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
+from specbench.catalog import EXTRAPOLATED_BEYOND
 from specbench.engine.costs import StepCosts
 from specbench.metrics import PromptOutcome
 
@@ -76,23 +82,39 @@ def out_of_scope(drafters: int, adaptive_k: bool) -> str | None:
     )
 
 
-def finished_rows_factor(outcomes: list[PromptOutcome], batch: int) -> float:
-    """What batches of `batch` consecutive prompts do to the speedup by running until their longest row ends.
+def expected_maximum(values: Sequence[float], draws: int) -> float:
+    """The expected largest of `draws` values drawn with replacement from `values`.
 
-    A batch makes as many verifier calls as its row that needs the most: (baseline calls / speculative
-    steps) summed that way, over the same ratio summed row by row (1 at batch size 1, and when every row
-    needs the same). From the first pass over the prompts; batch sizes above the prompt count take them
-    all as one batch.
+    The mean over every possible resample, in closed form rather than by Monte Carlo (so exact, and
+    the same in every run): with x_(1) <= ... <= x_(n) sorted, the largest is x_(j) with probability
+    (j/n)^draws - ((j-1)/n)^draws.
+    """
+    ordered = np.sort(np.asarray(values, dtype=float))
+    ranks = np.arange(1, len(ordered) + 1) / len(ordered)
+    return float(ordered @ (ranks**draws - (ranks - 1 / len(ordered)) ** draws))
+
+
+def finished_rows_factor(outcomes: list[PromptOutcome], batch: int) -> float:
+    """What batches of `batch` prompts do to the speedup by running until their longest row ends.
+
+    A batch makes as many verifier calls as its row that needs the most. For b rows drawn from the
+    run's prompts (with replacement, so any b, from the first pass), that is the expected largest of b
+    per-prompt counts (`expected_maximum`) in each mode: (baseline calls / speculative steps) of the
+    largest, over (baseline calls / speculative steps) of the means. 1 at batch size 1, and when every
+    prompt needs the same.
     """
     first_pass = [outcome for outcome in outcomes if outcome.repeat == 0]
     baseline = [outcome.baseline.verifier_calls - 1 for outcome in first_pass]  # the prefill's call excluded
     speculative = [outcome.spec.steps for outcome in first_pass]
-    groups = [slice(start, start + batch) for start in range(0, len(first_pass), batch)]
-    batched_steps = sum(max(speculative[group]) for group in groups)
-    if not batched_steps or not sum(speculative):
+    if not sum(speculative) or not sum(baseline):
         return 1.0
-    batched = sum(max(baseline[group]) for group in groups) / batched_steps
+    batched = expected_maximum(baseline, batch) / expected_maximum(speculative, batch)
     return batched / (sum(baseline) / sum(speculative))
+
+
+def extrapolated(batch: int, prompts: int) -> bool:
+    """Whether a prediction at `batch` rows reaches past what `prompts` measured prompts can tell."""
+    return batch > EXTRAPOLATED_BEYOND * prompts
 
 
 def _cost_ratio(costs: StepCosts, batch: int) -> float:
@@ -142,9 +164,13 @@ def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int, 
         if k + 1 in costs.verify_s[size]
     }
     metrics |= {f"predicted_speedup_batch_{size}": value for size, value in by_batch.items()}
+    prompts = sum(1 for outcome in outcomes if outcome.repeat == 0)
+    metrics |= {f"predicted_speedup_batch_{size}_extrapolated": 1 for size in by_batch if extrapolated(size, prompts)}
     crossover = next((size for size, value in by_batch.items() if value < 1), None)
     if crossover is not None:
         metrics["crossover_batch_predicted"] = crossover
+        if extrapolated(crossover, prompts):
+            metrics["crossover_batch_predicted_extrapolated"] = 1
     return metrics
 
 

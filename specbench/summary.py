@@ -8,6 +8,7 @@ from numbers import Integral
 import pandas as pd
 
 from specbench.catalog import Metric, summary_metrics
+from specbench.intervals import legend, sample_size
 
 
 def format_number(value: object) -> str:
@@ -31,17 +32,18 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
 
 
 def _cell(metrics: Mapping[str, float], entry: Metric, key: str) -> str:
-    """One value in its unit, followed by its 95% interval when the run logged one (or its spread over repeats)."""
+    """One value in its unit, followed by its 95% interval and n when the run logged one (or its spread over
+    repeats)."""
     if entry.spread:
         return entry.format_spread(metrics, key)
     value, low, high = (entry.format(metrics.get(name)) for name in (key, f"{key}_ci_low", f"{key}_ci_high"))
-    return value if "—" in (value, low, high) else f"{value} [{low}, {high}]"
+    return value if "—" in (value, low, high) else f"{value} [{low}, {high}] {sample_size(metrics)}".rstrip()
 
 
 def summary_markdown(metrics: Mapping[str, float], title: str = "", notes: Sequence[str] = ()) -> str:
     """The run's headline numbers as a markdown table, baseline next to speculative; absent metrics are left out.
 
-    `notes` are lines under the table (e.g. why a figure is missing).
+    `notes` are lines under the table (e.g. why a figure is missing), after what the intervals' brackets mean.
     """
     rows = []
     for entry in summary_metrics():
@@ -53,5 +55,6 @@ def summary_markdown(metrics: Mapping[str, float], title: str = "", notes: Seque
         if any(cell != "—" for cell in cells):
             rows.append([label, *cells])
     table = markdown_table(["Metric", "Baseline", "Speculative"], rows)
+    notes = [line for line in (legend(metrics), *notes) if line]
     text = "".join(f"\n{note}\n" for note in notes)
     return f"### {title}\n\n{table}\n{text}" if title else f"{table}\n{text}"

@@ -388,8 +388,9 @@ def log_partial(table: pd.DataFrame) -> None:
 
 
 def log_result(result: RunResult) -> None:
-    """Metrics, tables, generations, figures and the summary of a finished run."""
+    """Metrics, tags, tables, generations, figures and the summary of a finished run."""
     log_metrics(result.metrics)
+    mlflow.set_tags(result.tags)
     log_position_series(result.metrics)
     log_table(result.per_prompt, "per_prompt.csv")
     log_table(result.steps, "steps.csv")

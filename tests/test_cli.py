@@ -210,6 +210,8 @@ BAD_INPUTS = [
     (["tracking.uri=http://127.0.0.1:9"], "is unreachable"),
     (["generation.max_new_tokens=600"], "leaves no room for a prompt"),
     (["generation.max_new_tokens=505"], "tokens without any abstract"),
+    (["generation.max_new_tokens=505"], "set dataset.too_long=skip to leave such prompts out"),
+    (["dataset.too_long=cut"], "dataset.too_long: Invalid value 'cut', expected one of [error, skip, truncate]"),
 ]
 
 

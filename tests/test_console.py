@@ -22,6 +22,8 @@ METRICS = {
     "baseline_tokens_per_s": 8.312,
     "disagreement_rate": 0.0,
     "cost_saving_pct": 32.45,
+    "interval_units": 6,
+    "num_repeats": 1,
 }
 
 
@@ -29,9 +31,12 @@ def test_run_summary_shows_the_headline_figures_in_their_units():
     links = console.where_to_look("sqlite:///mlruns/mlflow.db", "3", "abc")
     text = console.run_summary("v + d, k=4", METRICS, links)
     lines = text.strip().splitlines()
-    assert lines[0] == "v + d, k=4, 6 prompts ([low, high]: 95% bootstrap interval)"
-    assert lines[1].split() == ["Speedup", "1.48x", "[1.4x,", "1.55x]"]
-    assert lines[2].split() == ["Acceptance", "rate", "64.2%", "[60%,", "70%]"]
+    assert lines[0] == (
+        "v + d, k=4, 6 prompts ([low, high] n=6: 95% interval over 6 prompts, t on the log scale (logit for rates) "
+        "with the bootstrap's standard error)"
+    )
+    assert lines[1].split() == ["Speedup", "1.48x", "[1.4x,", "1.55x]", "n=6"]
+    assert lines[2].split() == ["Acceptance", "rate", "64.2%", "[60%,", "70%]", "n=6"]
     assert "12.3 tokens/s speculative, 8.31 tokens/s baseline" in lines[3]
     assert lines[4].split() == ["Disagreement", "rate", "0%"]
     assert lines[5].split() == ["Cost", "saving", "32.5%"]
@@ -40,6 +45,44 @@ def test_run_summary_shows_the_headline_figures_in_their_units():
         "All runs: http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=specbench"
     )
     assert lines[8] == "(serve them with `make ui` or `specbench ui`)"
+
+
+def test_every_interval_shows_its_n_and_method():
+    """20 batches of 4 prompts timed 3 times: a percentile bootstrap, n printed as batches x repeats."""
+    metrics = METRICS | {"num_prompts": 80, "interval_units": 20, "num_repeats": 3}
+    lines = console.run_summary("t", metrics, []).strip().splitlines()
+    assert lines[0] == (
+        "t, 80 prompts x 3 repeats ([low, high] n=20x3: 95% interval over 20 batches of prompts x 3 repeats, "
+        "percentile bootstrap)"
+    )
+    assert [line.split()[-1] for line in lines[1:3]] == ["n=20x3", "n=20x3"]
+
+
+def disagreement_line(text: str) -> str:
+    (line,) = [line for line in text.splitlines() if line.startswith("  Disagreement")]
+    return line.removeprefix("  Disagreement").strip()
+
+
+def test_greedy_disagreements_show_their_near_ties_and_sampled_runs_none():
+    greedy = METRICS | {"disagreement_rate": 1 / 6, "disagreements_at_near_tie": 1, "disagreements_not_near_tie": 0}
+    text = console.run_summary("t", greedy, [], dtype="bfloat16")
+    assert disagreement_line(text) == "1 of 6 prompts, all at near-ties (bfloat16 rounding)"
+    warning = "warning: the speculative output of question_id 3 (repeat 0) differs ..."
+    mixed = greedy | {"disagreement_rate": 2 / 6, "disagreements_not_near_tie": 1}
+    text = console.run_summary("t", mixed, [], notes=[warning], dtype="bfloat16")
+    assert disagreement_line(text) == "2 of 6 prompts: 1 at near-ties (bfloat16 rounding), 1 not (see the warnings)"
+    assert text.splitlines()[-1] == warning
+    twice = greedy | {"num_repeats": 2, "disagreements_at_near_tie": 0}
+    assert disagreement_line(console.run_summary("t", twice, [])) == "0 of 12 decodes"
+    sampled = console.run_summary("t", METRICS | {"disagreement_rate": 0.97}, [], sampled=True)
+    assert "Disagreement" not in sampled and "97" not in sampled  # different by design: no headline
+
+
+def test_predictions_past_four_times_the_prompts_are_starred():
+    predicted = {f"predicted_speedup_batch_{b}": value for b, value in ((1, 1.52), (8, 1.1), (32, 0.7))}
+    metrics = METRICS | predicted | {"predicted_speedup_batch_32_extrapolated": 1}
+    (line,) = [line for line in console.run_summary("t", metrics, []).splitlines() if "by batch" in line]
+    assert line.split("batch", 1)[1].strip() == "1: 1.52x, 8: 1.1x, 32*: 0.7x (*: extrapolated, over 4x the 6 prompts)"
 
 
 def test_missing_metrics_show_a_dash_and_no_interval():
@@ -63,6 +106,8 @@ def test_sweep_table_lists_runs_fastest_first():
             "tags.mlflow.runName": ["slow", "broken", "fast"],
             "metrics.speedup": [0.8, float("nan"), 1.6],
             "metrics.acceptance_rate": [0.5, float("nan"), 0.75],
+            "metrics.disagreement_rate": [0.0, float("nan"), 0.96],
+            "params.generation.do_sample": ["False", "False", "True"],
         }
     )
     lines = console.sweep_table(runs).splitlines()
@@ -70,6 +115,7 @@ def test_sweep_table_lists_runs_fastest_first():
     assert "Throughput, baseline" in lines[0] and "Cost saving" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["fast", "slow", "broken"]
     assert lines[1].split()[1:3] == ["1.6x", "75%"] and lines[3].split()[1] == "—"
+    assert "96" not in lines[1] and "0%" in lines[2]  # the sampled run's disagreement is by design: not shown
 
 
 def test_experiments_are_tagged_as_model_development_with_the_headline_view(tmp_path):

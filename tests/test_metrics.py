@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import binom
+from scipy.stats import binom, logistic, t
 
-from specbench import speedup_model
+from specbench import catalog, speedup_model
+from specbench import metrics as metrics_module
 from specbench.engine import DecodeResult, DrafterStats
 from specbench.engine.costs import StepCosts
+from specbench.intervals import interval, resample_cells
 from specbench.metrics import (
     BatchStats,
     PromptOutcome,
@@ -24,7 +26,13 @@ from specbench.metrics import (
     timing_metrics,
     usd_per_hour,
 )
-from specbench.speedup_model import iid_acceptance, out_of_scope, predicted_speedup, prediction_metrics
+from specbench.speedup_model import (
+    expected_maximum,
+    iid_acceptance,
+    out_of_scope,
+    predicted_speedup,
+    prediction_metrics,
+)
 
 
 def outcome(
@@ -149,13 +157,20 @@ def test_the_model_predicts_the_batch_size_where_speculation_stops_paying(outcom
     )
     metrics = prediction_metrics(costs, outcomes, k=2, batch=1)
     alpha = metrics["alpha_iid"]
-    # both prompts in one batch: it takes max(3, 2) steps against max(6, 6) baseline calls, not 5 against 12
-    waits = (6 / 3) / (12 / 5)
+
+    def waits(b: int) -> float:
+        """b rows drawn from the two prompts (3 and 2 steps, 6 baseline calls each): the largest takes 3 steps
+        unless all b drew the 2-step prompt (probability 1/2^b), against 5 steps for 12 calls row by row."""
+        return (6 / (3 - 0.5**b)) / (12 / 5)
+
     assert metrics["predicted_speedup_batch_1"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 1.0))
-    assert metrics["predicted_speedup_batch_4"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 1.0) * waits)
-    assert metrics["predicted_speedup_batch_8"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 2.5) * waits)
+    assert metrics["predicted_speedup_batch_4"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 1.0) * waits(4))
+    assert metrics["predicted_speedup_batch_8"] == pytest.approx(predicted_speedup(alpha, 2, 0.1, 2.5) * waits(8))
     assert metrics["predicted_speedup_batch_4"] > 1 > metrics["predicted_speedup_batch_8"]
     assert metrics["crossover_batch_predicted"] == 8
+    # 16 rows are more than 4x the 2 prompts measured: that prediction, and only it, is marked
+    assert [key for key in metrics if key.endswith("_extrapolated")] == ["predicted_speedup_batch_16_extrapolated"]
+    assert metrics["predicted_speedup_batch_16_extrapolated"] == 1
     # a run at batch size 4: every prediction at its batch size counts the wait, the best k's included
     at_four = prediction_metrics(costs, outcomes, k=2, batch=4)
     assert at_four["predicted_speedup"] == pytest.approx(metrics["predicted_speedup_batch_4"])
@@ -163,6 +178,11 @@ def test_the_model_predicts_the_batch_size_where_speculation_stops_paying(outcom
     # a grid that never crosses logs no crossover rather than a made-up one
     costs.verify_s = {size: flat | {2: 0.1} for size in (1, 2, 4)}
     assert "crossover_batch_predicted" not in prediction_metrics(costs, outcomes, k=2, batch=1)
+    # a crossover only reached past 4x the prompts is marked too
+    costs.verify_s = {1: curve(0.1, 0.1, 0.1), 4: flat, 16: steep}
+    costs.draft_s = {size: {"d": 0.01} for size in (1, 4, 16)}
+    far = prediction_metrics(costs, outcomes, k=2, batch=1)
+    assert far["crossover_batch_predicted"] == 16 and far["crossover_batch_predicted_extrapolated"] == 1
 
 
 def test_the_model_is_out_of_scope_for_draft_sets_and_adaptive_k():
@@ -192,6 +212,21 @@ def test_speedup_is_the_token_rate_ratio_when_outputs_differ_in_length():
     assert costs["cost_per_query_usd_spec"] / costs["cost_per_query_usd_baseline"] == pytest.approx(0.5)
     assert costs["cost_per_1k_tokens_usd_baseline"] / costs["cost_per_1k_tokens_usd_spec"] == pytest.approx(rate_ratio)
     assert costs["cost_saving_pct"] == pytest.approx(100 * (1 - 1 / rate_ratio))
+
+
+def test_per_request_costs_let_output_length_bias_the_speedup_and_the_docs_say_so():
+    """Both modes take 1 s to the first token, then 0.1 s a token; sampling stops the baseline at 11 tokens and the
+    speculative output at 41. Decoding is equally fast, yet the token-rate ratio says 1.49x: the fixed second is
+    spread over more tokens. decode_speedup, without it, says 1.0x; the docs must not claim otherwise."""
+    spec = DecodeResult(tokens=list(range(41)), latency_s=5.0, ttft_s=1.0, verifier_calls=41, steps=40)
+    baseline = DecodeResult(tokens=list(range(11)), latency_s=2.0, ttft_s=1.0, verifier_calls=11)
+    outcomes = [PromptOutcome("P", 10, False, baseline, spec, "a", "b", BatchStats(2.0), BatchStats(5.0))]
+    metrics = timing_metrics(per_prompt_table(outcomes))
+    assert metrics["speedup"] == pytest.approx((41 / 5.0) / (11 / 2.0))
+    assert metrics["decode_speedup"] == pytest.approx(1.0)
+    docs = [entry.doc for entry in catalog.METRICS] + [metrics_module.__doc__]
+    assert not [doc for doc in docs if "cannot bias" in doc]
+    assert "time to first token" in catalog.metric("speedup").doc and "decode_speedup" in catalog.metric("speedup").doc
 
 
 def speedup_table(spec_seconds: list[float]) -> pd.DataFrame:
@@ -235,6 +270,61 @@ def test_bootstrap_draws_prompts_with_all_their_repeats():
     for key in ("speedup_ci_low", "speedup_ci_high", "acceptance_rate_ci_low", "acceptance_rate_ci_high"):
         assert twice[key] == pytest.approx(once[key]), key
     assert once["speedup_ci_high"] - once["speedup_ci_low"] > 0.2  # the prompts do differ
+
+
+def test_repeats_are_resampled_within_each_drawn_prompt():
+    """25 alike prompts, 1.5 s verifier-only; speculatively 1 s in repeat 0 and 2 s in repeat 1 (the machine's noise).
+
+    Drawing prompts with all their repeats would see no spread at all. The two-level bootstrap also draws 2 repeats
+    within each drawn prompt: S ~ Binomial(50, 1/2) slow draws give speedup 75 / (50 + S).
+    """
+    outcomes = [outcome(f"P{i}", 1.5, 1.0 + repeat, [1, 0, 2], repeat=repeat) for repeat in range(2) for i in range(25)]
+    intervals = bootstrap_intervals(per_prompt_table(one_per_batch(outcomes)))
+    expected = (75 / (50 + binom.ppf(0.975, 50, 0.5)), 75 / (50 + binom.ppf(0.025, 50, 0.5)))
+    assert expected == pytest.approx((0.915, 1.103), abs=1e-3)
+    assert intervals["speedup_ci_low"] == pytest.approx(expected[0], abs=0.02)
+    assert intervals["speedup_ci_high"] == pytest.approx(expected[1], abs=0.02)
+    assert intervals["interval_units"] == 25
+
+
+def test_below_twenty_prompts_the_interval_is_t_on_the_log_scale():
+    """6 prompts: estimate x exp(+-t(0.975, 5) x bootstrap standard error / estimate), by hand on the same resamples,
+    wider than the percentile interval those resamples give; the acceptance rate's is symmetric in logit."""
+    spec_seconds = np.array([0.5, 1.5, 0.8, 1.2, 0.6, 1.0])
+    table = speedup_table(list(spec_seconds))
+    table["accepted"] = [1, 3, 2, 3, 0, 2]  # of 6 proposed each
+    intervals = bootstrap_intervals(table, seed=3)
+    picks = resample_cells(6, 1, seed=3)  # prompt i is cell i
+    resampled = 6.0 / spec_seconds[picks].sum(axis=1)  # speedup: 6 s verifier-only over the speculative seconds
+    estimate = 6.0 / spec_seconds.sum()
+    half = t.ppf(0.975, 5) * resampled.std(ddof=1) / estimate
+    low, high = intervals["speedup_ci_low"], intervals["speedup_ci_high"]
+    assert (low, high) == pytest.approx((estimate * np.exp(-half), estimate * np.exp(half)))
+    assert low < np.percentile(resampled, 2.5) and high > np.percentile(resampled, 97.5)
+    rate = 11 / 36
+    low, high = (logistic.ppf(intervals[f"acceptance_rate_ci_{end}"]) for end in ("low", "high"))
+    assert logistic.ppf(rate) - low == pytest.approx(high - logistic.ppf(rate))
+    accepted = table["accepted"].to_numpy()[picks].sum(axis=1) / 36
+    assert high - low == pytest.approx(2 * t.ppf(0.975, 5) * accepted.std(ddof=1) / (rate * (1 - rate)))
+
+
+def test_the_small_sample_interval_covers_where_the_percentile_bootstrap_does_not():
+    """400 simulated runs of 6 prompts: baseline seconds 1 + lognormal(0, 0.5), speculative seconds the baseline's
+    times lognormal(-0.3, 0.4), so the speedup of the population is e^0.22. The t interval holds it in about 95% of
+    runs (92% here); the percentile interval of the same resamples (the method used before) in 82.5%."""
+    rng = np.random.default_rng(1)
+    truth, units, runs = math.exp(0.3 - 0.4**2 / 2), 6, 400
+    covered = {"t": 0, "percentile": 0}
+    for run in range(runs):
+        baseline = 1 + rng.lognormal(0, 0.5, units)
+        spec = baseline * rng.lognormal(-0.3, 0.4, units)
+        picks = resample_cells(units, 1, seed=run)
+        resampled = baseline[picks].sum(axis=1) / spec[picks].sum(axis=1)
+        low, high = interval(baseline.sum() / spec.sum(), resampled, units)
+        covered["t"] += low <= truth <= high
+        covered["percentile"] += np.percentile(resampled, 2.5) <= truth <= np.percentile(resampled, 97.5)
+    assert covered["t"] / runs >= 0.9
+    assert covered["percentile"] / runs < 0.87
 
 
 def test_acceptance_interval_skips_resamples_without_proposals():
@@ -288,15 +378,30 @@ def test_cost_per_query_and_profiles(outcomes):
     assert math.isnan(usd_per_hour(None, "auto", {"l4": 0.8}, "NVIDIA L40S"))  # not an L4
 
 
+def test_expected_maximum_is_the_mean_over_every_resample():
+    values = [1, 5, 2]
+    for draws in (1, 2, 3):
+        every = np.array(np.meshgrid(*[values] * draws)).reshape(draws, -1)  # all 3^draws resamples
+        assert expected_maximum(values, draws) == pytest.approx(every.max(axis=0).mean())
+    assert expected_maximum(values, 1) == pytest.approx(np.mean(values))
+    assert expected_maximum(values, 200) == pytest.approx(5.0)  # b rows: almost surely one of them is the longest
+
+
 def test_a_batch_waits_for_its_row_with_the_most_steps():
-    """Same output length; one row accepts 3 drafts a step (10 steps), the other mostly none (30 steps)."""
-    fast = outcome("fast", 4.0, 1.0, [3] * 10, k=3)  # 41 tokens: 40 baseline calls after the prefill
-    slow = outcome("slow", 4.0, 3.0, [1] * 10 + [0] * 20, k=3)  # 41 tokens in 30 steps
+    """Same output length (40 baseline calls after the prefill); one row accepts 3 drafts a step (10 steps), the
+    other mostly none (30 steps). b rows drawn from the two take 30 steps unless all drew the fast one (1/2^b)."""
+    fast = outcome("fast", 4.0, 1.0, [3] * 10, k=3)
+    slow = outcome("slow", 4.0, 3.0, [1] * 10 + [0] * 20, k=3)
     again = outcome("fast", 4.0, 1.0, [0] * 40, k=3, repeat=1)  # later passes are not read
     rows = [fast, slow, again]
+
+    def by_hand(b: int) -> float:  # (40 / expected largest steps) over (80 / 40) row by row
+        return (40 / (30 - 20 * 0.5**b)) / (80 / 40)
+
+    for b in (1, 2, 8, 64):
+        assert speedup_model.finished_rows_factor(rows, b) == pytest.approx(by_hand(b)), b
     assert speedup_model.finished_rows_factor(rows, 1) == pytest.approx(1.0)
-    # together: 30 steps against 40 calls, where alone they average 40 steps against 80 calls
-    assert speedup_model.finished_rows_factor(rows, 2) == pytest.approx((40 / 30) / (80 / 40))
-    assert speedup_model.finished_rows_factor(rows, 8) == speedup_model.finished_rows_factor(rows, 2)
+    # the wait grows with the batch past the prompt count instead of stopping at the two prompts measured
+    assert speedup_model.finished_rows_factor(rows, 8) < speedup_model.finished_rows_factor(rows, 2)
     even = [outcome("a", 4.0, 1.0, [1] * 20, k=3), outcome("b", 4.0, 1.0, [1] * 20, k=3)]
-    assert speedup_model.finished_rows_factor(even, 2) == pytest.approx(1.0)  # rows that end together cost nothing
+    assert speedup_model.finished_rows_factor(even, 64) == pytest.approx(1.0)  # rows that end together cost nothing

@@ -239,3 +239,39 @@ def test_format_number_and_markdown_table() -> None:
         "a",
     ]
     assert markdown_table(["a", "b|c"], [[1.5, "x"]]) == "| a | b\\|c |\n| --- | --- |\n| 1.5 | x |"
+
+
+def test_summary_markdown_prints_n_beside_every_interval_and_the_method() -> None:
+    text = summary_markdown(_metrics() | {"interval_units": 8, "num_repeats": 3}, title="run")
+    lines = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["Speedup (x)"] == "| Speedup (x) | — | 1.52 [1.41, 1.63] n=8x3 |"
+    assert lines["Latency p50 per request (s)"].endswith("| 2.41 [2.21, 2.56] n=8x3 | 1.58 [1.38, 1.73] n=8x3 |")
+    assert lines["Throughput (tokens/s)"] == "| Throughput (tokens/s) | 26.6 | 40.4 |"  # no interval, no n
+    assert (
+        "\n[low, high] n=8x3: 95% interval over 8 prompts x 3 repeats, t on the log scale (logit for rates) with "
+        "the bootstrap's standard error\n" in text
+    )
+
+
+def test_predictions_marked_extrapolated_are_drawn_hollow() -> None:
+    surface = pd.DataFrame(
+        [
+            {
+                "batch_size": b,
+                "new_tokens": n,
+                "verify_ms": 10.0 * b * n,
+                "ratio_to_one_token": float(n),
+                "ms_per_row": 1,
+            }
+            for b in (1, 4, 64)
+            for n in (1, K + 1)
+        ]
+    )
+    predicted = {"predicted_speedup_batch_1": 1.6, "predicted_speedup_batch_4": 1.2, "predicted_speedup_batch_64": 0.7}
+    metrics = _metrics() | predicted | {"predicted_speedup_batch_64_extrapolated": 1}
+    figure = run_figures(metrics, _table(), DRAFTERS, k=K, verify_surface=surface)["plots/batch_scaling.png"]
+    speedup = figure.axes[1]
+    (hollow,) = [line for line in speedup.get_lines() if line.get_label() == "predicted, extrapolated"]
+    assert hollow.get_xdata().tolist() == [64] and hollow.get_markerfacecolor() == "white"
+    (curve,) = [line for line in speedup.get_lines() if line.get_label() == "predicted (model)"]
+    assert curve.get_xdata().tolist() == [1, 4, 64]

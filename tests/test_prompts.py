@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlflow
 import pytest
 
-from specbench.config import SAMPLES_PACKAGE, ChatTemplate, DatasetConfig, DatasetKind, package_file
-from specbench.data import PromptBuilder, Record, load_records, read_file, records_table
+from specbench.config import SAMPLES_PACKAGE, ChatTemplate, DatasetConfig, DatasetKind, TooLong, package_file
+from specbench.data import PromptBuilder, Record, build_prompts, load_records, read_file, records_table
 from specbench.errors import DataError
+from specbench.pipeline import prompt_set_metrics, prompt_set_notes
 from specbench.prompt_files import read_prompt_file
+from tests.test_cli import common_args, run_cli
 
 SAMPLE = package_file(SAMPLES_PACKAGE, "prompts_sample.jsonl")
 SAMPLE_CATEGORIES = ["qa", "translation", "summarization", "math_reasoning"]
@@ -78,7 +82,7 @@ def test_field_names_are_configurable(tmp_path):
         path, text_field="instruction", id_field="uid", category_field="task", answer_field="label", num_samples=1
     )
     (record,) = load_records(cfg)
-    assert record == Record("u1", "Write a loop.", (), category="coding", answer="yes")
+    assert record == Record("u1", "Write a loop.", (), category="coding", answer="yes", id_name="uid")
 
 
 def test_categories_filter_and_per_category_keep_file_order():
@@ -155,3 +159,90 @@ def test_records_table_holds_what_the_dataset_input_describes():
     table = records_table(load_records(prompts(SAMPLE, per_category=1)))
     assert list(table.columns) == ["id", "question", "abstract", "category"]  # no gold answers: no answer column
     assert table["category"].tolist() == SAMPLE_CATEGORIES
+
+
+LONG = "filler words for a prompt far too long " * 40 + "so what is the answer at the very end?"
+
+
+@pytest.fixture
+def spec_bench_file(tmp_path) -> Path:
+    """Spec-Bench's layout: qa records 1 (too long), 2 and 4, a translation record 3."""
+    turns = {1: LONG, 2: "Short question?", 3: "Translate: Hallo", 4: "Another short one?"}
+    categories = {1: "qa", 2: "qa", 3: "translation", 4: "qa"}
+    return write_lines(
+        tmp_path / "question.jsonl",
+        [{"question_id": i, "category": categories[i], "turns": [text]} for i, text in turns.items()],
+    )
+
+
+def test_a_prompt_too_long_for_the_context_names_the_setting_and_its_own_id(tokenizer, spec_bench_file):
+    cfg = prompts(spec_bench_file, per_category=1)
+    records = load_records(cfg)
+    beyond_the_context = PromptBuilder(tokenizer, "{prompt}", ChatTemplate.off, max_tokens=40, context=52)
+    with pytest.raises(DataError) as error:
+        build_prompts(beyond_the_context, records, cfg)
+    message = str(error.value)
+    assert message.startswith("the prompt of question_id 1 needs ")  # the file's own id word, not pubid
+    assert "set dataset.too_long=skip" in message and "dataset.too_long=truncate" in message
+    assert "max_new_tokens" not in message  # it needs more than the whole context: fewer new tokens cannot help
+    within_the_context = PromptBuilder(tokenizer, "{prompt}", ChatTemplate.off, max_tokens=40, context=2000)
+    with pytest.raises(DataError, match=r"lower generation\.max_new_tokens"):
+        build_prompts(within_the_context, records, cfg)
+
+
+def test_skip_takes_the_next_record_of_the_same_category(tokenizer, spec_bench_file):
+    builder = PromptBuilder(tokenizer, "{prompt}", ChatTemplate.off, max_tokens=40)
+    one_each = prompts(spec_bench_file, per_category=1, too_long=TooLong.skip)
+    chosen, skipped = build_prompts(builder, load_records(one_each), one_each)
+    assert [(prompt.pubid, prompt.category) for prompt in chosen] == [("2", "qa"), ("3", "translation")]
+    assert [record.name for record in skipped] == ["question_id 1"]
+    first_two = prompts(spec_bench_file, num_samples=2, too_long=TooLong.skip)  # the next record in file order
+    chosen, skipped = build_prompts(builder, load_records(first_two), first_two)
+    assert [prompt.pubid for prompt in chosen] == ["2", "3"] and len(skipped) == 1
+    fitting = prompts(spec_bench_file, num_samples=2, start=1, too_long=TooLong.skip)
+    assert build_prompts(builder, load_records(fitting), fitting)[1] == []
+
+
+def test_truncate_keeps_the_end_of_the_prompt(tokenizer, spec_bench_file):
+    cfg = prompts(spec_bench_file, num_samples=2, too_long=TooLong.truncate)
+    builder = PromptBuilder(tokenizer, "Q: {prompt}\nA:", ChatTemplate.off, max_tokens=40)
+    (cut, kept), skipped = build_prompts(builder, load_records(cfg), cfg)
+    assert skipped == [] and len(cut.input_ids) <= 40 < len(tokenizer(LONG)["input_ids"])
+    assert cut.cut_from_start and cut.truncated and cut.text.startswith("Q: ")
+    assert cut.text.endswith("\nA:") and LONG.endswith(cut.text.removeprefix("Q: ").removesuffix("\nA:"))
+    assert len(cut.input_ids) >= 38  # as much of the end as fits (re-encoding a cut text may shift a token)
+    assert not kept.cut_from_start and kept.text == "Q: Short question?\nA:"
+
+
+def test_the_prompts_too_long_are_counted_by_category_and_named(tokenizer, spec_bench_file):
+    cfg = prompts(spec_bench_file, num_samples=3, too_long=TooLong.truncate)
+    builder = PromptBuilder(tokenizer, "{prompt}", ChatTemplate.off, max_tokens=40)
+    cut, _ = build_prompts(builder, load_records(cfg), cfg)
+    skipped = [Record("9", LONG, (), category="translation", id_name="question_id")]
+    setup = SimpleNamespace(prompts=cut, skipped_too_long=skipped)
+    assert prompt_set_metrics(setup) == {
+        "prompts_skipped_too_long": 1,
+        "prompts_skipped_too_long_cat_translation": 1,
+        "prompts_truncated": 1,
+        "prompts_truncated_cat_qa": 1,
+    }
+    assert [note.rsplit(": ", 1)[1] for note in prompt_set_notes(setup)] == ["question_id 9.", "question_id 1."]
+
+
+def test_a_run_that_skips_a_prompt_says_which(models_dir, spec_bench_file, tmp_path, monkeypatch, capsys):
+    """Through the CLI: question 1 needs more than the tiny models' 512-token context; question 2 takes its place."""
+    spec_bench_file.write_text(spec_bench_file.read_text().replace(LONG, LONG * 4))
+    args = [arg for arg in common_args(models_dir, spec_bench_file, tmp_path) if not arg.startswith("dataset.num")]
+    args += ["dataset=prompts", "dataset.per_category=1", "dataset.too_long=skip", "cost_curve=false"]
+    args += ["quality.perplexity=false", "quality.embedder=none"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert (
+        "Left out as too long for the models' context (dataset.too_long=skip), the next records taking their "
+        "places: question_id 1." in out.splitlines()
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["specbench"], output_format="list")
+    metrics = run.data.metrics
+    assert (metrics["prompts_skipped_too_long"], metrics["prompts_skipped_too_long_cat_qa"]) == (1, 1)
+    assert metrics["prompts_truncated"] == 0 and metrics["num_prompts"] == 2  # question 2 (qa) and 3 (translation)

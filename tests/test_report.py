@@ -14,9 +14,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 import specbench.cli
+from specbench.intervals import METHODS
 from specbench.report import comparison_figures, load_runs, log_report, summary_table, write_report
 from specbench.report.figures import col
-from specbench.report.query import crossover_table
+from specbench.report.query import INTERVAL_METHOD, INTERVAL_SIZE, crossover_table
 
 EXPERIMENT = "specbench"
 DRAFTS = ("gpt2_family", "distilgpt2")
@@ -64,6 +65,8 @@ def _metrics(draft: str, k: int) -> dict[str, float]:
         "cost_per_query_usd_spec": 0.0054 / speedup,
         "cost_saving_pct": 100 * (1 - 1 / speedup),
         "num_prompts": 8,
+        "num_repeats": 2,
+        "interval_units": 8,
     }
     metrics |= {f"acceptance_rate_pos_{position}": acceptance**position for position in range(1, k + 1)}
     return metrics
@@ -94,7 +97,7 @@ def _log_run(
         run.info.run_id,
         metrics=[Metric(key, float(value), start_time, 0) for key, value in values.items()],
         params=[Param(key, str(value)) for key, value in params.items()],
-        tags=[RunTag("mlflow.runName", f"{draft} k={k}")],
+        tags=[RunTag("mlflow.runName", f"{draft} k={k}"), RunTag("interval_method", "t_log")],
     )
     client.set_terminated(run.info.run_id, status)
     return run.info.run_id
@@ -164,9 +167,19 @@ def test_summary_table_rows_columns_and_order(runs: pd.DataFrame) -> None:
     assert row["Speedup (x)"] == pytest.approx(1.16)
     assert row["Acceptance rate (%)"] == pytest.approx(75.0)
     assert row["Disagreement rate (%)"] == pytest.approx(5.0)
+    assert (row[INTERVAL_SIZE], row[INTERVAL_METHOD]) == ("n=8x2", METHODS["t_log"])  # beside the speedup's interval
+    assert list(table.columns).index(INTERVAL_SIZE) == list(table.columns).index("Speedup CI high (x)") + 1
     for key in ("spec_latency_p95_s", "baseline_tokens_per_s", "cost_per_query_usd_spec", "cost_saving_pct"):
         assert col(key) in table
     assert "BLEU vs baseline" not in table  # not logged, so not a column
+
+
+def test_sampled_runs_show_no_disagreement(runs: pd.DataFrame) -> None:
+    sampled = runs.assign(**{"params.generation.do_sample": ["True", "False"] * (len(runs) // 2)})
+    table = summary_table(sampled, sort=False)
+    disagreement = table["Disagreement rate (%)"]
+    assert disagreement[table["sampling"] == "sampled"].isna().all()
+    assert disagreement[table["sampling"] == "greedy"].tolist() == pytest.approx([5.0] * (len(runs) // 2))
 
 
 def test_comparison_figures_are_titled_and_labelled(runs: pd.DataFrame) -> None:
@@ -259,8 +272,9 @@ def test_main_unknown_experiment_fails_with_one_sentence(sweep: Sweep, capsys: p
     assert captured.err.rstrip().endswith(".")
 
 
-def batch_sweep() -> pd.DataFrame:
-    """Runs of one (draft, k) at batch sizes 1, 2 and 4, as `mlflow.search_runs` returns them."""
+def batch_sweep(extrapolated: tuple[int, ...] = ()) -> pd.DataFrame:
+    """Runs of one (draft, k) at batch sizes 1, 2 and 4, as `mlflow.search_runs` returns them; each marks its
+    predictions at the `extrapolated` batch sizes (and its crossover at 8 when 8 is one of them)."""
     rows = []
     for batch, speedup in ((4, 0.9), (1, 1.6), (2, 1.3)):
         predicted = {f"metrics.predicted_speedup_batch_{size}": 1.8 / size**0.4 for size in (1, 2, 4, 8, 16)}
@@ -276,8 +290,10 @@ def batch_sweep() -> pd.DataFrame:
                 "metrics.speedup_ci_low": speedup - 0.1,
                 "metrics.speedup_ci_high": speedup + 0.1,
                 "metrics.crossover_batch_predicted": 8.0,
+                "metrics.crossover_batch_predicted_extrapolated": 1.0 if 8 in extrapolated else float("nan"),
             }
             | predicted
+            | {f"metrics.predicted_speedup_batch_{size}_extrapolated": 1.0 for size in extrapolated}
         )
     return pd.DataFrame(rows)
 
@@ -303,3 +319,15 @@ def test_the_report_names_the_crossover(tmp_path: Path) -> None:
     markdown = (tmp_path / "summary.md").read_text()
     assert "### Where speculation stops paying (batch size)" in markdown
     assert "| distilgpt2 | 4 | greedy | 1, 2, 4 | 4 | 8 |" in markdown
+
+
+def test_extrapolated_predictions_are_marked() -> None:
+    runs = batch_sweep(extrapolated=(8, 16))
+    assert crossover_table(runs)["crossover predicted"].tolist() == ["8 (extrapolated)"]
+    assert set(summary_table(runs)["Crossover batch size (predicted)"]) == {"8 (extrapolated)"}
+    (ax,) = comparison_figures(runs)["plots/speedup_vs_batch.png"].axes
+    (hollow,) = [line for line in ax.get_lines() if line.get_marker() == "o" and line.get_markerfacecolor() == "none"]
+    assert hollow.get_xdata().tolist() == [8, 16]
+    assert "predicted, extrapolated" in [text.get_text() for text in ax.get_legend().get_texts()]
+    plain = batch_sweep()
+    assert crossover_table(plain)["crossover predicted"].tolist() == [8.0]

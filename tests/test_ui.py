@@ -55,8 +55,9 @@ def test_every_run_and_the_sweep_print_their_figures_and_urls(sweep):
     serve = f"(serve them with `specbench ui --tracking-uri {uri}`)"
     for child in children:
         block = stdout.split(f"gpt_j_6b + distilgpt2, k={child.data.params['k']}, 2 prompts")[1].split(serve)[0]
-        for label in ("Speedup", "Acceptance rate", "Throughput", "Disagreement rate", "Cost saving"):
+        for label in ("Speedup", "Acceptance rate", "Throughput", "Disagreement", "Cost saving"):
             assert f"\n  {label} " in block
+        assert re.search(r"\n  Disagreement +0 of 2 prompts\n", block)  # greedy float32: none, so no near-tie
         speedup = child.data.metrics["speedup"]
         assert re.search(rf"Speedup +{speedup:.3g}x \[[0-9.]+x, [0-9.]+x\]", block)
         assert f"This run: {base}/{experiment_id}/runs/{child.info.run_id}?workflowType=machine_learning" in block

@@ -88,7 +88,8 @@ def _speedup_vs_batch(runs: pd.DataFrame, subtitle: str) -> Figure:
     """Measured speedup against batch size, one line per (draft, k), with the model's predicted curve beside it.
 
     The predicted curve of a series is the one its smallest-batch run measured (each run predicts every batch
-    size of its cost grid from its own acceptance and step costs).
+    size of its cost grid from its own acceptance and step costs); points it marked extrapolated (batch sizes
+    over 4x its prompts) are drawn hollow.
     """
     table = summary_table(runs, sort=False)  # row i is runs.iloc[i]
     table["series"] = _series_labels(table, by=("verifier", "backend", "draft", "k", "sampling"))
@@ -98,6 +99,7 @@ def _speedup_vs_batch(runs: pd.DataFrame, subtitle: str) -> Figure:
     colors = draft_colors(table["series"])
     figure, (ax,) = new_figure("Speedup over the baseline vs batch size", subtitle)
     handles = _series_handles(colors)
+    extrapolated = False
     for series, group in table.groupby("series", sort=True):
         group = group.sort_values("batch")
         values = _column(group, col("speedup"))
@@ -113,13 +115,26 @@ def _speedup_vs_batch(runs: pd.DataFrame, subtitle: str) -> Figure:
         curve = predicted.loc[group.index[0]].dropna() if not predicted.empty else pd.Series(dtype=float)
         if not curve.empty:
             ax.plot(curve.index, curve.to_numpy(float), color=colors[series], linestyle="--", marker="x")
+            far = [size for size in curve.index if runs.iloc[group.index[0]].get(_extrapolated(size)) == 1]
+            if far:
+                ax.plot(far, curve[far].to_numpy(float), linestyle="none", marker="o", mfc="none", color=colors[series])
+                extrapolated = True
     if not predicted.empty:
         handles.append(Line2D([], [], color="grey", linestyle="--", marker="x", label="predicted (dashed)"))
+    if extrapolated:
+        handles.append(
+            Line2D([], [], color="grey", linestyle="none", marker="o", mfc="none", label="predicted, extrapolated")
+        )
     handles.append(reference_line(ax, 1.0, "baseline (no speedup)"))
     ax.set_xscale("log", base=2)
     ax.legend(handles=handles, fontsize=8)
     ax.set(xlabel="batch size (rows decoded together)", ylabel="speedup over baseline (x)")
     return figure
+
+
+def _extrapolated(size: int) -> str:
+    """The runs column that marks the prediction at `size` rows as extrapolated."""
+    return f"metrics.predicted_speedup_batch_{size}_extrapolated"
 
 
 def _column(table: pd.DataFrame, name: str) -> np.ndarray:

@@ -7,8 +7,10 @@ import pandas as pd
 
 from specbench import tracking
 from specbench.catalog import Metric, metric, report_metrics
+from specbench.intervals import METHODS, sample_size
 
 CONFIG_HASH = "tags.specbench.config_hash"
+INTERVAL_SIZE, INTERVAL_METHOD = "Speedup CI n", "Speedup CI method"
 
 
 def load_runs(
@@ -84,7 +86,11 @@ def summary_columns() -> list[tuple[str, str, float]]:
 
 def summary_table(runs: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
     """One row per run with readable column names and units, sorted by draft, k and batch size (else in the order
-    of `runs`); absent metrics are left out."""
+    of `runs`); absent metrics are left out.
+
+    The speedup's interval comes with its n (units x repeats) and method; sampled runs show no disagreement
+    (their outputs differ by design), and a crossover predicted past the prompts measured is marked extrapolated.
+    """
     table = pd.DataFrame(
         {
             "draft": param(runs, "draft.name"),
@@ -106,6 +112,15 @@ def summary_table(runs: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
             table[name] = [entry.format_spread(row, key) for row in values.to_dict("records")]
         else:
             table[name] = runs[f"metrics.{key}"].to_numpy() * scale
+        if key == "speedup_ci_high":
+            values = runs.filter(regex=r"^metrics\.").rename(columns=lambda name: name.removeprefix("metrics."))
+            table[INTERVAL_SIZE] = [sample_size(row) or pd.NA for row in values.to_dict("records")]
+            methods = runs.get("tags.interval_method", pd.Series(pd.NA, index=runs.index))
+            table[INTERVAL_METHOD] = methods.map(METHODS, na_action="ignore").to_numpy()
+        if key == "disagreement_rate":
+            table.loc[(table["sampling"] == "sampled").to_numpy(), name] = float("nan")
+        if key == "crossover_batch_predicted":
+            table[name] = _mark_extrapolated(table[name], runs)
     if not sort:
         return table
     # the backends of one configuration sit side by side
@@ -119,7 +134,7 @@ def crossover_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = summary_table(runs, sort=False)
     table["speedup"] = runs["metrics.speedup"].to_numpy() if "metrics.speedup" in runs else float("nan")
     predicted = runs.get("metrics.crossover_batch_predicted", pd.Series(float("nan"), index=runs.index))
-    table["predicted"] = predicted.to_numpy()
+    table["predicted"] = _mark_extrapolated(predicted, runs).to_numpy()
     rows = []
     for (verifier, draft, k, sampling), group in table.groupby(["verifier", "draft", "k", "sampling"], dropna=False):
         if group["batch"].nunique() < 2:
@@ -138,6 +153,16 @@ def crossover_table(runs: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _mark_extrapolated(crossovers: pd.Series, runs: pd.DataFrame) -> pd.Series:
+    """Predicted crossover batch sizes, "64 (extrapolated)" where the run marked it so (more than 4x its prompts)."""
+    marks = runs.get("metrics.crossover_batch_predicted_extrapolated", pd.Series(float("nan"), index=runs.index))
+    marked = [
+        f"{value:.0f} (extrapolated)" if mark == 1 else value
+        for value, mark in zip(crossovers.to_numpy(), marks.to_numpy(), strict=True)
+    ]
+    return pd.Series(marked, index=crossovers.index)
 
 
 def param(runs: pd.DataFrame, key: str) -> pd.Series:
