@@ -316,6 +316,26 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "near-tie); left out of oracle_acceptance_pos_1",
         summary=True,
     ),
+    Metric(
+        "server_draft_tokens",
+        "Server: draft tokens",
+        fmt="int",
+        doc="engine.backend=server: draft tokens the spec server proposed during the run (its /metrics counters' "
+        "growth, vLLM's spec_decode_num_draft_tokens; or llama-server's per-response counts)",
+    ),
+    Metric(
+        "server_accepted_tokens",
+        "Server: accepted draft tokens",
+        fmt="int",
+        doc="engine.backend=server: of those, the tokens the server accepted (acceptance_rate is their ratio)",
+    ),
+    Metric(
+        "server_drafts",
+        "Server: drafts",
+        fmt="int",
+        doc="engine.backend=server: speculation steps the server counted (vLLM's spec_decode_num_drafts); "
+        "mean_accepted_tokens = 1 + accepted / drafts",
+    ),
     Metric("predicted_tpot_ratio", "TPOT, spec / baseline (predicted)", "x", doc="load model: predicted TPOT ratio"),
     Metric("predicted_e2el_ratio", "E2EL, spec / baseline (predicted)", "x", doc="load model: predicted E2EL ratio"),
 )

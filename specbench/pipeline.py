@@ -103,7 +103,7 @@ def run_benchmark(
         generations=[_generation(outcome) for outcome in outcomes],
         notes=prompt_set_notes(setup) + disagreement_warnings(outcomes, {p.pubid: p.name for p in setup.prompts}),
         sampled=cfg.generation.do_sample,
-        dtype=str(setup.verifier.model.dtype).removeprefix("torch."),
+        dtype=str(setup.verifier.compute_dtype).removeprefix("torch."),
     )
     if "interval_units" in results:
         result.tags["interval_method"] = intervals.interval_method(int(results["interval_units"]))

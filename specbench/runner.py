@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specbench import hf_backend, llamacpp
-from specbench.config import Backend, Dtype, KScheduleKind, SpecBenchConfig
+from specbench.config import Backend, BenchmarkMode, Dtype, KScheduleKind, SpecBenchConfig
 from specbench.data import Prompt, PromptBuilder, Record, build_prompts
 from specbench.drafters import build_drafter, needs_model, shares_tokenizer
 from specbench.dtype_probe import DtypeChoice, choose_run_dtype
@@ -250,6 +250,11 @@ def _check_attention(cfg: SpecBenchConfig, specs: dict[str, ModelSpec]) -> None:
     if windowed and cfg.batch_size > 1:
         raise ConfigError(
             f"{', '.join(windowed)} has windowed attention, which cannot decode ragged batches: use batch_size=1."
+        )
+    if windowed and cfg.mode is BenchmarkMode.load and cfg.load.max_batch_size > 1:
+        raise ConfigError(
+            f"{', '.join(windowed)} has windowed attention, which cannot decode ragged batches: "
+            "use load.max_batch_size=1."
         )
 
 

@@ -70,8 +70,9 @@ def test_the_crossover_search_runs_one_nested_run_per_probe(models_dir, pubmedqa
     runs = finished_runs(tmp_path)
     (parent,) = [run for run in runs if "crossover_probes" in run.data.metrics]
     probes = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(probes) == parent.data.metrics["crossover_probes"] == 3
-    assert sorted(float(run.data.params["load.rate"]) for run in probes)[:2] == [5.0, pytest.approx(20.0)]
+    assert len(probes) == parent.data.metrics["crossover_probes"] in (2, 3)  # 2 when the ends agree: no bisection
+    rates = sorted(float(run.data.params["load.rate"]) for run in probes)
+    assert rates[0] == 5.0 and rates[-1] == 80.0 and rates[1:-1] in ([], [pytest.approx(20.0)])
     assert all(run.info.status == "FINISHED" and "tpot_p99_ratio" in run.data.metrics for run in probes)
     conclusion = parent.data.tags["crossover"]
     assert conclusion.startswith("Speculation ") and conclusion in out
@@ -94,8 +95,11 @@ def test_the_oracle_draft_is_accepted_as_often_as_asked(models_dir, pubmedqa_fil
     assert 0.4 < metrics["oracle_acceptance_pos_1"] < 0.95
 
 
-def test_k_schedule_load_chooses_k_per_step(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
-    args = ["mode=load", *FAST, "k_schedule=load", "k_max=4", *common_args(models_dir, pubmedqa_file, tmp_path)]
+@pytest.mark.parametrize("schedule", ["load", "heuristic"])
+def test_k_schedules_choose_k_per_step(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys, schedule):
+    """k_schedule=load picks k (0 included) per step from the occupancy; heuristic per row, as in batch runs."""
+    args = ["mode=load", *FAST, f"k_schedule={schedule}", "k_max=4", *common_args(models_dir, pubmedqa_file,
+            tmp_path)]  # fmt: skip
     code, _out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)

@@ -166,6 +166,11 @@ class CachedModel:
         return list(self._counts)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in (whose rounding can flip a near-tie between two decodes)."""
+        return self.model.dtype
+
+    @property
     def columns(self) -> int:
         """Physical columns in use: the longest row plus the holes."""
         return self._columns

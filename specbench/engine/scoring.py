@@ -63,4 +63,4 @@ def top_two_gap(model: CachedModel, prompt_ids: list[int], output_prefix: list[i
     logits = model.prefill([[*prompt_ids, *output_prefix]])[0, -1]
     first, second = torch.topk(logits.float(), 2).values.tolist()
     model.reset()
-    return TopTwoGap(first - second, first, rounding_unit(first, logits.dtype))
+    return TopTwoGap(first - second, first, rounding_unit(first, model.compute_dtype))

@@ -117,6 +117,12 @@ class LlamaCppModel:
         self.padded_positions = 0  # always 0: one row, no padding
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """float16: llama.cpp keeps its KV cache and much of its activations in it (the dot products of quantized
+        weights round activations coarser still), so near-ties judged at float16's unit are a lower bound."""
+        return torch.float16
+
+    @property
     def description(self) -> str:
         """llama.cpp's name for the model: architecture, size and quantisation (e.g. qwen2 1.5B Q4_K - Medium)."""
         buffer = ctypes.create_string_buffer(128)

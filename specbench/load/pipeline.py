@@ -24,7 +24,7 @@ import pandas as pd
 
 from specbench import speedup_model
 from specbench.config import KScheduleKind, SpecBenchConfig
-from specbench.engine import ConstantK
+from specbench.engine import KSchedule
 from specbench.engine.continuous import serve, slot_buckets
 from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
@@ -38,7 +38,7 @@ from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics
 from specbench.load.model import predicted_crossover_rate, predicted_load_metrics
 from specbench.load.trace import MODES, TraceRequest, build_trace
-from specbench.runner import RunSetup, curve_tokens, prepare_oracles
+from specbench.runner import RunSetup, curve_tokens, k_schedule, prepare_oracles
 
 WARMUP_REQUESTS = 2
 
@@ -113,7 +113,7 @@ def engine_requests(cfg: SpecBenchConfig, setup: RunSetup, trace: list[TraceRequ
 
 
 def serve_mode(cfg: SpecBenchConfig, setup: RunSetup, mode: str, requests: list[EngineRequest],
-               schedule: LoadAwareK | ConstantK) -> ServeResult:  # fmt: skip
+               schedule: KSchedule) -> ServeResult:  # fmt: skip
     """Serve the requests in one mode with continuous batching, on a clock that starts now."""
     verifier = setup.verifier
     watch = Stopwatch(verifier.devices)
@@ -160,7 +160,7 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
             "mode=load needs model, prompt_lookup or oracle drafters, or a drafter kind that implements admit, "
             "keep_rows and remove_rows."
         )
-    schedule = LoadAwareK(costs, cfg.k_max) if cfg.k_schedule is KScheduleKind.load else ConstantK(cfg.k)
+    schedule = LoadAwareK(costs, cfg.k_max) if cfg.k_schedule is KScheduleKind.load else k_schedule(cfg)
     prepare_oracles(setup, [(request.prompt_ids, request.max_new_tokens) for request in requests])
     warm_up_load(cfg, setup, requests, schedule)
     for oracle in (drafter for drafter in setup.drafters if isinstance(drafter, OracleDrafter)):
@@ -171,8 +171,8 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
             served[mode].append(serve_mode(cfg, setup, mode, requests, schedule))
     result = LoadResult(load_title(cfg, rate if rate is not None else None), rate, trace, served, {})
     result.metrics = load_run_metrics(cfg, result, costs, setup)
-    if cfg.k_schedule is KScheduleKind.load:
-        result.notes.append("No predicted figures: k_schedule=load changes k from step to step.")
+    if cfg.k_schedule is not KScheduleKind.constant:
+        result.notes.append(f"No predicted figures: k_schedule={cfg.k_schedule.value} changes k from step to step.")
     return result
 
 
