@@ -84,7 +84,8 @@ def test_the_schema_rejects_unknown_keys_and_bad_enum_values(composer):
     with pytest.raises(Exception, match="k_schedule=fast") as error:
         composer("k_schedule=fast")
     assert explain_config_error(error.value) == (
-        "k_schedule: Invalid value 'fast', expected one of [constant, heuristic, load]; give it a value of the right type."
+        "k_schedule: Invalid value 'fast', expected one of [constant, heuristic, load]; "
+        "give it a value of the right type."
     )
 
 
