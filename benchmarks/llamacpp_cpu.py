@@ -57,7 +57,7 @@ from specbench.llamacpp import LlamaCppModel, NativeDecoder, physical_cores, tor
 from specbench.llamacpp.model import binding
 from specbench.models import ModelCache, ModelSpec, generation_eos_ids, model_config, model_spec
 from specbench.runner import device_name
-from specbench.speedup_model import iid_acceptance, predicted_speedup
+from specbench.speedup_model import acceptance_to_pay, iid_acceptance, predicted_speedup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_PROMPT_TOKENS = 1024
@@ -142,17 +142,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(**QUICK)
     return parser.parse_args(argv)
-
-
-def needed_acceptance(k: int, cost_ratio: float, verify_ratio: float) -> float | None:
-    """The per-token acceptance alpha at which the model predicts a speedup of 1 at this k; None if none does."""
-    if predicted_speedup(1.0, k, cost_ratio, verify_ratio) < 1:
-        return None
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        alpha = (low + high) / 2
-        low, high = (alpha, high) if predicted_speedup(alpha, k, cost_ratio, verify_ratio) < 1 else (low, alpha)
-    return (low + high) / 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                 "measured_steady_state_speedup": measured_steady,
                 "measured_over_predicted": measured_steady / predicted,
                 "measured_speedup": rows[f"ours_{name}_k{k}"]["speedup_over_ours_baseline"],
-                "alpha_needed_to_pay": needed_acceptance(k, cost_ratio, verify_ratio),
+                "alpha_needed_to_pay": acceptance_to_pay(k, cost_ratio, verify_ratio),
             }
     report |= {
         "contenders": rows,

@@ -842,6 +842,14 @@ METRICS: tuple[Metric, ...] = (
         doc="one draft step over one verifier step (a draft set's drafters summed)",
     ),
     Metric(
+        "acceptance_to_pay",
+        "Acceptance that would pay",
+        fmt="rate",
+        doc="when the speedup model predicts no k pays at the measured acceptance: the lowest per-token acceptance "
+        "alpha at which some k would reach a speedup of 1 (the run's summary says why, in one sentence)",
+        summary=True,
+    ),
+    Metric(
         "alpha_iid",
         "Per-token acceptance alpha",
         doc="the per-token acceptance that explains the measured accepted tokens per full k-token step (logged "

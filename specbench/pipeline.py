@@ -117,6 +117,8 @@ def run_benchmark(
             result.notes.append(reason)
         else:
             results |= speedup_model.prediction_metrics(costs, outcomes, cfg.k, cfg.batch_size)
+            if note := speedup_model.no_k_pays(results, costs, cfg.batch_size):
+                result.notes.append(note)
             results["speedup_prediction_ratio"] = results["steady_state_speedup"] / results["predicted_speedup"]
             result.predicted_curve = speedup_model.predicted_speedup_curve(results, costs, cfg.batch_size, outcomes)
     return result

@@ -65,6 +65,42 @@ def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_ratio: flo
     return expected_tokens / (k * cost_ratio + verify_ratio)
 
 
+def acceptance_to_pay(k: int, cost_ratio: float, verify_ratio: float) -> float | None:
+    """The per-token acceptance alpha at which the model predicts a speedup of 1 at this k; None if none does."""
+    if predicted_speedup(1.0, k, cost_ratio, verify_ratio) < 1:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        alpha = (low + high) / 2
+        low, high = (alpha, high) if predicted_speedup(alpha, k, cost_ratio, verify_ratio) < 1 else (low, alpha)
+    return (low + high) / 2
+
+
+def no_k_pays(metrics: dict[str, float], costs: StepCosts, batch: int) -> str | None:
+    """When the model predicts no k pays at the measured acceptance: one sentence with why (the verify curve, the
+    draft's cost) and the per-token acceptance that would make some k pay (`acceptance_to_pay` in `metrics`)."""
+    if "predicted_speedup_best_k" not in metrics or metrics["predicted_speedup_best_k"] >= 1:
+        return None
+    best, cost_ratio = int(metrics["best_k_predicted"]), _cost_ratio(costs, batch)
+    needed = {
+        k: acceptance_to_pay(k, cost_ratio, _verify_ratio(costs, batch, k + 1))
+        for k in range(1, max(costs.verify_s[batch]))
+        if k + 1 in costs.verify_s[batch]
+    }
+    payable = {k: alpha for k, alpha in needed.items() if alpha is not None}
+    text = (
+        f"No k pays at the measured acceptance (best k={best}: {metrics['predicted_speedup_best_k']:.2f}x "
+        f"predicted): verifying {best + 1} tokens costs {_verify_ratio(costs, batch, best + 1):.2f}x one token and "
+        f"a draft step {cost_ratio:.2f}x; "
+    )
+    if not payable:
+        return text + "no acceptance would make any k pay on this machine."
+    k = min(payable, key=payable.get)
+    metrics["acceptance_to_pay"] = payable[k]
+    measured = metrics["alpha_iid"]
+    return text + f"it would pay at a per-token acceptance above {payable[k]:.2f}, at k={k} (measured {measured:.2f})."
+
+
 def out_of_scope(drafters: int, adaptive_k: bool) -> str | None:
     """Why the model does not describe a run with `drafters` drafters (and an adaptive k); None when it does."""
     reasons = []

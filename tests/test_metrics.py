@@ -405,3 +405,23 @@ def test_a_batch_waits_for_its_row_with_the_most_steps():
     assert speedup_model.finished_rows_factor(rows, 8) < speedup_model.finished_rows_factor(rows, 2)
     even = [outcome("a", 4.0, 1.0, [1] * 20, k=3), outcome("b", 4.0, 1.0, [1] * 20, k=3)]
     assert speedup_model.finished_rows_factor(even, 64) == pytest.approx(1.0)  # rows that end together cost nothing
+
+
+def test_when_no_k_pays_the_run_says_why_and_which_acceptance_would_pay():
+    """A free drafter (c = 0) whose verify pass over n tokens costs 1 + (n - 1) / 2: k = 1 pays above alpha 0.5
+    (1 + a > 1.5), k = 2 above 0.618 (1 + a + a^2 > 2); at a measured alpha of 0.4 none pays."""
+    from specbench.engine.costs import StepCosts
+    from specbench.speedup_model import acceptance_to_pay, no_k_pays
+
+    costs = StepCosts(verify_s={1: {n: 1 + (n - 1) / 2 for n in (1, 2, 3)}}, draft_s={1: {"lookup": 0.0}})
+    assert acceptance_to_pay(1, 0.0, 1.5) == pytest.approx(0.5)
+    assert acceptance_to_pay(2, 0.0, 2.0) == pytest.approx((5**0.5 - 1) / 2)
+    assert acceptance_to_pay(2, 1.0, 2.0) is None  # a draft step as dear as the verifier's: nothing pays
+    metrics = {"best_k_predicted": 1, "predicted_speedup_best_k": 1.4 / 1.5, "alpha_iid": 0.4}
+    note = no_k_pays(metrics, costs, 1)
+    assert metrics["acceptance_to_pay"] == pytest.approx(0.5)
+    assert note == (
+        "No k pays at the measured acceptance (best k=1: 0.93x predicted): verifying 2 tokens costs 1.50x one token "
+        "and a draft step 0.00x; it would pay at a per-token acceptance above 0.50, at k=1 (measured 0.40)."
+    )
+    assert no_k_pays({"best_k_predicted": 1, "predicted_speedup_best_k": 1.2, "alpha_iid": 0.9}, costs, 1) is None
