@@ -97,7 +97,10 @@ def collect(cfg, started: float) -> dict:
     """The metrics of the runs this benchmark made: each parent run (the crossover search) and its probes."""
     import mlflow
 
-    mlflow.set_tracking_uri(cfg.tracking.uri)
+    uri = cfg.tracking.uri  # the run wrote it from the repository's root: a relative SQLite path is relative to it
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{ROOT / uri.removeprefix('sqlite:///')}"
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"attributes.start_time >= {int(started)}",
                               output_format="list")  # fmt: skip

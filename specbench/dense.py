@@ -47,6 +47,10 @@ def write_dense_copy(gguf: Path) -> Path:
     folder = dense_folder(gguf)
     shutil.rmtree(folder, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    # once de-quantized the weights are plain float32 tensors: drop the GGUF quantizer, which refuses to save
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
     (folder / STAMP).write_text(json.dumps(_stamp(gguf)))  # last: a copy cut short is never used
