@@ -150,6 +150,7 @@ def test_experiments_are_tagged_as_model_development_with_the_headline_view(tmp_
 
 def test_a_description_too_long_for_a_tag_is_cut_at_a_line(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("descriptions")  # not whichever experiment an earlier test in this process left active
     table = "\n".join(f"| run {index} | {'x' * 60} |" for index in range(400))  # ~27,000 characters
     with mlflow.start_run() as run:
         tracking.set_description(run.info.run_id, table, "report/summary.md")
