@@ -28,10 +28,13 @@ written after each one):
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import itertools
 import json
 import math
 import platform
+import pstats
 import statistics
 import time
 import traceback
@@ -51,10 +54,12 @@ from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
 from specbench.engine.oracle import OracleDrafter
 from specbench.engine.results import EngineRequest
 from specbench.engine.sampling import TokenChooser, accepts, residual_distribution
+from specbench.engine.schedule import KSchedule
 from specbench.engine.timing import Clock, Stopwatch
 from specbench.engine.tree import build_tree, walk_sampling_batch
 from specbench.load.crossover import crossover_metrics, find_crossover, probe_from_metrics
-from specbench.load.metrics import load_metrics
+from specbench.load.k_schedule import LoadAwareK
+from specbench.load.metrics import load_metrics, mode_metrics
 from specbench.load.model import predicted_crossover_rate
 from specbench.load.trace import arrival_times
 from specbench.speedup_model import iid_acceptance
@@ -220,20 +225,7 @@ def _requests(args: argparse.Namespace, rate: float, prompts: list[list[int]]) -
 
 def section_load(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
     """The crossover search per (alpha, k), with the model's prediction and each mode's max rate under the SLO."""
-    buckets = slot_buckets(args.max_batch)
-    verifier = _verifier(args, models, range(1, max(args.ks) + 2))
-    cost = _cost_drafter(args, models, "oracle")
-    for member in (verifier, cost.model):
-        member.capture_graphs(buckets, args.prompt_len)
-    prompts = _prompts(args, args.distinct_prompts)
-    settings = DecodeSettings(max_new_tokens=args.new_tokens)
-    references = {}
-    for start in range(0, len(prompts), args.max_batch):  # the verifier's own continuations, untimed
-        chunk = prompts[start : start + args.max_batch]
-        for prompt, row in zip(chunk, decode_baseline(verifier, chunk, settings, [0] * len(chunk)).rows, strict=True):
-            references[tuple(prompt)] = row.tokens
-    shapes = {size: sorted({1, *(k + 1 for k in args.ks)}) for size in buckets}
-    costs = measure_step_costs(verifier, [cost], prompts, settings, shapes, repeats=args.repeats)
+    verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, args.ks)
     batch_one_step_ms = 1000 * costs.verify_s[1][1]
     slo = SloConfig(tpot_ms=2 * batch_one_step_ms, attainment=0.99)
     results: dict = {"verify_ms": {b: {n: 1000 * s for n, s in c.items()} for b, c in costs.verify_s.items()},
@@ -285,19 +277,100 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     return results
 
 
-def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int, max_batch: int):
+def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int):
+    """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted."""
     settings = DecodeSettings(max_new_tokens=max(r.max_new_tokens for r in requests))
     watch = Stopwatch(verifier.devices)
+    schedule = ConstantK(k) if isinstance(k, int) else k
     if drafters:
-        decoder = SpeculativeDecoder(verifier, drafters, settings, ConstantK(k), watch)
+        policy = schedule if isinstance(schedule, LoadAwareK) else None
+        decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, watch, step_policy=policy)
     else:
         decoder = BaselineDecoder(verifier, settings, watch, read_ahead=False)
     names = [d.name for d in drafters]
 
     def make_row(request: EngineRequest):
-        return new_row(request.prompt_ids, request.seed, settings, names, k, k, request.max_new_tokens)
+        first, most = schedule.first, schedule.max_k
+        return new_row(request.prompt_ids, request.seed, settings, names, most, first, request.max_new_tokens)
 
     return serve(decoder, requests, make_row, max_batch, bool(verifier.graph_sizes))
+
+
+def _setup_oracle_load(args: argparse.Namespace, models: dict, ks: list[int]):
+    """The verifier and the oracle's cost model captured at every slot bucket, the prompts, each prompt's greedy
+    continuation (untimed; the oracle's references) and the step costs at feeds 1 and k + 1."""
+    buckets = slot_buckets(args.max_batch)
+    verifier = _verifier(args, models, range(1, max(ks) + 2))
+    cost = _cost_drafter(args, models, "oracle")
+    for member in (verifier, cost.model):
+        member.capture_graphs(buckets, args.prompt_len)
+    prompts = _prompts(args, args.distinct_prompts)
+    settings = DecodeSettings(max_new_tokens=args.new_tokens)
+    references = {}
+    for start in range(0, len(prompts), args.max_batch):
+        chunk = prompts[start : start + args.max_batch]
+        for prompt, row in zip(chunk, decode_baseline(verifier, chunk, settings, [0] * len(chunk)).rows, strict=True):
+            references[tuple(prompt)] = row.tokens
+    shapes = {size: sorted({1, *(k + 1 for k in ks)}) for size in buckets}
+    costs = measure_step_costs(verifier, [cost], prompts, settings, shapes, repeats=args.repeats)
+    return verifier, cost, prompts, references, costs
+
+
+def section_k_schedule(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
+    """k_schedule=load against the baseline and every fixed k, on the same trace at rates from idle to saturated.
+
+    At each rate, one Poisson trace is served --repeats times by every mode (the order rotated per repeat); a
+    LoadAwareK (k_max = the largest --ks) is built per rate, learns its acceptance in an untimed warm-up serve
+    and keeps learning, as `mode=load` does. Compared on TPOT p50 and p99 and E2EL p99: median [min, max].
+    """
+    k_max = max(args.ks)
+    verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, list(range(1, k_max + 1)))
+    modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
+    keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "occupancy_mean", "output_tokens_per_s")
+    results: dict = {"modes": modes, "k_max": k_max}
+    for alpha in args.alphas:
+        oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
+        oracle.set_references(references)
+        for rate in args.k_rates:
+            requests = _requests(args, rate, prompts)
+            schedule = LoadAwareK(costs, k_max)
+            warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
+            _serve(verifier, [oracle], warm, schedule, args.max_batch)
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+            chosen: list[int] = []
+            for repeat in range(args.repeats):
+                order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
+                for mode in order:
+                    k = schedule if mode == "load" else int(mode[1:]) if mode != "baseline" else 1
+                    served = _serve(verifier, [] if mode == "baseline" else [oracle], requests, k, args.max_batch)
+                    metrics = mode_metrics(served, "x")
+                    runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
+                    if mode == "load":
+                        chosen += [step.k for step in served.steps]
+            table = {mode: {key: spread([run[key] for run in runs[mode]]) for key in keys} for mode in modes}
+            fixed = [mode for mode in modes if mode.startswith("k")]
+            verdict = {}
+            for key in ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99"):
+                load_value = table["load"][key]["median"]
+                best = min(fixed, key=lambda mode, key=key: table[mode][key]["median"])
+                verdict[key] = {
+                    "load_over_baseline": load_value / table["baseline"][key]["median"],
+                    "best_fixed": best,
+                    "load_over_best_fixed": load_value / table[best][key]["median"],
+                }
+            results[f"alpha{alpha}_rate{rate:g}"] = {
+                "requests": len(requests),
+                "table": table,
+                "verdict": verdict,
+                "load_k_share": {k: chosen.count(k) / len(chosen) for k in sorted(set(chosen))} if chosen else {},
+                "alpha_estimate": schedule.alpha,
+                "off_path_steps": oracle.off_path_steps,
+            }
+            oracle.off_path_steps = 0
+            print(f"[k_schedule alpha={alpha} rate={rate:g}] {json.dumps(verdict)} k share "
+                  f"{results[f'alpha{alpha}_rate{rate:g}']['load_k_share']}", flush=True)  # fmt: skip
+            (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 def section_saturation(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
@@ -330,11 +403,17 @@ def section_saturation(args: argparse.Namespace, device: torch.device, models: d
             "device_step_ms_by_width": device_ms,
             "host_share_of_step": (scheduler["median"] - device_median) / device_median if device_ms else None,
         }
+        if rows == min(64, args.max_batch):  # where the host's time goes: one serve under cProfile
+            profiler = cProfile.Profile()
+            profiler.runcall(_serve, verifier, [], requests, 1, args.max_batch)
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            results[f"rows{rows}"]["host_profile"] = text.getvalue().splitlines()
         print(f"[saturation rows={rows}] {json.dumps(results[f'rows{rows}'], default=str)[:600]}", flush=True)
     return results
 
 
-SECTIONS = ("checks", "sampled_step", "load", "saturation")
+SECTIONS = ("checks", "sampled_step", "load", "k_schedule", "saturation")
 
 
 def main() -> None:
@@ -355,11 +434,14 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=384)
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k-rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 256.0],
+                        help="k_schedule: the request rates (idle to saturated)")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.prompt_len, args.new_tokens, args.max_batch, args.probes, args.repeats = 12, 10, 4, 3, 1
         args.alphas, args.ks, args.rate_min, args.rate_max = [0.8], [2], 2.0, 200.0
         args.min_requests, args.max_requests, args.distinct_prompts, args.trace_seconds = 6, 12, 4, 1.0
+        args.k_rates = [5.0, 500.0]
     args.device = torch.device("cpu" if args.quick else "cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {
@@ -383,7 +465,7 @@ def main() -> None:
         begin = time.perf_counter()
         try:
             section = {"checks": section_checks, "sampled_step": section_sampled_step, "load": section_load,
-                       "saturation": section_saturation}[name]  # fmt: skip
+                       "k_schedule": section_k_schedule, "saturation": section_saturation}[name]  # fmt: skip
             report[name] = section(args, args.device) if name == "checks" else section(args, args.device, models)
         except Exception as error:  # one failing section must not lose the others
             report[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}

@@ -39,7 +39,7 @@ from specbench.engine.cached_model import PAD_TOKEN, CachedModel
 from specbench.engine.drafters import Drafter, Proposal, drafter_models
 from specbench.engine.results import BatchResult, DecodeResult, DrafterStats
 from specbench.engine.sampling import DecodeSettings, TokenChooser, stream_seed
-from specbench.engine.schedule import KSchedule
+from specbench.engine.schedule import KSchedule, StepPolicy
 from specbench.engine.timing import Stopwatch
 from specbench.engine.tree import DraftTree, build_tree, walk_greedy, walk_sampling_batch
 
@@ -199,8 +199,10 @@ class SpeculativeDecoder:
 
     With a thread `pool`, the drafters propose concurrently (each row draws from one seeded
     generator per drafter either way, so a seed gives the same output with or without the pool).
-    `k_for_step`, when given, sets every running row's k at the start of each step (a load-aware
-    schedule); otherwise each row keeps its own k from `schedule`.
+    `step_policy`, when given, sets every running row's k at the start of each step from the occupancy
+    (a load-aware schedule) and is told what each step took; otherwise each row keeps its own k from
+    `schedule`. A step it sets to k = 0 is a plain decode step, as the baseline's: no drafting, no tree, no
+    acceptance walk (the drafters read the skipped tokens at their next proposal).
     """
 
     def __init__(
@@ -211,7 +213,7 @@ class SpeculativeDecoder:
         schedule: KSchedule,
         watch: Stopwatch,
         pool: ThreadPoolExecutor | None = None,
-        k_for_step: Callable[[int], int] | None = None,
+        step_policy: StepPolicy | None = None,
     ) -> None:
         self.verifier = verifier
         self.drafters = drafters
@@ -219,7 +221,7 @@ class SpeculativeDecoder:
         self.schedule = schedule
         self.watch = watch
         self.pool = pool
-        self.k_for_step = k_for_step
+        self.step_policy = step_policy
         self.rows: list[Row | None] = []
 
     @property
@@ -272,13 +274,16 @@ class SpeculativeDecoder:
     def step(self) -> StepReport:
         """Draft, verify, accept and commit once for every running row."""
         rows = [row if row is not None and not row.finished else None for row in self.rows]
-        if self.k_for_step is not None:
-            k = self.k_for_step(sum(row is not None for row in rows))
+        occupancy = sum(row is not None for row in rows)
+        if self.step_policy is not None:
+            k = self.step_policy.k_for_step(occupancy)
             for row in rows:
                 if row is not None:
                     row.k = k
+            if k == 0:
+                return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
-        proposals = _draft(self.drafters, rows, depths, self.pool, self.watch)
+        proposals, draft_s = _draft(self.drafters, rows, depths, self.pool, self.watch)
         trees = [
             None if row is None else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
             for row, row_proposals in zip(rows, proposals, strict=True)
@@ -288,7 +293,9 @@ class SpeculativeDecoder:
         emitted = _commit(self.verifier, rows, trees, outcomes, self.settings)
         if self.settings.logprobs:
             _collect_step_logprobs(self.settings, rows, logits, outcomes, emitted)
-        _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
+        verify_s = _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
+        if self.step_policy is not None:
+            self.step_policy.observe_step(max(depths), occupancy, draft_s + verify_s)
         took_part = [row for row in rows if row is not None]
         return StepReport(
             emitted=[(row, count) for row, count in zip(rows, emitted, strict=True) if row is not None],
@@ -296,6 +303,29 @@ class SpeculativeDecoder:
             proposed=sum(row.result.offered_per_step[-1] for row in took_part),
             accepted=sum(row.result.accepted_per_step[-1] for row in took_part),
         )
+
+    def _plain_step(self, rows: list[Row | None], occupancy: int) -> StepReport:
+        """One verifier call for every running row, each emitting one token, as the baseline's step."""
+        self.watch.mark()
+        last = torch.tensor([row.tokens[-1] if row else PAD_TOKEN for row in rows], device=self.verifier.device)
+        fed = [row is not None for row in rows]
+        logits = self.verifier.forward(last[:, None], fed)[:, -1]
+        tokens = _choose(rows, logits)
+        _collect_logprobs(self.settings, rows, logits[:, None], tokens[:, None], [int(feeds) for feeds in fed])
+        emitted, finishing = [], []
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if row is not None:
+                count = row.emit([token], self.settings)
+                _record_step(row.result, k=0, depth=0, offered=0, accepted=0)
+                emitted.append((row, count))
+                if row.finished:
+                    finishing.append(row)
+        seconds = self.watch.lap()
+        for row, _ in emitted:
+            row.result.verify_time_s += seconds
+        _record_latency(finishing, self.watch)
+        self.step_policy.observe_step(0, occupancy, seconds)
+        return StepReport(emitted)
 
 
 def decode_baseline(
@@ -476,8 +506,9 @@ def _draft(
     depths: list[int],
     pool: ThreadPoolExecutor | None,
     watch: Stopwatch,
-) -> list[list[Proposal]]:
-    """Every drafter's proposal for every row, as [row][drafter] (in parallel threads with a pool)."""
+) -> tuple[list[list[Proposal]], float]:
+    """Every drafter's proposal for every row, as [row][drafter] (in parallel threads with a pool), and the
+    phase's seconds."""
     watch.mark()
     contexts = [row.tokens if row is not None else [] for row in rows]
     choosers = [[row and row.draft_choosers[index] for row in rows] for index in range(len(drafters))]
@@ -497,7 +528,7 @@ def _draft(
             row.result.draft_time_s += phase_s
             for drafter, (_, seconds) in zip(drafters, drafted, strict=True):
                 row.result.drafters[drafter.name].draft_time_s += seconds
-    return [[proposals[index] for proposals, _ in drafted] for index in range(len(rows))]
+    return [[proposals[index] for proposals, _ in drafted] for index in range(len(rows))], phase_s
 
 
 def _verify(verifier: CachedModel, trees: list[DraftTree | None]) -> torch.Tensor:
@@ -563,8 +594,9 @@ def _end_step(
     depths: list[int],
     schedule: KSchedule,
     watch: Stopwatch,
-) -> None:
-    """Close the verify phase's timing, count the step for each row that took part, and set its next k."""
+) -> float:
+    """Close the verify phase's timing, count the step for each row that took part, and set its next k; return
+    the verify phase's seconds."""
     verify_s = watch.lap()
     finishing = []
     for row, tree, outcome, count, depth in zip(rows, trees, outcomes, emitted, depths, strict=True):
@@ -577,6 +609,7 @@ def _end_step(
         if row.finished:
             finishing.append(row)
     _record_latency(finishing, watch)
+    return verify_s
 
 
 def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], emitted: int, k: int, depth: int) -> int:
@@ -590,14 +623,7 @@ def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], emitted:
     cut = emitted <= len(path)  # the row stopped on one of the accepted drafts
     offered = emitted if cut else longest
     emitted_path = path[:emitted]
-    result.verifier_calls += 1
-    result.steps += 1
-    result.k_per_step.append(k)
-    result.depth_per_step.append(depth)
-    result.offered_per_step.append(offered)
-    result.accepted_per_step.append(len(emitted_path))
-    result.proposed += offered
-    result.accepted += len(emitted_path)
+    _record_step(result, k, depth, offered, len(emitted_path))
     for position in range(offered):
         result.proposed_by_position[position] += 1
         result.accepted_by_position[position] += position < len(emitted_path)
@@ -609,6 +635,18 @@ def _count_step(result: DecodeResult, tree: DraftTree, path: list[int], emitted:
         stats.accepted += shared
         stats.wins += bool(emitted_path) and shared == len(emitted_path)
     return offered
+
+
+def _record_step(result: DecodeResult, k: int, depth: int, offered: int, accepted: int) -> None:
+    """Append one verifier step to a row's per-step counts."""
+    result.verifier_calls += 1
+    result.steps += 1
+    result.k_per_step.append(k)
+    result.depth_per_step.append(depth)
+    result.offered_per_step.append(offered)
+    result.accepted_per_step.append(accepted)
+    result.proposed += offered
+    result.accepted += accepted
 
 
 def _record_latency(finishing: list[Row], watch: Stopwatch, seconds: float | None = None, wait: bool = True) -> None:

@@ -25,6 +25,16 @@ class KSchedule(Protocol):
         """k for the next step, after a step that asked for k, offered `offered` and had `accepted` accepted."""
 
 
+class StepPolicy(Protocol):
+    """A draft length for a whole step, chosen from the batch's occupancy (every running row drafts it)."""
+
+    def k_for_step(self, occupancy: int) -> int:
+        """k for the next step of `occupancy` running rows (0: a plain decode step)."""
+
+    def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
+        """What a step at `k` with `occupancy` running rows took."""
+
+
 @dataclass(frozen=True)
 class ConstantK:
     """The same k at every step."""

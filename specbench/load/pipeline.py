@@ -121,8 +121,8 @@ def serve_mode(cfg: SpecBenchConfig, setup: RunSetup, mode: str, requests: list[
     if mode == "baseline":
         decoder = BaselineDecoder(verifier, setup.settings, watch, read_ahead=False)
     else:
-        k_for_step = schedule.k_for_step if isinstance(schedule, LoadAwareK) else None
-        decoder = SpeculativeDecoder(verifier, setup.drafters, setup.settings, schedule, watch, setup.pool, k_for_step)
+        policy = schedule if isinstance(schedule, LoadAwareK) else None
+        decoder = SpeculativeDecoder(verifier, setup.drafters, setup.settings, schedule, watch, setup.pool, policy)
 
     def make_row(request: EngineRequest):
         first_k, limit = schedule.first, request.max_new_tokens
