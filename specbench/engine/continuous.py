@@ -8,7 +8,9 @@ speculative decoding), the same way for both:
 - Joining is a prefill of the new rows alone (`CachedModel.admit`), then their first
   token: the running rows wait for it, so every running row's next inter-token latency
   includes that prefill (no chunked prefill; a join of n prompt tokens costs about one
-  n-token forward of the verifier, and of each model drafter).
+  n-token forward of the verifier). Under speculation the drafters read the joined rows at
+  the next step that drafts, so a run of plain steps (k = 0 under `k_schedule=load`) does
+  not pay for them.
 - A row leaves as soon as it finishes: its slot takes the next request, and its cache
   columns become holes that compaction removes.
 - Slots: under CUDA graphs the batch has a bucketed number of slots (powers of two, and

@@ -223,6 +223,7 @@ class SpeculativeDecoder:
         self.pool = pool
         self.step_policy = step_policy
         self.rows: list[Row | None] = []
+        self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
 
     @property
     def running(self) -> list[Row]:
@@ -233,28 +234,47 @@ class SpeculativeDecoder:
         """Prefill `rows` into `slots` in the verifier (first tokens) and in every drafter.
 
         Into an empty batch of `batch_size` slots (default: just enough), the verifier and drafters start
-        over (`reset`, `prefill`); into a running one, they `admit`.
+        over (`reset`, `prefill`). Into a running one, the verifier admits the rows now and the drafters at
+        the next step that drafts: plain steps (k = 0) never pay for them.
         """
         fresh = not self.running
         if fresh:
             self.rows = [None] * (batch_size or max(slots) + 1)
+            self._unread = set()
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
         _prefill(self.verifier, rows, slots, self.settings, self.watch)
-        live = [(row, slot) for row, slot in zip(rows, slots, strict=True) if not row.finished]
+        live = [slot for row, slot in zip(rows, slots, strict=True) if not row.finished]
         if not live:
             return
-        self.watch.mark()
-        for drafter in self.drafters:
-            if fresh:
+        if fresh:
+            self.watch.mark()
+            for drafter in self.drafters:
                 drafter.reset(len(self.rows))
                 drafter.prefill([row.tokens if row is not None and not row.finished else [] for row in self.rows])
-            else:
-                drafter.admit([slot for _, slot in live], [row.tokens for row, _ in live], len(self.rows))
+                seconds = self.watch.lap()
+                for row in rows:
+                    row.result.drafters[drafter.name].prefill_s = seconds
+        else:
+            self._unread.update(live)
+
+    def _read_joined(self) -> float:
+        """The drafters read the rows that joined since their last proposal (their prompt and first tokens);
+        return the seconds it took."""
+        slots = sorted(slot for slot in self._unread if self.rows[slot] is not None)
+        self._unread = set()
+        if not slots:
+            return 0.0
+        self.watch.mark()
+        total = 0.0
+        for drafter in self.drafters:
+            drafter.admit(slots, [self.rows[slot].tokens for slot in slots], len(self.rows))
             seconds = self.watch.lap()
-            for row, _ in live:
-                row.result.drafters[drafter.name].prefill_s = seconds
+            total += seconds
+            for slot in slots:
+                self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
+        return total
 
     def keep_rows(self, order: list[int | None]) -> None:
         """Re-form the batch between steps: new slot i holds old slot `order[i]` (None: an empty slot)."""
@@ -262,6 +282,7 @@ class SpeculativeDecoder:
         for drafter in self.drafters:
             drafter.keep_rows(order)
         self.rows = [None if slot is None else self.rows[slot] for slot in order]
+        self._unread = {new for new, old in enumerate(order) if old is not None and old in self._unread}
 
     def release(self, slots: list[int]) -> None:
         """Free the slots of finished rows in the verifier and every drafter."""
@@ -270,6 +291,7 @@ class SpeculativeDecoder:
             drafter.remove_rows(slots)
         for slot in slots:
             self.rows[slot] = None
+        self._unread -= set(slots)
 
     def step(self) -> StepReport:
         """Draft, verify, accept and commit once for every running row."""
@@ -283,6 +305,7 @@ class SpeculativeDecoder:
             if k == 0:
                 return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
+        joined_s = self._read_joined()
         proposals, draft_s = _draft(self.drafters, rows, depths, self.pool, self.watch)
         trees = [
             None if row is None else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
@@ -295,7 +318,7 @@ class SpeculativeDecoder:
             _collect_step_logprobs(self.settings, rows, logits, outcomes, emitted)
         verify_s = _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
         if self.step_policy is not None:
-            self.step_policy.observe_step(max(depths), occupancy, draft_s + verify_s)
+            self.step_policy.observe_step(max(depths), occupancy, joined_s + draft_s + verify_s)
         took_part = [row for row in rows if row is not None]
         return StepReport(
             emitted=[(row, count) for row, count in zip(rows, emitted, strict=True) if row is not None],
