@@ -254,8 +254,8 @@ class SpeculativeDecoder:
                 drafter.reset(len(self.rows))
                 drafter.prefill([row.tokens if row is not None and not row.finished else [] for row in self.rows])
                 seconds = self.watch.lap()
-                for row in rows:
-                    row.result.drafters[drafter.name].prefill_s = seconds
+                for slot in live:
+                    self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
         else:
             self._unread.update(live)
 
