@@ -361,10 +361,12 @@ def test_llama_cpp_server_plain_and_with_prompt_lookup_serve_the_binding_s_own_g
 def test_llama_cpp_server_cuts_streams_short_unless_told_not_to_and_the_client_counts_it(gguf, tmp_path):
     # by default llama-cpp-python's server ends a stream ([DONE], no finish_reason) when another request arrives
     with started_server(llama_cpp_cmd(gguf), "baseline", None, tmp_path / "server.log", 120) as server:
-        together = [TraceRequest(index, 0.0, index % 2) for index in range(2)]
-        result = replay(server.base_url, together, PROMPTS, RequestSettings("tiny", MAX_TOKENS), tmp_path / "r.jsonl")
+        # the first streams 200 tokens (it has not finished when the second arrives, however busy the machine)
+        overlapping = [TraceRequest(0, 0.0, 0, max_new_tokens=200), TraceRequest(1, 0.02, 1)]
+        settings = RequestSettings("tiny", MAX_TOKENS)
+        result = replay(server.base_url, overlapping, PROMPTS, settings, tmp_path / "r.jsonl")
     errors = [request.error for request in result.requests]
-    assert any(error and "without a finish_reason" in error for error in errors), errors
+    assert errors[0] and "without a finish_reason" in errors[0], errors
 
 
 # --- settings ---------------------------------------------------------------------------------------------------
