@@ -63,24 +63,10 @@ from specbench.load.metrics import load_metrics, mode_metrics
 from specbench.load.model import predicted_crossover_rate
 from specbench.load.trace import arrival_times
 from specbench.speedup_model import iid_acceptance
-from specbench.testing import make_model
+from specbench.testing import StepClock, make_model
 
 TOKENIZER_VOCAB = 50257
 FAVOURED_TOKEN, FAVOURED_BIAS = 100, 100.0  # random logits have a spread of about 1.3: this token always wins
-
-
-class StepClock:
-    """One unit per reading (the checks: joins at fixed steps, whatever the machine's speed)."""
-
-    def __init__(self) -> None:
-        self.time = 0.0
-
-    def now(self) -> float:
-        self.time += 1.0
-        return self.time
-
-    def wait_until(self, seconds: float) -> None:
-        self.time = max(self.time, seconds)
 
 
 def section_checks(args: argparse.Namespace, device: torch.device) -> dict:

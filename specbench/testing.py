@@ -116,30 +116,14 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
             **common,
         )
         return GPTJForCausalLM(config).eval()
+    # Llama and Qwen2 share a shape: grouped-query attention, 4 query heads over 2 key/value heads
+    grouped = {"vocab_size": vocab_size, "max_position_embeddings": context, "hidden_size": 32,
+               "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+               "num_key_value_heads": 2, **common}  # fmt: skip
     if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            max_position_embeddings=context,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        return LlamaForCausalLM(config).eval()
+        return LlamaForCausalLM(LlamaConfig(**grouped)).eval()
     if arch == "qwen2":
-        config = Qwen2Config(
-            vocab_size=vocab_size,
-            max_position_embeddings=context,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.2,
-            **common,
-        )
+        config = Qwen2Config(initializer_range=0.2, **grouped)
         model = Qwen2ForCausalLM(config).eval()
         with torch.no_grad():
             for layer in model.model.layers:
@@ -147,6 +131,21 @@ def make_model(arch: str, vocab_size: int, seed: int, layers: int = 2, context: 
                     projection.bias.normal_()
         return model
     raise ValueError(arch)
+
+
+class StepClock:
+    """A scheduler clock that advances one unit at every reading, and jumps ahead when the scheduler waits:
+    which requests join which step of `engine.continuous.serve` is then fixed by their arrival times."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def now(self) -> float:
+        self.time += 1.0
+        return self.time
+
+    def wait_until(self, seconds: float) -> None:
+        self.time = max(self.time, seconds)
 
 
 def untie_head(model: PreTrainedModel, seed: int) -> PreTrainedModel:

@@ -17,7 +17,7 @@ from specbench.engine.continuous import serve, slot_buckets
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, decode_baseline, new_row
 from specbench.engine.results import EngineRequest
 from specbench.engine.timing import Stopwatch
-from specbench.testing import make_model, one_torch_thread, untie_head
+from specbench.testing import StepClock, make_model, one_torch_thread, untie_head
 from tests.test_sampling_law import PROMPT as LAW_PROMPT
 from tests.test_sampling_law import SETTINGS as SAMPLING
 from tests.test_sampling_law import WRONG_LAWS, ExactLaw, pit_p_value, tiny_model, warped_law
@@ -34,20 +34,6 @@ PROMPTS = [
     [61, 5, 17, 42, 99, 7],
     [3, 3, 3, 8],
 ]
-
-
-class StepClock:
-    """A clock that advances one unit at every reading, and jumps ahead when the scheduler waits."""
-
-    def __init__(self) -> None:
-        self.time = 0.0
-
-    def now(self) -> float:
-        self.time += 1.0
-        return self.time
-
-    def wait_until(self, seconds: float) -> None:
-        self.time = max(self.time, seconds)
 
 
 # (arrival, prompt, max_new_tokens): 7 requests, at most 3 running; requests 4-6 queue behind a full batch
