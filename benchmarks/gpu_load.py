@@ -217,49 +217,48 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     results: dict = {"verify_ms": {b: {n: 1000 * s for n, s in c.items()} for b, c in costs.verify_s.items()},
                      "draft_ms": {b: 1000 * sum(c.values()) for b, c in costs.draft_s.items()},
                      "slo_tpot_ms": slo.tpot_ms}  # fmt: skip
-    for alpha in args.alphas:
-        for k in args.ks:
-            oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
-            oracle.set_references(references)
-            probes, measured = [], {}
+    for search, alpha, k in itertools.product(range(1, args.searches + 1), args.alphas, args.ks):
+        oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
+        oracle.set_references(references)
+        probes, measured = [], {}
 
-            def probe(rate: float, oracle=oracle, k=k, alpha=alpha, measured=measured):
-                requests = _requests(args, rate, prompts)
-                served = {}
-                for mode in ("baseline", "spec"):
-                    served[mode] = _serve(verifier, [oracle] if mode == "spec" else [], requests, k, args.max_batch)
-                metrics = load_metrics(served, slo)
-                steps = [a for r in served["spec"].results for o, a in
-                         zip(r.offered_per_step, r.accepted_per_step, strict=True) if o == k]  # fmt: skip
-                metrics["alpha_iid"] = iid_acceptance(statistics.mean(steps), k) if steps else float("nan")
-                metrics["requests"] = len(requests)
-                metrics["off_path_steps"] = oracle.off_path_steps
-                metrics["disagreements"] = sum(
-                    a.tokens != b.tokens for a, b in zip(served["baseline"].requests, served["spec"].requests,
-                                                         strict=True))  # fmt: skip
-                oracle.off_path_steps = 0
-                measured[rate] = {key: value for key, value in metrics.items() if not key.startswith("itl")}
-                print(f"[load alpha={alpha} k={k}] rate {rate:.3g}: tpot_p99_ratio {metrics.get('tpot_p99_ratio')}"
-                      f" occupancy {metrics.get('occupancy_mean_spec'):.1f}", flush=True)  # fmt: skip
-                return probe_from_metrics(rate, metrics, CrossoverMetric.tpot_p99)
+        def probe(rate: float, oracle=oracle, k=k, alpha=alpha, measured=measured):
+            requests = _requests(args, rate, prompts)
+            served = {}
+            for mode in ("baseline", "spec"):
+                served[mode] = _serve(verifier, [oracle] if mode == "spec" else [], requests, k, args.max_batch)
+            metrics = load_metrics(served, slo)
+            steps = [a for r in served["spec"].results for o, a in
+                     zip(r.offered_per_step, r.accepted_per_step, strict=True) if o == k]  # fmt: skip
+            metrics["alpha_iid"] = iid_acceptance(statistics.mean(steps), k) if steps else float("nan")
+            metrics["requests"] = len(requests)
+            metrics["off_path_steps"] = oracle.off_path_steps
+            metrics["disagreements"] = sum(
+                a.tokens != b.tokens for a, b in zip(served["baseline"].requests, served["spec"].requests,
+                                                     strict=True))  # fmt: skip
+            oracle.off_path_steps = 0
+            measured[rate] = {key: value for key, value in metrics.items() if not key.startswith("itl")}
+            print(f"[load alpha={alpha} k={k}] rate {rate:.3g}: tpot_p99_ratio {metrics.get('tpot_p99_ratio')}"
+                  f" occupancy {metrics.get('occupancy_mean_spec'):.1f}", flush=True)  # fmt: skip
+            return probe_from_metrics(rate, metrics, CrossoverMetric.tpot_p99)
 
-            crossover = find_crossover(probe, CrossoverMetric.tpot_p99, args.rate_min, args.rate_max, args.probes)
-            probes = crossover.probes
-            fitted = [m["alpha_iid"] for m in measured.values() if math.isfinite(m["alpha_iid"])]
-            prefill_s = measured[min(measured)]["ttft_ms_p50_baseline"] / 1000  # the idlest probe: its prefill
-            predicted = predicted_crossover_rate(
-                costs, statistics.median(fitted), k, args.new_tokens, prefill_s, args.max_batch, args.rate_min,
-                args.rate_max,
-            ) if fitted else None  # fmt: skip
-            results[f"alpha{alpha}_k{k}"] = {
-                "crossover": crossover_metrics(crossover, slo.attainment),
-                "message": crossover.message,
-                "predicted_crossover_rate": predicted,
-                "alpha_fitted": fitted,
-                "probes": {f"{p.rate:.4g}": measured[p.rate] for p in probes},
-            }
-            print(f"[load alpha={alpha} k={k}] {crossover.message} predicted {predicted}", flush=True)
-            (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
+        crossover = find_crossover(probe, CrossoverMetric.tpot_p99, args.rate_min, args.rate_max, args.probes)
+        probes = crossover.probes
+        fitted = [m["alpha_iid"] for m in measured.values() if math.isfinite(m["alpha_iid"])]
+        prefill_s = measured[min(measured)]["ttft_ms_p50_baseline"] / 1000  # the idlest probe: its prefill
+        predicted = predicted_crossover_rate(
+            costs, statistics.median(fitted), k, args.new_tokens, prefill_s, args.max_batch, args.rate_min,
+            args.rate_max,
+        ) if fitted else None  # fmt: skip
+        results[f"alpha{alpha}_k{k}" + (f"_search{search}" if args.searches > 1 else "")] = {
+            "crossover": crossover_metrics(crossover, slo.attainment),
+            "message": crossover.message,
+            "predicted_crossover_rate": predicted,
+            "alpha_fitted": fitted,
+            "probes": {f"{p.rate:.4g}": measured[p.rate] for p in probes},
+        }
+        print(f"[load alpha={alpha} k={k}] {crossover.message} predicted {predicted}", flush=True)
+        (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
 
@@ -324,6 +323,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             _serve(verifier, [oracle], warm, schedule, args.max_batch)
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             chosen: list[int] = []
+            switches: list[int] = []
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
@@ -332,7 +332,9 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                     metrics = mode_metrics(served, "x")
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
                     if mode == "load":
-                        chosen += [step.k for step in served.steps]
+                        ks = [step.k for step in served.steps]
+                        chosen += ks
+                        switches.append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
             table = {mode: {key: spread([run[key] for run in runs[mode]]) for key in keys} for mode in modes}
             fixed = [mode for mode in modes if mode.startswith("k")]
             verdict = {}
@@ -349,6 +351,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 "table": table,
                 "verdict": verdict,
                 "load_k_share": {k: chosen.count(k) / len(chosen) for k in sorted(set(chosen))} if chosen else {},
+                "load_switches_to_drafting": switches,
                 "alpha_estimate": schedule.alpha,
                 "off_path_steps": oracle.off_path_steps,
             }
@@ -420,6 +423,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=384)
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--searches", type=int, default=1, help="load: run each crossover search this many times")
     parser.add_argument("--k-rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 256.0],
                         help="k_schedule: the request rates (idle to saturated)")  # fmt: skip
     args = parser.parse_args()

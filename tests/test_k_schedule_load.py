@@ -8,10 +8,12 @@ import pytest
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter
 from specbench.engine.costs import StepCosts
 from specbench.engine.decode import SpeculativeDecoder
+from specbench.engine.sampling import TokenChooser
+from specbench.engine.schedule import StepState
 from specbench.engine.timing import Stopwatch
 from specbench.load.k_schedule import RATIO_WINDOW, LoadAwareK
 from specbench.testing import make_model, one_torch_thread
-from tests.test_continuous import VOCAB, alone, requests, served
+from tests.test_continuous import PROMPTS, VOCAB, alone, requests, served
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
@@ -22,32 +24,62 @@ COSTS = StepCosts(
 )
 
 
-def expected_rate(alpha: float, k: int, step_s: float) -> float:
-    return sum(alpha**i for i in range(k + 1)) / step_s
+def seconds_per_token(alpha: float, k: int, step_s: float) -> float:
+    return step_s / sum(alpha**i for i in range(k + 1))
+
+
+def caught_up(occupancy: int) -> StepState:
+    """A batch whose drafters have read everything (right after a drafting step), rows 64 tokens from their end."""
+    return StepState(occupancy, unread_tokens=0, remaining_tokens=64)
 
 
 def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
     schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
     assert schedule.alpha == pytest.approx(0.8)
     # one row: k=2 yields 2.44 tokens in 1.3 s, k=1 1.8 in 1.15 s, k=0 1 in 1 s
-    assert schedule.expected_tokens_per_s(2, 1) == pytest.approx(expected_rate(0.8, 2, 2 * 0.1 + 1.1))
-    assert schedule.k_for_step(1) == 2
+    assert schedule.seconds_per_token(2, caught_up(1)) == pytest.approx(seconds_per_token(0.8, 2, 2 * 0.1 + 1.1))
+    assert schedule.k_for_step(caught_up(1)) == 2
     # 64 rows: k=1 yields 1.8 tokens in 4.2 s, k=0 1 token in 2 s
-    assert schedule.expected_tokens_per_s(1, 64) == pytest.approx(expected_rate(0.8, 1, 0.2 + 4.0))
-    assert schedule.k_for_step(64) == 0
+    assert schedule.seconds_per_token(1, caught_up(64)) == pytest.approx(seconds_per_token(0.8, 1, 0.2 + 4.0))
+    assert schedule.k_for_step(caught_up(64)) == 0
 
 
-def test_measured_steps_correct_the_surface_where_they_were_taken():
+def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
     schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
     for _ in range(3):  # steps at k=2 take twice what the surface says, at 1 row
         schedule.observe_step(2, 1, 2 * schedule.modelled_step_s(2, 1))
-    assert schedule.correction(2, 1) == pytest.approx(1 + 3 / 4)  # (1 + 2 + 2 + 2) / 4
-    assert schedule.correction(1, 1) == schedule.correction(2, 2) == 1.0  # other cells keep the surface
-    assert schedule.k_for_step(1) == 1  # 1.8 / 1.15 beats 2.44 / (1.75 x 1.3)
+    assert schedule.correction(2, 1) == pytest.approx(2.0)
+    assert schedule.correction(2, 2) == pytest.approx(2.0)  # a bucket not yet run borrows the nearest one's
+    assert schedule.correction(1, 1) == 1.0  # a k never run keeps the surface
+    assert schedule.k_for_step(caught_up(1)) == 1  # 1.15 / 1.8 s a token beats 2 x 1.3 / 2.44
+    schedule.observe_step(2, 64, schedule.modelled_step_s(2, 64))
+    assert schedule.correction(2, 64) == pytest.approx(1.0)
+    assert schedule.correction(2, 32) == pytest.approx(1.0)  # nearer to 64's bucket than to 1's
     for _ in range(3 * RATIO_WINDOW):  # the mean follows the recent steps, at most RATIO_WINDOW of them
         schedule.observe_step(2, 1, schedule.modelled_step_s(2, 1))
     assert schedule.correction(2, 1) == pytest.approx(1.0, abs=0.02)  # (1 - 1/32)^94 of the excess is left
-    assert schedule.k_for_step(1) == 2
+    assert schedule.k_for_step(caught_up(1)) == 2
+
+
+def test_the_read_cost_is_fitted_to_the_reads_and_a_size_alone_is_scaled():
+    schedule = LoadAwareK(COSTS, k_max=2)
+    assert schedule.read_s(100) == 0.0  # nothing read yet: switching looks free
+    schedule.observe_read(10, 0.2)
+    assert schedule.read_s(20) == pytest.approx(0.4)  # one size: proportional
+    for tokens in (10, 50, 200, 10, 50):  # R(u) = 0.1 + 0.01 u
+        schedule.observe_read(tokens, 0.1 + 0.01 * tokens)
+    assert schedule.read_s(100) == pytest.approx(1.1, rel=0.02)  # the first read, 0.2 at 10, weighs in a little
+
+
+def test_a_plain_run_is_left_only_when_drafting_earns_back_the_reading_it_skipped():
+    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    schedule.observe_read(100, 10.0)  # reading 100 skipped tokens takes 10 s
+    behind = StepState(occupancy=1, unread_tokens=100, remaining_tokens=20)
+    # drafting saves 1 - 1.3 / 2.44 = 0.47 s a token; over 20 tokens that is 9.3 s, less than the 10 s read
+    assert schedule.k_for_step(behind) == 0
+    assert schedule.seconds_per_token(2, behind) == pytest.approx(1.3 / 2.44 + 10 / 20)
+    assert schedule.k_for_step(StepState(1, unread_tokens=100, remaining_tokens=40)) == 2  # 18.7 s saved
+    assert schedule.k_for_step(caught_up(1)) == 2
 
 
 def test_acceptance_is_learned_from_rows_steps():
@@ -55,21 +87,43 @@ def test_acceptance_is_learned_from_rows_steps():
     for _ in range(200):
         schedule.next(2, 0, 2)  # every draft rejected
     assert schedule.alpha < 0.05
-    assert schedule.k_for_step(1) == 0
+    assert schedule.k_for_step(caught_up(1)) == 0
+
+
+def test_the_drafter_reads_skipped_tokens_so_that_it_proposes_as_if_it_had_never_skipped():
+    model = make_model("llama", VOCAB, seed=2, layers=1)
+    contexts = [PROMPTS[0][:8], PROMPTS[3], PROMPTS[1]]
+    skipping = ModelDrafter("skipping", CachedModel(model, VOCAB))
+    skipping.prefill(contexts)
+    grown = [context + [11, 12, 13][: 3 - row] for row, context in enumerate(contexts)]  # 3, 2 and 1 tokens skipped
+    skipping.catch_up([grown[0], [], grown[2]])  # the empty row is not read
+    assert skipping.model.lengths == [len(grown[0]) - 1, len(contexts[1]) - 1, len(grown[2]) - 1]
+    fresh = ModelDrafter("fresh", CachedModel(model, VOCAB))
+    fresh.prefill(grown)
+    greedy = [TokenChooser(DecodeSettings(3), seed) for seed in range(3)]
+    assert [p.tokens for p in skipping.propose(grown, [3, 3, 3], greedy)] == [
+        p.tokens for p in fresh.propose(grown, [3, 3, 3], greedy)
+    ]
+
+
+FRESH_BATCHES = 2  # the trace's last request arrives after the batch has emptied: it starts a second batch
 
 
 class ScriptedPolicy:
-    """k per step from a script (0: plain steps), and the steps it was told about."""
+    """k per step from a script (0: plain steps), and the steps and reads it was told about."""
 
     def __init__(self, ks: list[int]) -> None:
-        self.ks, self.calls, self.observed = ks, 0, []
+        self.ks, self.states, self.observed, self.reads = ks, [], [], []
 
-    def k_for_step(self, occupancy: int) -> int:
-        self.calls += 1
-        return self.ks[(self.calls - 1) % len(self.ks)]
+    def k_for_step(self, state: StepState) -> int:
+        self.states.append(state)
+        return self.ks[(len(self.states) - 1) % len(self.ks)]
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         self.observed.append((k, occupancy, seconds))
+
+    def observe_read(self, tokens: int, seconds: float) -> None:
+        self.reads.append((tokens, seconds))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -95,3 +149,11 @@ def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch
     assert plain and all(step.proposed == step.accepted == 0 for step in plain)
     drafting = [step for step in result.steps if step.k > 0]
     assert all(step.accepted == step.proposed > 0 for step in drafting)
+    # after a drafting step nothing is left unread; each switch back to drafting read what plain steps skipped,
+    # priced apart from its step (the other reads are the drafters' prefills of a fresh batch)
+    ks = [k for k, _, _ in policy.observed]
+    after_drafting = [state for previous, state in zip(ks[:-1], policy.states[1:], strict=True) if previous > 0]
+    assert after_drafting and all(state.unread_tokens == 0 for state in after_drafting)
+    switches = [state for k, state in zip(ks, policy.states, strict=True) if k > 0 and state.unread_tokens]
+    assert switches and len(policy.reads) == len(switches) + FRESH_BATCHES
+    assert all(tokens > 0 and seconds >= 0 for tokens, seconds in policy.reads)

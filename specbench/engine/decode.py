@@ -39,7 +39,7 @@ from specbench.engine.cached_model import PAD_TOKEN, CachedModel
 from specbench.engine.drafters import Drafter, Proposal, drafter_models
 from specbench.engine.results import BatchResult, DecodeResult, DrafterStats
 from specbench.engine.sampling import DecodeSettings, TokenChooser, stream_seed
-from specbench.engine.schedule import KSchedule, StepPolicy
+from specbench.engine.schedule import KSchedule, StepPolicy, StepState
 from specbench.engine.timing import Stopwatch
 from specbench.engine.tree import DraftTree, build_tree, walk_greedy, walk_sampling_batch
 
@@ -199,10 +199,11 @@ class SpeculativeDecoder:
 
     With a thread `pool`, the drafters propose concurrently (each row draws from one seeded
     generator per drafter either way, so a seed gives the same output with or without the pool).
-    `step_policy`, when given, sets every running row's k at the start of each step from the occupancy
+    `step_policy`, when given, sets every running row's k at the start of each step from the batch's state
     (a load-aware schedule) and is told what each step took; otherwise each row keeps its own k from
     `schedule`. A step it sets to k = 0 is a plain decode step, as the baseline's: no drafting, no tree, no
-    acceptance walk (the drafters read the skipped tokens at their next proposal).
+    acceptance walk. The drafters sit it out: at the next step that drafts they first read, in one forward
+    each, the tokens they skipped and the rows that joined meanwhile (timed apart, as the price of the switch).
     """
 
     def __init__(
@@ -224,6 +225,7 @@ class SpeculativeDecoder:
         self.step_policy = step_policy
         self.rows: list[Row | None] = []
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
+        self._plain_run = 0  # plain steps since the drafters last drafted
 
     @property
     def running(self) -> list[Row]:
@@ -240,7 +242,7 @@ class SpeculativeDecoder:
         fresh = not self.running
         if fresh:
             self.rows = [None] * (batch_size or max(slots) + 1)
-            self._unread = set()
+            self._unread, self._plain_run = set(), 0
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
@@ -256,6 +258,8 @@ class SpeculativeDecoder:
                 seconds = self.watch.lap()
                 for slot in live:
                     self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
+                if self.step_policy is not None:
+                    self.step_policy.observe_read(sum(len(self.rows[slot].tokens) - 1 for slot in live), seconds)
         else:
             self._unread.update(live)
 
@@ -274,6 +278,35 @@ class SpeculativeDecoder:
             total += seconds
             for slot in slots:
                 self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
+        return total
+
+    def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
+        """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""
+        running = [(slot, row) for slot, row in enumerate(rows) if row is not None]
+        unread = 0
+        if self._plain_run:  # right after a drafting step, only joins are unread: reading them is the step's own cost
+            unread = sum(
+                len(row.tokens) - 1 if slot in self._unread else min(self._plain_run, len(row.result.tokens))
+                for slot, row in running
+            )
+        remaining = sum(row.max_new_tokens - len(row.result.tokens) for _, row in running) / max(occupancy, 1)
+        return StepState(occupancy, unread, remaining)
+
+    def _catch_up(self, rows: list[Row | None]) -> float:
+        """The drafters read the tokens of the plain steps they sat out; return the seconds it took."""
+        self.watch.mark()
+        contexts = [row.tokens if row is not None else [] for row in rows]
+        total = 0.0
+        for drafter in self.drafters:
+            drafter.catch_up(contexts)
+            seconds = self.watch.lap()
+            total += seconds
+            for row in rows:
+                if row is not None:
+                    row.result.drafters[drafter.name].draft_time_s += seconds
+        for row in rows:
+            if row is not None:
+                row.result.draft_time_s += total
         return total
 
     def keep_rows(self, order: list[int | None]) -> None:
@@ -297,15 +330,18 @@ class SpeculativeDecoder:
         """Draft, verify, accept and commit once for every running row."""
         rows = [row if row is not None and not row.finished else None for row in self.rows]
         occupancy = sum(row is not None for row in rows)
+        behind = self._plain_run > 0  # the drafters sat out the last steps
         if self.step_policy is not None:
-            k = self.step_policy.k_for_step(occupancy)
+            state = self._state(rows, occupancy)
+            k = self.step_policy.k_for_step(state)
             for row in rows:
                 if row is not None:
                     row.k = k
             if k == 0:
+                self._plain_run += 1
                 return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
-        joined_s = self._read_joined()
+        read_s = self._read_joined() + (self._catch_up(rows) if behind else 0.0)
         proposals, draft_s = _draft(self.drafters, rows, depths, self.pool, self.watch)
         trees = [
             None if row is None else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
@@ -318,7 +354,11 @@ class SpeculativeDecoder:
             _collect_step_logprobs(self.settings, rows, logits, outcomes, emitted)
         verify_s = _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
         if self.step_policy is not None:
-            self.step_policy.observe_step(max(depths), occupancy, joined_s + draft_s + verify_s)
+            if behind:  # the reading is the price of switching back to drafting, not of this step
+                self.step_policy.observe_read(state.unread_tokens, read_s)
+                read_s = 0.0
+            self.step_policy.observe_step(max(depths), occupancy, read_s + draft_s + verify_s)
+        self._plain_run = 0
         took_part = [row for row in rows if row is not None]
         return StepReport(
             emitted=[(row, count) for row, count in zip(rows, emitted, strict=True) if row is not None],

@@ -61,6 +61,9 @@ class JoiningDrafter(Drafter, Protocol):
     def remove_rows(self, slots: Sequence[int]) -> None:
         """Forget the rows in `slots` (their requests finished)."""
 
+    def catch_up(self, contexts: Sequence[list[int]]) -> None:
+        """Read each row's tokens but the last that the drafter has not read yet (those of steps it sat out)."""
+
 
 class ModelDrafter:
     """A draft language model with a KV cache that survives across steps."""
@@ -114,6 +117,30 @@ class ModelDrafter:
             self._committed[slot] = 0
             self._drafted[slot] = []
 
+    @torch.inference_mode()
+    def catch_up(self, contexts: Sequence[list[int]]) -> None:
+        """Cache each row's tokens but the last that the cache lacks (those of steps the drafter sat out), in one
+        forward, so that the next proposal feeds one token per row."""
+        rows = [row for row, tokens in enumerate(contexts) if tokens]
+        feeds = [feed[:-1] for feed in self._unread(contexts, rows)]
+        width = max((len(feed) for feed in feeds), default=0)
+        if width:
+            ids = torch.tensor([feed + [PAD_TOKEN] * (width - len(feed)) for feed in feeds], device=self.model.device)
+            self.model.forward(ids, [len(feed) for feed in feeds], logits_to_keep=1)
+        for row in rows:
+            self._committed[row] = len(contexts[row]) - 1
+            self._drafted[row] = []
+
+    def _unread(self, contexts: Sequence[list[int]], rows: Sequence[int]) -> list[list[int]]:
+        """Roll each of `rows` back to its longest cached prefix still valid; return, per row of the batch, the
+        tokens its cache lacks (at least the last one; nothing for rows not in `rows`)."""
+        reusable = self.model.lengths
+        for row in rows:
+            reusable[row] = self._reusable_prefix(row, contexts[row])
+        self.model.truncate(reusable)
+        chosen = set(rows)
+        return [contexts[row][reusable[row] :] if row in chosen else [] for row in range(len(contexts))]
+
     def _reusable_prefix(self, row: int, tokens: list[int]) -> int:
         """Length of the row's cached prefix still valid for `tokens`, leaving at least one token to feed."""
         committed = min(self._committed[row], len(tokens) - 1)
@@ -132,11 +159,7 @@ class ModelDrafter:
         drafting = [row for row in rows if depths[row] > 0]
         if not drafting:
             return [Proposal([]) for _ in rows]
-        reusable = self.model.lengths
-        for row in drafting:
-            reusable[row] = self._reusable_prefix(row, contexts[row])
-        self.model.truncate(reusable)
-        feeds = [contexts[row][reusable[row] :] if depths[row] > 0 else [] for row in rows]
+        feeds = self._unread(contexts, drafting)
         width = max(len(feed) for feed in feeds)
         ids = torch.tensor([feed + [PAD_TOKEN] * (width - len(feed)) for feed in feeds], device=self.model.device)
         if all(len(feed) == width for feed in feeds):
@@ -203,6 +226,9 @@ class PromptLookupDrafter:
 
     def keep_rows(self, order: Sequence[int | None]) -> None:
         """Nothing to move: the drafter keeps no state."""
+
+    def catch_up(self, contexts: Sequence[list[int]]) -> None:
+        """Nothing to read: matches are searched at each proposal."""
 
     def remove_rows(self, slots: Sequence[int]) -> None:
         """Nothing to forget: the drafter keeps no state."""

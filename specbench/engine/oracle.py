@@ -57,6 +57,9 @@ class OracleDrafter:
     def remove_rows(self, slots: Sequence[int]) -> None:
         self.cost.remove_rows(slots)
 
+    def catch_up(self, contexts: Sequence[list[int]]) -> None:
+        self.cost.catch_up([self._cost_ids(tokens) for tokens in contexts])
+
     def propose(
         self, contexts: Sequence[list[int]], depths: Sequence[int], choosers: Sequence[TokenChooser | None]
     ) -> list[Proposal]:

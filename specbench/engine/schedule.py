@@ -25,14 +25,26 @@ class KSchedule(Protocol):
         """k for the next step, after a step that asked for k, offered `offered` and had `accepted` accepted."""
 
 
-class StepPolicy(Protocol):
-    """A draft length for a whole step, chosen from the batch's occupancy (every running row drafts it)."""
+@dataclass(frozen=True)
+class StepState:
+    """What a step policy sees before a step."""
 
-    def k_for_step(self, occupancy: int) -> int:
-        """k for the next step of `occupancy` running rows (0: a plain decode step)."""
+    occupancy: int  # running rows
+    unread_tokens: int  # tokens the drafters must read before they can draft again (0 right after a drafting step)
+    remaining_tokens: float  # output tokens the running rows may still emit, on average per row
+
+
+class StepPolicy(Protocol):
+    """A draft length for a whole step, chosen from the batch's state (every running row drafts it)."""
+
+    def k_for_step(self, state: StepState) -> int:
+        """k for the next step (0: a plain decode step)."""
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
-        """What a step at `k` with `occupancy` running rows took."""
+        """What a step at `k` with `occupancy` running rows took, without reading what plain steps left unread."""
+
+    def observe_read(self, tokens: int, seconds: float) -> None:
+        """What the drafters took to read `tokens` tokens that plain steps had left unread."""
 
 
 @dataclass(frozen=True)

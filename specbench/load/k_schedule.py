@@ -1,22 +1,31 @@
-"""k_schedule=load: the draft length of each step chosen from the batch's occupancy (SmartSpec's idea).
+"""k_schedule=load: the draft length of each step chosen from the batch's state (SmartSpec's idea).
 
 A fixed k hurts at high load: with b rows, a verify pass over k+1 tokens per row stops being
 nearly free, and drafted tokens that are rejected cost real time. Before each step the
-schedule picks, for the current number of running rows b, the k in 0..k_max that maximizes
-the expected tokens per second of the step,
+schedule picks the k in 0..k_max with the fewest expected seconds per output token of each
+running row,
 
-    E(alpha, k) / (r(k, b) (k c(b) + v(b, k + 1))),    E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1,
+    r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
+    E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1,
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
 row (interpolated in log b between the measured batch sizes, `load.model.interpolate_log_batch`).
 k = 0 is a plain decode step (the verifier alone, one token per row).
 
 The micro-measured surface leaves out what a whole step adds: the host's work per row (trees,
-the acceptance walk, bookkeeping), the drafters reading tokens they skipped, and the device
+the acceptance walk, bookkeeping), the drafters reading the rows that join, and the device
 waits between phases. r(k, b) corrects for it from the steps the run has taken: the running
 mean of measured over modelled seconds of the recent steps at that k and occupancy bucket
-(1, 2-3, 4-7, ...), starting at 1 (the surface) worth one step. An untried (k, bucket) keeps
-the surface's optimism, so it is tried once it looks best, and corrected from then on.
+(1, 2-3, 4-7, ...); a bucket not yet run at k borrows the nearest bucket's, and before any step
+at k the surface stands (r = 1).
+
+Plain steps are not free for later: the drafters sit them out, and before they can draft again
+they must read the u tokens they skipped (every running row's tokens of those steps, and the
+rows that joined meanwhile). That reading is a one-off cost, R(u) seconds, which drafting must
+earn back over the T tokens the running rows may still emit, so it is spread over them. R is
+fitted to the run's own reads (R(u) = a + c u, least squares over the recent reads). Without
+this price a per-step choice is myopic: it drafts as soon as a step looks cheaper, pays for
+the reading, and the next plain step starts the debt again.
 
 alpha is a running estimate: the maximum-likelihood alpha of the iid model from the steps
 seen so far, accepted drafts / (accepted drafts + steps that ended on a rejection), started
@@ -26,14 +35,15 @@ from a prior worth a few steps.
 from __future__ import annotations
 
 from specbench.engine.costs import StepCosts
+from specbench.engine.schedule import StepState
 from specbench.load.model import interpolate_log_batch, tokens_per_step
 
-RATIO_WINDOW = 32  # steps: the correction r(k, b) follows the recent steps (a running mean over at most this many)
+RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, about this many
 
 
 class LoadAwareK:
-    """Chooses every running row's k for each step from the occupancy: a `KSchedule` whose `next` only observes,
-    and a `StepPolicy`."""
+    """Chooses every running row's k for each step from the batch's state: a `KSchedule` whose `next` only
+    observes, and a `StepPolicy`."""
 
     def __init__(self, costs: StepCosts, k_max: int, prior_alpha: float = 0.5, prior_steps: float = 4.0) -> None:
         sizes = [size for size, curve in costs.verify_s.items() if all(n in curve for n in range(1, k_max + 2))]
@@ -46,6 +56,7 @@ class LoadAwareK:
         self._accepted = prior_alpha * prior_steps / (1 - prior_alpha) if prior_alpha < 1 else prior_steps
         self._rejections = prior_steps
         self._ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (k, bucket) -> (mean measured/modelled, steps)
+        self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
 
     @property
     def first(self) -> int:
@@ -67,32 +78,64 @@ class LoadAwareK:
             self._rejections += accepted < offered
         return k
 
-    def k_for_step(self, occupancy: int) -> int:
-        """The k that maximizes expected tokens per second at `occupancy` running rows."""
-        rates = {k: self.expected_tokens_per_s(k, occupancy) for k in range(self.k_max + 1)}
-        return max(rates, key=rates.get)
+    def k_for_step(self, state: StepState) -> int:
+        """The k with the fewest expected seconds per output token (the model above)."""
+        costs = {k: self.seconds_per_token(k, state) for k in range(self.k_max + 1)}
+        return min(costs, key=costs.get)
+
+    def seconds_per_token(self, k: int, state: StepState) -> float:
+        """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens,
+        plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens."""
+        step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
+        seconds = step_s / tokens_per_step(self.alpha, k)
+        if k and state.unread_tokens:
+            seconds += self.read_s(state.unread_tokens) / max(state.remaining_tokens, 1.0)
+        return seconds
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
         key = (k, _bucket(occupancy))
-        mean, steps = self._ratio.get(key, (1.0, 1))
+        mean, steps = self._ratio.get(key, (0.0, 0))
         steps = min(steps + 1, RATIO_WINDOW)
         self._ratio[key] = (mean + (seconds / self.modelled_step_s(k, occupancy) - mean) / steps, steps)
 
+    def observe_read(self, tokens: int, seconds: float) -> None:
+        """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
+        decay = 1 - 1 / RATIO_WINDOW
+        weight, total, spent, squares, products = (value * decay for value in self._reads)
+        self._reads = [weight + 1, total + tokens, spent + seconds, squares + tokens**2, products + tokens * seconds]
+
+    def read_s(self, tokens: int) -> float:
+        """R(u): the expected seconds for the drafters to read `tokens` skipped tokens (0 before any read)."""
+        weight, total, spent, squares, products = self._reads
+        if weight == 0:
+            return 0.0
+        spread = squares * weight - total**2
+        if spread > 1e-9 * squares * weight:  # reads of different sizes: a + c u
+            slope = (products * weight - total * spent) / spread
+            intercept = (spent - slope * total) / weight
+            if slope < 0:  # bigger reads were not dearer: their mean
+                return spent / weight
+            if intercept < 0:  # through the origin
+                return products / squares * tokens
+            return intercept + slope * tokens
+        return spent / total * tokens if total else spent / weight
+
     def correction(self, k: int, occupancy: int) -> float:
-        """r(k, b): measured over modelled step time at (k, the occupancy's bucket), 1 before any step there."""
-        return self._ratio.get((k, _bucket(occupancy)), (1.0, 1))[0]
+        """r(k, b): measured over modelled step time at (k, the occupancy's bucket), or at the nearest bucket run at
+        k; 1 before any step at k."""
+        bucket = _bucket(occupancy)
+        tried = [other for step_k, other in self._ratio if step_k == k]
+        if not tried:
+            return 1.0
+        nearest = min(tried, key=lambda other: (abs(other - bucket), other))
+        return self._ratio[(k, nearest)][0]
 
     def modelled_step_s(self, k: int, occupancy: int) -> float:
         """Seconds of a step at `k` with `occupancy` rows, from the measured surface alone."""
         verify = interpolate_log_batch(self._verify[k + 1], occupancy)
         draft = interpolate_log_batch(self._draft, occupancy) if k else 0.0
         return k * draft + verify
-
-    def expected_tokens_per_s(self, k: int, occupancy: int) -> float:
-        """Expected tokens per second of a step at `k` with `occupancy` rows, per row (the model above)."""
-        step_s = self.correction(k, occupancy) * self.modelled_step_s(k, occupancy)
-        return tokens_per_step(self.alpha, k) / step_s
 
 
 def _bucket(occupancy: int) -> int:
