@@ -262,13 +262,40 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     return results
 
 
+def _full_step_ms(served) -> float:
+    """The median step time (ms) while the batch held its most rows (the steady state of a saturated server)."""
+    steps = served.steps
+    most = max(step.rows for step in steps)
+    gaps = [later.time_s - earlier.time_s for earlier, later in itertools.pairwise(steps) if later.rows == most]
+    return 1000 * statistics.median(gaps) if gaps else float("nan")
+
+
+class AlwaysPlain:
+    """A step policy that never drafts: the speculative decoder's plain steps alone, against the baseline's."""
+
+    def __init__(self, k_max: int) -> None:
+        self.first = self.max_k = k_max
+
+    def next(self, k: int, accepted: int, offered: int) -> int:
+        return k
+
+    def k_for_step(self, state) -> int:
+        return 0
+
+    def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
+        pass
+
+    def observe_read(self, tokens: int, seconds: float) -> None:
+        pass
+
+
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int):
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted."""
     settings = DecodeSettings(max_new_tokens=max(r.max_new_tokens for r in requests))
     watch = Stopwatch(verifier.devices)
     schedule = ConstantK(k) if isinstance(k, int) else k
     if drafters:
-        policy = schedule if isinstance(schedule, LoadAwareK) else None
+        policy = schedule if isinstance(schedule, LoadAwareK | AlwaysPlain) else None
         decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, watch, step_policy=policy)
     else:
         decoder = BaselineDecoder(verifier, settings, watch, read_ahead=False)
@@ -311,7 +338,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     k_max = max(args.ks)
     verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, list(range(1, k_max + 1)))
     modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
-    keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "occupancy_mean", "output_tokens_per_s")
+    modes += ["plain"] if args.plain_mode else []
+    keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50")
     results: dict = {"modes": modes, "k_max": k_max}
     for alpha in args.alphas:
         oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
@@ -327,9 +355,10 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
-                    k = schedule if mode == "load" else int(mode[1:]) if mode != "baseline" else 1
+                    k = {"load": schedule, "plain": AlwaysPlain(k_max), "baseline": 1}.get(mode) or int(mode[1:])
                     served = _serve(verifier, [] if mode == "baseline" else [oracle], requests, k, args.max_batch)
                     metrics = mode_metrics(served, "x")
+                    metrics["full_step_ms_p50_x"] = _full_step_ms(served)
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
                     if mode == "load":
                         ks = [step.k for step in served.steps]
@@ -423,6 +452,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=384)
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
     parser.add_argument("--searches", type=int, default=1, help="load: run each crossover search this many times")
     parser.add_argument("--k-rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 256.0],
                         help="k_schedule: the request rates (idle to saturated)")  # fmt: skip

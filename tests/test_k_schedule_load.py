@@ -48,13 +48,16 @@ def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
     schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
     for _ in range(3):  # steps at k=2 take twice what the surface says, at 1 row
         schedule.observe_step(2, 1, 2 * schedule.modelled_step_s(2, 1))
-    assert schedule.correction(2, 1) == pytest.approx(2.0)
-    assert schedule.correction(2, 2) == pytest.approx(2.0)  # a bucket not yet run borrows the nearest one's
+    assert schedule.correction(2, 1) == pytest.approx(1 + 3 / 4)  # the surface worth one step: (1 + 2 + 2 + 2) / 4
+    assert schedule.correction(2, 2) == pytest.approx(1.75)  # drafting at a bucket not yet run borrows the nearest
     assert schedule.correction(1, 1) == 1.0  # a k never run keeps the surface
-    assert schedule.k_for_step(caught_up(1)) == 1  # 1.15 / 1.8 s a token beats 2 x 1.3 / 2.44
+    assert schedule.k_for_step(caught_up(1)) == 1  # 1.15 / 1.8 s a token beats 1.75 x 1.3 / 2.44
     schedule.observe_step(2, 64, schedule.modelled_step_s(2, 64))
     assert schedule.correction(2, 64) == pytest.approx(1.0)
     assert schedule.correction(2, 32) == pytest.approx(1.0)  # nearer to 64's bucket than to 1's
+    schedule.observe_step(0, 1, 3 * schedule.modelled_step_s(0, 1))
+    assert schedule.correction(0, 1) == pytest.approx(2.0)
+    assert schedule.correction(0, 2) == 1.0  # a plain step is never priced by another bucket's: trying it is cheap
     for _ in range(3 * RATIO_WINDOW):  # the mean follows the recent steps, at most RATIO_WINDOW of them
         schedule.observe_step(2, 1, schedule.modelled_step_s(2, 1))
     assert schedule.correction(2, 1) == pytest.approx(1.0, abs=0.02)  # (1 - 1/32)^94 of the excess is left

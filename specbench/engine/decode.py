@@ -282,15 +282,13 @@ class SpeculativeDecoder:
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
         """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""
-        running = [(slot, row) for slot, row in enumerate(rows) if row is not None]
         unread = 0
         if self._plain_run:  # right after a drafting step, only joins are unread: reading them is the step's own cost
-            unread = sum(
-                len(row.tokens) - 1 if slot in self._unread else min(self._plain_run, len(row.result.tokens))
-                for slot, row in running
-            )
-        remaining = sum(row.max_new_tokens - len(row.result.tokens) for _, row in running) / max(occupancy, 1)
-        return StepState(occupancy, unread, remaining)
+            joined = [rows[slot] for slot in self._unread if rows[slot] is not None]
+            # every other running row has run since the drafters last drafted: one token a plain step
+            unread = sum(len(row.tokens) - 1 for row in joined) + self._plain_run * (occupancy - len(joined))
+        remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in rows if row is not None)
+        return StepState(occupancy, unread, remaining / max(occupancy, 1))
 
     def _catch_up(self, rows: list[Row | None]) -> float:
         """The drafters read the tokens of the plain steps they sat out; return the seconds it took."""

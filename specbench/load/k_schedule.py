@@ -16,8 +16,10 @@ The micro-measured surface leaves out what a whole step adds: the host's work pe
 the acceptance walk, bookkeeping), the drafters reading the rows that join, and the device
 waits between phases. r(k, b) corrects for it from the steps the run has taken: the running
 mean of measured over modelled seconds of the recent steps at that k and occupancy bucket
-(1, 2-3, 4-7, ...); a bucket not yet run at k borrows the nearest bucket's, and before any step
-at k the surface stands (r = 1).
+(1, 2-3, 4-7, ...), with the surface as a prior worth one step. A bucket where no step has
+drafted at k borrows the nearest bucket's r (what the surface leaves out grows with the rows,
+and trying a dear draft length costs a step); a plain step never tried at a bucket keeps the
+surface's r = 1, as does a k never run: trying it costs no more than the step.
 
 Plain steps are not free for later: the drafters sit them out, and before they can draft again
 they must read the u tokens they skipped (every running row's tokens of those steps, and the
@@ -57,6 +59,7 @@ class LoadAwareK:
         self._rejections = prior_steps
         self._ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (k, bucket) -> (mean measured/modelled, steps)
         self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
+        self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
 
     @property
     def first(self) -> int:
@@ -95,7 +98,7 @@ class LoadAwareK:
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
         key = (k, _bucket(occupancy))
-        mean, steps = self._ratio.get(key, (0.0, 0))
+        mean, steps = self._ratio.get(key, (1.0, 1))  # the surface, worth one step: one slow step cannot condemn k
         steps = min(steps + 1, RATIO_WINDOW)
         self._ratio[key] = (mean + (seconds / self.modelled_step_s(k, occupancy) - mean) / steps, steps)
 
@@ -122,20 +125,22 @@ class LoadAwareK:
         return spent / total * tokens if total else spent / weight
 
     def correction(self, k: int, occupancy: int) -> float:
-        """r(k, b): measured over modelled step time at (k, the occupancy's bucket), or at the nearest bucket run at
-        k; 1 before any step at k."""
+        """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
+        borrows the nearest bucket's, and a plain step, or a k never run, keeps the surface (r = 1)."""
         bucket = _bucket(occupancy)
         tried = [other for step_k, other in self._ratio if step_k == k]
-        if not tried:
+        if (k, bucket) not in self._ratio and (k == 0 or not tried):
             return 1.0
         nearest = min(tried, key=lambda other: (abs(other - bucket), other))
         return self._ratio[(k, nearest)][0]
 
     def modelled_step_s(self, k: int, occupancy: int) -> float:
         """Seconds of a step at `k` with `occupancy` rows, from the measured surface alone."""
-        verify = interpolate_log_batch(self._verify[k + 1], occupancy)
-        draft = interpolate_log_batch(self._draft, occupancy) if k else 0.0
-        return k * draft + verify
+        if (k, occupancy) not in self._modelled:  # asked before every step: worked out once
+            verify = interpolate_log_batch(self._verify[k + 1], occupancy)
+            draft = interpolate_log_batch(self._draft, occupancy) if k else 0.0
+            self._modelled[(k, occupancy)] = k * draft + verify
+        return self._modelled[(k, occupancy)]
 
 
 def _bucket(occupancy: int) -> int:
