@@ -85,19 +85,6 @@ def test_a_plain_run_is_left_only_when_drafting_earns_back_the_reading_it_skippe
     assert schedule.k_for_step(caught_up(1)) == 2
 
 
-def test_drafting_under_a_stream_of_joins_pays_for_reading_their_prompts():
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
-    for tokens in (10, 50, 200):  # R(u) = 0.1 + 0.01 u
-        schedule.observe_read(tokens, 0.1 + 0.01 * tokens)
-    assert schedule.join_read_s() == 0.0  # no join seen yet
-    for step in range(4 * RATIO_WINDOW):  # a 300-token prompt joins every other step
-        choice = schedule.k_for_step(StepState(1, 0, 64, joined_tokens=300 if step % 2 else 0))
-    assert schedule.join_read_s() == pytest.approx(0.5 * 0.1 + 0.01 * 150, rel=0.05)
-    # drafting: (1.3 + 1.55) / 2.44 = 1.17 s a token, against 1 s for a plain step
-    assert choice == 0
-    assert schedule.seconds_per_token(2, caught_up(1)) == pytest.approx((1.3 + schedule.join_read_s()) / 2.44, 0.01)
-
-
 def test_acceptance_is_learned_from_rows_steps():
     schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.5, prior_steps=4.0)
     for _ in range(200):
@@ -171,8 +158,5 @@ def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch
     after_drafting = [state for previous, state in zip(ks[:-1], policy.states[1:], strict=True) if previous > 0]
     assert after_drafting and all(state.unread_tokens == 0 for state in after_drafting)
     switches = [state for k, state in zip(ks, policy.states, strict=True) if k > 0 and state.unread_tokens]
-    joins_read = [
-        s for k, s in zip(ks, policy.states, strict=True) if k > 0 and not s.unread_tokens and s.joined_tokens
-    ]
-    assert switches and len(policy.reads) == len(switches) + len(joins_read) + FRESH_BATCHES
+    assert switches and len(policy.reads) == len(switches) + FRESH_BATCHES
     assert all(tokens > 0 and seconds >= 0 for tokens, seconds in policy.reads)

@@ -226,7 +226,6 @@ class SpeculativeDecoder:
         self.rows: list[Row | None] = []
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
         self._plain_run = 0  # plain steps since the drafters last drafted
-        self._joined_tokens = 0  # prompt tokens of rows that joined the running batch since the last step
 
     @property
     def running(self) -> list[Row]:
@@ -263,15 +262,14 @@ class SpeculativeDecoder:
                     self.step_policy.observe_read(sum(len(self.rows[slot].tokens) - 1 for slot in live), seconds)
         else:
             self._unread.update(live)
-            self._joined_tokens += sum(len(self.rows[slot].tokens) - 1 for slot in live)
 
-    def _read_joined(self) -> tuple[float, int]:
+    def _read_joined(self) -> float:
         """The drafters read the rows that joined since their last proposal (their prompt and first tokens);
-        return the seconds it took and the tokens read."""
+        return the seconds it took."""
         slots = sorted(slot for slot in self._unread if self.rows[slot] is not None)
         self._unread = set()
         if not slots:
-            return 0.0, 0
+            return 0.0
         self.watch.mark()
         total = 0.0
         for drafter in self.drafters:
@@ -280,7 +278,7 @@ class SpeculativeDecoder:
             total += seconds
             for slot in slots:
                 self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
-        return total, sum(len(self.rows[slot].tokens) - 1 for slot in slots)
+        return total
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
         """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""
@@ -290,8 +288,7 @@ class SpeculativeDecoder:
             # every other running row has run since the drafters last drafted: one token a plain step
             unread = sum(len(row.tokens) - 1 for row in joined) + self._plain_run * (occupancy - len(joined))
         remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in rows if row is not None)
-        joined, self._joined_tokens = self._joined_tokens, 0
-        return StepState(occupancy, unread, remaining / max(occupancy, 1), joined)
+        return StepState(occupancy, unread, remaining / max(occupancy, 1))
 
     def _catch_up(self, rows: list[Row | None]) -> float:
         """The drafters read the tokens of the plain steps they sat out; return the seconds it took."""
@@ -342,9 +339,7 @@ class SpeculativeDecoder:
                 self._plain_run += 1
                 return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
-        read_s, read_tokens = self._read_joined()
-        if behind:
-            read_s, read_tokens = read_s + self._catch_up(rows), state.unread_tokens
+        read_s = self._read_joined() + (self._catch_up(rows) if behind else 0.0)
         proposals, draft_s = _draft(self.drafters, rows, depths, self.pool, self.watch)
         trees = [
             None if row is None else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
@@ -356,10 +351,11 @@ class SpeculativeDecoder:
         if self.settings.logprobs:
             _collect_step_logprobs(self.settings, rows, logits, outcomes, emitted)
         verify_s = _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
-        if self.step_policy is not None:  # the reading is priced by its own model: joins and switches
-            if read_tokens:
-                self.step_policy.observe_read(read_tokens, read_s)
-            self.step_policy.observe_step(max(depths), occupancy, draft_s + verify_s)
+        if self.step_policy is not None:
+            if behind:  # the reading is the price of switching back to drafting, not of this step
+                self.step_policy.observe_read(state.unread_tokens, read_s)
+                read_s = 0.0
+            self.step_policy.observe_step(max(depths), occupancy, read_s + draft_s + verify_s)
         self._plain_run = 0
         took_part = [row for row in rows if row is not None]
         return StepReport(

@@ -32,7 +32,6 @@ class StepState:
     occupancy: int  # running rows
     unread_tokens: int  # tokens the drafters must read before they can draft again (0 right after a drafting step)
     remaining_tokens: float  # output tokens the running rows may still emit, on average per row
-    joined_tokens: int = 0  # prompt tokens of the rows that joined since the previous step (drafting must read them)
 
 
 class StepPolicy(Protocol):
@@ -42,10 +41,10 @@ class StepPolicy(Protocol):
         """k for the next step (0: a plain decode step)."""
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
-        """What a step at `k` with `occupancy` running rows took, less the drafters' reading of tokens they lacked."""
+        """What a step at `k` with `occupancy` running rows took, without reading what plain steps left unread."""
 
     def observe_read(self, tokens: int, seconds: float) -> None:
-        """What the drafters took to read `tokens` tokens they lacked (rows that joined, steps they sat out)."""
+        """What the drafters took to read `tokens` tokens that plain steps had left unread."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ nearly free, and drafted tokens that are rejected cost real time. Before each st
 schedule picks the k in 0..k_max with the fewest expected seconds per output token of each
 running row,
 
-    (r(k, b) (k c(b) + v(b, k + 1)) + J) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
+    r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
     E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1,
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
@@ -13,14 +13,13 @@ row (interpolated in log b between the measured batch sizes, `load.model.interpo
 k = 0 is a plain decode step (the verifier alone, one token per row).
 
 The micro-measured surface leaves out what a whole step adds: the host's work per row (trees,
-the acceptance walk, bookkeeping) and the device waits between phases. r(k, b) corrects for
-it from the steps the run has taken (their drafting and verifying; the drafters' reading of
-tokens they lack is priced apart, below): the running mean of measured over modelled seconds
-of the recent steps at that k and occupancy bucket (1, 2-3, 4-7, ...), with the surface as a
-prior worth one step. A bucket where no step has drafted at k borrows the nearest bucket's r
-(what the surface leaves out grows with the rows, and trying a dear draft length costs a
-step); a plain step never tried at a bucket keeps the surface's r = 1, as does a k never run:
-trying it costs no more than the step.
+the acceptance walk, bookkeeping), the drafters reading the rows that join, and the device
+waits between phases. r(k, b) corrects for it from the steps the run has taken: the running
+mean of measured over modelled seconds of the recent steps at that k and occupancy bucket
+(1, 2-3, 4-7, ...), with the surface as a prior worth one step. A bucket where no step has
+drafted at k borrows the nearest bucket's r (what the surface leaves out grows with the rows,
+and trying a dear draft length costs a step); a plain step never tried at a bucket keeps the
+surface's r = 1, as does a k never run: trying it costs no more than the step.
 
 Plain steps are not free for later: the drafters sit them out, and before they can draft again
 they must read the u tokens they skipped (every running row's tokens of those steps, and the
@@ -28,10 +27,7 @@ rows that joined meanwhile). That reading is a one-off cost, R(u) seconds, which
 earn back over the T tokens the running rows may still emit, so it is spread over them. R is
 fitted to the run's own reads (R(u) = a + c u, least squares over the recent reads). Without
 this price a per-step choice is myopic: it drafts as soon as a step looks cheaper, pays for
-the reading, and the next plain step starts the debt again. While drafting, every joining
-row's prompt must be read too: J = p a + c j per step, from the recent steps' share p that
-saw a join and their mean joined tokens j (at a high arrival rate drafting pays for reading
-prompts at every step; plain steps put that off).
+the reading, and the next plain step starts the debt again.
 
 alpha is a running estimate: the maximum-likelihood alpha of the iid model from the steps
 seen so far, accepted drafts / (accepted drafts + steps that ended on a rejection), started
@@ -64,7 +60,6 @@ class LoadAwareK:
         self._ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (k, bucket) -> (mean measured/modelled, steps)
         self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
-        self._joins = (0.0, 0.0, 0)  # over the recent steps: share that saw a join, mean joined tokens, steps
 
     @property
     def first(self) -> int:
@@ -88,10 +83,6 @@ class LoadAwareK:
 
     def k_for_step(self, state: StepState) -> int:
         """The k with the fewest expected seconds per output token (the model above)."""
-        share, tokens, steps = self._joins
-        steps = min(steps + 1, RATIO_WINDOW)
-        share += ((state.joined_tokens > 0) - share) / steps
-        self._joins = (share, tokens + (state.joined_tokens - tokens) / steps, steps)
         costs = {k: self.seconds_per_token(k, state) for k in range(self.k_max + 1)}
         return min(costs, key=costs.get)
 
@@ -99,18 +90,10 @@ class LoadAwareK:
         """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens,
         plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens."""
         step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
-        if k:
-            step_s += self.join_read_s()
         seconds = step_s / tokens_per_step(self.alpha, k)
         if k and state.unread_tokens:
             seconds += self.read_s(state.unread_tokens) / max(state.remaining_tokens, 1.0)
         return seconds
-
-    def join_read_s(self) -> float:
-        """J: the drafters' expected seconds a drafting step to read the prompts that join (p a + c j)."""
-        intercept, slope = self._read_line()
-        share, tokens, _ = self._joins
-        return share * intercept + slope * tokens
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
@@ -126,25 +109,20 @@ class LoadAwareK:
         self._reads = [weight + 1, total + tokens, spent + seconds, squares + tokens**2, products + tokens * seconds]
 
     def read_s(self, tokens: int) -> float:
-        """R(u): the expected seconds for the drafters to read `tokens` tokens they lack (0 before any read)."""
-        intercept, slope = self._read_line()
-        return intercept + slope * tokens
-
-    def _read_line(self) -> tuple[float, float]:
-        """R's intercept a and slope c, least squares over the recent reads (neither negative)."""
+        """R(u): the expected seconds for the drafters to read `tokens` skipped tokens (0 before any read)."""
         weight, total, spent, squares, products = self._reads
         if weight == 0:
-            return 0.0, 0.0
+            return 0.0
         spread = squares * weight - total**2
         if spread > 1e-9 * squares * weight:  # reads of different sizes: a + c u
             slope = (products * weight - total * spent) / spread
             intercept = (spent - slope * total) / weight
             if slope < 0:  # bigger reads were not dearer: their mean
-                return spent / weight, 0.0
+                return spent / weight
             if intercept < 0:  # through the origin
-                return 0.0, products / squares
-            return intercept, slope
-        return (0.0, spent / total) if total else (spent / weight, 0.0)
+                return products / squares * tokens
+            return intercept + slope * tokens
+        return spent / total * tokens if total else spent / weight
 
     def correction(self, k: int, occupancy: int) -> float:
         """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
