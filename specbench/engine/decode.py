@@ -251,17 +251,30 @@ class SpeculativeDecoder:
         if not live:
             return
         if fresh:
-            self.watch.mark()
-            for drafter in self.drafters:
+            contexts = [row.tokens if row is not None and not row.finished else [] for row in self.rows]
+
+            def read(drafter: Drafter) -> None:
                 drafter.reset(len(self.rows))
-                drafter.prefill([row.tokens if row is not None and not row.finished else [] for row in self.rows])
-                seconds = self.watch.lap()
-                for slot in live:
-                    self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
-                if self.step_policy is not None:
-                    self.step_policy.observe_read(sum(len(self.rows[slot].tokens) - 1 for slot in live), seconds)
+                drafter.prefill(contexts)
+
+            seconds = self._read_into_drafters(read, live)
+            if self.step_policy is not None:
+                self.step_policy.observe_read(sum(len(self.rows[slot].tokens) - 1 for slot in live), seconds)
         else:
             self._unread.update(live)
+
+    def _read_into_drafters(self, read: Callable[[Drafter], None], slots: list[int]) -> float:
+        """Run `read` on each drafter in turn, each one's seconds being the drafter prefill of the rows in
+        `slots`; return the seconds of all of them."""
+        self.watch.mark()
+        total = 0.0
+        for drafter in self.drafters:
+            read(drafter)
+            seconds = self.watch.lap()
+            total += seconds
+            for slot in slots:
+                self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
+        return total
 
     def _read_joined(self) -> float:
         """The drafters read the rows that joined since their last proposal (their prompt and first tokens);
@@ -270,15 +283,8 @@ class SpeculativeDecoder:
         self._unread = set()
         if not slots:
             return 0.0
-        self.watch.mark()
-        total = 0.0
-        for drafter in self.drafters:
-            drafter.admit(slots, [self.rows[slot].tokens for slot in slots], len(self.rows))
-            seconds = self.watch.lap()
-            total += seconds
-            for slot in slots:
-                self.rows[slot].result.drafters[drafter.name].prefill_s = seconds
-        return total
+        contexts = [self.rows[slot].tokens for slot in slots]
+        return self._read_into_drafters(lambda drafter: drafter.admit(slots, contexts, len(self.rows)), slots)
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
         """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""

@@ -125,8 +125,7 @@ class ModelDrafter:
         feeds = [feed[:-1] for feed in self._unread(contexts, rows)]
         width = max((len(feed) for feed in feeds), default=0)
         if width:
-            ids = torch.tensor([feed + [PAD_TOKEN] * (width - len(feed)) for feed in feeds], device=self.model.device)
-            self.model.forward(ids, [len(feed) for feed in feeds], logits_to_keep=1)
+            self.model.forward(self._padded(feeds, width), [len(feed) for feed in feeds], logits_to_keep=1)
         for row in rows:
             self._committed[row] = len(contexts[row]) - 1
             self._drafted[row] = []
@@ -140,6 +139,10 @@ class ModelDrafter:
         self.model.truncate(reusable)
         chosen = set(rows)
         return [contexts[row][reusable[row] :] if row in chosen else [] for row in range(len(contexts))]
+
+    def _padded(self, feeds: list[list[int]], width: int) -> torch.Tensor:
+        """The feeds as one [rows, width] id tensor on the model's device, right-padded."""
+        return torch.tensor([feed + [PAD_TOKEN] * (width - len(feed)) for feed in feeds], device=self.model.device)
 
     def _reusable_prefix(self, row: int, tokens: list[int]) -> int:
         """Length of the row's cached prefix still valid for `tokens`, leaving at least one token to feed."""
@@ -161,7 +164,7 @@ class ModelDrafter:
             return [Proposal([]) for _ in rows]
         feeds = self._unread(contexts, drafting)
         width = max(len(feed) for feed in feeds)
-        ids = torch.tensor([feed + [PAD_TOKEN] * (width - len(feed)) for feed in feeds], device=self.model.device)
+        ids = self._padded(feeds, width)
         if all(len(feed) == width for feed in feeds):
             logits = self.model.forward(ids)[:, -1]
         else:  # each row's last fed slot
