@@ -59,7 +59,8 @@ def test_every_run_and_the_sweep_print_their_figures_and_urls(sweep):
             assert f"\n  {label} " in block
         assert re.search(r"\n  Disagreement +0 of 2 prompts\n", block)  # greedy float32: none, so no near-tie
         speedup = child.data.metrics["speedup"]
-        assert re.search(rf"Speedup +{speedup:.3g}x \[[0-9.]+x, [0-9.]+x\]", block)
+        bound = r"[0-9][0-9.,e+-]*x"  # Metric.format: 3 significant digits, or thousands with commas (n = 2: wide)
+        assert re.search(rf"Speedup +{speedup:.3g}x \[{bound}, {bound}\]", block)
         assert f"This run: {base}/{experiment_id}/runs/{child.info.run_id}?workflowType=machine_learning" in block
         assert table in block
     sweep_block = stdout.split("sweep multirun: 2 finished runs\n")[1]
