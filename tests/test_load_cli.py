@@ -127,7 +127,8 @@ def test_the_server_backend_runs_the_same_load_job_through_the_cli(
 ):
     """engine.backend=server, two scripted servers started from commands: the crossover search's probes are nested
     runs with the load figures and each server's log, and no model is loaded."""
-    scripted = f"{shlex.quote(sys.executable)} -m specbench.server.scripted --port {{port}}"
+    # chunks 2 ms apart: chunks sent at once may reach the client in one read, and a TPOT of 0 has no ratio
+    scripted = f"{shlex.quote(sys.executable)} -m specbench.server.scripted --port {{port}} --interval-ms 2"
     servers = [f"server.baseline_cmd='{scripted}'", f"server.spec_cmd='{scripted} --spec-k 4'"]
     search = ["load.find_crossover=true", "load.rate_min=5", "load.rate_max=50", "load.max_probes=2"]
     args = ["mode=load", "engine.backend=server", *servers, *search, "load.num_requests=6", "warmup_prompts=0",

@@ -80,7 +80,9 @@ def probe_from_metrics(rate: float, metrics: Mapping[str, float], metric: Crosso
         spec, baseline = metrics["goodput_rps_spec"], metrics["goodput_rps_baseline"]
         ratio = spec / baseline if baseline > 0 else (math.inf if spec > 0 else 1.0)
     if ratio is None:
-        raise ValueError(f"the probe at {rate} requests/s has no {key}: it needs both modes served")
+        raise ValueError(
+            f"the probe at {rate} requests/s has no {key}: each mode must serve requests whose figure is above 0"
+        )
     attainment = {mode: metrics.get(f"slo_attainment_{mode}") for mode in ("baseline", "spec")}
     return Probe(
         rate,

@@ -6,7 +6,7 @@ uvicorn), never for measuring a model. Each prompt is a script of `key=value` wo
 - `chunks=N` (default 4): text chunks streamed; chunk i reads " w{i}", or with `stamp=1`
   the server's `time.perf_counter()` as it sent the chunk (the benchmark's reference);
 - `tokens=T` (default 1): tokens each chunk stands for (the usage counts them);
-- `interval_ms=M` (default 0): the pause before each chunk after the first;
+- `interval_ms=M` (default 0, or the server's `--interval-ms`): the pause before each chunk after the first;
 - `status=S`: answer HTTP S (500, 429, ...) with an OpenAI error body instead;
 - `drop=N`: close the connection after N chunks, mid-stream;
 - `hang=1`: never answer (wait until the client goes away);
@@ -90,15 +90,16 @@ class SpecCounters:
             self.per_position[position].inc()
 
 
-def build_app(spec_k: int = 0) -> Starlette:
-    """The server's routes: completions, chat completions, models, health and metrics."""
+def build_app(spec_k: int = 0, interval_ms: int = 0) -> Starlette:
+    """The server's routes: completions, chat completions, models, health and metrics; `interval_ms` paces the chunks
+    of prompts that set no `interval_ms` of their own."""
     counters = SpecCounters(spec_k)
 
     async def completions(request: Request) -> Response:
         body = await request.json()
         chat = request.url.path.endswith("/chat/completions")
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
-        script = parse_script(prompt)
+        script = {"interval_ms": interval_ms, **parse_script(prompt)}
         if "status" in script:
             error = {"error": {"message": f"scripted HTTP {script['status']}", "code": script["status"]}}
             return JSONResponse(error, status_code=script["status"])
@@ -216,8 +217,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--spec-k", type=int, default=0, help="count vLLM speculation counters for drafts of k tokens")
+    parser.add_argument("--interval-ms", type=int, default=0, help="the pause between chunks of unscripted prompts")
     args = parser.parse_args()
-    uvicorn.run(build_app(args.spec_k), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+    uvicorn.run(
+        build_app(args.spec_k, args.interval_ms), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off"
+    )
 
 
 if __name__ == "__main__":
