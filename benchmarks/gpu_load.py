@@ -217,6 +217,7 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     results: dict = {"verify_ms": {b: {n: 1000 * s for n, s in c.items()} for b, c in costs.verify_s.items()},
                      "draft_ms": {b: 1000 * sum(c.values()) for b, c in costs.draft_s.items()},
                      "slo_tpot_ms": slo.tpot_ms}  # fmt: skip
+    graphs = _graph_count(verifier, cost)
     for search, alpha, k in itertools.product(range(1, args.searches + 1), args.alphas, args.ks):
         oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
         oracle.set_references(references)
@@ -259,6 +260,7 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
         }
         print(f"[load alpha={alpha} k={k}] {crossover.message} predicted {predicted}", flush=True)
         (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
+    results["graphs_captured_while_timed"] = _graph_count(verifier, cost) - graphs
     return results
 
 
@@ -341,6 +343,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     modes += ["plain"] if args.plain_mode else []
     keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50")
     results: dict = {"modes": modes, "k_max": k_max}
+    graphs = _graph_count(verifier, cost)
     for alpha in args.alphas:
         oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
         oracle.set_references(references)
@@ -352,6 +355,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             chosen: list[int] = []
             switches: list[int] = []
+            series: dict[str, list] = {}
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
@@ -360,6 +364,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
+                    if args.step_series and repeat == 0:
+                        series[mode] = [[round(1000 * step.time_s, 3), step.rows, step.k] for step in served.steps]
                     if mode == "load":
                         ks = [step.k for step in served.steps]
                         chosen += ks
@@ -383,12 +389,19 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 "load_switches_to_drafting": switches,
                 "alpha_estimate": schedule.alpha,
                 "off_path_steps": oracle.off_path_steps,
+                **({"step_series": series} if series else {}),
             }
             oracle.off_path_steps = 0
             print(f"[k_schedule alpha={alpha} rate={rate:g}] {json.dumps(verdict)} k share "
                   f"{results[f'alpha{alpha}_rate{rate:g}']['load_k_share']}", flush=True)  # fmt: skip
             (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
+    results["graphs_captured_while_timed"] = _graph_count(verifier, cost) - graphs
     return results
+
+
+def _graph_count(verifier: CachedModel, cost: ModelDrafter) -> int:
+    """CUDA graphs held by the verifier and the oracle's cost model: it must not grow while serves are timed."""
+    return verifier.graph_count + cost.model.graph_count
 
 
 def section_saturation(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
@@ -453,6 +466,8 @@ def main() -> None:
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
+    parser.add_argument("--step-series", action="store_true",
+                        help="k_schedule: keep the first repeat's steps per mode ([end ms, rows, k])")  # fmt: skip
     parser.add_argument("--searches", type=int, default=1, help="load: run each crossover search this many times")
     parser.add_argument("--k-rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 256.0],
                         help="k_schedule: the request rates (idle to saturated)")  # fmt: skip

@@ -330,6 +330,17 @@ def test_log_likelihood_is_the_sum_of_token_log_probabilities(verifiers):
     assert output_log_likelihood(CachedModel(model, VOCAB), PROMPT, output) == pytest.approx(expected, abs=1e-4)
 
 
+def test_step_costs_keep_the_buffers_a_decode_set_up_before_and_free_their_own(verifiers):
+    """Graphs captured before the costs are measured replay the buffers of their batch size: those must survive."""
+    verifier = CachedModel(verifiers["llama"], VOCAB, max_len=64)
+    verifier.reset(4)  # a decode's batch size, set up (on a GPU: graphs captured) before the costs are measured
+    buffers = verifier.cache
+    measure_step_costs(verifier, [], [PROMPT], SETTINGS, {2: (1,), 4: (1, 2)}, repeats=1)
+    assert verifier.held_batch_sizes == {1, 4}  # batch size 2 was the measurement's own
+    verifier.reset(4)
+    assert verifier.cache is buffers
+
+
 class LookupWithoutMemoryFrom(PromptLookupDrafter):
     """Prompt lookup that runs out of memory from a given batch size on, as a large model would on a GPU."""
 

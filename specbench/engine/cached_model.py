@@ -156,6 +156,16 @@ class CachedModel:
             self.cache = None  # it was the released one: the next reset allocates again
 
     @property
+    def held_batch_sizes(self) -> frozenset[int]:
+        """The batch sizes whose static buffers (and CUDA graphs) are held, until `release`."""
+        return frozenset(self._static_caches)
+
+    @property
+    def graph_count(self) -> int:
+        """CUDA graphs held (a count that grows while a decode is timed means captures inside the timing)."""
+        return len(self._graphs)
+
+    @property
     def batch_size(self) -> int:
         """Number of rows."""
         return len(self._counts)

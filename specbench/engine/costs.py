@@ -51,6 +51,8 @@ def measure_step_costs(
     shape, each drafter): one that would take the grid past the budget, estimated from the same
     measurement at the last batch size scaled by rows (a prefill: by prompt tokens), is not started,
     and neither is any larger batch size; a batch size that ran out of memory ends the grid too.
+    The static buffers and CUDA graphs of the batch sizes measured are freed after each, except those the models
+    held before (graphs captured for a decode keep being replayed, never recaptured while it is timed).
     """
     clock = Clock(verifier.devices)
     budget = _Budget(clock, budget_s)
@@ -68,6 +70,7 @@ def measure_step_costs(
 
     costs = StepCosts({}, {})
     models = [verifier, *drafter_models(drafters)]
+    held = [model.held_batch_sizes for model in models]
     for batch in sorted(shapes):
         rows = [list(prompts[index % len(prompts)]) for index in range(batch)]
         try:
@@ -77,8 +80,9 @@ def measure_step_costs(
             verify_s = None
             if not isinstance(stop, _OverBudget) and verifier.device.type == "cuda":
                 torch.cuda.empty_cache()
-        for model in models:  # the static buffers of every size measured would add up
-            model.release(batch)
+        for model, kept in zip(models, held, strict=True):  # the static buffers of every size would add up
+            if batch not in kept:
+                model.release(batch)
         if verify_s is None:
             break
         costs.verify_s[batch] = verify_s
