@@ -154,6 +154,11 @@ class LlamaCppModel:
         self._last_feed = None
         self.fed_positions = self.padded_positions = 0
 
+    @property
+    def held_batch_sizes(self) -> frozenset[int]:
+        """None held per batch size: the context's buffers serve every step."""
+        return frozenset()
+
     def release(self, batch_size: int) -> None:
         """Nothing to release: the context's buffers serve every step."""
 
