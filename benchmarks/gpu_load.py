@@ -290,9 +290,6 @@ class AlwaysPlain:
     def observe_read(self, tokens: int, seconds: float) -> None:
         pass
 
-    def observe_join(self, rows: int, seconds: float) -> None:
-        pass
-
 
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int):
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted."""

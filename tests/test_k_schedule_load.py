@@ -3,8 +3,6 @@ speculative decoder's plain steps (k = 0) and changing k, exact against lone dec
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter
@@ -76,31 +74,6 @@ def test_the_read_cost_is_fitted_to_the_reads_and_a_size_alone_is_scaled():
     assert schedule.read_s(100) == pytest.approx(1.1, rel=0.02)  # the first read, 0.2 at 10, weighs in a little
 
 
-def joined_between_steps(schedule: LoadAwareK, prefill_s, steps: int = 12) -> None:
-    """Plain steps of 2 s at 64 rows (as modelled), each after a join of 2, 4 or 8 rows taking prefill_s(rows)."""
-    for step in range(steps):
-        rows = (2, 4, 8)[step % 3]
-        schedule.observe_join(rows, prefill_s(rows))
-        schedule.observe_step(0, 64, schedule.modelled_step_s(0, 64))
-
-
-def test_a_join_price_paid_per_step_favours_drafting_and_one_paid_per_row_does_not():
-    # on a GPU a prefill of a few rows costs what reading the weights costs: 2 s whatever the rows
-    weight_bound = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
-    assert weight_bound.join_s(2.0) == 0.0 and weight_bound.k_for_step(caught_up(64)) == 0  # no join seen
-    joined_between_steps(weight_bound, lambda rows: 2.0)
-    rate = (2 + 4 + 8) / 3 / (2.0 + 2.0)  # rows joined a second: a join and a step every 4 s (the recent weigh more)
-    assert weight_bound.join_s(1.0) == pytest.approx(2.0 * -math.expm1(-rate), rel=0.05)
-    assert weight_bound.join_s(100.0) == pytest.approx(2.0)  # joins are sure to come: one prefill a step
-    # a plain step now costs 2 + 1.8 s for one token, k=1 4.2 + 2.0 s for 1.8 tokens
-    assert weight_bound.k_for_step(caught_up(64)) == 1
-    # where a prefill costs its rows (a CPU), the price is a share of the step whatever k: the choice stays
-    row_bound = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
-    joined_between_steps(row_bound, lambda rows: 0.25 * rows)
-    assert row_bound.join_s(4.0) == pytest.approx(2 * row_bound.join_s(2.0))
-    assert row_bound.k_for_step(caught_up(64)) == 0
-
-
 def test_a_plain_run_is_left_only_when_drafting_earns_back_the_reading_it_skipped():
     schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
     schedule.observe_read(100, 10.0)  # reading 100 skipped tokens takes 10 s
@@ -143,7 +116,7 @@ class ScriptedPolicy:
     """k per step from a script (0: plain steps), and the steps and reads it was told about."""
 
     def __init__(self, ks: list[int]) -> None:
-        self.ks, self.states, self.observed, self.reads, self.joins = ks, [], [], [], []
+        self.ks, self.states, self.observed, self.reads = ks, [], [], []
 
     def k_for_step(self, state: StepState) -> int:
         self.states.append(state)
@@ -154,9 +127,6 @@ class ScriptedPolicy:
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         self.reads.append((tokens, seconds))
-
-    def observe_join(self, rows: int, seconds: float) -> None:
-        self.joins.append((rows, seconds))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -177,7 +147,6 @@ def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch
         assert record.tokens == alone(reference, request, settings), request.request_id
         assert len(row.k_per_step) == len(row.offered_per_step) == row.steps == row.verifier_calls - 1
     assert [step.k for step in result.steps] == [k for k, _, _ in policy.observed]
-    assert sum(rows for rows, _ in policy.joins) == len(requests()) and all(s > 0 for _, s in policy.joins)
     assert {k for k, _, _ in policy.observed} == {0, 1, 2, 3, 4} and all(s >= 0 for _, _, s in policy.observed)
     plain = [step for step in result.steps if step.k == 0]
     assert plain and all(step.proposed == step.accepted == 0 for step in plain)

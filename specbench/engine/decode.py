@@ -200,11 +200,10 @@ class SpeculativeDecoder:
     With a thread `pool`, the drafters propose concurrently (each row draws from one seeded
     generator per drafter either way, so a seed gives the same output with or without the pool).
     `step_policy`, when given, sets every running row's k at the start of each step from the batch's state
-    (a load-aware schedule) and is told what each step and each join's prefill took; otherwise each row keeps
-    its own k from `schedule`. A step it sets to k = 0 is a plain decode step, as the baseline's: no drafting,
-    no tree, no acceptance walk. The drafters sit it out: at the next step that drafts they first read, in one
-    forward each, the tokens they skipped and the rows that joined meanwhile (timed apart, as the price of the
-    switch).
+    (a load-aware schedule) and is told what each step took; otherwise each row keeps its own k from
+    `schedule`. A step it sets to k = 0 is a plain decode step, as the baseline's: no drafting, no tree, no
+    acceptance walk. The drafters sit it out: at the next step that drafts they first read, in one forward
+    each, the tokens they skipped and the rows that joined meanwhile (timed apart, as the price of the switch).
     """
 
     def __init__(
@@ -247,10 +246,7 @@ class SpeculativeDecoder:
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
-        self.watch.mark()
         _prefill(self.verifier, rows, slots, self.settings, self.watch)
-        if self.step_policy is not None:
-            self.step_policy.observe_join(len(rows), self.watch.lap())
         live = [slot for row, slot in zip(rows, slots, strict=True) if not row.finished]
         if not live:
             return

@@ -46,9 +46,6 @@ class StepPolicy(Protocol):
     def observe_read(self, tokens: int, seconds: float) -> None:
         """What the drafters took to read `tokens` tokens that plain steps had left unread."""
 
-    def observe_join(self, rows: int, seconds: float) -> None:
-        """What the verifier took to prefill `rows` rows joining the batch (before the next step)."""
-
 
 @dataclass(frozen=True)
 class ConstantK:

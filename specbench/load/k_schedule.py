@@ -5,8 +5,7 @@ nearly free, and drafted tokens that are rejected cost real time. Before each st
 schedule picks the k in 0..k_max with the fewest expected seconds per output token of each
 running row,
 
-    (s + J(s)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
-    s = r(k, b) (k c(b) + v(b, k + 1)),
+    r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
     E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1,
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
@@ -21,14 +20,6 @@ mean of measured over modelled seconds of the recent steps at that k and occupan
 drafted at k borrows the nearest bucket's r (what the surface leaves out grows with the rows,
 and trying a dear draft length costs a step); a plain step never tried at a bucket keeps the
 surface's r = 1, as does a k never run: trying it costs no more than the step.
-
-Rows join between steps: the verifier prefills them while the running rows wait, J(s) seconds
-a step of s seconds. Joins arrive at a rate lambda (the run's admitted rows per second), and a
-prefill of n rows takes P(n) = a + c n (fitted to the run's joins): J(s) = a (1 - e^(-lambda s))
-+ c lambda s, Poisson arrivals in s seconds. On a GPU a prefill of a few rows costs what reading
-the weights costs (a dominates): a step that emits more tokens per row pays it once for all of
-them, which drafting does. Where a prefill costs its tokens (c dominates, a CPU), J is a share
-of s, whatever k, and leaves the choice as it was.
 
 Plain steps are not free for later: the drafters sit them out, and before they can draft again
 they must read the u tokens they skipped (every running row's tokens of those steps, and the
@@ -45,43 +36,11 @@ from a prior worth a few steps.
 
 from __future__ import annotations
 
-import math
-
 from specbench.engine.costs import StepCosts
 from specbench.engine.schedule import StepState
 from specbench.load.model import interpolate_log_batch, tokens_per_step
 
-RATIO_WINDOW = 32  # steps (or reads, joins): the corrections follow the recent ones, about this many
-
-
-class RecentLine:
-    """y = a + c x by least squares over the recent observations (each older one weighs 1 - 1/RATIO_WINDOW less),
-    for costs that grow with a size: a from the observations alone is not trusted below 0."""
-
-    def __init__(self) -> None:
-        self._sums = [0.0] * 5  # weighted sums: weight, x, y, x^2, x y
-
-    def observe(self, x: float, y: float) -> None:
-        """Add one observation; the older ones fade."""
-        decay = 1 - 1 / RATIO_WINDOW
-        weight, total, spent, squares, products = (value * decay for value in self._sums)
-        self._sums = [weight + 1, total + x, spent + y, squares + x**2, products + x * y]
-
-    def predict(self, x: float) -> float:
-        """The expected y at x (0 before any observation; proportional to x while all were at one size)."""
-        weight, total, spent, squares, products = self._sums
-        if weight == 0:
-            return 0.0
-        spread = squares * weight - total**2
-        if spread > 1e-9 * squares * weight:  # observations of different sizes: a + c x
-            slope = (products * weight - total * spent) / spread
-            intercept = (spent - slope * total) / weight
-            if slope < 0:  # bigger was not dearer: the mean
-                return spent / weight
-            if intercept < 0:  # through the origin
-                return products / squares * x
-            return intercept + slope * x
-        return spent / total * x if total else spent / weight
+RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, about this many
 
 
 class LoadAwareK:
@@ -99,10 +58,7 @@ class LoadAwareK:
         self._accepted = prior_alpha * prior_steps / (1 - prior_alpha) if prior_alpha < 1 else prior_steps
         self._rejections = prior_steps
         self._ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (k, bucket) -> (mean measured/modelled, steps)
-        self._reads = RecentLine()  # R(u): seconds to read u skipped tokens
-        self._joins = RecentLine()  # P(n): seconds to prefill n joining rows
-        self._admitted = [0.0, 0.0]  # recent rows joined and seconds elapsed (steps and joins), fading as _ratio
-        self._since_step = [0, 0.0]  # rows joined and their prefill seconds since the last step
+        self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
 
     @property
@@ -134,7 +90,7 @@ class LoadAwareK:
         """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens,
         plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens."""
         step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
-        seconds = (step_s + self.join_s(step_s)) / tokens_per_step(self.alpha, k)
+        seconds = step_s / tokens_per_step(self.alpha, k)
         if k and state.unread_tokens:
             seconds += self.read_s(state.unread_tokens) / max(state.remaining_tokens, 1.0)
         return seconds
@@ -145,32 +101,28 @@ class LoadAwareK:
         mean, steps = self._ratio.get(key, (1.0, 1))  # the surface, worth one step: one slow step cannot condemn k
         steps = min(steps + 1, RATIO_WINDOW)
         self._ratio[key] = (mean + (seconds / self.modelled_step_s(k, occupancy) - mean) / steps, steps)
-        decay = 1 - 1 / RATIO_WINDOW
-        rows, elapsed = self._since_step
-        self._admitted = [self._admitted[0] * decay + rows, self._admitted[1] * decay + elapsed + seconds]
-        self._since_step = [0, 0.0]
 
     def observe_read(self, tokens: int, seconds: float) -> None:
-        """Fit R(u) to what the drafters took to read `tokens` skipped tokens."""
-        self._reads.observe(tokens, seconds)
-
-    def observe_join(self, rows: int, seconds: float) -> None:
-        """Fit P(n) to what the verifier took to prefill `rows` joining rows, and count them towards lambda."""
-        self._joins.observe(rows, seconds)
-        self._since_step = [self._since_step[0] + rows, self._since_step[1] + seconds]
+        """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
+        decay = 1 - 1 / RATIO_WINDOW
+        weight, total, spent, squares, products = (value * decay for value in self._reads)
+        self._reads = [weight + 1, total + tokens, spent + seconds, squares + tokens**2, products + tokens * seconds]
 
     def read_s(self, tokens: int) -> float:
         """R(u): the expected seconds for the drafters to read `tokens` skipped tokens (0 before any read)."""
-        return self._reads.predict(tokens)
-
-    def join_s(self, step_s: float) -> float:
-        """J(s): the expected seconds of prefilling the rows that join during a step of `step_s` seconds."""
-        rows, elapsed = self._admitted
-        expected = rows / elapsed * step_s if elapsed else 0.0  # joining rows, Poisson in the step
-        if expected <= 0:
+        weight, total, spent, squares, products = self._reads
+        if weight == 0:
             return 0.0
-        some = -math.expm1(-expected)  # the chance that any row joins
-        return some * self._joins.predict(expected / some)  # a prefill of the rows that joined, given any did
+        spread = squares * weight - total**2
+        if spread > 1e-9 * squares * weight:  # reads of different sizes: a + c u
+            slope = (products * weight - total * spent) / spread
+            intercept = (spent - slope * total) / weight
+            if slope < 0:  # bigger reads were not dearer: their mean
+                return spent / weight
+            if intercept < 0:  # through the origin
+                return products / squares * tokens
+            return intercept + slope * tokens
+        return spent / total * tokens if total else spent / weight
 
     def correction(self, k: int, occupancy: int) -> float:
         """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
