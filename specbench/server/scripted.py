@@ -134,7 +134,7 @@ async def _events(
     script: dict[str, int], chat: bool, options: dict[str, Any], counters: SpecCounters
 ) -> AsyncIterator[str]:
     """The scripted stream, as server-sent events."""
-    chunks, tokens, interval_s = script.get("chunks", 4), script.get("tokens", 1), script.get("interval_ms", 0) / 1000
+    chunks, tokens, interval_s = script.get("chunks", 4), script.get("tokens", 1), script["interval_ms"] / 1000
 
     def event(choice: dict[str, Any] | None, usage: int | None = None, **extra: Any) -> str:
         data: dict[str, Any] = {"id": "cmpl-scripted", "model": MODEL, "choices": [choice] if choice else [], **extra}
