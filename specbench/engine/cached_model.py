@@ -478,10 +478,10 @@ class CachedModel:
     def truncate(self, lengths: Sequence[int]) -> None:
         """Keep only the first `lengths[r]` cached tokens of each row r (longer lengths change nothing)."""
         self._last_feed = None
-        for row, length in enumerate(lengths):
-            if length < self._counts[row]:
-                self._valid[row] &= self._valid[row].cumsum(0) <= length
-                self._counts[row] = length
+        if any(length < count for length, count in zip(lengths, self._counts, strict=True)):
+            # a row keeps the valid columns up to its length-th: the others' cumulative counts never pass theirs
+            self._valid &= self._valid.cumsum(1) <= torch.tensor(lengths)[:, None]
+            self._counts = [min(length, count) for length, count in zip(lengths, self._counts, strict=True)]
         self._crop_and_compact()
 
     def _crop_and_compact(self) -> None:
@@ -505,11 +505,10 @@ class CachedModel:
     def _compact(self) -> None:
         """Gather each row's valid columns into a fresh left-padded layout of max(lengths) columns."""
         width = max(self._counts)
-        index = torch.zeros(self.batch_size, width, dtype=torch.long)
-        for row, count in enumerate(self._counts):
-            if count:
-                index[row, width - count :] = self._valid[row].nonzero()[:, 0]
-        self._gather(0, index)
+        # a stable sort puts each row's valid columns last, in order; the padding before them reads column 0
+        valid_last = torch.sort(self._valid.to(torch.uint8), dim=1, stable=True).indices[:, self._columns - width :]
+        padding = torch.arange(width)[None, :] < torch.tensor([width - count for count in self._counts])[:, None]
+        self._gather(0, valid_last.masked_fill(padding, 0))
         self._valid = torch.arange(width)[None, :] >= torch.tensor([width - c for c in self._counts])[:, None]
         self._set_columns(width)
 

@@ -169,7 +169,8 @@ class ModelDrafter:
             logits = self.model.forward(ids)[:, -1]
         else:  # each row's last fed slot
             fed = self.model.forward(ids, [len(feed) for feed in feeds], logits_to_keep=width)
-            logits = torch.stack([fed[row, max(len(feed), 1) - 1] for row, feed in enumerate(feeds)])
+            last = torch.tensor([max(len(feed), 1) - 1 for feed in feeds], device=fed.device)
+            logits = fed[torch.arange(len(feeds), device=fed.device), last]
         steps = max(depths)
         chooser = choosers[drafting[0]]  # the warping is the same for every row
         columns, distributions = [], []
@@ -196,6 +197,17 @@ class ModelDrafter:
             self._committed[row] = len(contexts[row])
             self._drafted[row] = drafted[row][: depth - 1]
         return proposals
+
+    def take_drafts(self, drafts: Sequence[list[int]]) -> None:
+        """Take each row's cached draft tokens to be `drafts[row]` but its last (rows with no draft keep theirs).
+
+        For a stand-in drafter whose proposals this model's forwards pay for (`OracleDrafter`): the next step
+        then feeds what that drafter would (the verifier's token, and the last draft when all were accepted), not
+        every token the verifier accepted. The cache holds this model's own tokens either way; its outputs go unused.
+        """
+        for row, tokens in enumerate(drafts):
+            if tokens:
+                self._drafted[row] = list(tokens[:-1])
 
 
 def drafter_models(drafters: Sequence[Drafter]) -> list[CachedModel]:
