@@ -28,7 +28,7 @@ def _rows(count: int) -> tuple[dict[tuple[int, ...], list[int]], list[list[int]]
     references, rows = {}, []
     for index in range(count):
         prompt = [draw.randrange(VOCAB) for _ in range(5 + index % 3)]
-        references[tuple(prompt)] = [draw.randrange(VOCAB) for _ in range(24)]
+        references[tuple(prompt)] = [draw.randrange(VOCAB) for _ in range(100)]
         rows.append(prompt + references[tuple(prompt)][: 1 + index % 20])
     return references, rows
 
@@ -63,9 +63,10 @@ def test_the_oracle_draws_depend_on_the_seed_and_position_alone():
     references, rows = _rows(40)
     batch = _propose(_oracle(0.5, references), rows, list(range(len(rows))))
     alone = _oracle(0.5, references)
-    for index in reversed(range(len(rows))):  # another order, and each seed's draws grown from a later position
-        longer = rows[index] + references[tuple(rows[index][: 5 + index % 3])][len(rows[index]) - 5 - index % 3 :]
-        _propose(alone, [longer[:-2]], [index])
+    for index in reversed(range(len(rows))):  # another order, and each seed's draws made first for 96 positions
+        prompt_length = 5 + index % 3
+        later = rows[index][:prompt_length] + references[tuple(rows[index][:prompt_length])][:92]
+        _propose(alone, [later], [index])
         assert _propose(alone, [rows[index]], [index]) == [batch[index]]
 
 
