@@ -227,7 +227,8 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
             requests = _requests(args, rate, prompts)
             served = {}
             for mode in ("baseline", "spec"):
-                served[mode] = _serve(verifier, [oracle] if mode == "spec" else [], requests, k, args.max_batch)
+                served[mode] = _serve(verifier, [oracle] if mode == "spec" else [], requests, k, args.max_batch,
+                                      args.join_delay_factor)  # fmt: skip
             metrics = load_metrics(served, slo)
             steps = [a for r in served["spec"].results for o, a in
                      zip(r.offered_per_step, r.accepted_per_step, strict=True) if o == k]  # fmt: skip
@@ -291,7 +292,8 @@ class AlwaysPlain:
         pass
 
 
-def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int):
+def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
+           join_delay_factor: float = 0.0):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted."""
     settings = DecodeSettings(max_new_tokens=max(r.max_new_tokens for r in requests))
     watch = Stopwatch(verifier.devices)
@@ -307,7 +309,9 @@ def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest],
         first, most = schedule.first, schedule.max_k
         return new_row(request.prompt_ids, request.seed, settings, names, most, first, request.max_new_tokens)
 
-    return serve(decoder, requests, make_row, max_batch, bool(verifier.graph_sizes))
+    return serve(
+        decoder, requests, make_row, max_batch, bool(verifier.graph_sizes), join_delay_factor=join_delay_factor
+    )
 
 
 def _setup_oracle_load(args: argparse.Namespace, models: dict, ks: list[int]):
@@ -360,7 +364,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
                     k = {"load": schedule, "plain": AlwaysPlain(k_max), "baseline": 1}.get(mode) or int(mode[1:])
-                    served = _serve(verifier, [] if mode == "baseline" else [oracle], requests, k, args.max_batch)
+                    served = _serve(verifier, [] if mode == "baseline" else [oracle], requests, k, args.max_batch,
+                                    args.join_delay_factor)  # fmt: skip
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
@@ -469,6 +474,8 @@ def main() -> None:
     parser.add_argument("--step-series", action="store_true",
                         help="k_schedule: keep the first repeat's steps per mode ([end ms, rows, k])")  # fmt: skip
     parser.add_argument("--searches", type=int, default=1, help="load: run each crossover search this many times")
+    parser.add_argument("--join-delay-factor", type=float, default=0.0,
+                        help="load, k_schedule: load.join_delay_factor of every serve (0: none)")  # fmt: skip
     parser.add_argument("--k-rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 256.0],
                         help="k_schedule: the request rates (idle to saturated)")  # fmt: skip
     args = parser.parse_args()

@@ -10,7 +10,8 @@ traces both ways on tiny float32 models (GPT-J-shaped verifier, the oracle draft
 tiny GPT-2's cost) under `StepClock`, so that which requests join at which step depends on the
 arrival times and the decoding alone, never on the machine's speed, and counts the join events,
 the rows per join and the steps. Traces: 256 requests, 32 slots, 8-token prompts, 32 new tokens;
-all at once, and one request every 0.5 and 2 clock units (a step reads the clock 2-3 times).
+all at once, and one request every 0.5 and 2 clock units (a step reads the clock 2-3 times, a prefill
+once). `--join-delay-factor` serves them with `load.join_delay_factor`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ from specbench.testing import StepClock, make_model
 VOCAB, PROMPT_TOKENS, NEW_TOKENS, SLOTS, REQUESTS, DISTINCT_PROMPTS = 101, 8, 32, 32, 256, 64
 
 
-def join_counts(verifier: CachedModel, drafter: OracleDrafter | None, k: int, requests: list[EngineRequest]) -> dict:
-    """Serve `requests` (the baseline when `drafter` is None) and count its steps and join events."""
+def join_counts(
+    verifier: CachedModel, drafter: OracleDrafter | None, k: int, requests: list[EngineRequest], delay: float
+) -> dict:
+    """Serve `requests` (the baseline when `drafter` is None; `delay`: the join delay factor) and count its steps
+    and join events."""
     settings = DecodeSettings(max_new_tokens=NEW_TOKENS)
     watch = Stopwatch(verifier.devices)
     if drafter is None:
@@ -45,7 +49,7 @@ def join_counts(verifier: CachedModel, drafter: OracleDrafter | None, k: int, re
     def make_row(request: EngineRequest):
         return new_row(request.prompt_ids, request.seed, settings, names, k, k, request.max_new_tokens)
 
-    served = serve(decoder, requests, make_row, SLOTS, bucketed=False, clock=StepClock())
+    served = serve(decoder, requests, make_row, SLOTS, bucketed=False, clock=StepClock(), join_delay_factor=delay)
     joins = sorted({request.admitted_s for request in served.requests})
     sizes = [sum(request.admitted_s == time for request in served.requests) for time in joins]
     return {
@@ -62,6 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--join-delay-factor", type=float, default=0.0, help="load.join_delay_factor (0: none)")
     args = parser.parse_args()
     verifier = CachedModel(make_model("gptj", VOCAB, seed=0), VOCAB)
     cost = ModelDrafter("cost", CachedModel(make_model("gpt2", VOCAB, seed=1), VOCAB))
@@ -70,16 +75,20 @@ def main() -> None:
     references = decode_baseline(verifier, prompts, DecodeSettings(max_new_tokens=NEW_TOKENS), [0] * len(prompts))
     oracle = OracleDrafter("oracle", args.alpha, cost, VOCAB)
     oracle.set_references({tuple(prompt): row.tokens for prompt, row in zip(prompts, references.rows, strict=True)})
-    report: dict = {"alpha": args.alpha, "k": args.k, "slots": SLOTS, "requests": REQUESTS, "traces": {}}
+    report: dict = {"alpha": args.alpha, "k": args.k, "join_delay_factor": args.join_delay_factor, "slots": SLOTS,
+                    "requests": REQUESTS, "traces": {}}  # fmt: skip
     for gap in (0.0, 0.5, 2.0):  # clock units between arrivals; 0: every request at once
         requests = [EngineRequest(i, i * gap, prompts[i % len(prompts)], NEW_TOKENS, seed=i) for i in range(REQUESTS)]
         report["traces"][f"gap_{gap:g}"] = {
-            "baseline": join_counts(verifier, None, args.k, requests),
-            f"k{args.k}": join_counts(verifier, oracle, args.k, requests),
+            "baseline": join_counts(verifier, None, args.k, requests, args.join_delay_factor),
+            f"k{args.k}": join_counts(verifier, oracle, args.k, requests, args.join_delay_factor),
         }
         print(f"gap {gap:g}:", json.dumps(report["traces"][f"gap_{gap:g}"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"join-events-alpha{args.alpha:g}-k{args.k}.json").write_text(json.dumps(report, indent=1) + "\n")
+    name = f"join-events-alpha{args.alpha:g}-k{args.k}" + (
+        f"-delay{args.join_delay_factor:g}" if args.join_delay_factor else ""
+    )
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,9 @@ class LoadConfig:
     num_requests: int = 16  # requests of a generated trace (a trace file replays all its lines)
     trace_path: str | None = None  # arrival=trace: JSONL, one request a line (arrival_s, record_id or text)
     max_batch_size: int = 8  # running requests at most; later arrivals wait in a FIFO queue
+    # a running batch takes new rows only once this many times the last join's prefill time has passed since
+    # that join (vLLM's --scheduler-delay-factor): fewer, larger joins, so fewer stalls; 0 joins at every step
+    join_delay_factor: float = 0.0
     # search the rate, on a log scale between rate_min and rate_max, where speculation stops beating the baseline
     find_crossover: bool = False
     rate_min: float = 0.02

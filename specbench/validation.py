@@ -182,6 +182,16 @@ def validate_load(cfg: SpecBenchConfig) -> None:
         load.max_batch_size >= 1,
         f"load.max_batch_size={load.max_batch_size} is invalid: run 1 or more requests at once (e.g. 8).",
     )
+    _check(
+        math.isfinite(load.join_delay_factor) and load.join_delay_factor >= 0,
+        f"load.join_delay_factor={load.join_delay_factor} is invalid: give 0 (rows join at every step) or a "
+        "positive multiple of the last join's prefill time (e.g. 2).",
+    )
+    _check(
+        load.join_delay_factor == 0 or cfg.engine.backend is not Backend.server,
+        "load.join_delay_factor spaces the joins of specbench's own scheduler; a server schedules its own "
+        "(vLLM: --scheduler-delay-factor in its command): leave it at 0 with engine.backend=server.",
+    )
     if load.find_crossover:
         positive("load.rate_min", load.rate_min, "requests per second, e.g. load.rate_min=0.02")
         positive("load.rate_max", load.rate_max, "requests per second, e.g. load.rate_max=0.5")

@@ -135,6 +135,9 @@ def test_jobs_that_left_no_status_count_as_lost(tmp_path):
     assert [s["status"] for s in statuses] == ["FINISHED", "LOST"]
 
 
+SERVER_URLS = ("server.baseline_url=http://127.0.0.1:9/v1", "server.spec_url=http://127.0.0.1:8/v1")
+
+
 def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, tmp_path):
     cfg = typed_config(composer("experiment=offline", "mode=load", "load.rate=0.2", "load.num_requests=24"))
     assert cfg.mode.value == "load" and cfg.load.rate == 0.2 and cfg.load.num_requests == 24
@@ -149,6 +152,11 @@ def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, t
         (["load.burstiness=0"], r"^load\.burstiness=0\.0 is invalid"),
         (["load.num_requests=0"], r"^load\.num_requests=0 is invalid: send 1 or more requests"),
         (["load.max_batch_size=0"], r"^load\.max_batch_size=0 is invalid"),
+        (["load.join_delay_factor=-1"], r"^load\.join_delay_factor=-1\.0 is invalid: give 0"),
+        (
+            ["load.join_delay_factor=2", "engine.backend=server", *SERVER_URLS],
+            r"^load\.join_delay_factor spaces the joins of specbench's own scheduler",
+        ),
         (["load.find_crossover=true", "load.rate_min=1", "load.rate_max=0.5"], r"^load\.rate_min=1\.0 is not below"),
         (["load.find_crossover=true", "load.max_probes=1"], r"^load\.max_probes=1 is invalid"),
         (["slo.tpot_ms=-5"], r"^slo\.tpot_ms=-5\.0 is invalid: give a latency target of 0 ms or more"),

@@ -9,6 +9,8 @@ token, and the batch growing and shrinking (re-formed, with CUDA-graph-style buc
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -171,3 +173,38 @@ def test_sampled_requests_keep_the_verifier_law_while_rows_join_and_leave():
     assert pit_p_value(outputs, ExactLaw(verifier_model, warped_law)) > 1e-3
     unwarped = WRONG_LAWS["unwarped"]
     assert pit_p_value(outputs, ExactLaw(verifier_model, unwarped)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["baseline", "model"])
+def test_a_join_delay_gathers_joins_and_every_request_still_decodes_as_if_alone(verifiers, draft, mode):
+    """Eight requests a reading apart into 4 slots: with a delay of 6 prefills, rows join a running batch in fewer,
+    larger groups, never while the last join is recent, and an empty batch takes them at once."""
+    verifier = CachedModel(verifiers["gptj"], VOCAB)
+    settings = DecodeSettings(12)
+    trace = [EngineRequest(i, float(i), PROMPTS[i % len(PROMPTS)], 6 + i % 5, seed=i) for i in range(8)]
+    trace.append(EngineRequest(8, 400.0, PROMPTS[0], 4, seed=8))  # arrives after everything has finished
+
+    def served_with(join_delay_factor: float):
+        watch = Stopwatch(verifier.devices)
+        if mode == "baseline":
+            decoder, names = BaselineDecoder(verifier, settings, watch, read_ahead=False), []
+        else:
+            drafter = ModelDrafter("draft", CachedModel(draft, VOCAB))
+            decoder, names = SpeculativeDecoder(verifier, [drafter], settings, ConstantK(3), watch), ["draft"]
+
+        def make_row(request: EngineRequest):
+            return new_row(request.prompt_ids, request.seed, settings, names, 3, 3, request.max_new_tokens)
+
+        return serve(decoder, trace, make_row, 4, False, StepClock(), join_delay_factor=join_delay_factor)
+
+    eager, delayed = served_with(0.0), served_with(6.0)
+    joins = [sorted({record.admitted_s for record in result.requests}) for result in (eager, delayed)]
+    assert len(joins[1]) < len(joins[0])
+    # every join but the last (request 8, into an empty batch) after the first joined a running batch: each came
+    # at least 6 prefills after the one before (under the step clock a prefill takes one reading)
+    assert min(later - earlier for earlier, later in itertools.pairwise(joins[1][:-1])) >= 6
+    assert min(later - earlier for earlier, later in itertools.pairwise(joins[0][:-1])) < 6
+    assert delayed.requests[8].admitted_s == delayed.requests[8].arrival_s + 1  # an empty batch takes it at once
+    reference = CachedModel(verifiers["gptj"], VOCAB)
+    for request, record in zip(trace, delayed.requests, strict=True):
+        assert record.tokens == alone(reference, request, settings), request.request_id

@@ -5,6 +5,11 @@ speculative decoding), the same way for both:
 - Before each step, the requests that have arrived join the batch, up to `max_batch_size`
   running rows; the others wait in a FIFO queue. When nothing runs and nothing has
   arrived, the scheduler waits for the next arrival.
+- With a `join_delay_factor` d > 0 (vLLM's `--scheduler-delay-factor`), a running batch takes
+  new rows only once d times the last join's prefill time has passed since that join, so that
+  rows join in fewer, larger groups: fewer stalls of the running rows, later first tokens. An
+  empty batch takes them at once. Speculating rows finish at different steps and free their slots
+  a few at a time, so without a delay they join at most steps (`benchmarks/join_events.py`).
 - Joining is a prefill of the new rows alone (`CachedModel.admit`), then their first
   token: the running rows wait for it, so every running row's next inter-token latency
   includes that prefill (no chunked prefill; a join of n prompt tokens costs about one
@@ -77,15 +82,19 @@ def serve(
     max_batch_size: int,
     bucketed: bool,
     clock: TimeSource | None = None,
+    join_delay_factor: float = 0.0,
 ) -> ServeResult:
     """Serve `requests` (any order; sorted by arrival) with continuous batching; see the module docstring.
 
     `make_row` turns a request into the decoder's fresh row state; `bucketed` keeps the slot count
-    to `slot_buckets` (CUDA graphs). Returns every request's record (in request-id order), one
-    record per step, and the verifier's computed and padded positions.
+    to `slot_buckets` (CUDA graphs); `join_delay_factor` spaces the joins into a running batch.
+    Returns every request's record (in request-id order), one record per step, and the verifier's
+    computed and padded positions.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size}: at least one running row is needed")
+    if not join_delay_factor >= 0:
+        raise ValueError(f"join_delay_factor={join_delay_factor}: 0 (no delay) or more is needed")
     clock = clock or TraceClock(decoder.verifier.devices)
     pending = deque(sorted(requests, key=lambda request: (request.arrival_s, request.request_id)))
     waiting: deque[EngineRequest] = deque()
@@ -94,6 +103,7 @@ def serve(
     rows: dict[int, Row] = {}  # request id -> its row
     steps: list[StepRecord] = []
     positions = [0, 0]  # verifier positions computed and padded, over every batch (an empty batch restarts them)
+    last_join_s, last_prefill_s = 0.0, 0.0  # when the last join started, and how long its prefill took
 
     def size_for(count: int) -> int:
         return next(size for size in slot_buckets(max_batch_size) if size >= count) if bucketed else count
@@ -121,12 +131,14 @@ def serve(
             clock.wait_until(pending[0].arrival_s)
             continue
         running = len(decoder.running)
-        joining = [waiting.popleft() for _ in range(min(max_batch_size - running, len(waiting)))]
+        delayed = running and now - last_join_s < join_delay_factor * last_prefill_s
+        joining = [] if delayed else [waiting.popleft() for _ in range(min(max_batch_size - running, len(waiting)))]
         if joining:
             if not decoder.running:
                 positions = _add_positions(positions, decoder)
             _admit(decoder, joining, make_row, size_for(running + len(joining)), request_of, rows, served, now)
             admitted_at = clock.now()
+            last_join_s, last_prefill_s = now, admitted_at - now
             for request in joining:
                 record_chunk(rows[request.request_id], 1, admitted_at)
             release_finished()  # a row may end at its first token

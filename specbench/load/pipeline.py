@@ -129,7 +129,9 @@ def serve_mode(cfg: SpecBenchConfig, setup: RunSetup, mode: str, requests: list[
         return new_row(request.prompt_ids, request.seed, setup.settings, names, schedule.max_k, first_k, limit)
 
     bucketed = bool(verifier.graph_sizes)
-    return serve(decoder, requests, make_row, cfg.load.max_batch_size, bucketed)
+    return serve(
+        decoder, requests, make_row, cfg.load.max_batch_size, bucketed, join_delay_factor=cfg.load.join_delay_factor
+    )
 
 
 def warm_up_load(cfg: SpecBenchConfig, setup: RunSetup, requests: list[EngineRequest], schedule) -> None:
