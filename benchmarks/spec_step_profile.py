@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import statistics
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 from gpu import architectures, build
-from gpu_load import FAVOURED_BIAS, FAVOURED_TOKEN, TOKENIZER_VOCAB, _serve, _setup_oracle_load
+from gpu_load import FAVOURED_BIAS, FAVOURED_TOKEN, TOKENIZER_VOCAB, _full_step_ms, _serve, _setup_oracle_load
 
 import specbench.engine.decode as decode
 from specbench.engine.cached_model import CachedModel
@@ -43,14 +42,7 @@ def full_step_ms(verifier: CachedModel, oracle: OracleDrafter, prompts: list[lis
     """The median gap between full-batch steps of 3 serves (after a warm-up) of `rows` requests at t = 0."""
     requests = [EngineRequest(i, 0.0, prompts[i % len(prompts)], 64, seed=i) for i in range(rows)]
     _serve(verifier, [oracle], requests, K, 128)
-    samples = []
-    for _ in range(3):
-        steps = _serve(verifier, [oracle], requests, K, 128).steps
-        gaps = [
-            1000 * (later.time_s - earlier.time_s) for earlier, later in itertools.pairwise(steps) if later.rows == rows
-        ]
-        samples.append(statistics.median(gaps))
-    return samples
+    return [_full_step_ms(_serve(verifier, [oracle], requests, K, 128)) for _ in range(3)]
 
 
 def timing(phases: dict[str, list[float]], name: str, function, per_model: bool = False):

@@ -509,7 +509,7 @@ class CachedModel:
         valid_last = torch.sort(self._valid.to(torch.uint8), dim=1, stable=True).indices[:, self._columns - width :]
         padding = torch.arange(width)[None, :] < torch.tensor([width - count for count in self._counts])[:, None]
         self._gather(0, valid_last.masked_fill(padding, 0))
-        self._valid = torch.arange(width)[None, :] >= torch.tensor([width - c for c in self._counts])[:, None]
+        self._valid = ~padding
         self._set_columns(width)
 
     def _gather(self, start: int, index: torch.Tensor) -> None:
