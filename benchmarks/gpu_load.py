@@ -95,6 +95,7 @@ def section_checks(args: argparse.Namespace, device: torch.device) -> dict:
             drafters = [ModelDrafter("draft", cached(drafter_model, (1, 2)))] if drafter_model is not None else []
             for member in [verifier, *(d.model for d in drafters)]:
                 member.capture_graphs(slot_buckets(3))
+                member.capture_joins(3)
             settings, watch = DecodeSettings(30), Stopwatch(verifier.devices)
             if drafters:
                 decoder = SpeculativeDecoder(verifier, drafters, settings, ConstantK(4), watch)
@@ -322,6 +323,7 @@ def _setup_oracle_load(args: argparse.Namespace, models: dict, ks: list[int]):
     cost = _cost_drafter(args, models, "oracle")
     for member in (verifier, cost.model):
         member.capture_graphs(buckets, args.prompt_len)
+        member.capture_joins(args.max_batch, args.prompt_len)
     prompts = _prompts(args, args.distinct_prompts)
     settings = DecodeSettings(max_new_tokens=args.new_tokens)
     references = {}
@@ -415,6 +417,7 @@ def section_saturation(args: argparse.Namespace, device: torch.device, models: d
     results = {}
     verifier = _verifier(args, models, (1,))
     verifier.capture_graphs(slot_buckets(args.max_batch), args.prompt_len)
+    verifier.capture_joins(args.max_batch, args.prompt_len)
     settings = DecodeSettings(max_new_tokens=args.new_tokens)
     for rows in sorted({min(64, args.max_batch), args.max_batch}):
         prompts = _prompts(args, rows)

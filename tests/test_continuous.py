@@ -75,8 +75,9 @@ def alone(verifier: CachedModel, request: EngineRequest, settings: DecodeSetting
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["baseline", "model", "self", "lookup"])
-@pytest.mark.parametrize("max_len", [None, 160], ids=["dynamic", "static"])
-def test_every_request_decodes_as_if_alone(verifiers, draft, arch, mode, max_len):
+@pytest.mark.parametrize(("max_len", "join_rows"), [(None, 0), (160, 0), (160, 2)], ids=["dynamic", "static", "joins"])
+def test_every_request_decodes_as_if_alone(verifiers, draft, arch, mode, max_len, join_rows):
+    """`joins`: rows join on buffers of their own (`capture_joins`), two at a time, prompts padded to 64 or 128."""
     verifier = CachedModel(verifiers[arch], VOCAB, max_len=max_len)
     free = alone(verifier, requests()[1], DecodeSettings(20))
     settings = DecodeSettings(20, eos_token_ids=frozenset({free[9]}))  # request 1 stops inside a block
@@ -90,6 +91,9 @@ def test_every_request_decodes_as_if_alone(verifiers, draft, arch, mode, max_len
             "lookup": lambda: PromptLookupDrafter("lookup", max_ngram=2),
         }[mode]()
         decoder, names = SpeculativeDecoder(verifier, [drafter], settings, ConstantK(4), watch), [drafter.name]
+    if join_rows:
+        for model in [verifier, *([drafter.model] if mode in ("model", "self") else [])]:
+            model.capture_joins(join_rows)
     result = served(decoder, settings, names, bucketed=max_len is not None)
     reference = CachedModel(verifiers[arch], VOCAB)
     for request, record in zip(requests(), result.requests, strict=True):

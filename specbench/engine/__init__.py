@@ -18,7 +18,8 @@ prompt decodes exactly as a single sequence would (same forwards, no masks).
   padded_positions / verifier_positions is the share of the verifier's work spent on padding.
 
 Before timing anything on a GPU, call `model.capture_graphs(batch_sizes)` on the
-verifier and on each model drafter's `CachedModel`, on the main thread.
+verifier and on each model drafter's `CachedModel`, on the main thread (and, where
+rows join a running batch, `model.capture_joins(max_batch_size, shortest_prompt)`).
 `needs_plain_causal_mask(config)` tells, before loading a model, that it cannot
 verify draft sets nor run at batch size > 1 (the decoders raise ValueError if asked).
 The module docstring of `cached_model` describes the ragged cache layout and its cost.

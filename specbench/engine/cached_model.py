@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
@@ -69,6 +69,17 @@ STATIC_CACHE_ARCHITECTURES = ("gpt2", "gptj", "llama", "qwen2", "mistral", "gemm
 # Compaction runs when hole columns exceed a quarter of the layout and at least this many columns.
 COMPACT_MIN_COLUMNS = 32
 PAD_TOKEN = 0  # fed in padding slots; never attended to
+# Joining prompts are prefilled at most this many at a time under captured joins (`capture_joins`).
+JOIN_ROWS = 16
+
+
+def slot_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes a batch under CUDA graphs takes: powers of two below `max_batch_size`, and itself."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_batch_size]
 
 
 class CachedModel:
@@ -110,10 +121,13 @@ class CachedModel:
         # without a static cache, the dynamic one (every architecture supports it) and no graphs
         self.graph_sizes = set(graph_sizes) if self.max_len is not None and self.device.type == "cuda" else set()
         self._static_caches: dict[int, StaticCache] = {}
-        self._graphs: dict[tuple[int, int, int], Callable[..., torch.Tensor]] = {}  # by rows, feed length, width
+        self._graphs: dict[tuple[int, int, int, int], Callable[..., torch.Tensor]] = {}  # rows, n, width, logits
         self._graph_pools: dict[int, tuple[int, int]] = {}  # by rows
         self._capture_stream = torch.cuda.Stream(self.device) if self.graph_sizes else None
         self._graph_step = self._run
+        self._joins: CachedModel | None = None  # prefills joining rows on buffers of their own (`capture_joins`)
+        self._join_rows: list[int] = []  # the row counts it prefills at once
+        self._join_widths: list[int] = []  # and the prompt widths (a prompt is left-padded to the next one)
         if compile and self.graph_sizes:
             # torch.compile fuses the many small kernels of a decode step before the graph captures them;
             # every (model, batch, feed length) is one more compiled variant of the same code
@@ -194,12 +208,9 @@ class CachedModel:
         width = max(len(prompt) for prompt in prompts)
         if width == 0:
             raise ValueError("every prompt is empty")
-        pads = [width - len(prompt) for prompt in prompts]
-        ids = torch.tensor([[PAD_TOKEN] * pad + list(prompt) for pad, prompt in zip(pads, prompts, strict=True)])
-        slot_valid = torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
-        positions = (torch.arange(width)[None, :] - torch.tensor(pads)[:, None]).clamp_(min=0)
+        ids, slot_valid, positions = _left_padded(prompts, width)
         visible = None
-        if any(pads):  # a row's first token must not see the padding before it
+        if not slot_valid.all():  # a row's first token must not see the padding before it
             visible = torch.ones(width, width, dtype=torch.bool).tril_() & slot_valid[:, None, :]
         logits = self._feed(ids.to(self.device), slot_valid, positions, visible, logits_to_keep)
         self.fed_positions = self.padded_positions = 0
@@ -315,15 +326,19 @@ class CachedModel:
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], logits_to_keep: int = 1) -> torch.Tensor:
         """Prefill `prompts` into row `slots` while every other row keeps its cache; return their last logits.
 
-        The new rows are prefilled apart (one eager forward of their own, left-padded; the running rows
-        wait for it), then their keys and values are copied into their slots' columns, right-aligned
-        with the layout (which widens on the left if a prompt is longer than the columns in use). A slot
-        past the batch size grows the batch (see `keep_rows`); a slot's earlier contents are dropped.
-        Returns [len(prompts), logits_to_keep, vocab].
+        The new rows are prefilled apart (`_prefill_apart`; the running rows wait for it), then their keys
+        and values are copied into their slots' columns, right-aligned with the layout (which widens on the
+        left if a prompt is longer than the columns in use). A slot past the batch size grows the batch
+        (see `keep_rows`); a slot's earlier contents are dropped. Returns [len(prompts), logits_to_keep, vocab].
         """
         if self._tree_pending:
             raise RuntimeError("a token tree was fed: commit the accepted path before admitting rows")
-        if not any(self._counts):  # nothing cached: a plain prefill, rows placed in their slots
+        width = max(len(prompt) for prompt in prompts)
+        if min(len(prompt) for prompt in prompts) == 0:
+            raise ValueError("an admitted prompt is empty")
+        if self.max_len is not None and width > self.max_len:
+            raise ValueError(f"the static cache holds {self.max_len} tokens; a prompt of {width} was admitted")
+        if not any(self._counts) and self._joins is None:  # nothing cached: a plain prefill, rows in their slots
             placed: list[list[int]] = [[] for _ in range(max(self.batch_size, max(slots) + 1))]
             for slot, prompt in zip(slots, prompts, strict=True):
                 placed[slot] = list(prompt)
@@ -333,60 +348,79 @@ class CachedModel:
             return logits[list(slots)]
         if max(slots) >= self.batch_size:
             self.keep_rows([*range(self.batch_size), *[None] * (max(slots) + 1 - self.batch_size)])
-        keys_values, slot_valid, logits = self._prefill_apart(prompts, logits_to_keep)
-        width = slot_valid.shape[1]
-        if self.max_len is not None and width > self.max_len:
-            raise ValueError(f"the static cache holds {self.max_len} tokens; a prompt of {width} was admitted")
         if self._columns < width:
             self._widen(width - self._columns)
         start = self._columns - width
-        index = torch.tensor(list(slots))
-        for layer, (keys, values) in zip(self.cache.layers, keys_values, strict=True):
-            for states, new in ((layer.keys, keys), (layer.values, values)):
-                states[index.to(states.device), :, start : self._columns] = new.to(states.device, states.dtype)
-        self._valid[index] = False
-        self._valid[index, start:] = slot_valid
+        logits: torch.Tensor | None = None
+        initialized = False
+        for group, keys_values, slot_valid, group_logits in self._prefill_apart(prompts, width, logits_to_keep):
+            index = torch.tensor([slots[member] for member in group])
+            for layer, (keys, values) in zip(self.cache.layers, keys_values, strict=True):
+                if not layer.is_initialized:  # a static buffer no forward has written yet (an empty batch)
+                    layer.lazy_initialization(keys[:1].expand(self.batch_size, -1, -1, -1), values[:1])
+                    initialized = True
+                for states, new in ((layer.keys, keys), (layer.values, values)):
+                    states[index.to(states.device), :, start : self._columns] = new.to(states.device, states.dtype)
+            self._valid[index] = False
+            self._valid[index, start:] = slot_valid
+            fitted = self._fit_vocab(group_logits)
+            if logits is None:
+                logits = fitted.new_empty(len(prompts), *fitted.shape[1:])
+            logits[group] = fitted  # copied now: a captured group's logits are overwritten by the next group
         for slot, prompt in zip(slots, prompts, strict=True):
             self._counts[slot] = len(prompt)
         self._last_feed = None
-        return self._fit_vocab(logits)
+        if initialized:  # a buffer initialized just now writes after the columns in use
+            self._set_columns(self._columns)
+        return logits
 
     def _prefill_apart(
-        self, prompts: Sequence[Sequence[int]], logits_to_keep: int
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-        """One eager forward over the prompts alone (left-padded) on a cache of their own.
+        self, prompts: Sequence[Sequence[int]], width: int, logits_to_keep: int
+    ) -> Iterator[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]]:
+        """The forward of the prompts alone (left-padded), on caches of their own, by groups.
 
-        Returns each layer's (keys, values) [prompts, heads, width, dim], which columns hold a token
-        [prompts, width] and the logits. Every padding slot attends to itself, so its keys are finite.
+        Yields, per group: the indices of its prompts, each layer's (keys, values) [group, heads, width,
+        dim], which of the `width` columns hold a token [group, width] and the logits; a group's tensors
+        are valid until the next group. After `capture_joins`, the prompts go `_join_rows[-1]` at a time,
+        each group padded to a captured row count and prompt width and run as one captured graph; otherwise
+        one eager forward takes them all. Every padding slot attends to itself, so its keys are finite.
         """
-        rows, width = len(prompts), max(len(prompt) for prompt in prompts)
-        if min(len(prompt) for prompt in prompts) == 0:
-            raise ValueError("an admitted prompt is empty")
-        pads = [width - len(prompt) for prompt in prompts]
-        ids = torch.tensor([[PAD_TOKEN] * pad + list(prompt) for pad, prompt in zip(pads, prompts, strict=True)])
-        slot_valid = torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
-        positions = (torch.arange(width)[None, :] - torch.tensor(pads)[:, None]).clamp_(min=0)
-        visible = torch.ones(width, width, dtype=torch.bool).tril_() & slot_valid[:, None, :]
-        visible |= torch.eye(width, dtype=torch.bool)
-        mask = None
-        if any(pads) or self.max_len is not None:  # a static-cache model attends with the engine's masks
-            no_cache = torch.zeros(rows, 0, dtype=torch.bool)
-            mask = ragged_mask(no_cache, visible, positions, width, self.model.dtype, self.model.config)
-            mask = _to_device(mask, self.device)
-        apart = DynamicCache()
-        logits = self.model(
-            input_ids=ids.to(self.device),
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            position_ids=_to_device(positions, self.device),
-            attention_mask=mask,
-            **{self._cache_argument: apart},
-        ).logits
-        return [(layer.keys, layer.values) for layer in apart.layers], slot_valid, logits
+        joins = self._joins
+        padded_width = next((size for size in self._join_widths if size >= width), None)
+        if joins is None or padded_width is None or logits_to_keep != 1:
+            ids, slot_valid, positions = _left_padded(prompts, width)
+            apart = DynamicCache()
+            mask = None
+            if not slot_valid.all() or self.max_len is not None:  # a static-cache model attends with the engine's masks
+                mask = _to_device(_prefill_mask(slot_valid, positions, width, self.model), self.device)
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                position_ids=_to_device(positions, self.device),
+                attention_mask=mask,
+                **{self._cache_argument: apart},
+            ).logits
+            yield list(range(len(prompts))), [(layer.keys, layer.values) for layer in apart.layers], slot_valid, logits
+            return
+        most = self._join_rows[-1]
+        for first in range(0, len(prompts), most):
+            group = list(range(first, min(first + most, len(prompts))))
+            rows = next(count for count in self._join_rows if count >= len(group))
+            ids, slot_valid, positions = _left_padded(
+                [*(prompts[member] for member in group), *[[PAD_TOKEN]] * (rows - len(group))], padded_width
+            )
+            logits = joins._prefill_captured(ids, slot_valid, positions, rows, padded_width)
+            keys_values = [
+                (layer.keys[: len(group), :, padded_width - width : padded_width],
+                 layer.values[: len(group), :, padded_width - width : padded_width])
+                for layer in joins.cache.layers
+            ]  # fmt: skip
+            yield group, keys_values, slot_valid[: len(group), padded_width - width :], logits[: len(group)]
 
     def _widen(self, extra: int) -> None:
         """Prepend `extra` hole columns to every row (a prompt longer than the columns in use is joining)."""
-        for layer in self.cache.layers:
+        for layer in self.cache.layers if self._columns else ():  # nothing to move in an empty cache
             for name in ("keys", "values"):
                 states = getattr(layer, name)
                 if isinstance(self.cache, StaticCache):
@@ -564,14 +598,53 @@ class CachedModel:
         self.reset()
         return len(self._graphs)
 
+    @torch.inference_mode()
+    def capture_joins(self, most_rows: int, shortest_prompt: int = 1) -> int:
+        """Prefill joining rows (`admit`) on static buffers of their own, under CUDA graphs captured now.
+
+        Rows join up to `min(most_rows, JOIN_ROWS)` at a time (row counts padded to a power of two), each
+        prompt left-padded to the next multiple of `PREFIX_BUCKET` from `shortest_prompt` up to `max_len`:
+        a join then costs one graph launch instead of an eager forward's hundreds of kernel launches,
+        which is most of a join's time on a GPU. Without CUDA (or graphs) the same groups run eagerly.
+        Needs a static cache (`max_len`); returns how many join graphs are held.
+        """
+        if self.max_len is None:
+            return 0
+        self._join_rows = slot_buckets(1 << (min(most_rows, JOIN_ROWS) - 1).bit_length())
+        self._join_widths = prefix_widths(shortest_prompt, self.max_len)
+        if self._joins is None:
+            self._joins = CachedModel(self.model, self.vocab_size, self.max_len, self._join_widths)
+        joins = self._joins
+        for rows in self._join_rows if joins.graph_sizes else ():
+            joins.prefill([[PAD_TOKEN]] * rows)  # allocates this row count's static buffers
+            for width in self._join_widths:
+                joins._graph(rows, width, joins._key_width(width), keep=1)
+        joins.reset()
+        return joins.graph_count
+
+    def _prefill_captured(
+        self, ids: torch.Tensor, slot_valid: torch.Tensor, positions: torch.Tensor, rows: int, width: int
+    ) -> torch.Tensor:
+        """Start over with `rows` rows of `width` left-padded ids (the graph `capture_joins` captured, eager
+        without one); return the last logits [rows, 1, vocab], valid until the next forward."""
+        self.reset(rows)
+        key_width = self._key_width(width)
+        mask = _to_device(_prefill_mask(slot_valid, positions, key_width, self.model), self.device)
+        ids, positions = ids.to(self.device), _to_device(positions, self.device)
+        if self.graph_sizes:
+            return self._graph(rows, width, key_width, keep=1)(ids, positions, mask)
+        return self._run(ids, positions, mask, 1)
+
     def _graph(
-        self, rows: int, n: int, width: int
+        self, rows: int, n: int, width: int, keep: int | None = None
     ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The CUDA graph of a forward of `rows` rows over n new columns attending over `width` key columns.
+        """The CUDA graph of a forward of `rows` rows over n new columns attending over `width` key columns,
+        returning the logits of the last `keep` columns (all n by default).
 
         Captured on first use (main thread only).
         """
-        if (rows, n, width) not in self._graphs:
+        keep = keep or n
+        if (rows, n, width, keep) not in self._graphs:
             if threading.current_thread() is not threading.main_thread():
                 raise RuntimeError(
                     f"no CUDA graph for {rows} rows x {n} tokens: call capture_graphs(({rows},)) before drafting "
@@ -584,7 +657,7 @@ class CachedModel:
                 torch._dynamo.maybe_mark_dynamic(mask, 3)  # one compiled step serves every width
 
             def step() -> torch.Tensor:
-                return self._graph_step(ids, positions, mask, n)
+                return self._graph_step(ids, positions, mask, keep)
 
             columns = self._columns
             torch.cuda.set_device(self.device)  # graph capture uses the current device's streams
@@ -611,8 +684,24 @@ class CachedModel:
                 graph.replay()
                 return output
 
-            self._graphs[rows, n, width] = replay
-        return self._graphs[rows, n, width]
+            self._graphs[rows, n, width, keep] = replay
+        return self._graphs[rows, n, width, keep]
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`prompts` left-padded to `width` columns: the ids, which columns hold a token, and each column's position."""
+    pads = torch.tensor([width - len(prompt) for prompt in prompts])
+    ids = torch.tensor([[PAD_TOKEN] * (width - len(prompt)) + list(prompt) for prompt in prompts])
+    slot_valid = torch.arange(width)[None, :] >= pads[:, None]
+    return ids, slot_valid, (torch.arange(width)[None, :] - pads[:, None]).clamp_(min=0)
+
+
+def _prefill_mask(slot_valid: torch.Tensor, positions: torch.Tensor, key_width: int, model: PreTrainedModel):
+    """The mask of a prefill from an empty cache: causal among each row's tokens, padding seen by itself alone."""
+    rows, width = slot_valid.shape
+    visible = torch.ones(width, width, dtype=torch.bool).tril_() & slot_valid[:, None, :]
+    visible |= torch.eye(width, dtype=torch.bool)
+    return ragged_mask(torch.zeros(rows, 0, dtype=torch.bool), visible, positions, key_width, model.dtype, model.config)
 
 
 def _to_device(tensors, device: torch.device):

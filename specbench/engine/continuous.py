@@ -13,9 +13,11 @@ speculative decoding), the same way for both:
 - Joining is a prefill of the new rows alone (`CachedModel.admit`), then their first
   token: the running rows wait for it, so every running row's next inter-token latency
   includes that prefill (no chunked prefill; a join of n prompt tokens costs about one
-  n-token forward of the verifier). Under speculation the drafters read the joined rows at
-  the next step that drafts, so a run of plain steps (k = 0 under `k_schedule=load`) does
-  not pay for them.
+  n-token forward of the verifier). Under CUDA graphs, `CachedModel.capture_joins` makes
+  that forward one captured graph (rows padded to a power of two, prompts to a multiple of
+  64 columns) instead of an eager forward's hundreds of kernel launches. Under speculation
+  the drafters read the joined rows at the next step that drafts, so a run of plain steps
+  (k = 0 under `k_schedule=load`) does not pay for them.
 - A row leaves as soon as it finishes: its slot takes the next request, and its cache
   columns become holes that compaction removes.
 - Slots: under CUDA graphs the batch has a bucketed number of slots (powers of two, and
@@ -37,6 +39,7 @@ from typing import Protocol
 
 import torch
 
+from specbench.engine.cached_model import slot_buckets
 from specbench.engine.decode import BaselineDecoder, Row, SpeculativeDecoder, finish_logprobs
 from specbench.engine.results import EngineRequest, ServedRequest, ServeResult, StepRecord
 from specbench.engine.timing import Clock
@@ -64,15 +67,6 @@ class TraceClock:
     def wait_until(self, seconds: float) -> None:
         """Sleep until `seconds` after the start (the next arrival, when nothing runs)."""
         time.sleep(max(0.0, seconds - self.now()))
-
-
-def slot_buckets(max_batch_size: int) -> list[int]:
-    """The batch sizes a batch under CUDA graphs takes: powers of two below `max_batch_size`, and itself."""
-    sizes, size = [], 1
-    while size < max_batch_size:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, max_batch_size]
 
 
 def serve(

@@ -135,11 +135,13 @@ def serve_mode(cfg: SpecBenchConfig, setup: RunSetup, mode: str, requests: list[
 
 
 def warm_up_load(cfg: SpecBenchConfig, setup: RunSetup, requests: list[EngineRequest], schedule) -> None:
-    """Capture the CUDA graphs of every slot bucket, then serve a few short requests in both modes, untimed."""
+    """Capture the CUDA graphs of every slot bucket and of the joins, then serve a few short requests in both
+    modes, untimed."""
     buckets = slot_buckets(cfg.load.max_batch_size)
     shortest = min(len(request.prompt_ids) for request in requests)
     for model in [setup.verifier, *drafter_models(setup.drafters)]:
-        model.capture_graphs(buckets, shortest)
+        if model.capture_graphs(buckets, shortest):
+            model.capture_joins(cfg.load.max_batch_size, shortest)
     short = [
         replace(
             request, request_id=number, arrival_s=0.0, max_new_tokens=min(cfg.warmup_tokens, request.max_new_tokens)

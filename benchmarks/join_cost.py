@@ -1,0 +1,132 @@
+"""What one join costs: rows joining a running batch of 64, GPT-J-6B's and distilgpt2's shapes (bf16, random
+weights) on a GPU, eager against captured (`CachedModel.capture_joins`).
+
+    python benchmarks/join_cost.py --out DIR [--quick]
+
+For 1, 4 and 16 joining rows of 128-token prompts, 10 joins each (after 2 untimed), each between two device
+synchronisations, for each model:
+- `eager`: the new rows' prefill as one eager forward (every join before `capture_joins`);
+- `captured`: the same rows under the graphs `capture_joins` captured (groups of up to 16 rows, prompts
+  padded to a multiple of 64 columns);
+beside the GPU's kernel time of one join of each kind (torch.profiler: the sum of the kernels' own times, so
+the rest of a join is the host's), the largest difference between the two paths' logits, and the 64 rows'
+decode step (one captured graph) for scale. `--quick`: tiny models on the CPU, a dry run of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from gpu import architectures, build
+from gpu_load import TOKENIZER_VOCAB
+from repeats import spread
+
+from specbench.engine import CachedModel
+
+RUNNING, PROMPT_LEN, JOINING = 64, 128, (1, 4, 16)
+MAX_LEN = PROMPT_LEN + 64 + 32  # the load benchmark's: prompt, output, two feeds of k = 4 and room
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(device: torch.device, work) -> float:
+    """`work()`'s wall time in ms between two device synchronisations."""
+    synchronize(device)
+    start = time.perf_counter()
+    work()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start)
+
+
+def kernel_ms(device: torch.device, work) -> float | None:
+    """The sum of the GPU kernels' own times in one `work()` (torch.profiler), in ms; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        work()
+        synchronize(device)
+    return sum(event.self_device_time_total for event in profile.key_averages()) / 1000
+
+
+def measure(model: torch.nn.Module, device: torch.device, captured: bool, prompts: list[list[int]]) -> dict:
+    """One path's join times by joining-row count, its first joins' logits, and the running batch's step time."""
+    graphs = device.type == "cuda"
+    cached = CachedModel(model, TOKENIZER_VOCAB, MAX_LEN, (1,) if graphs else ())
+    cached.capture_graphs((RUNNING,), PROMPT_LEN)
+    if captured:
+        cached.capture_joins(max(JOINING), PROMPT_LEN)
+    cached.prefill(prompts[:RUNNING])
+    next_tokens = torch.ones(RUNNING, 1, dtype=torch.long, device=cached.device)
+    cached.forward(next_tokens)  # the running rows hold a token past their prompts, as after a step
+    result: dict = {"join_ms": {}, "join_kernel_ms": {}, "logits": {}}
+    for rows in JOINING:
+        slots, joining = list(range(rows)), prompts[RUNNING : RUNNING + rows]
+
+        def join(slots=slots, joining=joining):
+            return cached.admit(slots, joining)
+
+        result["logits"][rows] = join().float().cpu()
+        join()
+        result["join_ms"][rows] = spread([timed_ms(device, join) for _ in range(10)])
+        result["join_kernel_ms"][rows] = kernel_ms(device, join)
+    result["step_ms"] = spread([timed_ms(device, lambda: cached.forward(next_tokens)) for _ in range(10)])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="tiny models on the CPU: a dry run of the script")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, TOKENIZER_VOCAB, (RUNNING + max(JOINING), PROMPT_LEN), generator=generator).tolist()
+    report: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype),
+        "running_rows": RUNNING,
+        "prompt_len": PROMPT_LEN,
+    }
+    for name in ("gpt_j_6b", "distilgpt2"):
+        model_class, config = architectures(args.quick)[name]
+        model = build(model_class, config, device, dtype)
+        paths = {path: measure(model, device, path == "captured", prompts) for path in ("eager", "captured")}
+        report[name] = {
+            **{path: {key: value for key, value in result.items() if key != "logits"} for path, result in paths.items()},
+            "max_logit_difference": {
+                rows: float((paths["eager"]["logits"][rows] - paths["captured"]["logits"][rows]).abs().max())
+                for rows in JOINING
+            },
+            "same_argmax": {
+                rows: bool(
+                    torch.equal(paths["eager"]["logits"][rows].argmax(-1), paths["captured"]["logits"][rows].argmax(-1))
+                )
+                for rows in JOINING
+            },
+        }
+        print(name, json.dumps(report[name]), flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    (args.out / "join_cost.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
