@@ -86,7 +86,8 @@ def section_checks(args: argparse.Namespace, device: torch.device) -> dict:
             decode_baseline(eager, [r.prompt_ids], DecodeSettings(r.max_new_tokens), [r.seed]).rows[0].tokens
             for r in requests
         ]
-        for mode, drafter_model in (("baseline", None), ("self_draft", model), ("random_draft", draft)):
+        modes = (("baseline", None), ("read_ahead", None), ("self_draft", model), ("random_draft", draft))
+        for mode, drafter_model in modes:
 
             def cached(weights, sizes):
                 return CachedModel(weights, vocab, 160 if graphs else None, sizes if graphs else ())
@@ -100,7 +101,7 @@ def section_checks(args: argparse.Namespace, device: torch.device) -> dict:
             if drafters:
                 decoder = SpeculativeDecoder(verifier, drafters, settings, ConstantK(4), watch)
             else:
-                decoder = BaselineDecoder(verifier, settings, watch, read_ahead=False)
+                decoder = BaselineDecoder(verifier, settings, watch, read_ahead=mode == "read_ahead")
             names = [d.name for d in drafters]
 
             def make_row(request, settings=settings, names=names):
@@ -303,7 +304,7 @@ def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest],
         policy = schedule if isinstance(schedule, LoadAwareK | AlwaysPlain) else None
         decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, watch, step_policy=policy)
     else:
-        decoder = BaselineDecoder(verifier, settings, watch, read_ahead=False)
+        decoder = BaselineDecoder(verifier, settings, watch, read_ahead=verifier.device.type == "cuda")
     names = [d.name for d in drafters]
 
     def make_row(request: EngineRequest):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,7 +108,7 @@ def main() -> None:
         model = build(model_class, config, device, dtype)
         paths = {path: measure(model, device, path == "captured", prompts) for path in ("eager", "captured")}
         report[name] = {
-            **{path: {key: value for key, value in result.items() if key != "logits"} for path, result in paths.items()},
+            **{path: {key: value for key, value in found.items() if key != "logits"} for path, found in paths.items()},
             "max_logit_difference": {
                 rows: float((paths["eager"]["logits"][rows] - paths["captured"]["logits"][rows]).abs().max())
                 for rows in JOINING

@@ -140,7 +140,7 @@ class StepClock:
     def __init__(self) -> None:
         self.time = 0.0
 
-    def now(self) -> float:
+    def now(self, wait: bool = True) -> float:
         self.time += 1.0
         return self.time
 

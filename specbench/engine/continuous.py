@@ -25,7 +25,9 @@ speculative decoding), the same way for both:
   captures; padding slots are computed and counted in `padded_positions`. Without graphs
   the batch holds exactly the running rows. Re-forming the batch copies its caches once.
 The clock is real: seconds since the trace started, read after the device's queued work
-(`TraceClock`). Every request's times (admitted, each chunk of tokens, finished) are
+(`TraceClock`), or, with a baseline that reads ahead (`BaselineDecoder`, on a GPU), as soon as
+a step's tokens reached the host: its next forward is queued by then, and the scheduler's work
+between steps overlaps it. Every request's times (admitted, each chunk of tokens, finished) are
 read on it; a chunk is what a step emitted for the request (one token for the baseline,
 the accepted drafts and the verifier's own token under speculation).
 """
@@ -48,7 +50,7 @@ from specbench.engine.timing import Clock
 class TimeSource(Protocol):
     """What the scheduler reads time from: seconds since the trace started, and a wait until a given time."""
 
-    def now(self) -> float: ...
+    def now(self, wait: bool = True) -> float: ...
 
     def wait_until(self, seconds: float) -> None: ...
 
@@ -60,9 +62,9 @@ class TraceClock:
         self._clock = Clock(devices)
         self.start = self._clock.now()
 
-    def now(self) -> float:
-        """Seconds since the trace started."""
-        return self._clock.now() - self.start
+    def now(self, wait: bool = True) -> float:
+        """Seconds since the trace started (see `Clock.now` for `wait`)."""
+        return self._clock.now(wait) - self.start
 
     def wait_until(self, seconds: float) -> None:
         """Sleep until `seconds` after the start (the next arrival, when nothing runs)."""
@@ -90,6 +92,8 @@ def serve(
     if not join_delay_factor >= 0:
         raise ValueError(f"join_delay_factor={join_delay_factor}: 0 (no delay) or more is needed")
     clock = clock or TraceClock(decoder.verifier.devices)
+    # a decoder that reads ahead has queued its next forward when a step returns: readings must not wait for it
+    wait = not decoder.read_ahead
     pending = deque(sorted(requests, key=lambda request: (request.arrival_s, request.request_id)))
     waiting: deque[EngineRequest] = deque()
     served: dict[int, ServedRequest] = {}
@@ -118,7 +122,7 @@ def serve(
             decoder.keep_rows([*running, *[None] * (target - len(running))])
 
     while pending or waiting or decoder.running:
-        now = clock.now()
+        now = clock.now(wait)
         while pending and pending[0].arrival_s <= now:
             waiting.append(pending.popleft())
         if not decoder.running and not waiting:
@@ -131,7 +135,7 @@ def serve(
             if not decoder.running:
                 positions = _add_positions(positions, decoder)
             _admit(decoder, joining, make_row, size_for(running + len(joining)), request_of, rows, served, now)
-            admitted_at = clock.now()
+            admitted_at = clock.now(wait)
             last_join_s, last_prefill_s = now, admitted_at - now
             for request in joining:
                 record_chunk(rows[request.request_id], 1, admitted_at)
@@ -140,7 +144,7 @@ def serve(
             continue
         occupancy, computed = len(decoder.running), len(decoder.rows)
         report = decoder.step()
-        ended = clock.now()
+        ended = clock.now(wait)
         for row, count in report.emitted:
             if count:
                 record_chunk(row, count, ended)

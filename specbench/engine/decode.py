@@ -101,12 +101,14 @@ def new_row(
 class BaselineDecoder:
     """Verifier-only decoding with a KV cache: one token per running row per forward pass, as `generate()` does.
 
-    With `read_ahead` (static batches on a GPU), each forward is queued before the tokens of the one
-    before are read back, so the host's work on a step (mask, copies, reading tokens) overlaps the
-    GPU's work on the previous one. The queued forward feeds every row the length limit does not
-    stop; a row whose token turns out to be a stop token is rolled back. A decode that ends on a
-    stop token has queued one step it throws away: the clock stops at the last token read, so that
-    step is not counted (the next measurement's clock waits for it). Outputs are the same.
+    With `read_ahead` (a GPU), each forward is queued before the tokens of the one before are read
+    back, so the host's work on a step (mask, copies, reading tokens, the scheduler's bookkeeping)
+    overlaps the GPU's work on the previous one. The queued forward feeds every row the length limit
+    does not stop; a row whose token turns out to be a stop token is rolled back. A decode that ends
+    on a stop token has queued one step it throws away: the clock stops at the last token read, so
+    that step is not counted (the next measurement's clock waits for it). Rows may join, leave and be
+    re-formed while a forward is queued (continuous batching): a row that joins after it emits its
+    next token one step later, from the forward queued after it joined. Outputs are the same.
     """
 
     def __init__(self, verifier: CachedModel, settings: DecodeSettings, watch: Stopwatch, read_ahead: bool) -> None:
@@ -128,11 +130,11 @@ class BaselineDecoder:
 
         Into an empty batch, the verifier starts over with `batch_size` slots (default: just enough).
         """
-        if self._queued is not None:
-            raise RuntimeError("rows join between steps: a read-ahead decode admits its rows once, at the start")
         fresh = not self.running
         if fresh:
-            self.rows, self._tokens = [None] * (batch_size or max(slots) + 1), None
+            self.rows, self._tokens, self._queued = [None] * (batch_size or max(slots) + 1), None, None
+        elif max(slots) >= len(self.rows):
+            self.keep_rows([*range(len(self.rows)), *[None] * (max(slots) + 1 - len(self.rows))])
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
@@ -149,6 +151,9 @@ class BaselineDecoder:
         self.rows = [None if slot is None else self.rows[slot] for slot in order]
         index = torch.tensor([0 if slot is None else slot for slot in order], device=self._tokens.device)
         self._tokens = self._tokens[index]
+        if self._queued is not None:
+            logits, fed = self._queued
+            self._queued = (logits[index], [slot is not None and fed[slot] for slot in order])
 
     def release(self, slots: list[int]) -> None:
         """Free the slots of finished rows: their cache columns become holes, the slots take new rows."""
@@ -157,20 +162,28 @@ class BaselineDecoder:
             self.rows[slot] = None
 
     def step(self) -> StepReport:
-        """One verifier call for every running row, each emitting one token."""
-        fed = [row is not None and not row.finished for row in self.rows]
+        """One verifier call for every running row, each emitting one token (but a row that joined after the
+        queued call, which is fed in the next one)."""
+        running = [row is not None and not row.finished for row in self.rows]
         if self._queued is None:
+            fed = running
             logits = self.verifier.forward(self._tokens[:, None], fed)[:, -1]
         else:
             logits, fed = self._queued
             self._queued = None
         rows = [row if feeds else None for row, feeds in zip(self.rows, fed, strict=True)]
         tokens = _choose(rows, logits)
+        if fed != running:  # rows that joined after the queued call keep their first token, to be fed next
+            tokens = torch.where(torch.tensor(fed, device=tokens.device), tokens, self._tokens)
         _collect_logprobs(self.settings, rows, logits[:, None], tokens[:, None], [1 if row else 0 for row in rows])
         read_tokens = _start_reading(tokens)
         ahead = []
         if self.read_ahead:
-            ahead = [row is not None and len(row.result.tokens) + 1 < row.max_new_tokens for row in rows]
+            # a row fed now emits one token before the queued call's; a row that joined after the last one, none
+            ahead = [
+                runs and len(row.result.tokens) + feeds < row.max_new_tokens
+                for row, runs, feeds in zip(self.rows, running, fed, strict=True)
+            ]
             if any(ahead):
                 self._queued = (self.verifier.forward(tokens[:, None], ahead)[:, -1], ahead)
         emitted, finishing = [], []
@@ -205,6 +218,8 @@ class SpeculativeDecoder:
     acceptance walk. The drafters sit it out: at the next step that drafts they first read, in one forward
     each, the tokens they skipped and the rows that joined meanwhile (timed apart, as the price of the switch).
     """
+
+    read_ahead = False  # a step reads its tokens back before the next step is queued
 
     def __init__(
         self,
