@@ -69,8 +69,9 @@ STATIC_CACHE_ARCHITECTURES = ("gpt2", "gptj", "llama", "qwen2", "mistral", "gemm
 # Compaction runs when hole columns exceed a quarter of the layout and at least this many columns.
 COMPACT_MIN_COLUMNS = 32
 PAD_TOKEN = 0  # fed in padding slots; never attended to
-# Joining prompts are prefilled at most this many at a time under captured joins (`capture_joins`).
-JOIN_ROWS = 16
+# Under captured joins (`capture_joins`), joining prompts are prefilled at most JOIN_ROWS at a time, and
+# fewer where the static buffers are long: at most JOIN_TOKENS columns of them in all (their memory).
+JOIN_ROWS, JOIN_TOKENS = 16, 4096
 
 
 def slot_buckets(max_batch_size: int) -> list[int]:
@@ -602,15 +603,16 @@ class CachedModel:
     def capture_joins(self, most_rows: int, shortest_prompt: int = 1) -> int:
         """Prefill joining rows (`admit`) on static buffers of their own, under CUDA graphs captured now.
 
-        Rows join up to `min(most_rows, JOIN_ROWS)` at a time (row counts padded to a power of two), each
-        prompt left-padded to the next multiple of `PREFIX_BUCKET` from `shortest_prompt` up to `max_len`:
-        a join then costs one graph launch instead of an eager forward's hundreds of kernel launches,
-        which is most of a join's time on a GPU. Without CUDA (or graphs) the same groups run eagerly.
+        Rows join up to `most_rows` at a time (at most `JOIN_ROWS`, and `JOIN_TOKENS` // `max_len`; row
+        counts are powers of two, a smaller group padded), each prompt left-padded to the next multiple of
+        `PREFIX_BUCKET` from `shortest_prompt` up to `max_len`: a join then costs one graph launch per group
+        instead of an eager forward's hundreds of kernel launches. Without CUDA graphs the groups run eagerly.
         Needs a static cache (`max_len`); returns how many join graphs are held.
         """
         if self.max_len is None:
             return 0
-        self._join_rows = slot_buckets(1 << (min(most_rows, JOIN_ROWS) - 1).bit_length())
+        group = min(most_rows, JOIN_ROWS, max(1, JOIN_TOKENS // self.max_len))
+        self._join_rows = slot_buckets(1 << (group.bit_length() - 1))  # powers of two, up to `group`
         self._join_widths = prefix_widths(shortest_prompt, self.max_len)
         if self._joins is None:
             self._joins = CachedModel(self.model, self.vocab_size, self.max_len, self._join_widths)
