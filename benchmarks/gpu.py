@@ -515,7 +515,7 @@ def section_trees(bench: Bench) -> dict:
             "tokens_per_step": (len(row.tokens) - 1) / row.steps,
             "engine_overhead_pct": 100 * (steps_s / predicted_s - 1),
         }
-    results["graphs_captured_tree_sizes"] = sorted({n for rows, n, _ in verifier._graphs if rows == 1})
+    results["graphs_captured_tree_sizes"] = sorted({n for rows, n, *_ in verifier._graphs if rows == 1})
     return results
 
 
@@ -604,7 +604,7 @@ def device_step_ms(verifier: CachedModel, rows: int, columns: int, replays: int 
     verifier.prefill([[PAD_TOKEN] * columns] * rows)
     ids = torch.zeros(rows, 1, dtype=torch.long, device=verifier.device)
     positions = torch.full((rows, 1), columns, dtype=torch.long, device=verifier.device)
-    for (graph_rows, n, width), replay in sorted(verifier._graphs.items()):
+    for (graph_rows, n, width, _logits), replay in sorted(verifier._graphs.items()):
         if graph_rows != rows or n != 1 or width <= columns:
             continue
         mask = torch.zeros(rows, 1, 1, width, dtype=verifier.model.dtype, device=verifier.device)

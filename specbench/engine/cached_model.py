@@ -177,8 +177,9 @@ class CachedModel:
 
     @property
     def graph_count(self) -> int:
-        """CUDA graphs held (a count that grows while a decode is timed means captures inside the timing)."""
-        return len(self._graphs)
+        """CUDA graphs held, the joins' too (a count that grows while a decode is timed means captures inside the
+        timing)."""
+        return len(self._graphs) + (self._joins.graph_count if self._joins is not None else 0)
 
     @property
     def batch_size(self) -> int:
