@@ -304,7 +304,7 @@ def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest],
         policy = schedule if isinstance(schedule, LoadAwareK | AlwaysPlain) else None
         decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, watch, step_policy=policy)
     else:
-        decoder = BaselineDecoder(verifier, settings, watch, read_ahead=verifier.device.type == "cuda")
+        decoder = BaselineDecoder(verifier, settings, watch)
     names = [d.name for d in drafters]
 
     def make_row(request: EngineRequest):

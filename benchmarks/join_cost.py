@@ -18,50 +18,41 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
-from gpu import architectures, build
+from gpu import _profile_kernels, architectures, build
 from gpu_load import TOKENIZER_VOCAB
 from repeats import spread
 
 from specbench.engine import CachedModel
+from specbench.engine.timing import Clock
 
 RUNNING, PROMPT_LEN, JOINING = 64, 128, (1, 4, 16)
 MAX_LEN = PROMPT_LEN + 64 + 32  # the load benchmark's: prompt, output, two feeds of k = 4 and room
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(device: torch.device, work) -> float:
-    """`work()`'s wall time in ms between two device synchronisations."""
-    synchronize(device)
-    start = time.perf_counter()
+def timed_ms(clock: Clock, work) -> float:
+    """`work()`'s wall time in ms between two clock readings that wait for the device."""
+    start = clock.now()
     work()
-    synchronize(device)
-    return 1000 * (time.perf_counter() - start)
+    return 1000 * (clock.now() - start)
 
 
 def kernel_ms(device: torch.device, work) -> float | None:
     """The sum of the GPU kernels' own times in one `work()` (torch.profiler), in ms; None on a CPU."""
     if device.type != "cuda":
         return None
-    synchronize(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        work()
-        synchronize(device)
-    return sum(event.self_device_time_total for event in profile.key_averages()) / 1000
+    torch.cuda.synchronize(device)
+    kernels, _ = _profile_kernels(lambda: (work(), torch.cuda.synchronize(device)))
+    return sum(kernels.values())
 
 
 def measure(model: torch.nn.Module, device: torch.device, captured: bool, prompts: list[list[int]]) -> dict:
     """One path's join times by joining-row count, its first joins' logits, and the running batch's step time."""
-    graphs = device.type == "cuda"
+    graphs, clock = device.type == "cuda", Clock(device)
     cached = CachedModel(model, TOKENIZER_VOCAB, MAX_LEN, (1,) if graphs else ())
     cached.capture_graphs((RUNNING,), PROMPT_LEN)
     if captured:
@@ -78,9 +69,9 @@ def measure(model: torch.nn.Module, device: torch.device, captured: bool, prompt
 
         result["logits"][rows] = join().float().cpu()
         join()
-        result["join_ms"][rows] = spread([timed_ms(device, join) for _ in range(10)])
+        result["join_ms"][rows] = spread([timed_ms(clock, join) for _ in range(10)])
         result["join_kernel_ms"][rows] = kernel_ms(device, join)
-    result["step_ms"] = spread([timed_ms(device, lambda: cached.forward(next_tokens)) for _ in range(10)])
+    result["step_ms"] = spread([timed_ms(clock, lambda: cached.forward(next_tokens)) for _ in range(10)])
     return result
 
 

@@ -101,7 +101,7 @@ def new_row(
 class BaselineDecoder:
     """Verifier-only decoding with a KV cache: one token per running row per forward pass, as `generate()` does.
 
-    With `read_ahead` (a GPU), each forward is queued before the tokens of the one before are read
+    With `read_ahead` (by default on a GPU), each forward is queued before the tokens of the one before are read
     back, so the host's work on a step (mask, copies, reading tokens, the scheduler's bookkeeping)
     overlaps the GPU's work on the previous one. The queued forward feeds every row the length limit
     does not stop; a row whose token turns out to be a stop token is rolled back. A decode that ends
@@ -111,11 +111,13 @@ class BaselineDecoder:
     next token one step later, from the forward queued after it joined. Outputs are the same.
     """
 
-    def __init__(self, verifier: CachedModel, settings: DecodeSettings, watch: Stopwatch, read_ahead: bool) -> None:
+    def __init__(
+        self, verifier: CachedModel, settings: DecodeSettings, watch: Stopwatch, read_ahead: bool | None = None
+    ) -> None:
         self.verifier = verifier
         self.settings = settings
         self.watch = watch
-        self.read_ahead = read_ahead
+        self.read_ahead = verifier.device.type == "cuda" if read_ahead is None else read_ahead
         self.rows: list[Row | None] = []
         self._tokens: torch.Tensor | None = None  # every slot's last token, on the device
         self._queued: tuple[torch.Tensor, list[bool]] | None = None  # a forward queued ahead, and the rows it fed
@@ -139,9 +141,10 @@ class BaselineDecoder:
         if fresh:
             self.verifier.reset(len(self.rows))
         first = _prefill(self.verifier, rows, slots, self.settings, self.watch)
-        tokens = torch.full((len(self.rows),), PAD_TOKEN, dtype=torch.long, device=self.verifier.device)
-        if self._tokens is not None:
-            tokens[: len(self._tokens)] = self._tokens[: len(tokens)]
+        if fresh:
+            tokens = torch.full((len(self.rows),), PAD_TOKEN, dtype=torch.long, device=self.verifier.device)
+        else:  # one token per slot already: `keep_rows` kept them aligned
+            tokens = self._tokens.clone()
         tokens[torch.tensor(slots, device=tokens.device)] = first
         self._tokens = tokens
 
@@ -420,8 +423,6 @@ def decode_baseline(
     """Verifier-only decoding of a static batch; `read_ahead` defaults to on for a GPU (see `BaselineDecoder`)."""
     check_masks(verifier, [], len(prompts))
     rows = _start_rows(prompts, settings, seeds, [], None)
-    if read_ahead is None:
-        read_ahead = verifier.device.type == "cuda"
     decoder = BaselineDecoder(verifier, settings, Stopwatch(verifier.devices), read_ahead)
     decoder.admit(rows, list(range(len(rows))))
     while decoder.running:

@@ -119,7 +119,7 @@ def serve_mode(cfg: SpecBenchConfig, setup: RunSetup, mode: str, requests: list[
     watch = Stopwatch(verifier.devices)
     names = [drafter.name for drafter in setup.drafters] if mode == "spec" else []
     if mode == "baseline":
-        decoder = BaselineDecoder(verifier, setup.settings, watch, read_ahead=verifier.device.type == "cuda")
+        decoder = BaselineDecoder(verifier, setup.settings, watch)
     else:
         policy = schedule if isinstance(schedule, LoadAwareK) else None
         decoder = SpeculativeDecoder(verifier, setup.drafters, setup.settings, schedule, watch, setup.pool, policy)
