@@ -63,7 +63,7 @@ from specbench.load.metrics import load_metrics, mode_metrics
 from specbench.load.model import predicted_crossover_rate
 from specbench.load.trace import arrival_times
 from specbench.speedup_model import iid_acceptance
-from specbench.testing import StepClock, make_model
+from specbench.testing import ScriptedPolicy, StepClock, make_model
 
 TOKENIZER_VOCAB = 50257
 FAVOURED_TOKEN, FAVOURED_BIAS = 100, 100.0  # random logits have a spread of about 1.3: this token always wins
@@ -86,7 +86,11 @@ def section_checks(args: argparse.Namespace, device: torch.device) -> dict:
             decode_baseline(eager, [r.prompt_ids], DecodeSettings(r.max_new_tokens), [r.seed]).rows[0].tokens
             for r in requests
         ]
-        modes = (("baseline", None), ("read_ahead", None), ("self_draft", model), ("random_draft", draft))
+        # plain_steps: a scripted k per step (0: plain steps, which read ahead on a GPU) with the model drafting itself
+        modes = (
+            ("baseline", None), ("read_ahead", None), ("self_draft", model), ("random_draft", draft),
+            ("plain_steps", model),
+        )  # fmt: skip
         for mode, drafter_model in modes:
 
             def cached(weights, sizes):
@@ -99,7 +103,8 @@ def section_checks(args: argparse.Namespace, device: torch.device) -> dict:
                 member.capture_joins(3)
             settings, watch = DecodeSettings(30), Stopwatch(verifier.devices)
             if drafters:
-                decoder = SpeculativeDecoder(verifier, drafters, settings, ConstantK(4), watch)
+                policy = ScriptedPolicy([0, 0, 0, 2, 0, 0, 0, 0, 3]) if mode == "plain_steps" else None
+                decoder = SpeculativeDecoder(verifier, drafters, settings, ConstantK(4), watch, step_policy=policy)
             else:
                 decoder = BaselineDecoder(verifier, settings, watch, read_ahead=mode == "read_ahead")
             names = [d.name for d in drafters]

@@ -31,6 +31,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from specbench.engine.schedule import StepState
+
 EOS = "<|endoftext|>"
 # GPT-J-6B: 50400 logits for the 50257 tokens of the GPT-2 tokenizer.
 GPTJ_SPARE_ROWS = 50400 - 50257
@@ -146,6 +148,24 @@ class StepClock:
 
     def wait_until(self, seconds: float) -> None:
         self.time = max(self.time, seconds)
+
+
+class ScriptedPolicy:
+    """A step policy (`engine.schedule.StepPolicy`) that gives k per step from a script, cycling (0: a plain
+    step), and keeps what it was shown and told: the states it chose for, the steps and the drafters' reads."""
+
+    def __init__(self, ks: list[int]) -> None:
+        self.ks, self.states, self.observed, self.reads = ks, [], [], []
+
+    def k_for_step(self, state: StepState) -> int:
+        self.states.append(state)
+        return self.ks[(len(self.states) - 1) % len(self.ks)]
+
+    def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
+        self.observed.append((k, occupancy, seconds))
+
+    def observe_read(self, tokens: int, seconds: float) -> None:
+        self.reads.append((tokens, seconds))
 
 
 def untie_head(model: PreTrainedModel, seed: int) -> PreTrainedModel:

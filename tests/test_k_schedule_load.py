@@ -12,7 +12,7 @@ from specbench.engine.sampling import TokenChooser
 from specbench.engine.schedule import StepState
 from specbench.engine.timing import Stopwatch
 from specbench.load.k_schedule import RATIO_WINDOW, LoadAwareK
-from specbench.testing import make_model, one_torch_thread
+from specbench.testing import ScriptedPolicy, make_model, one_torch_thread
 from tests.test_continuous import PROMPTS, VOCAB, alone, requests, served
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
@@ -112,23 +112,6 @@ def test_the_drafter_reads_skipped_tokens_so_that_it_proposes_as_if_it_had_never
 FRESH_BATCHES = 2  # the trace's last request arrives after the batch has emptied: it starts a second batch
 
 
-class ScriptedPolicy:
-    """k per step from a script (0: plain steps), and the steps and reads it was told about."""
-
-    def __init__(self, ks: list[int]) -> None:
-        self.ks, self.states, self.observed, self.reads = ks, [], [], []
-
-    def k_for_step(self, state: StepState) -> int:
-        self.states.append(state)
-        return self.ks[(len(self.states) - 1) % len(self.ks)]
-
-    def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
-        self.observed.append((k, occupancy, seconds))
-
-    def observe_read(self, tokens: int, seconds: float) -> None:
-        self.reads.append((tokens, seconds))
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("max_len", [None, 160], ids=["dynamic", "static"])
 def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch, max_len):
@@ -160,3 +143,39 @@ def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch
     switches = [state for k, state in zip(ks, policy.states, strict=True) if k > 0 and state.unread_tokens]
     assert switches and len(policy.reads) == len(switches) + FRESH_BATCHES
     assert all(tokens > 0 and seconds >= 0 for tokens, seconds in policy.reads)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("max_len", [None, 160], ids=["dynamic", "static"])
+def test_plain_steps_read_ahead_under_a_step_policy_and_decode_every_request_as_if_alone(arch, max_len):
+    """A plain step queues the next forward when the policy's next k is 0 (as on a GPU): rows join, leave and
+    the batch is re-formed while a forward is queued, and drafting resumes after queued plain steps."""
+    verifier_model = make_model(arch, VOCAB, seed=1, layers=2)
+    verifier = CachedModel(verifier_model, VOCAB, max_len=max_len)
+    free = alone(verifier, requests()[1], DecodeSettings(20))
+    settings = DecodeSettings(20, eos_token_ids=frozenset({free[9]}))  # a queued forward fed one token too many
+    policy = ScriptedPolicy([0, 0, 0, 2, 0, 0, 0, 0, 3])
+    drafter = ModelDrafter("self", CachedModel(verifier_model, VOCAB, max_len=max_len))
+    decoder = SpeculativeDecoder(
+        verifier, [drafter], settings, ConstantK(4), Stopwatch(verifier.devices), step_policy=policy, read_ahead=True
+    )
+    while_queued: set[str] = set()  # what the scheduler did to the batch while a plain forward was queued
+    for name in ("admit", "release", "keep_rows", "step"):
+        method = getattr(decoder, name)
+
+        def spied(*args, _method=method, _name=name):
+            if decoder._plain.queued is not None:
+                while_queued.add(_name)
+            return _method(*args)
+
+        setattr(decoder, name, spied)
+    result = served(decoder, settings, [drafter.name], bucketed=max_len is not None)
+    reference = CachedModel(verifier_model, VOCAB)
+    for request, record in zip(requests(), result.requests, strict=True):
+        assert record.tokens == alone(reference, request, settings), request.request_id
+    assert while_queued == {"admit", "release", "keep_rows", "step"}
+    ks = [step.k for step in result.steps]
+    assert 0 in ks and {2, 3} <= set(ks)
+    assert all(step.accepted == step.proposed > 0 for step in result.steps if step.k)
+    # queued plain steps are not timed for the policy (their host work overlaps the forward): only drafting steps
+    assert [k for k, _, _ in policy.observed] == [k for k in ks if k]

@@ -46,6 +46,7 @@ Two cache types:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -286,8 +287,8 @@ class CachedModel:
             new_visible = (new_visible & slot_valid[:, None, :]) | torch.eye(n, dtype=torch.bool)
             width = self._key_width(self._columns + n)
             mask = ragged_mask(self._valid, new_visible, positions, width, self.model.dtype, self.model.config)
-            mask = _to_device(mask, self.device)
-            position_ids = _to_device(positions, self.device)
+            mask = to_device(mask, self.device)
+            position_ids = to_device(positions, self.device)
             if n in self.graph_sizes and self._columns > 0:
                 # the graph computes logits for all n columns; the extra rows cost next to nothing at decode sizes
                 logits = self._graph(rows, n, width)(input_ids, position_ids, mask)[:, -logits_to_keep:]
@@ -357,18 +358,20 @@ class CachedModel:
         initialized = False
         for group, keys_values, slot_valid, group_logits in self._prefill_apart(prompts, width, logits_to_keep):
             index = torch.tensor([slots[member] for member in group])
+            index_on = _copies_on_devices(index)
             for layer, (keys, values) in zip(self.cache.layers, keys_values, strict=True):
                 if not layer.is_initialized:  # a static buffer no forward has written yet (an empty batch)
                     layer.lazy_initialization(keys[:1].expand(self.batch_size, -1, -1, -1), values[:1])
                     initialized = True
                 for states, new in ((layer.keys, keys), (layer.values, values)):
-                    states[index.to(states.device), :, start : self._columns] = new.to(states.device, states.dtype)
+                    states[index_on(states.device), :, start : self._columns] = new.to(states.device, states.dtype)
             self._valid[index] = False
             self._valid[index, start:] = slot_valid
             fitted = self._fit_vocab(group_logits)
             if logits is None:
                 logits = fitted.new_empty(len(prompts), *fitted.shape[1:])
-            logits[group] = fitted  # copied now: a captured group's logits are overwritten by the next group
+            # copied now: a captured group's logits are overwritten by the next group (groups are consecutive)
+            logits[group[0] : group[-1] + 1] = fitted
         for slot, prompt in zip(slots, prompts, strict=True):
             self._counts[slot] = len(prompt)
         self._last_feed = None
@@ -394,12 +397,12 @@ class CachedModel:
             apart = DynamicCache()
             mask = None
             if not slot_valid.all() or self.max_len is not None:  # a static-cache model attends with the engine's masks
-                mask = _to_device(_prefill_mask(slot_valid, positions, width, self.model), self.device)
+                mask = to_device(_prefill_mask(slot_valid, positions, width, self.model), self.device)
             logits = self.model(
                 input_ids=ids.to(self.device),
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
-                position_ids=_to_device(positions, self.device),
+                position_ids=to_device(positions, self.device),
                 attention_mask=mask,
                 **{self._cache_argument: apart},
             ).logits
@@ -450,14 +453,18 @@ class CachedModel:
         """
         index = torch.tensor([-1 if row is None else row for row in rows])
         present = index >= 0
+        # index tensors copied to each device once, without waiting; empty rows zeroed by index (a boolean mask syncs)
+        source_on = _copies_on_devices(index.clamp(min=0))
+        empty_on = _copies_on_devices((~present).nonzero().flatten()) if not present.all() else None
         old_cache, columns = self.cache, self._columns
         if self.max_len is None:
             for layer in old_cache.layers:
                 if layer.is_initialized:
                     for name in ("keys", "values"):
                         states = getattr(layer, name)
-                        moved = states[index.clamp(min=0).to(states.device)]
-                        moved[~present.to(states.device)] = 0
+                        moved = states[source_on(states.device)]
+                        if empty_on is not None:
+                            moved.index_fill_(0, empty_on(states.device), 0)
                         setattr(layer, name, moved)
         else:
             if len(rows) not in self._static_caches:
@@ -475,8 +482,9 @@ class CachedModel:
                     )
                 for name in ("keys", "values"):
                     source, target = getattr(old, name), getattr(new, name)
-                    target[:, :, :columns] = source[index.clamp(min=0).to(source.device), :, :columns]
-                    target[~present.to(target.device)] = 0
+                    target[:, :, :columns] = source[source_on(source.device), :, :columns]
+                    if empty_on is not None:
+                        target.index_fill_(0, empty_on(target.device), 0)
             self.cache = new_cache
         valid = self._valid[index.clamp(min=0)]
         valid[~present] = False
@@ -554,15 +562,13 @@ class CachedModel:
         A dynamic cache ends at start+width afterwards; the caller sets the column count.
         """
         width = index.shape[1]
-        on_device: dict[torch.device, torch.Tensor] = {}  # a sharded model's layers sit on several devices
+        index_on = _copies_on_devices(index[:, None, :, None])
         for layer in self.cache.layers:
             if not layer.is_initialized:
                 continue
             for name in ("keys", "values"):
                 states = getattr(layer, name)
-                if states.device not in on_device:
-                    on_device[states.device] = index.to(states.device)[:, None, :, None]
-                where = on_device[states.device]
+                where = index_on(states.device)
                 moved = states.gather(2, where.expand(-1, states.shape[1], -1, states.shape[3]))
                 if isinstance(self.cache, StaticCache):
                     states[:, :, start : start + width] = moved
@@ -632,8 +638,8 @@ class CachedModel:
         without one); return the last logits [rows, 1, vocab], valid until the next forward."""
         self.reset(rows)
         key_width = self._key_width(width)
-        mask = _to_device(_prefill_mask(slot_valid, positions, key_width, self.model), self.device)
-        ids, positions = ids.to(self.device), _to_device(positions, self.device)
+        mask = to_device(_prefill_mask(slot_valid, positions, key_width, self.model), self.device)
+        ids, positions = to_device(ids, self.device), to_device(positions, self.device)
         if self.graph_sizes:
             return self._graph(rows, width, key_width, keep=1)(ids, positions, mask)
         return self._run(ids, positions, mask, 1)
@@ -707,10 +713,16 @@ def _prefill_mask(slot_valid: torch.Tensor, positions: torch.Tensor, key_width: 
     return ragged_mask(torch.zeros(rows, 0, dtype=torch.bool), visible, positions, key_width, model.dtype, model.config)
 
 
-def _to_device(tensors, device: torch.device):
+def _copies_on_devices(tensor: torch.Tensor) -> Callable[[torch.device], torch.Tensor]:
+    """`tensor` (on the CPU) on any device, copied there once: a sharded model's layers sit on several, and a
+    copy per layer from pageable memory would make the host wait for the device's queued work each time."""
+    return functools.cache(lambda device: to_device(tensor, device))
+
+
+def to_device(tensors, device: torch.device):
     """A CPU tensor (or dict of them) on `device`, without waiting for queued GPU work."""
     if isinstance(tensors, dict):
-        return {key: _to_device(value, device) for key, value in tensors.items()}
+        return {key: to_device(value, device) for key, value in tensors.items()}
     if device.type == "cuda":
         return tensors.pin_memory().to(device, non_blocking=True)
     return tensors.to(device)

@@ -25,11 +25,12 @@ speculative decoding), the same way for both:
   captures; padding slots are computed and counted in `padded_positions`. Without graphs
   the batch holds exactly the running rows. Re-forming the batch copies its caches once.
 The clock is real: seconds since the trace started, read after the device's queued work
-(`TraceClock`), or, with a baseline that reads ahead (`BaselineDecoder`, on a GPU), as soon as
-a step's tokens reached the host: its next forward is queued by then, and the scheduler's work
-between steps overlaps it. Every request's times (admitted, each chunk of tokens, finished) are
-read on it; a chunk is what a step emitted for the request (one token for the baseline,
-the accepted drafts and the verifier's own token under speculation).
+(`TraceClock`), or, with a decoder that reads ahead (the baseline's steps on a GPU, and the plain
+steps of `k_schedule=load`: `PlainSteps`), as soon as a step's tokens reached the host: its next
+forward is queued by then, and the scheduler's work between steps overlaps it. Every
+request's times (admitted, each chunk of tokens, finished) are read on it; a chunk is what a
+step emitted for the request (one token for the baseline, the accepted drafts and the
+verifier's own token under speculation).
 """
 
 from __future__ import annotations

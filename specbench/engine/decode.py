@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specbench.engine.cached_model import PAD_TOKEN, CachedModel
+from specbench.engine.cached_model import PAD_TOKEN, CachedModel, to_device
 from specbench.engine.drafters import Drafter, Proposal, drafter_models
 from specbench.engine.results import BatchResult, DecodeResult, DrafterStats
 from specbench.engine.sampling import DecodeSettings, TokenChooser, stream_seed
@@ -98,17 +98,88 @@ def new_row(
     return Row(list(prompt), result, limit, TokenChooser(settings, stream_seed(seed, 0)), draft_choosers, first_k)
 
 
+class PlainSteps:
+    """The verifier's plain decode steps over a batch: one forward, one token for each running row.
+
+    With read-ahead, a step queues the next step's forward before its own tokens are read back, so the
+    host's work on a step (mask, copies, reading tokens, the scheduler's bookkeeping) overlaps the GPU's
+    work on the next forward. The queued forward feeds every row the length limit does not stop; a row
+    whose token turns out to be a stop token is rolled back. Rows may join, leave and be re-formed while a
+    forward is queued (continuous batching): a row that joins after it emits its next token one step
+    later, from the forward queued after it joined. Outputs are the same.
+    """
+
+    def __init__(self, verifier: CachedModel, settings: DecodeSettings, watch: Stopwatch) -> None:
+        self.verifier = verifier
+        self.settings = settings
+        self.watch = watch
+        self.queued: tuple[torch.Tensor, list[bool]] | None = None  # a forward queued ahead, and the rows it fed
+
+    def keep_rows(self, order: list[int | None]) -> None:
+        """Re-index a queued forward after the batch is re-formed (new slot i holds old slot `order[i]`)."""
+        if self.queued is not None:
+            logits, fed = self.queued
+            index = to_device(torch.tensor([0 if slot is None else slot for slot in order]), logits.device)
+            self.queued = (logits[index], [slot is not None and fed[slot] for slot in order])
+
+    def step(self, rows: Sequence[Row | None], queue_next: Callable[[], bool] | None) -> list[tuple[Row, int]]:
+        """One token for each running row of `rows` (None or finished: not running); return the rows that emitted.
+
+        `queue_next` None: no read-ahead. Otherwise it is asked, once this step's tokens are chosen and before
+        they are read, whether the next step is a plain one too; if so, its forward is queued now.
+        """
+        running = [row is not None and not row.finished for row in rows]
+        if self.queued is None:
+            fed = running
+            logits = self.verifier.forward(self._last_tokens(rows)[:, None], fed)[:, -1]
+        else:
+            logits, fed = self.queued
+            self.queued = None
+        feeding = [row if feeds else None for row, feeds in zip(rows, fed, strict=True)]
+        tokens = _choose(feeding, logits)
+        if fed != running:  # rows that joined after the queued forward keep their first token, to be fed next
+            tokens = torch.where(to_device(torch.tensor(fed), tokens.device), tokens, self._last_tokens(rows))
+        _collect_logprobs(self.settings, feeding, logits[:, None], tokens[:, None], [int(feeds) for feeds in fed])
+        read_tokens = _start_reading(tokens)
+        ahead = []
+        if queue_next is not None:
+            # a row fed now emits one token before the queued forward's; a row that joined after the last one, none
+            ahead = [
+                runs and len(row.result.tokens) + feeds < row.max_new_tokens
+                for row, runs, feeds in zip(rows, running, fed, strict=True)
+            ]
+            if any(ahead) and queue_next():
+                self.queued = (self.verifier.forward(tokens[:, None], ahead)[:, -1], ahead)
+        emitted, finishing = [], []
+        for row, token in zip(feeding, read_tokens(), strict=True):
+            if row is not None:
+                row.emit([token], self.settings)
+                emitted.append((row, 1))
+                if row.finished:
+                    finishing.append(row)
+        # a clock reading only when a row ends; a queued forward is not this step's time
+        _record_latency(finishing, self.watch, wait=queue_next is None)
+        if self.queued is not None:
+            stopped = [feeds and row.finished for feeds, row in zip(ahead, rows, strict=True)]  # fed one too many
+            if any(stopped):
+                lengths = self.verifier.lengths
+                self.verifier.truncate([count - stop for count, stop in zip(lengths, stopped, strict=True)])
+            still = [feeds and not row.finished for feeds, row in zip(ahead, rows, strict=True)]
+            self.queued = (self.queued[0], still) if any(still) else None
+        return emitted
+
+    def _last_tokens(self, rows: Sequence[Row | None]) -> torch.Tensor:
+        """Each slot's last committed token (a placeholder for an empty slot), on the device without waiting."""
+        last = torch.tensor([PAD_TOKEN if row is None else row.tokens[-1] for row in rows])
+        return to_device(last, self.verifier.device)
+
+
 class BaselineDecoder:
     """Verifier-only decoding with a KV cache: one token per running row per forward pass, as `generate()` does.
 
     With `read_ahead` (by default on a GPU), each forward is queued before the tokens of the one before are read
-    back, so the host's work on a step (mask, copies, reading tokens, the scheduler's bookkeeping)
-    overlaps the GPU's work on the previous one. The queued forward feeds every row the length limit
-    does not stop; a row whose token turns out to be a stop token is rolled back. A decode that ends
-    on a stop token has queued one step it throws away: the clock stops at the last token read, so
-    that step is not counted (the next measurement's clock waits for it). Rows may join, leave and be
-    re-formed while a forward is queued (continuous batching): a row that joins after it emits its
-    next token one step later, from the forward queued after it joined. Outputs are the same.
+    back (see `PlainSteps`). A decode that ends on a stop token has queued one step it throws away: the clock
+    stops at the last token read, so that step is not counted (the next measurement's clock waits for it).
     """
 
     def __init__(
@@ -119,8 +190,7 @@ class BaselineDecoder:
         self.watch = watch
         self.read_ahead = verifier.device.type == "cuda" if read_ahead is None else read_ahead
         self.rows: list[Row | None] = []
-        self._tokens: torch.Tensor | None = None  # every slot's last token, on the device
-        self._queued: tuple[torch.Tensor, list[bool]] | None = None  # a forward queued ahead, and the rows it fed
+        self._plain = PlainSteps(verifier, settings, watch)
 
     @property
     def running(self) -> list[Row]:
@@ -132,31 +202,21 @@ class BaselineDecoder:
 
         Into an empty batch, the verifier starts over with `batch_size` slots (default: just enough).
         """
-        fresh = not self.running
+        fresh = not self.running  # nothing is queued then: the last step's rows all finished
         if fresh:
-            self.rows, self._tokens, self._queued = [None] * (batch_size or max(slots) + 1), None, None
+            self.rows = [None] * (batch_size or max(slots) + 1)
         elif max(slots) >= len(self.rows):
             self.keep_rows([*range(len(self.rows)), *[None] * (max(slots) + 1 - len(self.rows))])
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
-        first = _prefill(self.verifier, rows, slots, self.settings, self.watch)
-        if fresh:
-            tokens = torch.full((len(self.rows),), PAD_TOKEN, dtype=torch.long, device=self.verifier.device)
-        else:  # one token per slot already: `keep_rows` kept them aligned
-            tokens = self._tokens.clone()
-        tokens[torch.tensor(slots, device=tokens.device)] = first
-        self._tokens = tokens
+        _prefill(self.verifier, rows, slots, self.settings, self.watch)
 
     def keep_rows(self, order: list[int | None]) -> None:
         """Re-form the batch between steps: new slot i holds old slot `order[i]` (None: an empty slot)."""
         self.verifier.keep_rows(order)
         self.rows = [None if slot is None else self.rows[slot] for slot in order]
-        index = torch.tensor([0 if slot is None else slot for slot in order], device=self._tokens.device)
-        self._tokens = self._tokens[index]
-        if self._queued is not None:
-            logits, fed = self._queued
-            self._queued = (logits[index], [slot is not None and fed[slot] for slot in order])
+        self._plain.keep_rows(order)
 
     def release(self, slots: list[int]) -> None:
         """Free the slots of finished rows: their cache columns become holes, the slots take new rows."""
@@ -167,46 +227,9 @@ class BaselineDecoder:
     def step(self) -> StepReport:
         """One verifier call for every running row, each emitting one token (but a row that joined after the
         queued call, which is fed in the next one)."""
-        running = [row is not None and not row.finished for row in self.rows]
-        if self._queued is None:
-            fed = running
-            logits = self.verifier.forward(self._tokens[:, None], fed)[:, -1]
-        else:
-            logits, fed = self._queued
-            self._queued = None
-        rows = [row if feeds else None for row, feeds in zip(self.rows, fed, strict=True)]
-        tokens = _choose(rows, logits)
-        if fed != running:  # rows that joined after the queued call keep their first token, to be fed next
-            tokens = torch.where(torch.tensor(fed, device=tokens.device), tokens, self._tokens)
-        _collect_logprobs(self.settings, rows, logits[:, None], tokens[:, None], [1 if row else 0 for row in rows])
-        read_tokens = _start_reading(tokens)
-        ahead = []
-        if self.read_ahead:
-            # a row fed now emits one token before the queued call's; a row that joined after the last one, none
-            ahead = [
-                runs and len(row.result.tokens) + feeds < row.max_new_tokens
-                for row, runs, feeds in zip(self.rows, running, fed, strict=True)
-            ]
-            if any(ahead):
-                self._queued = (self.verifier.forward(tokens[:, None], ahead)[:, -1], ahead)
-        emitted, finishing = [], []
-        for row, token in zip(rows, read_tokens(), strict=True):
-            if row is not None:
-                row.result.verifier_calls += 1
-                row.emit([token], self.settings)
-                emitted.append((row, 1))
-                if row.finished:
-                    finishing.append(row)
-        # a clock reading only when a row ends; a queued step is not this step's time
-        _record_latency(finishing, self.watch, wait=not self.read_ahead)
-        if self._queued is not None:
-            stopped = [feeds and row.finished for feeds, row in zip(ahead, self.rows, strict=True)]  # fed one too many
-            if any(stopped):
-                lengths = self.verifier.lengths
-                self.verifier.truncate([count - stop for count, stop in zip(lengths, stopped, strict=True)])
-            still = [feeds and not row.finished for feeds, row in zip(ahead, self.rows, strict=True)]
-            self._queued = (self._queued[0], still) if any(still) else None
-        self._tokens = tokens
+        emitted = self._plain.step(self.rows, (lambda: True) if self.read_ahead else None)
+        for row, _ in emitted:
+            row.result.verifier_calls += 1
         return StepReport(emitted)
 
 
@@ -217,12 +240,14 @@ class SpeculativeDecoder:
     generator per drafter either way, so a seed gives the same output with or without the pool).
     `step_policy`, when given, sets every running row's k at the start of each step from the batch's state
     (a load-aware schedule) and is told what each step took; otherwise each row keeps its own k from
-    `schedule`. A step it sets to k = 0 is a plain decode step, as the baseline's: no drafting, no tree, no
-    acceptance walk. The drafters sit it out: at the next step that drafts they first read, in one forward
-    each, the tokens they skipped and the rows that joined meanwhile (timed apart, as the price of the switch).
+    `schedule`. A step it sets to k = 0 is a plain decode step, the baseline's own (`PlainSteps`): no
+    drafting, no tree, no acceptance walk. The drafters sit it out: at the next step that drafts they first
+    read, in one forward each, the tokens they skipped and the rows that joined meanwhile (timed apart, as
+    the price of the switch). With `read_ahead` (by default on a GPU, under a step policy), a plain step asks
+    the policy for the next step's k before its tokens are read, from the state then (that step keeps it), and
+    queues the next forward if that k is 0, as the baseline does; such a step is not timed for the policy (it costs its
+    forward's device time, which the surface measured: the host's work overlaps it).
     """
-
-    read_ahead = False  # a step reads its tokens back before the next step is queued
 
     def __init__(
         self,
@@ -233,6 +258,7 @@ class SpeculativeDecoder:
         watch: Stopwatch,
         pool: ThreadPoolExecutor | None = None,
         step_policy: StepPolicy | None = None,
+        read_ahead: bool | None = None,
     ) -> None:
         self.verifier = verifier
         self.drafters = drafters
@@ -241,9 +267,14 @@ class SpeculativeDecoder:
         self.watch = watch
         self.pool = pool
         self.step_policy = step_policy
+        # only plain steps read ahead, and only a step policy takes them
+        on_gpu = verifier.device.type == "cuda"
+        self.read_ahead = step_policy is not None and (on_gpu if read_ahead is None else read_ahead)
         self.rows: list[Row | None] = []
+        self._plain = PlainSteps(verifier, settings, watch)
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
         self._plain_run = 0  # plain steps since the drafters last drafted
+        self._next_k: int | None = None  # the next step's k, when a plain step that read ahead chose it
 
     @property
     def running(self) -> list[Row]:
@@ -260,7 +291,7 @@ class SpeculativeDecoder:
         fresh = not self.running
         if fresh:
             self.rows = [None] * (batch_size or max(slots) + 1)
-            self._unread, self._plain_run = set(), 0
+            self._unread, self._plain_run, self._next_k = set(), 0, None
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
@@ -337,6 +368,7 @@ class SpeculativeDecoder:
         for drafter in self.drafters:
             drafter.keep_rows(order)
         self.rows = [None if slot is None else self.rows[slot] for slot in order]
+        self._plain.keep_rows(order)
         self._unread = {new for new, old in enumerate(order) if old is not None and old in self._unread}
 
     def release(self, slots: list[int]) -> None:
@@ -355,7 +387,9 @@ class SpeculativeDecoder:
         behind = self._plain_run > 0  # the drafters sat out the last steps
         if self.step_policy is not None:
             state = self._state(rows, occupancy)
-            k = self.step_policy.k_for_step(state)
+            # chosen before the last step's tokens were read, when that step read ahead (a forward queued if 0)
+            k = self.step_policy.k_for_step(state) if self._next_k is None else self._next_k
+            self._next_k = None
             for row in rows:
                 if row is not None:
                     row.k = k
@@ -390,26 +424,22 @@ class SpeculativeDecoder:
         )
 
     def _plain_step(self, rows: list[Row | None], occupancy: int) -> StepReport:
-        """One verifier call for every running row, each emitting one token, as the baseline's step."""
-        self.watch.mark()
-        last = torch.tensor([row.tokens[-1] if row else PAD_TOKEN for row in rows], device=self.verifier.device)
-        fed = [row is not None for row in rows]
-        logits = self.verifier.forward(last[:, None], fed)[:, -1]
-        tokens = _choose(rows, logits)
-        _collect_logprobs(self.settings, rows, logits[:, None], tokens[:, None], [int(feeds) for feeds in fed])
-        emitted, finishing = [], []
-        for row, token in zip(rows, tokens.tolist(), strict=True):
-            if row is not None:
-                count = row.emit([token], self.settings)
-                _record_step(row.result, k=0, depth=0, offered=0, accepted=0)
-                emitted.append((row, count))
-                if row.finished:
-                    finishing.append(row)
-        seconds = self.watch.lap()
+        """One verifier call for every running row, each emitting one token: the baseline's step."""
+        queue_next = None
+        if self.read_ahead:
+
+            def queue_next() -> bool:
+                self._next_k = self.step_policy.k_for_step(self._state(rows, occupancy))
+                return self._next_k == 0
+
+        self.watch.mark(wait=not self.read_ahead)
+        emitted = self._plain.step(rows, queue_next)
+        seconds = self.watch.lap(wait=not self.read_ahead)  # read ahead: the host's wait for the tokens
         for row, _ in emitted:
+            _record_step(row.result, k=0, depth=0, offered=0, accepted=0)
             row.result.verify_time_s += seconds
-        _record_latency(finishing, self.watch)
-        self.step_policy.observe_step(0, occupancy, seconds)
+        if not self.read_ahead:
+            self.step_policy.observe_step(0, occupancy, seconds)
         return StepReport(emitted)
 
 
@@ -521,8 +551,8 @@ def _start_reading(tokens: torch.Tensor) -> Callable[[], list[int]]:
 
 def _prefill(
     verifier: CachedModel, rows: list[Row], slots: list[int], settings: DecodeSettings, watch: Stopwatch
-) -> torch.Tensor:
-    """Feed the rows' prompts to the verifier in their slots and emit each row's first token; return those tokens."""
+) -> None:
+    """Feed the rows' prompts to the verifier in their slots and emit each row's first token."""
     logits = verifier.admit(slots, [row.tokens for row in rows])[:, -1]
     tokens = _choose(rows, logits)
     _collect_logprobs(settings, rows, logits[:, None], tokens[:, None], [1] * len(rows))
@@ -533,7 +563,6 @@ def _prefill(
     for row in rows:
         row.result.ttft_s = ttft
     _record_latency([row for row in rows if row.finished], watch, ttft)
-    return tokens
 
 
 def _collect_logprobs(

@@ -35,13 +35,13 @@ class Stopwatch:
         self.clock = Clock(devices)
         self.start = self._mark = self.clock.now()
 
-    def mark(self) -> None:
-        """Start a lap now."""
-        self._mark = self.clock.now()
+    def mark(self, wait: bool = True) -> None:
+        """Start a lap now (see `Clock.now` for `wait`)."""
+        self._mark = self.clock.now(wait)
 
-    def lap(self) -> float:
-        """Seconds since the last reading."""
-        now = self.clock.now()
+    def lap(self, wait: bool = True) -> float:
+        """Seconds since the last reading (see `Clock.now` for `wait`)."""
+        now = self.clock.now(wait)
         seconds, self._mark = now - self._mark, now
         return seconds
 
