@@ -47,6 +47,7 @@ Two cache types:
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -682,8 +683,15 @@ class CachedModel:
             if rows not in self._graph_pools:
                 self._graph_pools[rows] = torch.cuda.graph_pool_handle()
             pool = self._graph_pools[rows]
-            with torch.cuda.graph(graph, pool=pool, stream=side):  # the warm-up's stream (cuBLAS workspaces)
-                output = step()
+            # a dead model the garbage collector frees mid-capture would destroy its graphs, which breaks the capture
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool=pool, stream=side):  # the warm-up's stream (cuBLAS workspaces)
+                    output = step()
+            finally:
+                if collecting:
+                    gc.enable()
             self._set_columns(columns)  # the capture only recorded the counters' advance; keep them as they were
 
             def replay(new_ids: torch.Tensor, new_positions: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
