@@ -242,9 +242,17 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "Max rate under the SLOs",
         "requests/s",
         HIGHER,
-        "load.find_crossover with SLOs: the highest rate where at least slo.attainment of the requests meet every "
-        "SLO, interpolated on log rate between probes (not logged when outside the probed range)",
+        "load.find_crossover with SLOs: the highest probed rate where at least slo.attainment of the requests meet "
+        "every SLO (not logged when every probe or none meets them)",
         summary=True,
+    ),
+    _per_mode(
+        "min_rate_over_slo",
+        "Min rate over the SLOs",
+        "requests/s",
+        HIGHER,
+        "load.find_crossover with SLOs: the next probed rate, where fewer than slo.attainment meet them; the limit "
+        "lies between max_rate_under_slo and it",
     ),
     Metric(
         "predicted_crossover_rate",

@@ -116,23 +116,23 @@ def test_goodput_wins_above_one_and_a_curve_that_starts_paying_is_named_so():
     assert result.message.startswith("Speculation starts beating the baseline on goodput at 2 requests/s")
 
 
-def test_max_rate_under_slo_interpolates_between_the_last_meeting_and_first_missing_probe():
+def test_max_rate_under_slo_is_bracketed_by_the_last_meeting_and_the_first_missing_probe():
     probes = [
         Probe(1.0, 1.0, slo_attainment={"baseline": 1.0, "spec": 1.0}),
         Probe(4.0, 1.0, slo_attainment={"baseline": 0.5, "spec": 1.0}),
         Probe(2.0, 1.0, slo_attainment={"baseline": 0.98, "spec": 1.0}),
     ]
-    # baseline: 0.98 at 2 and 0.5 at 4 cross 0.9 one sixth of the way from log 2 to log 4
-    assert max_rate_under_slo(probes, "baseline", 0.9) == pytest.approx(2 * 2 ** (0.08 / 0.48))
-    assert max_rate_under_slo(probes, "baseline", 0.99) == pytest.approx(1 * 2 ** (0.01 / 0.02))
+    assert max_rate_under_slo(probes, "baseline", 0.9) == (2.0, 4.0)
+    assert max_rate_under_slo(probes, "baseline", 0.99) == (1.0, 2.0)  # 0.98 at 2 misses 0.99
     assert max_rate_under_slo(probes, "spec", 0.99) is None  # met at every probed rate
     missed = [Probe(1.0, 1.0, slo_attainment={"spec": 0.5}), Probe(2.0, 1.0, slo_attainment={"spec": 0.2})]
     assert max_rate_under_slo(missed, "spec", 0.9) is None  # missed at every probed rate
-    # a search of two probes sees only the ends: 1.0 at 1 and 0.5 at 4 cross 0.9 a fifth of the way
+    # a search of two probes sees only the ends: the limit lies somewhere between them
     result = find_crossover(lambda rate: next(p for p in probes if p.rate == rate), TPOT, 1.0, 4.0, 2)
     assert crossover_metrics(result, attainment=0.9) == {
         "crossover_probes": 2,
-        "max_rate_under_slo_baseline": pytest.approx(4**0.2),
+        "max_rate_under_slo_baseline": 1.0,
+        "min_rate_over_slo_baseline": 4.0,
     }
 
 

@@ -167,16 +167,18 @@ def _interval(probes: list[Probe], metric: CrossoverMetric, side: float) -> tupl
     return rate_low, rate_high
 
 
-def max_rate_under_slo(probes: list[Probe], mode: str, attainment: float) -> float | None:
-    """The highest rate where at least `attainment` of `mode`'s requests meet every SLO, interpolated on log rate
-    between the last probe (by rate) that meets it and the first that does not; None when every probe meets it,
-    or none does (it lies outside the probed range)."""
+def max_rate_under_slo(probes: list[Probe], mode: str, attainment: float) -> tuple[float, float] | None:
+    """The bracket of the highest rate where at least `attainment` of `mode`'s requests meet every SLO: the last
+    probe (by rate) that meets it and the first that does not. None when every probe meets it, or none does (it
+    lies outside the probed range).
+
+    Not interpolated: attainment falls from 1 to near 0 within a small span of rates near saturation, so a line
+    between two distant probes would put the limit next to the lower one whatever the truth."""
     points = sorted((p.rate, p.slo_attainment[mode]) for p in probes if mode in p.slo_attainment)
     first_miss = next((i for i, (_, share) in enumerate(points) if share < attainment), None)
     if first_miss in (None, 0):
         return None
-    (rate_a, share_a), (rate_b, share_b) = points[first_miss - 1], points[first_miss]
-    return _crossing((rate_a, share_a - attainment), (rate_b, share_b - attainment)) if share_a > attainment else rate_a
+    return points[first_miss - 1][0], points[first_miss][0]
 
 
 def crossover_metrics(crossover: Crossover, attainment: float | None = None) -> dict[str, float]:
@@ -194,7 +196,7 @@ def crossover_metrics(crossover: Crossover, attainment: float | None = None) -> 
     metrics["crossover_probes"] = len(crossover.probes)
     if attainment is not None:
         for mode in ("baseline", "spec"):
-            rate = max_rate_under_slo(crossover.probes, mode, attainment)
-            if rate is not None:
-                metrics[f"max_rate_under_slo_{mode}"] = rate
+            bracket = max_rate_under_slo(crossover.probes, mode, attainment)
+            if bracket is not None:
+                metrics[f"max_rate_under_slo_{mode}"], metrics[f"min_rate_over_slo_{mode}"] = bracket
     return metrics
