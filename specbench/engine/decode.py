@@ -101,18 +101,21 @@ def new_row(
 class PlainSteps:
     """The verifier's plain decode steps over a batch: one forward, one token for each running row.
 
-    With read-ahead, a step queues the next step's forward before its own tokens are read back, so the
-    host's work on a step (mask, copies, reading tokens, the scheduler's bookkeeping) overlaps the GPU's
-    work on the next forward. The queued forward feeds every row the length limit does not stop; a row
-    whose token turns out to be a stop token is rolled back. Rows may join, leave and be re-formed while a
-    forward is queued (continuous batching): a row that joins after it emits its next token one step
-    later, from the forward queued after it joined. Outputs are the same.
+    With `read_ahead` (by default on a GPU), a step queues the next step's forward before its own tokens are
+    read back, so the host's work on a step (mask, copies, reading tokens, the scheduler's bookkeeping)
+    overlaps the GPU's work on the next forward. The queued forward feeds every row the length limit does
+    not stop; a row whose token turns out to be a stop token is rolled back. Rows may join, leave and be
+    re-formed while a forward is queued (continuous batching): a row that joins after it emits its next
+    token one step later, from the forward queued after it joined. Outputs are the same.
     """
 
-    def __init__(self, verifier: CachedModel, settings: DecodeSettings, watch: Stopwatch) -> None:
+    def __init__(
+        self, verifier: CachedModel, settings: DecodeSettings, watch: Stopwatch, read_ahead: bool | None = None
+    ) -> None:
         self.verifier = verifier
         self.settings = settings
         self.watch = watch
+        self.read_ahead = verifier.device.type == "cuda" if read_ahead is None else read_ahead
         self.queued: tuple[torch.Tensor, list[bool]] | None = None  # a forward queued ahead, and the rows it fed
 
     def keep_rows(self, order: list[int | None]) -> None:
@@ -122,11 +125,11 @@ class PlainSteps:
             index = to_device(torch.tensor([0 if slot is None else slot for slot in order]), logits.device)
             self.queued = (logits[index], [slot is not None and fed[slot] for slot in order])
 
-    def step(self, rows: Sequence[Row | None], queue_next: Callable[[], bool] | None) -> list[tuple[Row, int]]:
+    def step(self, rows: Sequence[Row | None], next_is_plain: Callable[[], bool]) -> list[tuple[Row, int]]:
         """One token for each running row of `rows` (None or finished: not running); return the rows that emitted.
 
-        `queue_next` None: no read-ahead. Otherwise it is asked, once this step's tokens are chosen and before
-        they are read, whether the next step is a plain one too; if so, its forward is queued now.
+        With read-ahead, `next_is_plain` is asked, once this step's tokens are chosen and before they are read,
+        whether the next step is a plain one too; if so, its forward is queued now.
         """
         running = [row is not None and not row.finished for row in rows]
         if self.queued is None:
@@ -142,13 +145,13 @@ class PlainSteps:
         _collect_logprobs(self.settings, feeding, logits[:, None], tokens[:, None], [int(feeds) for feeds in fed])
         read_tokens = _start_reading(tokens)
         ahead = []
-        if queue_next is not None:
+        if self.read_ahead:
             # a row fed now emits one token before the queued forward's; a row that joined after the last one, none
             ahead = [
                 runs and len(row.result.tokens) + feeds < row.max_new_tokens
                 for row, runs, feeds in zip(rows, running, fed, strict=True)
             ]
-            if any(ahead) and queue_next():
+            if any(ahead) and next_is_plain():
                 self.queued = (self.verifier.forward(tokens[:, None], ahead)[:, -1], ahead)
         emitted, finishing = [], []
         for row, token in zip(feeding, read_tokens(), strict=True):
@@ -158,7 +161,7 @@ class PlainSteps:
                 if row.finished:
                     finishing.append(row)
         # a clock reading only when a row ends; a queued forward is not this step's time
-        _record_latency(finishing, self.watch, wait=queue_next is None)
+        _record_latency(finishing, self.watch, wait=not self.read_ahead)
         if self.queued is not None:
             stopped = [feeds and row.finished for feeds, row in zip(ahead, rows, strict=True)]  # fed one too many
             if any(stopped):
@@ -188,9 +191,9 @@ class BaselineDecoder:
         self.verifier = verifier
         self.settings = settings
         self.watch = watch
-        self.read_ahead = verifier.device.type == "cuda" if read_ahead is None else read_ahead
+        self._plain = PlainSteps(verifier, settings, watch, read_ahead)
+        self.read_ahead = self._plain.read_ahead
         self.rows: list[Row | None] = []
-        self._plain = PlainSteps(verifier, settings, watch)
 
     @property
     def running(self) -> list[Row]:
@@ -227,7 +230,7 @@ class BaselineDecoder:
     def step(self) -> StepReport:
         """One verifier call for every running row, each emitting one token (but a row that joined after the
         queued call, which is fed in the next one)."""
-        emitted = self._plain.step(self.rows, (lambda: True) if self.read_ahead else None)
+        emitted = self._plain.step(self.rows, lambda: True)
         for row, _ in emitted:
             row.result.verifier_calls += 1
         return StepReport(emitted)
@@ -267,11 +270,9 @@ class SpeculativeDecoder:
         self.watch = watch
         self.pool = pool
         self.step_policy = step_policy
-        # only plain steps read ahead, and only a step policy takes them
-        on_gpu = verifier.device.type == "cuda"
-        self.read_ahead = step_policy is not None and (on_gpu if read_ahead is None else read_ahead)
+        self._plain = PlainSteps(verifier, settings, watch, read_ahead)
+        self.read_ahead = step_policy is not None and self._plain.read_ahead  # only a step policy takes plain steps
         self.rows: list[Row | None] = []
-        self._plain = PlainSteps(verifier, settings, watch)
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
         self._plain_run = 0  # plain steps since the drafters last drafted
         self._next_k: int | None = None  # the next step's k, when a plain step that read ahead chose it
@@ -386,10 +387,10 @@ class SpeculativeDecoder:
         occupancy = sum(row is not None for row in rows)
         behind = self._plain_run > 0  # the drafters sat out the last steps
         if self.step_policy is not None:
-            state = self._state(rows, occupancy)
             # chosen before the last step's tokens were read, when that step read ahead (a forward queued if 0)
-            k = self.step_policy.k_for_step(state) if self._next_k is None else self._next_k
-            self._next_k = None
+            k, self._next_k = self._next_k, None
+            if k is None:
+                k = self.step_policy.k_for_step(self._state(rows, occupancy))
             for row in rows:
                 if row is not None:
                     row.k = k
@@ -397,6 +398,7 @@ class SpeculativeDecoder:
                 self._plain_run += 1
                 return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
+        unread = self._state(rows, occupancy).unread_tokens if behind else 0  # before the reading below
         read_s = self._read_joined() + (self._catch_up(rows) if behind else 0.0)
         proposals, draft_s = _draft(self.drafters, rows, depths, self.pool, self.watch)
         trees = [
@@ -411,7 +413,7 @@ class SpeculativeDecoder:
         verify_s = _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
         if self.step_policy is not None:
             if behind:  # the reading is the price of switching back to drafting, not of this step
-                self.step_policy.observe_read(state.unread_tokens, read_s)
+                self.step_policy.observe_read(unread, read_s)
                 read_s = 0.0
             self.step_policy.observe_step(max(depths), occupancy, read_s + draft_s + verify_s)
         self._plain_run = 0
@@ -425,15 +427,13 @@ class SpeculativeDecoder:
 
     def _plain_step(self, rows: list[Row | None], occupancy: int) -> StepReport:
         """One verifier call for every running row, each emitting one token: the baseline's step."""
-        queue_next = None
-        if self.read_ahead:
 
-            def queue_next() -> bool:
-                self._next_k = self.step_policy.k_for_step(self._state(rows, occupancy))
-                return self._next_k == 0
+        def next_is_plain() -> bool:
+            self._next_k = self.step_policy.k_for_step(self._state(rows, occupancy))
+            return self._next_k == 0
 
         self.watch.mark(wait=not self.read_ahead)
-        emitted = self._plain.step(rows, queue_next)
+        emitted = self._plain.step(rows, next_is_plain)
         seconds = self.watch.lap(wait=not self.read_ahead)  # read ahead: the host's wait for the tokens
         for row, _ in emitted:
             _record_step(row.result, k=0, depth=0, offered=0, accepted=0)
