@@ -378,7 +378,12 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
                     if args.step_series and repeat == 0:
-                        series[mode] = [[round(1000 * step.time_s, 3), step.rows, step.k] for step in served.steps]
+                        series[mode] = {
+                            "steps": [[round(1000 * step.time_s, 3), step.rows, step.k] for step in served.steps],
+                            "requests": [[round(1000 * value, 3) for value in (request.arrival_s, request.admitted_s,
+                                          request.first_token_s, request.finish_s)] + [request.num_tokens]
+                                         for request in served.requests],
+                        }  # fmt: skip
                     if mode == "load":
                         ks = [step.k for step in served.steps]
                         chosen += ks
@@ -481,7 +486,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
     parser.add_argument("--step-series", action="store_true",
-                        help="k_schedule: keep the first repeat's steps per mode ([end ms, rows, k])")  # fmt: skip
+                        help="k_schedule: keep the first repeat's steps per mode ([end ms, rows, k]) and requests "
+                        "([arrival, admitted, first token, finish ms, tokens])")  # fmt: skip
     parser.add_argument("--searches", type=int, default=1, help="load: run each crossover search this many times")
     parser.add_argument("--join-delay-factor", type=float, default=0.0,
                         help="load, k_schedule: load.join_delay_factor of every serve (0: none)")  # fmt: skip

@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter
+from specbench.engine.continuous import serve
 from specbench.engine.costs import StepCosts
-from specbench.engine.decode import SpeculativeDecoder
+from specbench.engine.decode import SpeculativeDecoder, new_row
+from specbench.engine.results import EngineRequest
 from specbench.engine.sampling import TokenChooser
 from specbench.engine.schedule import StepState
 from specbench.engine.timing import Stopwatch
 from specbench.load.k_schedule import RATIO_WINDOW, LoadAwareK
-from specbench.testing import ScriptedPolicy, make_model, one_torch_thread
+from specbench.testing import ScriptedPolicy, StepClock, make_model, one_torch_thread
 from tests.test_continuous import PROMPTS, VOCAB, alone, requests, served
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
@@ -179,3 +181,35 @@ def test_plain_steps_read_ahead_under_a_step_policy_and_decode_every_request_as_
     assert all(step.accepted == step.proposed > 0 for step in result.steps if step.k)
     # queued plain steps are not timed for the policy (their host work overlaps the forward): only drafting steps
     assert [k for k, _, _ in policy.observed] == [k for k in ks if k]
+
+
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_a_row_that_joined_early_in_a_long_plain_run_leaves_room_for_the_catch_up(read_ahead):
+    """A catch-up forward adds its widest feed to every row's columns: were a row that joined early in a plain
+    run (many tokens, none to catch up) read first, the other rows' catch-up would overflow the static cache."""
+    max_len = 120  # holds either row alone (75 + 30 and 4 + 40 tokens), not 75 + 26 with 26 more columns
+    verifier_model = make_model("llama", VOCAB, seed=1, layers=2)
+    verifier = CachedModel(verifier_model, VOCAB, max_len=max_len)
+    settings = DecodeSettings(40)
+    trace = [EngineRequest(0, 0.0, PROMPTS[4], 40, seed=0), EngineRequest(1, 3.0, PROMPTS[2], 30, seed=1)]
+    policy = ScriptedPolicy([2] + [0] * 25 + [3])
+    drafter = ModelDrafter("self", CachedModel(verifier_model, VOCAB, max_len=max_len))
+    decoder = SpeculativeDecoder(
+        verifier,
+        [drafter],
+        settings,
+        ConstantK(4),
+        Stopwatch(verifier.devices),
+        step_policy=policy,
+        read_ahead=read_ahead,
+    )
+
+    def make_row(request: EngineRequest):
+        return new_row(request.prompt_ids, request.seed, settings, [drafter.name], 4, 4, request.max_new_tokens)
+
+    result = serve(decoder, trace, make_row, max_batch_size=2, bucketed=True, clock=StepClock())
+    reference = CachedModel(verifier_model, VOCAB)
+    for request, record in zip(trace, result.requests, strict=True):
+        assert record.tokens == alone(reference, request, settings), request.request_id
+    switch = next(step for step in result.steps[1:] if step.k)  # the first drafting step after the plain run
+    assert switch.rows == 2 and switch.accepted == switch.proposed > 0

@@ -347,8 +347,10 @@ class SpeculativeDecoder:
         return StepState(occupancy, unread, remaining / max(occupancy, 1))
 
     def _catch_up(self, rows: list[Row | None]) -> float:
-        """The drafters read the tokens of the plain steps they sat out; return the seconds it took."""
+        """The drafters read the tokens of the plain steps they sat out (not the joined rows': `_read_joined`);
+        return the seconds it took."""
         self.watch.mark()
+        rows = [None if slot in self._unread else row for slot, row in enumerate(rows)]
         contexts = [row.tokens if row is not None else [] for row in rows]
         total = 0.0
         for drafter in self.drafters:
@@ -399,7 +401,9 @@ class SpeculativeDecoder:
                 return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
         unread = self._state(rows, occupancy).unread_tokens if behind else 0  # before the reading below
-        read_s = self._read_joined() + (self._catch_up(rows) if behind else 0.0)
+        # the running rows catch up before the joined rows are read: a catch-up forward adds its widest feed to
+        # every row's columns, which a joined row's many tokens would push past a static cache
+        read_s = (self._catch_up(rows) if behind else 0.0) + self._read_joined()
         proposals, draft_s = _draft(self.drafters, rows, depths, self.pool, self.watch)
         trees = [
             None if row is None else build_tree(row.tokens[-1], [proposal.tokens for proposal in row_proposals])
