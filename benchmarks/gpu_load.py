@@ -194,25 +194,42 @@ def _prompts(args: argparse.Namespace, count: int) -> list[list[int]]:
     return torch.randint(0, TOKENIZER_VOCAB, (count, args.prompt_len), generator=generator).tolist()
 
 
+def _most_new_tokens(args: argparse.Namespace) -> int:
+    """The longest output limit a request of the traces may have (--new-tokens-spread widens it)."""
+    return round(args.new_tokens * (1 + args.new_tokens_spread))
+
+
+def _max_len(args: argparse.Namespace) -> int:
+    return args.prompt_len + _most_new_tokens(args) + 2 * max(args.ks) + 24
+
+
 def _verifier(args: argparse.Namespace, models: dict, sizes) -> CachedModel:
     graphs = args.device.type == "cuda"
-    max_len = args.prompt_len + args.new_tokens + 2 * max(args.ks) + 24
+    max_len = _max_len(args)
     return CachedModel(models["gpt_j_6b"], TOKENIZER_VOCAB, max_len if graphs else None, sizes if graphs else ())
 
 
 def _cost_drafter(args: argparse.Namespace, models: dict, name: str) -> ModelDrafter:
     graphs = args.device.type == "cuda"
-    max_len = args.prompt_len + args.new_tokens + 2 * max(args.ks) + 24
+    max_len = _max_len(args)
     model = CachedModel(models["distilgpt2"], TOKENIZER_VOCAB, max_len if graphs else None, (1, 2) if graphs else ())
     return ModelDrafter(name, model)
 
 
 def _requests(args: argparse.Namespace, rate: float, prompts: list[list[int]]) -> list[EngineRequest]:
-    """A Poisson trace at `rate`: enough requests to last about --trace-seconds, within [--min, --max] requests."""
+    """A Poisson trace at `rate`: enough requests to last about --trace-seconds, within [--min, --max] requests.
+
+    Output limits are --new-tokens each, or with --new-tokens-spread r drawn uniformly (seeded) from
+    [n (1 - r), n (1 + r)], as `vllm bench serve --random-range-ratio` does: with random weights no row stops
+    early, and equal limits keep rows that joined together in lock step, which real outputs' lengths do not.
+    """
     count = int(min(args.max_requests, max(args.min_requests, rate * args.trace_seconds)))
     times = arrival_times(ArrivalKind.poisson, rate, count, seed=0)
+    least = round(args.new_tokens * (1 - args.new_tokens_spread))
+    limits = torch.randint(least, _most_new_tokens(args) + 1, (count,), generator=torch.Generator().manual_seed(2))
     return [
-        EngineRequest(i, float(at), prompts[i % len(prompts)], args.new_tokens, seed=i) for i, at in enumerate(times)
+        EngineRequest(i, float(at), prompts[i % len(prompts)], int(limit), seed=i)
+        for i, (at, limit) in enumerate(zip(times, limits, strict=True))
     ]
 
 
@@ -331,7 +348,7 @@ def _setup_oracle_load(args: argparse.Namespace, models: dict, ks: list[int]):
         member.capture_graphs(buckets, args.prompt_len)
         member.capture_joins(args.max_batch, args.prompt_len)
     prompts = _prompts(args, args.distinct_prompts)
-    settings = DecodeSettings(max_new_tokens=args.new_tokens)
+    settings = DecodeSettings(max_new_tokens=_most_new_tokens(args))
     references = {}
     for start in range(0, len(prompts), args.max_batch):
         chunk = prompts[start : start + args.max_batch]
@@ -473,6 +490,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens-spread", type=float, default=0.0,
+                        help="load traces: output limits uniform in [n (1 - r), n (1 + r)] (0: all n)")  # fmt: skip
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--max-batch", type=int, default=128)

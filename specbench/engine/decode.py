@@ -245,11 +245,12 @@ class SpeculativeDecoder:
     (a load-aware schedule) and is told what each step took; otherwise each row keeps its own k from
     `schedule`. A step it sets to k = 0 is a plain decode step, the baseline's own (`PlainSteps`): no
     drafting, no tree, no acceptance walk. The drafters sit it out: at the next step that drafts they first
-    read, in one forward each, the tokens they skipped and the rows that joined meanwhile (timed apart, as
-    the price of the switch). With `read_ahead` (by default on a GPU, under a step policy), a plain step asks
-    the policy for the next step's k before its tokens are read, from the state then (that step keeps it), and
-    queues the next forward if that k is 0, as the baseline does; such a step is not timed for the policy (it costs its
-    forward's device time, which the surface measured: the host's work overlaps it).
+    read, in one forward each, the tokens they skipped and the rows that joined meanwhile. That reading is
+    timed apart from the step (`observe_read`): it is a one-off price, the same for every k > 0. With
+    `read_ahead` (by default on a GPU, under a step policy), a plain step asks the policy for the next step's
+    k before its tokens are read, from the state then (that step keeps it), and queues the next forward if
+    that k is 0, as the baseline does; such a step is not timed for the policy (it costs its forward's device
+    time, which the surface measured: the host's work overlaps it).
     """
 
     def __init__(
@@ -338,13 +339,14 @@ class SpeculativeDecoder:
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
         """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""
-        unread = 0
-        if self._plain_run:  # right after a drafting step, only joins are unread: reading them is the step's own cost
-            joined = [rows[slot] for slot in self._unread if rows[slot] is not None]
-            # every other running row has run since the drafters last drafted: one token a plain step
-            unread = sum(len(row.tokens) - 1 for row in joined) + self._plain_run * (occupancy - len(joined))
         remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in rows if row is not None)
-        return StepState(occupancy, unread, remaining / max(occupancy, 1))
+        return StepState(occupancy, self._unread_tokens(rows, occupancy), remaining / max(occupancy, 1))
+
+    def _unread_tokens(self, rows: list[Row | None], occupancy: int) -> int:
+        """Tokens the drafters must read before they draft: the joined rows', and the plain steps' of the others."""
+        joined = [rows[slot] for slot in self._unread if rows[slot] is not None]
+        # every other running row has run since the drafters last drafted: one token a plain step
+        return sum(len(row.tokens) - 1 for row in joined) + self._plain_run * (occupancy - len(joined))
 
     def _catch_up(self, rows: list[Row | None]) -> float:
         """The drafters read the tokens of the plain steps they sat out (not the joined rows': `_read_joined`);
@@ -400,7 +402,7 @@ class SpeculativeDecoder:
                 self._plain_run += 1
                 return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
-        unread = self._state(rows, occupancy).unread_tokens if behind else 0  # before the reading below
+        unread = self._unread_tokens(rows, occupancy)  # before the reading below
         # the running rows catch up before the joined rows are read: a catch-up forward adds its widest feed to
         # every row's columns, which a joined row's many tokens would push past a static cache
         read_s = (self._catch_up(rows) if behind else 0.0) + self._read_joined()
@@ -416,10 +418,9 @@ class SpeculativeDecoder:
             _collect_step_logprobs(self.settings, rows, logits, outcomes, emitted)
         verify_s = _end_step(rows, trees, outcomes, emitted, depths, self.schedule, self.watch)
         if self.step_policy is not None:
-            if behind:  # the reading is the price of switching back to drafting, not of this step
+            if unread:  # reading joined rows, or what plain steps skipped, is a one-off price, not this k's
                 self.step_policy.observe_read(unread, read_s)
-                read_s = 0.0
-            self.step_policy.observe_step(max(depths), occupancy, read_s + draft_s + verify_s)
+            self.step_policy.observe_step(max(depths), occupancy, draft_s + verify_s)
         self._plain_run = 0
         took_part = [row for row in rows if row is not None]
         return StepReport(

@@ -30,7 +30,7 @@ class StepState:
     """What a step policy sees before a step."""
 
     occupancy: int  # running rows
-    unread_tokens: int  # tokens the drafters must read before they can draft again (0 right after a drafting step)
+    unread_tokens: int  # tokens the drafters must read before they draft: joined rows', and plain steps'
     remaining_tokens: float  # output tokens the running rows may still emit, on average per row
 
 
@@ -41,10 +41,10 @@ class StepPolicy(Protocol):
         """k for the next step (0: a plain decode step)."""
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
-        """What a step at `k` with `occupancy` running rows took, without reading what plain steps left unread."""
+        """What a step at `k` with `occupancy` running rows took, without the drafters' reading of unread tokens."""
 
     def observe_read(self, tokens: int, seconds: float) -> None:
-        """What the drafters took to read `tokens` tokens that plain steps had left unread."""
+        """What the drafters took to read `tokens` unread tokens (rows that joined, steps they sat out)."""
 
 
 @dataclass(frozen=True)
