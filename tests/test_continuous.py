@@ -61,11 +61,13 @@ def draft():
     return make_model("gpt2", VOCAB, seed=2, layers=1)
 
 
-def served(decoder, settings: DecodeSettings, names: list[str], bucketed: bool, max_batch_size: int = 3):
+def served(decoder, settings: DecodeSettings, names: list[str], bucketed: bool, max_batch_size: int = 3, trace=None):
+    """Serve `trace` (default: `requests()`) on a step clock, rows of k 4."""
+
     def make_row(request: EngineRequest):
         return new_row(request.prompt_ids, request.seed, settings, names, 4, 4, request.max_new_tokens)
 
-    return serve(decoder, requests(), make_row, max_batch_size, bucketed, StepClock())
+    return serve(decoder, trace or requests(), make_row, max_batch_size, bucketed, StepClock())
 
 
 def alone(verifier: CachedModel, request: EngineRequest, settings: DecodeSettings) -> list[int]:

@@ -9,15 +9,14 @@ from collections import Counter
 import pytest
 
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter
-from specbench.engine.continuous import serve
 from specbench.engine.costs import StepCosts
-from specbench.engine.decode import SpeculativeDecoder, new_row
+from specbench.engine.decode import SpeculativeDecoder
 from specbench.engine.results import EngineRequest
 from specbench.engine.sampling import TokenChooser
 from specbench.engine.schedule import StepState
 from specbench.engine.timing import Stopwatch
 from specbench.load.k_schedule import RATIO_WINDOW, LoadAwareK
-from specbench.testing import ScriptedPolicy, StepClock, make_model, one_torch_thread
+from specbench.testing import ScriptedPolicy, make_model, one_torch_thread
 from tests.test_continuous import PROMPTS, VOCAB, alone, requests, served
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
@@ -210,11 +209,7 @@ def test_a_row_that_joined_early_in_a_long_plain_run_leaves_room_for_the_catch_u
         step_policy=policy,
         read_ahead=read_ahead,
     )
-
-    def make_row(request: EngineRequest):
-        return new_row(request.prompt_ids, request.seed, settings, [drafter.name], 4, 4, request.max_new_tokens)
-
-    result = serve(decoder, trace, make_row, max_batch_size=2, bucketed=True, clock=StepClock())
+    result = served(decoder, settings, [drafter.name], bucketed=True, max_batch_size=2, trace=trace)
     reference = CachedModel(verifier_model, VOCAB)
     for request, record in zip(trace, result.requests, strict=True):
         assert record.tokens == alone(reference, request, settings), request.request_id

@@ -402,7 +402,7 @@ class SpeculativeDecoder:
                 self._plain_run += 1
                 return self._plain_step(rows, occupancy)
         depths = [_draft_depth(row) for row in rows]
-        unread = self._unread_tokens(rows, occupancy)  # before the reading below
+        unread = self._unread_tokens(rows, occupancy) if self.step_policy is not None else 0  # before the reading
         # the running rows catch up before the joined rows are read: a catch-up forward adds its widest feed to
         # every row's columns, which a joined row's many tokens would push past a static cache
         read_s = (self._catch_up(rows) if behind else 0.0) + self._read_joined()
