@@ -50,22 +50,35 @@ def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
 
 def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
     schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    assert schedule.correction(2, 1) == 1.0  # nothing ran: the surface
     for _ in range(3):  # steps at k=2 take twice what the surface says, at 1 row
         schedule.observe_step(2, 1, 2 * schedule.modelled_step_s(2, 1))
-    assert schedule.correction(2, 1) == pytest.approx(1 + 3 / 4)  # the surface worth one step: (1 + 2 + 2 + 2) / 4
-    assert schedule.correction(2, 2) == pytest.approx(1.75)  # drafting at a bucket not yet run borrows the nearest
-    assert schedule.correction(1, 1) == 1.0  # a k never run keeps the surface
-    assert schedule.k_for_step(caught_up(1)) == 1  # 1.15 / 1.8 s a token beats 1.75 x 1.3 / 2.44
+    assert schedule.correction(2, 1) == pytest.approx(2.0)  # the surface worth one step: median of 1, 2, 2, 2
+    assert schedule.correction(1, 1) == pytest.approx(2.0)  # another draft length at the bucket borrows its r
+    assert schedule.correction(2, 2) == pytest.approx(2.0)  # so does drafting at a bucket not yet run
+    assert schedule.correction(0, 1) == 1.0  # a plain step is never priced by a drafting one's: trying it is cheap
+    assert schedule.k_for_step(caught_up(1)) == 0  # 1 s a token beats 2 x 1.3 / 2.44 and 2 x 1.15 / 1.8
+    schedule.observe_step(1, 1, 1.2 * schedule.modelled_step_s(1, 1))
+    assert schedule.correction(1, 1) == pytest.approx(1.1)  # median of 1, 1.2: its own, once run
     schedule.observe_step(2, 64, schedule.modelled_step_s(2, 64))
     assert schedule.correction(2, 64) == pytest.approx(1.0)
     assert schedule.correction(2, 32) == pytest.approx(1.0)  # nearer to 64's bucket than to 1's
+    assert schedule.correction(1, 32) == pytest.approx(1.0)  # the nearest bucket before the nearest k
     schedule.observe_step(0, 1, 3 * schedule.modelled_step_s(0, 1))
     assert schedule.correction(0, 1) == pytest.approx(2.0)
-    assert schedule.correction(0, 2) == 1.0  # a plain step is never priced by another bucket's: trying it is cheap
-    for _ in range(3 * RATIO_WINDOW):  # the mean follows the recent steps, at most RATIO_WINDOW of them
-        schedule.observe_step(2, 1, schedule.modelled_step_s(2, 1))
-    assert schedule.correction(2, 1) == pytest.approx(1.0, abs=0.02)  # (1 - 1/32)^94 of the excess is left
+    assert schedule.correction(0, 2) == 1.0  # nor by another bucket's plain steps
+
+
+def test_one_slow_step_does_not_condemn_a_draft_length_and_the_correction_follows_the_recent_steps():
+    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    for ratio in (1.0, 10.0, 1.0):  # a stall in the middle of steps that match the surface
+        schedule.observe_step(2, 1, ratio * schedule.modelled_step_s(2, 1))
+    assert schedule.correction(2, 1) == pytest.approx(1.0)  # a mean would say 3.25
     assert schedule.k_for_step(caught_up(1)) == 2
+    for _ in range(RATIO_WINDOW):  # the surface became wrong: only the last RATIO_WINDOW steps count
+        schedule.observe_step(2, 1, 3 * schedule.modelled_step_s(2, 1))
+    assert schedule.correction(2, 1) == pytest.approx(3.0)
+    assert schedule.k_for_step(caught_up(1)) == 0
 
 
 def test_the_read_cost_is_fitted_to_the_reads_and_a_size_alone_is_scaled():

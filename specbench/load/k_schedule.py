@@ -14,12 +14,16 @@ k = 0 is a plain decode step (the verifier alone, one token per row).
 
 The micro-measured surface leaves out what a whole step adds: the host's work per row (trees,
 the acceptance walk, bookkeeping), the drafters reading the rows that join, and the device
-waits between phases. r(k, b) corrects for it from the steps the run has taken: the running
-mean of measured over modelled seconds of the recent steps at that k and occupancy bucket
-(1, 2-3, 4-7, ...), with the surface as a prior worth one step. A bucket where no step has
-drafted at k borrows the nearest bucket's r (what the surface leaves out grows with the rows,
-and trying a dear draft length costs a step); a plain step never tried at a bucket keeps the
-surface's r = 1, as does a k never run: trying it costs no more than the step.
+waits between phases. r(k, b) corrects for it from the steps the run has taken: the median
+of measured over modelled seconds of the recent steps at that k and occupancy bucket
+(1, 2-3, 4-7, ...), with the surface as a prior worth one step (a median, so that one slow
+step, a page fault or a stall, cannot condemn a k). A drafting k not yet run at a bucket
+borrows the r of the nearest drafting step that ran: another draft length at the same bucket
+first (what the surface leaves out grows with the rows far more than with k), else the nearest
+bucket. Taking the surface's r = 1 for it instead would favour every untried k over the tried
+ones, and borrowing only the same k's r from another bucket would keep a k priced by, say, the
+warm-up's 8 rows at one row, where it may never be tried. A plain step never tried at a bucket
+keeps the surface's r = 1: it has no drafting overhead to borrow, and trying it is cheap.
 
 Plain steps are not free for later: the drafters sit them out, and before they can draft again
 they must read the u tokens they skipped (every running row's tokens of those steps, and the
@@ -39,11 +43,14 @@ from a prior worth a few steps.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 from specbench.engine.costs import StepCosts
 from specbench.engine.schedule import StepState
 from specbench.load.model import interpolate_log_batch, tokens_per_step
 
-RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, about this many
+RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, this many
 
 
 class LoadAwareK:
@@ -60,7 +67,8 @@ class LoadAwareK:
         # prior pseudo-counts: `prior_steps` steps of the iid model at `prior_alpha`
         self._accepted = prior_alpha * prior_steps / (1 - prior_alpha) if prior_alpha < 1 else prior_steps
         self._rejections = prior_steps
-        self._ratio: dict[tuple[int, int], tuple[float, int]] = {}  # (k, bucket) -> (mean measured/modelled, steps)
+        self._ratios: dict[tuple[int, int], deque[float]] = {}  # (k, bucket) -> recent measured/modelled seconds
+        self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
         self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
 
@@ -101,9 +109,9 @@ class LoadAwareK:
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
         key = (k, _bucket(occupancy))
-        mean, steps = self._ratio.get(key, (1.0, 1))  # the surface, worth one step: one slow step cannot condemn k
-        steps = min(steps + 1, RATIO_WINDOW)
-        self._ratio[key] = (mean + (seconds / self.modelled_step_s(k, occupancy) - mean) / steps, steps)
+        ratios = self._ratios.setdefault(key, deque([1.0], maxlen=RATIO_WINDOW))  # the surface, worth one step
+        ratios.append(seconds / self.modelled_step_s(k, occupancy))
+        self._ratio[key] = statistics.median(ratios)
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
@@ -129,13 +137,16 @@ class LoadAwareK:
 
     def correction(self, k: int, occupancy: int) -> float:
         """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
-        borrows the nearest bucket's, and a plain step, or a k never run, keeps the surface (r = 1)."""
+        borrows the nearest drafting step's (the same bucket first, then the nearest k), and a plain step, or any
+        k before a drafting step ran, keeps the surface (r = 1)."""
         bucket = _bucket(occupancy)
-        tried = [other for step_k, other in self._ratio if step_k == k]
-        if (k, bucket) not in self._ratio and (k == 0 or not tried):
+        if (k, bucket) in self._ratio:
+            return self._ratio[(k, bucket)]
+        drafted = [key for key in self._ratio if key[0]]
+        if k == 0 or not drafted:
             return 1.0
-        nearest = min(tried, key=lambda other: (abs(other - bucket), other))
-        return self._ratio[(k, nearest)][0]
+        nearest = min(drafted, key=lambda key: (abs(key[1] - bucket), abs(key[0] - k), key))
+        return self._ratio[nearest]
 
     def modelled_step_s(self, k: int, occupancy: int) -> float:
         """Seconds of a step at `k` with `occupancy` rows, from the measured surface alone."""
