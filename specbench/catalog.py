@@ -876,8 +876,9 @@ METRICS: tuple[Metric, ...] = (
         "dtype probe: one step",
         "ms",
         doc="dtype=auto on a CPU: one step (verify_1: a verifier step over 1 token, verify_k1: over k+1 tokens, "
-        "draft: a drafting step) in float32 and bfloat16, the figures the run's dtype (param dtype_chosen) was "
-        "chosen from; logged when probed, or read from the probe's cache (param dtype_probe)",
+        "draft: a drafting step; prefill_per_token and draft_prefill_per_token: a one-row prefill by the verifier "
+        "and by the draft models, per prompt token) in float32 and bfloat16, the figures the run's dtype (param "
+        "dtype_chosen) was chosen from; logged when probed, or read from the probe's cache (param dtype_probe)",
     ),
     Metric(
         "interval_units",

@@ -138,7 +138,9 @@ def prepare(cfg: SpecBenchConfig, records: list[Record], cache: ModelCache) -> R
         cache.keep_only(set())  # llama.cpp reads the GGUF files itself: no torch model is loaded
         return _llamacpp_setup(cfg, specs, tokenizer, prompts, room, skipped_too_long)
     machine = device_name(device)
-    dtype_choice = choose_run_dtype(cfg, device, machine, specs_in, cache, prompts[0].input_ids, len(tokenizer))
+    dtype_choice = choose_run_dtype(
+        cfg, device, machine, specs_in, cache, [prompt.input_ids for prompt in prompts], len(tokenizer)
+    )
     specs = specs_in(Dtype(dtype_choice.dtype))
     cache.keep_only(set(specs.values()))
     gpu_memory_before_load = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -27,8 +27,11 @@ from specbench.config import (
 from specbench.data import load_records
 from specbench.drafters import ModelDrafterConfig, PromptLookupConfig
 from specbench.dtype_probe import (
+    PREFILL_TOKENS,
+    STEPS,
     DtypeChoice,
     StepTimes,
+    Workload,
     bfloat16_copy,
     choose,
     needs_probe,
@@ -44,9 +47,9 @@ one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 VERIFIER, DRAFT = "openai-community/gpt2-large", "distilbert/distilgpt2"
 FAST = ["cost_curve=false", "quality.perplexity=false", "quality.embedder=none"]
-# (float32, bfloat16) ms of verify_1, verify_k1, draft
-BFLOAT16_FASTER = (StepTimes(10, 20, 2), StepTimes(6, 12, 2))
-FLOAT32_FASTER = (StepTimes(6, 12, 2), StepTimes(10, 20, 2))
+# (float32, bfloat16) ms of verify_1, verify_k1, draft, and per prompt token the verifier's and drafters' prefills
+BFLOAT16_FASTER = (StepTimes(10, 20, 2, 1, 0.5), StepTimes(6, 12, 2, 0.6, 0.3))
+FLOAT32_FASTER = (StepTimes(6, 12, 2, 0.6, 0.3), StepTimes(10, 20, 2, 1, 0.5))
 
 
 class FakeTimer:
@@ -56,12 +59,14 @@ class FakeTimer:
         self.figures = figures
         self.timed: list[dict[str, torch.dtype]] = []  # per call: model name -> dtype of its weights
         self.prompts: list[list[int]] = []
+        self.prefills: list[list[int]] = []
 
-    def __call__(self, verifier: CachedModel, drafters: list, prompt_ids: list[int], k: int, batch_size: int):
+    def __call__(self, verifier: CachedModel, drafters: list, prompt_ids, prefill_ids, k: int, batch_size: int):
         models = {"verifier": verifier.model.dtype}
         models |= {drafter.name: drafter.model.model.dtype for drafter in drafters if isinstance(drafter, ModelDrafter)}
         self.timed.append(models)
         self.prompts.append(prompt_ids)
+        self.prefills.append(prefill_ids)
         return self.figures[len(self.timed) - 1]
 
 
@@ -107,13 +112,15 @@ def test_the_run_decodes_in_the_dtype_the_timer_favours(
     cache = ModelCache()
     setup = prepared(tiny_config(models_dir, pubmedqa_file), cache)
 
-    # both dtypes were timed, each on its own models, on a short prefix of the first prompt
+    # both dtypes were timed, each on its own models, on a short prefix of the first prompt, and on a prefill as
+    # long as the prompts (the first prompt's tokens)
     assert timer.timed == [
         {"verifier": torch.float32, "distilgpt2": torch.float32},
         {"verifier": torch.bfloat16, "distilgpt2": torch.bfloat16},
     ]
     first_prompt = setup.prompts[0].input_ids
     assert timer.prompts == [first_prompt[: specbench.dtype_probe.PROBE_TOKENS]] * 2
+    assert timer.prefills == [first_prompt[:PREFILL_TOKENS]] * 2 and len(first_prompt) > PREFILL_TOKENS
     # the run decodes with the winner's models; the loser's are released
     assert setup.dtype_choice.dtype == chosen and not setup.dtype_choice.cached
     expected = getattr(torch, chosen)
@@ -123,8 +130,9 @@ def test_the_run_decodes_in_the_dtype_the_timer_favours(
     assert setup.dtype_choice.metrics() == {
         f"dtype_probe_ms_{dtype}_{step}": getattr(times, step)
         for dtype, times in zip(("float32", "bfloat16"), figures, strict=True)
-        for step in ("verify_1", "verify_k1", "draft")
+        for step in STEPS
     }
+    assert setup.dtype_choice.workload == Workload(len(first_prompt), 4, 1, 3)  # one prompt, max_new_tokens 4, k 3
     assert [path.suffix for path in probe_cache.iterdir()] == [".json"]
 
 
@@ -144,7 +152,7 @@ def test_cached_figures_are_reused_until_the_machine_or_models_change(
     again = prepared(cfg).dtype_choice  # a later run in a fresh process: nothing loaded yet
     assert timer.timed == [] and again.cached and again.dtype == "bfloat16"
     assert again.times == first.times and again.cache_file == first.cache_file
-    assert "cached by an earlier run" in again.describe(cfg.k) and "probed now" in first.describe(cfg.k)
+    assert "cached by an earlier run" in again.describe() and "probed now" in first.describe()
 
     changes = [
         lambda: setattr(cfg, "k", 2),  # the verify step covers k+1 tokens
@@ -193,18 +201,46 @@ def test_only_auto_on_a_cpu_is_probed():
     assert not any(needs_probe(dtype, device) for dtype in Dtype if dtype is not Dtype.auto for device in (cpu, gpu))
 
 
+DECODE_ONLY = Workload(prompt_tokens=0, new_tokens=64, batch_size=1, k=4)
+
+
 @pytest.mark.parametrize(
     ("float32", "bfloat16", "chosen"),
     [
-        (StepTimes(10, 20, 2), StepTimes(8, 16, 1.6), "bfloat16"),  # both modes 20% faster
-        (StepTimes(10, 20, 2), StepTimes(9.8, 19.6, 1.96), "float32"),  # 2% faster: under the 5% it must gain
-        (StepTimes(10, 20, 2), StepTimes(12, 10, 1), "bfloat16"),  # speculation halves, the baseline +20%
-        (StepTimes(10, 20, 2), StepTimes(7, 40, 4), "float32"),  # the baseline -30%, speculation doubles
-        (StepTimes(10, 20, 2), StepTimes(10, 20, 2), "float32"),  # a tie keeps float32 (exact greedy equality)
+        (StepTimes(10, 20, 2, 1, 1), StepTimes(8, 16, 1.6, 1, 1), "bfloat16"),  # both modes 20% faster
+        (StepTimes(10, 20, 2, 1, 1), StepTimes(9.8, 19.6, 1.96, 1, 1), "float32"),  # 2% faster: under the 5% needed
+        (StepTimes(10, 20, 2, 1, 1), StepTimes(12, 10, 1, 1, 1), "bfloat16"),  # speculation halves, the baseline +20%
+        (StepTimes(10, 20, 2, 1, 1), StepTimes(7, 40, 4, 1, 1), "float32"),  # the baseline -30%, speculation doubles
+        (StepTimes(10, 20, 2, 1, 1), StepTimes(10, 20, 2, 1, 1), "float32"),  # a tie keeps float32 (greedy equality)
     ],
 )
 def test_the_rule_weighs_both_modes_relative_changes(float32, bfloat16, chosen):
-    assert choose({"float32": float32, "bfloat16": bfloat16}, k=4) == chosen
+    assert choose({"float32": float32, "bfloat16": bfloat16}, DECODE_ONLY) == chosen
+
+
+# An AVX2-only CPU: bfloat16 halves a decode step (memory-bound) but makes a prefill 5x dearer (compute-bound).
+AVX2_FLOAT32, AVX2_BFLOAT16 = StepTimes(440, 1330, 100, 25, 8), StepTimes(220, 910, 60, 125, 40)
+
+
+@pytest.mark.parametrize(
+    ("workload", "chosen"),
+    [
+        (Workload(prompt_tokens=8, new_tokens=256, batch_size=1, k=4), "bfloat16"),  # short prompts, long outputs
+        (Workload(prompt_tokens=400, new_tokens=64, batch_size=1, k=4), "float32"),  # PubMedQA-like prompts
+        (Workload(prompt_tokens=40, new_tokens=256, batch_size=16, k=4), "float32"),  # a batch shares its steps
+    ],
+)
+def test_a_prompts_prefill_is_weighed_against_its_decode_steps(workload, chosen):
+    assert choose({"float32": AVX2_FLOAT32, "bfloat16": AVX2_BFLOAT16}, workload) == chosen
+
+
+def test_speculation_must_gain_whatever_the_acceptance():
+    # bfloat16 halves every step but triples the prefill: with all k drafts accepted (20 steps) speculation's
+    # request costs 400 ms against 300, with none accepted (100 steps) 800 against 1100
+    float32, bfloat16 = StepTimes(10, 10, 0, 1, 0), StepTimes(5, 5, 0, 3, 0)
+    workload = Workload(prompt_tokens=100, new_tokens=100, batch_size=1, k=4)
+    assert bfloat16.spec_request(4, 100, 20, 1) / float32.spec_request(4, 100, 20, 1) == pytest.approx(400 / 300)
+    assert choose({"float32": float32, "bfloat16": bfloat16}, workload) == "float32"  # sqrt(800/1100 x 4/3) > 0.95
 
 
 def same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> bool:
@@ -230,9 +266,11 @@ def test_the_real_timer_times_every_step(models_dir, tokenizer):
     verifier = CachedModel(load_model(ModelSpec(str(models_dir / VERIFIER), None, "float32", "cpu")), len(tokenizer))
     draft = CachedModel(load_model(ModelSpec(str(models_dir / DRAFT), None, "float32", "cpu")), len(tokenizer))
     prompt = tokenizer("Does early surgery reduce mortality in elderly patients?")["input_ids"]
-    times = time_steps(verifier, [ModelDrafter("draft", draft), PromptLookupDrafter()], prompt, k=3, batch_size=2)
-    assert times.verify_1 > 0 and times.verify_k1 > 0 and times.draft > 0
-    assert verifier.lengths == [0]  # the verifier was left empty, as the cost measurement leaves it
+    drafters = [ModelDrafter("draft", draft), PromptLookupDrafter()]
+    times = time_steps(verifier, drafters, prompt, prompt * 3, k=3, batch_size=2)
+    assert all(getattr(times, step) > 0 for step in STEPS)
+    assert verifier.lengths == [0] and draft.lengths == [0]  # left empty, as the cost measurement leaves them
+    assert time_steps(verifier, [PromptLookupDrafter()], prompt, prompt, k=3, batch_size=1).draft_prefill_per_token == 0
 
 
 def test_auto_through_the_cli_logs_the_choice_and_its_figures(
@@ -249,5 +287,5 @@ def test_auto_through_the_cli_logs_the_choice_and_its_figures(
     assert params["dtype_chosen"] in ("float32", "bfloat16")
     assert run.data.tags["model.verifier"].endswith(f"({params['dtype_chosen']}, cpu)")
     probed = {key: value for key, value in metrics.items() if key.startswith("dtype_probe_ms_")}
-    assert len(probed) == 6 and all(value > 0 for value in probed.values())
+    assert len(probed) == 10 and all(value > 0 for value in probed.values())
     assert len(list(probe_cache.iterdir())) == 1
