@@ -37,8 +37,16 @@ def caught_up(occupancy: int) -> StepState:
     return StepState(occupancy, unread_tokens=0, remaining_tokens=64)
 
 
-def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
+def measured_at_0_8() -> LoadAwareK:
+    """A schedule whose alpha, 0.8, has been measured on as many rows' steps as its prior is worth (4)."""
     schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    for accepted in (4, 0, 4, 0):  # 4 accepted drafts and 1 rejection a pair: alpha stays 0.8
+        schedule.next(4, accepted, 4)
+    return schedule
+
+
+def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
+    schedule = measured_at_0_8()
     assert schedule.alpha == pytest.approx(0.8)
     # one row: k=2 yields 2.44 tokens in 1.3 s, k=1 1.8 in 1.15 s, k=0 1 in 1 s
     assert schedule.seconds_per_token(2, caught_up(1)) == pytest.approx(seconds_per_token(0.8, 2, 2 * 0.1 + 1.1))
@@ -49,7 +57,7 @@ def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
 
 
 def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    schedule = measured_at_0_8()
     assert schedule.correction(2, 1) == 1.0  # nothing ran: the surface
     for _ in range(3):  # steps at k=2 take twice what the surface says, at 1 row
         schedule.observe_step(2, 1, 2 * schedule.modelled_step_s(2, 1))
@@ -70,7 +78,7 @@ def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
 
 
 def test_one_slow_step_does_not_condemn_a_draft_length_and_the_correction_follows_the_recent_steps():
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    schedule = measured_at_0_8()
     for ratio in (1.0, 10.0, 1.0):  # a stall in the middle of steps that match the surface
         schedule.observe_step(2, 1, ratio * schedule.modelled_step_s(2, 1))
     assert schedule.correction(2, 1) == pytest.approx(1.0)  # a mean would say 3.25
@@ -92,7 +100,7 @@ def test_the_read_cost_is_fitted_to_the_reads_and_a_size_alone_is_scaled():
 
 
 def test_a_plain_run_is_left_only_when_drafting_earns_back_the_reading_it_skipped():
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    schedule = measured_at_0_8()
     schedule.observe_read(100, 10.0)  # reading 100 skipped tokens takes 10 s
     behind = StepState(occupancy=1, unread_tokens=100, remaining_tokens=20)
     # drafting saves 1 - 1.3 / 2.44 = 0.47 s a token; over 20 tokens that is 9.3 s, less than the 10 s read
@@ -100,6 +108,15 @@ def test_a_plain_run_is_left_only_when_drafting_earns_back_the_reading_it_skippe
     assert schedule.seconds_per_token(2, behind) == pytest.approx(1.3 / 2.44 + 10 / 20)
     assert schedule.k_for_step(StepState(1, unread_tokens=100, remaining_tokens=40)) == 2  # 18.7 s saved
     assert schedule.k_for_step(caught_up(1)) == 2
+
+
+def test_a_prior_that_favours_plain_steps_does_not_keep_the_run_from_drafting():
+    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.2, prior_steps=4.0)
+    for _ in range(4):  # at 64 rows and alpha 0.2 the model says plain, but alpha has not been measured yet
+        assert schedule.seconds_per_token(0, caught_up(64)) < schedule.seconds_per_token(1, caught_up(64))
+        assert schedule.k_for_step(caught_up(64)) == 1
+        schedule.next(1, 0, 1)  # each row's draft rejected
+    assert schedule.k_for_step(caught_up(64)) == 0  # measured on 4 rows' steps: plain
 
 
 def test_acceptance_is_learned_from_rows_steps():

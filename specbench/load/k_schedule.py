@@ -38,7 +38,9 @@ happened to fall on a k's steps would make that k look dear for good (it would n
 
 alpha is a running estimate: the maximum-likelihood alpha of the iid model from the steps
 seen so far, accepted drafts / (accepted drafts + steps that ended on a rejection), started
-from a prior worth a few steps.
+from a prior worth a few steps. Plain steps teach it nothing, so a prior that favours them
+would keep the run from ever drafting: until rows have drafted as many times as the prior is
+worth, each step drafts (the best k > 0), whatever the model says.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class LoadAwareK:
         # prior pseudo-counts: `prior_steps` steps of the iid model at `prior_alpha`
         self._accepted = prior_alpha * prior_steps / (1 - prior_alpha) if prior_alpha < 1 else prior_steps
         self._rejections = prior_steps
+        self._prior_steps = prior_steps
+        self._drafted_rows = 0  # rows' steps that drafted: the evidence on alpha beyond the prior
         self._ratios: dict[tuple[int, int], deque[float]] = {}  # (k, bucket) -> recent measured/modelled seconds
         self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
         self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
@@ -90,11 +94,14 @@ class LoadAwareK:
         if offered:
             self._accepted += accepted
             self._rejections += accepted < offered
+            self._drafted_rows += 1
         return k
 
     def k_for_step(self, state: StepState) -> int:
-        """The k with the fewest expected seconds per output token (the model above)."""
-        costs = {k: self.seconds_per_token(k, state) for k in range(self.k_max + 1)}
+        """The k with the fewest expected seconds per output token (the model above); a k > 0 until alpha has been
+        measured on as many rows' steps as the prior is worth."""
+        lowest = 0 if self._drafted_rows >= self._prior_steps else 1
+        costs = {k: self.seconds_per_token(k, state) for k in range(lowest, self.k_max + 1)}
         return min(costs, key=costs.get)
 
     def seconds_per_token(self, k: int, state: StepState) -> float:
