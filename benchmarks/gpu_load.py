@@ -49,7 +49,7 @@ from repeats import spread
 from specbench.config import ArrivalKind, CrossoverMetric, SloConfig
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter, decode_baseline
 from specbench.engine.continuous import serve, slot_buckets
-from specbench.engine.costs import measure_step_costs
+from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
 from specbench.engine.oracle import OracleDrafter
 from specbench.engine.results import EngineRequest
@@ -238,9 +238,7 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, args.ks)
     batch_one_step_ms = 1000 * costs.verify_s[1][1]
     slo = SloConfig(tpot_ms=2 * batch_one_step_ms, attainment=0.99)
-    results: dict = {"verify_ms": {b: {n: 1000 * s for n, s in c.items()} for b, c in costs.verify_s.items()},
-                     "draft_ms": {b: 1000 * sum(c.values()) for b, c in costs.draft_s.items()},
-                     "slo_tpot_ms": slo.tpot_ms}  # fmt: skip
+    results: dict = {**_surface_ms(costs), "slo_tpot_ms": slo.tpot_ms}
     graphs = _graph_count(verifier, cost)
     for search, alpha, k in itertools.product(range(1, args.searches + 1), args.alphas, args.ks):
         oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
@@ -359,6 +357,14 @@ def _setup_oracle_load(args: argparse.Namespace, models: dict, ks: list[int]):
     return verifier, cost, prompts, references, costs
 
 
+def _surface_ms(costs: StepCosts) -> dict:
+    """The measured cost surface in ms: a verifier pass by rows and tokens, a draft step by rows."""
+    return {
+        "verify_ms": {rows: {n: 1000 * s for n, s in curve.items()} for rows, curve in costs.verify_s.items()},
+        "draft_ms": {rows: 1000 * sum(steps.values()) for rows, steps in costs.draft_s.items()},
+    }
+
+
 def section_k_schedule(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
     """k_schedule=load against the baseline and every fixed k, on the same trace at rates from idle to saturated.
 
@@ -371,7 +377,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
     modes += ["plain"] if args.plain_mode else []
     keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50")
-    results: dict = {"modes": modes, "k_max": k_max}
+    results: dict = {"modes": modes, "k_max": k_max, **_surface_ms(costs)}
     graphs = _graph_count(verifier, cost)
     for alpha in args.alphas:
         oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)

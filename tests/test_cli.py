@@ -110,8 +110,9 @@ def all_artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]
 
 
 def test_seed_sweep_through_the_real_cli(models_dir, pubmedqa_file, tmp_path):
-    """`python -m specbench -m draft=... k=...` (3 drafts x 2 k) gives 6 complete runs under one parent."""
-    args = ["-m", "draft=distilgpt2,gpt2,gpt_neo_125m", "k=2,4", *common_args(models_dir, pubmedqa_file, tmp_path)]
+    """`python -m specbench -m draft=... k=...` (2 drafts of two architectures x 2 k) gives 4 complete runs under one
+    parent."""
+    args = ["-m", "draft=distilgpt2,gpt_neo_125m", "k=2,4", *common_args(models_dir, pubmedqa_file, tmp_path)]
     done = subprocess.run(
         [sys.executable, "-m", "specbench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
@@ -121,9 +122,9 @@ def test_seed_sweep_through_the_real_cli(models_dir, pubmedqa_file, tmp_path):
     runs = mlflow.search_runs(experiment_names=["specbench"], output_format="list")
     parents = [run for run in runs if "k" not in run.data.params]
     children = [run for run in runs if "k" in run.data.params]
-    assert len(parents) == 1 and len(children) == 6
+    assert len(parents) == 1 and len(children) == 4
     assert {(r.data.params["draft.name"], r.data.params["k"]) for r in children} == {
-        (draft, k) for draft in ("distilgpt2", "gpt2", "gpt_neo_125m") for k in ("2", "4")
+        (draft, k) for draft in ("distilgpt2", "gpt_neo_125m") for k in ("2", "4")
     }
     client = MlflowClient()
     for run in children:

@@ -1,4 +1,4 @@
-"""The shipped Ray launcher configs, exercised into an MLflow tracking server: a 2x2 sweep on a local Ray instance
+"""The shipped Ray launcher configs, exercised into an MLflow tracking server: a two-job sweep on a local Ray instance
 (`ray_local`), and a sweep that joins a cluster started beforehand with `ray start --head` (`ray_cluster`)."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def ray_environment(ray_dir: Path) -> dict[str, str]:
 
 def test_ray_launcher_sweep_into_a_tracking_server(models_dir, pubmedqa_file, tmp_path, tracking_server, ray_dir):  # noqa: F811
     args = [
-        "-m", "hydra/launcher=ray_local", "draft=distilgpt2,gpt2", "k=2,3",
+        "-m", "hydra/launcher=ray_local", "draft=distilgpt2", "k=2,3",
         *common_args(models_dir, pubmedqa_file, tmp_path), f"tracking.uri={tracking_server}", *FAST,
     ]  # fmt: skip
     env = ray_environment(ray_dir)
@@ -60,13 +60,14 @@ def test_ray_launcher_sweep_into_a_tracking_server(models_dir, pubmedqa_file, tm
     )
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert "Ray Launcher is launching 4 jobs" in output and "(_run_job pid=" in output  # jobs ran as Ray tasks
+    assert "Ray Launcher is launching 2 jobs" in output and "(_run_job pid=" in output  # jobs ran as Ray tasks
     assert any(ray_dir.glob("ray/session_*"))  # on the instance this test started
     (parent,), children = sweep_runs(tracking_server)
-    assert len(children) == 4 and {run.info.status for run in children} == {"FINISHED"}
+    assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
     assert {(run.data.params["draft.name"], run.data.params["k"]) for run in children} == {
-        (draft, k) for draft in ("distilgpt2", "gpt2") for k in ("2", "3")
+        ("distilgpt2", "2"),
+        ("distilgpt2", "3"),
     }
     assert parent.info.status == "FINISHED"
 

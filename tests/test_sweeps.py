@@ -65,7 +65,7 @@ def sweep_runs(uri: str, experiment: str = "specbench"):
 
 def test_parallel_joblib_sweep_into_a_tracking_server(models_dir, pubmedqa_file, tmp_path, tracking_server):
     args = [
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "draft=distilgpt2,gpt2", "k=2,3",
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "draft=distilgpt2", "k=2,3",
         *common_args(models_dir, pubmedqa_file, tmp_path), f"tracking.uri={tracking_server}", "quality.embedder=none",
     ]  # fmt: skip
     done = subprocess.run(
@@ -73,14 +73,14 @@ def test_parallel_joblib_sweep_into_a_tracking_server(models_dir, pubmedqa_file,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     parents, children = sweep_runs(tracking_server)
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 2
     client = MlflowClient()
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert {"speedup", "acceptance_rate", "disagreement_rate"} <= set(run.data.metrics)
         assert set(RUN_ARTIFACTS) <= all_artifacts(client, run.info.run_id)
-    assert len({r.data.tags["specbench.config_hash"] for r in children}) == 4
+    assert len({r.data.tags["specbench.config_hash"] for r in children}) == 2
 
 
 def test_interrupted_sweep_resumes_without_duplicates(models_dir, pubmedqa_file, tmp_path):
