@@ -8,8 +8,10 @@ import pytest
 
 from specbench.config import CrossoverMetric
 from specbench.engine.costs import StepCosts
+from specbench.engine.results import ServedRequest
 from specbench.load.model import (
     interpolate_log_batch,
+    join_seconds_per_request,
     predicted_crossover_rate,
     predicted_load_metrics,
     tokens_per_step,
@@ -35,6 +37,18 @@ def test_interpolation_is_linear_in_log_batch_size_and_clamped_outside():
     assert interpolate_log_batch(values, 8) == pytest.approx(0.035)
     assert interpolate_log_batch(values, 0.3) == 0.01
     assert interpolate_log_batch(values, 100) == 0.04
+
+
+def served(admitted_s: float, first_token_s: float, error: str | None = None) -> ServedRequest:
+    return ServedRequest(0, 0.0, admitted_s, first_token_s, first_token_s + 1, 8, error=error)
+
+
+def test_requests_that_join_together_share_one_prefill_in_the_join_cost():
+    # a join of 3 rows at 1.0 s took 30 ms (its rows' first tokens at 1.03), a lone join at 2.0 s took 10 ms:
+    # 40 ms of joining for 4 requests; a failed request (a server's) is not counted
+    requests = [served(1.0, 1.03), served(1.0, 1.03), served(1.0, 1.03), served(2.0, 2.01), served(3.0, 9.0, "500")]
+    assert join_seconds_per_request(requests) == pytest.approx(0.01)
+    assert join_seconds_per_request([served(1.0, 1.03)] * 3) == pytest.approx(0.01)
 
 
 def test_tokens_per_step():

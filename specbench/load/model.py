@@ -13,7 +13,12 @@ time-averaged) that the arrival rate produces. For each mode:
 - a request's prefill costs p (the verifier's, plus the drafts' under
   speculation) and yields its first token; the running rows wait for it, so
   requests joining at a rate a take a share a p of the time, and the decode steps
-  get the rest;
+  get the rest. p is a share of the server's time, not a latency:
+  `join_seconds_per_request` measures it from a served trace as each join's time
+  (admission to first token) summed over the joins, per request, so requests that
+  join together share one prefill (the median admission-to-first-token latency,
+  used before, charged each of them the whole group's and overstated p 2x-60x on
+  the H200 at 45-512 requests/s);
 - so a request of L output tokens decodes in n = (L - 1) / E steps and stays in
   the batch T = p + n s(b) / (1 - a p).
 
@@ -50,6 +55,7 @@ import numpy as np
 
 from specbench.config import CrossoverMetric
 from specbench.engine.costs import StepCosts
+from specbench.engine.results import ServedRequest
 
 _GRID = 64  # rates scanned for the predicted crossover, log-spaced
 _OCCUPANCY_GRID = 128  # occupancies scanned for the smallest fixed point
@@ -130,6 +136,16 @@ def _smallest_occupancy(mode: ModeModel, rate: float, decode_steps: float, max_b
         middle = (low + high) / 2
         low, high = (middle, high) if mode.sustaining_rate(middle, decode_steps) < rate else (low, middle)
     return (low + high) / 2
+
+
+def join_seconds_per_request(requests: list[ServedRequest]) -> float:
+    """p: the seconds of joining per request, each join's time (admission to its rows' first token) summed over
+    the joins and divided by the requests (requests admitted at the same time joined as one prefill)."""
+    served = [request for request in requests if request.error is None]
+    joins: dict[float, float] = {}
+    for request in served:
+        joins[request.admitted_s] = max(joins.get(request.admitted_s, 0.0), request.first_token_s - request.admitted_s)
+    return sum(joins.values()) / len(served)
 
 
 def tokens_per_step(alpha: float, k: int) -> float:

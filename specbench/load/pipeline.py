@@ -30,13 +30,13 @@ from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
 from specbench.engine.drafters import drafter_models
 from specbench.engine.oracle import OracleDrafter
-from specbench.engine.results import EngineRequest, ServedRequest, ServeResult
+from specbench.engine.results import EngineRequest, ServeResult
 from specbench.engine.timing import Stopwatch
 from specbench.errors import ConfigError
 from specbench.load.crossover import RATIO_KEYS
 from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics
-from specbench.load.model import predicted_crossover_rate, predicted_load_metrics
+from specbench.load.model import join_seconds_per_request, predicted_crossover_rate, predicted_load_metrics
 from specbench.load.trace import MODES, TraceRequest, build_trace
 from specbench.runner import RunSetup, curve_tokens, k_schedule, prepare_oracles
 
@@ -272,7 +272,7 @@ def _predicted(cfg: SpecBenchConfig, result: LoadResult, pooled: dict[str, Serve
         return {}
     alpha = speedup_model.iid_acceptance(float(np.mean(steps)), cfg.k)
     mean_output = float(np.mean([r.num_tokens for r in pooled["baseline"].requests]))
-    prefill = {mode: _median_prefill(pooled[mode].requests) for mode in MODES}
+    prefill = {mode: join_seconds_per_request(pooled[mode].requests) for mode in MODES}
     common = (costs, alpha, cfg.k)
     arguments = {"mean_output_tokens": mean_output, "prefill_s": prefill["baseline"],
                  "max_batch_size": cfg.load.max_batch_size,
@@ -284,11 +284,6 @@ def _predicted(cfg: SpecBenchConfig, result: LoadResult, pooled: dict[str, Serve
     if crossover is not None:
         metrics["predicted_crossover_rate"] = crossover
     return metrics
-
-
-def _median_prefill(requests: list[ServedRequest]) -> float:
-    """Median seconds from admission to first token: a request's prefill (with the drafts' under speculation)."""
-    return float(np.median([r.first_token_s - r.admitted_s for r in requests if r.error is None]))
 
 
 def concatenate(results: list[ServeResult]) -> ServeResult:

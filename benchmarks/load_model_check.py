@@ -1,0 +1,178 @@
+"""The load model against a load benchmark's measurements: where its TPOT prediction goes wrong, and by how much.
+
+    python benchmarks/load_model_check.py RESULTS.json [--surface FILE] [--out FILE]
+
+RESULTS.json is a `gpu_load.py` results file (or one that holds such files one key down). Two kinds of
+section are read; no device is needed.
+
+- `load` (the crossover searches' probes): for each probe and mode, the measured mean TPOT and
+  occupancy, the cost surface's step at that occupancy per output token (over E = (1 - a^(k+1)) /
+  (1 - a) under speculation), and the join time per request that the measured TPOT implies by the
+  model's own form, TPOT = step / (E (1 - r p)) with r the measured requests/s, that is
+  p = (1 - step / (E TPOT)) / r, beside the mean admission-to-first-token latency (what the CLI gave
+  the model as p until session twelve) and the model's TPOT with that p.
+- `k_schedule` with `--step-series` (each request's admission, first token and finish): at each rate,
+  the model's mean TPOT for the baseline and each fixed k (at `--alpha`), with p taken both ways, the
+  median latency and `join_seconds_per_request` (what the CLI gives it now), against the measured mean.
+
+The surface is the section's own (`verify_ms`, `draft_ms`), or `--surface`'s `load` section for files
+written before the k_schedule section kept one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from specbench.engine.costs import StepCosts
+from specbench.engine.results import ServedRequest
+from specbench.load.model import (
+    interpolate_log_batch,
+    join_seconds_per_request,
+    predicted_load_metrics,
+    tokens_per_step,
+)
+
+MODES = ("baseline", "spec")
+
+
+def sections(path: Path, name: str) -> dict[str, dict]:
+    """Every `name` section of a results file, at the top level or in files held one or two keys down."""
+    found, stack = {}, [("", json.loads(path.read_text()))]
+    while stack:
+        where, data = stack.pop()
+        if name in data and isinstance(data[name], dict):
+            found[where or name] = data[name]
+        stack += [(f"{where}/{key}".strip("/"), value) for key, value in data.items() if isinstance(value, dict)]
+    return {where: section for where, section in found.items() if where.count("/") <= 2}
+
+
+def surface(section: dict) -> StepCosts:
+    """The section's cost surface (ms by batch size) as `StepCosts` in seconds."""
+    return StepCosts(
+        {int(rows): {int(n): ms / 1000 for n, ms in curve.items()} for rows, curve in section["verify_ms"].items()},
+        {int(rows): {"draft": ms / 1000} for rows, ms in section["draft_ms"].items()},
+    )
+
+
+def check_probe(costs: StepCosts, alpha: float, k: int, rate: float, probe: dict, max_batch: int) -> dict:
+    """One probe: measured against modelled, per mode."""
+    admitted_to_first = {
+        mode: (probe[f"ttft_ms_mean_{mode}"] - probe[f"queue_ms_mean_{mode}"]) / 1000 for mode in MODES
+    }
+    predicted = predicted_load_metrics(
+        costs, alpha, k, rate, probe.get("mean_output_tokens", 64), admitted_to_first["baseline"], max_batch,
+        draft_prefill_s=max(admitted_to_first["spec"] - admitted_to_first["baseline"], 0.0),
+    )  # fmt: skip
+    checked = {}
+    for mode in MODES:
+        occupancy = probe[f"occupancy_mean_{mode}"]
+        if mode == "baseline":
+            step = interpolate_log_batch({rows: curve[1] for rows, curve in costs.verify_s.items()}, occupancy)
+            tokens = 1.0
+        else:
+            verify = {rows: curve[k + 1] for rows, curve in costs.verify_s.items() if k + 1 in curve}
+            draft = {rows: sum(steps.values()) for rows, steps in costs.draft_s.items()}
+            step = k * interpolate_log_batch(draft, occupancy) + interpolate_log_batch(verify, occupancy)
+            tokens = tokens_per_step(alpha, k)
+        tpot = probe[f"tpot_ms_mean_{mode}"] / 1000
+        checked[mode] = {
+            "occupancy": occupancy,
+            "tpot_ms": 1000 * tpot,
+            "surface_ms_per_token": 1000 * step / tokens,
+            "implied_join_ms_per_request": 1000 * (1 - step / (tokens * tpot)) / probe[f"requests_per_s_{mode}"],
+            "admitted_to_first_token_ms": 1000 * admitted_to_first[mode],
+            "predicted_tpot_ms": predicted[f"predicted_tpot_ms_{mode}"],
+            "predicted_occupancy": predicted[f"predicted_occupancy_{mode}"],
+        }
+    return checked
+
+
+def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
+    """The model's mean TPOT per rate and mode (the baseline, each fixed k) with p as a median latency and as the
+    join share, against the measured mean, from the step series' per-request times."""
+    checked = {}
+    for name, entry in section.items():
+        if not (isinstance(entry, dict) and "step_series" in entry):
+            continue
+        rate = float(name.rsplit("rate", 1)[1])
+        timed = {
+            mode: [_request(times) for times in series["requests"]] for mode, series in entry["step_series"].items()
+        }
+        baseline = timed["baseline"]
+        output = sum(request.num_tokens for request in baseline) / len(baseline)
+        for mode in timed:
+            if not (mode.startswith("k") and mode[1:].isdigit()):
+                continue
+            k = int(mode[1:])
+            if not all(k + 1 in curve for curve in costs.verify_s.values()):
+                continue
+            row = {"measured_ms": {m: 1000 * _mean_tpot(timed[m]) for m in ("baseline", mode)}}
+            for label, share in (("median_latency", _median_latency), ("join_share", join_seconds_per_request)):
+                p = {m: share(timed[m]) for m in ("baseline", mode)}
+                predicted = predicted_load_metrics(
+                    costs, alpha, k, rate, output, p["baseline"], 128, draft_prefill_s=max(p[mode] - p["baseline"], 0)
+                )
+                row[label] = {"p_ms": {m: 1000 * v for m, v in p.items()},
+                              "predicted_ms": {"baseline": predicted["predicted_tpot_ms_baseline"],
+                                               mode: predicted["predicted_tpot_ms_spec"]}}  # fmt: skip
+            checked[f"{name}_{mode}"] = row
+    return checked
+
+
+def _request(times: list[float]) -> ServedRequest:
+    arrival, admitted, first, finish, tokens = times
+    return ServedRequest(0, arrival / 1000, admitted / 1000, first / 1000, finish / 1000, int(tokens))
+
+
+def _mean_tpot(requests: list[ServedRequest]) -> float:
+    tpots = [(r.finish_s - r.first_token_s) / (r.num_tokens - 1) for r in requests if r.num_tokens > 1]
+    return sum(tpots) / len(tpots)
+
+
+def _median_latency(requests: list[ServedRequest]) -> float:
+    latencies = sorted(r.first_token_s - r.admitted_s for r in requests)
+    return latencies[len(latencies) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--surface", type=Path, help="a results file whose load section has the cost surface")
+    parser.add_argument("--alpha", type=float, default=0.8, help="the oracle's acceptance in the k_schedule section")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    fallback = next(iter(sections(args.surface, "load").values())) if args.surface else None
+    report: dict = {}
+    for where, section in sections(args.results, "load").items():
+        costs = surface(section)
+        for name, search in section.items():
+            if not (isinstance(search, dict) and "probes" in search):
+                continue
+            alpha, k = (float(part[5:]) if part.startswith("alpha") else int(part[1:]) for part in name.split("_")[:2])
+            for rate, probe in sorted(search["probes"].items(), key=lambda item: float(item[0])):
+                checked = check_probe(costs, alpha, k, float(rate), probe, max_batch=128)
+                report[f"{where}/{name}_rate{rate}"] = checked
+                print(f"{where}/{name} rate {float(rate):g}: " + "; ".join(
+                    f"{mode} TPOT {c['tpot_ms']:.1f} ms, predicted {c['predicted_tpot_ms']:.1f}; p implied "
+                    f"{c['implied_join_ms_per_request']:.1f} ms, latency {c['admitted_to_first_token_ms']:.1f}"
+                    for mode, c in checked.items()
+                ))  # fmt: skip
+    for where, section in sections(args.results, "k_schedule").items():
+        owner = section if "verify_ms" in section else fallback
+        if owner is None:
+            print(f"{where}: no cost surface (give --surface)")
+            continue
+        for name, row in check_step_series(surface(owner), section, args.alpha).items():
+            report[f"{where}/{name}"] = row
+            print(
+                f"{where}/{name}: measured {row['measured_ms']}, predicted with the median latency "
+                f"{row['median_latency']['predicted_ms']}, with the join share {row['join_share']['predicted_ms']}"
+            )
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
