@@ -38,14 +38,16 @@ MODES = ("baseline", "spec")
 
 
 def sections(path: Path, name: str) -> dict[str, dict]:
-    """Every `name` section of a results file, at the top level or in files held one or two keys down."""
+    """Every `name` section of a results file, at any depth, by where it is: a `load` section has a cost surface,
+    a `k_schedule` section its modes (a step series' `load` mode is neither)."""
+    mark = {"load": "verify_ms", "k_schedule": "modes"}[name]
     found, stack = {}, [("", json.loads(path.read_text()))]
     while stack:
         where, data = stack.pop()
-        if name in data and isinstance(data[name], dict):
-            found[where or name] = data[name]
+        if isinstance(data.get(name), dict) and mark in data[name]:
+            found[f"{where}/{name}".strip("/")] = data[name]
         stack += [(f"{where}/{key}".strip("/"), value) for key, value in data.items() if isinstance(value, dict)]
-    return {where: section for where, section in found.items() if where.count("/") <= 2}
+    return found
 
 
 def surface(section: dict) -> StepCosts:

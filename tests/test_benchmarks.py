@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling modules, as `python benchmarks/x.py`
 
 import cpu  # noqa: E402
+import load_model_check  # noqa: E402
 from prompt_options import dataset_config, load_prompt_records  # noqa: E402
 
 SAMPLE = ROOT / "specbench" / "samples" / "sample_qa.jsonl"
@@ -121,3 +122,42 @@ def test_concurrent_drafts_script_runs_in_a_bare_clone(bare_clone, models_dir, p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "two drafts x k=4: sequential" in done.stdout
+
+
+RESULTS_TWELVE = "gpu-h200-2026-12-03-k-schedule-session-twelve.json"  # step series hold a mode named `load`
+
+
+def test_the_load_model_check_reads_both_kinds_of_results(tmp_path):
+    """`load_model_check.py` on a hand-made results file: one crossover probe and one step series."""
+    surface = {
+        "verify_ms": {"1": {"1": 10.0, "3": 12.0}, "8": {"1": 10.0, "3": 12.0}},
+        "draft_ms": {"1": 1.0, "8": 1.0},
+    }
+    # the baseline at 10 requests/s: TPOT 20 ms over a 10 ms step, so joins took half the time: p = 0.5 / 10 = 50 ms
+    probe = {f"{key}_{mode}": value for mode in ("baseline", "spec") for key, value in (
+        ("ttft_ms_mean", 30.0), ("queue_ms_mean", 10.0), ("occupancy_mean", 2.0), ("tpot_ms_mean", 20.0),
+        ("requests_per_s", 10.0))}  # fmt: skip
+    # two requests admitted together at 0.1 s (one 20 ms join), each 5 tokens, 10 ms apart after the first
+    requests = [[0.0, 100.0, 120.0, 160.0, 5], [50.0, 100.0, 120.0, 160.0, 5]]
+    results = {
+        "load": {**surface, "alpha0.5_k2_search1": {"probes": {"10": probe}}},
+        "k_schedule": {
+            "modes": ["baseline", "k2"],
+            "alpha0.5_rate10": {"step_series": {"baseline": {"requests": requests}, "k2": {"requests": requests}}},
+        },
+    }
+    path, out = tmp_path / "results.json", tmp_path / "check.json"
+    path.write_text(json.dumps(results))
+    done = run_script(ROOT, "benchmarks/load_model_check.py", str(path), "--surface", str(path), "--alpha", "0.5",
+                      "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    probe_check = report["load/alpha0.5_k2_search1_rate10"]["baseline"]
+    assert probe_check["implied_join_ms_per_request"] == pytest.approx(50.0)
+    assert probe_check["admitted_to_first_token_ms"] == pytest.approx(20.0)
+    series = report["k_schedule/alpha0.5_rate10_k2"]
+    assert series["measured_ms"]["baseline"] == pytest.approx(10.0)
+    assert series["join_share"]["p_ms"]["baseline"] == pytest.approx(10.0)  # one 20 ms join for two requests
+    assert series["median_latency"]["p_ms"]["baseline"] == pytest.approx(20.0)
+    assert load_model_check.sections(path, "k_schedule").keys() == {"k_schedule"}
+    assert load_model_check.sections(ROOT / "benchmarks" / "results" / RESULTS_TWELVE, "load") == {}
