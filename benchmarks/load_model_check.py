@@ -13,7 +13,8 @@ section are read; no device is needed.
   the model as p until session twelve) and the model's TPOT with that p.
 - `k_schedule` with `--step-series` (each request's admission, first token and finish): at each rate,
   the model's mean TPOT for the baseline and each fixed k (at `--alpha`), with p taken both ways, the
-  median latency and `join_seconds_per_request` (what the CLI gives it now), against the measured mean.
+  median latency and `join_seconds_per_request` (what the CLI gives it now), against the measured mean,
+  and the crossover rate it predicts from that rate's p (TPOT, searched in 1-1024 requests/s).
 
 The surface is the section's own (`verify_ms`, `draft_ms`), or `--surface`'s `load` section for files
 written before the k_schedule section kept one.
@@ -30,6 +31,7 @@ from specbench.engine.results import ServedRequest
 from specbench.load.model import (
     interpolate_log_batch,
     join_seconds_per_request,
+    predicted_crossover_rate,
     predicted_load_metrics,
     tokens_per_step,
 )
@@ -116,9 +118,14 @@ def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
                 predicted = predicted_load_metrics(
                     costs, alpha, k, rate, output, p["baseline"], 128, draft_prefill_s=max(p[mode] - p["baseline"], 0)
                 )
+                crossover = predicted_crossover_rate(
+                    costs, alpha, k, output, p["baseline"], 128, 1.0, 1024.0,
+                    draft_prefill_s=max(p[mode] - p["baseline"], 0),
+                )  # fmt: skip
                 row[label] = {"p_ms": {m: 1000 * v for m, v in p.items()},
                               "predicted_ms": {"baseline": predicted["predicted_tpot_ms_baseline"],
-                                               mode: predicted["predicted_tpot_ms_spec"]}}  # fmt: skip
+                                               mode: predicted["predicted_tpot_ms_spec"]},
+                              "predicted_crossover_rate": crossover}  # fmt: skip
             checked[f"{name}_{mode}"] = row
     return checked
 
