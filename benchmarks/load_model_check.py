@@ -14,7 +14,9 @@ section are read; no device is needed.
 - `k_schedule` with `--step-series` (each request's admission, first token and finish): at each rate,
   the model's mean TPOT for the baseline and each fixed k (at `--alpha`), with p taken both ways, the
   median latency and `join_seconds_per_request` (what the CLI gives it now), against the measured mean,
-  and the crossover rate it predicts from that rate's p (TPOT, searched in 1-1024 requests/s).
+  and the crossover rate it predicts from that rate's p (TPOT, searched in 1-1024 requests/s); and the
+  same from a candidate model fitted to each mode's served steps (`ServedSteps`: the served step's
+  ratio to the surface, and a join term per step), not yet the CLI's.
 
 The surface is the section's own (`verify_ms`, `draft_ms`), or `--surface`'s `load` section for files
 written before the k_schedule section kept one.
@@ -23,8 +25,15 @@ written before the k_schedule section kept one.
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
+import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from specbench.engine.costs import StepCosts
 from specbench.engine.results import ServedRequest
@@ -126,8 +135,97 @@ def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
                               "predicted_ms": {"baseline": predicted["predicted_tpot_ms_baseline"],
                                                mode: predicted["predicted_tpot_ms_spec"]},
                               "predicted_crossover_rate": crossover}  # fmt: skip
+            served = {
+                m: ServedSteps.fit(costs, entry["step_series"][m], 0 if m == "baseline" else k)
+                for m in ("baseline", mode)
+            }
+            row["served_steps"] = {
+                "fitted": {m: fitted.describe() for m, fitted in served.items()},
+                "predicted_ms": {m: 1000 * fitted.tpot_s(rate, output, alpha) for m, fitted in served.items()},
+                "predicted_crossover_rate": served_crossover(served["baseline"], served[mode], output, alpha),
+            }
             checked[f"{name}_{mode}"] = row
     return checked
+
+
+@dataclass(frozen=True)
+class ServedSteps:
+    """A candidate load model, fitted to one mode's step series: a served step costs r s(b) (the surface's step
+    times the median ratio of the steps no join fell in), and a step that m requests joined during costs
+    j0 + j1 m more (least squares over the steps with joins). With arrivals at rate a, a cycle of length c holds
+    m = a c joins, one join group with probability 1 - exp(-a c):
+    c = r s(b) + (1 - exp(-a c)) j0 + j1 a c; TPOT = c / E; Little's law b = a (j0 + j1 + n c), n = (L - 1) / E;
+    above the rate that fills `max_batch` rows, the batch is full and requests are admitted at the rate that
+    sustains it."""
+
+    costs: StepCosts
+    k: int
+    ratio: float
+    join_fixed_s: float
+    join_per_request_s: float
+    max_batch: int = 128
+
+    @classmethod
+    def fit(cls, costs: StepCosts, series: dict, k: int) -> ServedSteps:
+        stays = [(times[1] / 1000, times[3] / 1000) for times in series["requests"]]  # admitted, finished
+        admitted = sorted(start for start, _ in stays)
+        gaps = []  # (seconds, rows, requests admitted during the step)
+        for (before, _, _), (after, rows, _) in itertools.pairwise(series["steps"]):
+            before, after = before / 1000, after / 1000
+            if not any(start <= before < end for start, end in stays):
+                continue  # the batch emptied: the gap holds the wait for the next arrival
+            joined = bisect.bisect_right(admitted, after) - bisect.bisect_right(admitted, before)
+            gaps.append((after - before, rows, joined))
+        plain = cls(costs, k, 1.0, 0.0, 0.0)
+        free = [seconds / plain.surface_s(rows) for seconds, rows, joined in gaps if not joined]
+        ratio = statistics.median(free) if free else 1.0
+        joins = [(seconds - ratio * plain.surface_s(rows), joined) for seconds, rows, joined in gaps if joined]
+        fixed = per_request = 0.0
+        if len({joined for _, joined in joins}) > 1:
+            (fixed, per_request), *_ = np.linalg.lstsq(
+                np.array([[1.0, joined] for _, joined in joins]), np.array([extra for extra, _ in joins]), rcond=None
+            )
+        return cls(costs, k, ratio, max(float(fixed), 0.0), max(float(per_request), 0.0))
+
+    def surface_s(self, rows: float) -> float:
+        verify = interpolate_log_batch({size: curve[self.k + 1] for size, curve in self.costs.verify_s.items()}, rows)
+        draft = {size: sum(steps.values()) for size, steps in self.costs.draft_s.items()}
+        return verify + (self.k * interpolate_log_batch(draft, rows) if self.k else 0.0)
+
+    def cycle_s(self, rows: float, rate: float) -> float:
+        cycle = step = self.ratio * self.surface_s(rows)
+        for _ in range(50):  # a contraction while rate j1 < 1
+            cycle = step + (1 - math.exp(-rate * cycle)) * self.join_fixed_s + self.join_per_request_s * rate * cycle
+        return cycle
+
+    def tpot_s(self, rate: float, output_tokens: float, alpha: float) -> float:
+        tokens = tokens_per_step(alpha, self.k) if self.k else 1.0
+        steps = max(output_tokens - 1, 0) / tokens
+
+        def in_batch_s(rows: float, admitted: float) -> float:
+            return self.join_fixed_s + self.join_per_request_s + steps * self.cycle_s(rows, admitted)
+
+        for rows in np.linspace(0.01, self.max_batch, 400):
+            if rate * in_batch_s(rows, rate) <= rows:
+                return self.cycle_s(rows, rate) / tokens
+        low, high = 0.0, rate  # saturated: the admitted rate that keeps max_batch rows
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (
+                (middle, high) if middle * in_batch_s(self.max_batch, middle) < self.max_batch else (low, middle)
+            )
+        return self.cycle_s(self.max_batch, low) / tokens
+
+    def describe(self) -> dict:
+        return {"ratio": self.ratio, "join_fixed_ms": 1000 * self.join_fixed_s,
+                "join_per_request_ms": 1000 * self.join_per_request_s}  # fmt: skip
+
+
+def served_crossover(baseline: ServedSteps, spec: ServedSteps, output_tokens: float, alpha: float) -> float | None:
+    """The lowest rate in 1-1024 requests/s (80 log-spaced) where the candidate model's TPOTs cross."""
+    rates = np.geomspace(1.0, 1024.0, 80)
+    wins = [spec.tpot_s(rate, output_tokens, alpha) < baseline.tpot_s(rate, output_tokens, alpha) for rate in rates]
+    return next((float(rates[i]) for i in range(1, len(rates)) if wins[i] != wins[i - 1]), None)
 
 
 def _request(times: list[float]) -> ServedRequest:

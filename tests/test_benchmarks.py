@@ -139,11 +139,14 @@ def test_the_load_model_check_reads_both_kinds_of_results(tmp_path):
         ("requests_per_s", 10.0))}  # fmt: skip
     # two requests admitted together at 0.1 s (one 20 ms join), each 5 tokens, 10 ms apart after the first
     requests = [[0.0, 100.0, 120.0, 160.0, 5], [50.0, 100.0, 120.0, 160.0, 5]]
+    steps = [[time, 2, 0] for time in (120.0, 130.0, 140.0, 150.0, 160.0)]  # no join during them
     results = {
         "load": {**surface, "alpha0.5_k2_search1": {"probes": {"10": probe}}},
         "k_schedule": {
             "modes": ["baseline", "k2"],
-            "alpha0.5_rate10": {"step_series": {"baseline": {"requests": requests}, "k2": {"requests": requests}}},
+            "alpha0.5_rate10": {
+                "step_series": {mode: {"requests": requests, "steps": steps} for mode in ("baseline", "k2")}
+            },
         },
     }
     path, out = tmp_path / "results.json", tmp_path / "check.json"
@@ -159,5 +162,8 @@ def test_the_load_model_check_reads_both_kinds_of_results(tmp_path):
     assert series["measured_ms"]["baseline"] == pytest.approx(10.0)
     assert series["join_share"]["p_ms"]["baseline"] == pytest.approx(10.0)  # one 20 ms join for two requests
     assert series["median_latency"]["p_ms"]["baseline"] == pytest.approx(20.0)
+    # 10 ms steps at 2 rows: the baseline's surface step (10 ms), 0.71 of the 2-draft step (2 x 1 + 12 ms)
+    fitted = series["served_steps"]["fitted"]
+    assert fitted["baseline"]["ratio"] == pytest.approx(1.0) and fitted["k2"]["ratio"] == pytest.approx(10 / 14)
     assert load_model_check.sections(path, "k_schedule").keys() == {"k_schedule"}
     assert load_model_check.sections(ROOT / "benchmarks" / "results" / RESULTS_TWELVE, "load") == {}
