@@ -117,6 +117,8 @@ def test_a_prior_that_favours_plain_steps_does_not_keep_the_run_from_drafting():
         assert schedule.k_for_step(caught_up(64)) == 1
         schedule.next(1, 0, 1)  # each row's draft rejected
     assert schedule.k_for_step(caught_up(64)) == 0  # measured on 4 rows' steps: plain
+    offers_nothing = LoadAwareK(COSTS, k_max=2, prior_alpha=0.2, prior_steps=4.0)
+    assert [offers_nothing.k_for_step(caught_up(64)) for _ in range(5)] == [1, 1, 1, 1, 0]  # no offer, no lesson
 
 
 def test_acceptance_is_learned_from_rows_steps():

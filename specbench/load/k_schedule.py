@@ -40,7 +40,8 @@ alpha is a running estimate: the maximum-likelihood alpha of the iid model from 
 seen so far, accepted drafts / (accepted drafts + steps that ended on a rejection), started
 from a prior worth a few steps. Plain steps teach it nothing, so a prior that favours them
 would keep the run from ever drafting: until rows have drafted as many times as the prior is
-worth, each step drafts (the best k > 0), whatever the model says.
+worth, each step drafts (the best k > 0), whatever the model says, for at most as many steps
+(a drafter that offers nothing, such as prompt lookup without a match, teaches alpha nothing either).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class LoadAwareK:
         self._rejections = prior_steps
         self._prior_steps = prior_steps
         self._drafted_rows = 0  # rows' steps that drafted: the evidence on alpha beyond the prior
+        self._forced_steps = 0  # steps that drafted because that evidence was missing
         self._ratios: dict[tuple[int, int], deque[float]] = {}  # (k, bucket) -> recent measured/modelled seconds
         self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
         self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
@@ -99,9 +101,10 @@ class LoadAwareK:
 
     def k_for_step(self, state: StepState) -> int:
         """The k with the fewest expected seconds per output token (the model above); a k > 0 until alpha has been
-        measured on as many rows' steps as the prior is worth."""
-        lowest = 0 if self._drafted_rows >= self._prior_steps else 1
-        costs = {k: self.seconds_per_token(k, state) for k in range(lowest, self.k_max + 1)}
+        measured on as many rows' steps as the prior is worth, for at most as many steps."""
+        forced = self._drafted_rows < self._prior_steps and self._forced_steps < self._prior_steps
+        self._forced_steps += forced
+        costs = {k: self.seconds_per_token(k, state) for k in range(1 if forced else 0, self.k_max + 1)}
         return min(costs, key=costs.get)
 
     def seconds_per_token(self, k: int, state: StepState) -> float:
