@@ -147,7 +147,7 @@ class LoadAwareK:
 
     def correction(self, k: int, occupancy: int) -> float:
         """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
-        borrows the nearest drafting step's (the same bucket first, then the nearest k), and a plain step, or any
+        borrows the nearest drafting step's (the nearest bucket, then the nearest k), and a plain step, or any
         k before a drafting step ran, keeps the surface (r = 1)."""
         bucket = _bucket(occupancy)
         if (k, bucket) in self._ratio:

@@ -17,8 +17,8 @@ time-averaged) that the arrival rate produces. For each mode:
   `join_seconds_per_request` measures it from a served trace as each join's time
   (admission to first token) summed over the joins, per request, so requests that
   join together share one prefill (the median admission-to-first-token latency,
-  used before, charged each of them the whole group's and overstated p 2x-60x on
-  the H200 at 45-512 requests/s);
+  used before, charged each of them the whole group's and overstated p up to 60x
+  on the H200 at 45-512 requests/s);
 - so a request of L output tokens decodes in n = (L - 1) / E steps and stays in
   the batch T = p + n s(b) / (1 - a p).
 
