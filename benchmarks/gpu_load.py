@@ -429,6 +429,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 "load_k_share": {k: chosen.count(k) / len(chosen) for k in sorted(set(chosen))} if chosen else {},
                 "load_switches_to_drafting": switches,
                 "alpha_estimate": schedule.alpha,
+                "load_corrections": {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()},
                 "off_path_steps": oracle.off_path_steps,
                 **({"step_series": series} if series else {}),
             }

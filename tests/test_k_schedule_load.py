@@ -74,6 +74,7 @@ def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
     assert schedule.correction(1, 32) == pytest.approx(1.0)  # the nearest bucket before the nearest k
     schedule.observe_step(0, 1, 3 * schedule.modelled_step_s(0, 1))
     assert schedule.correction(0, 1) == pytest.approx(2.0)
+    assert schedule.corrections == pytest.approx({(2, 0): 2.0, (1, 0): 1.1, (2, 6): 1.0, (0, 0): 2.0})
     assert schedule.correction(0, 2) == 1.0  # nor by another bucket's plain steps
 
 

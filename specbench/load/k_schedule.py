@@ -91,6 +91,11 @@ class LoadAwareK:
         """The running per-token acceptance estimate."""
         return self._accepted / (self._accepted + self._rejections)
 
+    @property
+    def corrections(self) -> dict[tuple[int, int], float]:
+        """r(k, b) where steps ran, by (k, occupancy bucket: 0 for 1 row, 1 for 2-3, 2 for 4-7, ...)."""
+        return dict(self._ratio)
+
     def next(self, k: int, accepted: int, offered: int) -> int:
         """Observe one row's step (k is chosen per step by `k_for_step`, not per row)."""
         if offered:
