@@ -54,7 +54,7 @@ from transformers import PreTrainedModel
 from specbench.config import Dtype, SpecBenchConfig
 from specbench.drafters import build_drafter
 from specbench.engine import CachedModel, DecodeSettings, Drafter
-from specbench.engine.costs import measure_step_costs
+from specbench.engine.costs import measure_step_costs, timed_runs
 from specbench.engine.drafters import drafter_models
 from specbench.engine.timing import Clock
 from specbench.models import ModelCache, ModelSpec, model_revision, resolve_dtype
@@ -228,12 +228,7 @@ def time_steps(
 
 def _prefill_ms_per_token(model: CachedModel, prompt_ids: list[int]) -> float:
     """Milliseconds per prompt token of a one-row prefill (the median of `REPEATS` after a warm-up)."""
-    clock = Clock(model.devices)
-    seconds = []
-    for _ in range(REPEATS + 1):
-        start = clock.now()
-        model.prefill([prompt_ids])
-        seconds.append(clock.now() - start)
+    seconds = timed_runs(Clock(model.devices), lambda: model.prefill([prompt_ids]), lambda: None, REPEATS)
     model.reset()
     return statistics.median(seconds[1:]) * 1e3 / len(prompt_ids)
 

@@ -59,12 +59,7 @@ def measure_step_costs(
 
     def median_seconds(kind: object, rows: int, action: Callable[[], object], undo: Callable[[], None]) -> float:
         budget.check(kind, rows)
-        samples = []
-        for _ in range(repeats + 1):  # the first pass of each shape is a warm-up
-            start = clock.now()
-            action()
-            samples.append(clock.now() - start)
-            undo()
+        samples = timed_runs(clock, action, undo, repeats)
         budget.spent(kind, rows, sum(samples))
         return statistics.median(samples[1:])
 
@@ -92,6 +87,17 @@ def measure_step_costs(
     for drafter in drafters:
         drafter.reset(1)
     return costs
+
+
+def timed_runs(clock: Clock, action: Callable[[], object], undo: Callable[[], None], repeats: int) -> list[float]:
+    """Seconds of `action` run `repeats` + 1 times, `undo` after each; the first run is a warm-up."""
+    samples = []
+    for _ in range(repeats + 1):
+        start = clock.now()
+        action()
+        samples.append(clock.now() - start)
+        undo()
+    return samples
 
 
 class _OverBudget(Exception):
