@@ -38,11 +38,11 @@ import numpy as np
 from specbench.engine.costs import StepCosts
 from specbench.engine.results import ServedRequest
 from specbench.load.model import (
-    interpolate_log_batch,
+    ModeModel,
     join_seconds_per_request,
+    mode_models,
     predicted_crossover_rate,
     predicted_load_metrics,
-    tokens_per_step,
 )
 
 MODES = ("baseline", "spec")
@@ -79,16 +79,10 @@ def check_probe(costs: StepCosts, alpha: float, k: int, rate: float, probe: dict
         draft_prefill_s=max(admitted_to_first["spec"] - admitted_to_first["baseline"], 0.0),
     )  # fmt: skip
     checked = {}
+    surfaces = mode_models(costs, alpha, k, 0.0)
     for mode in MODES:
         occupancy = probe[f"occupancy_mean_{mode}"]
-        if mode == "baseline":
-            step = interpolate_log_batch({rows: curve[1] for rows, curve in costs.verify_s.items()}, occupancy)
-            tokens = 1.0
-        else:
-            verify = {rows: curve[k + 1] for rows, curve in costs.verify_s.items() if k + 1 in curve}
-            draft = {rows: sum(steps.values()) for rows, steps in costs.draft_s.items()}
-            step = k * interpolate_log_batch(draft, occupancy) + interpolate_log_batch(verify, occupancy)
-            tokens = tokens_per_step(alpha, k)
+        step, tokens = surfaces[mode].step_at(occupancy), surfaces[mode].tokens_per_step
         tpot = probe[f"tpot_ms_mean_{mode}"] / 1000
         checked[mode] = {
             "occupancy": occupancy,
@@ -121,6 +115,7 @@ def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
             k = int(mode[1:])
             if not all(k + 1 in curve for curve in costs.verify_s.values()):
                 continue
+            surfaces = mode_models(costs, alpha, k, 0.0)
             row = {"measured_ms": {m: 1000 * _mean_tpot(timed[m]) for m in ("baseline", mode)}}
             for label, share in (("median_latency", _median_latency), ("join_share", join_seconds_per_request)):
                 p = {m: share(timed[m]) for m in ("baseline", mode)}
@@ -135,14 +130,13 @@ def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
                               "predicted_ms": {"baseline": predicted["predicted_tpot_ms_baseline"],
                                                mode: predicted["predicted_tpot_ms_spec"]},
                               "predicted_crossover_rate": crossover}  # fmt: skip
-            served = {
-                m: ServedSteps.fit(costs, entry["step_series"][m], 0 if m == "baseline" else k)
-                for m in ("baseline", mode)
-            }
+            series = entry["step_series"]
+            served = {"baseline": ServedSteps.fit(surfaces["baseline"], series["baseline"])}
+            served[mode] = ServedSteps.fit(surfaces["spec"], series[mode])
             row["served_steps"] = {
                 "fitted": {m: fitted.describe() for m, fitted in served.items()},
-                "predicted_ms": {m: 1000 * fitted.tpot_s(rate, output, alpha) for m, fitted in served.items()},
-                "predicted_crossover_rate": served_crossover(served["baseline"], served[mode], output, alpha),
+                "predicted_ms": {m: 1000 * fitted.tpot_s(rate, output) for m, fitted in served.items()},
+                "predicted_crossover_rate": served_crossover(served["baseline"], served[mode], output),
             }
             checked[f"{name}_{mode}"] = row
     return checked
@@ -158,15 +152,14 @@ class ServedSteps:
     above the rate that fills `max_batch` rows, the batch is full and requests are admitted at the rate that
     sustains it."""
 
-    costs: StepCosts
-    k: int
+    surface: ModeModel  # the surface's step and tokens per step in this mode
     ratio: float
     join_fixed_s: float
     join_per_request_s: float
     max_batch: int = 128
 
     @classmethod
-    def fit(cls, costs: StepCosts, series: dict, k: int) -> ServedSteps:
+    def fit(cls, surface: ModeModel, series: dict) -> ServedSteps:
         stays = [(times[1] / 1000, times[3] / 1000) for times in series["requests"]]  # admitted, finished
         admitted = sorted(start for start, _ in stays)
         gaps = []  # (seconds, rows, requests admitted during the step)
@@ -176,30 +169,24 @@ class ServedSteps:
                 continue  # the batch emptied: the gap holds the wait for the next arrival
             joined = bisect.bisect_right(admitted, after) - bisect.bisect_right(admitted, before)
             gaps.append((after - before, rows, joined))
-        plain = cls(costs, k, 1.0, 0.0, 0.0)
-        free = [seconds / plain.surface_s(rows) for seconds, rows, joined in gaps if not joined]
+        free = [seconds / surface.step_at(rows) for seconds, rows, joined in gaps if not joined]
         ratio = statistics.median(free) if free else 1.0
-        joins = [(seconds - ratio * plain.surface_s(rows), joined) for seconds, rows, joined in gaps if joined]
+        joins = [(seconds - ratio * surface.step_at(rows), joined) for seconds, rows, joined in gaps if joined]
         fixed = per_request = 0.0
         if len({joined for _, joined in joins}) > 1:
             (fixed, per_request), *_ = np.linalg.lstsq(
                 np.array([[1.0, joined] for _, joined in joins]), np.array([extra for extra, _ in joins]), rcond=None
             )
-        return cls(costs, k, ratio, max(float(fixed), 0.0), max(float(per_request), 0.0))
-
-    def surface_s(self, rows: float) -> float:
-        verify = interpolate_log_batch({size: curve[self.k + 1] for size, curve in self.costs.verify_s.items()}, rows)
-        draft = {size: sum(steps.values()) for size, steps in self.costs.draft_s.items()}
-        return verify + (self.k * interpolate_log_batch(draft, rows) if self.k else 0.0)
+        return cls(surface, ratio, max(float(fixed), 0.0), max(float(per_request), 0.0))
 
     def cycle_s(self, rows: float, rate: float) -> float:
-        cycle = step = self.ratio * self.surface_s(rows)
+        cycle = step = self.ratio * self.surface.step_at(rows)
         for _ in range(50):  # a contraction while rate j1 < 1
             cycle = step + (1 - math.exp(-rate * cycle)) * self.join_fixed_s + self.join_per_request_s * rate * cycle
         return cycle
 
-    def tpot_s(self, rate: float, output_tokens: float, alpha: float) -> float:
-        tokens = tokens_per_step(alpha, self.k) if self.k else 1.0
+    def tpot_s(self, rate: float, output_tokens: float) -> float:
+        tokens = self.surface.tokens_per_step
         steps = max(output_tokens - 1, 0) / tokens
 
         def in_batch_s(rows: float, admitted: float) -> float:
@@ -221,10 +208,10 @@ class ServedSteps:
                 "join_per_request_ms": 1000 * self.join_per_request_s}  # fmt: skip
 
 
-def served_crossover(baseline: ServedSteps, spec: ServedSteps, output_tokens: float, alpha: float) -> float | None:
+def served_crossover(baseline: ServedSteps, spec: ServedSteps, output_tokens: float) -> float | None:
     """The lowest rate in 1-1024 requests/s (80 log-spaced) where the candidate model's TPOTs cross."""
     rates = np.geomspace(1.0, 1024.0, 80)
-    wins = [spec.tpot_s(rate, output_tokens, alpha) < baseline.tpot_s(rate, output_tokens, alpha) for rate in rates]
+    wins = [spec.tpot_s(rate, output_tokens) < baseline.tpot_s(rate, output_tokens) for rate in rates]
     return next((float(rates[i]) for i in range(1, len(rates)) if wins[i] != wins[i - 1]), None)
 
 
