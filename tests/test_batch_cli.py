@@ -14,13 +14,13 @@ from tests.test_cli import all_artifacts, common_args, run_cli
 def test_a_batch_size_sweep_is_read_back_from_mlflow(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
     args = [
         "-m",
+        *common_args(models_dir, pubmedqa_file, tmp_path),  # before the settings below, which override its
         "batch_size=1,2,4",
         "k=2",
         "dataset.num_samples=3",  # batch_size=4 is more than the 3 prompts: one batch of 3
         "quality.perplexity=false",
         "quality.embedder=none",
         "cost_batch_grid=[1,2,4]",
-        *common_args(models_dir, pubmedqa_file, tmp_path),
     ]
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err

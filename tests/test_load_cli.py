@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.test_cli import common_args, run_cli
 
-FAST = ["load.rate=40", "load.num_requests=6", "load.max_batch_size=3", "k=3", "cost_batch_grid=[1,2]"]
+# after common_args, so that these win where they name the same key
+FAST = ["load.rate=40", "load.num_requests=6", "load.max_batch_size=3", "k=3"]
 
 
 def store(tmp_path) -> MlflowClient:
@@ -28,7 +29,7 @@ def finished_runs(tmp_path) -> list:
 
 
 def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
-    args = ["mode=load", *FAST, "repeats=2", *common_args(models_dir, pubmedqa_file, tmp_path)]
+    args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, "repeats=2"]
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)
@@ -64,7 +65,7 @@ def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_
 
 def test_the_crossover_search_runs_one_nested_run_per_probe(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
     search = ["load.find_crossover=true", "load.rate_min=5", "load.rate_max=80", "load.max_probes=3"]
-    args = ["mode=load", *FAST, *search, *common_args(models_dir, pubmedqa_file, tmp_path)]
+    args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, *search]
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     runs = finished_runs(tmp_path)
@@ -84,8 +85,8 @@ def test_the_crossover_search_runs_one_nested_run_per_probe(models_dir, pubmedqa
 
 def test_the_oracle_draft_is_accepted_as_often_as_asked(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
     oracle = ["draft=oracle", "oracle.acceptance=0.7", "oracle.cost_model=distilbert/distilgpt2", "load.num_requests=8"]
-    args = ["mode=load", *FAST, *oracle, "generation.max_new_tokens=24", *common_args(models_dir, pubmedqa_file,
-            tmp_path)]  # fmt: skip
+    args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, *oracle,
+            "generation.max_new_tokens=24"]  # fmt: skip
     code, _out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)
@@ -98,8 +99,7 @@ def test_the_oracle_draft_is_accepted_as_often_as_asked(models_dir, pubmedqa_fil
 @pytest.mark.parametrize("schedule", ["load", "heuristic"])
 def test_k_schedules_choose_k_per_step(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys, schedule):
     """k_schedule=load picks k (0 included) per step from the occupancy; heuristic per row, as in batch runs."""
-    args = ["mode=load", *FAST, f"k_schedule={schedule}", "k_max=4", *common_args(models_dir, pubmedqa_file,
-            tmp_path)]  # fmt: skip
+    args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, f"k_schedule={schedule}", "k_max=4"]
     code, _out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)
@@ -117,7 +117,7 @@ def test_k_schedules_choose_k_per_step(models_dir, pubmedqa_file, tmp_path, monk
     ],
 )
 def test_bad_load_input_is_one_sentence(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys, override, message):
-    code, _out, err = run_cli([*override, *common_args(models_dir, pubmedqa_file, tmp_path)], monkeypatch, capsys)
+    code, _out, err = run_cli([*common_args(models_dir, pubmedqa_file, tmp_path), *override], monkeypatch, capsys)
     assert code == 1 and message in err and "Traceback" not in err
     assert err.strip().count("\n") == 0  # one line
 
@@ -131,8 +131,8 @@ def test_the_server_backend_runs_the_same_load_job_through_the_cli(
     scripted = f"{shlex.quote(sys.executable)} -m specbench.server.scripted --port {{port}} --interval-ms 2"
     servers = [f"server.baseline_cmd='{scripted}'", f"server.spec_cmd='{scripted} --spec-k 4'"]
     search = ["load.find_crossover=true", "load.rate_min=5", "load.rate_max=50", "load.max_probes=2"]
-    args = ["mode=load", "engine.backend=server", *servers, *search, "load.num_requests=6", "warmup_prompts=0",
-            *common_args(models_dir, pubmedqa_file, tmp_path)]  # fmt: skip
+    args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", "engine.backend=server", *servers,
+            *search, "load.num_requests=6", "warmup_prompts=0"]  # fmt: skip
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     runs = finished_runs(tmp_path)

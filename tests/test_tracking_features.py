@@ -76,6 +76,7 @@ def module_store(tmp_path_factory, models_dir, pubmedqa_file) -> Store:
         "generation.max_new_tokens=8",
         "quality.embedder=none",
         "quality.perplexity=false",
+        "cost_batch_grid=[1,2]",
         f"tracking.uri={uri}",
         f"hydra.run.dir={root}/outputs",
         f"hydra.sweep.dir={root}/multirun",
