@@ -36,3 +36,8 @@ class GpuMemoryError(UserError, RuntimeError):
 
 class ServerError(UserError, RuntimeError):
     """A server (engine.backend=server) that does not answer, exits, or never becomes healthy."""
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """A signal handler: SIGTERM ends the current run as Ctrl-C does (KILLED, and resumable)."""
+    raise KeyboardInterrupt(f"signal {signum}")

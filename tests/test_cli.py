@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import specbench.cli
+import specbench.job
 import specbench.models
 from specbench.testing import train_tokenizer
 
@@ -159,7 +160,7 @@ def test_jobs_share_loaded_models_and_release_unused_ones(models_dir, pubmedqa_f
         return real_load(spec)
 
     monkeypatch.setattr(specbench.models, "load_model", counting_load)
-    monkeypatch.setattr(specbench.cli, "MODEL_CACHE", specbench.models.ModelCache())
+    monkeypatch.setattr(specbench.job, "MODEL_CACHE", specbench.models.ModelCache())
     args = [
         "-m",
         "draft=distilgpt2,gpt2",
@@ -171,7 +172,7 @@ def test_jobs_share_loaded_models_and_release_unused_ones(models_dir, pubmedqa_f
     code, _, err = run_cli([*args, *common_args(models_dir, pubmedqa_file, tmp_path)], monkeypatch, capsys)
     assert code == 0, err
     assert loads == ["gpt-j-6B", "distilgpt2", "gpt2"]  # the verifier once, each draft once
-    assert len(specbench.cli.MODEL_CACHE._models) == 2  # distilgpt2 was released when gpt2 came in
+    assert len(specbench.job.MODEL_CACHE._models) == 2  # distilgpt2 was released when gpt2 came in
 
 
 def test_help_and_cfg_job(monkeypatch, capsys):
@@ -221,14 +222,14 @@ BAD_INPUTS = [
 def test_bad_input_fails_in_one_sentence_before_loading_models(
     overrides, message, models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(specbench.cli, "MODEL_CACHE", specbench.models.ModelCache())
+    monkeypatch.setattr(specbench.job, "MODEL_CACHE", specbench.models.ModelCache())
     args = [*common_args(models_dir, pubmedqa_file, tmp_path), *overrides]
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code != 0
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], err[-2000:]
     assert "Traceback" not in err
-    assert not specbench.cli.MODEL_CACHE._models
+    assert not specbench.job.MODEL_CACHE._models
 
 
 def test_broken_jsonl_names_the_line(models_dir, tmp_path, monkeypatch, capsys, pubmedqa_file):
@@ -243,7 +244,7 @@ def test_broken_jsonl_names_the_line(models_dir, tmp_path, monkeypatch, capsys, 
 def test_foreign_tokenizer_is_refused_and_the_run_marked_failed(
     models_dir, pubmedqa_file, foreign_tokenizer_model, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(specbench.cli, "MODEL_CACHE", specbench.models.ModelCache())
+    monkeypatch.setattr(specbench.job, "MODEL_CACHE", specbench.models.ModelCache())
     args = [
         *common_args(models_dir, pubmedqa_file, tmp_path),
         f"draft.drafters.distilgpt2.name_or_path={foreign_tokenizer_model}",
@@ -251,7 +252,7 @@ def test_foreign_tokenizer_is_refused_and_the_run_marked_failed(
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code != 0
     assert "error: draft 'distilgpt2' does not share the tokenizer of verifier 'gpt_j_6b'" in err
-    assert not specbench.cli.MODEL_CACHE._models
+    assert not specbench.job.MODEL_CACHE._models
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["specbench"], output_format="list")
     assert run.info.status == "FAILED" and "does not share the tokenizer" in run.data.tags["error"]

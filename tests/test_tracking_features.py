@@ -17,6 +17,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 import specbench.cli
+import specbench.job
 import specbench.models
 from specbench.answers import parse_decision
 from specbench.config import SAMPLES_PACKAGE, DatasetConfig, package_file
@@ -268,7 +269,7 @@ def test_bad_prompt_set_input_is_one_sentence_before_models_load(
         "FILE.jsonl": _write(tmp_path / "p.jsonl", '{"id": 1, "prompt": "fine"}\n{"id": 2, "body": "no text"}\n'),
     }
     overrides = [next((o.replace(k, str(v)) for k, v in files.items() if k in o), o) for o in overrides]
-    monkeypatch.setattr(specbench.cli, "MODEL_CACHE", specbench.models.ModelCache())
+    monkeypatch.setattr(specbench.job, "MODEL_CACHE", specbench.models.ModelCache())
     args = [
         f"models_dir={models_dir}",
         "dataset.num_samples=1",
@@ -279,7 +280,7 @@ def test_bad_prompt_set_input_is_one_sentence_before_models_load(
     code, _, err = run_cli(args, monkeypatch, capsys)
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code != 0 and len(lines) == 1 and message in lines[0], err[-2000:]
-    assert "Traceback" not in err and not specbench.cli.MODEL_CACHE._models
+    assert "Traceback" not in err and not specbench.job.MODEL_CACHE._models
 
 
 def test_a_hub_dataset_is_logged_with_its_hub_source(tmp_path):
