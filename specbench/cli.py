@@ -74,27 +74,28 @@ def _run_hydra(overrides: list[str]) -> int:
     try:
         hydra_main()
     except KeyboardInterrupt:
-        from mlflow.entities import RunStatus  # MLflow: only when a sweep must be ended
-
-        from specbench.sweep import end_open_sweep
-
-        end_open_sweep(RunStatus.KILLED, "interrupted (Ctrl-C or SIGTERM)")
+        _end_open_sweep("KILLED", "interrupted (Ctrl-C or SIGTERM)")
         print(
             "interrupted: the current run is marked KILLED; rerun with resume=true to finish the rest", file=sys.stderr
         )
         return 130
     except (HydraException, OmegaConfBaseException) as error:
-        from mlflow.entities import RunStatus
-
-        from specbench.sweep import end_open_sweep
-
         message = explain_config_error(error)
-        end_open_sweep(RunStatus.FAILED, message)  # a sweep whose job was refused at composition
+        _end_open_sweep("FAILED", message)  # a sweep whose job was refused at composition
         if "debug=true" in overrides:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _end_open_sweep(status: str, message: str) -> None:
+    """End the open sweep's parent run, if any, with `status` (an MLflow `RunStatus` name) and `message`."""
+    from mlflow.entities import RunStatus  # MLflow only when a sweep ends this way: `--help` does not load it
+
+    from specbench.sweep import end_open_sweep
+
+    end_open_sweep(RunStatus.from_string(status), message)
 
 
 def _package_dir(package: str) -> Path:
