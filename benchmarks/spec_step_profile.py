@@ -12,6 +12,15 @@ Two measurements per batch size:
   the cost model's and verifier's forwards that ran eagerly (no captured graph), by shape.
 Beside them, the surface the load model and `k_schedule=load` use (`measure_step_costs`), so the step's host
 time is the gap between the two.
+
+    python benchmarks/spec_step_profile.py --out DIR --served 256 [--new-tokens-spread 0.5]
+
+instead times a saturated server: a Poisson trace at that rate (256 requests, 128-token prompts, 64 new
+tokens each, or drawn as in `gpu_load.py` with a spread; 128 slots) served by the baseline and at k = 2, 3
+and 4 (the oracle at alpha 0.8), each once untimed (the span and output tokens/s) and once with every phase
+between two device synchronisations (totals): the steps' phases, the joins (the verifier's prefill of the
+new rows, the drafters' reading of them, the whole admission), releases, compactions, and the span the
+phases leave unexplained; beside them the joins' count and rows.
 """
 
 from __future__ import annotations
@@ -27,8 +36,17 @@ from pathlib import Path
 import torch
 import transformers
 from gpu import architectures, build
-from gpu_load import FAVOURED_BIAS, FAVOURED_TOKEN, TOKENIZER_VOCAB, _full_step_ms, _serve, _setup_oracle_load
+from gpu_load import (
+    FAVOURED_BIAS,
+    FAVOURED_TOKEN,
+    TOKENIZER_VOCAB,
+    _full_step_ms,
+    _requests,
+    _serve,
+    _setup_oracle_load,
+)
 
+import specbench.engine.continuous as continuous
 import specbench.engine.decode as decode
 from specbench.engine.cached_model import CachedModel
 from specbench.engine.drafters import ModelDrafter
@@ -45,16 +63,22 @@ def full_step_ms(verifier: CachedModel, oracle: OracleDrafter, prompts: list[lis
     return [_full_step_ms(_serve(verifier, [oracle], requests, K, 128)) for _ in range(3)]
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU of a --quick run)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timing(phases: dict[str, list[float]], name: str, function, per_model: bool = False):
     """`function`, its every call timed between two device synchronisations into phases[name] (ms); `per_model`:
     a `CachedModel` method, timed under its model type and `name`."""
 
     @functools.wraps(function)
     def timed(*args, **kwargs):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         result = function(*args, **kwargs)
-        torch.cuda.synchronize()
+        sync()
         key = f"{args[0].model.config.model_type} {name}" if per_model else name
         phases.setdefault(key, []).append(1000 * (time.perf_counter() - start))
         return result
@@ -62,28 +86,90 @@ def timing(phases: dict[str, list[float]], name: str, function, per_model: bool 
     return timed
 
 
+def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: OracleDrafter, prompts: list[list[int]],
+                  rate: float) -> dict:  # fmt: skip
+    """A saturated server's time by phase, baseline and k = 2, 3, 4 on one Poisson trace at `rate`."""
+    requests = _requests(args, rate, prompts)
+    _serve(verifier, [oracle], requests[:16], 2, args.max_batch)  # warm-up
+    phases: dict[str, list[float]] = {}
+    wrapped = (
+        [(decode, name) for name in ("_draft", "_verify", "_accept", "_commit", "_end_step")]
+        + [(decode.SpeculativeDecoder, name) for name in ("_catch_up", "_read_joined", "_plain_step", "release")]
+        + [(decode.BaselineDecoder, "step"), (decode.BaselineDecoder, "release"), (continuous, "_admit")]
+    )
+    originals = {(owner, name): getattr(owner, name) for owner, name in wrapped}
+    per_model = {name: getattr(CachedModel, name) for name in ("admit", "remove_rows", "keep_rows", "_compact")}
+    report: dict = {"requests": len(requests), "new_tokens_spread": args.new_tokens_spread}
+    for mode, k in (("baseline", 0), ("k2", 2), ("k3", 3), ("k4", 4)):
+        drafters = [oracle] if k else []
+        clean = _serve(verifier, drafters, requests, k or 1, args.max_batch)
+        for (owner, name), function in originals.items():
+            setattr(owner, name, timing(phases, f"{owner.__name__.rsplit('.', 1)[-1]}.{name}", function))
+        for name, function in per_model.items():
+            setattr(CachedModel, name, timing(phases, name, function, per_model=True))
+        phases.clear()
+        timed = _serve(verifier, drafters, requests, k or 1, args.max_batch)
+        for (owner, name), function in originals.items():
+            setattr(owner, name, function)
+        for name, function in per_model.items():
+            setattr(CachedModel, name, function)
+        joins = sorted({request.admitted_s for request in timed.requests})
+        rows_per_join = [sum(request.admitted_s == at for request in timed.requests) for at in joins]
+        tokens = sum(request.num_tokens for request in clean.requests)
+        report[mode] = {
+            "span_ms": 1000 * clean.wall_s,
+            "output_tokens_per_s": tokens / clean.wall_s,
+            "full_step_ms_p50": _full_step_ms(clean),
+            "steps": len(clean.steps),
+            "timed_span_ms": 1000 * timed.wall_s,
+            "joins": len(joins),
+            "rows_per_join_median": statistics.median(rows_per_join),
+            "phases_ms": {
+                name: {"total": sum(v), "calls": len(v), "median": statistics.median(v)}
+                for name, v in sorted(phases.items())
+            },
+        }
+        print(mode, json.dumps(report[mode]), flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    out = parser.parse_args().out
+    parser.add_argument("--served", type=float, nargs="*", default=[], help="profile a served trace at these rates")
+    parser.add_argument("--new-tokens-spread", type=float, default=0.0)
+    parser.add_argument("--quick", action="store_true", help="with --served: tiny models on the CPU, a dry run")
+    cli = parser.parse_args()
+    out = cli.out
     out.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(prompt_len=128, new_tokens=64, ks=[K], max_batch=128, distinct_prompts=64, repeats=3,
-                              device=torch.device("cuda"), quick=False)  # fmt: skip
-    models = {name: build(cls, cfg, args.device, torch.bfloat16) for name, (cls, cfg) in architectures(False).items()}
+                              device=torch.device("cpu" if cli.quick else "cuda"), quick=cli.quick,
+                              new_tokens_spread=cli.new_tokens_spread,
+                              trace_seconds=1.0, min_requests=256, max_requests=256)  # fmt: skip
+    if cli.quick:
+        args.prompt_len, args.new_tokens, args.max_batch, args.distinct_prompts, args.repeats = 12, 10, 8, 4, 1
+        args.min_requests = args.max_requests = 24
+    dtype = torch.float32 if cli.quick else torch.bfloat16
+    models = {name: build(cls, cfg, args.device, dtype) for name, (cls, cfg) in architectures(cli.quick).items()}
     with torch.no_grad():
         models["gpt_j_6b"].lm_head.bias[FAVOURED_TOKEN] += FAVOURED_BIAS
-    verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, [K])
+    verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, [1, 2, 3, K])
     oracle = OracleDrafter("oracle", ALPHA, cost, TOKENIZER_VOCAB)
     oracle.set_references(references)
     report: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "surface_verify_ms": {b: {n: 1000 * s for n, s in c.items()} for b, c in costs.verify_s.items()},
         "surface_draft_ms": {b: 1000 * sum(c.values()) for b, c in costs.draft_s.items()},
-        "full_step_ms": {rows: full_step_ms(verifier, oracle, prompts, rows) for rows in (64, 128)},
     }
+    if cli.served:
+        for rate in cli.served:
+            report[f"served_rate{rate:g}"] = served_phases(args, verifier, oracle, prompts, rate)
+        (out / "spec_step_profile.json").write_text(json.dumps(report, indent=1))
+        return
+    report["full_step_ms"] = {rows: full_step_ms(verifier, oracle, prompts, rows) for rows in (64, 128)}
     print("full-batch step (ms):", report["full_step_ms"], flush=True)
 
     phases: dict[str, list[float]] = {}
