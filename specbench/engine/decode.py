@@ -277,7 +277,6 @@ class SpeculativeDecoder:
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
         self._plain_run = 0  # plain steps since the drafters last drafted
         self._next_k: int | None = None  # the next step's k, when a plain step that read ahead chose it
-        self._joined_tokens = 0  # tokens of the rows that joined the running batch since the policy last chose
 
     @property
     def running(self) -> list[Row]:
@@ -314,7 +313,6 @@ class SpeculativeDecoder:
                 self.step_policy.observe_read(sum(len(self.rows[slot].tokens) - 1 for slot in live), seconds)
         else:
             self._unread.update(live)
-            self._joined_tokens += sum(len(self.rows[slot].tokens) - 1 for slot in live)
 
     def _read_into_drafters(self, read: Callable[[Drafter], None], slots: list[int]) -> float:
         """Run `read` on each drafter in turn, each one's seconds being the drafter prefill of the rows in
@@ -340,11 +338,9 @@ class SpeculativeDecoder:
         return self._read_into_drafters(lambda drafter: drafter.admit(slots, contexts, len(self.rows)), slots)
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
-        """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens,
-        and the tokens of the rows that joined since it last chose (counted once: the count restarts)."""
+        """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""
         remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in rows if row is not None)
-        joined, self._joined_tokens = self._joined_tokens, 0
-        return StepState(occupancy, self._unread_tokens(rows, occupancy), remaining / max(occupancy, 1), joined)
+        return StepState(occupancy, self._unread_tokens(rows, occupancy), remaining / max(occupancy, 1))
 
     def _unread_tokens(self, rows: list[Row | None], occupancy: int) -> int:
         """Tokens the drafters must read before they draft: the joined rows', and the plain steps' of the others."""

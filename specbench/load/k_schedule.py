@@ -5,7 +5,7 @@ nearly free, and drafted tokens that are rejected cost real time. Before each st
 schedule picks the k in 0..k_max with the fewest expected seconds per output token of each
 running row,
 
-    r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T + tau rho when k > 0],
+    r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
     E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1,
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
@@ -13,22 +13,17 @@ row (interpolated in log b between the measured batch sizes, `load.model.interpo
 k = 0 is a plain decode step (the verifier alone, one token per row).
 
 The micro-measured surface leaves out what a whole step adds: the host's work per row (trees,
-the acceptance walk, bookkeeping), the device waits between phases, and the cache compactions
-that the rejected drafts' columns bring on every few steps. r(k, b) corrects for it from the
-steps the run has taken: the mean of measured over modelled seconds of the recent steps at that
-k and occupancy bucket (1, 2-3, 4-7, ...), with the surface as a prior worth one step, leaving
-out the steps over RATIO_OUTLIER times their median. A step that is dear now and then (a
-compaction: at 128 rows on an H200 33 ms on top of a 24 ms step, one step in ten or so) counts
-in full, so a k is priced by what its steps cost on average, which a median would not do; a
-stall (a page fault, an allocation) is left out, so that it cannot condemn a k: a mean over the
-few steps at a bucket that counted one would keep that k from being tried there again. A
-drafting k not yet run at a bucket borrows the r of the nearest drafting step that ran: another
-draft length at the same bucket first (what the surface leaves out grows with the rows far more
-than with k), else the nearest bucket. Taking the surface's r = 1 for it instead would favour
-every untried k over the tried ones, and borrowing only the same k's r from another bucket would
-keep a k priced by, say, the warm-up's 8 rows at one row, where it may never be tried. A plain
-step never tried at a bucket keeps the surface's r = 1: it has no drafting overhead to borrow,
-and trying it is cheap.
+the acceptance walk, bookkeeping), the drafters reading the rows that join, and the device
+waits between phases. r(k, b) corrects for it from the steps the run has taken: the median
+of measured over modelled seconds of the recent steps at that k and occupancy bucket
+(1, 2-3, 4-7, ...), with the surface as a prior worth one step (a median, so that one slow
+step, a page fault or a stall, cannot condemn a k). A drafting k not yet run at a bucket
+borrows the r of the nearest drafting step that ran: another draft length at the same bucket
+first (what the surface leaves out grows with the rows far more than with k), else the nearest
+bucket. Taking the surface's r = 1 for it instead would favour every untried k over the tried
+ones, and borrowing only the same k's r from another bucket would keep a k priced by, say, the
+warm-up's 8 rows at one row, where it may never be tried. A plain step never tried at a bucket
+keeps the surface's r = 1: it has no drafting overhead to borrow, and trying it is cheap.
 
 Plain steps are not free for later: the drafters sit them out, and before they can draft again
 they must read the u tokens they skipped (every running row's tokens of those steps, and the
@@ -40,15 +35,6 @@ the reading, and the next plain step starts the debt again. Rows that join right
 drafting step are read the same way, at the next step that drafts, and priced the same way:
 their reading is the same at every k > 0, so it is kept out of r(k, b), where the joins that
 happened to fall on a k's steps would make that k look dear for good (it would not be tried again).
-
-Rows that will join are read too, as long as the run drafts: at a full batch with a queue, every
-finished row is replaced, so the reading recurs at the rate rows turn over, and at 128 rows of
-64 tokens it is about as dear per output token as the compactions. Drafting is charged tau rho a
-token: tau the tokens of joining rows per output token of each running row over the recent
-steps (in either kind of step: joins follow the arrivals and the rows that finish), rho the
-seconds a drafter read token took over the recent reads. A plain step is not: while the run stays
-plain, the drafters read nothing. At low rates tau is small (most requests arrive at an empty
-batch, whose prefill every mode pays), so the price matters only where the batch turns over fast.
 
 alpha is a running estimate: the maximum-likelihood alpha of the iid model from the steps
 seen so far, accepted drafts / (accepted drafts + steps that ended on a rejection), started
@@ -68,7 +54,6 @@ from specbench.engine.schedule import StepState
 from specbench.load.model import interpolate_log_batch, tokens_per_step
 
 RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, this many
-RATIO_OUTLIER = 3.0  # a step over this many times the median step is a stall: left out of r(k, b)
 
 
 class LoadAwareK:
@@ -89,11 +74,9 @@ class LoadAwareK:
         self._drafted_rows = 0  # rows' steps that drafted: the evidence on alpha beyond the prior
         self._forced_steps = 0  # steps that drafted because that evidence was missing
         self._ratios: dict[tuple[int, int], deque[float]] = {}  # (k, bucket) -> recent measured/modelled seconds
-        self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their clipped mean, r(k, b)
+        self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
         self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
-        self._turnover = [0.0, 0.0]  # weighted sums over the recent steps: joined tokens, tokens each row emitted
-        self._last_step_tokens = 0.0  # the last chosen step's expected tokens per row
 
     @property
     def first(self) -> int:
@@ -126,45 +109,24 @@ class LoadAwareK:
         measured on as many rows' steps as the prior is worth, for at most as many steps."""
         forced = self._drafted_rows < self._prior_steps and self._forced_steps < self._prior_steps
         self._forced_steps += forced
-        decay = 1 - 1 / RATIO_WINDOW
-        joined, emitted = self._turnover
-        self._turnover = [decay * joined + state.joined_tokens, decay * emitted + self._last_step_tokens]
         costs = {k: self.seconds_per_token(k, state) for k in range(1 if forced else 0, self.k_max + 1)}
-        chosen = min(costs, key=costs.get)
-        self._last_step_tokens = tokens_per_step(self.alpha, chosen)
-        return chosen
+        return min(costs, key=costs.get)
 
     def seconds_per_token(self, k: int, state: StepState) -> float:
         """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens,
-        plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens, and the
-        reading of the rows that will join (tau rho)."""
+        plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens."""
         step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
         seconds = step_s / tokens_per_step(self.alpha, k)
         if k and state.unread_tokens:
             seconds += self.read_s(state.unread_tokens) / max(state.remaining_tokens, 1.0)
-        if k:
-            seconds += self.turnover * self.read_s_per_token
         return seconds
 
-    @property
-    def turnover(self) -> float:
-        """tau: the tokens of joining rows per output token of each running row, over the recent steps."""
-        joined, emitted = self._turnover
-        return joined / emitted if emitted else 0.0
-
-    @property
-    def read_s_per_token(self) -> float:
-        """rho: the seconds a drafter read token took over the recent reads (0 before any)."""
-        _, tokens, seconds, _, _ = self._reads
-        return seconds / tokens if tokens else 0.0
-
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
-        """Correct the surface at (k, the occupancy's bucket) by what a step there took (see r(k, b) above)."""
+        """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
         key = (k, _bucket(occupancy))
         ratios = self._ratios.setdefault(key, deque([1.0], maxlen=RATIO_WINDOW))  # the surface, worth one step
         ratios.append(seconds / self.modelled_step_s(k, occupancy))
-        most = RATIO_OUTLIER * statistics.median(ratios)
-        self._ratio[key] = statistics.fmean(ratio for ratio in ratios if ratio <= most)
+        self._ratio[key] = statistics.median(ratios)
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
