@@ -13,14 +13,15 @@ Two measurements per batch size:
 Beside them, the surface the load model and `k_schedule=load` use (`measure_step_costs`), so the step's host
 time is the gap between the two.
 
-    python benchmarks/spec_step_profile.py --out DIR --served 256 [--new-tokens-spread 0.5]
+    python benchmarks/spec_step_profile.py --out DIR --served 256 [--new-tokens-spread 0.5] [--quick]
 
 instead times a saturated server: a Poisson trace at that rate (256 requests, 128-token prompts, 64 new
 tokens each, or drawn as in `gpu_load.py` with a spread; 128 slots) served by the baseline and at k = 2, 3
 and 4 (the oracle at alpha 0.8), each once untimed (the span and output tokens/s) and once with every phase
 between two device synchronisations (totals): the steps' phases, the joins (the verifier's prefill of the
 new rows, the drafters' reading of them, the whole admission), releases, compactions, and the span the
-phases leave unexplained; beside them the joins' count and rows.
+outermost phases leave unexplained; beside them the joins' count and rows. `--quick`: tiny models on the
+CPU, a dry run of the script.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def timing(phases: dict[str, list[float]], name: str, function, per_model: bool 
     return timed
 
 
+def _phase_name(owner, name: str) -> str:
+    """A wrapped function's phase: its module's or class's last name and its own."""
+    return f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
+
+
 def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: OracleDrafter, prompts: list[list[int]],
                   rate: float) -> dict:  # fmt: skip
     """A saturated server's time by phase, baseline and k = 2, 3, 4 on one Poisson trace at `rate`."""
@@ -104,7 +110,7 @@ def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: Oracl
         drafters = [oracle] if k else []
         clean = _serve(verifier, drafters, requests, k or 1, args.max_batch)
         for (owner, name), function in originals.items():
-            setattr(owner, name, timing(phases, f"{owner.__name__.rsplit('.', 1)[-1]}.{name}", function))
+            setattr(owner, name, timing(phases, _phase_name(owner, name), function))
         for name, function in per_model.items():
             setattr(CachedModel, name, timing(phases, name, function, per_model=True))
         phases.clear()
@@ -113,6 +119,7 @@ def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: Oracl
             setattr(owner, name, function)
         for name, function in per_model.items():
             setattr(CachedModel, name, function)
+        outermost = {_phase_name(owner, name) for owner, name in wrapped}
         joins = sorted({request.admitted_s for request in timed.requests})
         rows_per_join = [sum(request.admitted_s == at for request in timed.requests) for at in joins]
         tokens = sum(request.num_tokens for request in clean.requests)
@@ -122,6 +129,7 @@ def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: Oracl
             "full_step_ms_p50": _full_step_ms(clean),
             "steps": len(clean.steps),
             "timed_span_ms": 1000 * timed.wall_s,
+            "unexplained_ms": 1000 * timed.wall_s - sum(sum(phases.get(name, [])) for name in outermost),
             "joins": len(joins),
             "rows_per_join_median": statistics.median(rows_per_join),
             "phases_ms": {
