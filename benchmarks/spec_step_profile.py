@@ -161,7 +161,7 @@ def main() -> None:
     models = {name: build(cls, cfg, args.device, dtype) for name, (cls, cfg) in architectures(cli.quick).items()}
     with torch.no_grad():
         models["gpt_j_6b"].lm_head.bias[FAVOURED_TOKEN] += FAVOURED_BIAS
-    verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, [1, 2, 3, K])
+    verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, [2, 3, K] if cli.served else [K])
     oracle = OracleDrafter("oracle", ALPHA, cost, TOKENIZER_VOCAB)
     oracle.set_references(references)
     report: dict = {
