@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from repeats import show, spread
+
+from specbench.engine.timing import Clock
 
 LAYERS, HEADS, HEAD_DIM, COLUMNS = 28, 16, 256, 256
 
@@ -50,19 +51,15 @@ def by_indexing(states: list[torch.Tensor], index: torch.Tensor) -> None:
 
 
 def timed_ms(work: Callable[[], None], device: torch.device) -> list[float]:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    """`work()`'s wall time in ms, 5 times after 2 untimed, each between two readings that wait for the device."""
+    clock = Clock(device)
     for _ in range(2):
         work()
     times = []
     for _ in range(5):
-        sync()
-        start = time.perf_counter()
+        start = clock.now()
         work()
-        sync()
-        times.append(1000 * (time.perf_counter() - start))
+        times.append(1000 * (clock.now() - start))
     return times
 
 

@@ -30,7 +30,7 @@ import argparse
 import functools
 import json
 import statistics
-import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from specbench.engine.cached_model import CachedModel
 from specbench.engine.drafters import ModelDrafter
 from specbench.engine.oracle import OracleDrafter
 from specbench.engine.results import EngineRequest
+from specbench.engine.timing import Clock
 
 K, ALPHA = 4, 0.8
 
@@ -64,10 +65,8 @@ def full_step_ms(verifier: CachedModel, oracle: OracleDrafter, prompts: list[lis
     return [_full_step_ms(_serve(verifier, [oracle], requests, K, 128)) for _ in range(3)]
 
 
-def sync() -> None:
-    """Wait for the GPU's queued work (nothing to wait for on the CPU of a --quick run)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+# readings that wait for the GPU's queued work (a --quick run's CPU has none to wait for)
+CLOCK = Clock([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
 def timing(phases: dict[str, list[float]], name: str, function, per_model: bool = False):
@@ -76,12 +75,11 @@ def timing(phases: dict[str, list[float]], name: str, function, per_model: bool 
 
     @functools.wraps(function)
     def timed(*args, **kwargs):
-        sync()
-        start = time.perf_counter()
+        start = CLOCK.now()
         result = function(*args, **kwargs)
-        sync()
+        seconds = CLOCK.now() - start
         key = f"{args[0].model.config.model_type} {name}" if per_model else name
-        phases.setdefault(key, []).append(1000 * (time.perf_counter() - start))
+        phases.setdefault(key, []).append(1000 * seconds)
         return result
 
     return timed
@@ -104,6 +102,7 @@ def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: Oracl
         + [(decode.BaselineDecoder, "step"), (decode.BaselineDecoder, "release"), (continuous, "_admit")]
     )
     originals = {(owner, name): getattr(owner, name) for owner, name in wrapped}
+    outermost = {_phase_name(owner, name) for owner, name in wrapped}
     per_model = {name: getattr(CachedModel, name) for name in ("admit", "remove_rows", "keep_rows", "_compact")}
     report: dict = {"requests": len(requests), "new_tokens_spread": args.new_tokens_spread}
     for mode, k in (("baseline", 0), ("k2", 2), ("k3", 3), ("k4", 4)):
@@ -119,9 +118,7 @@ def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: Oracl
             setattr(owner, name, function)
         for name, function in per_model.items():
             setattr(CachedModel, name, function)
-        outermost = {_phase_name(owner, name) for owner, name in wrapped}
-        joins = sorted({request.admitted_s for request in timed.requests})
-        rows_per_join = [sum(request.admitted_s == at for request in timed.requests) for at in joins]
+        rows_per_join = Counter(request.admitted_s for request in timed.requests)  # a join admits at one time
         tokens = sum(request.num_tokens for request in clean.requests)
         report[mode] = {
             "span_ms": 1000 * clean.wall_s,
@@ -130,8 +127,8 @@ def served_phases(args: argparse.Namespace, verifier: CachedModel, oracle: Oracl
             "steps": len(clean.steps),
             "timed_span_ms": 1000 * timed.wall_s,
             "unexplained_ms": 1000 * timed.wall_s - sum(sum(phases.get(name, [])) for name in outermost),
-            "joins": len(joins),
-            "rows_per_join_median": statistics.median(rows_per_join),
+            "joins": len(rows_per_join),
+            "rows_per_join_median": statistics.median(rows_per_join.values()),
             "phases_ms": {
                 name: {"total": sum(v), "calls": len(v), "median": statistics.median(v)}
                 for name, v in sorted(phases.items())
