@@ -430,11 +430,6 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 "load_switches_to_drafting": switches,
                 "alpha_estimate": schedule.alpha,
                 "load_corrections": {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()},
-                "load_saturated_corrections": {
-                    f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.saturated_corrections.items()
-                },
-                "load_turnover": schedule.turnover,
-                "load_read_ms_per_token": 1000 * schedule.read_s_per_token,
                 "off_path_steps": oracle.off_path_steps,
                 **({"step_series": series} if series else {}),
             }

@@ -4,7 +4,6 @@ speculative decoder's plain steps (k = 0) and changing k, exact against lone dec
 from __future__ import annotations
 
 import itertools
-import math
 from collections import Counter
 
 import pytest
@@ -16,8 +15,7 @@ from specbench.engine.results import EngineRequest
 from specbench.engine.sampling import TokenChooser
 from specbench.engine.schedule import StepState
 from specbench.engine.timing import Stopwatch
-from specbench.load.k_schedule import RATIO_OUTLIER, RATIO_WINDOW, TAIL_Z, LoadAwareK
-from specbench.load.model import tokens_per_step_sd
+from specbench.load.k_schedule import RATIO_WINDOW, LoadAwareK
 from specbench.testing import ScriptedPolicy, make_model, one_torch_thread
 from tests.test_continuous import PROMPTS, VOCAB, alone, requests, served
 
@@ -39,10 +37,9 @@ def caught_up(occupancy: int) -> StepState:
     return StepState(occupancy, unread_tokens=0, remaining_tokens=64)
 
 
-def measured_at_0_8(tail_z: float = 0.0) -> LoadAwareK:
-    """A schedule whose alpha, 0.8, has been measured on as many rows' steps as its prior is worth (4); it prices a
-    step by the tokens it yields on average, or with `tail_z`, an unlucky row."""
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0, tail_z=tail_z)
+def measured_at_0_8() -> LoadAwareK:
+    """A schedule whose alpha, 0.8, has been measured on as many rows' steps as its prior is worth (4)."""
+    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
     for accepted in (4, 0, 4, 0):  # 4 accepted drafts and 1 rejection a pair: alpha stays 0.8
         schedule.next(4, accepted, 4)
     return schedule
@@ -57,25 +54,6 @@ def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
     # 64 rows: k=1 yields 1.8 tokens in 4.2 s, k=0 1 token in 2 s
     assert schedule.seconds_per_token(1, caught_up(64)) == pytest.approx(seconds_per_token(0.8, 1, 0.2 + 4.0))
     assert schedule.k_for_step(caught_up(64)) == 0
-
-
-def test_with_requests_waiting_a_step_is_priced_by_what_it_yields_the_row_whose_drafts_were_unlucky():
-    schedule = measured_at_0_8(tail_z=TAIL_Z)
-    sd = math.sqrt(0.2 + 0.16 * 4 + 0.64 * 9 - 2.44**2)  # 1, 2 or 3 tokens a step at k = 2
-    assert tokens_per_step_sd(0.8, 2) == pytest.approx(sd)
-    assert tokens_per_step_sd(0.0, 3) == tokens_per_step_sd(1.0, 3) == 0.0  # always 1, always 4 tokens
-    unlucky = 2.44 - TAIL_Z * sd / math.sqrt(64 / 2.44)  # over 64 tokens, 26 steps: 2.08 tokens a step
-    assert schedule.unlucky_tokens_per_step(2, 64) == pytest.approx(unlucky)
-    full = StepState(1, unread_tokens=0, remaining_tokens=64, waiting=1, output_tokens=64)
-    assert schedule.seconds_per_token(2, full) == pytest.approx(1.3 / unlucky)
-    assert schedule.k_for_step(full) == 2  # 0.63 s a token against 1
-    # 4-token outputs: a step's luck does not average out, and a step yields at least the verifier's token
-    assert schedule.unlucky_tokens_per_step(2, 4) == schedule.unlucky_tokens_per_step(0, 4) == 1.0
-    # k = 1 yields 1.8 +- 0.4 tokens: 1.18 over 2.2 steps, 0.97 s a token, against 1.3 for k = 2 and 1 plain
-    assert schedule.unlucky_tokens_per_step(1, 4) == pytest.approx(1.8 - TAIL_Z * 0.4 / math.sqrt(4 / 1.8))
-    short = StepState(1, unread_tokens=0, remaining_tokens=4, output_tokens=4)
-    assert schedule.k_for_step(short) == 2  # no request waits: by the mean, 1.3 / 2.44 = 0.53 s a token
-    assert schedule.k_for_step(StepState(1, 0, 4, waiting=1, output_tokens=4)) == 1
 
 
 def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
@@ -112,49 +90,14 @@ def test_one_slow_step_does_not_condemn_a_draft_length_and_the_correction_follow
     assert schedule.k_for_step(caught_up(1)) == 0
 
 
-def test_with_requests_waiting_a_step_that_is_dear_now_and_then_counts_in_full():
-    schedule = measured_at_0_8()
-    for step in range(1, 21):  # every tenth step also compacts the cache: 2.5 times a step; one stall, 9 times
-        ratio = 9.0 if step == 5 else 2.5 if step % 10 == 0 else 1.0
-        schedule.observe_step(2, 64, ratio * schedule.modelled_step_s(2, 64))
-    assert RATIO_OUTLIER == 3.0
-    assert schedule.correction(2, 64) == pytest.approx(1.0)  # below a full batch: the median
-    full = (17 + 2 * 2.5 + 1) / 20  # the stall left out, the surface worth one step
-    assert schedule.correction(2, 64, saturated=True) == pytest.approx(full)
-    assert schedule.correction(1, 64, saturated=True) == pytest.approx(full)  # borrowed the same way
-    assert schedule.saturated_corrections == pytest.approx({(2, 6): full})
-    waiting = StepState(64, unread_tokens=0, remaining_tokens=64, waiting=3)
-    assert schedule.seconds_per_token(2, waiting) == pytest.approx(full * (2 * 0.2 + 6.0) / 2.44)
-
-
-def test_with_requests_waiting_drafting_pays_for_reading_the_rows_that_replace_the_finished_ones():
-    schedule = measured_at_0_8()
-    for tokens in (100, 300):  # R(u) = 0.05 + 1 ms a token: rho is its slope
-        schedule.observe_read(tokens, 0.05 + 1e-3 * tokens)
-    assert schedule.read_s_per_token == pytest.approx(1e-3)
-    assert schedule.turnover == 0.0
-    assert schedule.k_for_step(caught_up(1)) == 2  # no joins yet: 1.3 / 2.44 = 0.53 s a token against 1
-    joining = StepState(1, unread_tokens=0, remaining_tokens=64, joined_tokens=2400)  # 2400 tokens join a step
-    assert schedule.k_for_step(joining) == 2  # no request waits: the batch is not full, nothing is charged
-    assert schedule.turnover == pytest.approx(2400 / 2.44)  # after that step at k = 2 (2.44 tokens a row)
-    full = StepState(1, unread_tokens=0, remaining_tokens=64, joined_tokens=2400, waiting=2)
-    assert schedule.seconds_per_token(2, full) == pytest.approx(1.3 / 2.44 + 2400 / 2.44 * 1e-3)
-    assert schedule.seconds_per_token(0, full) == pytest.approx(1.0)  # a plain step reads nothing
-    assert schedule.k_for_step(full) == 0  # 1.52 s a token to draft
-    idle = [schedule.k_for_step(StepState(1, 0, 64, waiting=2)) for _ in range(8 * RATIO_WINDOW)]  # tau decays
-    assert idle[0] == 0 and idle[-1] == 2
-
-
 def test_the_read_cost_is_fitted_to_the_reads_and_a_size_alone_is_scaled():
     schedule = LoadAwareK(COSTS, k_max=2)
-    assert schedule.read_s(100) == schedule.read_s_per_token == 0.0  # nothing read yet: switching looks free
+    assert schedule.read_s(100) == 0.0  # nothing read yet: switching looks free
     schedule.observe_read(10, 0.2)
     assert schedule.read_s(20) == pytest.approx(0.4)  # one size: proportional
-    assert schedule.read_s_per_token == pytest.approx(0.02)
     for tokens in (10, 50, 200, 10, 50):  # R(u) = 0.1 + 0.01 u
         schedule.observe_read(tokens, 0.1 + 0.01 * tokens)
     assert schedule.read_s(100) == pytest.approx(1.1, rel=0.02)  # the first read, 0.2 at 10, weighs in a little
-    assert schedule.read_s_per_token == pytest.approx(0.01, rel=0.05)
 
 
 def test_a_plain_run_is_left_only_when_drafting_earns_back_the_reading_it_skipped():
@@ -261,10 +204,10 @@ def test_plain_steps_read_ahead_under_a_step_policy_and_decode_every_request_as_
     for name in ("admit", "release", "keep_rows", "step"):
         method = getattr(decoder, name)
 
-        def spied(*args, _method=method, _name=name, **kwargs):
+        def spied(*args, _method=method, _name=name):
             if decoder._plain.queued is not None:
                 while_queued.add(_name)
-            return _method(*args, **kwargs)
+            return _method(*args)
 
         setattr(decoder, name, spied)
     result = served(decoder, settings, [drafter.name], bucketed=max_len is not None)
@@ -305,24 +248,3 @@ def test_a_row_that_joined_early_in_a_long_plain_run_leaves_room_for_the_catch_u
         assert record.tokens == alone(reference, request, settings), request.request_id
     switch = next(step for step in result.steps[1:] if step.k)  # the first drafting step after the plain run
     assert switch.rows == 2 and switch.accepted == switch.proposed > 0
-    # the row that joined the running batch is told to the policy once, by its tokens (prompt and first token,
-    # but the last, which the drafters read at their next step); the first row started a fresh batch
-    assert [state.joined_tokens for state in policy.states if state.joined_tokens] == [len(PROMPTS[2])]
-
-
-def test_the_step_policy_is_told_how_many_requests_wait_for_a_slot():
-    verifier_model = make_model("llama", VOCAB, seed=1, layers=2)
-    verifier = CachedModel(verifier_model, VOCAB)
-    settings = DecodeSettings(6)
-    # three requests at once into two slots: the third waits until one of the first two ends (after 3 tokens)
-    limits = [3, 6, 2, 2]
-    trace = [EngineRequest(number, 0.0, PROMPTS[number], limit, seed=number) for number, limit in enumerate(limits)]
-    policy = ScriptedPolicy([0, 1])
-    drafter = ModelDrafter("self", CachedModel(verifier_model, VOCAB))
-    decoder = SpeculativeDecoder(
-        verifier, [drafter], settings, ConstantK(4), Stopwatch(verifier.devices), step_policy=policy, read_ahead=False
-    )
-    result = served(decoder, settings, [drafter.name], bucketed=False, max_batch_size=2, trace=trace)
-    waiting = [state.waiting for state in policy.states]
-    assert waiting[0] == 2 and waiting[-1] == 0 and sorted(waiting, reverse=True) == waiting
-    assert all(step.rows == 2 for step, count in zip(result.steps, waiting, strict=True) if count)

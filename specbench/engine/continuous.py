@@ -4,8 +4,7 @@
 speculative decoding), the same way for both:
 - Before each step, the requests that have arrived join the batch, up to `max_batch_size`
   running rows; the others wait in a FIFO queue. When nothing runs and nothing has
-  arrived, the scheduler waits for the next arrival. Each step is told how many requests
-  wait without a slot (`k_schedule=load` prices a full batch with a queue apart).
+  arrived, the scheduler waits for the next arrival.
 - With a `join_delay_factor` d > 0 (vLLM's `--scheduler-delay-factor`), a running batch takes
   new rows only once d times the last join's prefill time has passed since that join, so that
   rows join in fewer, larger groups: fewer stalls of the running rows, later first tokens. An
@@ -145,7 +144,7 @@ def serve(
         if not decoder.running:
             continue
         occupancy, computed = len(decoder.running), len(decoder.rows)
-        report = decoder.step(waiting=max(0, len(waiting) - (max_batch_size - occupancy)))
+        report = decoder.step()
         ended = clock.now(wait)
         for row, count in report.emitted:
             if count:

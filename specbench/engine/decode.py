@@ -227,10 +227,9 @@ class BaselineDecoder:
         for slot in slots:
             self.rows[slot] = None
 
-    def step(self, waiting: int = 0) -> StepReport:
+    def step(self) -> StepReport:
         """One verifier call for every running row, each emitting one token (but a row that joined after the
-        queued call, which is fed in the next one). `waiting`, the requests without a slot, changes nothing
-        here: the same call as the speculative decoder's, whose step policy reads it."""
+        queued call, which is fed in the next one)."""
         emitted = self._plain.step(self.rows, lambda: True)
         for row, _ in emitted:
             row.result.verifier_calls += 1
@@ -278,8 +277,6 @@ class SpeculativeDecoder:
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
         self._plain_run = 0  # plain steps since the drafters last drafted
         self._next_k: int | None = None  # the next step's k, when a plain step that read ahead chose it
-        self._joined_tokens = 0  # tokens of the rows that joined the running batch since the policy last chose
-        self._waiting = 0  # requests without a slot, as the scheduler told the last step
 
     @property
     def running(self) -> list[Row]:
@@ -316,7 +313,6 @@ class SpeculativeDecoder:
                 self.step_policy.observe_read(sum(len(self.rows[slot].tokens) - 1 for slot in live), seconds)
         else:
             self._unread.update(live)
-            self._joined_tokens += sum(len(self.rows[slot].tokens) - 1 for slot in live)
 
     def _read_into_drafters(self, read: Callable[[Drafter], None], slots: list[int]) -> float:
         """Run `read` on each drafter in turn, each one's seconds being the drafter prefill of the rows in
@@ -342,15 +338,9 @@ class SpeculativeDecoder:
         return self._read_into_drafters(lambda drafter: drafter.admit(slots, contexts, len(self.rows)), slots)
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
-        """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens,
-        the tokens of the rows that joined since it last chose (told once: the count restarts), the requests
-        waiting for a slot, and the rows' output limits."""
-        running = [row for row in rows if row is not None]
-        remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in running) / max(occupancy, 1)
-        joined, self._joined_tokens = self._joined_tokens, 0
-        unread = self._unread_tokens(rows, occupancy)
-        limits = sum(row.max_new_tokens for row in running) / max(occupancy, 1)
-        return StepState(occupancy, unread, remaining, joined, self._waiting, limits)
+        """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""
+        remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in rows if row is not None)
+        return StepState(occupancy, self._unread_tokens(rows, occupancy), remaining / max(occupancy, 1))
 
     def _unread_tokens(self, rows: list[Row | None], occupancy: int) -> int:
         """Tokens the drafters must read before they draft: the joined rows', and the plain steps' of the others."""
@@ -395,10 +385,8 @@ class SpeculativeDecoder:
             self.rows[slot] = None
         self._unread -= set(slots)
 
-    def step(self, waiting: int = 0) -> StepReport:
-        """Draft, verify, accept and commit once for every running row; `waiting` (requests that arrived and have
-        no slot) is shown to the step policy."""
-        self._waiting = waiting
+    def step(self) -> StepReport:
+        """Draft, verify, accept and commit once for every running row."""
         rows = [row if row is not None and not row.finished else None for row in self.rows]
         occupancy = sum(row is not None for row in rows)
         behind = self._plain_run > 0  # the drafters sat out the last steps

@@ -32,9 +32,6 @@ class StepState:
     occupancy: int  # running rows
     unread_tokens: int  # tokens the drafters must read before they draft: joined rows', and plain steps'
     remaining_tokens: float  # output tokens the running rows may still emit, on average per row
-    joined_tokens: int = 0  # tokens of the rows that joined since the last choice, which the drafters will read
-    waiting: int = 0  # requests that arrived and wait for a slot: the batch is full
-    output_tokens: float = 0.0  # the running rows' output limits, on average per row
 
 
 class StepPolicy(Protocol):

@@ -10,8 +10,7 @@ running row,
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
 row (interpolated in log b between the measured batch sizes, `load.model.interpolate_log_batch`).
-k = 0 is a plain decode step (the verifier alone, one token per row). A full batch with
-requests waiting is priced apart (below).
+k = 0 is a plain decode step (the verifier alone, one token per row).
 
 The micro-measured surface leaves out what a whole step adds: the host's work per row (trees,
 the acceptance walk, bookkeeping), the drafters reading the rows that join, and the device
@@ -37,32 +36,6 @@ drafting step are read the same way, at the next step that drafts, and priced th
 their reading is the same at every k > 0, so it is kept out of r(k, b), where the joins that
 happened to fall on a k's steps would make that k look dear for good (it would not be tried again).
 
-A full batch with requests waiting for a slot is priced for what it is: each finished row is
-replaced at once, so drafting cannot lower the occupancy, and what it gains on the mean is
-small there, while three costs that a step's price leaves out are not:
-
-    r_sat(k, b) (k c(b) + v(b, k + 1)) / E99(alpha, k, L)  [+ R(u) / T]  + tau rho   (k > 0),
-    E99 = max(1, E - z sd(alpha, k) / sqrt(L / E)).
-
-- The cache compactions that rejected drafts' columns bring on every few steps (on an H200 at
-  128 rows, 33 ms on top of a 24 ms step) count in full: r_sat is the mean of the recent steps'
-  ratios, leaving out stalls (over RATIO_OUTLIER times their median), not their median.
-- The drafters read every row that replaces a finished one: tau rho a token, tau the tokens of
-  joining rows per output token of each running row over the recent steps, rho the slope of R
-  (the seconds of one more token read). A plain step reads nothing.
-- Rows draw their acceptances apart, and TPOT is judged at its tail: E99 is what a step yields
-  the row at the 99th percentile of luck over its L output tokens (L / E steps, sd the standard
-  deviation of one step's tokens, z = TAIL_Z). On an H200 at 256 requests/s with equal output
-  limits, rows admitted together ended 21-29% apart in TPOT under speculation (the largest over
-  the smallest in each group, median over the groups) and 0% apart under the baseline, whose rows
-  all emit one token a step: drafting at a near tie on the means (p50 1.04x the baseline's) put
-  the p99 at 1.20x.
-Below a full batch none of the three is charged: drafting gains much more there, finishes rows
-sooner (keeping the occupancy down), and the tail of TPOT is mostly the joins' stalls, which both
-modes share. Charged there on an H200, at 64 requests/s, the first two kept a run to plain steps
-where a fixed k was 9-31% faster than the baseline, and the third went plain at 44-56 rows where a
-fixed k = 4 was 16% faster than the baseline at p99.
-
 alpha is a running estimate: the maximum-likelihood alpha of the iid model from the steps
 seen so far, accepted drafts / (accepted drafts + steps that ended on a rejection), started
 from a prior worth a few steps. Plain steps teach it nothing, so a prior that favours them
@@ -73,31 +46,25 @@ worth, each step drafts (the best k > 0), whatever the model says, for at most a
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import deque
 
 from specbench.engine.costs import StepCosts
 from specbench.engine.schedule import StepState
-from specbench.load.model import interpolate_log_batch, tokens_per_step, tokens_per_step_sd
+from specbench.load.model import interpolate_log_batch, tokens_per_step
 
 RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, this many
-TAIL_Z = 2.326  # the standard normal's 99th percentile: steps are priced for the row unlucky at p99
-RATIO_OUTLIER = 3.0  # at a full batch with requests waiting, a step over this many times the median is a stall
 
 
 class LoadAwareK:
     """Chooses every running row's k for each step from the batch's state: a `KSchedule` whose `next` only
     observes, and a `StepPolicy`."""
 
-    def __init__(
-        self, costs: StepCosts, k_max: int, prior_alpha: float = 0.5, prior_steps: float = 4.0, tail_z: float = TAIL_Z
-    ) -> None:
+    def __init__(self, costs: StepCosts, k_max: int, prior_alpha: float = 0.5, prior_steps: float = 4.0) -> None:
         sizes = [size for size, curve in costs.verify_s.items() if all(n in curve for n in range(1, k_max + 2))]
         if not sizes:
             raise ValueError(f"k_schedule=load needs verifier passes over 1..{k_max + 1} tokens at some batch size")
         self.k_max = k_max
-        self.tail_z = tail_z  # 0: priced by the expected tokens a step, E
         self._verify = {n: {size: costs.verify_s[size][n] for size in sizes} for n in range(1, k_max + 2)}
         self._draft = {size: sum(costs.draft_s[size].values()) for size in sizes if size in costs.draft_s}
         # prior pseudo-counts: `prior_steps` steps of the iid model at `prior_alpha`
@@ -107,11 +74,9 @@ class LoadAwareK:
         self._drafted_rows = 0  # rows' steps that drafted: the evidence on alpha beyond the prior
         self._forced_steps = 0  # steps that drafted because that evidence was missing
         self._ratios: dict[tuple[int, int], deque[float]] = {}  # (k, bucket) -> recent measured/modelled seconds
-        self._ratio: dict[tuple[int, int], tuple[float, float]] = {}  # (k, bucket) -> r(k, b): median, clipped mean
+        self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
         self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
-        self._turnover = [0.0, 0.0]  # weighted sums over the recent steps: joined tokens, tokens each row emitted
-        self._last_step_tokens = 0.0  # the last chosen step's expected tokens per row
 
     @property
     def first(self) -> int:
@@ -129,18 +94,7 @@ class LoadAwareK:
     @property
     def corrections(self) -> dict[tuple[int, int], float]:
         """r(k, b) where steps ran, by (k, occupancy bucket: 0 for 1 row, 1 for 2-3, 2 for 4-7, ...)."""
-        return {key: median for key, (median, _) in self._ratio.items()}
-
-    @property
-    def saturated_corrections(self) -> dict[tuple[int, int], float]:
-        """r(k, b) at a full batch with requests waiting: the clipped means, keyed as `corrections`."""
-        return {key: mean for key, (_, mean) in self._ratio.items()}
-
-    @property
-    def turnover(self) -> float:
-        """tau: the tokens of joining rows per output token of each running row, over the recent steps."""
-        joined, emitted = self._turnover
-        return joined / emitted if emitted else 0.0
+        return dict(self._ratio)
 
     def next(self, k: int, accepted: int, offered: int) -> int:
         """Observe one row's step (k is chosen per step by `k_for_step`, not per row)."""
@@ -155,45 +109,24 @@ class LoadAwareK:
         measured on as many rows' steps as the prior is worth, for at most as many steps."""
         forced = self._drafted_rows < self._prior_steps and self._forced_steps < self._prior_steps
         self._forced_steps += forced
-        decay = 1 - 1 / RATIO_WINDOW
-        joined, emitted = self._turnover
-        self._turnover = [decay * joined + state.joined_tokens, decay * emitted + self._last_step_tokens]
         costs = {k: self.seconds_per_token(k, state) for k in range(1 if forced else 0, self.k_max + 1)}
-        chosen = min(costs, key=costs.get)
-        self._last_step_tokens = tokens_per_step(self.alpha, chosen)
-        return chosen
+        return min(costs, key=costs.get)
 
     def seconds_per_token(self, k: int, state: StepState) -> float:
         """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens,
-        plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens; with
-        requests waiting, the step over what it yields an unlucky row (E99), plus the reading of the rows that
-        will replace the finished ones (tau rho)."""
-        saturated = state.waiting > 0
-        step_s = self.correction(k, state.occupancy, saturated) * self.modelled_step_s(k, state.occupancy)
-        tokens = self.unlucky_tokens_per_step(k, state.output_tokens) if saturated else tokens_per_step(self.alpha, k)
-        seconds = step_s / tokens
+        plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens."""
+        step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
+        seconds = step_s / tokens_per_step(self.alpha, k)
         if k and state.unread_tokens:
             seconds += self.read_s(state.unread_tokens) / max(state.remaining_tokens, 1.0)
-        if k and saturated:
-            seconds += self.turnover * self.read_s_per_token
         return seconds
-
-    def unlucky_tokens_per_step(self, k: int, output_tokens: float) -> float:
-        """E99: the tokens a step at `k` yields the row whose drafts were unlucky at the tail (`tail_z` standard
-        deviations below the mean over its `output_tokens`), at least the verifier's own token."""
-        tokens = tokens_per_step(self.alpha, k)
-        if not k or not self.tail_z:
-            return tokens
-        spread = tokens_per_step_sd(self.alpha, k) / math.sqrt(max(output_tokens / tokens, 1.0))
-        return max(1.0, tokens - self.tail_z * spread)
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
         key = (k, _bucket(occupancy))
         ratios = self._ratios.setdefault(key, deque([1.0], maxlen=RATIO_WINDOW))  # the surface, worth one step
         ratios.append(seconds / self.modelled_step_s(k, occupancy))
-        median = statistics.median(ratios)
-        self._ratio[key] = (median, statistics.fmean(ratio for ratio in ratios if ratio <= RATIO_OUTLIER * median))
+        self._ratio[key] = statistics.median(ratios)
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
@@ -203,43 +136,32 @@ class LoadAwareK:
 
     def read_s(self, tokens: int) -> float:
         """R(u): the expected seconds for the drafters to read `tokens` skipped tokens (0 before any read)."""
-        intercept, slope = self._read_line()
-        return intercept + slope * tokens
-
-    @property
-    def read_s_per_token(self) -> float:
-        """rho: R's slope, the seconds of one more token read (0 before any read)."""
-        return self._read_line()[1]
-
-    def _read_line(self) -> tuple[float, float]:
-        """R(u) = a + c u fitted to the recent reads: (a, c)."""
         weight, total, spent, squares, products = self._reads
         if weight == 0:
-            return 0.0, 0.0
+            return 0.0
         spread = squares * weight - total**2
         if spread > 1e-9 * squares * weight:  # reads of different sizes: a + c u
             slope = (products * weight - total * spent) / spread
             intercept = (spent - slope * total) / weight
             if slope < 0:  # bigger reads were not dearer: their mean
-                return spent / weight, 0.0
+                return spent / weight
             if intercept < 0:  # through the origin
-                return 0.0, products / squares
-            return intercept, slope
-        return (0.0, spent / total) if total else (spent / weight, 0.0)
+                return products / squares * tokens
+            return intercept + slope * tokens
+        return spent / total * tokens if total else spent / weight
 
-    def correction(self, k: int, occupancy: int, saturated: bool = False) -> float:
-        """r(k, b): measured over modelled step time at (k, the occupancy's bucket), the median of the recent steps
-        or, `saturated` (a full batch, requests waiting), their clipped mean; where none ran, a drafting k
+    def correction(self, k: int, occupancy: int) -> float:
+        """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
         borrows the nearest drafting step's (the nearest bucket, then the nearest k), and a plain step, or any
         k before a drafting step ran, keeps the surface (r = 1)."""
         bucket = _bucket(occupancy)
-        key = (k, bucket)
-        if key not in self._ratio:
-            drafted = [key for key in self._ratio if key[0]]
-            if k == 0 or not drafted:
-                return 1.0
-            key = min(drafted, key=lambda key: (abs(key[1] - bucket), abs(key[0] - k), key))
-        return self._ratio[key][saturated]
+        if (k, bucket) in self._ratio:
+            return self._ratio[(k, bucket)]
+        drafted = [key for key in self._ratio if key[0]]
+        if k == 0 or not drafted:
+            return 1.0
+        nearest = min(drafted, key=lambda key: (abs(key[1] - bucket), abs(key[0] - k), key))
+        return self._ratio[nearest]
 
     def modelled_step_s(self, k: int, occupancy: int) -> float:
         """Seconds of a step at `k` with `occupancy` rows, from the measured surface alone."""

@@ -153,16 +153,6 @@ def tokens_per_step(alpha: float, k: int) -> float:
     return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def tokens_per_step_sd(alpha: float, k: int) -> float:
-    """The standard deviation of one row's tokens in a speculative step, under the same iid model: j tokens
-    (j - 1 drafts accepted, then a rejection) with probability alpha^(j-1) (1 - alpha) for j <= k, k + 1 with
-    alpha^k."""
-    probabilities = [alpha ** (tokens - 1) * (1 - alpha) for tokens in range(1, k + 1)] + [alpha**k]
-    mean = sum(tokens * p for tokens, p in enumerate(probabilities, start=1))
-    squares = sum(tokens**2 * p for tokens, p in enumerate(probabilities, start=1))
-    return math.sqrt(max(squares - mean**2, 0.0))
-
-
 def mode_models(
     costs: StepCosts, alpha: float, k: int, prefill_s: float, draft_prefill_s: float = 0.0
 ) -> dict[str, ModeModel]:
