@@ -72,6 +72,15 @@ def interval(estimate: float, resampled: np.ndarray, units: int, share: bool = F
     return float(back(center - half_width)), float(back(center + half_width))
 
 
+def wilson_interval(successes: float, trials: float, z: float = float(stats.norm.ppf(0.975))) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% by default); counts may be fractional (a prior's
+    pseudo-counts)."""
+    share = successes / trials
+    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return centre - half, centre + half
+
+
 def sample_size(metrics: Mapping[str, float]) -> str:
     """n as printed beside an interval: "n=6" (units), "n=6x3" (units x repeats), "" when the run has no interval."""
     units, repeats = metrics.get("interval_units"), metrics.get("num_repeats") or 1

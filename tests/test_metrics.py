@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from scipy.stats import binom, logistic, t
 
 from specbench import catalog, speedup_model
 from specbench import metrics as metrics_module
 from specbench.engine import DecodeResult, DrafterStats
 from specbench.engine.costs import StepCosts
-from specbench.intervals import interval, resample_cells
+from specbench.intervals import interval, resample_cells, wilson_interval
 from specbench.metrics import (
     BatchStats,
     PromptOutcome,
@@ -325,6 +326,14 @@ def test_the_small_sample_interval_covers_where_the_percentile_bootstrap_does_no
         covered["percentile"] += np.percentile(resampled, 2.5) <= truth <= np.percentile(resampled, 97.5)
     assert covered["t"] / runs >= 0.9
     assert covered["percentile"] / runs < 0.87
+
+
+def test_the_wilson_interval_is_scipys_and_takes_fractional_counts():
+    for successes, trials in ((8, 10), (3, 41), (0, 10), (20, 20)):
+        expected = stats.binomtest(successes, trials).proportion_ci(method="wilson")
+        assert wilson_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-9)
+    # a prior's pseudo-counts: between its integer neighbours
+    assert wilson_interval(4, 9)[1] < wilson_interval(4.5, 9)[1] < wilson_interval(5, 9)[1]
 
 
 def test_acceptance_interval_skips_resamples_without_proposals():

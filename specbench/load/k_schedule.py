@@ -6,7 +6,7 @@ schedule picks the k in 0..k_max with the fewest expected seconds per output tok
 running row,
 
     r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
-    E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1,
+    E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1 (alpha: the upper end of its interval, below),
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
 row (interpolated in log b between the measured batch sizes, `load.model.interpolate_log_batch`).
@@ -42,6 +42,14 @@ from a prior worth a few steps. Plain steps teach it nothing, so a prior that fa
 would keep the run from ever drafting: until rows have drafted as many times as the prior is
 worth, each step drafts (the best k > 0), whatever the model says, for at most as many steps
 (a drafter that offers nothing, such as prompt lookup without a match, teaches alpha nothing either).
+
+For the same reason an estimate that a few unlucky drafts pulled low would stop drafting for good
+(on the H200, an 8-row warm-up whose one forced step accepted 4 drafts of 8 left alpha at 0.5 where
+the oracle's was 0.8, and the run never drafted again at one row, where k = 4 was 1.8x faster).
+So a drafting k is priced at the upper end of alpha's 95% interval (Wilson's, over the drafts seen
+and the prior's), as a bandit prices an arm by its upper confidence bound: while the evidence is
+thin, drafting is given the benefit of the doubt and is tried, which is what narrows the interval;
+once rows have drafted a few hundred tokens the bound is within a few hundredths of the estimate.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from collections import deque
 
 from specbench.engine.costs import StepCosts
 from specbench.engine.schedule import StepState
+from specbench.intervals import wilson_interval
 from specbench.load.model import interpolate_log_batch, tokens_per_step
 
 RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, this many
@@ -92,6 +101,11 @@ class LoadAwareK:
         return self._accepted / (self._accepted + self._rejections)
 
     @property
+    def alpha_bound(self) -> float:
+        """The upper end of alpha's 95% interval: what a drafting k is priced at."""
+        return wilson_interval(self._accepted, self._accepted + self._rejections)[1]
+
+    @property
     def corrections(self) -> dict[tuple[int, int], float]:
         """r(k, b) where steps ran, by (k, occupancy bucket: 0 for 1 row, 1 for 2-3, 2 for 4-7, ...)."""
         return dict(self._ratio)
@@ -113,10 +127,11 @@ class LoadAwareK:
         return min(costs, key=costs.get)
 
     def seconds_per_token(self, k: int, state: StepState) -> float:
-        """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens,
-        plus, to draft, the reading of what the drafters skipped, spread over the rows' remaining tokens."""
+        """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens
+        (at `alpha_bound`), plus, to draft, the reading of what the drafters skipped, spread over the rows'
+        remaining tokens."""
         step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
-        seconds = step_s / tokens_per_step(self.alpha, k)
+        seconds = step_s / tokens_per_step(self.alpha_bound, k)
         if k and state.unread_tokens:
             seconds += self.read_s(state.unread_tokens) / max(state.remaining_tokens, 1.0)
         return seconds

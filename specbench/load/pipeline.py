@@ -33,6 +33,7 @@ from specbench.engine.oracle import OracleDrafter
 from specbench.engine.results import EngineRequest, ServeResult
 from specbench.engine.timing import Stopwatch
 from specbench.errors import ConfigError
+from specbench.intervals import wilson_interval
 from specbench.load.crossover import RATIO_KEYS
 from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics
@@ -245,19 +246,11 @@ def _oracle_metrics(setup: RunSetup, pooled: dict[str, ServeResult], k: int) -> 
             position += kept + 1
     metrics = {"oracle_off_path_steps": sum(oracle.off_path_steps for oracle in oracles)}
     if offered:
-        low, high = _wilson(accepted, offered)
+        low, high = wilson_interval(accepted, offered)
         metrics["oracle_acceptance_pos_1"] = accepted / offered
         metrics["oracle_acceptance_pos_1_ci_low"], metrics["oracle_acceptance_pos_1_ci_high"] = low, high
         metrics["oracle_acceptance_target"] = oracles[0].acceptance
     return metrics
-
-
-def _wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (95%)."""
-    share = successes / trials
-    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return centre - half, centre + half
 
 
 def _predicted(cfg: SpecBenchConfig, result: LoadResult, pooled: dict[str, ServeResult], costs: StepCosts) -> dict:
