@@ -325,6 +325,20 @@ LOAD_METRICS: tuple[Metric, ...] = (
         summary=True,
     ),
     Metric(
+        "k_schedule_alpha",
+        "k_schedule=load: its acceptance estimate",
+        fmt="rate",
+        doc="k_schedule=load: the per-token acceptance the schedule had estimated by the end of the run (accepted "
+        "drafts / (accepted drafts + steps that ended on a rejection), a prior worth 4 steps at 0.5 included)",
+    ),
+    Metric(
+        "k_schedule_alpha_bound",
+        "k_schedule=load: the acceptance it priced drafting at",
+        fmt="rate",
+        doc="k_schedule=load: the upper end of that estimate's 95% Wilson interval, at which it priced drafting; far "
+        "above k_schedule_alpha when the run drafted little (few drafts to learn from)",
+    ),
+    Metric(
         "server_draft_tokens",
         "Server: draft tokens",
         fmt="int",

@@ -139,7 +139,7 @@ def test_an_estimate_that_unlucky_drafts_pulled_low_does_not_stop_drafting_for_g
     assert schedule.alpha == pytest.approx(0.5)
     # at the estimate every drafting k loses to a plain step (1 s a token) ...
     assert min(seconds_per_token(0.5, k, 1.5 * schedule.modelled_step_s(k, 1)) for k in (1, 2)) > 1.0
-    # ... but 16 drafts say little: priced at the upper end of alpha's interval, drafting is tried
+    # ... but 8 drafts (and the prior's 8) say little: priced at the upper end of alpha's interval, it drafts
     assert schedule.alpha_bound > 0.7
     assert schedule.k_for_step(caught_up(1)) == 2
     for accepted in (1, 0) * 200:  # a draft that really is accepted half the time: the bound comes down to it

@@ -105,6 +105,11 @@ def test_k_schedules_choose_k_per_step(models_dir, pubmedqa_file, tmp_path, monk
     (run,) = finished_runs(tmp_path)
     ks = {point.value for point in MlflowClient().get_metric_history(run.info.run_id, "k_spec")}
     assert ks <= {0.0, 1.0, 2.0, 3.0, 4.0} and run.data.metrics["disagreement_rate"] == 0
+    if schedule == "load":  # what it believed: the estimate, and the upper end of its interval that priced drafting
+        metrics = run.data.metrics
+        assert 0 < metrics["k_schedule_alpha"] < metrics["k_schedule_alpha_bound"] < 1
+    else:
+        assert "k_schedule_alpha" not in run.data.metrics
 
 
 @pytest.mark.parametrize(

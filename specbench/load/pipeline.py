@@ -176,6 +176,8 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
             served[mode].append(serve_mode(cfg, setup, mode, requests, schedule))
     result = LoadResult(load_title(cfg, rate if rate is not None else None), rate, trace, served, {})
     result.metrics = load_run_metrics(cfg, result, costs, setup)
+    if isinstance(schedule, LoadAwareK):  # what the schedule believed at the end: its prices followed the bound
+        result.metrics |= {"k_schedule_alpha": schedule.alpha, "k_schedule_alpha_bound": schedule.alpha_bound}
     if cfg.k_schedule is not KScheduleKind.constant:
         result.notes.append(f"No predicted figures: k_schedule={cfg.k_schedule.value} changes k from step to step.")
     return result
