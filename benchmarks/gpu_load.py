@@ -216,15 +216,16 @@ def _cost_drafter(args: argparse.Namespace, models: dict, name: str) -> ModelDra
     return ModelDrafter(name, model)
 
 
-def _requests(args: argparse.Namespace, rate: float, prompts: list[list[int]]) -> list[EngineRequest]:
-    """A Poisson trace at `rate`: enough requests to last about --trace-seconds, within [--min, --max] requests.
+def _requests(args: argparse.Namespace, rate: float, prompts: list[list[int]], seed: int = 0) -> list[EngineRequest]:
+    """A Poisson trace at `rate` (arrivals drawn from `seed`): enough requests to last about --trace-seconds,
+    within [--min, --max] requests.
 
     Output limits are --new-tokens each, or with --new-tokens-spread r drawn uniformly (seeded) from
     [n (1 - r), n (1 + r)], as `vllm bench serve --random-range-ratio` does: with random weights no row stops
     early, and equal limits keep rows that joined together in lock step, which real outputs' lengths do not.
     """
     count = int(min(args.max_requests, max(args.min_requests, rate * args.trace_seconds)))
-    times = arrival_times(ArrivalKind.poisson, rate, count, seed=0)
+    times = arrival_times(ArrivalKind.poisson, rate, count, seed=seed)
     least = round(args.new_tokens * (1 - args.new_tokens_spread))
     limits = torch.randint(least, _most_new_tokens(args) + 1, (count,), generator=torch.Generator().manual_seed(2))
     return [
@@ -295,17 +296,18 @@ def _full_step_ms(served) -> float:
     return 1000 * statistics.median(gaps) if gaps else float("nan")
 
 
-class AlwaysPlain:
-    """A step policy that never drafts: the speculative decoder's plain steps alone, against the baseline's."""
+class ConstantPolicy:
+    """A step policy that always answers k: at 0 the speculative decoder's plain steps alone, against the
+    baseline's; above 0 a fixed k served through the step policy's path, against the same k without it."""
 
-    def __init__(self, k_max: int) -> None:
-        self.first = self.max_k = k_max
+    def __init__(self, k: int, k_max: int) -> None:
+        self.k, self.first, self.max_k = k, k or k_max, k_max
 
     def next(self, k: int, accepted: int, offered: int) -> int:
         return k
 
     def k_for_step(self, state) -> int:
-        return 0
+        return self.k
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         pass
@@ -321,7 +323,7 @@ def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest],
     watch = Stopwatch(verifier.devices)
     schedule = ConstantK(k) if isinstance(k, int) else k
     if drafters:
-        policy = schedule if isinstance(schedule, LoadAwareK | AlwaysPlain) else None
+        policy = schedule if isinstance(schedule, LoadAwareK | ConstantPolicy) else None
         decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, watch, step_policy=policy)
     else:
         decoder = BaselineDecoder(verifier, settings, watch)
@@ -368,22 +370,25 @@ def _surface_ms(costs: StepCosts) -> dict:
 def section_k_schedule(args: argparse.Namespace, device: torch.device, models: dict) -> dict:
     """k_schedule=load against the baseline and every fixed k, on the same trace at rates from idle to saturated.
 
-    At each rate, one Poisson trace is served --repeats times by every mode (the order rotated per repeat); a
-    LoadAwareK (k_max = the largest --ks) is built per rate, learns its acceptance in an untimed warm-up serve
-    and keeps learning, as `mode=load` does. Compared on TPOT p50 and p99 and E2EL p99: median [min, max].
+    At each rate, one Poisson trace per --trace-seeds is served --repeats times by every mode (the order rotated
+    per repeat): replays of one trace take nearly the same path, so they measure the machine's noise, and other
+    traces what the arrivals' luck adds. A LoadAwareK (k_max = the largest --ks) is built per trace, learns its
+    acceptance in an untimed warm-up serve and keeps learning, as `mode=load` does. Compared on TPOT p50 and
+    p99 and E2EL p99: median [min, max] of the replays.
     """
     k_max = max(args.ks)
     verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, list(range(1, k_max + 1)))
     modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
     modes += ["plain"] if args.plain_mode else []
+    modes += [f"policy{k}" for k in args.policy_ks]
     keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50")
     results: dict = {"modes": modes, "k_max": k_max, **_surface_ms(costs)}
     graphs = _graph_count(verifier, cost)
     for alpha in args.alphas:
         oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
         oracle.set_references(references)
-        for rate in args.k_rates:
-            requests = _requests(args, rate, prompts)
+        for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
+            requests = _requests(args, rate, prompts, seed)
             schedule = LoadAwareK(costs, k_max)
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             _serve(verifier, [oracle], warm, schedule, args.max_batch)
@@ -394,7 +399,9 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
-                    k = {"load": schedule, "plain": AlwaysPlain(k_max), "baseline": 1}.get(mode) or int(mode[1:])
+                    k = {"load": schedule, "plain": ConstantPolicy(0, k_max), "baseline": 1}.get(mode)
+                    if k is None:  # kN, or policyN: N through the step policy's path
+                        k = int(mode[1:]) if mode[0] == "k" else ConstantPolicy(int(mode[6:]), k_max)
                     served = _serve(verifier, [] if mode == "baseline" else [oracle], requests, k, args.max_batch,
                                     args.join_delay_factor)  # fmt: skip
                     metrics = mode_metrics(served, "x")
@@ -422,7 +429,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                     "best_fixed": best,
                     "load_over_best_fixed": load_value / table[best][key]["median"],
                 }
-            results[f"alpha{alpha}_rate{rate:g}"] = {
+            name = f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
+            results[name] = {
                 "requests": len(requests),
                 "table": table,
                 "verdict": verdict,
@@ -434,8 +442,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 **({"step_series": series} if series else {}),
             }
             oracle.off_path_steps = 0
-            print(f"[k_schedule alpha={alpha} rate={rate:g}] {json.dumps(verdict)} k share "
-                  f"{results[f'alpha{alpha}_rate{rate:g}']['load_k_share']}", flush=True)  # fmt: skip
+            print(f"[k_schedule {name}] {json.dumps(verdict)} k share {results[name]['load_k_share']}", flush=True)
             (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
     results["graphs_captured_while_timed"] = _graph_count(verifier, cost) - graphs
     return results
@@ -511,6 +518,10 @@ def main() -> None:
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
+    parser.add_argument("--policy-ks", type=int, nargs="*", default=[],
+                        help="k_schedule: also serve each k through a step policy that always answers it")  # fmt: skip
+    parser.add_argument("--trace-seeds", type=int, nargs="+", default=[0],
+                        help="k_schedule: a Poisson trace per seed at each rate (past seed 0: _traceN)")  # fmt: skip
     parser.add_argument("--step-series", action="store_true",
                         help="k_schedule: keep the first repeat's steps per mode ([end ms, rows, k]) and requests "
                         "([arrival, admitted, first token, finish ms, tokens])")  # fmt: skip
