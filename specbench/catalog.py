@@ -184,7 +184,8 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "x",
         better=LOWER,
         doc="load runs: tpot_ms_p99_spec / tpot_ms_p99_baseline over the requests both modes served; its interval "
-        "is a bootstrap over those requests, paired by request id",
+        "is a bootstrap over those requests, paired by request id (with load.traces > 1: over the traces, then "
+        "their requests, a t interval below 20 traces)",
         summary=True,
         report=True,
     ),
@@ -288,17 +289,18 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "num_requests",
         "Requests",
         fmt="int",
-        doc="load runs: requests in the trace, each served in both modes (`repeats` times)",
+        doc="load runs: requests in the trace (in each of load.traces), each served in both modes (`repeats` times)",
         summary=True,
     ),
-    Metric("repeats", "Repeats", fmt="int", doc="load runs: times the trace was replayed in each mode"),
+    Metric("repeats", "Repeats", fmt="int", doc="load runs: times each trace was replayed in each mode"),
+    Metric("traces", "Arrival traces", fmt="int", doc="load runs on specbench's engine: arrival traces served"),
     *(
         Metric(
             f"{ratio}_repeat_{{stat}}",
             f"{label} over repeats",
             "x",
-            doc=f"load runs with repeats > 1, load.crossover_metric={metric}: {ratio} of each replay of the trace "
-            "(stat: min, median, max)",
+            doc=f"load runs with repeats > 1 or load.traces > 1, load.crossover_metric={metric}: {ratio} of each "
+            "replay of each trace (stat: min, median, max)",
         )
         for ratio, label, metric in (
             ("tpot_p99_ratio", "TPOT p99, spec / baseline", "tpot_p99"),

@@ -247,6 +247,9 @@ class LoadConfig:
     arrival: ArrivalKind = ArrivalKind.poisson
     burstiness: float = 1.0  # gamma's shape: 1 is Poisson, below 1 burstier, above 1 more regular
     num_requests: int = 16  # requests of a generated trace (a trace file replays all its lines)
+    # independent arrival traces per rate (seeds seed, seed + 1, ...), each replayed `repeats` times: replays of
+    # one trace take nearly the same path through joins and leaves; other traces add what the arrivals' luck does
+    traces: int = 1
     trace_path: str | None = None  # arrival=trace: JSONL, one request a line (arrival_s, record_id or text)
     max_batch_size: int = 8  # running requests at most; later arrivals wait in a FIFO queue
     # a running batch takes new rows only once this many times the last join's prefill time has passed since

@@ -171,8 +171,10 @@ def load_summary(title: str, metrics: Mapping[str, float], links: list[str], con
     lines = ["", title]
     requests = metrics.get("num_requests")
     if requests is not None:
-        repeats = int(metrics.get("repeats", 1))
-        lines[-1] += f", {int(requests)} requests x {repeats} ([low, high]: 95% bootstrap interval over requests)"
+        repeats, traces = int(metrics.get("repeats", 1)), int(metrics.get("traces", 1))
+        served = f"{int(requests)} requests" + (f" x {traces} traces" if traces > 1 else "") + f" x {repeats}"
+        over = "traces, then their requests" if traces > 1 else "requests"
+        lines[-1] += f", {served} ([low, high]: 95% bootstrap interval over {over})"
     if rows:
         width = max(len(label) for label, _ in rows)
         lines += [f"  {label:<{width}}  {value}" for label, value in rows]

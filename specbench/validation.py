@@ -177,6 +177,17 @@ def validate_load(cfg: SpecBenchConfig) -> None:
     else:
         positive("load.rate", load.rate, "requests per second, e.g. load.rate=0.2")
         _check(load.num_requests >= 1, f"load.num_requests={load.num_requests} is invalid: send 1 or more requests.")
+    _check(load.traces >= 1, f"load.traces={load.traces} is invalid: serve 1 or more arrival traces per rate.")
+    _check(
+        load.traces == 1 or load.arrival is not ArrivalKind.trace,
+        f"load.traces={load.traces} draws other arrival traces, but a trace file is one: leave load.traces=1 with "
+        "load.arrival=trace.",
+    )
+    _check(
+        load.traces == 1 or cfg.engine.backend is not Backend.server,
+        f"load.traces={load.traces} runs on specbench's engine; against servers, sweep the seed instead "
+        "(specbench -m ... seed=0,1,2).",
+    )
     positive("load.burstiness", load.burstiness, "1 is Poisson, below 1 burstier, e.g. load.burstiness=0.5")
     _check(
         load.max_batch_size >= 1,

@@ -144,6 +144,8 @@ def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, t
     assert typed_config(composer("device=cpu")).mode.value == "batch"  # the default
     trace = tmp_path / "trace.jsonl"
     trace.write_text('{"arrival_s": 1.0, "record_id": "a"}\n{"arrival_s": 0.5, "record_id": "b"}\n')
+    ordered = tmp_path / "ordered.jsonl"
+    ordered.write_text('{"arrival_s": 0.5, "record_id": "a"}\n')
     load = ["mode=load", "device=cpu"]
     cases = [
         (["load.rate=0"], r"^load\.rate=0\.0 is invalid: give a positive number"),
@@ -151,6 +153,8 @@ def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, t
         (["load.rate=nan"], r"^load\.rate=nan is invalid"),
         (["load.burstiness=0"], r"^load\.burstiness=0\.0 is invalid"),
         (["load.num_requests=0"], r"^load\.num_requests=0 is invalid: send 1 or more requests"),
+        (["load.traces=0"], r"^load\.traces=0 is invalid: serve 1 or more arrival traces per rate"),
+        (["load.traces=2", "engine.backend=server", *SERVER_URLS], r"^load\.traces=2 runs on specbench's engine"),
         (["load.max_batch_size=0"], r"^load\.max_batch_size=0 is invalid"),
         (["load.join_delay_factor=-1"], r"^load\.join_delay_factor=-1\.0 is invalid: give 0"),
         (
@@ -168,6 +172,10 @@ def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, t
         (
             ["load.arrival=trace", f"load.trace_path={trace}", "load.find_crossover=true"],
             r"^load\.find_crossover=true varies the request rate, which a trace file fixes",
+        ),
+        (
+            ["load.arrival=trace", f"load.trace_path={ordered}", "load.traces=2"],
+            r"^load\.traces=2 draws other arrival traces, but a trace file is one",
         ),
     ]
     for overrides, message in cases:

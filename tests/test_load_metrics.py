@@ -237,3 +237,27 @@ def test_goodput_ratio_counts_a_request_failed_in_one_mode_as_not_good_there():
     assert metrics["goodput_ratio"] == pytest.approx(metrics["goodput_rps_spec"] / metrics["goodput_rps_baseline"])
     assert metrics["paired_requests"] == 2  # r1 and r3: the latency ratios' requests
     assert metrics["e2el_p99_ratio"] == pytest.approx(0.5)
+
+
+def test_pooled_traces_are_resampled_whole_so_traces_that_differ_widen_the_interval():
+    # 4 traces of 10 requests pooled (ids 0-9 trace 0, ...): speculation halves the times of traces 0 and 2 and
+    # doubles those of traces 1 and 3, alike within each trace, as one path through the queue would. Drawing
+    # requests alone mixes the traces evenly in every resample; drawing traces first lets a resample hold three
+    # doubled traces, and 4 traces give a t interval with 3 degrees of freedom
+    baseline = many_requests()
+    halved, doubled = scaled(baseline, 0.5, baseline.wall_s), scaled(baseline, 2.0, baseline.wall_s)
+    spec = ServeResult([(doubled if r.request_id // 10 % 2 else halved).requests[r.request_id]
+                        for r in baseline.requests], [], baseline.wall_s)  # fmt: skip
+    traces = {r.request_id: r.request_id // 10 for r in baseline.requests}
+    by_request, by_trace = ratio_metrics(baseline, spec, seed=1), ratio_metrics(baseline, spec, seed=1, traces=traces)
+    for key in ("tpot_p99_ratio", "e2el_p99_ratio"):
+        assert by_trace[key] == by_request[key]  # the estimate does not depend on how it is resampled
+        assert by_trace[f"{key}_ci_low"] <= by_trace[key] <= by_trace[f"{key}_ci_high"]
+        width = {name: m[f"{key}_ci_high"] - m[f"{key}_ci_low"] for name, m in (("request", by_request),
+                                                                                   ("trace", by_trace))}  # fmt: skip
+        assert width["trace"] > 1.5 * width["request"]
+    # where every trace scales alike the traces agree, and the interval is exact again
+    alike = ratio_metrics(baseline, scaled(baseline, 2.0, baseline.wall_s), traces=traces)
+    assert (alike["tpot_p99_ratio_ci_low"], alike["tpot_p99_ratio_ci_high"]) == pytest.approx((2.0, 2.0))
+    with pytest.raises(ValueError, match="as many requests each"):
+        ratio_metrics(baseline, spec, traces={r.request_id: int(r.request_id >= 30) for r in baseline.requests})

@@ -95,28 +95,30 @@ def run_load_job(
 
 
 def log_load_result(result: LoadResult) -> None:
-    """Metrics, the step series (occupancy and k over the trace), the steps table, `requests.jsonl`, the trace as an
-    MLflow dataset input, and the summary of one load run."""
+    """Metrics, the step series (occupancy and k over the trace), the steps table, `requests.jsonl` (and
+    `requests_trace{N}.jsonl` for the other traces), the traces as an MLflow dataset input, and the summary of one
+    load run."""
     tracking.log_metrics(result.metrics)
     steps = result.steps_table()
     tracking.log_table(steps, "steps.csv")
     _log_step_series(steps)
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "requests.jsonl"
-        first = {mode: served[0] for mode, served in result.served.items()}
-        write_requests(path, result.trace, first)
-        mlflow.log_artifact(str(path))
-    trace = pd.DataFrame([vars(request) for request in result.trace])
-    mlflow.log_input(mlflow.data.from_pandas(trace, name="trace"), context="load")
+        for number, trace in enumerate(result.traces):  # each trace's first serve; a file each, to replay as a trace
+            path = Path(folder) / ("requests.jsonl" if number == 0 else f"requests_trace{number}.jsonl")
+            write_requests(path, trace, {mode: served[number] for mode, served in result.served.items()})
+            mlflow.log_artifact(str(path))
+    traces = pd.DataFrame([{"trace": number} | vars(request) for number, trace in enumerate(result.traces)
+                           for request in trace])  # fmt: skip
+    mlflow.log_input(mlflow.data.from_pandas(traces, name="trace"), context="load")
     summary = summary_markdown(result.metrics, title=result.title, notes=result.notes)
     mlflow.log_text(summary, "summary.md")
     tracking.set_description(mlflow.active_run().info.run_id, summary, "summary.md")
 
 
 def _log_step_series(steps: pd.DataFrame) -> None:
-    """Occupancy (both modes) and k (speculation) at every scheduler step of the first repeat, as MLflow step
-    metrics `occupancy_{mode}` and `k_spec`, so MLflow's charts draw them over the trace."""
-    first = steps[steps["repeat"] == 0]
+    """Occupancy (both modes) and k (speculation) at every scheduler step of the first serve (repeat 0, trace 0), as
+    MLflow step metrics `occupancy_{mode}` and `k_spec`, so MLflow's charts draw them over the trace."""
+    first = steps[(steps["repeat"] == 0) & (steps["trace"] == 0)]
     series = []
     for mode, rows in first.groupby("mode"):
         for step, (occupancy, k) in enumerate(zip(rows["rows"], rows["k"], strict=True)):

@@ -39,7 +39,11 @@ The ratios `tpot_p99_ratio`, `e2el_p99_ratio` and `goodput_ratio` (spec over
 baseline) have 95% bootstrap intervals (`_ci_low`, `_ci_high`) over the trace's
 requests, paired by request id: a drawn request brings its figures in both modes.
 The latency ratios are over the `paired_requests` that both modes served; for
-goodput a request that failed in a mode is simply not good there.
+goodput a request that failed in a mode is simply not good there. With several
+traces pooled (`load.traces`), the bootstrap draws traces, then requests within
+each drawn trace (`intervals.resample_cells`), and the interval is
+`intervals.interval`'s over the traces: with few traces, a t interval, as wide
+as what a few paths through the queue can tell.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import numpy as np
 
 from specbench.config import SloConfig
 from specbench.engine.results import ServeResult, StepRecord
+from specbench.intervals import interval, resample_cells
 
 PERCENTILES = (50, 90, 99)
 BOOTSTRAP_SAMPLES = 1000
@@ -179,10 +184,15 @@ def acceptance_by_occupancy(steps: list[StepRecord]) -> dict[str, float]:
 
 
 def ratio_metrics(
-    baseline: ServeResult, spec: ServeResult, slo: SloConfig | None = None, seed: int = 0
+    baseline: ServeResult,
+    spec: ServeResult,
+    slo: SloConfig | None = None,
+    seed: int = 0,
+    traces: Mapping[int, int] | None = None,
 ) -> dict[str, float]:
     """`tpot_p99_ratio`, `e2el_p99_ratio` and (with SLOs) `goodput_ratio`, spec over baseline, with 95% bootstrap
-    intervals over the trace's requests, paired by request id (a drawn request brings its figures in both modes).
+    intervals over the trace's requests, paired by request id (a drawn request brings its figures in both modes);
+    with `traces` (each request id's trace, when several are pooled), over the traces, then their requests.
 
     The latency ratios are over the requests both modes served (`paired_requests`); goodput counts a request
     that failed in a mode as not good there, so its ratio is goodput_rps_spec / goodput_rps_baseline. A ratio
@@ -232,15 +242,33 @@ def ratio_metrics(
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample whose TPOTs are all undefined
         points = ratios(np.arange(len(ids)))
-        draws = [ratios(rng.integers(0, len(ids), size=(_CHUNK, len(ids)))) for _ in range(BOOTSTRAP_SAMPLES // _CHUNK)]
+        if traces is None:
+            draws = [ratios(rng.integers(0, len(ids), (_CHUNK, len(ids)))) for _ in range(BOOTSTRAP_SAMPLES // _CHUNK)]
+        else:
+            picks = _trace_resamples(ids, traces, seed)
+            draws = [ratios(picks[start : start + _CHUNK]) for start in range(0, len(picks), _CHUNK)]
         for key, point in points.items():
             if not np.isfinite(point):
                 continue
             metrics[key] = float(point)
-            low, high = np.nanpercentile(np.concatenate([draw[key] for draw in draws]), (2.5, 97.5))
+            resampled = np.concatenate([draw[key] for draw in draws])
+            if traces is None:
+                low, high = np.nanpercentile(resampled, (2.5, 97.5))
+            else:
+                low, high = interval(float(point), resampled, len(set(traces.values())))
             if np.isfinite(low) and np.isfinite(high):
                 metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = float(low), float(high)
     return metrics
+
+
+def _trace_resamples(ids: np.ndarray, traces: Mapping[int, int], seed: int) -> np.ndarray:
+    """Bootstrap picks (indices into `ids`, one row a resample) that draw traces with replacement, then each drawn
+    trace's requests with replacement."""
+    trace_of = np.array([traces[int(request_id)] for request_id in ids])
+    groups = [np.flatnonzero(trace_of == trace) for trace in np.unique(trace_of)]
+    if len({len(group) for group in groups}) > 1:
+        raise ValueError("pooled traces must hold as many requests each to be resampled together")
+    return np.concatenate(groups)[resample_cells(len(groups), len(groups[0]), seed)]
 
 
 def _p99(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
@@ -249,13 +277,19 @@ def _p99(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
     return np.nanpercentile(drawn, 99, axis=-1) if np.isnan(drawn).any() else np.percentile(drawn, 99, axis=-1)
 
 
-def load_metrics(results: Mapping[str, ServeResult], slo: SloConfig | None = None, seed: int = 0) -> dict[str, float]:
-    """Every load figure of a run: each mode's, the speculative steps' acceptance by occupancy, and the ratios."""
+def load_metrics(
+    results: Mapping[str, ServeResult],
+    slo: SloConfig | None = None,
+    seed: int = 0,
+    traces: Mapping[int, int] | None = None,
+) -> dict[str, float]:
+    """Every load figure of a run: each mode's, the speculative steps' acceptance by occupancy, and the ratios
+    (`traces`: each request id's trace, when several are pooled; see `ratio_metrics`)."""
     metrics: dict[str, float] = {}
     for mode, result in results.items():
         metrics |= mode_metrics(result, mode, slo)
     if "spec" in results:
         metrics |= acceptance_by_occupancy(results["spec"].steps)
     if {"baseline", "spec"} <= set(results):
-        metrics |= ratio_metrics(results["baseline"], results["spec"], slo, seed)
+        metrics |= ratio_metrics(results["baseline"], results["spec"], slo, seed, traces)
     return metrics

@@ -8,13 +8,18 @@ The sibling of `pipeline.run_benchmark` for `mode=load`. The trace (arrival time
 prompts, length limits) is built once and replayed for the baseline and for speculative
 decoding by the continuous-batching scheduler (`engine.continuous`), on a real clock; with
 `repeats` > 1 it is replayed that many times, the order of the modes alternating. Each
-request is decoded with seed `seed + request id` in both modes. Figures pool the repeats
-(each mode's repeats laid end to end, as one longer trace); the ratio of the crossover
-metric is also given per repeat (`*_repeat_min/median/max`).
+request is decoded with seed `seed + request id` in both modes. Replays of one trace take
+nearly the same path through joins and leaves, so they measure the machine; with
+`load.traces` > 1, that many traces (arrival seeds `seed`, `seed + 1`, ...; the same prompts
+and limits) are each replayed `repeats` times, and the ratios' intervals resample traces,
+then requests within them. Figures pool every serve (each mode's serves laid end to end, as
+one longer trace); the ratio of the crossover metric is also given per serve
+(`*_repeat_min/median/max`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import dataclass, field, replace
@@ -46,29 +51,38 @@ WARMUP_REQUESTS = 2
 
 @dataclass
 class LoadResult:
-    """Everything one load run measured: the trace, each mode's served requests (one result per repeat), figures."""
+    """Everything one load run measured: its traces, each mode's served requests (one result per serve: repeat by
+    repeat, each trace in turn), figures."""
 
     title: str
     rate: float | None  # requests/s of a generated trace; None for a trace file
-    trace: list[TraceRequest]
-    served: dict[str, list[ServeResult]]  # mode -> one result per repeat
+    traces: list[list[TraceRequest]]  # load.traces of them (a trace file: one)
+    served: dict[str, list[ServeResult]]  # mode -> one result per serve, serve = repeat * len(traces) + trace
     metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
 
     def pooled(self) -> dict[str, ServeResult]:
-        """Each mode's repeats laid end to end (what the figures are computed on)."""
+        """Each mode's serves laid end to end (what the figures are computed on)."""
         return {mode: concatenate(results) for mode, results in self.served.items()}
 
+    def pooled_traces(self) -> dict[int, int]:
+        """The trace of each request id as `pooled` numbers them."""
+        traces, offset = {}, 0
+        for number, result in enumerate(self.served[MODES[0]]):
+            traces |= {request.request_id + offset: number % len(self.traces) for request in result.requests}
+            offset += len(result.requests)
+        return traces
+
     def steps_table(self) -> pd.DataFrame:
-        """One row per scheduler step: mode, repeat, when it ended, occupancy, rows computed, k, acceptance."""
+        """One row per scheduler step: mode, repeat, trace, when it ended, occupancy, rows computed, k, acceptance."""
         return pd.DataFrame(
             [
-                {"mode": mode, "repeat": repeat, **vars(step)}
+                {"mode": mode, "repeat": number // len(self.traces), "trace": number % len(self.traces), **vars(step)}
                 for mode, results in self.served.items()
-                for repeat, result in enumerate(results)
+                for number, result in enumerate(results)
                 for step in result.steps
             ],
-            columns=["mode", "repeat", "time_s", "rows", "computed_rows", "k", "proposed", "accepted"],
+            columns=["mode", "repeat", "trace", "time_s", "rows", "computed_rows", "k", "proposed", "accepted"],
         )
 
 
@@ -154,10 +168,12 @@ def warm_up_load(cfg: SpecBenchConfig, setup: RunSetup, requests: list[EngineReq
 
 
 def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: StepCosts | None) -> LoadResult:
-    """Build the trace at `rate` (or read it), warm up, serve it in both modes `repeats` times, and measure."""
+    """Build the traces at `rate` (or read the file's), warm up, serve each in both modes `repeats` times, and
+    measure."""
     load = cfg.load if rate is None else replace(cfg.load, rate=rate)
-    trace = build_trace(load, [prompt.pubid for prompt in setup.prompts], cfg.seed)
-    requests = engine_requests(cfg, setup, trace)
+    record_ids = [prompt.pubid for prompt in setup.prompts]
+    traces = [build_trace(load, record_ids, cfg.seed + number) for number in range(load.traces)]
+    requests = [engine_requests(cfg, setup, trace) for trace in traces]
     static = [drafter.name for drafter in setup.drafters if not hasattr(drafter, "admit")]
     if static:
         raise ConfigError(
@@ -166,15 +182,16 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
             "keep_rows and remove_rows."
         )
     schedule = LoadAwareK(costs, cfg.k_max) if cfg.k_schedule is KScheduleKind.load else k_schedule(cfg)
-    prepare_oracles(setup, [(request.prompt_ids, request.max_new_tokens) for request in requests])
-    warm_up_load(cfg, setup, requests, schedule)
+    prepare_oracles(setup, [(request.prompt_ids, request.max_new_tokens) for request in itertools.chain(*requests)])
+    warm_up_load(cfg, setup, requests[0], schedule)
     for oracle in (drafter for drafter in setup.drafters if isinstance(drafter, OracleDrafter)):
         oracle.off_path_steps = 0  # the warm-up's do not count
     served: dict[str, list[ServeResult]] = {mode: [] for mode in MODES}
     for repeat in range(cfg.repeats):
-        for mode in MODES if repeat % 2 == 0 else reversed(MODES):
-            served[mode].append(serve_mode(cfg, setup, mode, requests, schedule))
-    result = LoadResult(load_title(cfg, rate if rate is not None else None), rate, trace, served, {})
+        for trace_requests in requests:
+            for mode in MODES if repeat % 2 == 0 else reversed(MODES):
+                served[mode].append(serve_mode(cfg, setup, mode, trace_requests, schedule))
+    result = LoadResult(load_title(cfg, rate if rate is not None else None), rate, traces, served, {})
     result.metrics = load_run_metrics(cfg, result, costs, setup)
     if isinstance(schedule, LoadAwareK):  # what the schedule believed at the end: its prices followed the bound
         result.metrics |= {"k_schedule_alpha": schedule.alpha, "k_schedule_alpha_bound": schedule.alpha_bound}
@@ -184,21 +201,24 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
 
 
 def load_run_metrics(cfg: SpecBenchConfig, result: LoadResult, costs: StepCosts | None, setup: RunSetup) -> dict:
-    """The load figures on the pooled repeats, the per-repeat spread of the crossover ratio, the oracle's check,
+    """The load figures on the pooled serves, the per-serve spread of the crossover ratio, the oracle's check,
     the agreement of the two modes' outputs, and the model's prediction beside the measurement."""
     pooled = result.pooled()
-    metrics = load_metrics(pooled, cfg.slo, cfg.seed)
-    metrics["num_requests"] = len(result.trace)
+    traces = result.pooled_traces() if len(result.traces) > 1 else None
+    metrics = load_metrics(pooled, cfg.slo, cfg.seed, traces)
+    metrics["num_requests"] = len(result.traces[0])
     metrics["repeats"] = cfg.repeats
+    metrics["traces"] = len(result.traces)
     if result.rate is not None:
         metrics["request_rate"] = result.rate
     ratio_key = RATIO_KEYS[cfg.load.crossover_metric]
-    if cfg.repeats > 1:
-        per_repeat = [
-            load_metrics({mode: result.served[mode][repeat] for mode in MODES}, cfg.slo, cfg.seed).get(ratio_key)
-            for repeat in range(cfg.repeats)
+    serves = len(result.served["baseline"])
+    if serves > 1:
+        per_serve = [
+            load_metrics({mode: result.served[mode][number] for mode in MODES}, cfg.slo, cfg.seed).get(ratio_key)
+            for number in range(serves)
         ]
-        values = [value for value in per_repeat if value is not None and math.isfinite(value)]
+        values = [value for value in per_serve if value is not None and math.isfinite(value)]
         if values:
             metrics |= {
                 f"{ratio_key}_repeat_min": min(values),

@@ -56,7 +56,7 @@ def run_server_load(
             outcome = serve_on_server(cfg, trace, texts, mode, out_dir / f"repeat{repeat}", tokenizer)
             outcomes[mode].append(outcome)
     served = {mode: [outcome.result for outcome in results] for mode, results in outcomes.items()}
-    result = LoadResult(server_title(cfg, rate), rate, trace, served, {})
+    result = LoadResult(server_title(cfg, rate), rate, [trace], served, {})
     figures, result.notes = server_figures(outcomes)
     result.metrics = load_metrics(result.pooled(), cfg.slo, cfg.seed) | figures
     result.metrics |= {"num_requests": len(trace), "repeats": cfg.repeats}
