@@ -293,7 +293,7 @@ LOAD_METRICS: tuple[Metric, ...] = (
         summary=True,
     ),
     Metric("repeats", "Repeats", fmt="int", doc="load runs: times each trace was replayed in each mode"),
-    Metric("traces", "Arrival traces", fmt="int", doc="load runs on specbench's engine: arrival traces served"),
+    Metric("traces", "Arrival traces", fmt="int", doc="load runs: arrival traces served (load.traces)"),
     *(
         Metric(
             f"{ratio}_repeat_{{stat}}",

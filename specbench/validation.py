@@ -184,9 +184,9 @@ def validate_load(cfg: SpecBenchConfig) -> None:
         "load.arrival=trace.",
     )
     _check(
-        load.traces == 1 or cfg.engine.backend is not Backend.server,
-        f"load.traces={load.traces} runs on specbench's engine; against servers, sweep the seed instead "
-        "(specbench -m ... seed=0,1,2).",
+        load.traces == 1 or not (cfg.engine.backend is Backend.server and cfg.server.fixed_batch),
+        f"load.traces={load.traces} draws other arrival times, but server.fixed_batch=true sends every request at "
+        "time 0: leave load.traces=1 (repeats=N replays the batch).",
     )
     positive("load.burstiness", load.burstiness, "1 is Poisson, below 1 burstier, e.g. load.burstiness=0.5")
     _check(

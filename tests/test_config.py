@@ -154,7 +154,10 @@ def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, t
         (["load.burstiness=0"], r"^load\.burstiness=0\.0 is invalid"),
         (["load.num_requests=0"], r"^load\.num_requests=0 is invalid: send 1 or more requests"),
         (["load.traces=0"], r"^load\.traces=0 is invalid: serve 1 or more arrival traces per rate"),
-        (["load.traces=2", "engine.backend=server", *SERVER_URLS], r"^load\.traces=2 runs on specbench's engine"),
+        (
+            ["load.traces=2", "engine.backend=server", *SERVER_URLS, "server.fixed_batch=true"],
+            r"^load\.traces=2 draws other arrival times, but server\.fixed_batch=true sends every request at time 0",
+        ),
         (["load.max_batch_size=0"], r"^load\.max_batch_size=0 is invalid"),
         (["load.join_delay_factor=-1"], r"^load\.join_delay_factor=-1\.0 is invalid: give 0"),
         (

@@ -239,6 +239,12 @@ def test_a_started_server_that_never_becomes_ready_is_stopped_after_start_timeou
 # --- speculation counters ---------------------------------------------------------------------------------------
 
 
+def three_scripted_records() -> list[Record]:
+    """Prompts that script the fake server's answers: 3 chunks of 3 tokens, 2 of 5, 4 of 1."""
+    scripts = ("chunks=3 tokens=3", "chunks=2 tokens=5", "chunks=4 tokens=1")
+    return [Record(name, script, ()) for name, script in zip("abc", scripts, strict=True)]
+
+
 def test_a_run_pools_the_spec_servers_counters_over_repeats_and_alternates_the_modes(composer, tmp_path):
     # each chunk of T tokens is one draft of 4 tokens with T - 1 accepted; each repeat restarts both servers, whose
     # warm-up (the first prompt) is read before the trace
@@ -246,8 +252,7 @@ def test_a_run_pools_the_spec_servers_counters_over_repeats_and_alternates_the_m
                    f"server.spec_cmd='{SCRIPTED_CMD} --spec-k 4 # {{\"a\": 1}}'", "warmup_prompts=1", "repeats=2",
                    "load.arrival=constant", "load.rate=100", "load.num_requests=3",
                    "dataset.template='{question}'")  # fmt: skip
-    records = [Record(name, script, ()) for name, script in zip("abc", ("chunks=3 tokens=3", "chunks=2 tokens=5",
-                                                                       "chunks=4 tokens=1"), strict=True)]  # fmt: skip
+    records = three_scripted_records()
     result, artifacts = run_server_load(cfg, records, 100.0, tmp_path)
     drafts = 2 * (3 + 2 + 4)
     accepted = 2 * (3 * 2 + 2 * 4)
@@ -278,6 +283,21 @@ def test_a_run_pools_the_spec_servers_counters_over_repeats_and_alternates_the_m
     assert written[tmp_path / "repeat0/responses_baseline.jsonl"] < written[tmp_path / "repeat0/responses_spec.jsonl"]
     assert written[tmp_path / "repeat1/responses_spec.jsonl"] < written[tmp_path / "repeat1/responses_baseline.jsonl"]
     assert (tmp_path / "repeat0" / "server_spec.log").read_text().startswith("==> specbench started: ")
+
+
+def test_several_traces_are_each_served_by_both_servers_and_resampled_whole(composer, tmp_path):
+    cfg = composer("mode=load", "engine.backend=server", f"server.baseline_cmd='{SCRIPTED_CMD}'",
+                   f"server.spec_cmd='{SCRIPTED_CMD} --spec-k 4 # {{\"a\": 1}}'", "warmup_prompts=1",
+                   "load.traces=2", "load.rate=100", "load.num_requests=3",
+                   "dataset.template='{question}'")  # fmt: skip
+    records = three_scripted_records()
+    result, artifacts = run_server_load(cfg, records, 100.0, tmp_path)
+    assert [len(result.served[mode]) for mode in ("baseline", "spec")] == [2, 2]
+    arrivals = [[request.arrival_s for request in trace] for trace in result.traces]
+    assert len(arrivals) == 2 and arrivals[0] != arrivals[1]  # arrival seeds 0 and 1
+    assert result.metrics["traces"] == 2 and result.metrics["num_requests"] == 3
+    assert result.metrics["paired_requests"] == 6 and result.metrics["server_drafts"] == 2 * (3 + 2 + 4)
+    assert {path.parent.name for path in artifacts} == {"repeat0-trace0", "repeat0-trace1"}
 
 
 def test_a_baseline_that_drafts_or_a_server_without_counters_is_said_in_one_line(composer, tmp_path):

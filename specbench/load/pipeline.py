@@ -65,8 +65,11 @@ class LoadResult:
         """Each mode's serves laid end to end (what the figures are computed on)."""
         return {mode: concatenate(results) for mode, results in self.served.items()}
 
-    def pooled_traces(self) -> dict[int, int]:
-        """The trace of each request id as `pooled` numbers them."""
+    def pooled_traces(self) -> dict[int, int] | None:
+        """The trace of each request id as `pooled` numbers them (what the ratios' bootstrap draws first); None with
+        one trace."""
+        if len(self.traces) == 1:
+            return None
         traces, offset = {}, 0
         for number, result in enumerate(self.served[MODES[0]]):
             traces |= {request.request_id + offset: number % len(self.traces) for request in result.requests}
@@ -204,8 +207,7 @@ def load_run_metrics(cfg: SpecBenchConfig, result: LoadResult, costs: StepCosts 
     """The load figures on the pooled serves, the per-serve spread of the crossover ratio, the oracle's check,
     the agreement of the two modes' outputs, and the model's prediction beside the measurement."""
     pooled = result.pooled()
-    traces = result.pooled_traces() if len(result.traces) > 1 else None
-    metrics = load_metrics(pooled, cfg.slo, cfg.seed, traces)
+    metrics = load_metrics(pooled, cfg.slo, cfg.seed, result.pooled_traces())
     metrics["num_requests"] = len(result.traces[0])
     metrics["repeats"] = cfg.repeats
     metrics["traces"] = len(result.traces)

@@ -50,11 +50,12 @@ class ModeOutcome:
     artifacts: list[Path] = field(default_factory=list)
 
 
-def server_trace(cfg: SpecBenchConfig, record_ids: Sequence[str]) -> list[TraceRequest]:
-    """The run's trace: the load settings' (`build_trace`), or with server.fixed_batch=true every request at time 0
-    (load.num_requests of them under mode=load, prompts cycling; each prompt once under mode=batch)."""
+def server_trace(cfg: SpecBenchConfig, record_ids: Sequence[str], seed: int | None = None) -> list[TraceRequest]:
+    """The run's trace: the load settings' (`build_trace`, arrivals drawn from `seed`, by default the run's), or with
+    server.fixed_batch=true every request at time 0 (load.num_requests of them under mode=load, prompts cycling;
+    each prompt once under mode=batch)."""
     if not cfg.server.fixed_batch:
-        return build_trace(cfg.load, record_ids, cfg.seed)
+        return build_trace(cfg.load, record_ids, cfg.seed if seed is None else seed)
     count = len(record_ids) if cfg.mode is BenchmarkMode.batch else cfg.load.num_requests
     log.warning("server.fixed_batch=true: all %d requests are sent at time 0 (a fixed batch, not arrivals)", count)
     return [

@@ -5,11 +5,12 @@ engine.backend=server.
 
 No model is loaded: the prompts are the dataset's records filled into `dataset.template`
 (as text: the server tokenizes, and with server.chat=true applies its own chat template),
-the trace is built once (`mode.server_trace`) and served by each mode's server in turn,
-`repeats` times with the order of the modes alternating, as for our engine. The figures
-are the load metrics of the pooled repeats (`load.metrics.load_metrics`), the servers'
-own (`mode.server_figures`), and at temperature 0 the agreement of the two modes'
-texts. `artifacts` are each mode's responses and server logs, under `out_dir/repeat<i>`.
+the traces are built once (`mode.server_trace`; `load.traces` of them) and each is served
+by each mode's server in turn, `repeats` times with the order of the modes alternating, as
+for our engine. The figures are the load metrics of the pooled serves
+(`load.metrics.load_metrics`), the servers' own (`mode.server_figures`), and at temperature 0
+the agreement of the two modes' texts. `artifacts` are each mode's responses and server
+logs, under `out_dir/repeat<i>` (`out_dir/repeat<i>-trace<j>` with several traces).
 """
 
 from __future__ import annotations
@@ -44,22 +45,24 @@ def server_title(cfg: SpecBenchConfig, rate: float | None) -> str:
 def run_server_load(
     cfg: SpecBenchConfig, records: list[Record], rate: float | None, out_dir: Path, tokenizer: Any = None
 ) -> tuple[LoadResult, list[Path]]:
-    """Serve the trace at `rate` (None: load.trace_path's, or a fixed batch) on both modes' servers `repeats` times,
+    """Serve the traces at `rate` (None: load.trace_path's, or a fixed batch) on both modes' servers `repeats` times,
     and measure; the result and its artifacts. Raises ServerError when a server does not answer, exits or never
     becomes ready."""
     cfg = cfg if rate is None else replace(cfg, load=replace(cfg.load, rate=rate))
-    trace = server_trace(cfg, [record.pubid for record in records])
+    record_ids = [record.pubid for record in records]
+    traces = [server_trace(cfg, record_ids, cfg.seed + number) for number in range(cfg.load.traces)]
     texts = prompt_texts(cfg, records)
     outcomes: dict[str, list[ModeOutcome]] = {mode: [] for mode in MODES}
     for repeat in range(cfg.repeats):
-        for mode in MODES if repeat % 2 == 0 else reversed(MODES):
-            outcome = serve_on_server(cfg, trace, texts, mode, out_dir / f"repeat{repeat}", tokenizer)
-            outcomes[mode].append(outcome)
+        for number, trace in enumerate(traces):
+            folder = out_dir / (f"repeat{repeat}" if len(traces) == 1 else f"repeat{repeat}-trace{number}")
+            for mode in MODES if repeat % 2 == 0 else reversed(MODES):
+                outcomes[mode].append(serve_on_server(cfg, trace, texts, mode, folder, tokenizer))
     served = {mode: [outcome.result for outcome in results] for mode, results in outcomes.items()}
-    result = LoadResult(server_title(cfg, rate), rate, [trace], served, {})
+    result = LoadResult(server_title(cfg, rate), rate, traces, served, {})
     figures, result.notes = server_figures(outcomes)
-    result.metrics = load_metrics(result.pooled(), cfg.slo, cfg.seed) | figures
-    result.metrics |= {"num_requests": len(trace), "repeats": cfg.repeats}
+    result.metrics = load_metrics(result.pooled(), cfg.slo, cfg.seed, result.pooled_traces()) | figures
+    result.metrics |= {"num_requests": len(traces[0]), "repeats": cfg.repeats, "traces": len(traces)}
     if rate is not None and not cfg.server.fixed_batch:
         result.metrics["request_rate"] = rate
     if not cfg.generation.do_sample:
