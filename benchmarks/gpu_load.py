@@ -401,7 +401,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 for mode in order:
                     k = {"load": schedule, "plain": ConstantPolicy(0, k_max), "baseline": 1}.get(mode)
                     if k is None:  # kN, or policyN: N through the step policy's path
-                        k = int(mode[1:]) if mode[0] == "k" else ConstantPolicy(int(mode[6:]), k_max)
+                        k = int(mode[1:]) if mode[0] == "k" else ConstantPolicy(int(mode.removeprefix("policy")), k_max)
                     served = _serve(verifier, [] if mode == "baseline" else [oracle], requests, k, args.max_batch,
                                     args.join_delay_factor)  # fmt: skip
                     metrics = mode_metrics(served, "x")
