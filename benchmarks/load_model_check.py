@@ -14,7 +14,8 @@ section are read; no device is needed.
 - `k_schedule` with `--step-series` (each request's admission, first token and finish): at each rate,
   the model's mean TPOT for the baseline and each fixed k (at `--alpha`), with p taken both ways, the
   median latency and `join_seconds_per_request` (what the CLI gives it now), against the measured mean,
-  and the crossover rate it predicts from that rate's p (TPOT, searched in 1-1024 requests/s); and the
+  and the crossover rate it predicts from that rate's p (where the p99 TPOTs cross; the mean TPOTs before
+  session eighteen; searched in 1-1024 requests/s); and the
   same from a candidate model fitted to each mode's served steps (`ServedSteps`: the served step's
   ratio to the surface, and a join term per step), not yet the CLI's.
 

@@ -259,7 +259,7 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "predicted_crossover_rate",
         "Crossover rate (predicted)",
         "requests/s",
-        doc="load model: where the predicted mean TPOT (or E2EL) of the two modes cross",
+        doc="load model: where the predicted p99 TPOT (or p99 E2EL) of the two modes cross",
         summary=True,
     ),
     _predicted_per_mode(
@@ -269,6 +269,19 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "tpot_ms", "Time per output token", "ms", "step time at the occupancy / tokens per step / decode share"
     ),
     _predicted_per_mode("e2el_ms", "End-to-end latency", "ms", "prefill + decode steps x step time (not saturated)"),
+    _predicted_per_mode(
+        "tpot_ms_p99",
+        "Time per output token p99",
+        "ms",
+        "step time x the steps the row unlucky at p99 of acceptances needs / its decode tokens / decode share (the "
+        "baseline's: its mean)",
+    ),
+    _predicted_per_mode(
+        "e2el_ms_p99",
+        "End-to-end latency p99",
+        "ms",
+        "prefill + the steps the row unlucky at p99 of acceptances needs x step time (not saturated)",
+    ),
     _predicted_per_mode(
         "output_tokens_per_s", "Output tokens per second", "tokens/s", "requests admitted per second x output tokens"
     ),
@@ -362,6 +375,18 @@ LOAD_METRICS: tuple[Metric, ...] = (
     ),
     Metric("predicted_tpot_ratio", "TPOT, spec / baseline (predicted)", "x", doc="load model: predicted TPOT ratio"),
     Metric("predicted_e2el_ratio", "E2EL, spec / baseline (predicted)", "x", doc="load model: predicted E2EL ratio"),
+    Metric(
+        "predicted_tpot_p99_ratio",
+        "TPOT p99, spec / baseline (predicted)",
+        "x",
+        doc="load model: predicted p99 TPOT ratio (beside tpot_p99_ratio)",
+    ),
+    Metric(
+        "predicted_e2el_p99_ratio",
+        "E2EL p99, spec / baseline (predicted)",
+        "x",
+        doc="load model: predicted p99 E2EL ratio (beside e2el_p99_ratio)",
+    ),
 )
 
 

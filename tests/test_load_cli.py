@@ -38,7 +38,7 @@ def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_
     for key in ("ttft_ms_p99_spec", "tpot_ms_p99_baseline", "e2el_ms_p50_spec", "queue_ms_mean_baseline",
                 "output_tokens_per_s_spec", "requests_per_s_baseline", "occupancy_mean_spec", "occupancy_max_baseline",
                 "tpot_p99_ratio", "tpot_p99_ratio_ci_low", "e2el_p99_ratio", "acceptance_rate",
-                "tpot_p99_ratio_repeat_median", "predicted_tpot_ratio"):  # fmt: skip
+                "tpot_p99_ratio_repeat_median", "predicted_tpot_ratio", "predicted_tpot_p99_ratio"):  # fmt: skip
         assert key in metrics, key
     assert metrics["num_requests"] == 6 and metrics["repeats"] == 2 and metrics["request_rate"] == 40
     assert metrics["disagreement_rate"] == 0  # float32 greedy: every request equals its baseline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from specbench.config import CrossoverMetric
@@ -14,6 +15,7 @@ from specbench.load.model import (
     join_seconds_per_request,
     predicted_crossover_rate,
     predicted_load_metrics,
+    quantile_steps,
     tokens_per_step,
 )
 
@@ -57,6 +59,30 @@ def test_tokens_per_step():
     assert tokens_per_step(0.0, 4) == 1
 
 
+def test_quantile_steps_by_hand():
+    # alpha = 0.5, k = 2: a step yields 1 token (p 0.5), 2 (0.25) or 3 (0.25). Two tokens take one step with
+    # p 0.5 and two with p 0.5, so the 99th percentile row needs 2; the 40th needs 1.
+    assert quantile_steps(0.5, 2, 2) == 2
+    assert quantile_steps(0.5, 2, 2, quantile=0.4) == 1
+    # three tokens in one step: 0.25; in two: all but the 1 + 1 path (0.25), so 0.75; in three: 1
+    assert quantile_steps(0.5, 2, 3, quantile=0.75) == 2
+    assert quantile_steps(0.5, 2, 3, quantile=0.76) == 3
+    assert quantile_steps(0.0, 4, 10) == 10  # nothing accepted: one token a step, like the baseline (k = 0)
+    assert quantile_steps(0.9, 0, 10) == 10
+    assert quantile_steps(1.0, 4, 10) == 2  # every draft accepted: 5 tokens a step
+
+
+def test_quantile_steps_match_simulated_rows():
+    # 20,000 rows drawing their acceptances (alpha = 0.8, k = 4) until 63 tokens are out: the 99th percentile
+    # of their step counts is the computed one (within a step: the empirical quantile of a discrete law)
+    generator = np.random.default_rng(0)
+    accepted = np.minimum(generator.geometric(0.2, size=(20_000, 63)) - 1, 4)  # j < 4 w.p. 0.8^j 0.2, else 4
+    emitted = np.cumsum(1 + accepted, axis=1)
+    steps = 1 + np.argmax(emitted >= 63, axis=1)
+    assert abs(np.quantile(steps, 0.99) - quantile_steps(0.8, 4, 63)) <= 1
+    assert quantile_steps(0.8, 4, 63) > 63 / tokens_per_step(0.8, 4) * 1.2  # 25 steps against the mean's 18.7
+
+
 def test_occupancy_tpot_and_e2el_with_prefill_by_hand():
     # baseline: step 10 ms flat, prefill p = 50 ms, 11 tokens (10 decode steps), 10 requests/s:
     # prefills take a p = 0.5 of the time, so T = 0.05 + 10 x 0.01 / 0.5 = 0.25 s, b = 10 x 0.25 = 2.5,
@@ -77,6 +103,15 @@ def test_occupancy_tpot_and_e2el_with_prefill_by_hand():
     assert metrics["predicted_occupancy_spec"] == pytest.approx(2.1)
     assert metrics["predicted_tpot_ratio"] == pytest.approx(16 / 20)
     assert metrics["predicted_e2el_ratio"] == pytest.approx(210 / 250)
+    # p99s: the baseline's rows all take 10 steps (its means); speculation's row unlucky at p99 takes
+    # quantile_steps(0.5, 2, 10) = 9 steps of 14 ms over a half share: 9 x 28 / 10 ms a token, 0.05 + 9 x 0.028 s
+    assert quantile_steps(0.5, 2, 10) == 9
+    assert metrics["predicted_tpot_ms_p99_baseline"] == pytest.approx(20.0)
+    assert metrics["predicted_e2el_ms_p99_baseline"] == pytest.approx(250.0)
+    assert metrics["predicted_tpot_ms_p99_spec"] == pytest.approx(9 * 28 / 10)
+    assert metrics["predicted_e2el_ms_p99_spec"] == pytest.approx(50 + 9 * 28)
+    assert metrics["predicted_tpot_p99_ratio"] == pytest.approx(25.2 / 20)
+    assert metrics["predicted_e2el_p99_ratio"] == pytest.approx(302 / 250)
 
 
 def test_a_full_batch_saturates_at_its_capacity():
@@ -117,11 +152,7 @@ def test_the_smallest_of_several_fixed_points_is_the_one_a_filling_server_reache
 CROSSING = surface(lambda b: 0.01, lambda b: 0.01 + 0.005 * math.log2(b), lambda b: 0.00125)
 
 
-def test_the_predicted_crossover_rate_by_hand():
-    rate = predicted_crossover_rate(
-        CROSSING, 0.5, 2, mean_output_tokens=11, prefill_s=0.0, max_batch_size=64, rate_min=1.0, rate_max=100.0
-    )
-    assert rate == pytest.approx(20.0, rel=1e-6)
+def test_the_mean_tpots_cross_by_hand():
     at = predicted_load_metrics(CROSSING, 0.5, 2, 20.0, 11, 0.0, 64)
     assert at["predicted_tpot_ratio"] == pytest.approx(1.0)
     assert at["predicted_occupancy_spec"] == pytest.approx(2.0)
@@ -129,12 +160,32 @@ def test_the_predicted_crossover_rate_by_hand():
     assert below["predicted_tpot_ratio"] < 1
 
 
+# With 3 output tokens (2 decode tokens) at alpha = 0.5, k = 2, the row unlucky at p99 needs 2 steps, as a baseline
+# row does (quantile_steps(0.5, 2, 2) = 2): speculation's p99 TPOT is its step, 2 x 1.25 + 5 + 2.5 log2(b) ms,
+# against the baseline's 10 ms: equal at b = 2. There a request stays 2 / 1.75 steps of 10 ms (no prefill), so
+# b = 2 at 2 / (0.02 / 1.75) = 175 requests/s. Its mean TPOT, a step over 1.75 tokens, wins well beyond.
+P99_CROSSING = surface(lambda b: 0.01, lambda b: 0.005 + 0.0025 * math.log2(b), lambda b: 0.00125)
+
+
+def test_the_predicted_crossover_rate_is_where_the_p99s_cross():
+    common = {"mean_output_tokens": 3, "prefill_s": 0.0, "max_batch_size": 64}
+    rate = predicted_crossover_rate(P99_CROSSING, 0.5, 2, rate_min=1.0, rate_max=1000.0, **common)
+    assert rate == pytest.approx(175.0, rel=1e-6)
+    at = predicted_load_metrics(P99_CROSSING, 0.5, 2, 175.0, **common)
+    assert at["predicted_tpot_p99_ratio"] == pytest.approx(1.0)
+    assert at["predicted_tpot_ratio"] == pytest.approx(1 / 1.75)
+    # the means would never cross: 2 / 1.75 steps a request, the p99's 2, lose at half the speedup
+    assert predicted_crossover_rate(CROSSING, 0.5, 2, rate_min=1.0, rate_max=100.0, **common) is None
+    assert predicted_load_metrics(CROSSING, 0.5, 2, 1.0, **common)["predicted_tpot_p99_ratio"] > 1
+
+
 def test_no_predicted_crossover_inside_the_range_or_for_goodput():
-    common = {"mean_output_tokens": 11, "prefill_s": 0.0, "max_batch_size": 64}
-    assert predicted_crossover_rate(CROSSING, 0.5, 2, rate_min=1.0, rate_max=15.0, **common) is None
-    assert predicted_crossover_rate(FLAT, 0.5, 2, rate_min=1.0, rate_max=100.0, **common) is None  # always wins
+    common = {"mean_output_tokens": 3, "prefill_s": 0.0, "max_batch_size": 64}
+    assert predicted_crossover_rate(P99_CROSSING, 0.5, 2, rate_min=1.0, rate_max=150.0, **common) is None
+    always_wins = surface(lambda b: 0.01, lambda b: 0.005, lambda b: 0.001)  # a 7 ms step against 10
+    assert predicted_crossover_rate(always_wins, 0.5, 2, rate_min=1.0, rate_max=1000.0, **common) is None
     goodput = CrossoverMetric.goodput
-    assert predicted_crossover_rate(CROSSING, 0.5, 2, rate_min=1.0, rate_max=100.0, metric=goodput, **common) is None
+    assert predicted_crossover_rate(P99_CROSSING, 0.5, 2, rate_min=1.0, rate_max=1e3, metric=goodput, **common) is None
 
 
 def test_a_mode_that_saturates_loses_from_there_on():

@@ -32,12 +32,12 @@ def load_metrics(rate: float) -> dict[str, float]:
         "occupancy_mean_baseline": 10 * rate,
         "occupancy_mean_spec": 8 * rate,
         "predicted_occupancy_spec": 7 * rate,
-        "predicted_tpot_ms_spec": tpot_spec * 0.9,
+        "predicted_tpot_ms_p99_spec": tpot_spec * 0.9,
         "tpot_p99_ratio": tpot_spec / tpot_baseline,
         "tpot_p99_ratio_ci_low": tpot_spec / tpot_baseline - 0.05,
         "tpot_p99_ratio_ci_high": tpot_spec / tpot_baseline + 0.05,
         "e2el_p99_ratio": tpot_spec / tpot_baseline,
-        "predicted_tpot_ratio": 0.95 * tpot_spec / tpot_baseline,
+        "predicted_tpot_p99_ratio": 0.95 * tpot_spec / tpot_baseline,
     }
 
 
@@ -112,12 +112,12 @@ def test_probe_table_has_one_row_per_rate_with_ratios_and_predictions():
     first = table.iloc[0]  # 0.05 requests/s: TPOT 75 vs 105 ms
     assert first["Time per output token p99 (ms)"] == pytest.approx(75)
     assert first["Time per output token p99, baseline (ms)"] == pytest.approx(105)
-    assert first["Time per output token (predicted) (ms)"] == pytest.approx(67.5)
+    assert first["Time per output token p99 (predicted) (ms)"] == pytest.approx(67.5)
     assert first["Occupancy, mean (rows)"] == pytest.approx(0.4)
     assert first["Occupancy (predicted) (rows)"] == pytest.approx(0.35)
     assert first["TPOT p99, spec / baseline (x)"] == "0.714 [0.664, 0.764]"
     assert first["E2EL p99, spec / baseline (x)"] == "0.714"  # no interval logged
-    assert first["TPOT, spec / baseline (predicted) (x)"] == "0.679"
+    assert first["TPOT p99, spec / baseline (predicted) (x)"] == "0.679"
     assert "Goodput, spec / baseline (x)" not in table
 
 

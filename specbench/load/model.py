@@ -34,19 +34,30 @@ queue grows, and E2EL is not predicted.
 
 Predicted per mode: occupancy b, TPOT = s(b) / (E (1 - a p)), E2EL = T (TTFT = p;
 the wait for the running step to end and queueing below saturation are left out),
-output tokens/s = a L, and the capacity a(max_batch_size). These are means: the
-crossover they predict is where the mean TPOTs (or E2ELs) cross, which the
-measured p99s need not match.
+output tokens/s = a L, and the capacity a(max_batch_size). These are means.
 
-The predicted crossover rate is where the speculative and baseline TPOT (or
-E2EL) predictions cross, searched on a log grid of rates and refined by
+The p99s add each row's acceptance luck, which the means hide: a baseline row
+emits one token a step, so its L - 1 decode tokens take L - 1 steps whatever
+happens, but a speculating row draws its own acceptances, and the row unlucky
+at the 99th percentile needs N99 steps, more than the mean (L - 1) / E.
+N is the first step at which the tokens emitted reach L - 1, each step yielding
+1 + j tokens, j the accepted drafts (j < k with probability alpha^j (1 - alpha),
+j = k with alpha^k); its distribution is computed exactly (`quantile_steps`). So
+p99 TPOT = s(b) N99 / ((L - 1)(1 - a p)) and p99 E2EL = p + N99 s(b) / (1 - a p),
+for the baseline its means. At alpha = 0.8, k = 4 and 64 tokens N99 is 25 steps,
+1.33x the mean's 18.7. What the model leaves out moves both modes alike: the stalls of joins
+(every row waits for them) and the spread of output lengths (L is the mean).
+
+The predicted crossover rate is where the speculative and baseline p99 TPOT (or
+p99 E2EL) predictions cross, searched on a log grid of rates and refined by
 bisection. For E2EL a saturated mode loses to one that is not, and two saturated
 modes compare by capacity. The model predicts no goodput: it needs the latency
-distributions, not their means.
+distributions, not two quantiles.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +71,7 @@ from specbench.engine.results import ServedRequest
 _GRID = 64  # rates scanned for the predicted crossover, log-spaced
 _OCCUPANCY_GRID = 128  # occupancies scanned for the smallest fixed point
 _BISECTIONS = 60
+TAIL_QUANTILE = 0.99  # the p99s the load runs measure
 
 
 def interpolate_log_batch(values: Mapping[int, float], batch: float) -> float:
@@ -68,13 +80,34 @@ def interpolate_log_batch(values: Mapping[int, float], batch: float) -> float:
     return float(np.interp(math.log(max(batch, sizes[0])), np.log(sizes), [values[size] for size in sizes]))
 
 
+@functools.lru_cache(maxsize=64)
+def quantile_steps(alpha: float, k: int, tokens: int, quantile: float = TAIL_QUANTILE) -> int:
+    """The steps a row needs to emit `tokens` tokens at `quantile` of rows: each step yields 1 + j tokens, j the
+    accepted of k drafts (j < k with probability alpha^j (1 - alpha), k with alpha^k; k = 0 is the baseline)."""
+    if k == 0 or alpha <= 0:
+        return tokens
+    if alpha >= 1:
+        return math.ceil(tokens / (k + 1))
+    yields = np.array([0.0, *(alpha**j * (1 - alpha) for j in range(k)), alpha**k])  # P(a step yields 0..k+1)
+    below = np.zeros(tokens)  # P(t tokens emitted so far, still short of `tokens`), after each step
+    below[0] = 1.0
+    steps = 0
+    while below.sum() > 1 - quantile:
+        below = np.convolve(below, yields)[:tokens]
+        steps += 1
+    return steps
+
+
 @dataclass(frozen=True)
 class ModeModel:
-    """One mode's step cost by occupancy, tokens per step and per-request prefill."""
+    """One mode's step cost by occupancy, tokens per step and per-request prefill, and the drafts (alpha, k) that
+    spread its rows' step counts (k = 0 for the baseline)."""
 
     step_s: Mapping[int, float]  # by measured batch size
     tokens_per_step: float
     prefill_s: float
+    alpha: float = 0.0
+    k: int = 0
 
     def step_at(self, occupancy: float) -> float:
         return interpolate_log_batch(self.step_s, occupancy)
@@ -98,6 +131,8 @@ class ModePrediction:
     step_s: float
     tpot_s: float
     e2el_s: float | None  # None when saturated: the queue grows with the trace
+    tpot_p99_s: float  # the row unlucky at the 99th percentile of acceptances
+    e2el_p99_s: float | None
     admitted_rps: float  # requests/s joining (and leaving) the batch
     capacity_rps: float  # the most requests/s the mode sustains with a full batch
     saturated: bool
@@ -114,11 +149,16 @@ def predict_mode(mode: ModeModel, rate: float, mean_output_tokens: float, max_ba
         occupancy, admitted = _smallest_occupancy(mode, rate, decode_steps, max_batch_size), rate
     step = mode.step_at(occupancy)
     decode_share = 1 - admitted * mode.prefill_s  # of the time, what the prefills of joining requests leave
+    tpot = step / (mode.tokens_per_step * decode_share)
+    decode_tokens = round(mean_output_tokens - 1)
+    tail_steps = quantile_steps(mode.alpha, mode.k, decode_tokens) if decode_tokens >= 1 else 0
     return ModePrediction(
         occupancy=occupancy,
         step_s=step,
-        tpot_s=step / (mode.tokens_per_step * decode_share),
+        tpot_s=tpot,
         e2el_s=None if saturated else mode.prefill_s + decode_steps * step / decode_share,
+        tpot_p99_s=tail_steps * step / (decode_tokens * decode_share) if decode_tokens >= 1 else tpot,
+        e2el_p99_s=None if saturated else mode.prefill_s + tail_steps * step / decode_share,
         admitted_rps=admitted,
         capacity_rps=capacity,
         saturated=saturated,
@@ -166,6 +206,8 @@ def mode_models(
             {size: k * sum(costs.draft_s[size].values()) + costs.verify_s[size][k + 1] for size in sizes},
             tokens_per_step(alpha, k),
             prefill_s + draft_prefill_s,
+            alpha,
+            k,
         ),
     }
 
@@ -181,7 +223,8 @@ def predicted_load_metrics(
     draft_prefill_s: float = 0.0,
 ) -> dict[str, float]:
     """The model's figures at arrival rate `rate`, to log beside the measured ones (ms, requests/s; keys
-    `predicted_*_{mode}`, and `predicted_tpot_ratio`, `predicted_e2el_ratio` spec over baseline)."""
+    `predicted_*_{mode}`, and `predicted_tpot_ratio`, `predicted_e2el_ratio` spec over baseline, of the means, and
+    `predicted_tpot_p99_ratio`, `predicted_e2el_p99_ratio` of the p99s)."""
     metrics: dict[str, float] = {}
     predictions = {
         mode: predict_mode(model, rate, mean_output_tokens, max_batch_size)
@@ -190,14 +233,20 @@ def predicted_load_metrics(
     for mode, prediction in predictions.items():
         metrics[f"predicted_occupancy_{mode}"] = prediction.occupancy
         metrics[f"predicted_tpot_ms_{mode}"] = 1000 * prediction.tpot_s
-        if prediction.e2el_s is not None:
+        metrics[f"predicted_tpot_ms_p99_{mode}"] = 1000 * prediction.tpot_p99_s
+        if prediction.e2el_s is not None and prediction.e2el_p99_s is not None:
             metrics[f"predicted_e2el_ms_{mode}"] = 1000 * prediction.e2el_s
+            metrics[f"predicted_e2el_ms_p99_{mode}"] = 1000 * prediction.e2el_p99_s
         metrics[f"predicted_output_tokens_per_s_{mode}"] = prediction.admitted_rps * mean_output_tokens
         metrics[f"predicted_capacity_rps_{mode}"] = prediction.capacity_rps
         metrics[f"predicted_saturated_{mode}"] = float(prediction.saturated)
-    metrics["predicted_tpot_ratio"] = predictions["spec"].tpot_s / predictions["baseline"].tpot_s
-    if predictions["spec"].e2el_s is not None and predictions["baseline"].e2el_s is not None:
-        metrics["predicted_e2el_ratio"] = predictions["spec"].e2el_s / predictions["baseline"].e2el_s
+    spec, baseline = predictions["spec"], predictions["baseline"]
+    metrics["predicted_tpot_ratio"] = spec.tpot_s / baseline.tpot_s
+    metrics["predicted_tpot_p99_ratio"] = spec.tpot_p99_s / baseline.tpot_p99_s
+    if spec.e2el_s is not None and baseline.e2el_s is not None:
+        metrics["predicted_e2el_ratio"] = spec.e2el_s / baseline.e2el_s
+    if spec.e2el_p99_s is not None and baseline.e2el_p99_s is not None:
+        metrics["predicted_e2el_p99_ratio"] = spec.e2el_p99_s / baseline.e2el_p99_s
     return metrics
 
 
@@ -205,9 +254,9 @@ def _spec_advantage(predictions: Mapping[str, ModePrediction], metric: Crossover
     """Above 0 where the model says speculation wins on `metric` (a log ratio, baseline over spec)."""
     baseline, spec = predictions["baseline"], predictions["spec"]
     if metric is CrossoverMetric.tpot_p99:
-        return math.log(baseline.tpot_s / spec.tpot_s)
-    if baseline.e2el_s is not None and spec.e2el_s is not None:
-        return math.log(baseline.e2el_s / spec.e2el_s)
+        return math.log(baseline.tpot_p99_s / spec.tpot_p99_s)
+    if baseline.e2el_p99_s is not None and spec.e2el_p99_s is not None:
+        return math.log(baseline.e2el_p99_s / spec.e2el_p99_s)
     return math.log(spec.capacity_rps / baseline.capacity_rps)  # the mode that saturates later wins
 
 
@@ -223,8 +272,8 @@ def predicted_crossover_rate(
     metric: CrossoverMetric = CrossoverMetric.tpot_p99,
     draft_prefill_s: float = 0.0,
 ) -> float | None:
-    """The lowest rate in [rate_min, rate_max] where the model's speculative and baseline TPOT (or E2EL) cross;
-    None when they do not cross in the range, or for goodput (which the model does not predict)."""
+    """The lowest rate in [rate_min, rate_max] where the model's speculative and baseline p99 TPOT (or p99 E2EL)
+    cross; None when they do not cross in the range, or for goodput (which the model does not predict)."""
     if metric is CrossoverMetric.goodput:
         return None
     models = mode_models(costs, alpha, k, prefill_s, draft_prefill_s)

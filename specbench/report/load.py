@@ -24,7 +24,7 @@ from specbench.report.query import summary_table
 
 LATENCY_PANELS = (("ttft", "Time to first token"), ("tpot", "Time per output token"), ("e2el", "End-to-end latency"))
 RATIOS = ("tpot_p99_ratio", "e2el_p99_ratio", "goodput_ratio")
-PREDICTED_RATIOS = {"tpot_p99_ratio": "predicted_tpot_ratio", "e2el_p99_ratio": "predicted_e2el_ratio"}
+PREDICTED_RATIOS = {"tpot_p99_ratio": "predicted_tpot_p99_ratio", "e2el_p99_ratio": "predicted_e2el_p99_ratio"}
 SERIES_BY = ("verifier", "backend", "draft", "k", "sampling")
 
 
@@ -175,7 +175,7 @@ PROBE_COLUMNS = (
     "ttft_ms_p99_spec",
     "tpot_ms_p99_baseline",
     "tpot_ms_p99_spec",
-    "predicted_tpot_ms_spec",
+    "predicted_tpot_ms_p99_spec",
     "e2el_ms_p99_baseline",
     "e2el_ms_p99_spec",
     "goodput_rps_baseline",
@@ -192,7 +192,7 @@ def probe_table(runs: pd.DataFrame) -> pd.DataFrame:
     for key in PROBE_COLUMNS:
         if key in probes:
             rows[col(key)] = probes[key].to_numpy()
-    for key in (*RATIOS, "predicted_tpot_ratio"):
+    for key in (*RATIOS, "predicted_tpot_p99_ratio"):
         if key in probes:
             rows[col(key)] = [_with_interval(row, key) for row in probes.to_dict("records")]
     return rows.dropna(axis=1, how="all").reset_index(drop=True)
