@@ -1,8 +1,8 @@
 """The load model against a load benchmark's measurements: where its TPOT prediction goes wrong, and by how much.
 
-    python benchmarks/load_model_check.py RESULTS.json [--surface FILE] [--out FILE]
+    python benchmarks/load_model_check.py RESULTS.json [RESULTS.json ...] [--surface FILE] [--out FILE]
 
-RESULTS.json is a `gpu_load.py` results file (or one that holds such files one key down). Two kinds of
+Each RESULTS.json is a `gpu_load.py` results file (or one that holds such files one key down). Two kinds of
 section are read; no device is needed.
 
 - `load` (the crossover searches' probes): for each probe and mode, the measured mean TPOT and
@@ -12,15 +12,16 @@ section are read; no device is needed.
   p = (1 - step / (E TPOT)) / r, beside the mean admission-to-first-token latency (what the CLI gave
   the model as p until session twelve) and the model's TPOT with that p.
 - `k_schedule` with `--step-series` (each request's admission, first token and finish): at each rate,
-  the model's mean TPOT for the baseline and each fixed k (at `--alpha`), with p taken both ways, the
-  median latency and `join_seconds_per_request` (what the CLI gives it now), against the measured mean,
+  the model's mean and p99 TPOT for the baseline and each fixed k (at `--alpha`), with p taken both ways,
+  the median latency and `join_seconds_per_request` (what the CLI gives it now), against the measured ones,
   and the crossover rate it predicts from that rate's p (where the p99 TPOTs cross; the mean TPOTs before
   session eighteen; searched in 1-1024 requests/s); and the
   same from a candidate model fitted to each mode's served steps (`ServedSteps`: the served step's
   ratio to the surface, and a join term per step), not yet the CLI's.
 
 The surface is the section's own (`verify_ms`, `draft_ms`), or `--surface`'s `load` section for files
-written before the k_schedule section kept one.
+written before the k_schedule section kept one. Over every step-series table read, `p99_summary` scores the
+model's p99 TPOT ratio (spec over baseline) and its mean ratio against the measured p99 ratio, by rate.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def check_probe(costs: StepCosts, alpha: float, k: int, rate: float, probe: dict
 
 
 def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
-    """The model's mean TPOT per rate and mode (the baseline, each fixed k) with p as a median latency and as the
-    join share, against the measured mean, from the step series' per-request times."""
+    """The model's mean and p99 TPOT per rate and mode (the baseline, each fixed k) with p as a median latency and
+    as the join share, against the measured ones, from the step series' per-request times."""
     checked = {}
     for name, entry in section.items():
         if not (isinstance(entry, dict) and "step_series" in entry):
@@ -117,7 +118,8 @@ def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
             if not all(k + 1 in curve for curve in costs.verify_s.values()):
                 continue
             surfaces = mode_models(costs, alpha, k, 0.0)
-            row = {"measured_ms": {m: 1000 * _mean_tpot(timed[m]) for m in ("baseline", mode)}}
+            row = {"measured_ms": {m: 1000 * _mean_tpot(timed[m]) for m in ("baseline", mode)},
+                   "measured_p99_ms": {m: 1000 * _p99_tpot(timed[m]) for m in ("baseline", mode)}}  # fmt: skip
             for label, share in (("median_latency", _median_latency), ("join_share", join_seconds_per_request)):
                 p = {m: share(timed[m]) for m in ("baseline", mode)}
                 predicted = predicted_load_metrics(
@@ -130,6 +132,8 @@ def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
                 row[label] = {"p_ms": {m: 1000 * v for m, v in p.items()},
                               "predicted_ms": {"baseline": predicted["predicted_tpot_ms_baseline"],
                                                mode: predicted["predicted_tpot_ms_spec"]},
+                              "predicted_p99_ms": {"baseline": predicted["predicted_tpot_ms_p99_baseline"],
+                                                   mode: predicted["predicted_tpot_ms_p99_spec"]},
                               "predicted_crossover_rate": crossover}  # fmt: skip
             series = entry["step_series"]
             served = {"baseline": ServedSteps.fit(surfaces["baseline"], series["baseline"])}
@@ -226,45 +230,83 @@ def _mean_tpot(requests: list[ServedRequest]) -> float:
     return sum(tpots) / len(tpots)
 
 
+def _p99_tpot(requests: list[ServedRequest]) -> float:
+    return float(np.percentile([(r.finish_s - r.first_token_s) / (r.num_tokens - 1) for r in requests
+                                if r.num_tokens > 1], 99))  # fmt: skip
+
+
 def _median_latency(requests: list[ServedRequest]) -> float:
     latencies = sorted(r.first_token_s - r.admitted_s for r in requests)
     return latencies[len(latencies) // 2]
 
 
+def p99_summary(rows: dict[str, dict]) -> dict:
+    """How well the model's p99 TPOT ratio (spec over baseline, p as the join share) and its mean ratio predict the
+    measured p99 ratio of the step series' tables, by rate: n, the median and 90th percentile of |log(predicted /
+    measured)|, and in how many tables the prediction has the measured sign (speculation winning or losing)."""
+    by_rate: dict[str, list[tuple[float, float, float]]] = {}
+    for name, row in rows.items():
+        mode = next(m for m in row["measured_p99_ms"] if m != "baseline")
+        measured = row["measured_p99_ms"][mode] / row["measured_p99_ms"]["baseline"]
+        share = row["join_share"]
+        p99 = share["predicted_p99_ms"][mode] / share["predicted_p99_ms"]["baseline"]
+        mean = share["predicted_ms"][mode] / share["predicted_ms"]["baseline"]
+        rate = name.rsplit("_rate", 1)[1].split("_")[0]
+        for key in (f"rate {rate}", "all"):
+            by_rate.setdefault(key, []).append((measured, p99, mean))
+    summary = {}
+    for key, ratios in by_rate.items():
+        entry: dict = {"tables": len(ratios)}
+        for index, label in ((1, "p99"), (2, "mean")):
+            errors = np.abs(np.log([r[index] / r[0] for r in ratios]))
+            entry[f"{label}_abs_log_error_median"] = float(np.median(errors))
+            entry[f"{label}_abs_log_error_p90"] = float(np.percentile(errors, 90))
+            entry[f"{label}_sign_agrees"] = sum((r[index] < 1) == (r[0] < 1) for r in ratios)
+        summary[key] = entry
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--surface", type=Path, help="a results file whose load section has the cost surface")
     parser.add_argument("--alpha", type=float, default=0.8, help="the oracle's acceptance in the k_schedule section")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     fallback = next(iter(sections(args.surface, "load").values())) if args.surface else None
     report: dict = {}
-    for where, section in sections(args.results, "load").items():
-        costs = surface(section)
-        for name, search in section.items():
-            if not (isinstance(search, dict) and "probes" in search):
+    tables: dict[str, dict] = {}
+    for results in args.results:
+        prefix = f"{results.stem}/" if len(args.results) > 1 else ""
+        for where, section in sections(results, "load").items():
+            costs = surface(section)
+            for name, search in section.items():
+                if not (isinstance(search, dict) and "probes" in search):
+                    continue
+                alpha, k = (float(part[5:]) if part.startswith("alpha") else int(part[1:])
+                            for part in name.split("_")[:2])  # fmt: skip
+                for rate, probe in sorted(search["probes"].items(), key=lambda item: float(item[0])):
+                    checked = check_probe(costs, alpha, k, float(rate), probe, max_batch=128)
+                    report[f"{prefix}{where}/{name}_rate{rate}"] = checked
+                    print(f"{prefix}{where}/{name} rate {float(rate):g}: " + "; ".join(
+                        f"{mode} TPOT {c['tpot_ms']:.1f} ms, predicted {c['predicted_tpot_ms']:.1f}; p implied "
+                        f"{c['implied_join_ms_per_request']:.1f} ms, latency {c['admitted_to_first_token_ms']:.1f}"
+                        for mode, c in checked.items()
+                    ))  # fmt: skip
+        for where, section in sections(results, "k_schedule").items():
+            owner = section if "verify_ms" in section else fallback
+            if owner is None:
+                print(f"{prefix}{where}: no cost surface (give --surface)")
                 continue
-            alpha, k = (float(part[5:]) if part.startswith("alpha") else int(part[1:]) for part in name.split("_")[:2])
-            for rate, probe in sorted(search["probes"].items(), key=lambda item: float(item[0])):
-                checked = check_probe(costs, alpha, k, float(rate), probe, max_batch=128)
-                report[f"{where}/{name}_rate{rate}"] = checked
-                print(f"{where}/{name} rate {float(rate):g}: " + "; ".join(
-                    f"{mode} TPOT {c['tpot_ms']:.1f} ms, predicted {c['predicted_tpot_ms']:.1f}; p implied "
-                    f"{c['implied_join_ms_per_request']:.1f} ms, latency {c['admitted_to_first_token_ms']:.1f}"
-                    for mode, c in checked.items()
-                ))  # fmt: skip
-    for where, section in sections(args.results, "k_schedule").items():
-        owner = section if "verify_ms" in section else fallback
-        if owner is None:
-            print(f"{where}: no cost surface (give --surface)")
-            continue
-        for name, row in check_step_series(surface(owner), section, args.alpha).items():
-            report[f"{where}/{name}"] = row
-            print(
-                f"{where}/{name}: measured {row['measured_ms']}, predicted with the median latency "
-                f"{row['median_latency']['predicted_ms']}, with the join share {row['join_share']['predicted_ms']}"
-            )
+            for name, row in check_step_series(surface(owner), section, args.alpha).items():
+                tables[f"{prefix}{where}/{name}"] = report[f"{prefix}{where}/{name}"] = row
+                print(
+                    f"{prefix}{where}/{name}: measured {row['measured_ms']}, predicted with the median latency "
+                    f"{row['median_latency']['predicted_ms']}, with the join share {row['join_share']['predicted_ms']}"
+                )
+    if tables:
+        report["p99_summary"] = p99_summary(tables)
+        print(json.dumps(report["p99_summary"], indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 
