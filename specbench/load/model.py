@@ -150,15 +150,18 @@ def predict_mode(mode: ModeModel, rate: float, mean_output_tokens: float, max_ba
     step = mode.step_at(occupancy)
     decode_share = 1 - admitted * mode.prefill_s  # of the time, what the prefills of joining requests leave
     tpot = step / (mode.tokens_per_step * decode_share)
+    # the steps of the row unlucky at p99 over the mean's: exactly 1 for the baseline, whose rows all take L - 1
     decode_tokens = round(mean_output_tokens - 1)
-    tail_steps = quantile_steps(mode.alpha, mode.k, decode_tokens) if decode_tokens >= 1 else 0
+    tail = 1.0
+    if decode_tokens >= 1:
+        tail = quantile_steps(mode.alpha, mode.k, decode_tokens) * mode.tokens_per_step / decode_tokens
     return ModePrediction(
         occupancy=occupancy,
         step_s=step,
         tpot_s=tpot,
         e2el_s=None if saturated else mode.prefill_s + decode_steps * step / decode_share,
-        tpot_p99_s=tail_steps * step / (decode_tokens * decode_share) if decode_tokens >= 1 else tpot,
-        e2el_p99_s=None if saturated else mode.prefill_s + tail_steps * step / decode_share,
+        tpot_p99_s=tail * tpot,
+        e2el_p99_s=None if saturated else mode.prefill_s + tail * decode_steps * step / decode_share,
         admitted_rps=admitted,
         capacity_rps=capacity,
         saturated=saturated,
