@@ -60,7 +60,7 @@ from specbench.engine.tree import build_tree, walk_sampling_batch
 from specbench.load.crossover import crossover_metrics, find_crossover, probe_from_metrics
 from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics, mode_metrics
-from specbench.load.model import join_seconds_per_request, predicted_crossover_rate, predicted_load_metrics
+from specbench.load.model import served_predictions
 from specbench.load.trace import arrival_times
 from specbench.speedup_model import iid_acceptance
 from specbench.testing import ScriptedPolicy, StepClock, make_model
@@ -257,7 +257,8 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
                      zip(r.offered_per_step, r.accepted_per_step, strict=True) if o == k]  # fmt: skip
             metrics["alpha_iid"] = iid_acceptance(statistics.mean(steps), k) if steps else float("nan")
             if steps:  # the model as the CLI feeds it: this probe's alpha, join time per request and mean output
-                metrics |= _predicted(costs, metrics["alpha_iid"], k, rate, served, args)
+                metrics |= served_predictions(costs, metrics["alpha_iid"], k, rate, served, args.max_batch,
+                                              args.rate_min, args.rate_max, CrossoverMetric.tpot_p99)  # fmt: skip
             metrics["requests"] = len(requests)
             metrics["off_path_steps"] = oracle.off_path_steps
             metrics["disagreements"] = sum(
@@ -285,18 +286,6 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
         (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
     results["graphs_captured_while_timed"] = _graph_count(verifier, cost) - graphs
     return results
-
-
-def _predicted(costs: StepCosts, alpha: float, k: int, rate: float, served: dict, args: argparse.Namespace) -> dict:
-    """The load model at this probe, fed as `mode=load` feeds it (`load.pipeline`): each mode's join time per
-    request from its served trace, the mean output length, the probe's fitted alpha; and its crossover rate."""
-    prefill = {mode: join_seconds_per_request(served[mode].requests) for mode in ("baseline", "spec")}
-    arguments = {"mean_output_tokens": statistics.mean(r.num_tokens for r in served["baseline"].requests),
-                 "prefill_s": prefill["baseline"], "max_batch_size": args.max_batch,
-                 "draft_prefill_s": max(prefill["spec"] - prefill["baseline"], 0.0)}  # fmt: skip
-    metrics = predicted_load_metrics(costs, alpha, k, rate, **arguments)
-    crossover = predicted_crossover_rate(costs, alpha, k, rate_min=args.rate_min, rate_max=args.rate_max, **arguments)
-    return metrics | ({"predicted_crossover_rate": crossover} if crossover is not None else {})
 
 
 def _full_step_ms(served) -> float:

@@ -118,7 +118,7 @@ def check_step_series(costs: StepCosts, section: dict, alpha: float) -> dict:
             if not all(k + 1 in curve for curve in costs.verify_s.values()):
                 continue
             surfaces = mode_models(costs, alpha, k, 0.0)
-            row = {"measured_ms": {m: 1000 * _mean_tpot(timed[m]) for m in ("baseline", mode)},
+            row = {"rate": rate, "measured_ms": {m: 1000 * _mean_tpot(timed[m]) for m in ("baseline", mode)},
                    "measured_p99_ms": {m: 1000 * _p99_tpot(timed[m]) for m in ("baseline", mode)}}  # fmt: skip
             for label, share in (("median_latency", _median_latency), ("join_share", join_seconds_per_request)):
                 p = {m: share(timed[m]) for m in ("baseline", mode)}
@@ -231,6 +231,7 @@ def _mean_tpot(requests: list[ServedRequest]) -> float:
 
 
 def _p99_tpot(requests: list[ServedRequest]) -> float:
+    """The 99th percentile TPOT of the requests with more than one token (as `load.metrics` computes it)."""
     return float(np.percentile([(r.finish_s - r.first_token_s) / (r.num_tokens - 1) for r in requests
                                 if r.num_tokens > 1], 99))  # fmt: skip
 
@@ -240,19 +241,18 @@ def _median_latency(requests: list[ServedRequest]) -> float:
     return latencies[len(latencies) // 2]
 
 
-def p99_summary(rows: dict[str, dict]) -> dict:
+def p99_summary(rows: dict[str, dict]) -> dict[str, dict[str, float]]:
     """How well the model's p99 TPOT ratio (spec over baseline, p as the join share) and its mean ratio predict the
     measured p99 ratio of the step series' tables, by rate: n, the median and 90th percentile of |log(predicted /
     measured)|, and in how many tables the prediction has the measured sign (speculation winning or losing)."""
     by_rate: dict[str, list[tuple[float, float, float]]] = {}
-    for name, row in rows.items():
+    for row in rows.values():
         mode = next(m for m in row["measured_p99_ms"] if m != "baseline")
         measured = row["measured_p99_ms"][mode] / row["measured_p99_ms"]["baseline"]
         share = row["join_share"]
         p99 = share["predicted_p99_ms"][mode] / share["predicted_p99_ms"]["baseline"]
         mean = share["predicted_ms"][mode] / share["predicted_ms"]["baseline"]
-        rate = name.rsplit("_rate", 1)[1].split("_")[0]
-        for key in (f"rate {rate}", "all"):
+        for key in (f"rate {row['rate']:g}", "all"):
             by_rate.setdefault(key, []).append((measured, p99, mean))
     summary = {}
     for key, ratios in by_rate.items():

@@ -280,7 +280,7 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "e2el_ms_p99",
         "End-to-end latency p99",
         "ms",
-        "prefill + the steps the row unlucky at p99 of acceptances needs x step time (not saturated)",
+        "prefill + the steps the row unlucky at p99 of acceptances needs x step time / decode share (not saturated)",
     ),
     _predicted_per_mode(
         "output_tokens_per_s", "Output tokens per second", "tokens/s", "requests admitted per second x output tokens"

@@ -174,8 +174,9 @@ def test_the_predicted_crossover_rate_is_where_the_p99s_cross():
     at = predicted_load_metrics(P99_CROSSING, 0.5, 2, 175.0, **common)
     assert at["predicted_tpot_p99_ratio"] == pytest.approx(1.0)
     assert at["predicted_tpot_ratio"] == pytest.approx(1 / 1.75)
-    # the means would never cross: 2 / 1.75 steps a request, the p99's 2, lose at half the speedup
-    assert predicted_crossover_rate(CROSSING, 0.5, 2, rate_min=1.0, rate_max=100.0, **common) is None
+    # on CROSSING speculation's step is 12.5 ms or more against the baseline's 10: its p99 loses at every rate
+    # (the means cross near 100 requests/s), so no crossover in a range well past that
+    assert predicted_crossover_rate(CROSSING, 0.5, 2, rate_min=1.0, rate_max=1000.0, **common) is None
     assert predicted_load_metrics(CROSSING, 0.5, 2, 1.0, **common)["predicted_tpot_p99_ratio"] > 1
 
 
@@ -190,9 +191,10 @@ def test_no_predicted_crossover_inside_the_range_or_for_goodput():
 
 def test_a_mode_that_saturates_loses_from_there_on():
     # compute-bound baseline: a step of b rows costs 10 ms x b, so 10 decode steps give it 10 requests/s at any
-    # batch size. Speculation: 20 ms a step at any b, 10 / 1.75 steps = 0.114 s a request: slower than the idle
-    # baseline's 0.1 s (and its TPOT 11.4 ms above 10), but it never saturates below 64 / 0.114 = 560 requests/s.
-    # So speculation starts winning, on E2EL and on TPOT, where the baseline saturates: at 10 requests/s.
+    # batch size. Speculation: 20 ms a step at any b; its row unlucky at p99 takes quantile_steps(0.5, 2, 10) = 9
+    # steps, 0.18 s a request: slower than the idle baseline's 0.1 s (and its p99 TPOT 18 ms above 10), but it
+    # never saturates below 64 / 0.114 = 560 requests/s (10 / 1.75 steps on the mean). So speculation starts
+    # winning, on E2EL and on TPOT, where the baseline saturates: at 10 requests/s.
     costs = surface(lambda b: 0.01 * b, lambda b: 0.02, lambda b: 0.0)
     for metric in (CrossoverMetric.e2el_p99, CrossoverMetric.tpot_p99):
         rate = predicted_crossover_rate(

@@ -39,14 +39,16 @@ output tokens/s = a L, and the capacity a(max_batch_size). These are means.
 The p99s add each row's acceptance luck, which the means hide: a baseline row
 emits one token a step, so its L - 1 decode tokens take L - 1 steps whatever
 happens, but a speculating row draws its own acceptances, and the row unlucky
-at the 99th percentile needs N99 steps, more than the mean (L - 1) / E.
+at the 99th percentile needs N99 steps, more than the model's n = (L - 1) / E.
 N is the first step at which the tokens emitted reach L - 1, each step yielding
 1 + j tokens, j the accepted drafts (j < k with probability alpha^j (1 - alpha),
-j = k with alpha^k); its distribution is computed exactly (`quantile_steps`). So
-p99 TPOT = s(b) N99 / ((L - 1)(1 - a p)) and p99 E2EL = p + N99 s(b) / (1 - a p),
+j = k with alpha^k); its distribution is computed exactly (`quantile_steps`). The
+p99s are the means times N99 / n: p99 TPOT = s(b) N99 / ((L - 1)(1 - a p)) and
+p99 E2EL = p + N99 s(b) / (1 - a p) (with L - 1 rounded to whole tokens in N99),
 for the baseline its means. At alpha = 0.8, k = 4 and 64 tokens N99 is 25 steps,
-1.33x the mean's 18.7. What the model leaves out moves both modes alike: the stalls of joins
-(every row waits for them) and the spread of output lengths (L is the mean).
+1.33x n = 18.7. Left out: the stalls of joins, which every running row waits for
+in both modes, and the spread of output lengths (L is the mean), which widens
+speculation's tail more than the baseline's (a short output's steps spread more).
 
 The predicted crossover rate is where the speculative and baseline p99 TPOT (or
 p99 E2EL) predictions cross, searched on a log grid of rates and refined by
@@ -66,7 +68,7 @@ import numpy as np
 
 from specbench.config import CrossoverMetric
 from specbench.engine.costs import StepCosts
-from specbench.engine.results import ServedRequest
+from specbench.engine.results import ServedRequest, ServeResult
 
 _GRID = 64  # rates scanned for the predicted crossover, log-spaced
 _OCCUPANCY_GRID = 128  # occupancies scanned for the smallest fixed point
@@ -84,6 +86,8 @@ def interpolate_log_batch(values: Mapping[int, float], batch: float) -> float:
 def quantile_steps(alpha: float, k: int, tokens: int, quantile: float = TAIL_QUANTILE) -> int:
     """The steps a row needs to emit `tokens` tokens at `quantile` of rows: each step yields 1 + j tokens, j the
     accepted of k drafts (j < k with probability alpha^j (1 - alpha), k with alpha^k; k = 0 is the baseline)."""
+    if tokens <= 0:
+        return 0
     if k == 0 or alpha <= 0:
         return tokens
     if alpha >= 1:
@@ -92,7 +96,7 @@ def quantile_steps(alpha: float, k: int, tokens: int, quantile: float = TAIL_QUA
     below = np.zeros(tokens)  # P(t tokens emitted so far, still short of `tokens`), after each step
     below[0] = 1.0
     steps = 0
-    while below.sum() > 1 - quantile:
+    while below.sum() > 1 - quantile + 1e-12:  # the tolerance keeps an exact tie from costing a step
         below = np.convolve(below, yields)[:tokens]
         steps += 1
     return steps
@@ -297,3 +301,32 @@ def predicted_crossover_rate(
         middle = (low + high) / 2
         low, high = (middle, high) if (advantage(math.exp(middle)) > 0) == signs[change - 1] else (low, middle)
     return math.exp((low + high) / 2)
+
+
+def served_predictions(
+    costs: StepCosts,
+    alpha: float,
+    k: int,
+    rate: float,
+    served: Mapping[str, ServeResult],
+    max_batch_size: int,
+    rate_min: float,
+    rate_max: float,
+    metric: CrossoverMetric,
+) -> dict[str, float]:
+    """The model's figures at `rate` and its crossover rate (`predicted_crossover_rate`, when one lies in the range),
+    fed from the served traces (`served["baseline"]`, `served["spec"]`) as a load run feeds it: each mode's join
+    time per request (the drafts' part is speculation's excess over the baseline's) and the baseline's mean output
+    length."""
+    prefill = {mode: join_seconds_per_request(served[mode].requests) for mode in ("baseline", "spec")}
+    arguments = {
+        "mean_output_tokens": float(np.mean([request.num_tokens for request in served["baseline"].requests])),
+        "prefill_s": prefill["baseline"],
+        "max_batch_size": max_batch_size,
+        "draft_prefill_s": max(prefill["spec"] - prefill["baseline"], 0.0),
+    }
+    metrics = predicted_load_metrics(costs, alpha, k, rate, **arguments)
+    crossover = predicted_crossover_rate(
+        costs, alpha, k, rate_min=rate_min, rate_max=rate_max, metric=metric, **arguments
+    )
+    return metrics | ({"predicted_crossover_rate": crossover} if crossover is not None else {})

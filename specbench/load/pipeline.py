@@ -42,7 +42,7 @@ from specbench.intervals import wilson_interval
 from specbench.load.crossover import RATIO_KEYS
 from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics
-from specbench.load.model import join_seconds_per_request, predicted_crossover_rate, predicted_load_metrics
+from specbench.load.model import served_predictions
 from specbench.load.trace import MODES, TraceRequest, build_trace
 from specbench.runner import RunSetup, curve_tokens, k_schedule, prepare_oracles
 
@@ -288,19 +288,12 @@ def _predicted(cfg: SpecBenchConfig, result: LoadResult, pooled: dict[str, Serve
     if not steps or result.rate is None:
         return {}
     alpha = speedup_model.iid_acceptance(float(np.mean(steps)), cfg.k)
-    mean_output = float(np.mean([r.num_tokens for r in pooled["baseline"].requests]))
-    prefill = {mode: join_seconds_per_request(pooled[mode].requests) for mode in MODES}
-    common = (costs, alpha, cfg.k)
-    arguments = {"mean_output_tokens": mean_output, "prefill_s": prefill["baseline"],
-                 "max_batch_size": cfg.load.max_batch_size,
-                 "draft_prefill_s": max(prefill["spec"] - prefill["baseline"], 0.0)}  # fmt: skip
-    metrics = {"alpha_iid": alpha} | predicted_load_metrics(*common, result.rate, **arguments)
-    crossover = predicted_crossover_rate(
-        *common, rate_min=cfg.load.rate_min, rate_max=cfg.load.rate_max, metric=cfg.load.crossover_metric, **arguments
-    )
-    if crossover is not None:
-        metrics["predicted_crossover_rate"] = crossover
-    return metrics
+    load = cfg.load
+    predictions = served_predictions(
+        costs, alpha, cfg.k, result.rate, pooled, load.max_batch_size, load.rate_min, load.rate_max,
+        load.crossover_metric,
+    )  # fmt: skip
+    return {"alpha_iid": alpha} | predictions
 
 
 def concatenate(results: list[ServeResult]) -> ServeResult:
