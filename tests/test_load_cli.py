@@ -12,6 +12,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from specbench.report.query import load_runs
+from specbench.tracking import CONFIG_HASH_TAG
 from tests.test_cli import common_args, run_cli
 
 # after common_args, so that these win where they name the same key
@@ -107,6 +109,11 @@ def test_the_crossover_search_runs_one_nested_run_per_probe(models_dir, pubmedqa
     assert inside == ("at both ends" not in conclusion and "either end" not in conclusion)
     artifacts = {item.path for item in MlflowClient().list_artifacts(parent.info.run_id)}
     assert "load_probes.csv" in artifacts and "summary.md" in artifacts
+    # each probe is a configuration of its own: `specbench report --parent-run-id` keeps every one of them
+    hashes = {run.data.tags[CONFIG_HASH_TAG] for run in [parent, *probes]}
+    assert len(hashes) == len(probes) + 1
+    reported = load_runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "specbench", parent_run_id=parent.info.run_id)
+    assert sorted(reported["params.load.rate"].astype(float)) == rates
 
 
 def test_the_oracle_draft_is_accepted_as_often_as_asked(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):

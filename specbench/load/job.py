@@ -71,7 +71,11 @@ def run_load_job(
     predictions = []
 
     def probe(rate: float):
-        with tracking.tracked_run(experiment_id, f"{run_name}-rate{rate:.3g}", tags, run_id, nested=True):
+        # a probe is its own configuration: with the search's hash, `specbench report` would keep one probe of the
+        # search (its latest per configuration) and `resume` would take a finished probe for the finished search
+        probe_hash = tracking.config_hash({"search": tags[tracking.CONFIG_HASH_TAG], "load.rate": rate})
+        probe_tags = tags | {tracking.CONFIG_HASH_TAG: probe_hash}
+        with tracking.tracked_run(experiment_id, f"{run_name}-rate{rate:.3g}", probe_tags, run_id, nested=True):
             tracking.log_params(params | {"load.rate": str(rate), "load.find_crossover": "False"})
             result = serve_and_log(rate)
         print(console.load_probe_line(rate, result.metrics, cfg.load.crossover_metric.value), flush=True)
