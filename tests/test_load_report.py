@@ -105,6 +105,15 @@ def test_ratio_figure_has_intervals_predictions_and_the_parity_line():
     assert not any(line.get_marker() == "x" for line in e2el.get_lines())  # no predicted E2EL ratio logged
 
 
+def test_the_predicted_p99_e2el_ratio_is_drawn_beside_the_measured_one():
+    runs = load_runs()
+    runs["metrics.predicted_e2el_p99_ratio"] = 1.1 * runs["metrics.e2el_p99_ratio"]
+    (_, e2el) = load_figures(runs)["plots/load_ratios_vs_rate.png"].axes
+    measured = next(line for line in e2el.get_lines() if line.get_marker() == "o")
+    predicted = next(line for line in e2el.get_lines() if line.get_marker() == "x")
+    assert predicted.get_ydata().tolist() == pytest.approx(1.1 * measured.get_ydata())
+
+
 def test_probe_table_has_one_row_per_rate_with_ratios_and_predictions():
     table = probe_table(load_runs())
     assert table["rate (requests/s)"].tolist() == [0.05, 0.1, 0.2, 0.4]  # the parent has no rate
