@@ -62,7 +62,7 @@ from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics, mode_metrics
 from specbench.load.model import served_predictions
 from specbench.load.trace import arrival_times
-from specbench.speedup_model import iid_acceptance
+from specbench.speedup_model import full_step_alpha
 from specbench.testing import ScriptedPolicy, StepClock, make_model
 
 TOKENIZER_VOCAB = 50257
@@ -253,12 +253,11 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
                 served[mode] = _serve(verifier, [oracle] if mode == "spec" else [], requests, k, args.max_batch,
                                       args.join_delay_factor)  # fmt: skip
             metrics = load_metrics(served, slo)
-            steps = [a for r in served["spec"].results for o, a in
-                     zip(r.offered_per_step, r.accepted_per_step, strict=True) if o == k]  # fmt: skip
-            metrics["alpha_iid"] = iid_acceptance(statistics.mean(steps), k) if steps else float("nan")
-            if steps:  # the model as the CLI feeds it: this probe's alpha, join time per request and mean output
-                metrics |= served_predictions(costs, metrics["alpha_iid"], k, rate, served, args.max_batch,
-                                              args.rate_min, args.rate_max, CrossoverMetric.tpot_p99)  # fmt: skip
+            alpha = full_step_alpha(served["spec"].results, k)
+            metrics["alpha_iid"] = float("nan") if alpha is None else alpha
+            if alpha is not None:  # the model as the CLI feeds it: this probe's alpha, join time per request, output
+                metrics |= served_predictions(costs, alpha, k, rate, served, args.max_batch, args.rate_min,
+                                              args.rate_max, CrossoverMetric.tpot_p99)  # fmt: skip
             metrics["requests"] = len(requests)
             metrics["off_path_steps"] = oracle.off_path_steps
             metrics["disagreements"] = sum(

@@ -27,13 +27,14 @@ measured costs are logged, and `out_of_scope` says why there is no prediction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from specbench.catalog import EXTRAPOLATED_BEYOND
 from specbench.engine.costs import StepCosts
+from specbench.engine.results import DecodeResult
 from specbench.metrics import PromptOutcome
 
 
@@ -53,6 +54,18 @@ def iid_acceptance(mean_accepted: float, k: int) -> float:
         else:
             high = alpha
     return (low + high) / 2
+
+
+def full_step_alpha(results: Iterable[DecodeResult], k: int) -> float | None:
+    """`iid_acceptance` of the steps that offered all k drafts (what the model's alpha is about), over `results`;
+    None when no step did."""
+    full_steps = [
+        accepted
+        for result in results
+        for offered, accepted in zip(result.offered_per_step, result.accepted_per_step, strict=True)
+        if offered == k
+    ]
+    return iid_acceptance(float(np.mean(full_steps)), k) if full_steps else None
 
 
 def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_ratio: float) -> float:
@@ -178,14 +191,7 @@ def cost_metrics(costs: StepCosts, k: int, batch: int) -> dict[str, float]:
 def prediction_metrics(costs: StepCosts, outcomes: list[PromptOutcome], k: int, batch: int) -> dict[str, float]:
     """alpha; the predicted speedup at this k and batch size; the k the model says is best; the predicted speedup
     at every batch size measured, and the smallest batch size where it falls below 1 (one drafter, constant k)."""
-    # steps that offered all k tokens: what the model's alpha is about
-    full_steps = [
-        accepted
-        for o in outcomes
-        for offered, accepted in zip(o.spec.offered_per_step, o.spec.accepted_per_step, strict=True)
-        if offered == k
-    ]
-    alpha = iid_acceptance(float(np.mean(full_steps)), k) if full_steps else 0.0
+    alpha = full_step_alpha((o.spec for o in outcomes), k) or 0.0
     predictions = _predictions_by_k(alpha, costs, batch, outcomes)
     best = max(predictions, key=predictions.get)
     metrics = {

@@ -279,15 +279,9 @@ def _oracle_metrics(setup: RunSetup, pooled: dict[str, ServeResult], k: int) -> 
 
 def _predicted(cfg: SpecBenchConfig, result: LoadResult, pooled: dict[str, ServeResult], costs: StepCosts) -> dict:
     """The load model's figures at this rate (and its crossover rate) from the measured costs and acceptance."""
-    steps = [
-        kept
-        for served in pooled["spec"].results
-        for offered, kept in zip(served.offered_per_step, served.accepted_per_step, strict=True)
-        if offered == cfg.k
-    ]
-    if not steps or result.rate is None:
+    alpha = speedup_model.full_step_alpha(pooled["spec"].results, cfg.k)
+    if alpha is None or result.rate is None:
         return {}
-    alpha = speedup_model.iid_acceptance(float(np.mean(steps)), cfg.k)
     load = cfg.load
     predictions = served_predictions(
         costs, alpha, cfg.k, result.rate, pooled, load.max_batch_size, load.rate_min, load.rate_max,
