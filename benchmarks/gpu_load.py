@@ -51,6 +51,7 @@ from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafte
 from specbench.engine.continuous import serve, slot_buckets
 from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
+from specbench.engine.joins import make_join_gate
 from specbench.engine.oracle import OracleDrafter
 from specbench.engine.results import EngineRequest
 from specbench.engine.sampling import TokenChooser, accepts, residual_distribution
@@ -316,8 +317,9 @@ class ConstantPolicy:
 
 
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
-           join_delay_factor: float = 0.0):  # fmt: skip
-    """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted."""
+           join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
+    """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
+    `joins`: eager (or spaced by `join_delay_factor`) or coalesced (`engine.joins`)."""
     settings = DecodeSettings(max_new_tokens=max(r.max_new_tokens for r in requests))
     watch = Stopwatch(verifier.devices)
     schedule = ConstantK(k) if isinstance(k, int) else k
@@ -332,9 +334,8 @@ def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest],
         first, most = schedule.first, schedule.max_k
         return new_row(request.prompt_ids, request.seed, settings, names, most, first, request.max_new_tokens)
 
-    return serve(
-        decoder, requests, make_row, max_batch, bool(verifier.graph_sizes), join_delay_factor=join_delay_factor
-    )
+    gate = make_join_gate(join_delay_factor, joins == "coalesced")
+    return serve(decoder, requests, make_row, max_batch, bool(verifier.graph_sizes), join_gate=gate)
 
 
 def _setup_oracle_load(args: argparse.Namespace, models: dict, ks: list[int]):
@@ -377,10 +378,13 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     """
     k_max = max(args.ks)
     verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, list(range(1, k_max + 1)))
-    modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
-    modes += ["plain"] if args.plain_mode else []
-    modes += [f"policy{k}" for k in args.policy_ks]
-    keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50")
+    served_modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
+    served_modes += ["plain"] if args.plain_mode else []
+    served_modes += [f"policy{k}" for k in args.policy_ks]
+    # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
+    modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
+    keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "ttft_ms_p50", "ttft_ms_p99", "occupancy_mean",
+            "output_tokens_per_s", "full_step_ms_p50", "join_events")  # fmt: skip
     results: dict = {"modes": modes, "k_max": k_max, **_surface_ms(costs)}
     graphs = _graph_count(verifier, cost)
     for alpha in args.alphas:
@@ -388,23 +392,29 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         oracle.set_references(references)
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
-            schedule = LoadAwareK(costs, k_max)
-            warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
-            _serve(verifier, [oracle], warm, schedule, args.max_batch)
+            schedules = {}  # one per join gate, each learning in an untimed warm-up and then over its replays
+            for joins in args.joins:
+                schedules[joins] = LoadAwareK(costs, k_max)
+                warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
+                _serve(verifier, [oracle], warm, schedules[joins], args.max_batch)
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-            chosen: list[int] = []
-            switches: list[int] = []
+            chosen: dict[str, list[int]] = {joins: [] for joins in args.joins}
+            switches: dict[str, list[int]] = {joins: [] for joins in args.joins}
             series: dict[str, list] = {}
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
-                    k = {"load": schedule, "plain": ConstantPolicy(0, k_max), "baseline": 1}.get(mode)
+                    served_mode, _, joins = mode.partition("@")
+                    joins = joins or "eager"
+                    k = {"load": schedules[joins], "plain": ConstantPolicy(0, k_max), "baseline": 1}.get(served_mode)
                     if k is None:  # kN, or policyN: N through the step policy's path
-                        k = int(mode[1:]) if mode[0] == "k" else ConstantPolicy(int(mode.removeprefix("policy")), k_max)
-                    served = _serve(verifier, [] if mode == "baseline" else [oracle], requests, k, args.max_batch,
-                                    args.join_delay_factor)  # fmt: skip
+                        k = (int(served_mode[1:]) if served_mode[0] == "k"
+                             else ConstantPolicy(int(served_mode.removeprefix("policy")), k_max))  # fmt: skip
+                    served = _serve(verifier, [] if served_mode == "baseline" else [oracle], requests, k,
+                                    args.max_batch, args.join_delay_factor, joins)  # fmt: skip
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
+                    metrics["join_events_x"] = len({request.admitted_s for request in served.requests})
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
                     if args.step_series and repeat == 0:
                         series[mode] = {
@@ -413,38 +423,54 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                                           request.first_token_s, request.finish_s)] + [request.num_tokens]
                                          for request in served.requests],
                         }  # fmt: skip
-                    if mode == "load":
+                    if served_mode == "load":
                         ks = [step.k for step in served.steps]
-                        chosen += ks
-                        switches.append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
+                        chosen[joins] += ks
+                        switches[joins].append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
             table = {mode: {key: spread([run[key] for run in runs[mode]]) for key in keys} for mode in modes}
-            fixed = [mode for mode in modes if mode.startswith("k")]
-            verdict = {}
-            for key in ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99"):
-                load_value = table["load"][key]["median"]
-                best = min(fixed, key=lambda mode, key=key: table[mode][key]["median"])
-                verdict[key] = {
-                    "load_over_baseline": load_value / table["baseline"][key]["median"],
-                    "best_fixed": best,
-                    "load_over_best_fixed": load_value / table[best][key]["median"],
-                }
+            verdicts = {}
+            for joins in args.joins:
+                suffix = _gate_suffix(joins)
+                fixed = [mode for mode in modes if mode.startswith("k") and mode.endswith(suffix) and
+                         ("@" in mode) == bool(suffix)]  # fmt: skip
+                verdict = {}
+                for key in ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99"):
+                    load_value = table["load" + suffix][key]["median"]
+                    best = min(fixed, key=lambda mode, key=key: table[mode][key]["median"])
+                    verdict[key] = {
+                        "load_over_baseline": load_value / table["baseline" + suffix][key]["median"],
+                        "best_fixed": best,
+                        "load_over_best_fixed": load_value / table[best][key]["median"],
+                    }
+                verdicts[joins] = verdict
+            share = {joins: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
+                     for joins, ks in chosen.items()}  # fmt: skip
+            alphas = {joins: schedule.alpha for joins, schedule in schedules.items()}
+            one = len(args.joins) == 1  # one gate: the keys of earlier results files
             name = f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
+            corrections = {joins: {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()}
+                           for joins, schedule in schedules.items()}  # fmt: skip
             results[name] = {
                 "requests": len(requests),
                 "table": table,
-                "verdict": verdict,
-                "load_k_share": {k: chosen.count(k) / len(chosen) for k in sorted(set(chosen))} if chosen else {},
-                "load_switches_to_drafting": switches,
-                "alpha_estimate": schedule.alpha,
-                "load_corrections": {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()},
+                "verdict": verdicts[args.joins[0]] if one else verdicts,
+                "load_k_share": share[args.joins[0]] if one else share,
+                "load_switches_to_drafting": switches[args.joins[0]] if one else switches,
+                "alpha_estimate": alphas[args.joins[0]] if one else alphas,
+                "load_corrections": corrections[args.joins[0]] if one else corrections,
                 "off_path_steps": oracle.off_path_steps,
                 **({"step_series": series} if series else {}),
             }
             oracle.off_path_steps = 0
-            print(f"[k_schedule {name}] {json.dumps(verdict)} k share {results[name]['load_k_share']}", flush=True)
+            print(f"[k_schedule {name}] {json.dumps(verdicts)} k share {share}", flush=True)
             (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
     results["graphs_captured_while_timed"] = _graph_count(verifier, cost) - graphs
     return results
+
+
+def _gate_suffix(joins: str) -> str:
+    """A mode's name suffix under a join gate: none for eager joins."""
+    return "" if joins == "eager" else f"@{joins}"
 
 
 def _graph_count(verifier: CachedModel, cost: ModelDrafter) -> int:
@@ -527,6 +553,9 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=1, help="load: run each crossover search this many times")
     parser.add_argument("--join-delay-factor", type=float, default=0.0,
                         help="load, k_schedule: load.join_delay_factor of every serve (0: none)")  # fmt: skip
+    parser.add_argument("--joins", nargs="+", choices=["eager", "coalesced"], default=["eager"],
+                        help="k_schedule: serve every mode under each join gate (coalesced: load.coalesce_joins; "
+                        "those modes are named MODE@coalesced)")  # fmt: skip
     parser.add_argument("--k-rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 256.0],
                         help="k_schedule: the request rates (idle to saturated)")  # fmt: skip
     args = parser.parse_args()

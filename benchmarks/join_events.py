@@ -11,7 +11,8 @@ tiny GPT-2's cost) under `StepClock`, so that which requests join at which step 
 arrival times and the decoding alone, never on the machine's speed, and counts the join events,
 the rows per join and the steps. Traces: 256 requests, 32 slots, 8-token prompts, 32 new tokens;
 all at once, and one request every 0.5 and 2 clock units (a step reads the clock 2-3 times, a prefill
-once). `--join-delay-factor` serves them with `load.join_delay_factor`.
+once). `--join-delay-factor` serves them with `load.join_delay_factor`, `--coalesce-joins` with
+`load.coalesce_joins` (under the step clock every join takes one reading: its fixed part).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter, decode_baseline
 from specbench.engine.continuous import serve
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
+from specbench.engine.joins import JoinGate, make_join_gate
 from specbench.engine.oracle import OracleDrafter
 from specbench.engine.results import EngineRequest
 from specbench.engine.timing import Stopwatch
@@ -35,10 +37,10 @@ VOCAB, PROMPT_TOKENS, NEW_TOKENS, SLOTS, REQUESTS, DISTINCT_PROMPTS = 101, 8, 32
 
 
 def join_counts(
-    verifier: CachedModel, drafter: OracleDrafter | None, k: int, requests: list[EngineRequest], delay: float
+    verifier: CachedModel, drafter: OracleDrafter | None, k: int, requests: list[EngineRequest], gate: JoinGate
 ) -> dict:
-    """Serve `requests` (the baseline when `drafter` is None; `delay`: the join delay factor) and count its steps
-    and join events."""
+    """Serve `requests` (the baseline when `drafter` is None) through a fresh `gate` and count its steps and
+    join events."""
     settings = DecodeSettings(max_new_tokens=NEW_TOKENS)
     watch = Stopwatch(verifier.devices)
     if drafter is None:
@@ -49,7 +51,7 @@ def join_counts(
     def make_row(request: EngineRequest):
         return new_row(request.prompt_ids, request.seed, settings, names, k, k, request.max_new_tokens)
 
-    served = serve(decoder, requests, make_row, SLOTS, bucketed=False, clock=StepClock(), join_delay_factor=delay)
+    served = serve(decoder, requests, make_row, SLOTS, bucketed=False, clock=StepClock(), join_gate=gate)
     joins = sorted({request.admitted_s for request in served.requests})
     sizes = [sum(request.admitted_s == time for request in served.requests) for time in joins]
     return {
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--join-delay-factor", type=float, default=0.0, help="load.join_delay_factor (0: none)")
+    parser.add_argument("--coalesce-joins", action="store_true", help="load.coalesce_joins")
     args = parser.parse_args()
     verifier = CachedModel(make_model("gptj", VOCAB, seed=0), VOCAB)
     cost = ModelDrafter("cost", CachedModel(make_model("gpt2", VOCAB, seed=1), VOCAB))
@@ -75,18 +78,25 @@ def main() -> None:
     references = decode_baseline(verifier, prompts, DecodeSettings(max_new_tokens=NEW_TOKENS), [0] * len(prompts))
     oracle = OracleDrafter("oracle", args.alpha, cost, VOCAB)
     oracle.set_references({tuple(prompt): row.tokens for prompt, row in zip(prompts, references.rows, strict=True)})
-    report: dict = {"alpha": args.alpha, "k": args.k, "join_delay_factor": args.join_delay_factor, "slots": SLOTS,
-                    "requests": REQUESTS, "traces": {}}  # fmt: skip
+    report: dict = {"alpha": args.alpha, "k": args.k, "join_delay_factor": args.join_delay_factor,
+                    "coalesce_joins": args.coalesce_joins, "slots": SLOTS, "requests": REQUESTS,
+                    "traces": {}}  # fmt: skip
+
+    def gate() -> JoinGate:
+        return make_join_gate(args.join_delay_factor, args.coalesce_joins)
+
     for gap in (0.0, 0.5, 2.0):  # clock units between arrivals; 0: every request at once
         requests = [EngineRequest(i, i * gap, prompts[i % len(prompts)], NEW_TOKENS, seed=i) for i in range(REQUESTS)]
         report["traces"][f"gap_{gap:g}"] = {
-            "baseline": join_counts(verifier, None, args.k, requests, args.join_delay_factor),
-            f"k{args.k}": join_counts(verifier, oracle, args.k, requests, args.join_delay_factor),
+            "baseline": join_counts(verifier, None, args.k, requests, gate()),
+            f"k{args.k}": join_counts(verifier, oracle, args.k, requests, gate()),
         }
         print(f"gap {gap:g}:", json.dumps(report["traces"][f"gap_{gap:g}"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"join-events-alpha{args.alpha:g}-k{args.k}" + (
-        f"-delay{args.join_delay_factor:g}" if args.join_delay_factor else ""
+    name = (
+        f"join-events-alpha{args.alpha:g}-k{args.k}"
+        + (f"-delay{args.join_delay_factor:g}" if args.join_delay_factor else "")
+        + ("-coalesced" if args.coalesce_joins else "")
     )
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
 

@@ -255,6 +255,10 @@ class LoadConfig:
     # a running batch takes new rows only once this many times the last join's prefill time has passed since
     # that join (vLLM's --scheduler-delay-factor): fewer, larger joins, so fewer stalls; 0 joins at every step
     join_delay_factor: float = 0.0
+    # a join into a running batch waits until the requests it would admit have waited, in all, as long as the
+    # running rows would stall for a join's fixed part (fitted to the run's joins): fewer, larger joins where rows
+    # leave a few at a time, for a little time to first token (engine/joins.py); not with join_delay_factor
+    coalesce_joins: bool = False
     # search the rate, on a log scale between rate_min and rate_max, where speculation stops beating the baseline
     find_crossover: bool = False
     rate_min: float = 0.02

@@ -203,6 +203,16 @@ def validate_load(cfg: SpecBenchConfig) -> None:
         "load.join_delay_factor spaces the joins of specbench's own scheduler; a server schedules its own "
         "(vLLM: --scheduler-delay-factor in its command): leave it at 0 with engine.backend=server.",
     )
+    _check(
+        not load.coalesce_joins or cfg.engine.backend is not Backend.server,
+        "load.coalesce_joins gathers the joins of specbench's own scheduler; a server schedules its own: "
+        "leave load.coalesce_joins=false with engine.backend=server.",
+    )
+    _check(
+        not (load.coalesce_joins and load.join_delay_factor),
+        f"load.coalesce_joins=true and load.join_delay_factor={load.join_delay_factor} are two ways to space the "
+        "joins: set load.join_delay_factor=0 or load.coalesce_joins=false.",
+    )
     if load.find_crossover:
         positive("load.rate_min", load.rate_min, "requests per second, e.g. load.rate_min=0.02")
         positive("load.rate_max", load.rate_max, "requests per second, e.g. load.rate_max=0.5")

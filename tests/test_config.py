@@ -164,6 +164,14 @@ def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, t
             ["load.join_delay_factor=2", "engine.backend=server", *SERVER_URLS],
             r"^load\.join_delay_factor spaces the joins of specbench's own scheduler",
         ),
+        (
+            ["load.coalesce_joins=true", "engine.backend=server", *SERVER_URLS],
+            r"^load\.coalesce_joins gathers the joins of specbench's own scheduler; a server schedules its own",
+        ),
+        (
+            ["load.coalesce_joins=true", "load.join_delay_factor=2"],
+            r"^load\.coalesce_joins=true and load\.join_delay_factor=2\.0 are two ways to space the joins",
+        ),
         (["load.find_crossover=true", "load.rate_min=1", "load.rate_max=0.5"], r"^load\.rate_min=1\.0 is not below"),
         (["load.find_crossover=true", "load.max_probes=1"], r"^load\.max_probes=1 is invalid"),
         (["slo.tpot_ms=-5"], r"^slo\.tpot_ms=-5\.0 is invalid: give a latency target of 0 ms or more"),

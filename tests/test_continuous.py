@@ -17,6 +17,7 @@ import torch
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter, PromptLookupDrafter
 from specbench.engine.continuous import serve, slot_buckets
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, decode_baseline, new_row
+from specbench.engine.joins import make_join_gate
 from specbench.engine.results import EngineRequest
 from specbench.engine.timing import Stopwatch
 from specbench.testing import StepClock, make_model, one_torch_thread, untie_head
@@ -202,7 +203,7 @@ def test_a_join_delay_gathers_joins_and_every_request_still_decodes_as_if_alone(
         def make_row(request: EngineRequest):
             return new_row(request.prompt_ids, request.seed, settings, names, 3, 3, request.max_new_tokens)
 
-        return serve(decoder, trace, make_row, 4, False, StepClock(), join_delay_factor=join_delay_factor)
+        return serve(decoder, trace, make_row, 4, False, StepClock(), join_gate=make_join_gate(join_delay_factor))
 
     eager, delayed = served_with(0.0), served_with(6.0)
     joins = [sorted({record.admitted_s for record in result.requests}) for result in (eager, delayed)]
@@ -214,4 +215,39 @@ def test_a_join_delay_gathers_joins_and_every_request_still_decodes_as_if_alone(
     assert delayed.requests[8].admitted_s == delayed.requests[8].arrival_s + 1  # an empty batch takes it at once
     reference = CachedModel(verifiers["gptj"], VOCAB)
     for request, record in zip(trace, delayed.requests, strict=True):
+        assert record.tokens == alone(reference, request, settings), request.request_id
+
+
+@pytest.mark.parametrize("mode", ["baseline", "model"])
+def test_coalesced_joins_gather_a_queue_into_fewer_joins_and_every_request_still_decodes_as_if_alone(
+    verifiers, draft, mode
+):
+    """Sixteen requests at once into 4 slots, a queue for most of the trace: rows leave a few at a time, and with
+    coalesced joins the waiting requests join in fewer, larger groups, each join only once the joinable requests
+    have waited as long as the running rows would stall for its fixed part (one reading under the step clock)."""
+    verifier = CachedModel(verifiers["gptj"], VOCAB)
+    settings = DecodeSettings(12)
+    trace = [EngineRequest(i, 0.0, PROMPTS[i % len(PROMPTS)], 4 + i % 7, seed=i) for i in range(16)]
+
+    def served_with(coalesce: bool):
+        watch = Stopwatch(verifier.devices)
+        if mode == "baseline":
+            decoder, names = BaselineDecoder(verifier, settings, watch, read_ahead=False), []
+        else:
+            drafter = ModelDrafter("draft", CachedModel(draft, VOCAB))
+            decoder, names = SpeculativeDecoder(verifier, [drafter], settings, ConstantK(3), watch), ["draft"]
+
+        def make_row(request: EngineRequest):
+            return new_row(request.prompt_ids, request.seed, settings, names, 3, 3, request.max_new_tokens)
+
+        return serve(decoder, trace, make_row, 4, False, StepClock(), join_gate=make_join_gate(coalesce=coalesce))
+
+    eager, coalesced = served_with(False), served_with(True)
+    joins = [sorted({record.admitted_s for record in result.requests}) for result in (eager, coalesced)]
+    assert len(joins[1]) < len(joins[0])
+    sizes = [[sum(r.admitted_s == t for r in result.requests) for t in times] for result, times in zip(
+        (eager, coalesced), joins, strict=True)]  # fmt: skip
+    assert max(sizes[1][1:]) > max(sizes[0][1:])  # past the first join, into an empty batch
+    reference = CachedModel(verifiers["gptj"], VOCAB)
+    for request, record in zip(trace, coalesced.requests, strict=True):
         assert record.tokens == alone(reference, request, settings), request.request_id

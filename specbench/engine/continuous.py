@@ -5,11 +5,11 @@ speculative decoding), the same way for both:
 - Before each step, the requests that have arrived join the batch, up to `max_batch_size`
   running rows; the others wait in a FIFO queue. When nothing runs and nothing has
   arrived, the scheduler waits for the next arrival.
-- With a `join_delay_factor` d > 0 (vLLM's `--scheduler-delay-factor`), a running batch takes
-  new rows only once d times the last join's prefill time has passed since that join, so that
-  rows join in fewer, larger groups: fewer stalls of the running rows, later first tokens. An
-  empty batch takes them at once. Speculating rows finish at different steps and free their slots
-  a few at a time, so without a delay they join at most steps (`benchmarks/join_events.py`).
+- A join gate (`joins.py`) may hold the joinable requests back so that they join a running batch
+  in fewer, larger groups: fewer stalls of the running rows, later first tokens (`DelayedJoins`,
+  vLLM's `--scheduler-delay-factor`; `CoalescedJoins`, priced by the joins' fixed cost). An empty
+  batch takes them at once. Speculating rows finish at different steps and free their slots a few
+  at a time, so without a gate they join at most steps (`benchmarks/join_events.py`).
 - Joining is a prefill of the new rows alone (`CachedModel.admit`), then their first
   token: the running rows wait for it, so every running row's next inter-token latency
   includes that prefill (no chunked prefill; a join of n prompt tokens costs about one
@@ -44,6 +44,7 @@ import torch
 
 from specbench.engine.cached_model import slot_buckets
 from specbench.engine.decode import BaselineDecoder, Row, SpeculativeDecoder, finish_logprobs
+from specbench.engine.joins import EagerJoins, JoinGate
 from specbench.engine.results import EngineRequest, ServedRequest, ServeResult, StepRecord
 from specbench.engine.timing import Clock
 
@@ -79,19 +80,19 @@ def serve(
     max_batch_size: int,
     bucketed: bool,
     clock: TimeSource | None = None,
-    join_delay_factor: float = 0.0,
+    join_gate: JoinGate | None = None,
 ) -> ServeResult:
     """Serve `requests` (any order; sorted by arrival) with continuous batching; see the module docstring.
 
     `make_row` turns a request into the decoder's fresh row state; `bucketed` keeps the slot count
-    to `slot_buckets` (CUDA graphs); `join_delay_factor` spaces the joins into a running batch.
+    to `slot_buckets` (CUDA graphs); `join_gate` says when the waiting requests join a running batch
+    (default: at once).
     Returns every request's record (in request-id order), one record per step, and the verifier's
     computed and padded positions.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size}: at least one running row is needed")
-    if not join_delay_factor >= 0:
-        raise ValueError(f"join_delay_factor={join_delay_factor}: 0 (no delay) or more is needed")
+    join_gate = join_gate or EagerJoins()
     clock = clock or TraceClock(decoder.verifier.devices)
     # a decoder that reads ahead has queued its next forward when a step returns: readings must not wait for it
     wait = not decoder.read_ahead
@@ -102,7 +103,6 @@ def serve(
     rows: dict[int, Row] = {}  # request id -> its row
     steps: list[StepRecord] = []
     positions = [0, 0]  # verifier positions computed and padded, over every batch (an empty batch restarts them)
-    last_join_s, last_prefill_s = 0.0, 0.0  # when the last join started, and how long its prefill took
 
     def size_for(count: int) -> int:
         return next(size for size in slot_buckets(max_batch_size) if size >= count) if bucketed else count
@@ -130,14 +130,18 @@ def serve(
             clock.wait_until(pending[0].arrival_s)
             continue
         running = len(decoder.running)
-        delayed = running and now - last_join_s < join_delay_factor * last_prefill_s
-        joining = [] if delayed else [waiting.popleft() for _ in range(min(max_batch_size - running, len(waiting)))]
+        room = min(max_batch_size - running, len(waiting))
+        # asked at every step, with no request to admit too: a gate may count how long the joinable ones waited
+        ready = join_gate.ready(now, running, [waiting[i].arrival_s for i in range(room)])
+        joining = [waiting.popleft() for _ in range(room)] if ready else []
         if joining:
             if not decoder.running:
                 positions = _add_positions(positions, decoder)
+            started = clock.now() if join_gate.timed else now  # a forward queued ahead is not the join's time
             _admit(decoder, joining, make_row, size_for(running + len(joining)), request_of, rows, served, now)
             admitted_at = clock.now(wait)
-            last_join_s, last_prefill_s = now, admitted_at - now
+            tokens = sum(len(request.prompt_ids) for request in joining)
+            join_gate.joined(now, admitted_at - started, tokens, into_running=running > 0)
             for request in joining:
                 record_chunk(rows[request.request_id], 1, admitted_at)
             release_finished()  # a row may end at its first token

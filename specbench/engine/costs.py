@@ -32,6 +32,46 @@ class StepCosts:
     draft_s: dict[int, dict[str, float]]  # draft_s[b][name]: one drafting step (one token per row) of b rows
 
 
+class CostLine:
+    """seconds = fixed + per_unit x units, fitted by least squares to what was observed, the older observations
+    weighing less (each one's weight falls by 1 / `window` at every later one).
+
+    Where the fit cannot say (one size observed, bigger ones not dearer, a negative fixed part) it falls back to
+    what it can: proportional to the units, their mean, or through the origin. Nothing observed: 0.
+    """
+
+    def __init__(self, window: int = 32) -> None:
+        self._decay = 1 - 1 / window
+        self._sums = [0.0] * 5  # weight, units, seconds, units^2, units x seconds
+
+    def observe(self, units: float, seconds: float) -> None:
+        """Add one observation: `units` took `seconds`."""
+        weight, total, spent, squares, products = (value * self._decay for value in self._sums)
+        self._sums = [weight + 1, total + units, spent + seconds, squares + units**2, products + units * seconds]
+
+    @property
+    def coefficients(self) -> tuple[float, float]:
+        """(fixed, per_unit): the fitted line, after the fallbacks."""
+        weight, total, spent, squares, products = self._sums
+        if weight == 0:
+            return 0.0, 0.0
+        spread = squares * weight - total**2
+        if spread > 1e-9 * squares * weight:  # different sizes: fixed + per_unit x units
+            per_unit = (products * weight - total * spent) / spread
+            fixed = (spent - per_unit * total) / weight
+            if per_unit < 0:  # bigger ones were not dearer: their mean
+                return spent / weight, 0.0
+            if fixed < 0:  # through the origin
+                return 0.0, products / squares
+            return fixed, per_unit
+        return (0.0, spent / total) if total else (spent / weight, 0.0)
+
+    def predict(self, units: float) -> float:
+        """The expected seconds of `units`."""
+        fixed, per_unit = self.coefficients
+        return fixed + per_unit * units
+
+
 def measure_step_costs(
     verifier: CachedModel,
     drafters: list[Drafter],

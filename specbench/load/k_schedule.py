@@ -57,7 +57,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-from specbench.engine.costs import StepCosts
+from specbench.engine.costs import CostLine, StepCosts
 from specbench.engine.schedule import StepState
 from specbench.intervals import wilson_interval
 from specbench.load.model import interpolate_log_batch, tokens_per_step
@@ -84,7 +84,7 @@ class LoadAwareK:
         self._forced_steps = 0  # steps that drafted because that evidence was missing
         self._ratios: dict[tuple[int, int], deque[float]] = {}  # (k, bucket) -> recent measured/modelled seconds
         self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
-        self._reads = [0.0] * 5  # weighted sums over the recent reads: weight, tokens, seconds, tokens^2, both
+        self._reads = CostLine(RATIO_WINDOW)  # R(u), fitted to the drafters' recent reads
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
 
     @property
@@ -145,25 +145,11 @@ class LoadAwareK:
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
-        decay = 1 - 1 / RATIO_WINDOW
-        weight, total, spent, squares, products = (value * decay for value in self._reads)
-        self._reads = [weight + 1, total + tokens, spent + seconds, squares + tokens**2, products + tokens * seconds]
+        self._reads.observe(tokens, seconds)
 
     def read_s(self, tokens: int) -> float:
         """R(u): the expected seconds for the drafters to read `tokens` skipped tokens (0 before any read)."""
-        weight, total, spent, squares, products = self._reads
-        if weight == 0:
-            return 0.0
-        spread = squares * weight - total**2
-        if spread > 1e-9 * squares * weight:  # reads of different sizes: a + c u
-            slope = (products * weight - total * spent) / spread
-            intercept = (spent - slope * total) / weight
-            if slope < 0:  # bigger reads were not dearer: their mean
-                return spent / weight
-            if intercept < 0:  # through the origin
-                return products / squares * tokens
-            return intercept + slope * tokens
-        return spent / total * tokens if total else spent / weight
+        return self._reads.predict(tokens)
 
     def correction(self, k: int, occupancy: int) -> float:
         """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k

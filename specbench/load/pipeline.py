@@ -34,6 +34,7 @@ from specbench.engine.continuous import serve, slot_buckets
 from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
 from specbench.engine.drafters import drafter_models
+from specbench.engine.joins import make_join_gate
 from specbench.engine.oracle import OracleDrafter
 from specbench.engine.results import EngineRequest, ServeResult
 from specbench.engine.timing import Stopwatch
@@ -147,9 +148,8 @@ def serve_mode(cfg: SpecBenchConfig, setup: RunSetup, mode: str, requests: list[
         return new_row(request.prompt_ids, request.seed, setup.settings, names, schedule.max_k, first_k, limit)
 
     bucketed = bool(verifier.graph_sizes)
-    return serve(
-        decoder, requests, make_row, cfg.load.max_batch_size, bucketed, join_delay_factor=cfg.load.join_delay_factor
-    )
+    gate = make_join_gate(cfg.load.join_delay_factor, cfg.load.coalesce_joins)
+    return serve(decoder, requests, make_row, cfg.load.max_batch_size, bucketed, join_gate=gate)
 
 
 def warm_up_load(cfg: SpecBenchConfig, setup: RunSetup, requests: list[EngineRequest], schedule) -> None:
