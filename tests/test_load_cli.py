@@ -91,6 +91,17 @@ def test_several_traces_are_each_served_in_both_modes_and_logged_apart(
     assert {line.split(",")[trace_column] for line in steps[1:]} == {"0", "1"}
 
 
+def test_coalesced_joins_serve_both_modes_losslessly_and_are_logged(
+    models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys
+):
+    args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, "load.num_requests=9"]
+    code, out, err = run_cli([*args, "load.coalesce_joins=true"], monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    (run,) = finished_runs(tmp_path)
+    assert run.data.params["load.coalesce_joins"] == "True"
+    assert run.data.metrics["disagreement_rate"] == 0 and run.data.metrics["num_requests"] == 9
+
+
 def test_the_crossover_search_runs_one_nested_run_per_probe(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
     search = ["load.find_crossover=true", "load.rate_min=5", "load.rate_max=80", "load.max_probes=3"]
     args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, *search]

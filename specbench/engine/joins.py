@@ -3,10 +3,10 @@
 A join is a prefill that every running row waits for (no chunked prefill), and part of its cost is
 fixed: a 1-row join into 128 rows of GPT-J-6B shapes on an H200 took about 6.4 ms, against about
 2.9 ms more per 128-token row (`benchmarks/join_cost.py`, session ten). Joining at every step where a
-slot is free pays that fixed part at every step once rows leave one or two at a time, as they do
-under speculation or with spread output lengths: at saturation on the H200 about a quarter of the
-baseline's throughput went to it (5,229-5,317 output tokens/s with output lengths spread over
-32-96 tokens, 6,532-6,847 with all 64, where rows that joined together leave together).
+slot is free pays that fixed part at most steps once rows leave out of step (spread output lengths,
+or speculation): at 256 requests/s on the H200 with output lengths spread over 32-96 tokens the
+baseline joined 67-69 times for 256 requests, against 20-22 with all 64, where rows that joined
+together leave together (session nineteen, `benchmarks/NOTES.md`).
 
 - `EagerJoins` (the default): the requests join at the first step where there is room.
 - `DelayedJoins(d)` (vLLM's `--scheduler-delay-factor`): a running batch takes new rows only once
@@ -18,9 +18,11 @@ baseline's throughput went to it (5,229-5,317 output tokens/s with output length
   f a second and b rows running, costs b j0 / T of stall and f T / 2 of waiting per second, least
   at T = sqrt(2 b j0 / f), where the two are equal. j0 is the intercept of a line fitted to the
   run's own joins into a running batch (seconds against the joining prompts' tokens); until joins
-  of two sizes have been seen it is 0, and the requests join at once. It trades a little time to
-  first token for fewer stalls of every running row: at 128 rows, f = 200 requests/s and j0 = 6.4
-  ms, T is 90 ms (about 18 requests a join). An empty batch takes requests at once.
+  of two sizes have been seen it is 0, and the requests join at once. It trades time to first token
+  for fewer stalls of every running row: at 128 rows, f = 200 requests/s and j0 = 6.4 ms, T is 90 ms
+  (about 18 requests a join). An empty batch takes requests at once. Measured on the H200 (the
+  README's "Load settings"): with spread lengths at 64-256 requests/s, TPOT p50 9-19% lower and
+  TTFT p50 1.35x-3.1x; at 4-16 requests/s, later first tokens alone.
 """
 
 from __future__ import annotations
