@@ -95,7 +95,7 @@ def test_coalesced_joins_serve_both_modes_losslessly_and_are_logged(
     models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys
 ):
     args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, "load.num_requests=9"]
-    code, out, err = run_cli([*args, "load.coalesce_joins=true"], monkeypatch, capsys)
+    code, _, err = run_cli([*args, "load.coalesce_joins=true"], monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)
     assert run.data.params["load.coalesce_joins"] == "True"
