@@ -44,7 +44,8 @@ class JoinGate(Protocol):
         join would admit (0 running: an empty batch, which always takes them)."""
 
     def joined(self, now: float, prefill_s: float, tokens: int, into_running: bool) -> None:
-        """A join started at `now` and its prefill of `tokens` prompt tokens took `prefill_s`."""
+        """A join started at `now` and its prefill of `tokens` prompt tokens took `prefill_s` (`into_running`: into a
+        batch that had rows running, not an empty one)."""
 
 
 class EagerJoins:
