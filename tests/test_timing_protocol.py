@@ -43,14 +43,10 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
-from specbench.engine.continuous import serve
-from specbench.engine.decode import SpeculativeDecoder, new_row
-from specbench.engine.results import EngineRequest
-from specbench.engine.timing import Stopwatch
 from specbench.models import ModelCache
 from specbench.pipeline import run_benchmark
 from specbench.runner import prepare
-from specbench.testing import ScriptedPolicy, StepClock, make_model
+from specbench.testing import make_model
 from tests.fake_time import GPUS, FakeTime, install
 
 VERIFY_TICK = 1.0  # seconds of fake time per verifier pass, per fed column (binary fractions: sums stay exact)
@@ -317,53 +313,3 @@ def test_warm_up_is_outside_the_measurement_and_the_mode_order_alternates(
     assert list(table["repeat"]) == [0, 0, 1, 1]
     # the same seed gives the same outputs in both repeats: only the timing is measured again
     assert [c.tokens for c in timed[:4]] == [c.tokens for c in timed[4:]]
-
-
-def test_a_drafting_step_after_another_is_priced_by_the_time_since_it_ended_less_joins_and_reads(fake_time):
-    """A step policy is told what a drafting step cost the server: after another drafting step, everything since that
-    one ended (the scheduler's work between them, when the device idles) but the joins' prefills and the drafters'
-    reading, priced apart; after a plain step, the step's own phases."""
-    scheduler_s = 0.125  # the scheduler's work before each step, in fake seconds
-    verifier = fake_time.time_passes(CachedModel(make_model("gpt2", VOCAB, seed=0), VOCAB), VERIFY_TICK, "verifier")
-    draft = fake_time.time_passes(CachedModel(make_model("gpt2", VOCAB, seed=1, layers=1), VOCAB), DRAFT_TICK, "d")
-    settings = DecodeSettings(max_new_tokens=10)
-    policy = ScriptedPolicy([2, 2, 2, 0, 3, 2])
-    watch = Stopwatch(verifier.devices)
-    decoder = SpeculativeDecoder(
-        verifier, [ModelDrafter("d", draft)], settings, ConstantK(3), watch, step_policy=policy
-    )
-    own: list[float] = []  # each step's fake seconds, less the drafters' reading inside it
-    step, observe_read = decoder.step, policy.observe_read
-    inside = [False]
-
-    def timed_step():
-        fake_time.now += scheduler_s
-        inside[0], start, reads_before = True, fake_time.now, len(policy.reads)
-        report = step()
-        inside[0] = False
-        own.append(fake_time.now - start - sum(seconds for _, seconds in policy.reads[reads_before:]))
-        return report
-
-    decoder.step = timed_step
-    admit = verifier.admit
-
-    def timed_admit(*args):  # a join's prefill: its fake time is left out of the step after it
-        fake_time.now += 4.0
-        return admit(*args)
-
-    verifier.admit = timed_admit
-    policy.observe_read = lambda tokens, seconds: observe_read(tokens, seconds) if inside[0] else None
-    trace = [EngineRequest(i, float(arrival), PROMPTS[i], 10, seed=i) for i, arrival in enumerate((0, 0, 6))]
-
-    def make_row(request: EngineRequest):
-        return new_row(request.prompt_ids, request.seed, settings, ["d"], 3, 3, request.max_new_tokens)
-
-    served = serve(decoder, trace, make_row, 3, False, StepClock())
-    assert served.requests[2].admitted_s > served.requests[0].admitted_s  # one request joined a running batch
-    ks = [k for k, _, _ in policy.observed]
-    assert len(ks) == len(own) == len(served.steps) and 0 in ks
-    after_join = next(i for i, step in enumerate(served.steps) if step.time_s > served.requests[2].admitted_s)
-    assert ks[after_join - 1] > 0 and ks[after_join] > 0  # its prefill fell between two drafting steps
-    for index, (k, _, seconds) in enumerate(policy.observed):
-        after_drafting = k > 0 and index > 0 and ks[index - 1] > 0
-        assert seconds == own[index] + (scheduler_s if after_drafting else 0.0), index

@@ -277,8 +277,6 @@ class SpeculativeDecoder:
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
         self._plain_run = 0  # plain steps since the drafters last drafted
         self._next_k: int | None = None  # the next step's k, when a plain step that read ahead chose it
-        self._drafted_at: float | None = None  # when the last step ended, if it drafted (a step policy's clock)
-        self._admit_s = 0.0  # seconds spent admitting rows since then
 
     @property
     def running(self) -> list[Row]:
@@ -295,14 +293,7 @@ class SpeculativeDecoder:
         fresh = not self.running
         if fresh:
             self.rows = [None] * (batch_size or max(slots) + 1)
-            self._unread, self._plain_run, self._next_k, self._drafted_at = set(), 0, None, None
-        started = self.watch.clock.now() if self._drafted_at is not None else 0.0  # nothing is queued ahead then
-        self._admit_rows(rows, slots, fresh)
-        if self._drafted_at is not None:
-            self._admit_s += self.watch.clock.now() - started
-
-    def _admit_rows(self, rows: list[Row], slots: list[int], fresh: bool) -> None:
-        """`admit`'s work: the verifier's prefill, then the drafters' (at once into an empty batch)."""
+            self._unread, self._plain_run, self._next_k = set(), 0, None
         _place(self.rows, rows, slots)
         if fresh:
             self.verifier.reset(len(self.rows))
@@ -429,7 +420,7 @@ class SpeculativeDecoder:
         if self.step_policy is not None:
             if unread:  # reading joined rows, or what plain steps skipped, is a one-off price, not this k's
                 self.step_policy.observe_read(unread, read_s)
-            self.step_policy.observe_step(max(depths), occupancy, self._served_s(draft_s + verify_s, read_s))
+            self.step_policy.observe_step(max(depths), occupancy, draft_s + verify_s)
         self._plain_run = 0
         took_part = [row for row in rows if row is not None]
         return StepReport(
@@ -439,19 +430,6 @@ class SpeculativeDecoder:
             accepted=sum(row.result.accepted_per_step[-1] for row in took_part),
         )
 
-    def _served_s(self, step_s: float, read_s: float) -> float:
-        """What a drafting step cost the server: after another drafting step, the time from that one's end to this
-        one's, less the rows admitted and the drafters' reading between them (priced apart); after a plain step (whose
-        end, read ahead, is not a reading of the device's work) or none, its own phases, `step_s`.
-
-        Between two drafting steps the scheduler's work (the rows' records, the finished rows' release, re-forming the
-        batch) keeps the device idle; after a plain step that read ahead, it overlapped the queued forward.
-        """
-        ended = self.watch.clock.now()
-        served = step_s if self._drafted_at is None else max(step_s, ended - self._drafted_at - self._admit_s - read_s)
-        self._drafted_at, self._admit_s = ended, 0.0
-        return served
-
     def _plain_step(self, rows: list[Row | None], occupancy: int) -> StepReport:
         """One verifier call for every running row, each emitting one token: the baseline's step."""
 
@@ -459,7 +437,6 @@ class SpeculativeDecoder:
             self._next_k = self.step_policy.k_for_step(self._state(rows, occupancy))
             return self._next_k == 0
 
-        self._drafted_at = None
         self.watch.mark(wait=not self.read_ahead)
         emitted = self._plain.step(rows, next_is_plain)
         seconds = self.watch.lap(wait=not self.read_ahead)  # read ahead: the host's wait for the tokens

@@ -41,8 +41,7 @@ class StepPolicy(Protocol):
         """k for the next step (0: a plain decode step)."""
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
-        """What a step at `k` with `occupancy` running rows cost, without the drafters' reading of unread tokens (a
-        drafting step right after another: the whole time since that one ended, less joins and reading)."""
+        """What a step at `k` with `occupancy` running rows took, without the drafters' reading of unread tokens."""
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         """What the drafters took to read `tokens` unread tokens (rows that joined, steps they sat out)."""

@@ -13,13 +13,9 @@ row (interpolated in log b between the measured batch sizes, `load.model.interpo
 k = 0 is a plain decode step (the verifier alone, one token per row).
 
 The micro-measured surface leaves out what a whole step adds: the host's work per row (trees,
-the acceptance walk, bookkeeping), the drafters reading the rows that join, the device
-waits between phases, and the scheduler's work between two drafting steps (the rows' records,
-releasing finished rows, re-forming the batch), during which the device idles (between plain
-steps that read ahead it overlaps the queued forward). r(k, b) corrects for it from the steps
-the run has taken: the median of served over modelled seconds (served: from the end of the last
-drafting step to this one's, less the joins and the drafters' reading between them, which are
-priced apart; a step after a plain one, its own phases) of the recent steps at that k and occupancy bucket
+the acceptance walk, bookkeeping), the drafters reading the rows that join, and the device
+waits between phases. r(k, b) corrects for it from the steps the run has taken: the median
+of measured over modelled seconds of the recent steps at that k and occupancy bucket
 (1, 2-3, 4-7, ...), with the surface as a prior worth one step (a median, so that one slow
 step, a page fault or a stall, cannot condemn a k). A drafting k not yet run at a bucket
 borrows the r of the nearest drafting step that ran: another draft length at the same bucket
