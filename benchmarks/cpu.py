@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from specbench.errors import UserError
 from specbench.hf_backend import fixed_k, generate_new_tokens
 from specbench.models import ModelCache, context_length, eos_token_ids, model_spec
 from specbench.runner import device_name
-from specbench.speedup_model import iid_acceptance, predicted_speedup
+from specbench.speedup_model import full_step_alpha, predicted_speedup
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -281,8 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     model_check = {}
     for name, k in pairs:
         results = spec_results[f"{name}_k{k}"]
-        full = [a for r in results for n, a in zip(r.offered_per_step, r.accepted_per_step, strict=True) if n == k]
-        alpha = iid_acceptance(statistics.mean(full), k) if full else 0.0
+        alpha = full_step_alpha(results, k) or 0.0
         cost_ratio = draft_s[name] / verify_s[1]
         predicted = predicted_speedup(alpha, k, cost_ratio, verify_s[k + 1] / verify_s[1])
         # steady state, as the model describes it: decoding after the prefills (identical sequences, all repeats)

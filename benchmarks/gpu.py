@@ -40,7 +40,6 @@ import gc
 import json
 import platform
 import re
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -80,7 +79,7 @@ from specbench.engine.decode_attention import block_sizes, decode_attention, lau
 from specbench.engine.fusion import fuse_projections
 from specbench.engine.timing import Clock
 from specbench.hf_backend import fixed_k
-from specbench.speedup_model import iid_acceptance, predicted_speedup
+from specbench.speedup_model import full_step_alpha, predicted_speedup
 from specbench.testing import make_model
 
 TOKENIZER_VOCAB = 50257  # GPT-2's tokenizer: the engine never produces ids above it
@@ -462,11 +461,7 @@ def _batch_row(bench: Bench, size: int, verifier: CachedModel, drafters: dict[st
     baseline = row["ours_baseline"]
     for name, drafter in drafters.items():
         result = speculative(drafter)
-        offered_accepted = [
-            pair for r in result.rows for pair in zip(r.offered_per_step, r.accepted_per_step, strict=True)
-        ]
-        full = [accepted for offered, accepted in offered_accepted if offered == args.k]
-        alpha = iid_acceptance(statistics.mean(full), args.k) if full else 0.0
+        alpha = full_step_alpha(result.rows, args.k) or 0.0
         spec = row[f"ours_spec_{name}"]
         row[f"speedup_{name}"] = {
             "median": spec["median"] / baseline["median"],

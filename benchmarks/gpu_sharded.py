@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specbench.engine import CachedModel, ConstantK, DecodeSettings, ModelDrafter, decode_baseline, decode_speculative
 from specbench.engine.costs import measure_step_costs
 from specbench.engine.timing import Clock, model_devices
-from specbench.speedup_model import iid_acceptance, predicted_speedup
+from specbench.speedup_model import full_step_alpha, predicted_speedup
 
 VOCAB = 128256
 
@@ -174,8 +174,7 @@ def main() -> None:
 
     costs = measure_step_costs(verifier, [draft], [prompt], settings, {1: (1, args.k + 1)}, repeats=3)
     baseline, spec = ours().rows[0], speculative().rows[0]
-    full = [a for o, a in zip(spec.offered_per_step, spec.accepted_per_step, strict=True) if o == args.k]
-    alpha = iid_acceptance(statistics.mean(full), args.k) if full else 0.0
+    alpha = full_step_alpha([spec], args.k) or 0.0
     verify = costs.verify_s[1]
     c = costs.draft_s[1]["llama_1b"] / verify[1]
     v = verify[args.k + 1] / verify[1]

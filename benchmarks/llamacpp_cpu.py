@@ -10,7 +10,7 @@ offline Qwen2.5-Coder pair (q4_k_m GGUF; or local files: `--verifier-path`, `--d
    draft's step cost;
 4. speculation with the 0.5B draft and with prompt lookup at each k, and the binding's own
    prompt lookup (its `LlamaPromptLookupDecoding` draft model) at the same k;
-5. the speedup model's prediction (`predicted_speedup` with alpha from `iid_acceptance`)
+5. the speedup model's prediction (`predicted_speedup` with alpha from `full_step_alpha`)
    beside each measured speedup; when no k pays, the reason and the acceptance the best k
    would need.
 
@@ -57,7 +57,7 @@ from specbench.llamacpp import LlamaCppModel, NativeDecoder, physical_cores, tor
 from specbench.llamacpp.model import binding
 from specbench.models import ModelCache, ModelSpec, generation_eos_ids, model_config, model_spec
 from specbench.runner import device_name
-from specbench.speedup_model import acceptance_to_pay, iid_acceptance, predicted_speedup
+from specbench.speedup_model import acceptance_to_pay, full_step_alpha, predicted_speedup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_PROMPT_TOKENS = 1024
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("draft", "lookup"):
         for k in args.ks:
             results = [r for run in next(c for c in contenders if c.name == f"ours_{name}_k{k}").results for r in run]
-            full = [a for r in results for n, a in zip(r.offered_per_step, r.accepted_per_step, strict=True) if n == k]
-            alpha = iid_acceptance(statistics.mean(full), k) if full else 0.0
+            alpha = full_step_alpha(results, k) or 0.0
             cost_ratio = statistics.median(run.draft_s[1][name] for run in cost_runs) / one_token_s
             verify_ratio = statistics.median(run.verify_s[1][k + 1] / run.verify_s[1][1] for run in cost_runs)
             predicted = predicted_speedup(alpha, k, cost_ratio, verify_ratio)
