@@ -404,8 +404,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
-                    served_mode, _, joins = mode.partition("@")
-                    joins = joins or "eager"
+                    served_mode, joins = mode.partition("@")[0], _gate_of(mode)
                     k = {"load": schedules[joins], "plain": ConstantPolicy(0, k_max), "baseline": 1}.get(served_mode)
                     if k is None:  # kN, or policyN: N through the step policy's path
                         k = (int(served_mode[1:]) if served_mode[0] == "k"
@@ -431,8 +430,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             verdicts = {}
             for joins in args.joins:
                 suffix = _gate_suffix(joins)
-                fixed = [mode for mode in modes if mode.startswith("k") and mode.endswith(suffix) and
-                         ("@" in mode) == bool(suffix)]  # fmt: skip
+                fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == joins]
                 verdict = {}
                 for key in ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99"):
                     load_value = table["load" + suffix][key]["median"]
@@ -446,18 +444,21 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             share = {joins: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
                      for joins, ks in chosen.items()}  # fmt: skip
             alphas = {joins: schedule.alpha for joins, schedule in schedules.items()}
-            one = len(args.joins) == 1  # one gate: the keys of earlier results files
+
+            def per_gate(values: dict) -> object:  # one gate: the keys of earlier results files
+                return values[args.joins[0]] if len(args.joins) == 1 else values
+
             name = f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
             corrections = {joins: {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()}
                            for joins, schedule in schedules.items()}  # fmt: skip
             results[name] = {
                 "requests": len(requests),
                 "table": table,
-                "verdict": verdicts[args.joins[0]] if one else verdicts,
-                "load_k_share": share[args.joins[0]] if one else share,
-                "load_switches_to_drafting": switches[args.joins[0]] if one else switches,
-                "alpha_estimate": alphas[args.joins[0]] if one else alphas,
-                "load_corrections": corrections[args.joins[0]] if one else corrections,
+                "verdict": per_gate(verdicts),
+                "load_k_share": per_gate(share),
+                "load_switches_to_drafting": per_gate(switches),
+                "alpha_estimate": per_gate(alphas),
+                "load_corrections": per_gate(corrections),
                 "off_path_steps": oracle.off_path_steps,
                 **({"step_series": series} if series else {}),
             }
@@ -471,6 +472,11 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
 def _gate_suffix(joins: str) -> str:
     """A mode's name suffix under a join gate: none for eager joins."""
     return "" if joins == "eager" else f"@{joins}"
+
+
+def _gate_of(mode: str) -> str:
+    """The join gate a mode was served under (its name's suffix; eager without one)."""
+    return mode.partition("@")[2] or "eager"
 
 
 def _graph_count(verifier: CachedModel, cost: ModelDrafter) -> int:

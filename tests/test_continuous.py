@@ -251,3 +251,57 @@ def test_coalesced_joins_gather_a_queue_into_fewer_joins_and_every_request_still
     reference = CachedModel(verifiers["gptj"], VOCAB)
     for request, record in zip(trace, coalesced.requests, strict=True):
         assert record.tokens == alone(reference, request, settings), request.request_id
+
+
+class RecordingGate:
+    """A join gate that lets every join through and keeps what the scheduler told it."""
+
+    timed = False
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[float, int, list[float]]] = []
+        self.joins: list[tuple[float, float, int, bool]] = []
+
+    def ready(self, now: float, running: int, joinable_since) -> bool:
+        self.asked.append((now, running, list(joinable_since)))
+        return True
+
+    def joined(self, now: float, prefill_s: float, tokens: int, into_running: bool) -> None:
+        self.joins.append((now, prefill_s, tokens, into_running))
+
+
+def test_the_scheduler_tells_a_join_gate_since_when_each_request_could_have_joined(verifiers):
+    """A request queued behind a full batch could join only once a place came free (when a row finished), not from its
+    arrival; every join reports its prompt tokens, and whether rows were running."""
+    verifier = CachedModel(verifiers["gptj"], VOCAB)
+    settings = DecodeSettings(20)
+    gate = RecordingGate()
+    decoder = BaselineDecoder(verifier, settings, Stopwatch(verifier.devices), read_ahead=False)
+
+    def make_row(request: EngineRequest):
+        return new_row(request.prompt_ids, request.seed, settings, [], 0, 0, request.max_new_tokens)
+
+    result = serve(decoder, requests(), make_row, 3, False, StepClock(), join_gate=gate)
+    arrivals = {record.request_id: record.arrival_s for record in result.requests}
+    # a place comes free at the end of a step a row finished in, or at a join whose row ended at its first token
+    freed = {step.time_s for step in result.steps} | {record.first_token_s for record in result.requests}
+    for now, _, since in gate.asked:
+        assert all(moment <= now for moment in since)
+    waited_for_a_place = 0
+    for record in result.requests:  # the ask that admitted it
+        now, running, since = next(ask for ask in gate.asked if ask[0] == record.admitted_s)
+        admitted_together = sorted(r.request_id for r in result.requests if r.admitted_s == record.admitted_s)
+        moment = since[admitted_together.index(record.request_id)]
+        if moment > arrivals[record.request_id]:  # queued behind a full batch until a row finished
+            waited_for_a_place += 1
+            assert running > 0 and moment in freed
+        else:
+            assert moment == arrivals[record.request_id]
+    assert waited_for_a_place >= 2  # requests 4-6 queue behind a full batch
+    into_running = [join[3] for join in gate.joins]
+    assert into_running[0] is False and any(into_running)  # the first join started the batch
+    joined_tokens = sorted(tokens for _, _, tokens, _ in gate.joins)
+    groups = {}
+    for record, request in zip(result.requests, requests(), strict=True):
+        groups[record.admitted_s] = groups.get(record.admitted_s, 0) + len(request.prompt_ids)
+    assert joined_tokens == sorted(groups.values())

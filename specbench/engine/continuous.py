@@ -92,7 +92,7 @@ def serve(
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size}: at least one running row is needed")
-    join_gate = join_gate or EagerJoins()
+    join_gate = join_gate if join_gate is not None else EagerJoins()
     clock = clock or TraceClock(decoder.verifier.devices)
     # a decoder that reads ahead has queued its next forward when a step returns: readings must not wait for it
     wait = not decoder.read_ahead
@@ -103,6 +103,7 @@ def serve(
     rows: dict[int, Row] = {}  # request id -> its row
     steps: list[StepRecord] = []
     positions = [0, 0]  # verifier positions computed and padded, over every batch (an empty batch restarts them)
+    freed_at = deque([0.0] * max_batch_size)  # when each free place in the batch came free, oldest first
 
     def size_for(count: int) -> int:
         return next(size for size in slot_buckets(max_batch_size) if size >= count) if bucketed else count
@@ -112,11 +113,12 @@ def serve(
         record.chunk_times_s.append(seconds)
         record.chunk_sizes.append(count)
 
-    def release_finished() -> None:
+    def release_finished(at: float) -> None:
         finished = [slot for slot, row in enumerate(decoder.rows) if row is not None and row.finished]
         if not finished:
             return
         decoder.release(finished)
+        freed_at.extend([at] * len(finished))
         running = [slot for slot, row in enumerate(decoder.rows) if row is not None]
         target = size_for(len(running))
         if running and target < len(decoder.rows):  # shrink: the running rows first, then empty slots
@@ -131,10 +133,14 @@ def serve(
             continue
         running = len(decoder.running)
         room = min(max_batch_size - running, len(waiting))
-        # asked at every step, with no request to admit too: a gate may count how long the joinable ones waited
-        ready = join_gate.ready(now, running, [waiting[i].arrival_s for i in range(room)])
+        # since when each request that could join now could have: its arrival, or the time its place came free
+        joinable_since = [max(waiting[i].arrival_s, freed_at[i]) for i in range(room)]
+        # asked at every step, with none to admit too (a gate may count the time they wait); an empty batch takes them
+        ready = join_gate.ready(now, running, joinable_since) or not running
         joining = [waiting.popleft() for _ in range(room)] if ready else []
         if joining:
+            for _ in joining:
+                freed_at.popleft()
             if not decoder.running:
                 positions = _add_positions(positions, decoder)
             started = clock.now() if join_gate.timed else now  # a forward queued ahead is not the join's time
@@ -144,7 +150,7 @@ def serve(
             join_gate.joined(now, admitted_at - started, tokens, into_running=running > 0)
             for request in joining:
                 record_chunk(rows[request.request_id], 1, admitted_at)
-            release_finished()  # a row may end at its first token
+            release_finished(admitted_at)  # a row may end at its first token
         if not decoder.running:
             continue
         occupancy, computed = len(decoder.running), len(decoder.rows)
@@ -154,7 +160,7 @@ def serve(
             if count:
                 record_chunk(row, count, ended)
         steps.append(StepRecord(ended, occupancy, computed, report.k, report.proposed, report.accepted))
-        release_finished()
+        release_finished(ended)
 
     positions = _add_positions(positions, decoder)
     finish_logprobs(list(rows.values()))

@@ -22,7 +22,7 @@ together leave together (session nineteen, `benchmarks/NOTES.md`).
   for fewer stalls of every running row: at 128 rows, f = 200 requests/s and j0 = 6.4 ms, T is 90 ms
   (about 18 requests a join). An empty batch takes requests at once. Measured on the H200 (the
   README's "Load settings"): with spread lengths at 64-256 requests/s, TPOT p50 9-19% lower and
-  TTFT p50 1.35x-3.1x; at 4-16 requests/s, later first tokens alone.
+  TTFT p50 1.35x-3.1x; at 4-16 requests/s, later first tokens and no gain.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ class JoinGate(Protocol):
 
     timed: bool  # whether `joined` needs a join's own time: where steps read ahead, a reading that waits first
 
-    def ready(self, now: float, running: int, joinable: Sequence[float]) -> bool:
-        """Whether to join now, with `running` rows running and `joinable` the arrival times of the requests a
-        join would admit (0 running: an empty batch, which always takes them)."""
+    def ready(self, now: float, running: int, joinable_since: Sequence[float]) -> bool:
+        """Whether to join now, with `running` rows running and, for each request a join would admit, the time since
+        which it could have joined (its arrival, or when its place in the batch came free). With no row running the
+        scheduler joins whatever the answer."""
 
     def joined(self, now: float, prefill_s: float, tokens: int, into_running: bool) -> None:
         """A join started at `now` and its prefill of `tokens` prompt tokens took `prefill_s` (`into_running`: into a
@@ -53,7 +54,7 @@ class EagerJoins:
 
     timed = False
 
-    def ready(self, now: float, running: int, joinable: Sequence[float]) -> bool:
+    def ready(self, now: float, running: int, joinable_since: Sequence[float]) -> bool:
         return True
 
     def joined(self, now: float, prefill_s: float, tokens: int, into_running: bool) -> None:
@@ -66,10 +67,10 @@ class DelayedJoins:
 
     factor: float
     timed = False
-    _last_join_s: float = 0.0
-    _last_prefill_s: float = 0.0
+    _last_join_s: float = field(default=0.0, init=False)
+    _last_prefill_s: float = field(default=0.0, init=False)
 
-    def ready(self, now: float, running: int, joinable: Sequence[float]) -> bool:
+    def ready(self, now: float, running: int, joinable_since: Sequence[float]) -> bool:
         return not running or now - self._last_join_s >= self.factor * self._last_prefill_s
 
     def joined(self, now: float, prefill_s: float, tokens: int, into_running: bool) -> None:
@@ -83,17 +84,16 @@ class CoalescedJoins:
 
     cost: CostLine = field(default_factory=CostLine)  # a join's seconds against its prompt tokens
     timed = True
-    _waited_s: float = 0.0  # request-seconds the joinable requests have waited since the last join
-    _checked_s: float | None = None  # when that was last added up
+    _waited_s: float = field(default=0.0, init=False)  # request-seconds the joinable ones waited since the last join
+    _checked_s: float = field(default=0.0, init=False)  # when that was last added up
 
     @property
     def fixed_s(self) -> float:
         """A join's fixed part, j0: the fitted line's intercept (0 until joins of two sizes were seen)."""
         return self.cost.coefficients[0]
 
-    def ready(self, now: float, running: int, joinable: Sequence[float]) -> bool:
-        since = now if self._checked_s is None else self._checked_s
-        self._waited_s += sum(now - max(since, arrival_s) for arrival_s in joinable)
+    def ready(self, now: float, running: int, joinable_since: Sequence[float]) -> bool:
+        self._waited_s += sum(now - max(self._checked_s, since) for since in joinable_since)
         self._checked_s = now
         return not running or self._waited_s >= running * self.fixed_s
 
