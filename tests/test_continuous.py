@@ -223,8 +223,8 @@ def test_coalesced_joins_gather_a_queue_into_fewer_joins_and_every_request_still
     verifiers, draft, mode
 ):
     """Sixteen requests at once into 4 slots, a queue for most of the trace: rows leave a few at a time, and with
-    coalesced joins the waiting requests join in fewer, larger groups, each join only once the joinable requests
-    have waited as long as the running rows would stall for its fixed part (one reading under the step clock)."""
+    coalesced joins the waiting requests join in fewer, larger groups (the gate's rule itself: tests/test_joins.py),
+    every request still decoding as if alone."""
     verifier = CachedModel(verifiers["gptj"], VOCAB)
     settings = DecodeSettings(12)
     trace = [EngineRequest(i, 0.0, PROMPTS[i % len(PROMPTS)], 4 + i % 7, seed=i) for i in range(16)]
