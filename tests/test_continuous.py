@@ -183,6 +183,21 @@ def test_sampled_requests_keep_the_verifier_law_while_rows_join_and_leave():
     assert pit_p_value(outputs, ExactLaw(verifier_model, unwarped)) < 1e-6
 
 
+def served_through_gate(verifier: CachedModel, draft, mode: str, settings: DecodeSettings, trace, gate):
+    """Serve `trace` into 4 slots on a step clock through `gate`: the baseline, or (`mode` "model") k = 3 drafted."""
+    watch = Stopwatch(verifier.devices)
+    if mode == "baseline":
+        decoder, names = BaselineDecoder(verifier, settings, watch, read_ahead=False), []
+    else:
+        drafter = ModelDrafter("draft", CachedModel(draft, VOCAB))
+        decoder, names = SpeculativeDecoder(verifier, [drafter], settings, ConstantK(3), watch), ["draft"]
+
+    def make_row(request: EngineRequest):
+        return new_row(request.prompt_ids, request.seed, settings, names, 3, 3, request.max_new_tokens)
+
+    return serve(decoder, trace, make_row, 4, False, StepClock(), join_gate=gate)
+
+
 @pytest.mark.parametrize("mode", ["baseline", "model"])
 def test_a_join_delay_gathers_joins_and_every_request_still_decodes_as_if_alone(verifiers, draft, mode):
     """Eight requests a reading apart into 4 slots: with a delay of 6 prefills, rows join a running batch in fewer,
@@ -192,20 +207,9 @@ def test_a_join_delay_gathers_joins_and_every_request_still_decodes_as_if_alone(
     trace = [EngineRequest(i, float(i), PROMPTS[i % len(PROMPTS)], 6 + i % 5, seed=i) for i in range(8)]
     trace.append(EngineRequest(8, 400.0, PROMPTS[0], 4, seed=8))  # arrives after everything has finished
 
-    def served_with(join_delay_factor: float):
-        watch = Stopwatch(verifier.devices)
-        if mode == "baseline":
-            decoder, names = BaselineDecoder(verifier, settings, watch, read_ahead=False), []
-        else:
-            drafter = ModelDrafter("draft", CachedModel(draft, VOCAB))
-            decoder, names = SpeculativeDecoder(verifier, [drafter], settings, ConstantK(3), watch), ["draft"]
-
-        def make_row(request: EngineRequest):
-            return new_row(request.prompt_ids, request.seed, settings, names, 3, 3, request.max_new_tokens)
-
-        return serve(decoder, trace, make_row, 4, False, StepClock(), join_gate=make_join_gate(join_delay_factor))
-
-    eager, delayed = served_with(0.0), served_with(6.0)
+    eager, delayed = (
+        served_through_gate(verifier, draft, mode, settings, trace, make_join_gate(factor)) for factor in (0.0, 6.0)
+    )
     joins = [sorted({record.admitted_s for record in result.requests}) for result in (eager, delayed)]
     assert len(joins[1]) < len(joins[0])
     # every join but the last (request 8, into an empty batch) after the first joined a running batch: each came
@@ -229,20 +233,10 @@ def test_coalesced_joins_gather_a_queue_into_fewer_joins_and_every_request_still
     settings = DecodeSettings(12)
     trace = [EngineRequest(i, 0.0, PROMPTS[i % len(PROMPTS)], 4 + i % 7, seed=i) for i in range(16)]
 
-    def served_with(coalesce: bool):
-        watch = Stopwatch(verifier.devices)
-        if mode == "baseline":
-            decoder, names = BaselineDecoder(verifier, settings, watch, read_ahead=False), []
-        else:
-            drafter = ModelDrafter("draft", CachedModel(draft, VOCAB))
-            decoder, names = SpeculativeDecoder(verifier, [drafter], settings, ConstantK(3), watch), ["draft"]
-
-        def make_row(request: EngineRequest):
-            return new_row(request.prompt_ids, request.seed, settings, names, 3, 3, request.max_new_tokens)
-
-        return serve(decoder, trace, make_row, 4, False, StepClock(), join_gate=make_join_gate(coalesce=coalesce))
-
-    eager, coalesced = served_with(False), served_with(True)
+    eager, coalesced = (
+        served_through_gate(verifier, draft, mode, settings, trace, make_join_gate(coalesce=coalesce))
+        for coalesce in (False, True)
+    )
     joins = [sorted({record.admitted_s for record in result.requests}) for result in (eager, coalesced)]
     assert len(joins[1]) < len(joins[0])
     sizes = [[sum(r.admitted_s == t for r in result.requests) for t in times] for result, times in zip(

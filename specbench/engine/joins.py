@@ -71,7 +71,7 @@ class DelayedJoins:
     _last_prefill_s: float = field(default=0.0, init=False)
 
     def ready(self, now: float, running: int, joinable_since: Sequence[float]) -> bool:
-        return not running or now - self._last_join_s >= self.factor * self._last_prefill_s
+        return now - self._last_join_s >= self.factor * self._last_prefill_s
 
     def joined(self, now: float, prefill_s: float, tokens: int, into_running: bool) -> None:
         self._last_join_s, self._last_prefill_s = now, prefill_s
@@ -95,7 +95,7 @@ class CoalescedJoins:
     def ready(self, now: float, running: int, joinable_since: Sequence[float]) -> bool:
         self._waited_s += sum(now - max(self._checked_s, since) for since in joinable_since)
         self._checked_s = now
-        return not running or self._waited_s >= running * self.fixed_s
+        return self._waited_s >= running * self.fixed_s
 
     def joined(self, now: float, prefill_s: float, tokens: int, into_running: bool) -> None:
         if into_running:  # a fresh batch's first prefill also starts the drafters: not a join's cost
