@@ -384,7 +384,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
     keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "ttft_ms_p50", "ttft_ms_p99", "occupancy_mean",
-            "output_tokens_per_s", "full_step_ms_p50", "join_events")  # fmt: skip
+            "output_tokens_per_s", "full_step_ms_p50", "joins_per_request")  # fmt: skip
     results: dict = {"modes": modes, "k_max": k_max, **_surface_ms(costs)}
     graphs = _graph_count(verifier, cost)
     for alpha in args.alphas:
@@ -413,7 +413,6 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                                     args.max_batch, args.join_delay_factor, joins)  # fmt: skip
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
-                    metrics["join_events_x"] = len({request.admitted_s for request in served.requests})
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
                     if args.step_series and repeat == 0:
                         series[mode] = {

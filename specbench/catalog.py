@@ -170,6 +170,14 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "load runs: most requests running at once, from their [admitted, finish) intervals",
         fmt="int",
     ),
+    _per_mode(
+        "joins_per_request",
+        "Joins per request",
+        "",
+        None,
+        "load runs on our engine: the scheduler's admissions (requests admitted at the same instant joined as one "
+        "prefill) per served request; 1 when every request joined alone",
+    ),
     Metric(
         "acceptance_rate_occupancy_{low}_{high}",
         "Acceptance at occupancy low-high",

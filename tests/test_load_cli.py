@@ -39,12 +39,14 @@ def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_
     metrics = run.data.metrics
     for key in ("ttft_ms_p99_spec", "tpot_ms_p99_baseline", "e2el_ms_p50_spec", "queue_ms_mean_baseline",
                 "output_tokens_per_s_spec", "requests_per_s_baseline", "occupancy_mean_spec", "occupancy_max_baseline",
+                "joins_per_request_baseline", "joins_per_request_spec",
                 "tpot_p99_ratio", "tpot_p99_ratio_ci_low", "e2el_p99_ratio", "acceptance_rate",
                 "tpot_p99_ratio_repeat_median", "predicted_tpot_ratio", "predicted_tpot_p99_ratio"):  # fmt: skip
         assert key in metrics, key
     assert metrics["num_requests"] == 6 and metrics["repeats"] == 2 and metrics["request_rate"] == 40
     assert metrics["disagreement_rate"] == 0  # float32 greedy: every request equals its baseline
     assert 1 <= metrics["occupancy_max_spec"] <= 3
+    assert 0 < metrics["joins_per_request_spec"] <= 1
     client = MlflowClient()
     folder = client.download_artifacts(run.info.run_id, "requests.jsonl", str(tmp_path))
     lines = [json.loads(line) for line in Path(folder).read_text(encoding="utf-8").splitlines()]

@@ -120,6 +120,22 @@ def test_most_running_ends_a_request_before_admitting_one_at_the_same_instant():
     assert most_running(overlapping) == 2
 
 
+def test_joins_per_request_counts_requests_admitted_together_once_and_only_for_our_scheduler():
+    # r0 alone at 0 s; r1 and r2 joined together at 1.5 s; r3 alone at 2.2 s; the failed r4 is left out: 3 joins
+    # for 4 served requests
+    requests = [
+        request(0, 0.0, 0.0, [0.5, 1.0]),
+        request(1, 1.0, 1.5, [2.0, 3.0]),
+        request(2, 1.2, 1.5, [2.0, 2.5]),
+        request(3, 2.2, 2.2, [2.4]),
+        request(4, 2.3, 2.3, [], error="out of memory"),
+    ]
+    steps = [StepRecord(time_s=1.0, rows=1, computed_rows=1, k=0)]
+    assert mode_metrics(ServeResult(requests, steps, wall_s=3.0), "spec")["joins_per_request_spec"] == 3 / 4
+    # no scheduler steps (a server's requests, admitted when sent): how the server batched them is unknown
+    assert "joins_per_request_spec" not in mode_metrics(ServeResult(requests, [], wall_s=3.0), "spec")
+
+
 def test_acceptance_by_occupancy_bucket():
     assert [occupancy_bucket(rows) for rows in (1, 2, 3, 4, 7, 8, 100)] == [
         (1, 1),

@@ -32,7 +32,11 @@ over the whole duration, idle time counting as 0: the sum over requests of
 requests_per_s x mean time in the batch. `occupancy_max` is the most requests
 running at once ([admitted, finish) intervals, a finish before an admission at
 the same instant). Both come from the requests, so they exist for server
-backends too. Acceptance by occupancy groups the scheduler's steps by their
+backends too. `joins_per_request` is the scheduler's admissions (requests admitted
+at the same instant joined as one prefill) per served request: 1 when every
+request joined alone, less where joins were shared (`load.coalesce_joins` aims
+there). Only for our engine: a server's admission time is when its request was
+sent, which says nothing about how the server batched it. Acceptance by occupancy groups the scheduler's steps by their
 running rows (1, 2-3, 4-7, ...): `acceptance_rate_occupancy_{low}_{high}`.
 
 The ratios `tpot_p99_ratio`, `e2el_p99_ratio` and `goodput_ratio` (spec over
@@ -145,7 +149,15 @@ def mode_metrics(result: ServeResult, mode: str, slo: SloConfig | None = None) -
             metrics[f"goodput_rps_{mode}"] = good / duration
             metrics[f"slo_attainment_{mode}"] = good / len(result.requests)
     metrics[f"occupancy_max_{mode}"] = most_running(result)
+    if result.steps and len(times.request_ids):  # steps: our scheduler served it (see the module's docstring)
+        metrics[f"joins_per_request_{mode}"] = joins_per_request(result)
     return metrics
+
+
+def joins_per_request(result: ServeResult) -> float:
+    """The scheduler's admissions per served request, requests admitted at the same instant counting once."""
+    admitted = [request.admitted_s for request in result.requests if request.error is None]
+    return len(set(admitted)) / len(admitted)
 
 
 def most_running(result: ServeResult) -> int:
