@@ -393,9 +393,9 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
             schedules = {}  # one per join gate, each learning in an untimed warm-up and then over its replays
+            warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for joins in args.joins:
                 schedules[joins] = LoadAwareK(costs, k_max)
-                warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
                 _serve(verifier, [oracle], warm, schedules[joins], args.max_batch)
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             chosen: dict[str, list[int]] = {joins: [] for joins in args.joins}

@@ -36,8 +36,9 @@ backends too. `joins_per_request` is the scheduler's admissions (requests admitt
 at the same instant joined as one prefill) per served request: 1 when every
 request joined alone, less where joins were shared (`load.coalesce_joins` aims
 there). Only for our engine: a server's admission time is when its request was
-sent, which says nothing about how the server batched it. Acceptance by occupancy groups the scheduler's steps by their
-running rows (1, 2-3, 4-7, ...): `acceptance_rate_occupancy_{low}_{high}`.
+sent, which says nothing about how the server batched it. Acceptance by occupancy
+groups the scheduler's steps by their running rows (1, 2-3, 4-7, ...):
+`acceptance_rate_occupancy_{low}_{high}`.
 
 The ratios `tpot_p99_ratio`, `e2el_p99_ratio` and `goodput_ratio` (spec over
 baseline) have 95% bootstrap intervals (`_ci_low`, `_ci_high`) over the trace's
