@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import describe_machine
 from repeats import graph_replay_ms, show, spread
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -81,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     kernels = {name: KERNELS[name]() if name in COMPILED else KERNELS[name] for name in args.kernels}
     torch._dynamo.config.recompile_limit = 64  # one compilation per shape and kernel
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results: dict = {"device": torch.cuda.get_device_name(), "host": describe_machine(), "torch": torch.__version__}
     for rows, columns, n in itertools.product(args.rows, args.columns, args.queries):
         layers = [
             [

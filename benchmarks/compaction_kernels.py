@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import describe_machine
 from repeats import show, spread
 
 from specbench.engine.timing import Clock
@@ -92,6 +93,7 @@ def main() -> None:
     shape = (2, 2, 8, 16) if args.quick else (LAYERS, HEADS, HEAD_DIM, COLUMNS)
     report: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "host": describe_machine(),
         "torch": torch.__version__,
         "layers_heads_head_dim_columns": shape,
     }

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import describe_machine
 from repeats import copy_bandwidth, graph_replay_ms, spread
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import linear
@@ -724,6 +725,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
+        "host": describe_machine(),
     }
     start = time.perf_counter()
     bench = Bench(args)

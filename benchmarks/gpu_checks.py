@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import describe_machine
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from specbench.testing import train_tokenizer, write_models_dir, write_pubmedqa_jsonl
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"device": torch.cuda.get_device_name()}
+    report: dict = {"device": torch.cuda.get_device_name(), "host": describe_machine()}
     print(json.dumps(report, indent=2), flush=True)
 
     work = Path(tempfile.mkdtemp())

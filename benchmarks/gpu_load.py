@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import transformers
 from gpu import architectures, build, device_step_ms
+from machine import describe_machine
 from repeats import spread
 
 from specbench.config import ArrivalKind, CrossoverMetric, SloConfig
@@ -578,6 +579,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",
+        "host": describe_machine(),
         "favoured_token_bias": FAVOURED_BIAS,
     }
     start = time.perf_counter()

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import describe_machine
 
 from specbench.testing import write_models_dir, write_pubmedqa_jsonl
 
@@ -71,6 +72,7 @@ def main() -> None:
     report = {
         "gpus": gpus,
         "gpu_names": [torch.cuda.get_device_name(i) for i in range(gpus)],
+        "host": describe_machine(),
         "returncode": sweep.returncode,
         "runs": [{"name": s[3], "device": s[2], "start_ms": s[0], "end_ms": s[1]} for s in sorted(spans)],
         "statuses": sorted(r.info.status for r in runs),

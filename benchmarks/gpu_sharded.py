@@ -32,6 +32,7 @@ import torch
 import transformers
 from accelerate import dispatch_model
 from accelerate.utils import set_module_tensor_to_device
+from machine import describe_machine
 from repeats import copy_bandwidth, spread
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,6 +103,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "devices": [torch.cuda.get_device_name(d) for d in devices] if not args.quick else devices,
+        "host": describe_machine(),
     }
 
     def save(stage: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import transformers
 from gpu import _profile_kernels, architectures, build
 from gpu_load import TOKENIZER_VOCAB
+from machine import describe_machine
 from repeats import spread
 
 from specbench.engine import CachedModel
@@ -89,7 +89,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "host": describe_machine(),
         "dtype": str(dtype),
         "running_rows": RUNNING,
         "prompt_len": PROMPT_LEN,

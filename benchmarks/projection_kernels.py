@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from machine import describe_machine
 from repeats import graph_replay_ms, show, spread
 from torch.nn.functional import linear
 
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results: dict = {"device": torch.cuda.get_device_name(), "host": describe_machine(), "torch": torch.__version__}
     for rows in args.rows:
         for name, micros in time_variants(rows, args.repeats).items():
             results[f"rows{rows}/{name}"] = micros

@@ -46,6 +46,7 @@ from gpu_load import (
     _serve,
     _setup_oracle_load,
 )
+from machine import describe_machine
 
 import specbench.engine.continuous as continuous
 import specbench.engine.decode as decode
@@ -166,6 +167,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "host": describe_machine(),
         "surface_verify_ms": {b: {n: 1000 * s for n, s in c.items()} for b, c in costs.verify_s.items()},
         "surface_draft_ms": {b: 1000 * sum(c.values()) for b, c in costs.draft_s.items()},
     }
