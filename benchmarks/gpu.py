@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
 import re
 import time
 import traceback
@@ -723,7 +722,6 @@ def main() -> None:
         "settings": {key: value for key, value in vars(args).items() if key != "out"},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
         "host": describe_machine(),
     }

@@ -33,7 +33,6 @@ import io
 import itertools
 import json
 import math
-import platform
 import pstats
 import statistics
 import time
@@ -577,7 +576,6 @@ def main() -> None:
         "settings": {key: str(value) for key, value in vars(args).items() if key != "out"},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",
         "host": describe_machine(),
         "favoured_token_bias": FAVOURED_BIAS,

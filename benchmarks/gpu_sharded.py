@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -101,7 +100,6 @@ def main() -> None:
         "settings": {key: value for key, value in vars(args).items() if key != "out"},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "python": platform.python_version(),
         "devices": [torch.cuda.get_device_name(d) for d in devices] if not args.quick else devices,
         "host": describe_machine(),
     }
