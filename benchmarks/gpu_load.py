@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from fill_up_tail import tpot_p99
 from gpu import architectures, build, device_step_ms
 from machine import describe_machine
 from repeats import spread
@@ -288,6 +289,12 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     return results
 
 
+def _request_rows(served) -> list[list[float]]:
+    """Each request's [arrival, admitted, first token, finish] in seconds and its output tokens."""
+    return [[request.arrival_s, request.admitted_s, request.first_token_s, request.finish_s, request.num_tokens]
+            for request in served.requests]  # fmt: skip
+
+
 def _full_step_ms(served) -> float:
     """The median step time (ms) while the batch held its most rows (the steady state of a saturated server)."""
     steps = served.steps
@@ -383,8 +390,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
-    keys = ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99", "ttft_ms_p50", "ttft_ms_p99", "occupancy_mean",
-            "output_tokens_per_s", "full_step_ms_p50", "joins_per_request")  # fmt: skip
+    keys = ("tpot_ms_p50", "tpot_ms_p99", "tpot_ms_p99_after_fill", "e2el_ms_p99", "ttft_ms_p50", "ttft_ms_p99",
+            "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50", "joins_per_request")  # fmt: skip
     results: dict = {"modes": modes, "k_max": k_max, **_surface_ms(costs)}
     graphs = _graph_count(verifier, cost)
     for alpha in args.alphas:
@@ -413,13 +420,13 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                                     args.max_batch, args.join_delay_factor, joins)  # fmt: skip
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
+                    metrics["tpot_ms_p99_after_fill_x"] = 1000 * tpot_p99(_request_rows(served), args.max_batch)
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
                     if args.step_series and repeat == 0:
                         series[mode] = {
                             "steps": [[round(1000 * step.time_s, 3), step.rows, step.k] for step in served.steps],
-                            "requests": [[round(1000 * value, 3) for value in (request.arrival_s, request.admitted_s,
-                                          request.first_token_s, request.finish_s)] + [request.num_tokens]
-                                         for request in served.requests],
+                            "requests": [[round(1000 * value, 3) for value in row[:4]] + row[4:]
+                                         for row in _request_rows(served)],
                         }  # fmt: skip
                     if served_mode == "load":
                         ks = [step.k for step in served.steps]
@@ -431,7 +438,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 suffix = _gate_suffix(joins)
                 fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == joins]
                 verdict = {}
-                for key in ("tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p99"):
+                for key in ("tpot_ms_p50", "tpot_ms_p99", "tpot_ms_p99_after_fill", "e2el_ms_p99"):
                     load_value = table["load" + suffix][key]["median"]
                     best = min(fixed, key=lambda mode, key=key: table[mode][key]["median"])
                     verdict[key] = {

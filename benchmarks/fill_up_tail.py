@@ -1,0 +1,66 @@
+"""How much of a saturated trace's p99 TPOT is the batch filling up: the p99 over every request against the
+p99 over the requests that arrived after the first `--skip` (the slots of the batch), from the step series
+that `gpu_load.py --step-series` keeps (the first replay of each trace).
+
+    python benchmarks/fill_up_tail.py benchmarks/results/gpu-h200-2026-12-05-served-at-capacity.json
+    python benchmarks/fill_up_tail.py benchmarks/results/gpu-h200-*.json --rate 256 --skip 128
+
+The same requests are left out in every mode (by arrival order, which the replayed trace fixes), so each
+mode's ratio over the baseline compares the same requests. Prints one line per trace: each mode's p99 TPOT
+over the baseline's, over all requests -> over the later ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+def step_series(node: object, path: str = "") -> Iterator[tuple[str, dict]]:
+    """Every (path, step series by mode) in a results file, where the series keep their requests."""
+    if not isinstance(node, dict):
+        return
+    series = node.get("step_series")
+    if isinstance(series, dict) and "requests" in series.get("baseline", {}):
+        yield path, series
+        return
+    for key, child in node.items():
+        yield from step_series(child, f"{path}/{key}")
+
+
+def tpot_p99(requests: list[list[float]], skip: int) -> float:
+    """The p99 TPOT of the requests after the first `skip` to arrive, each [arrival, admitted, first token,
+    finish, output tokens] as gpu_load.py writes them (in the unit of the times)."""
+    ordered = sorted(requests, key=lambda request: request[0])[skip:]
+    tpots = [(finish - first) / (tokens - 1) for _, _, first, finish, tokens in ordered if tokens > 1]
+    return float(np.percentile(tpots, 99)) if tpots else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--rate", default="256", help="only the traces served at this rate (requests/s)")
+    parser.add_argument("--skip", type=int, default=128, help="requests left out: the batch's slots")
+    args = parser.parse_args()
+    for file in args.results:
+        for path, series in step_series(json.loads(file.read_text())):
+            if f"rate{args.rate}" not in path.rsplit("/", 1)[-1]:
+                continue
+            baseline = series["baseline"]["requests"]
+            if len(baseline) <= args.skip:
+                continue
+            ratios = []
+            for mode, served in series.items():
+                if mode != "baseline":
+                    every = tpot_p99(served["requests"], 0) / tpot_p99(baseline, 0)
+                    later = tpot_p99(served["requests"], args.skip) / tpot_p99(baseline, args.skip)
+                    ratios.append(f"{mode} {every:.2f} -> {later:.2f}")
+            print(f"{file.name}{path}: {', '.join(ratios)}")
+
+
+if __name__ == "__main__":
+    main()
