@@ -17,7 +17,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
+from specbench.engine.results import ServedRequest, ServeResult
+from specbench.load.metrics import mode_metrics
 
 
 def step_series(node: object, path: str = "") -> Iterator[tuple[str, dict]]:
@@ -32,12 +33,17 @@ def step_series(node: object, path: str = "") -> Iterator[tuple[str, dict]]:
         yield from step_series(child, f"{path}/{key}")
 
 
-def tpot_p99(requests: list[list[float]], skip: int) -> float:
-    """The p99 TPOT of the requests after the first `skip` to arrive, each [arrival, admitted, first token,
-    finish, output tokens] as gpu_load.py writes them (in the unit of the times)."""
-    ordered = sorted(requests, key=lambda request: request[0])[skip:]
-    tpots = [(finish - first) / (tokens - 1) for _, _, first, finish, tokens in ordered if tokens > 1]
-    return float(np.percentile(tpots, 99)) if tpots else float("nan")
+def served(rows: list[list[float]]) -> ServeResult:
+    """A serve rebuilt from its stored requests ([arrival, admitted, first token, finish] in ms, output tokens; in
+    arrival order, as gpu_load.py writes them)."""
+    requests = [ServedRequest(number, *(ms / 1000 for ms in row[:4]), num_tokens=int(row[4]))
+                for number, row in enumerate(rows)]  # fmt: skip
+    return ServeResult(requests, [], max(request.finish_s for request in requests))
+
+
+def tpot_p99_ms(rows: list[list[float]], skip: int) -> float:
+    """The p99 TPOT (ms) of the stored requests after the first `skip` to arrive (the library's own figures)."""
+    return mode_metrics(served(rows).after_first(skip), "x")["tpot_ms_p99_x"]
 
 
 def main() -> None:
@@ -54,10 +60,10 @@ def main() -> None:
             if len(baseline) <= args.skip:
                 continue
             ratios = []
-            for mode, served in series.items():
+            for mode, mode_series in series.items():
                 if mode != "baseline":
-                    every = tpot_p99(served["requests"], 0) / tpot_p99(baseline, 0)
-                    later = tpot_p99(served["requests"], args.skip) / tpot_p99(baseline, args.skip)
+                    every = tpot_p99_ms(mode_series["requests"], 0) / tpot_p99_ms(baseline, 0)
+                    later = tpot_p99_ms(mode_series["requests"], args.skip) / tpot_p99_ms(baseline, args.skip)
                     ratios.append(f"{mode} {every:.2f} -> {later:.2f}")
             print(f"{file.name}{path}: {', '.join(ratios)}")
 

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from fill_up_tail import tpot_p99
 from gpu import architectures, build, device_step_ms
 from machine import describe_machine
 from repeats import spread
@@ -289,12 +288,6 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     return results
 
 
-def _request_rows(served) -> list[list[float]]:
-    """Each request's [arrival, admitted, first token, finish] in seconds and its output tokens."""
-    return [[request.arrival_s, request.admitted_s, request.first_token_s, request.finish_s, request.num_tokens]
-            for request in served.requests]  # fmt: skip
-
-
 def _full_step_ms(served) -> float:
     """The median step time (ms) while the batch held its most rows (the steady state of a saturated server)."""
     steps = served.steps
@@ -420,13 +413,16 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                                     args.max_batch, args.join_delay_factor, joins)  # fmt: skip
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
-                    metrics["tpot_ms_p99_after_fill_x"] = 1000 * tpot_p99(_request_rows(served), args.max_batch)
+                    if len(requests) > args.max_batch:  # the figures once the batch has filled up
+                        after_fill = mode_metrics(served.after_first(args.max_batch), "x")
+                        metrics["tpot_ms_p99_after_fill_x"] = after_fill["tpot_ms_p99_x"]
                     runs[mode].append({key: metrics.get(f"{key}_x", float("nan")) for key in keys})
                     if args.step_series and repeat == 0:
                         series[mode] = {
                             "steps": [[round(1000 * step.time_s, 3), step.rows, step.k] for step in served.steps],
-                            "requests": [[round(1000 * value, 3) for value in row[:4]] + row[4:]
-                                         for row in _request_rows(served)],
+                            "requests": [[round(1000 * value, 3) for value in (request.arrival_s, request.admitted_s,
+                                          request.first_token_s, request.finish_s)] + [request.num_tokens]
+                                         for request in served.requests],
                         }  # fmt: skip
                     if served_mode == "load":
                         ks = [step.k for step in served.steps]

@@ -313,6 +313,12 @@ LOAD_METRICS: tuple[Metric, ...] = (
         doc="load runs: requests in the trace (in each of load.traces), each served in both modes (`repeats` times)",
         summary=True,
     ),
+    Metric(
+        "excluded_requests",
+        "Requests left out",
+        fmt="int",
+        doc="load runs with load.exclude_first: the first requests of each serve, served but left out of the figures",
+    ),
     Metric("repeats", "Repeats", fmt="int", doc="load runs: times each trace was replayed in each mode"),
     Metric("traces", "Arrival traces", fmt="int", doc="load runs: arrival traces served (load.traces)"),
     *(

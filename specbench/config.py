@@ -252,6 +252,9 @@ class LoadConfig:
     traces: int = 1
     trace_path: str | None = None  # arrival=trace: JSONL, one request a line (arrival_s, record_id or text)
     max_batch_size: int = 8  # running requests at most; later arrivals wait in a FIFO queue
+    # the first N requests of each trace (by arrival) are served but left out of the figures, which start at the
+    # next one's arrival: a saturated server's filling up, which a server that stays saturated passes once
+    exclude_first: int = 0
     # a running batch takes new rows only once this many times the last join's prefill time has passed since
     # that join (vLLM's --scheduler-delay-factor): fewer, larger joins, so fewer stalls; 0 joins at every step
     join_delay_factor: float = 0.0

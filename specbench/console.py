@@ -172,7 +172,9 @@ def load_summary(title: str, metrics: Mapping[str, float], links: list[str], con
     requests = metrics.get("num_requests")
     if requests is not None:
         repeats, traces = int(metrics.get("repeats", 1)), int(metrics.get("traces", 1))
-        served = f"{int(requests)} requests" + (f" x {traces} traces" if traces > 1 else "") + f" x {repeats}"
+        excluded = int(metrics.get("excluded_requests", 0))
+        served = f"{int(requests)} requests" + (f" (the first {excluded} left out)" if excluded else "")
+        served += (f" x {traces} traces" if traces > 1 else "") + f" x {repeats}"
         over = "traces, then their requests" if traces > 1 else "requests"
         lines[-1] += f", {served} ([low, high]: 95% bootstrap interval over {over})"
     if rows:

@@ -173,10 +173,16 @@ def validate_load(cfg: SpecBenchConfig) -> None:
             "load.find_crossover=true varies the request rate, which a trace file fixes: "
             "use load.arrival=poisson, gamma or constant.",
         )
-        read_trace(load.trace_path)
+        requests = len(read_trace(load.trace_path))
     else:
         positive("load.rate", load.rate, "requests per second, e.g. load.rate=0.2")
         _check(load.num_requests >= 1, f"load.num_requests={load.num_requests} is invalid: send 1 or more requests.")
+        requests = load.num_requests
+    _check(
+        0 <= load.exclude_first < requests,
+        f"load.exclude_first={load.exclude_first} is invalid: leave out 0 to {requests - 1} of the trace's {requests} "
+        f"requests (a saturated server fills its load.max_batch_size={load.max_batch_size} slots first).",
+    )
     _check(load.traces >= 1, f"load.traces={load.traces} is invalid: serve 1 or more arrival traces per rate.")
     _check(
         load.traces == 1 or load.arrival is not ArrivalKind.trace,

@@ -159,6 +159,12 @@ def test_load_settings_compose_and_bad_ones_are_named_with_their_fix(composer, t
             r"^load\.traces=2 draws other arrival times, but server\.fixed_batch=true sends every request at time 0",
         ),
         (["load.max_batch_size=0"], r"^load\.max_batch_size=0 is invalid"),
+        (["load.exclude_first=-1"], r"^load\.exclude_first=-1 is invalid: leave out 0 to 15 of the trace's 16"),
+        (["load.num_requests=4", "load.exclude_first=4"], r"^load\.exclude_first=4 is invalid: leave out 0 to 3 "),
+        (
+            ["load.arrival=trace", f"load.trace_path={ordered}", "load.exclude_first=1"],
+            r"^load\.exclude_first=1 is invalid: leave out 0 to 0 of the trace's 1 requests",
+        ),
         (["load.join_delay_factor=-1"], r"^load\.join_delay_factor=-1\.0 is invalid: give 0"),
         (
             ["load.join_delay_factor=2", "engine.backend=server", *SERVER_URLS],

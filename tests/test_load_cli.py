@@ -71,12 +71,14 @@ def test_several_traces_are_each_served_in_both_modes_and_logged_apart(
     models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys
 ):
     args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, "load.traces=2"]
-    code, out, err = run_cli(args, monkeypatch, capsys)
+    code, out, err = run_cli([*args, "load.exclude_first=2"], monkeypatch, capsys)
     assert code == 0, err[-3000:]
     (run,) = finished_runs(tmp_path)
     metrics = run.data.metrics
-    assert metrics["num_requests"] == 6 and metrics["traces"] == 2 and metrics["paired_requests"] == 12
-    assert "6 requests x 2 traces x 1 ([low, high]: 95% bootstrap interval over traces, then their requests)" in out
+    assert metrics["num_requests"] == 6 and metrics["traces"] == 2 and metrics["excluded_requests"] == 2
+    assert metrics["paired_requests"] == 8  # the first 2 of each trace's serve are served but not measured
+    assert ("6 requests (the first 2 left out) x 2 traces x 1 ([low, high]: 95% bootstrap interval over traces, "
+            "then their requests)") in out  # fmt: skip
     assert metrics["disagreement_rate"] == 0 and "tpot_p99_ratio_repeat_median" in metrics  # one ratio per trace
     assert metrics["tpot_p99_ratio_ci_low"] <= metrics["tpot_p99_ratio"] <= metrics["tpot_p99_ratio_ci_high"]
     client = MlflowClient()
@@ -86,8 +88,8 @@ def test_several_traces_are_each_served_in_both_modes_and_logged_apart(
         traces.append([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()])
     records, arrivals = ([[line[key] for line in trace] for trace in traces] for key in ("record_id", "arrival_s"))
     assert records[0] == records[1] and arrivals[0] != arrivals[1]  # the same prompts, arrivals of seeds 0 and 1
-    for trace in traces:
-        assert all(line["baseline"]["tokens"] == line["spec"]["tokens"] for line in trace)
+    for trace in traces:  # every request, those left out of the figures too
+        assert len(trace) == 6 and all(line["baseline"]["tokens"] == line["spec"]["tokens"] for line in trace)
     steps = Path(client.download_artifacts(run.info.run_id, "steps.csv", str(tmp_path))).read_text().splitlines()
     trace_column = steps[0].split(",").index("trace")
     assert {line.split(",")[trace_column] for line in steps[1:]} == {"0", "1"}

@@ -15,6 +15,7 @@ from specbench.load.metrics import (
     occupancy_bucket,
     ratio_metrics,
 )
+from specbench.load.pipeline import LoadResult
 
 
 def request(request_id, arrival, admitted, chunks, sizes=None, error=None) -> ServedRequest:
@@ -89,6 +90,42 @@ def test_percentiles_means_and_rates_of_one_mode():
         "occupancy_max_baseline": 3,
     }
     assert metrics == pytest.approx(expected)
+
+
+def test_figures_after_the_first_requests_start_at_the_next_arrival():
+    timeline = baseline_timeline()
+    timeline.steps = [StepRecord(0.5, 1, 1, 0), StepRecord(2.0, 2, 2, 0), StepRecord(2.4, 3, 4, 0)]
+    measured = timeline.after_first(1)  # r0 left out: the clock starts at r1's arrival, 1.0 s
+    assert [r.request_id for r in measured.requests] == [1, 2, 3] and measured.wall_s == 4.0
+    assert [(step.time_s, step.rows) for step in measured.steps] == [(1.0, 2), (1.4, 3)]  # the step at 0.5 s left out
+    metrics = mode_metrics(measured, "baseline")
+    expected = {
+        "failed_requests_baseline": 1,
+        "ttft_ms_p50_baseline": 600,  # TTFT 200 (r3), 1000 (r1)
+        "tpot_ms_p99_baseline": 1000,  # r1 alone
+        "e2el_ms_p50_baseline": 1600,  # 200, 3000
+        "queue_ms_mean_baseline": 250,  # 500, 0
+        "requests_per_s_baseline": 0.5,  # 2 completed over the 4 s from 1.0 s to the end
+        "output_tokens_per_s_baseline": 1.0,  # 3 + 1 tokens
+        "occupancy_mean_baseline": (2.5 + 0.2) / 4,  # the measured requests' time in the batch
+        "occupancy_max_baseline": 2,  # r1 and r3
+    }
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected)
+    assert timeline.after_first(0) is timeline
+    with pytest.raises(ValueError, match="none would remain"):
+        timeline.after_first(4)
+
+
+def test_pooled_serves_leave_out_the_first_requests_of_each_serve():
+    # two traces of 10 requests, one repeat: request 3 of each serve on, ids renumbered serve after serve
+    serves = [many_requests(10), scaled(many_requests(10), 2.0, 6.0)]
+    result = LoadResult("t", 1.0, [[], []], {"baseline": serves, "spec": serves}, {}, exclude_first=3)
+    pooled, traces = result.pooled()["baseline"], result.pooled_traces()
+    assert len(pooled.requests) == 14 and len({r.request_id for r in pooled.requests}) == 14
+    assert sorted(traces.values()) == [0] * 7 + [1] * 7 and set(traces) == {r.request_id for r in pooled.requests}
+    assert pooled.wall_s == pytest.approx((6.0 - 1.5) + (6.0 - 1.5))  # each serve from request 3's arrival, 1.5 s
+    assert pooled.requests[0].arrival_s == 0.0
+    assert load_metrics(result.pooled(), traces=traces)["paired_requests"] == 14
 
 
 def test_goodput_counts_requests_meeting_every_slo_set():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -99,6 +99,17 @@ class ServedRequest:
     accepted: int = 0  # of which accepted and emitted
     error: str | None = None  # why the request failed (a server backend); its times are then not used
 
+    def shifted(self, seconds: float) -> ServedRequest:
+        """The same request on a clock moved by `seconds` (every time plus `seconds`)."""
+        return replace(
+            self,
+            arrival_s=self.arrival_s + seconds,
+            admitted_s=self.admitted_s + seconds,
+            first_token_s=self.first_token_s + seconds,
+            finish_s=self.finish_s + seconds,
+            chunk_times_s=[time + seconds for time in self.chunk_times_s],
+        )
+
 
 @dataclass
 class StepRecord:
@@ -122,3 +133,21 @@ class ServeResult:
     verifier_positions: int = 0
     padded_positions: int = 0
     results: list[DecodeResult] = field(default_factory=list)  # each request's engine counts, in request-id order
+
+    def after_first(self, count: int) -> ServeResult:
+        """The serve as measured from the arrival of its request `count` on: the first `count` requests (request-id
+        order is arrival order) left out, the steps before that arrival too, and the clock started at it. The
+        verifier's position counts stay the whole serve's."""
+        if count <= 0:
+            return self
+        if count >= len(self.requests):
+            raise ValueError(f"cannot leave out the first {count} of {len(self.requests)} requests: none would remain")
+        start = self.requests[count].arrival_s
+        return ServeResult(
+            [request.shifted(-start) for request in self.requests[count:]],
+            [replace(step, time_s=step.time_s - start) for step in self.steps if step.time_s >= start],
+            self.wall_s - start,
+            self.verifier_positions,
+            self.padded_positions,
+            self.results[count:],
+        )

@@ -26,6 +26,10 @@ Where ours differ from vLLM's:
 - A figure with no value (e.g. TPOT when every output is one token) is not
   logged; vLLM reports 0.
 
+With `load.exclude_first` = N, every figure is computed as above on each serve from the
+arrival of its request N on (`ServeResult.after_first`): the first N requests are served
+but left out, and so are the steps before that arrival; the duration then starts there.
+
 Occupancy is the number of running requests (rows of the batch), time-weighted
 over the whole duration, idle time counting as 0: the sum over requests of
 (finish - admitted), over the duration, which is Little's law's L =

@@ -13,8 +13,8 @@ nearly the same path through joins and leaves, so they measure the machine; with
 `load.traces` > 1, that many traces (arrival seeds `seed`, `seed + 1`, ...; the same prompts
 and limits) are each replayed `repeats` times, and the ratios' intervals resample traces,
 then requests within them. Figures pool every serve (each mode's serves laid end to end, as
-one longer trace); the ratio of the crossover metric is also given per serve
-(`*_repeat_min/median/max`).
+one longer trace; with `load.exclude_first` = N, each serve from its request N's arrival on);
+the ratio of the crossover metric is also given per serve (`*_repeat_min/median/max`).
 """
 
 from __future__ import annotations
@@ -61,10 +61,16 @@ class LoadResult:
     served: dict[str, list[ServeResult]]  # mode -> one result per serve, serve = repeat * len(traces) + trace
     metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    exclude_first: int = 0  # load.exclude_first: requests of each serve served but left out of the figures
+
+    def measured(self) -> dict[str, list[ServeResult]]:
+        """Each mode's serves as the figures see them: from the arrival of each serve's request `exclude_first`."""
+        return {mode: [result.after_first(self.exclude_first) for result in results]
+                for mode, results in self.served.items()}  # fmt: skip
 
     def pooled(self) -> dict[str, ServeResult]:
-        """Each mode's serves laid end to end (what the figures are computed on)."""
-        return {mode: concatenate(results) for mode, results in self.served.items()}
+        """Each mode's measured serves laid end to end (what the figures are computed on)."""
+        return {mode: concatenate(results) for mode, results in self.measured().items()}
 
     def pooled_traces(self) -> dict[int, int] | None:
         """The trace of each request id as `pooled` numbers them (what the ratios' bootstrap draws first); None with
@@ -72,7 +78,7 @@ class LoadResult:
         if len(self.traces) == 1:
             return None
         traces, offset = {}, 0
-        for number, result in enumerate(self.served[MODES[0]]):
+        for number, result in enumerate(self.measured()[MODES[0]]):
             traces |= {request.request_id + offset: number % len(self.traces) for request in result.requests}
             offset += len(result.requests)
         return traces
@@ -194,30 +200,46 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
         for trace_requests in requests:
             for mode in MODES if repeat % 2 == 0 else reversed(MODES):
                 served[mode].append(serve_mode(cfg, setup, mode, trace_requests, schedule))
-    result = LoadResult(load_title(cfg, rate if rate is not None else None), rate, traces, served, {})
+    result = LoadResult(load_title(cfg, rate), rate, traces, served, {}, exclude_first=cfg.load.exclude_first)
     result.metrics = load_run_metrics(cfg, result, costs, setup)
     if isinstance(schedule, LoadAwareK):  # what the schedule believed at the end: its prices followed the bound
         result.metrics |= {"k_schedule_alpha": schedule.alpha, "k_schedule_alpha_bound": schedule.alpha_bound}
     if cfg.k_schedule is not KScheduleKind.constant:
         result.notes.append(f"No predicted figures: k_schedule={cfg.k_schedule.value} changes k from step to step.")
+    result.notes += excluded_note(cfg)
     return result
+
+
+def served_counts(cfg: SpecBenchConfig, traces: list[list[TraceRequest]]) -> dict[str, int]:
+    """What a load run served: requests a trace, repeats, traces, and the requests of each serve left out."""
+    counts = {"num_requests": len(traces[0]), "repeats": cfg.repeats, "traces": len(traces)}
+    return counts | ({"excluded_requests": cfg.load.exclude_first} if cfg.load.exclude_first else {})
+
+
+def excluded_note(cfg: SpecBenchConfig) -> list[str]:
+    """The summary's note on the requests left out of the figures (none without load.exclude_first)."""
+    count = cfg.load.exclude_first
+    if not count:
+        return []
+    return [
+        f"Figures leave out the first {count} requests of each serve (load.exclude_first): they start at the arrival "
+        f"of request {count}, every mode over the same requests. requests.jsonl lists them all."
+    ]
 
 
 def load_run_metrics(cfg: SpecBenchConfig, result: LoadResult, costs: StepCosts | None, setup: RunSetup) -> dict:
     """The load figures on the pooled serves, the per-serve spread of the crossover ratio, the oracle's check,
     the agreement of the two modes' outputs, and the model's prediction beside the measurement."""
-    pooled = result.pooled()
+    pooled, measured = result.pooled(), result.measured()
     metrics = load_metrics(pooled, cfg.slo, cfg.seed, result.pooled_traces())
-    metrics["num_requests"] = len(result.traces[0])
-    metrics["repeats"] = cfg.repeats
-    metrics["traces"] = len(result.traces)
+    metrics |= served_counts(cfg, result.traces)
     if result.rate is not None:
         metrics["request_rate"] = result.rate
     ratio_key = RATIO_KEYS[cfg.load.crossover_metric]
-    serves = len(result.served["baseline"])
+    serves = len(measured["baseline"])
     if serves > 1:
         per_serve = [
-            load_metrics({mode: result.served[mode][number] for mode in MODES}, cfg.slo, cfg.seed).get(ratio_key)
+            load_metrics({mode: measured[mode][number] for mode in MODES}, cfg.slo, cfg.seed).get(ratio_key)
             for number in range(serves)
         ]
         values = [value for value in per_serve if value is not None and math.isfinite(value)]
@@ -296,18 +318,9 @@ def concatenate(results: list[ServeResult]) -> ServeResult:
         return results[0]
     requests, steps, outcomes, offset, id_offset = [], [], [], 0.0, 0
     for result in results:
-        for request in result.requests:
-            requests.append(
-                replace(
-                    request,
-                    request_id=request.request_id + id_offset,
-                    arrival_s=request.arrival_s + offset,
-                    admitted_s=request.admitted_s + offset,
-                    first_token_s=request.first_token_s + offset,
-                    finish_s=request.finish_s + offset,
-                    chunk_times_s=[seconds + offset for seconds in request.chunk_times_s],
-                )
-            )
+        requests += [
+            replace(request.shifted(offset), request_id=request.request_id + id_offset) for request in result.requests
+        ]
         steps += [replace(step, time_s=step.time_s + offset) for step in result.steps]
         outcomes += result.results
         offset += result.wall_s

@@ -23,7 +23,7 @@ from specbench.config import ChatTemplate, SpecBenchConfig
 from specbench.data import PromptBuilder, Record
 from specbench.engine.results import ServeResult
 from specbench.load.metrics import load_metrics
-from specbench.load.pipeline import LoadResult
+from specbench.load.pipeline import LoadResult, excluded_note, served_counts
 from specbench.load.trace import MODES
 from specbench.server.mode import ModeOutcome, serve_on_server, server_figures, server_trace, text_disagreement
 
@@ -59,10 +59,11 @@ def run_server_load(
             for mode in MODES if repeat % 2 == 0 else reversed(MODES):
                 outcomes[mode].append(serve_on_server(cfg, trace, texts, mode, folder, tokenizer))
     served = {mode: [outcome.result for outcome in results] for mode, results in outcomes.items()}
-    result = LoadResult(server_title(cfg, rate), rate, traces, served, {})
-    figures, result.notes = server_figures(outcomes)
+    result = LoadResult(server_title(cfg, rate), rate, traces, served, {}, exclude_first=cfg.load.exclude_first)
+    figures, notes = server_figures(outcomes)
+    result.notes = notes + excluded_note(cfg)
     result.metrics = load_metrics(result.pooled(), cfg.slo, cfg.seed, result.pooled_traces()) | figures
-    result.metrics |= {"num_requests": len(traces[0]), "repeats": cfg.repeats, "traces": len(traces)}
+    result.metrics |= served_counts(cfg, traces)
     if rate is not None and not cfg.server.fixed_batch:
         result.metrics["request_rate"] = rate
     if not cfg.generation.do_sample:
