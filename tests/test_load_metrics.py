@@ -98,17 +98,19 @@ def test_figures_after_the_first_requests_start_at_the_next_arrival():
     measured = timeline.after_first(1)  # r0 left out: the clock starts at r1's arrival, 1.0 s
     assert [r.request_id for r in measured.requests] == [1, 2, 3] and measured.wall_s == 4.0
     assert [(step.time_s, step.rows) for step in measured.steps] == [(1.0, 2), (1.4, 3)]  # the step at 0.5 s left out
+    (r0,) = measured.earlier  # what r0 did in the window: running from 0 to 1.5 s, 4 tokens (at 0, 0.5, 1, 1.5)
+    assert (r0.admitted_s, r0.finish_s, r0.num_tokens, r0.chunk_times_s) == (0.0, 1.5, 4, [0.0, 0.5, 1.0, 1.5])
     metrics = mode_metrics(measured, "baseline")
     expected = {
         "failed_requests_baseline": 1,
-        "ttft_ms_p50_baseline": 600,  # TTFT 200 (r3), 1000 (r1)
+        "ttft_ms_p50_baseline": 600,  # TTFT 200 (r3), 1000 (r1): r0 in no per-request figure
         "tpot_ms_p99_baseline": 1000,  # r1 alone
         "e2el_ms_p50_baseline": 1600,  # 200, 3000
         "queue_ms_mean_baseline": 250,  # 500, 0
-        "requests_per_s_baseline": 0.5,  # 2 completed over the 4 s from 1.0 s to the end
-        "output_tokens_per_s_baseline": 1.0,  # 3 + 1 tokens
-        "occupancy_mean_baseline": (2.5 + 0.2) / 4,  # the measured requests' time in the batch
-        "occupancy_max_baseline": 2,  # r1 and r3
+        "requests_per_s_baseline": 0.5,  # 2 measured requests completed over the 4 s from 1.0 s to the end
+        "output_tokens_per_s_baseline": 2.0,  # 3 + 1 tokens, and r0's 4 in the window
+        "occupancy_mean_baseline": (2.5 + 0.2 + 1.5) / 4,  # r1, r3, and r0's 1.5 s in the window
+        "occupancy_max_baseline": 3,  # r0, r1 and r3 at 1.2-1.4 s on the window's clock
     }
     assert {key: metrics[key] for key in expected} == pytest.approx(expected)
     assert timeline.after_first(0) is timeline

@@ -110,6 +110,19 @@ class ServedRequest:
             chunk_times_s=[time + seconds for time in self.chunk_times_s],
         )
 
+    def in_window(self, start: float) -> ServedRequest:
+        """What of the request falls in a window opening at `start`, on the window's clock: running from `start` at
+        the earliest, with the chunks (and tokens) emitted from then on."""
+        chunks = [(time - start, size) for time, size in zip(self.chunk_times_s, self.chunk_sizes, strict=True)
+                  if time >= start]  # fmt: skip
+        return replace(
+            self.shifted(-start),
+            admitted_s=max(self.admitted_s - start, 0.0),
+            num_tokens=sum(size for _, size in chunks),
+            chunk_times_s=[time for time, _ in chunks],
+            chunk_sizes=[size for _, size in chunks],
+        )
+
 
 @dataclass
 class StepRecord:
@@ -133,11 +146,15 @@ class ServeResult:
     verifier_positions: int = 0
     padded_positions: int = 0
     results: list[DecodeResult] = field(default_factory=list)  # each request's engine counts, in request-id order
+    # the requests `after_first` left out that were still running when the window opened, cut to the window (from
+    # time 0, or their admission, with the chunks and tokens they emitted in it): they count in occupancy and
+    # output tokens/s, in nothing else
+    earlier: list[ServedRequest] = field(default_factory=list)
 
     def after_first(self, count: int) -> ServeResult:
         """The serve as measured from the arrival of its request `count` on: the first `count` requests (request-id
-        order is arrival order) left out, the steps before that arrival too, and the clock started at it. The
-        verifier's position counts stay the whole serve's."""
+        order is arrival order) moved to `earlier`, the steps before that arrival left out, and the clock started
+        at it. The verifier's position counts stay the whole serve's."""
         if count <= 0:
             return self
         if count >= len(self.requests):
@@ -150,4 +167,9 @@ class ServeResult:
             self.verifier_positions,
             self.padded_positions,
             self.results[count:],
+            [
+                request.in_window(start)
+                for request in self.earlier + self.requests[:count]
+                if request.error is None and request.finish_s > start
+            ],
         )

@@ -27,8 +27,11 @@ Where ours differ from vLLM's:
   logged; vLLM reports 0.
 
 With `load.exclude_first` = N, every figure is computed as above on each serve from the
-arrival of its request N on (`ServeResult.after_first`): the first N requests are served
-but left out, and so are the steps before that arrival; the duration then starts there.
+arrival of its request N on (`ServeResult.after_first`): the duration starts there, the
+steps before it are left out, and so are the first N requests, except that the part of
+them that ran in the window counts in occupancy and their tokens emitted in it in output
+tokens/s (so both say what the server did in the window); requests/s and goodput count
+the measured requests.
 
 Occupancy is the number of running requests (rows of the batch), time-weighted
 over the whole duration, idle time counting as 0: the sum over requests of
@@ -57,9 +60,10 @@ as what a few paths through the queue can tell.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -146,9 +150,10 @@ def mode_metrics(result: ServeResult, mode: str, slo: SloConfig | None = None) -
             metrics[f"{name}_ms_mean_{mode}"] = 1000 * float(np.mean(seconds))
     duration = result.wall_s
     if duration > 0:
+        earlier = RequestTimes.of(replace(result, requests=result.earlier))  # what they ran and emitted in the window
         metrics[f"requests_per_s_{mode}"] = len(times.request_ids) / duration
-        metrics[f"output_tokens_per_s_{mode}"] = float(times.num_tokens.sum()) / duration
-        metrics[f"occupancy_mean_{mode}"] = float(times.in_batch_s.sum()) / duration
+        metrics[f"output_tokens_per_s_{mode}"] = float(times.num_tokens.sum() + earlier.num_tokens.sum()) / duration
+        metrics[f"occupancy_mean_{mode}"] = float(times.in_batch_s.sum() + earlier.in_batch_s.sum()) / duration
         if slo_set(slo):
             good = int(times.meets(slo).sum())
             metrics[f"goodput_rps_{mode}"] = good / duration
@@ -169,7 +174,7 @@ def most_running(result: ServeResult) -> int:
     """The most requests running at once: a sweep over [admitted, finish), finishes first at equal times."""
     events = sorted(
         (time, change)
-        for request in result.requests
+        for request in itertools.chain(result.requests, result.earlier)
         if request.error is None
         for time, change in ((request.admitted_s, 1), (request.finish_s, -1))
     )

@@ -316,11 +316,12 @@ def concatenate(results: list[ServeResult]) -> ServeResult:
     """Results of the same trace laid end to end in time (request ids kept per repeat, offset by the trace's size)."""
     if len(results) == 1:
         return results[0]
-    requests, steps, outcomes, offset, id_offset = [], [], [], 0.0, 0
+    requests, steps, outcomes, earlier, offset, id_offset = [], [], [], [], 0.0, 0
     for result in results:
         requests += [
             replace(request.shifted(offset), request_id=request.request_id + id_offset) for request in result.requests
         ]
+        earlier += [request.shifted(offset) for request in result.earlier]
         steps += [replace(step, time_s=step.time_s + offset) for step in result.steps]
         outcomes += result.results
         offset += result.wall_s
