@@ -1,9 +1,11 @@
 """How much of a saturated trace's p99 TPOT is the batch filling up: the p99 over every request against the
 p99 over the requests that arrived after the first `--skip` (the slots of the batch), from the step series
-that `gpu_load.py --step-series` keeps (the first replay of each trace).
+that `gpu_load.py --step-series` keeps (the first replay of each trace), or from a load run's
+`requests.jsonl` artifacts (its first serve of each trace: `load.exclude_first` does not change them).
 
     python benchmarks/fill_up_tail.py benchmarks/results/gpu-h200-2026-12-05-served-at-capacity.json
     python benchmarks/fill_up_tail.py benchmarks/results/gpu-h200-*.json --rate 256 --skip 128
+    python benchmarks/fill_up_tail.py RUN/requests.jsonl RUN/requests_trace1.jsonl --skip 4
 
 The same requests are left out in every mode (by arrival order, which the replayed trace fixes), so each
 mode's ratio over the baseline compares the same requests. Prints one line per trace: each mode's p99 TPOT
@@ -33,6 +35,21 @@ def step_series(node: object, path: str = "") -> Iterator[tuple[str, dict]]:
         yield from step_series(child, f"{path}/{key}")
 
 
+def run_series(path: Path) -> dict:
+    """A load run's `requests.jsonl` as a step series: each mode's requests as gpu_load.py stores them."""
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return {
+        mode: {
+            "requests": [
+                [1000 * line["arrival_s"], *(1000 * line[mode][key] for key in ("admitted_s", "first_token_s",
+                                                                               "finish_s")), line[mode]["num_tokens"]]
+                for line in lines
+            ]
+        }
+        for mode in ("baseline", "spec")
+    }  # fmt: skip
+
+
 def served(rows: list[list[float]]) -> ServeResult:
     """A serve rebuilt from its stored requests ([arrival, admitted, first token, finish] in ms, output tokens; in
     arrival order, as gpu_load.py writes them)."""
@@ -53,8 +70,10 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=128, help="requests left out: the batch's slots")
     args = parser.parse_args()
     for file in args.results:
-        for path, series in step_series(json.loads(file.read_text())):
-            if f"rate{args.rate}" not in path.rsplit("/", 1)[-1]:
+        found = ([("", run_series(file))] if file.suffix == ".jsonl"
+                 else step_series(json.loads(file.read_text())))  # fmt: skip
+        for path, series in found:
+            if file.suffix != ".jsonl" and f"rate{args.rate}" not in path.rsplit("/", 1)[-1]:
                 continue
             baseline = series["baseline"]["requests"]
             if len(baseline) <= args.skip:
