@@ -42,7 +42,8 @@ def run_series(path: Path) -> dict:
         mode: {
             "requests": [
                 [1000 * line["arrival_s"], *(1000 * line[mode][key] for key in ("admitted_s", "first_token_s",
-                                                                               "finish_s")), line[mode]["num_tokens"]]
+                                                                               "finish_s")), line[mode]["num_tokens"],
+                 line[mode].get("error")]
                 for line in lines
             ]
         }
@@ -50,10 +51,11 @@ def run_series(path: Path) -> dict:
     }  # fmt: skip
 
 
-def served(rows: list[list[float]]) -> ServeResult:
-    """A serve rebuilt from its stored requests ([arrival, admitted, first token, finish] in ms, output tokens; in
-    arrival order, as gpu_load.py writes them)."""
-    requests = [ServedRequest(number, *(ms / 1000 for ms in row[:4]), num_tokens=int(row[4]))
+def served(rows: list[list]) -> ServeResult:
+    """A serve rebuilt from its stored requests ([arrival, admitted, first token, finish] in ms, output tokens, and
+    from a `requests.jsonl` any error; in arrival order, as gpu_load.py writes them)."""
+    requests = [ServedRequest(number, *(ms / 1000 for ms in row[:4]), num_tokens=int(row[4]),
+                              error=row[5] if len(row) > 5 else None)
                 for number, row in enumerate(rows)]  # fmt: skip
     return ServeResult(requests, [], max(request.finish_s for request in requests))
 

@@ -159,7 +159,8 @@ LOAD_METRICS: tuple[Metric, ...] = (
         "rows",
         None,
         "load runs: running requests, time-weighted over the duration (idle time counts 0): the sum of (finish - "
-        "admitted) over the duration, Little's law's L",
+        "admitted) over the duration, Little's law's L (with load.exclude_first, the requests left out count for "
+        "their time in the window)",
         summary=True,
     ),
     _per_mode(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ from specbench.load.metrics import (
     occupancy_bucket,
     ratio_metrics,
 )
-from specbench.load.pipeline import LoadResult
+from specbench.load.pipeline import LoadResult, concatenate
 
 
 def request(request_id, arrival, admitted, chunks, sizes=None, error=None) -> ServedRequest:
@@ -113,6 +115,14 @@ def test_figures_after_the_first_requests_start_at_the_next_arrival():
         "occupancy_max_baseline": 3,  # r0, r1 and r3 at 1.2-1.4 s on the window's clock
     }
     assert {key: metrics[key] for key in expected} == pytest.approx(expected)
+    pooled = mode_metrics(concatenate([measured, measured]), "baseline")  # two serves end to end: r0's part in each
+    assert {key: pooled[key] for key in ("output_tokens_per_s_baseline", "occupancy_mean_baseline")} == pytest.approx(
+        {"output_tokens_per_s_baseline": 2.0, "occupancy_mean_baseline": (2.5 + 0.2 + 1.5) / 4}
+    )
+    assert pooled["occupancy_max_baseline"] == 3
+    # a server that reports no running usage counts chunks, not tokens: the window takes its share of num_tokens
+    streamed = replace(request(0, 0.0, 0.0, [1.0, 3.0]), num_tokens=10)
+    assert streamed.in_window(2.0).num_tokens == 5
     assert timeline.after_first(0) is timeline
     with pytest.raises(ValueError, match="none would remain"):
         timeline.after_first(4)

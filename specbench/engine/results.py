@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 
@@ -112,13 +113,16 @@ class ServedRequest:
 
     def in_window(self, start: float) -> ServedRequest:
         """What of the request falls in a window opening at `start`, on the window's clock: running from `start` at
-        the earliest, with the chunks (and tokens) emitted from then on."""
+        the earliest, with the chunks emitted from then on and their share of its output tokens (chunk sizes can be
+        a server's chunk count where it reports no running usage, so the share is taken of `num_tokens`)."""
         chunks = [(time - start, size) for time, size in zip(self.chunk_times_s, self.chunk_sizes, strict=True)
                   if time >= start]  # fmt: skip
+        sizes = sum(self.chunk_sizes)
         return replace(
             self.shifted(-start),
             admitted_s=max(self.admitted_s - start, 0.0),
-            num_tokens=sum(size for _, size in chunks),
+            num_tokens=round(self.num_tokens * sum(size for _, size in chunks) / sizes) if sizes else 0,
+            tokens=[],  # which ids fell in the window is not kept: only their number counts
             chunk_times_s=[time for time, _ in chunks],
             chunk_sizes=[size for _, size in chunks],
         )
@@ -161,7 +165,7 @@ class ServeResult:
             raise ValueError(f"cannot leave out the first {count} of {len(self.requests)} requests: none would remain")
         start = self.requests[count].arrival_s
         return ServeResult(
-            [request.shifted(-start) for request in self.requests[count:]],
+            [request.shifted(-start) for request in itertools.islice(self.requests, count, None)],
             [replace(step, time_s=step.time_s - start) for step in self.steps if step.time_s >= start],
             self.wall_s - start,
             self.verifier_positions,
@@ -169,7 +173,7 @@ class ServeResult:
             self.results[count:],
             [
                 request.in_window(start)
-                for request in self.earlier + self.requests[:count]
+                for request in itertools.chain(self.earlier, itertools.islice(self.requests, count))
                 if request.error is None and request.finish_s > start
             ],
         )

@@ -36,7 +36,8 @@ the measured requests.
 Occupancy is the number of running requests (rows of the batch), time-weighted
 over the whole duration, idle time counting as 0: the sum over requests of
 (finish - admitted), over the duration, which is Little's law's L =
-requests_per_s x mean time in the batch. `occupancy_max` is the most requests
+requests_per_s x mean time in the batch (with `load.exclude_first`, plus the requests
+left out, for their time in the window). `occupancy_max` is the most requests
 running at once ([admitted, finish) intervals, a finish before an admission at
 the same instant). Both come from the requests, so they exist for server
 backends too. `joins_per_request` is the scheduler's admissions (requests admitted

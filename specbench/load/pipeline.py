@@ -19,6 +19,7 @@ the ratio of the crossover metric is also given per serve (`*_repeat_min/median/
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -63,6 +64,7 @@ class LoadResult:
     notes: list[str] = field(default_factory=list)
     exclude_first: int = 0  # load.exclude_first: requests of each serve served but left out of the figures
 
+    @functools.cached_property
     def measured(self) -> dict[str, list[ServeResult]]:
         """Each mode's serves as the figures see them: from the arrival of each serve's request `exclude_first`."""
         return {mode: [result.after_first(self.exclude_first) for result in results]
@@ -70,7 +72,7 @@ class LoadResult:
 
     def pooled(self) -> dict[str, ServeResult]:
         """Each mode's measured serves laid end to end (what the figures are computed on)."""
-        return {mode: concatenate(results) for mode, results in self.measured().items()}
+        return {mode: concatenate(results) for mode, results in self.measured.items()}
 
     def pooled_traces(self) -> dict[int, int] | None:
         """The trace of each request id as `pooled` numbers them (what the ratios' bootstrap draws first); None with
@@ -78,7 +80,7 @@ class LoadResult:
         if len(self.traces) == 1:
             return None
         traces, offset = {}, 0
-        for number, result in enumerate(self.measured()[MODES[0]]):
+        for number, result in enumerate(self.measured[MODES[0]]):
             traces |= {request.request_id + offset: number % len(self.traces) for request in result.requests}
             offset += len(result.requests)
         return traces
@@ -230,7 +232,7 @@ def excluded_note(cfg: SpecBenchConfig) -> list[str]:
 def load_run_metrics(cfg: SpecBenchConfig, result: LoadResult, costs: StepCosts | None, setup: RunSetup) -> dict:
     """The load figures on the pooled serves, the per-serve spread of the crossover ratio, the oracle's check,
     the agreement of the two modes' outputs, and the model's prediction beside the measurement."""
-    pooled, measured = result.pooled(), result.measured()
+    pooled, measured = result.pooled(), result.measured
     metrics = load_metrics(pooled, cfg.slo, cfg.seed, result.pooled_traces())
     metrics |= served_counts(cfg, result.traces)
     if result.rate is not None:
@@ -333,4 +335,5 @@ def concatenate(results: list[ServeResult]) -> ServeResult:
         sum(result.verifier_positions for result in results),
         sum(result.padded_positions for result in results),
         outcomes,
+        earlier,
     )
