@@ -80,12 +80,13 @@ def main() -> None:
             baseline = series["baseline"]["requests"]
             if len(baseline) <= args.skip:
                 continue
-            ratios = []
-            for mode, mode_series in series.items():
-                if mode != "baseline":
-                    every = tpot_p99_ms(mode_series["requests"], 0) / tpot_p99_ms(baseline, 0)
-                    later = tpot_p99_ms(mode_series["requests"], args.skip) / tpot_p99_ms(baseline, args.skip)
-                    ratios.append(f"{mode} {every:.2f} -> {later:.2f}")
+            every, later = tpot_p99_ms(baseline, 0), tpot_p99_ms(baseline, args.skip)
+            ratios = [
+                f"{mode} {tpot_p99_ms(mode_series['requests'], 0) / every:.2f} -> "
+                f"{tpot_p99_ms(mode_series['requests'], args.skip) / later:.2f}"
+                for mode, mode_series in series.items()
+                if mode != "baseline"
+            ]
             print(f"{file.name}{path}: {', '.join(ratios)}")
 
 
