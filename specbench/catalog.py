@@ -593,7 +593,8 @@ METRICS: tuple[Metric, ...] = (
         fmt="rate",
         better=LOWER,
         doc="share of the token positions the verifier computed after the prefill that were padding: a row's "
-        "unused slots of a step, or rows already finished (0 at batch size 1 with one drafter)",
+        "unused slots of a step, or rows already finished (0 at batch size 1 with one drafter); in a load run, "
+        "over every serve whole, the empty slots of CUDA graphs' slot buckets included (our engine only)",
         baseline="padded_token_share_baseline",
         summary=True,
     ),

@@ -12,7 +12,8 @@ import pandas as pd
 
 from specbench import catalog, intervals, tracking
 from specbench.catalog import EXTRAPOLATED_BEYOND
-from specbench.config import TrackingConfig
+from specbench.config import CrossoverMetric, TrackingConfig
+from specbench.load.crossover import RATIO_KEYS
 
 _BY_BATCH = re.compile(r"predicted_speedup_batch_(\d+)")
 
@@ -151,7 +152,6 @@ def sweep_summary(name: str, runs: pd.DataFrame, links: list[str]) -> str:
 
 
 LOAD_HEADLINE = ("ttft_ms_p99", "tpot_ms_p99", "e2el_ms_p99", "output_tokens_per_s", "goodput_rps", "occupancy_mean")
-LOAD_RATIOS = ("tpot_p99_ratio", "e2el_p99_ratio", "goodput_ratio")
 
 
 def load_summary(title: str, metrics: Mapping[str, float], links: list[str], conclusion: str | None = None) -> str:
@@ -164,7 +164,7 @@ def load_summary(title: str, metrics: Mapping[str, float], links: list[str], con
             continue
         spec, baseline = (_value(metrics, entry, f"{stem}_{mode}") for mode in ("spec", "baseline"))
         rows.append((entry.label.removesuffix(", speculative"), f"{spec} speculative, {baseline} baseline"))
-    for key in (*LOAD_RATIOS, "acceptance_rate", "crossover_rate", "predicted_crossover_rate"):
+    for key in (*RATIO_KEYS.values(), "acceptance_rate", "crossover_rate", "predicted_crossover_rate"):
         entry = catalog.metric(key)
         if entry is not None and key in metrics:
             rows.append((entry.label, _value(metrics, entry, key)))
@@ -185,9 +185,9 @@ def load_summary(title: str, metrics: Mapping[str, float], links: list[str], con
     return "\n".join([*lines, *links]) + "\n"
 
 
-def load_probe_line(rate: float, metrics: Mapping[str, float], crossover_metric: str) -> str:
+def load_probe_line(rate: float, metrics: Mapping[str, float], crossover_metric: CrossoverMetric) -> str:
     """One line per probed rate of a crossover search: the rate, the ratio it is searched on, and occupancy."""
-    key = {"tpot_p99": "tpot_p99_ratio", "e2el_p99": "e2el_p99_ratio", "goodput": "goodput_ratio"}[crossover_metric]
+    key = RATIO_KEYS[crossover_metric]
     entry = catalog.metric(key)
     ratio = _value(metrics, entry, key) if entry is not None else str(metrics.get(key))
     occupancy = metrics.get("occupancy_mean_spec", float("nan"))

@@ -74,8 +74,12 @@ def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_ratio: flo
     (1 - alpha^(k+1)) / ((1 - alpha) (k c + v)), c = draft step / verifier step,
     v = verifier pass over k+1 tokens / verifier pass over 1 token.
     """
-    expected_tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return expected_tokens / (k * cost_ratio + verify_ratio)
+    return tokens_per_step(alpha, k) / (k * cost_ratio + verify_ratio)
+
+
+def tokens_per_step(alpha: float, k: int) -> float:
+    """Leviathan et al.'s expected tokens per speculative step: (1 - alpha^(k+1)) / (1 - alpha)."""
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 def acceptance_to_pay(k: int, cost_ratio: float, verify_ratio: float) -> float | None:

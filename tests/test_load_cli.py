@@ -41,7 +41,8 @@ def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_
                 "output_tokens_per_s_spec", "requests_per_s_baseline", "occupancy_mean_spec", "occupancy_max_baseline",
                 "joins_per_request_baseline", "joins_per_request_spec",
                 "tpot_p99_ratio", "tpot_p99_ratio_ci_low", "e2el_p99_ratio", "acceptance_rate",
-                "tpot_p99_ratio_repeat_median", "predicted_tpot_ratio", "predicted_tpot_p99_ratio"):  # fmt: skip
+                "tpot_p99_ratio_repeat_median", "predicted_tpot_ratio", "predicted_tpot_p99_ratio",
+                "padded_token_share", "padded_token_share_baseline"):  # fmt: skip
         assert key in metrics, key
     assert metrics["num_requests"] == 6 and metrics["repeats"] == 2 and metrics["request_rate"] == 40
     assert metrics["disagreement_rate"] == 0  # float32 greedy: every request equals its baseline
@@ -198,3 +199,6 @@ def test_the_server_backend_runs_the_same_load_job_through_the_cli(
         assert any(path.endswith("server_spec.log") for path in logs)
     assert "model.verifier" not in parent.data.tags  # the servers hold the models: none was loaded here
     assert parent.data.tags["crossover"] in out
+    assert all("padded_token_share" not in run.data.metrics for run in probes)  # no verifier of ours ran
+    summary = Path(MlflowClient().download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read_text()
+    assert "on its servers (engine.backend=server), rates 5-50 requests/s" in summary

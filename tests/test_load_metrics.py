@@ -17,7 +17,7 @@ from specbench.load.metrics import (
     occupancy_bucket,
     ratio_metrics,
 )
-from specbench.load.pipeline import LoadResult, concatenate
+from specbench.load.result import LoadResult, concatenate
 
 
 def request(request_id, arrival, admitted, chunks, sizes=None, error=None) -> ServedRequest:

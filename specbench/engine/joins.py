@@ -66,7 +66,7 @@ class DelayedJoins:
     """A running batch takes new rows only once `factor` times the last join's prefill time has passed since it."""
 
     factor: float
-    timed = False
+    timed = True  # the delay is a multiple of the prefill's own time, not of a queued step's with it
     _last_join_s: float = field(default=0.0, init=False)
     _last_prefill_s: float = field(default=0.0, init=False)
 

@@ -1,4 +1,6 @@
-"""What a decode returns: per-row tokens, timings and acceptance counts, and the batch's totals."""
+"""What a decode returns: per-row tokens, timings and acceptance counts, and the batch's totals; and under load,
+the requests of a trace as the scheduler takes them (`EngineRequest`) and what serving them gave (`ServedRequest`,
+`StepRecord`, `ServeResult`, with `after_first`: a serve measured from one request's arrival on)."""
 
 from __future__ import annotations
 

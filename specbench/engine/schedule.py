@@ -1,7 +1,10 @@
 """Draft-length policies: how many tokens a row drafts at its next step.
 
-The engine keeps one k per row and asks the policy for the next one after each
-step, from what that row's step offered and accepted.
+The engine keeps one k per row and asks its `KSchedule` for the next one after each
+step, from what that row's step offered and accepted. A `StepPolicy` (under load:
+`load.k_schedule.LoadAwareK`) instead sets one k for every running row before each
+step, from the batch's state (`StepState`), and is told what each step and each
+reading of the drafters took.
 """
 
 from __future__ import annotations

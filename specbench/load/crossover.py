@@ -22,11 +22,12 @@ Speculation wins on `tpot_p99` and `e2el_p99` when the ratio is below 1, on
 speculation loses at `rate_min` and wins at `rate_max` it reports where it starts
 to pay instead, and says so.
 
-`max_rate_under_slo_{mode}`: the highest rate at which at least `slo.attainment`
-(99% by default) of the requests meet every SLO set, interpolated on log rate
-between the last probe that meets it and the first that does not (with only
-`slo.tpot_ms` set and 99%, that is where p99 TPOT reaches the target). DistServe
-uses a 90% attainment.
+`max_rate_under_slo_{mode}` and `min_rate_over_slo_{mode}`: the last probed rate at
+which at least `slo.attainment` (99% by default) of the requests meet every SLO set,
+and the next probed rate, where they do not; the mode's limit lies between the two,
+not interpolated (attainment falls from 1 to near 0 within a few percent of the rate
+near saturation). With only `slo.tpot_ms` set and 99%, that is where p99 TPOT reaches
+the target. DistServe uses a 90% attainment.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class Probe:
 class Crossover:
     """The search's outcome: its probes in the order they ran, and the crossover when it lies inside the range."""
 
-    metric: CrossoverMetric
     probes: list[Probe]
     rate: float | None
     rate_low: float | None
@@ -124,9 +124,8 @@ def find_crossover(
             else "does not beat the baseline on {name} at either end of {low}-{high} requests/s: the crossover, if "
             "any, is below load.rate_min"
         )
-        return Crossover(
-            metric, probes, None, None, None, f"Speculation {where.format(name=name, low=rate_min, high=rate_max)}."
-        )
+        message = f"Speculation {where.format(name=name, low=rate_min, high=rate_max)}."
+        return Crossover(probes, None, None, None, message)
     side = 1.0 if wins_low else -1.0  # the search's score is above 0 on the low side of the crossing
     bracket = [probes[0], probes[1]]
     while len(probes) < max_probes:
@@ -138,7 +137,6 @@ def find_crossover(
     rate_low, rate_high = _interval(probes, metric, side)
     what = "stops" if wins_low else "starts"
     return Crossover(
-        metric,
         probes,
         rate,
         rate_low,
@@ -183,7 +181,8 @@ def max_rate_under_slo(probes: list[Probe], mode: str, attainment: float) -> tup
 
 def crossover_metrics(crossover: Crossover, attainment: float | None = None) -> dict[str, float]:
     """The parent run's figures: `crossover_rate` and its interval when inside the range, and (with `attainment`,
-    when SLOs are set) `max_rate_under_slo_{mode}` when inside the probed range."""
+    when SLOs are set) each mode's bracket, `max_rate_under_slo_{mode}` and `min_rate_over_slo_{mode}`, when its
+    limit lies inside the probed range."""
     metrics = {
         key: value
         for key, value in (

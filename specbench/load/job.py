@@ -1,6 +1,6 @@
 """A load run in MLflow: one run per request rate, or a crossover search with one nested run per probed rate.
 
-The CLI calls `run_load_job` inside the run it opened (after the config and the
+`specbench.job` calls `run_load_job` inside the run it opened (after the config and the
 models are set up, as for a batch run). With `load.find_crossover`, that run is the
 search's parent: each probe is a nested run with its own params (its `load.rate`),
 metrics and artifacts, and the parent gets the crossover rate with its interval,
@@ -22,7 +22,8 @@ from specbench.config import ArrivalKind, SpecBenchConfig
 from specbench.data import Record
 from specbench.load.crossover import crossover_metrics, find_crossover, probe_from_metrics
 from specbench.load.metrics import slo_set
-from specbench.load.pipeline import LoadResult, load_costs, load_title, run_load
+from specbench.load.pipeline import check_joinable_drafters, load_costs, run_load
+from specbench.load.result import LoadResult, load_title
 from specbench.load.trace import write_requests
 from specbench.runner import RunSetup
 from specbench.server.run import run_server_load
@@ -47,26 +48,29 @@ def run_load_job(
 
     `setup` holds our engine's models; with engine.backend=server it is None and the servers serve the trace.
     """
+    if setup is not None:
+        check_joinable_drafters(setup)  # before the costs are measured
     costs = load_costs(cfg, setup) if setup is not None else None
     if costs is not None:
         tracking.log_table(verify_surface_table(costs), "verify_cost_surface.csv")
 
-    def serve_and_log(rate: float | None) -> LoadResult:
+    def serve_and_log(rate: float | None) -> tuple[str, dict[str, float]]:
+        """Serve at `rate`, log it all to the active run; its title and metrics (the served requests of a server
+        run live in a folder gone by then)."""
         if setup is not None:
             result = run_load(cfg, setup, rate, costs)
             log_load_result(result)
-            return result
+            return result.title, result.metrics
         with tempfile.TemporaryDirectory() as folder:  # the servers' responses and logs, read as they are logged
-            result, artifacts = run_server_load(cfg, records, rate, Path(folder), tokenizer=None)
+            result, artifacts = run_server_load(cfg, records, rate, Path(folder))
             log_load_result(result)
             for path in artifacts:
                 mlflow.log_artifact(str(path), "servers")
-        return result
+        return result.title, result.metrics
 
     if not cfg.load.find_crossover:
         rate = None if cfg.load.arrival is ArrivalKind.trace else cfg.load.rate
-        result = serve_and_log(rate)
-        return result.title, result.metrics, None
+        return *serve_and_log(rate), None
 
     predictions = []
 
@@ -77,11 +81,11 @@ def run_load_job(
         probe_tags = tags | {tracking.CONFIG_HASH_TAG: probe_hash}
         with tracking.tracked_run(experiment_id, f"{run_name}-rate{rate:.3g}", probe_tags, run_id, nested=True):
             tracking.log_params(params | {"load.rate": str(rate), "load.find_crossover": "False"})
-            result = serve_and_log(rate)
-        print(console.load_probe_line(rate, result.metrics, cfg.load.crossover_metric.value), flush=True)
-        if "predicted_crossover_rate" in result.metrics:
-            predictions.append(result.metrics["predicted_crossover_rate"])
-        return probe_from_metrics(rate, result.metrics, cfg.load.crossover_metric)
+            _, probe_metrics = serve_and_log(rate)
+        print(console.load_probe_line(rate, probe_metrics, cfg.load.crossover_metric), flush=True)
+        if "predicted_crossover_rate" in probe_metrics:
+            predictions.append(probe_metrics["predicted_crossover_rate"])
+        return probe_from_metrics(rate, probe_metrics, cfg.load.crossover_metric)
 
     load = cfg.load
     crossover = find_crossover(probe, load.crossover_metric, load.rate_min, load.rate_max, load.max_probes)
@@ -90,7 +94,7 @@ def run_load_job(
         metrics["predicted_crossover_rate"] = statistics.median(predictions)
     tracking.log_metrics(metrics)
     mlflow.set_tag("crossover", crossover.message)
-    title = load_title(cfg, None).replace("trace file", f"rates {load.rate_min:g}-{load.rate_max:g} requests/s")
+    title = load_title(cfg, f"rates {load.rate_min:g}-{load.rate_max:g} requests/s")
     summary = summary_markdown(metrics, title=title, notes=[crossover.message])
     mlflow.log_text(summary, "summary.md")
     tracking.set_description(run_id, summary, "summary.md")

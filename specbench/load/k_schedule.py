@@ -29,9 +29,9 @@ Plain steps are not free for later: the drafters sit them out, and before they c
 they must read the u tokens they skipped (every running row's tokens of those steps, and the
 rows that joined meanwhile). That reading is a one-off cost, R(u) seconds, which drafting must
 earn back over the T tokens the running rows may still emit, so it is spread over them. R is
-fitted to the run's own reads (R(u) = a + c u, least squares over the recent reads). Without
-this price a per-step choice is myopic: it drafts as soon as a step looks cheaper, pays for
-the reading, and the next plain step starts the debt again. Rows that join right after a
+fitted to the run's own reads (R(u) = a + c u, least squares with older reads weighing less,
+`engine.costs.CostLine`). Without this price a per-step choice is myopic: it drafts as soon as a
+step looks cheaper, pays for the reading, and the next plain step starts the debt again. Rows that join right after a
 drafting step are read the same way, at the next step that drafts, and priced the same way:
 their reading is the same at every k > 0, so it is kept out of r(k, b), where the joins that
 happened to fall on a k's steps would make that k look dear for good (it would not be tried again).
@@ -60,9 +60,11 @@ from collections import deque
 from specbench.engine.costs import CostLine, StepCosts
 from specbench.engine.schedule import StepState
 from specbench.intervals import wilson_interval
-from specbench.load.model import interpolate_log_batch, tokens_per_step
+from specbench.load.metrics import occupancy_bucket_index
+from specbench.load.model import interpolate_log_batch
+from specbench.speedup_model import tokens_per_step
 
-RATIO_WINDOW = 32  # steps (or reads): the corrections follow the recent ones, this many
+RATIO_WINDOW = 32  # the corrections are medians of this many recent steps; a read's weight in R falls by 1/32 a read
 
 
 class LoadAwareK:
@@ -138,7 +140,7 @@ class LoadAwareK:
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
-        key = (k, _bucket(occupancy))
+        key = (k, occupancy_bucket_index(occupancy))
         ratios = self._ratios.setdefault(key, deque([1.0], maxlen=RATIO_WINDOW))  # the surface, worth one step
         ratios.append(seconds / self.modelled_step_s(k, occupancy))
         self._ratio[key] = statistics.median(ratios)
@@ -155,7 +157,7 @@ class LoadAwareK:
         """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
         borrows the nearest drafting step's (the nearest bucket, then the nearest k), and a plain step, or any
         k before a drafting step ran, keeps the surface (r = 1)."""
-        bucket = _bucket(occupancy)
+        bucket = occupancy_bucket_index(occupancy)
         if (k, bucket) in self._ratio:
             return self._ratio[(k, bucket)]
         drafted = [key for key in self._ratio if key[0]]
@@ -171,8 +173,3 @@ class LoadAwareK:
             draft = interpolate_log_batch(self._draft, occupancy) if k else 0.0
             self._modelled[(k, occupancy)] = k * draft + verify
         return self._modelled[(k, occupancy)]
-
-
-def _bucket(occupancy: int) -> int:
-    """The occupancy's power-of-two bucket: 1 -> 0, 2-3 -> 1, 4-7 -> 2, ..."""
-    return max(occupancy, 1).bit_length() - 1

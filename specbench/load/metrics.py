@@ -188,8 +188,13 @@ def most_running(result: ServeResult) -> int:
 
 def occupancy_bucket(rows: int) -> tuple[int, int]:
     """The power-of-two bucket of a step's running rows: 1, 2-3, 4-7, ..."""
-    low = 1 << (max(rows, 1).bit_length() - 1)
+    low = 1 << occupancy_bucket_index(rows)
     return low, 2 * low - 1
+
+
+def occupancy_bucket_index(rows: int) -> int:
+    """The number of `occupancy_bucket`: 1 row -> 0, 2-3 -> 1, 4-7 -> 2, ..."""
+    return max(rows, 1).bit_length() - 1
 
 
 def acceptance_by_occupancy(steps: list[StepRecord]) -> dict[str, float]:

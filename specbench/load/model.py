@@ -16,9 +16,14 @@ time-averaged) that the arrival rate produces. For each mode:
   get the rest. p is a share of the server's time, not a latency:
   `join_seconds_per_request` measures it from a served trace as each join's time
   (admission to first token) summed over the joins, per request, so requests that
-  join together share one prefill (the median admission-to-first-token latency,
-  used before, charged each of them the whole group's and overstated p up to 60x
-  on the H200 at 45-512 requests/s);
+  join together share one prefill (not the median admission-to-first-token latency,
+  which charges each of them the whole group's). What that leaves out: the drafters
+  read the rows that join a running batch at their next drafting step, not at the
+  join, so speculation's join time carries the drafters' prefill only for joins into
+  an empty batch (the drafts' part is speculation's join time per request over the
+  baseline's), and the rest is in steps that the measured surface does not time;
+  and where the baseline reads ahead (on a GPU), a join's time also holds what was
+  left of the step queued before it;
 - so a request of L output tokens decodes in n = (L - 1) / E steps and stays in
   the batch T = p + n s(b) / (1 - a p).
 
@@ -69,6 +74,7 @@ import numpy as np
 from specbench.config import CrossoverMetric
 from specbench.engine.costs import StepCosts
 from specbench.engine.results import ServedRequest, ServeResult
+from specbench.speedup_model import tokens_per_step
 
 _GRID = 64  # rates scanned for the predicted crossover, log-spaced
 _OCCUPANCY_GRID = 128  # occupancies scanned for the smallest fixed point
@@ -132,7 +138,6 @@ class ModePrediction:
     """What the model predicts for one mode at one arrival rate (seconds, requests/s)."""
 
     occupancy: float
-    step_s: float
     tpot_s: float
     e2el_s: float | None  # None when saturated: the queue grows with the trace
     tpot_p99_s: float  # the row unlucky at the 99th percentile of acceptances
@@ -161,7 +166,6 @@ def predict_mode(mode: ModeModel, rate: float, mean_output_tokens: float, max_ba
         tail = quantile_steps(mode.alpha, mode.k, decode_tokens) * mode.tokens_per_step / decode_tokens
     return ModePrediction(
         occupancy=occupancy,
-        step_s=step,
         tpot_s=tpot,
         e2el_s=None if saturated else mode.prefill_s + decode_steps * step / decode_share,
         tpot_p99_s=tail * tpot,
@@ -193,11 +197,6 @@ def join_seconds_per_request(requests: list[ServedRequest]) -> float:
     for request in served:
         joins[request.admitted_s] = max(joins.get(request.admitted_s, 0.0), request.first_token_s - request.admitted_s)
     return sum(joins.values()) / len(served)
-
-
-def tokens_per_step(alpha: float, k: int) -> float:
-    """Leviathan et al.'s expected tokens per speculative step: (1 - alpha^(k+1)) / (1 - alpha)."""
-    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 def mode_models(

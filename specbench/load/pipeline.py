@@ -1,6 +1,7 @@
 """One load run, without Hydra or MLflow: one arrival trace replayed through the engine in both modes.
 
     setup = prepare(cfg, records, cache)          # runner: the same models and prompts as a batch run
+    check_joinable_drafters(setup)                 # every drafter takes requests into a running batch
     costs = load_costs(cfg, setup)                 # step costs over the batch sizes a load run reaches
     result = run_load(cfg, setup, rate, costs)     # both modes on one trace: metrics and the model's prediction
 
@@ -12,26 +13,28 @@ request is decoded with seed `seed + request id` in both modes. Replays of one t
 nearly the same path through joins and leaves, so they measure the machine; with
 `load.traces` > 1, that many traces (arrival seeds `seed`, `seed + 1`, ...; the same prompts
 and limits) are each replayed `repeats` times, and the ratios' intervals resample traces,
-then requests within them. Figures pool every serve (each mode's serves laid end to end, as
-one longer trace; with `load.exclude_first` = N, each serve from its request N's arrival on);
-the ratio of the crossover metric is also given per serve (`*_repeat_min/median/max`).
+then requests within them. The figures are `load.result.served_figures` (every serve pooled,
+and the crossover ratio per serve), plus what only our engine knows: the verifier's padded
+share, the oracle's check, the outputs' agreement and the load model's prediction.
+
+With `k_schedule=load` one schedule serves the warm-up and then every serve of the run, and
+keeps learning throughout (acceptance, its corrections r(k, b), the cost of reading): the
+first serve's choices are made on less evidence than the last's, so the per-serve spread
+mixes that learning with the machine's noise.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
-import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 
 from specbench import speedup_model
 from specbench.config import KScheduleKind, SpecBenchConfig
 from specbench.engine import KSchedule
-from specbench.engine.continuous import serve, slot_buckets
+from specbench.engine.cached_model import slot_buckets
+from specbench.engine.continuous import serve
 from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
 from specbench.engine.drafters import drafter_models
@@ -41,67 +44,13 @@ from specbench.engine.results import EngineRequest, ServeResult
 from specbench.engine.timing import Stopwatch
 from specbench.errors import ConfigError
 from specbench.intervals import wilson_interval
-from specbench.load.crossover import RATIO_KEYS
 from specbench.load.k_schedule import LoadAwareK
-from specbench.load.metrics import load_metrics
 from specbench.load.model import served_predictions
-from specbench.load.trace import MODES, TraceRequest, build_trace
+from specbench.load.result import LoadResult, excluded_note, served_figures
+from specbench.load.trace import MODES, TraceRequest, build_trace, serve_order
 from specbench.runner import RunSetup, curve_tokens, k_schedule, prepare_oracles
 
 WARMUP_REQUESTS = 2
-
-
-@dataclass
-class LoadResult:
-    """Everything one load run measured: its traces, each mode's served requests (one result per serve: repeat by
-    repeat, each trace in turn), figures."""
-
-    title: str
-    rate: float | None  # requests/s of a generated trace; None for a trace file
-    traces: list[list[TraceRequest]]  # load.traces of them (a trace file: one)
-    served: dict[str, list[ServeResult]]  # mode -> one result per serve, serve = repeat * len(traces) + trace
-    metrics: dict[str, float]
-    notes: list[str] = field(default_factory=list)
-    exclude_first: int = 0  # load.exclude_first: requests of each serve served but left out of the figures
-
-    @functools.cached_property
-    def measured(self) -> dict[str, list[ServeResult]]:
-        """Each mode's serves as the figures see them: from the arrival of each serve's request `exclude_first`."""
-        return {mode: [result.after_first(self.exclude_first) for result in results]
-                for mode, results in self.served.items()}  # fmt: skip
-
-    def pooled(self) -> dict[str, ServeResult]:
-        """Each mode's measured serves laid end to end (what the figures are computed on)."""
-        return {mode: concatenate(results) for mode, results in self.measured.items()}
-
-    def pooled_traces(self) -> dict[int, int] | None:
-        """The trace of each request id as `pooled` numbers them (what the ratios' bootstrap draws first); None with
-        one trace."""
-        if len(self.traces) == 1:
-            return None
-        traces, offset = {}, 0
-        for number, result in enumerate(self.measured[MODES[0]]):
-            traces |= {request.request_id + offset: number % len(self.traces) for request in result.requests}
-            offset += len(result.requests)
-        return traces
-
-    def steps_table(self) -> pd.DataFrame:
-        """One row per scheduler step: mode, repeat, trace, when it ended, occupancy, rows computed, k, acceptance."""
-        return pd.DataFrame(
-            [
-                {"mode": mode, "repeat": number // len(self.traces), "trace": number % len(self.traces), **vars(step)}
-                for mode, results in self.served.items()
-                for number, result in enumerate(results)
-                for step in result.steps
-            ],
-            columns=["mode", "repeat", "trace", "time_s", "rows", "computed_rows", "k", "proposed", "accepted"],
-        )
-
-
-def load_title(cfg: SpecBenchConfig, rate: float | None) -> str:
-    """A load run's name in figures and logs."""
-    load = f"{rate:g} requests/s" if rate is not None else "trace file"
-    return f"{cfg.verifier.name} + {cfg.draft.name}, k={cfg.k}, {load}, up to {cfg.load.max_batch_size} rows"
 
 
 def load_costs(cfg: SpecBenchConfig, setup: RunSetup) -> StepCosts | None:
@@ -160,7 +109,7 @@ def serve_mode(cfg: SpecBenchConfig, setup: RunSetup, mode: str, requests: list[
     return serve(decoder, requests, make_row, cfg.load.max_batch_size, bucketed, join_gate=gate)
 
 
-def warm_up_load(cfg: SpecBenchConfig, setup: RunSetup, requests: list[EngineRequest], schedule) -> None:
+def warm_up_load(cfg: SpecBenchConfig, setup: RunSetup, requests: list[EngineRequest], schedule: KSchedule) -> None:
     """Capture the CUDA graphs of every slot bucket and of the joins, then serve a few short requests in both
     modes, untimed."""
     buckets = slot_buckets(cfg.load.max_batch_size)
@@ -178,13 +127,8 @@ def warm_up_load(cfg: SpecBenchConfig, setup: RunSetup, requests: list[EngineReq
         serve_mode(cfg, setup, mode, short, schedule)
 
 
-def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: StepCosts | None) -> LoadResult:
-    """Build the traces at `rate` (or read the file's), warm up, serve each in both modes `repeats` times, and
-    measure."""
-    load = cfg.load if rate is None else replace(cfg.load, rate=rate)
-    record_ids = [prompt.pubid for prompt in setup.prompts]
-    traces = [build_trace(load, record_ids, cfg.seed + number) for number in range(load.traces)]
-    requests = [engine_requests(cfg, setup, trace) for trace in traces]
+def check_joinable_drafters(setup: RunSetup) -> None:
+    """Raise ConfigError, in one sentence, when a drafter cannot take requests into a running batch."""
     static = [drafter.name for drafter in setup.drafters if not hasattr(drafter, "admit")]
     if static:
         raise ConfigError(
@@ -192,17 +136,25 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
             "mode=load needs model, prompt_lookup or oracle drafters, or a drafter kind that implements admit, "
             "keep_rows and remove_rows."
         )
+
+
+def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: StepCosts | None) -> LoadResult:
+    """Build the traces at `rate` (or read the file's), warm up, serve each in both modes `repeats` times, and
+    measure."""
+    load = cfg.load if rate is None else replace(cfg.load, rate=rate)
+    record_ids = [prompt.pubid for prompt in setup.prompts]
+    traces = [build_trace(load, record_ids, cfg.seed + number) for number in range(load.traces)]
+    requests = [engine_requests(cfg, setup, trace) for trace in traces]
+    check_joinable_drafters(setup)
     schedule = LoadAwareK(costs, cfg.k_max) if cfg.k_schedule is KScheduleKind.load else k_schedule(cfg)
     prepare_oracles(setup, [(request.prompt_ids, request.max_new_tokens) for request in itertools.chain(*requests)])
     warm_up_load(cfg, setup, requests[0], schedule)
     for oracle in (drafter for drafter in setup.drafters if isinstance(drafter, OracleDrafter)):
         oracle.off_path_steps = 0  # the warm-up's do not count
     served: dict[str, list[ServeResult]] = {mode: [] for mode in MODES}
-    for repeat in range(cfg.repeats):
-        for trace_requests in requests:
-            for mode in MODES if repeat % 2 == 0 else reversed(MODES):
-                served[mode].append(serve_mode(cfg, setup, mode, trace_requests, schedule))
-    result = LoadResult(load_title(cfg, rate), rate, traces, served, {}, exclude_first=cfg.load.exclude_first)
+    for _, trace, mode in serve_order(cfg.repeats, len(requests)):
+        served[mode].append(serve_mode(cfg, setup, mode, requests[trace], schedule))
+    result = LoadResult.of(cfg, rate, traces, served)
     result.metrics = load_run_metrics(cfg, result, costs, setup)
     if isinstance(schedule, LoadAwareK):  # what the schedule believed at the end: its prices followed the bound
         result.metrics |= {"k_schedule_alpha": schedule.alpha, "k_schedule_alpha_bound": schedule.alpha_bound}
@@ -212,45 +164,16 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
     return result
 
 
-def served_counts(cfg: SpecBenchConfig, traces: list[list[TraceRequest]]) -> dict[str, int]:
-    """What a load run served: requests a trace, repeats, traces, and the requests of each serve left out."""
-    counts = {"num_requests": len(traces[0]), "repeats": cfg.repeats, "traces": len(traces)}
-    return counts | ({"excluded_requests": cfg.load.exclude_first} if cfg.load.exclude_first else {})
-
-
-def excluded_note(cfg: SpecBenchConfig) -> list[str]:
-    """The summary's note on the requests left out of the figures (none without load.exclude_first)."""
-    count = cfg.load.exclude_first
-    if not count:
-        return []
-    return [
-        f"Figures leave out the first {count} requests of each serve (load.exclude_first): they start at the arrival "
-        f"of request {count}, every mode over the same requests. requests.jsonl lists them all."
-    ]
-
-
 def load_run_metrics(cfg: SpecBenchConfig, result: LoadResult, costs: StepCosts | None, setup: RunSetup) -> dict:
-    """The load figures on the pooled serves, the per-serve spread of the crossover ratio, the oracle's check,
-    the agreement of the two modes' outputs, and the model's prediction beside the measurement."""
-    pooled, measured = result.pooled(), result.measured
-    metrics = load_metrics(pooled, cfg.slo, cfg.seed, result.pooled_traces())
-    metrics |= served_counts(cfg, result.traces)
+    """The figures of every backend (`served_figures`), the verifier's padded share, the oracle's check, the
+    agreement of the two modes' outputs, and the model's prediction beside the measurement."""
+    pooled = result.pooled()
+    metrics = served_figures(cfg, result)
     if result.rate is not None:
         metrics["request_rate"] = result.rate
-    ratio_key = RATIO_KEYS[cfg.load.crossover_metric]
-    serves = len(measured["baseline"])
-    if serves > 1:
-        per_serve = [
-            load_metrics({mode: measured[mode][number] for mode in MODES}, cfg.slo, cfg.seed).get(ratio_key)
-            for number in range(serves)
-        ]
-        values = [value for value in per_serve if value is not None and math.isfinite(value)]
-        if values:
-            metrics |= {
-                f"{ratio_key}_repeat_min": min(values),
-                f"{ratio_key}_repeat_median": statistics.median(values),
-                f"{ratio_key}_repeat_max": max(values),
-            }
+    for mode, key in (("spec", "padded_token_share"), ("baseline", "padded_token_share_baseline")):
+        if pooled[mode].verifier_positions:  # every serve whole: the counts are the verifier's, not per request
+            metrics[key] = pooled[mode].padded_positions / pooled[mode].verifier_positions
     baseline, spec = pooled["baseline"].requests, pooled["spec"].requests
     metrics["disagreement_rate"] = float(np.mean([a.tokens != b.tokens for a, b in zip(baseline, spec, strict=True)]))
     metrics |= _acceptance(pooled["spec"])
@@ -261,7 +184,7 @@ def load_run_metrics(cfg: SpecBenchConfig, result: LoadResult, costs: StepCosts 
 
 
 def _acceptance(spec: ServeResult) -> dict[str, float]:
-    """Acceptance over the speculative requests, and the iid model's alpha from their full-k steps."""
+    """Acceptance over the speculative requests: overall and by draft position."""
     proposed = sum(result.proposed for result in spec.results)
     accepted = sum(result.accepted for result in spec.results)
     metrics = {"acceptance_rate": accepted / proposed} if proposed else {}
@@ -312,28 +235,3 @@ def _predicted(cfg: SpecBenchConfig, result: LoadResult, pooled: dict[str, Serve
         load.crossover_metric,
     )  # fmt: skip
     return {"alpha_iid": alpha} | predictions
-
-
-def concatenate(results: list[ServeResult]) -> ServeResult:
-    """Results of the same trace laid end to end in time (request ids kept per repeat, offset by the trace's size)."""
-    if len(results) == 1:
-        return results[0]
-    requests, steps, outcomes, earlier, offset, id_offset = [], [], [], [], 0.0, 0
-    for result in results:
-        requests += [
-            replace(request.shifted(offset), request_id=request.request_id + id_offset) for request in result.requests
-        ]
-        earlier += [request.shifted(offset) for request in result.earlier]
-        steps += [replace(step, time_s=step.time_s + offset) for step in result.steps]
-        outcomes += result.results
-        offset += result.wall_s
-        id_offset += len(result.requests)
-    return ServeResult(
-        requests,
-        steps,
-        offset,
-        sum(result.verifier_positions for result in results),
-        sum(result.padded_positions for result in results),
-        outcomes,
-        earlier,
-    )

@@ -73,11 +73,25 @@ def generated_trace(
     kind: ArrivalKind, rate: float, num_requests: int, seed: int, record_ids: Sequence[str], burstiness: float = 1.0
 ) -> list[TraceRequest]:
     """A seeded trace over the run's prompts (`record_ids`, in order), cycling through them as needed."""
-    times = arrival_times(kind, rate, num_requests, seed, burstiness)
+    return cycled_trace(arrival_times(kind, rate, num_requests, seed, burstiness), record_ids)
+
+
+def cycled_trace(times: Sequence[float], record_ids: Sequence[str]) -> list[TraceRequest]:
+    """Requests arriving at `times`, over the run's prompts (`record_ids`, in order), cycling through them."""
     return [
         TraceRequest(index, float(time), index % len(record_ids), str(record_ids[index % len(record_ids)]))
         for index, time in enumerate(times)
     ]
+
+
+def serve_order(repeats: int, traces: int) -> Iterator[tuple[int, int, str]]:
+    """(repeat, trace, mode) in the order a load run serves them: each repeat serves every trace in both modes, the
+    modes' order alternating from one repeat to the next, so that a mode's serves come repeat by repeat, each trace
+    in turn (serve number repeat * traces + trace)."""
+    for repeat in range(repeats):
+        for trace in range(traces):
+            for mode in MODES if repeat % 2 == 0 else reversed(MODES):
+                yield repeat, trace, mode
 
 
 def build_trace(load: LoadConfig, record_ids: Sequence[str], seed: int) -> list[TraceRequest]:

@@ -18,12 +18,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
+from specbench.load.crossover import RATIO_KEYS
 from specbench.plots import new_figure, reference_line
 from specbench.report.figures import _series_labels, col, draft_colors
 from specbench.report.query import summary_table
 
 LATENCY_PANELS = (("ttft", "Time to first token"), ("tpot", "Time per output token"), ("e2el", "End-to-end latency"))
-RATIOS = ("tpot_p99_ratio", "e2el_p99_ratio", "goodput_ratio")
+RATIOS = tuple(RATIO_KEYS.values())
 PREDICTED_RATIOS = {"tpot_p99_ratio": "predicted_tpot_p99_ratio", "e2el_p99_ratio": "predicted_e2el_p99_ratio"}
 SERIES_BY = ("verifier", "backend", "draft", "k", "sampling")
 

@@ -2,7 +2,8 @@
 llama.cpp), one without speculation and one with it, so that a load run measures speculation inside the server
 people deploy.
 
-- `mode`: one mode served end to end (`serve_mode`): start or reach its server, warm up, replay, read counters;
+- `run`: one load run against servers, both modes, `repeats` times (`run_server_load`);
+- `mode`: one mode served end to end (`serve_on_server`): start or reach its server, warm up, replay, read counters;
 - `client`: the open-loop streaming client (`replay`): sends each request on time, notes each read and its time;
 - `stream`: what a stream said, parsed after it (server-sent events, chunks, usage, errors);
 - `records`: each request's record on disk as it ends, read back in trace order (`SpooledRequests`);

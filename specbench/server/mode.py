@@ -30,7 +30,7 @@ from typing import Any
 from specbench.config import BenchmarkMode, SpecBenchConfig
 from specbench.engine.results import ServeResult
 from specbench.errors import ServerError
-from specbench.load.trace import TraceRequest, build_trace
+from specbench.load.trace import TraceRequest, build_trace, cycled_trace
 from specbench.server import prometheus
 from specbench.server.client import RequestSettings, replay
 from specbench.server.http import get
@@ -58,10 +58,7 @@ def server_trace(cfg: SpecBenchConfig, record_ids: Sequence[str], seed: int | No
         return build_trace(cfg.load, record_ids, cfg.seed if seed is None else seed)
     count = len(record_ids) if cfg.mode is BenchmarkMode.batch else cfg.load.num_requests
     log.warning("server.fixed_batch=true: all %d requests are sent at time 0 (a fixed batch, not arrivals)", count)
-    return [
-        TraceRequest(index, 0.0, index % len(record_ids), str(record_ids[index % len(record_ids)]))
-        for index in range(count)
-    ]
+    return cycled_trace([0.0] * count, record_ids)
 
 
 def request_settings(cfg: SpecBenchConfig, model: str) -> RequestSettings:

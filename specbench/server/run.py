@@ -7,9 +7,10 @@ No model is loaded: the prompts are the dataset's records filled into `dataset.t
 (as text: the server tokenizes, and with server.chat=true applies its own chat template),
 the traces are built once (`mode.server_trace`; `load.traces` of them) and each is served
 by each mode's server in turn, `repeats` times with the order of the modes alternating, as
-for our engine. The figures are the load metrics of the pooled serves
-(`load.metrics.load_metrics`), the servers' own (`mode.server_figures`), and at temperature 0
-the agreement of the two modes' texts. `artifacts` are each mode's responses and server
+for our engine. The figures are every backend's (`load.result.served_figures`: the load
+metrics of the pooled serves and the per-serve spread of the crossover ratio), the servers'
+own (`mode.server_figures`), and at temperature 0 the agreement of the two modes' texts (of
+each mode's first serve, all its requests). `artifacts` are each mode's responses and server
 logs, under `out_dir/repeat<i>` (`out_dir/repeat<i>-trace<j>` with several traces).
 """
 
@@ -22,9 +23,8 @@ from typing import Any
 from specbench.config import ChatTemplate, SpecBenchConfig
 from specbench.data import PromptBuilder, Record
 from specbench.engine.results import ServeResult
-from specbench.load.metrics import load_metrics
-from specbench.load.pipeline import LoadResult, excluded_note, served_counts
-from specbench.load.trace import MODES
+from specbench.load.result import LoadResult, excluded_note, served_figures
+from specbench.load.trace import MODES, serve_order
 from specbench.server.mode import ModeOutcome, serve_on_server, server_figures, server_trace, text_disagreement
 
 
@@ -33,13 +33,6 @@ def prompt_texts(cfg: SpecBenchConfig, records: list[Record]) -> list[str]:
     longer than its context, and that request fails with the server's reason)."""
     builder = PromptBuilder(None, cfg.dataset.template, ChatTemplate.off, max_tokens=0)  # formatting needs no tokenizer
     return [builder.format(record, record.abstract()) for record in records]
-
-
-def server_title(cfg: SpecBenchConfig, rate: float | None) -> str:
-    """A server load run's name in figures and logs."""
-    load = "a fixed batch" if cfg.server.fixed_batch else f"{rate:g} requests/s" if rate is not None else "trace file"
-    model = cfg.server.model or "the served model"
-    return f"{model} on its servers (engine.backend=server), {load}"
 
 
 def run_server_load(
@@ -53,17 +46,14 @@ def run_server_load(
     traces = [server_trace(cfg, record_ids, cfg.seed + number) for number in range(cfg.load.traces)]
     texts = prompt_texts(cfg, records)
     outcomes: dict[str, list[ModeOutcome]] = {mode: [] for mode in MODES}
-    for repeat in range(cfg.repeats):
-        for number, trace in enumerate(traces):
-            folder = out_dir / (f"repeat{repeat}" if len(traces) == 1 else f"repeat{repeat}-trace{number}")
-            for mode in MODES if repeat % 2 == 0 else reversed(MODES):
-                outcomes[mode].append(serve_on_server(cfg, trace, texts, mode, folder, tokenizer))
+    for repeat, number, mode in serve_order(cfg.repeats, len(traces)):
+        folder = out_dir / (f"repeat{repeat}" if len(traces) == 1 else f"repeat{repeat}-trace{number}")
+        outcomes[mode].append(serve_on_server(cfg, traces[number], texts, mode, folder, tokenizer))
     served = {mode: [outcome.result for outcome in results] for mode, results in outcomes.items()}
-    result = LoadResult(server_title(cfg, rate), rate, traces, served, {}, exclude_first=cfg.load.exclude_first)
+    result = LoadResult.of(cfg, rate, traces, served)
     figures, notes = server_figures(outcomes)
     result.notes = notes + excluded_note(cfg)
-    result.metrics = load_metrics(result.pooled(), cfg.slo, cfg.seed, result.pooled_traces()) | figures
-    result.metrics |= served_counts(cfg, traces)
+    result.metrics = served_figures(cfg, result) | figures
     if rate is not None and not cfg.server.fixed_batch:
         result.metrics["request_rate"] = rate
     if not cfg.generation.do_sample:
