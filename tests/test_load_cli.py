@@ -30,7 +30,7 @@ def finished_runs(tmp_path) -> list:
     return mlflow.search_runs(experiment_names=["specbench"], output_format="list")
 
 
-def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys):
+def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_path, monkeypatch, capsys, recwarn):
     args = [*common_args(models_dir, pubmedqa_file, tmp_path), "mode=load", *FAST, "repeats=2"]
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
@@ -66,6 +66,7 @@ def test_a_load_run_logs_both_modes_of_one_trace(models_dir, pubmedqa_file, tmp_
     assert max(drafted) == 3 and drafted <= {0.0, 1.0, 2.0, 3.0}  # k, cut near a request's length limit
     assert any(dataset.dataset.name == "trace" for dataset in run.inputs.dataset_inputs)
     assert "TPOT p99, spec / baseline" in out and "6 requests x 2" in out
+    assert not [warning for warning in recwarn if "Inferred schema" in str(warning.message)]  # a model's hint, not ours
 
 
 def test_several_traces_are_each_served_in_both_modes_and_logged_apart(

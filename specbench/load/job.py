@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -117,7 +118,10 @@ def log_load_result(result: LoadResult) -> None:
             mlflow.log_artifact(str(path))
     traces = pd.DataFrame([{"trace": number} | vars(request) for number, trace in enumerate(result.traces)
                            for request in trace])  # fmt: skip
-    mlflow.log_input(mlflow.data.from_pandas(traces, name="trace"), context="load")
+    with warnings.catch_warnings():
+        # MLflow hints, for a model's signature, that integer columns cannot hold missing values: not for a dataset
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
+        mlflow.log_input(mlflow.data.from_pandas(traces, name="trace"), context="load")
     summary = summary_markdown(result.metrics, title=result.title, notes=result.notes)
     mlflow.log_text(summary, "summary.md")
     tracking.set_description(mlflow.active_run().info.run_id, summary, "summary.md")
