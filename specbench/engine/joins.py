@@ -66,7 +66,8 @@ class DelayedJoins:
     """A running batch takes new rows only once `factor` times the last join's prefill time has passed since it."""
 
     factor: float
-    timed = True  # the delay is a multiple of the prefill's own time, not of a queued step's with it
+    # the join's time as the scheduler sees it: where steps read ahead (a GPU), with what was left of the queued step
+    timed = False
     _last_join_s: float = field(default=0.0, init=False)
     _last_prefill_s: float = field(default=0.0, init=False)
 
