@@ -9,14 +9,16 @@ that `gpu_load.py --step-series` keeps (the first replay of each trace), or from
 
 The same requests are left out in every mode (by arrival order, which the replayed trace fixes), so each
 mode's ratio over the baseline compares the same requests. Prints one line per trace: each mode's p99 TPOT
-over the baseline's, over all requests -> over the later ones; `--summary` then pools them by output limits (equal
-or spread: whether every request's output length was the same).
+over the baseline's, over all requests -> over the later ones; `--summary` then pools them by output lengths (equal
+or spread: whether every baseline request emitted as many tokens, as with random weights and equal limits; with
+real models a stop token spreads them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,17 +70,17 @@ def tpot_p99_ms(rows: list[list[float]], skip: int) -> float:
 
 
 def summary(ratios: list[tuple[str, bool, float, float]]) -> None:
-    """Per output limits (equal or spread), each mode's p99 ratios over all requests -> over the later ones,
+    """Per output lengths (equal or spread), each mode's p99 ratios over all requests -> over the later ones,
     median [min, max]; for the fixed k's pooled, the share of their excess over the baseline that the cut
     removed (series whose ratio over all requests is above 1), median [quartiles]."""
     for equal in (True, False):
         group = [(mode, every, later) for mode, is_equal, every, later in ratios if is_equal == equal]
         if not group:
             continue
-        print(f"{'equal' if equal else 'spread'} output limits:")
+        print(f"{'equal' if equal else 'spread'} output lengths:")
         fixed = [(every, later) for mode, every, later in group if mode.startswith("k")]
         modes = {mode: [(every, later) for name, every, later in group if name == mode] for mode, _, _ in group}
-        for name, pairs in ({"fixed k": fixed} | modes).items():
+        for name, pairs in (({"fixed k": fixed} if fixed else {}) | modes).items():
             every, later = (sorted(pair[side] for pair in pairs) for side in (0, 1))
             print(f"  {name} ({len(pairs)} series): {spread(every)} -> {spread(later)}, "
                   f"lower in {sum(b < a for a, b in pairs)}")  # fmt: skip
@@ -93,19 +95,19 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}x [{values[0]:.2f}x, {values[-1]:.2f}x]"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--rate", default="256", help="only the traces served at this rate (requests/s)")
     parser.add_argument("--skip", type=int, default=128, help="requests left out: the batch's slots")
     parser.add_argument("--summary", action="store_true", help="then the ratios pooled over the series")
-    args = parser.parse_args()
-    ratios = []  # (mode, equal output limits, p99 ratio over all requests, over the later ones)
+    args = parser.parse_args(argv)
+    ratios = []  # (mode, equal output lengths, p99 ratio over all requests, over the later ones)
     for file in args.results:
         found = ([("", run_series(file))] if file.suffix == ".jsonl"
                  else step_series(json.loads(file.read_text())))  # fmt: skip
         for path, series in found:
-            if file.suffix != ".jsonl" and f"rate{args.rate}" not in path.rsplit("/", 1)[-1]:
+            if file.suffix != ".jsonl" and not re.search(rf"rate{re.escape(args.rate)}(_|$)", path.rsplit("/", 1)[-1]):
                 continue
             baseline = series["baseline"]["requests"]
             if len(baseline) <= args.skip:

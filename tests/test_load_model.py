@@ -16,8 +16,8 @@ from specbench.load.model import (
     predicted_crossover_rate,
     predicted_load_metrics,
     quantile_steps,
-    tokens_per_step,
 )
+from specbench.speedup_model import tokens_per_step
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 

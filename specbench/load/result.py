@@ -1,7 +1,7 @@
 """What a load run served, and the figures every backend logs from it: the result of our engine's load run
 (`load.pipeline.run_load`) and of a run against servers (`server.run.run_server_load`) alike.
 
-    result = LoadResult(title, rate, traces, served, {}, exclude_first=cfg.load.exclude_first)
+    result = LoadResult.of(cfg, rate, traces, served)     # served[mode]: one ServeResult per serve
     result.metrics = served_figures(cfg, result) | what only that backend measures
 
 Each mode's serves are laid end to end in time (`concatenate`), as one longer trace: the figures are computed
