@@ -287,8 +287,10 @@ def test_a_run_pools_the_spec_servers_counters_over_repeats_and_alternates_the_m
 
 
 def test_several_traces_are_each_served_by_both_servers_and_resampled_whole(composer, tmp_path):
-    cfg = composer("mode=load", "engine.backend=server", f"server.baseline_cmd='{SCRIPTED_CMD}'",
-                   f"server.spec_cmd='{SCRIPTED_CMD} --spec-k 4 # {{\"a\": 1}}'", "warmup_prompts=1",
+    # chunks 2 ms apart: chunks sent at once may reach the client in one read, and a TPOT of 0 has no ratio
+    paced = f"{SCRIPTED_CMD} --interval-ms 2"
+    cfg = composer("mode=load", "engine.backend=server", f"server.baseline_cmd='{paced}'",
+                   f"server.spec_cmd='{paced} --spec-k 4 # {{\"a\": 1}}'", "warmup_prompts=1",
                    "load.traces=2", "load.rate=100", "load.num_requests=3",
                    "dataset.template='{question}'")  # fmt: skip
     records = three_scripted_records()
