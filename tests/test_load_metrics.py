@@ -132,12 +132,12 @@ def test_pooled_serves_leave_out_the_first_requests_of_each_serve():
     # two traces of 10 requests, one repeat: request 3 of each serve on, ids renumbered serve after serve
     serves = [many_requests(10), scaled(many_requests(10), 2.0, 6.0)]
     result = LoadResult("t", 1.0, [[], []], {"baseline": serves, "spec": serves}, {}, exclude_first=3)
-    pooled, traces = result.pooled()["baseline"], result.pooled_traces()
+    pooled, traces = result.pooled["baseline"], result.pooled_traces()
     assert len(pooled.requests) == 14 and len({r.request_id for r in pooled.requests}) == 14
     assert sorted(traces.values()) == [0] * 7 + [1] * 7 and set(traces) == {r.request_id for r in pooled.requests}
     assert pooled.wall_s == pytest.approx((6.0 - 1.5) + (6.0 - 1.5))  # each serve from request 3's arrival, 1.5 s
     assert pooled.requests[0].arrival_s == 0.0
-    assert load_metrics(result.pooled(), traces=traces)["paired_requests"] == 14
+    assert load_metrics(result.pooled, traces=traces)["paired_requests"] == 14
 
 
 def test_goodput_counts_requests_meeting_every_slo_set():

@@ -167,7 +167,7 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
 def load_run_metrics(cfg: SpecBenchConfig, result: LoadResult, costs: StepCosts | None, setup: RunSetup) -> dict:
     """The figures of every backend (`served_figures`), the verifier's padded share, the oracle's check, the
     agreement of the two modes' outputs, and the model's prediction beside the measurement."""
-    pooled = result.pooled()
+    pooled = result.pooled
     metrics = served_figures(cfg, result)
     if result.rate is not None:
         metrics["request_rate"] = result.rate

@@ -52,6 +52,7 @@ class LoadResult:
         return {mode: [result.after_first(self.exclude_first) for result in results]
                 for mode, results in self.served.items()}  # fmt: skip
 
+    @functools.cached_property
     def pooled(self) -> dict[str, ServeResult]:
         """Each mode's measured serves laid end to end (what the figures are computed on)."""
         return {mode: concatenate(results) for mode, results in self.measured.items()}
@@ -117,7 +118,7 @@ def served_figures(cfg: SpecBenchConfig, result: LoadResult) -> dict[str, float]
     """The figures of a load run on any backend: the load metrics of the pooled serves (`load.metrics`), what was
     served, and with several serves the per-serve spread of the crossover metric's ratio
     (`{ratio}_repeat_min/median/max`: each serve, every repeat of every trace, computed alone)."""
-    metrics = load_metrics(result.pooled(), cfg.slo, cfg.seed, result.pooled_traces())
+    metrics = load_metrics(result.pooled, cfg.slo, cfg.seed, result.pooled_traces())
     metrics |= served_counts(cfg, result.traces)
     measured, ratio_key = result.measured, RATIO_KEYS[cfg.load.crossover_metric]
     serves = len(measured["baseline"])
