@@ -31,8 +31,9 @@ rows that joined meanwhile). That reading is a one-off cost, R(u) seconds, which
 earn back over the T tokens the running rows may still emit, so it is spread over them. R is
 fitted to the run's own reads (R(u) = a + c u, least squares with older reads weighing less,
 `engine.costs.CostLine`). Without this price a per-step choice is myopic: it drafts as soon as a
-step looks cheaper, pays for the reading, and the next plain step starts the debt again. Rows that join right after a
-drafting step are read the same way, at the next step that drafts, and priced the same way:
+step looks cheaper, pays for the reading, and the next plain step starts the debt again. Rows
+that join right after a drafting step are read the same way, at the next step that drafts, and
+priced the same way:
 their reading is the same at every k > 0, so it is kept out of r(k, b), where the joins that
 happened to fall on a k's steps would make that k look dear for good (it would not be tried again).
 
