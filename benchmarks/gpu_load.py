@@ -318,7 +318,8 @@ class ConstantPolicy:
 
 class FullBatchTailK(LoadAwareK):
     """An experiment (--tail-mode): LoadAwareK, but at a full batch a drafting k is priced by the tokens a step
-    yields the row unlucky at p99 over an `output_tokens` output (`load.model.quantile_steps`), not the mean."""
+    yields the row unlucky at p99 over an `output_tokens` output (`load.model.quantile_steps`), not the mean; what
+    the tail-price branch's LoadAwareK does with the running rows' mean output limit."""
 
     def __init__(self, costs: StepCosts, k_max: int, slots: int, output_tokens: int) -> None:
         super().__init__(costs, k_max)
@@ -327,8 +328,9 @@ class FullBatchTailK(LoadAwareK):
     def seconds_per_token(self, k: int, state) -> float:
         seconds = super().seconds_per_token(k, state)
         if k and state.occupancy >= self.slots:
+            decoded = self.output_tokens - 1  # the first token is the prefill's
             mean = tokens_per_step(self.alpha_bound, k)
-            tail = self.output_tokens / quantile_steps(self.alpha_bound, k, self.output_tokens)
+            tail = decoded / quantile_steps(round(self.alpha_bound, 3), k, decoded)
             step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
             seconds += step_s / tail - step_s / mean
         return seconds
