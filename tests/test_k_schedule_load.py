@@ -16,6 +16,7 @@ from specbench.engine.sampling import TokenChooser
 from specbench.engine.schedule import StepState
 from specbench.engine.timing import Stopwatch
 from specbench.load.k_schedule import RATIO_WINDOW, LoadAwareK
+from specbench.load.model import quantile_steps
 from specbench.testing import ScriptedPolicy, make_model, one_torch_thread
 from tests.test_continuous import PROMPTS, VOCAB, alone, requests, served
 
@@ -39,13 +40,13 @@ def priced(schedule: LoadAwareK, k: int, step_s: float) -> float:
 
 def caught_up(occupancy: int) -> StepState:
     """A batch whose drafters have read everything (right after a drafting step), rows 64 tokens from their end."""
-    return StepState(occupancy, unread_tokens=0, remaining_tokens=64)
+    return StepState(occupancy, unread_tokens=0, remaining_tokens=64, output_tokens=128)
 
 
 def measured_at_0_8() -> LoadAwareK:
     """A schedule whose alpha, 0.8, has been measured on 200 rows' steps (500 drafted tokens): its upper bound is
     0.83."""
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.8, prior_steps=4.0)
+    schedule = LoadAwareK(COSTS, k_max=2, slots=128, prior_alpha=0.8, prior_steps=4.0)
     for accepted in (4, 0) * 100:  # 4 accepted drafts and 1 rejection a pair: alpha stays 0.8
         schedule.next(4, accepted, 4)
     return schedule
@@ -61,6 +62,25 @@ def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
     # 64 rows: k=1 yields 1.8 tokens in 4.2 s, k=0 1 token in 2 s
     assert schedule.seconds_per_token(1, caught_up(64)) == pytest.approx(priced(schedule, 1, 0.2 + 4.0))
     assert schedule.k_for_step(caught_up(64)) == 0
+
+
+def test_at_a_full_batch_drafting_is_priced_by_the_row_unlucky_at_p99():
+    # at 64 rows k = 1 is a shade cheaper than a plain step on the mean: 3.6 s for 1.83 tokens, against 2 s for 1
+    near_tie = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})
+    below, full = (LoadAwareK(near_tie, k_max=1, slots=slots, prior_alpha=0.8) for slots in (128, 64))
+    for schedule in (below, full):
+        for accepted in (4, 0) * 100:  # alpha measured at 0.8 on 200 rows' steps: the bound is 0.83
+            schedule.next(4, accepted, 4)
+    state = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64)
+    assert below.priced_tokens(1, state) == pytest.approx(1 + below.alpha_bound)
+    assert below.k_for_step(state) == 1
+    # every slot taken: the p99 row of 63 decoded tokens needs more steps than the mean's 34, so fewer tokens a step
+    unlucky_steps = quantile_steps(round(full.alpha_bound, 3), 1, 63)
+    assert unlucky_steps > 63 / (1 + full.alpha_bound) + 2
+    assert full.priced_tokens(1, state) == pytest.approx(63 / unlucky_steps)
+    assert full.seconds_per_token(1, state) == pytest.approx(3.6 * unlucky_steps / 63)
+    assert full.seconds_per_token(0, state) == pytest.approx(2.0)  # a plain step yields one token, full or not
+    assert full.k_for_step(state) == 0
 
 
 def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
@@ -98,7 +118,7 @@ def test_one_slow_step_does_not_condemn_a_draft_length_and_the_correction_follow
 
 
 def test_the_read_cost_is_fitted_to_the_reads_and_a_size_alone_is_scaled():
-    schedule = LoadAwareK(COSTS, k_max=2)
+    schedule = LoadAwareK(COSTS, k_max=2, slots=128)
     assert schedule.read_s(100) == 0.0  # nothing read yet: switching looks free
     schedule.observe_read(10, 0.2)
     assert schedule.read_s(20) == pytest.approx(0.4)  # one size: proportional
@@ -110,27 +130,28 @@ def test_the_read_cost_is_fitted_to_the_reads_and_a_size_alone_is_scaled():
 def test_a_plain_run_is_left_only_when_drafting_earns_back_the_reading_it_skipped():
     schedule = measured_at_0_8()
     schedule.observe_read(100, 10.0)  # reading 100 skipped tokens takes 10 s
-    behind = StepState(occupancy=1, unread_tokens=100, remaining_tokens=20)
+    behind = StepState(occupancy=1, unread_tokens=100, remaining_tokens=20, output_tokens=64)
     # drafting saves about 1 - 1.3 / 2.5 = 0.48 s a token; over 20 tokens that is 9.6 s, less than the 10 s read
     assert schedule.k_for_step(behind) == 0
     assert schedule.seconds_per_token(2, behind) == pytest.approx(priced(schedule, 2, 1.3) + 10 / 20)
-    assert schedule.k_for_step(StepState(1, unread_tokens=100, remaining_tokens=40)) == 2  # 19 s saved
+    longer = StepState(1, unread_tokens=100, remaining_tokens=40, output_tokens=64)
+    assert schedule.k_for_step(longer) == 2  # 19 s saved
     assert schedule.k_for_step(caught_up(1)) == 2
 
 
 def test_a_prior_that_favours_plain_steps_does_not_keep_the_run_from_drafting():
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.2, prior_steps=4.0)
+    schedule = LoadAwareK(COSTS, k_max=2, slots=128, prior_alpha=0.2, prior_steps=4.0)
     for _ in range(4):  # at 64 rows and alpha 0.2 the model says plain, but alpha has not been measured yet
         assert schedule.seconds_per_token(0, caught_up(64)) < schedule.seconds_per_token(1, caught_up(64))
         assert schedule.k_for_step(caught_up(64)) == 1
         schedule.next(1, 0, 1)  # each row's draft rejected
     assert schedule.k_for_step(caught_up(64)) == 0  # measured on 4 rows' steps: plain
-    offers_nothing = LoadAwareK(COSTS, k_max=2, prior_alpha=0.2, prior_steps=4.0)
+    offers_nothing = LoadAwareK(COSTS, k_max=2, slots=128, prior_alpha=0.2, prior_steps=4.0)
     assert [offers_nothing.k_for_step(caught_up(64)) for _ in range(5)] == [1, 1, 1, 1, 0]  # no offer, no lesson
 
 
 def test_an_estimate_that_unlucky_drafts_pulled_low_does_not_stop_drafting_for_good():
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.5, prior_steps=4.0)
+    schedule = LoadAwareK(COSTS, k_max=2, slots=128, prior_alpha=0.5, prior_steps=4.0)
     for k in (1, 2):  # at one row drafting costs 1.5x the surface
         for _ in range(3):
             schedule.observe_step(k, 1, 1.5 * schedule.modelled_step_s(k, 1))
@@ -149,7 +170,7 @@ def test_an_estimate_that_unlucky_drafts_pulled_low_does_not_stop_drafting_for_g
 
 
 def test_acceptance_is_learned_from_rows_steps():
-    schedule = LoadAwareK(COSTS, k_max=2, prior_alpha=0.5, prior_steps=4.0)
+    schedule = LoadAwareK(COSTS, k_max=2, slots=128, prior_alpha=0.5, prior_steps=4.0)
     for _ in range(200):
         schedule.next(2, 0, 2)  # every draft rejected
     assert schedule.alpha < 0.05
@@ -193,6 +214,8 @@ def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch
         assert record.tokens == alone(reference, request, settings), request.request_id
         assert len(row.k_per_step) == len(row.offered_per_step) == row.steps == row.verifier_calls - 1
     assert [step.k for step in result.steps] == [k for k, _, _ in policy.observed]
+    # the policy sees the running rows' output limits, on average: requests 0 and 1 (12 and 20) first, the last alone
+    assert (policy.states[0].output_tokens, policy.states[-1].output_tokens) == (16, 5)
     assert {k for k, _, _ in policy.observed} == {0, 1, 2, 3, 4} and all(s >= 0 for _, _, s in policy.observed)
     plain = [step for step in result.steps if step.k == 0]
     assert plain and all(step.proposed == step.accepted == 0 for step in plain)

@@ -338,9 +338,13 @@ class SpeculativeDecoder:
         return self._read_into_drafters(lambda drafter: drafter.admit(slots, contexts, len(self.rows)), slots)
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
-        """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens."""
-        remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in rows if row is not None)
-        return StepState(occupancy, self._unread_tokens(rows, occupancy), remaining / max(occupancy, 1))
+        """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens and
+        output limits."""
+        running = [row for row in rows if row is not None]
+        remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in running)
+        limits = sum(row.max_new_tokens for row in running)
+        per_row = max(occupancy, 1)
+        return StepState(occupancy, self._unread_tokens(rows, occupancy), remaining / per_row, limits / per_row)
 
     def _unread_tokens(self, rows: list[Row | None], occupancy: int) -> int:
         """Tokens the drafters must read before they draft: the joined rows', and the plain steps' of the others."""

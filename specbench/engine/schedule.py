@@ -35,6 +35,7 @@ class StepState:
     occupancy: int  # running rows
     unread_tokens: int  # tokens the drafters must read before they draft: joined rows', and plain steps'
     remaining_tokens: float  # output tokens the running rows may still emit, on average per row
+    output_tokens: float  # the running rows' output limits, on average
 
 
 class StepPolicy(Protocol):

@@ -7,6 +7,7 @@ running row,
 
     r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
     E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1 (alpha: the upper end of its interval, below),
+    at a full batch E = n / S99(alpha, k, n) instead (below),
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
 row (interpolated in log b between the measured batch sizes, `load.model.interpolate_log_batch`).
@@ -51,6 +52,17 @@ So a drafting k is priced at the upper end of alpha's 95% interval (Wilson's, ov
 and the prior's), as a bandit prices an arm by its upper confidence bound: while the evidence is
 thin, drafting is given the benefit of the doubt and is tried, which is what narrows the interval;
 once rows have drafted a few hundred tokens the bound is within a few hundredths of the estimate.
+
+At a full batch (every slot taken, so requests wait) a drafting k is priced by the tokens a step
+yields the row unlucky at p99, n / S99, with n the tokens the running rows decode (their output
+limit on average, less the prefill's first token) and S99 the steps that row needs
+(`load.model.quantile_steps`, the exact law of the iid model, as the load model's p99s), not by the
+mean. What a load run judges is the p99 TPOT, and there a step's gain on the mean is small while
+its tail is not: each row draws its own acceptances, so rows that join together and leave
+together under the baseline, one token a step each, end up to a third apart in TPOT under a fixed
+k (README, "Load-aware k"). Below a full batch the mean stands: there drafting keeps the queue
+short, which the tail price does not see (priced so at every step on the H200, it went plain at
+44-56 of 128 rows at 64 requests/s and ran 1.19x the best fixed k).
 """
 
 from __future__ import annotations
@@ -62,7 +74,7 @@ from specbench.engine.costs import CostLine, StepCosts
 from specbench.engine.schedule import StepState
 from specbench.intervals import wilson_interval
 from specbench.load.metrics import occupancy_bucket_index
-from specbench.load.model import interpolate_log_batch
+from specbench.load.model import interpolate_log_batch, quantile_steps
 from specbench.speedup_model import tokens_per_step
 
 RATIO_WINDOW = 32  # the corrections are medians of this many recent steps; a read's weight in R falls by 1/32 a read
@@ -72,11 +84,14 @@ class LoadAwareK:
     """Chooses every running row's k for each step from the batch's state: a `KSchedule` whose `next` only
     observes, and a `StepPolicy`."""
 
-    def __init__(self, costs: StepCosts, k_max: int, prior_alpha: float = 0.5, prior_steps: float = 4.0) -> None:
+    def __init__(
+        self, costs: StepCosts, k_max: int, slots: int, prior_alpha: float = 0.5, prior_steps: float = 4.0
+    ) -> None:
         sizes = [size for size, curve in costs.verify_s.items() if all(n in curve for n in range(1, k_max + 2))]
         if not sizes:
             raise ValueError(f"k_schedule=load needs verifier passes over 1..{k_max + 1} tokens at some batch size")
         self.k_max = k_max
+        self.slots = slots  # a batch of this many running rows is full: drafting is priced by its p99 row there
         self._verify = {n: {size: costs.verify_s[size][n] for size in sizes} for n in range(1, k_max + 2)}
         self._draft = {size: sum(costs.draft_s[size].values()) for size in sizes if size in costs.draft_s}
         # prior pseudo-counts: `prior_steps` steps of the iid model at `prior_alpha`
@@ -130,14 +145,23 @@ class LoadAwareK:
         return min(costs, key=costs.get)
 
     def seconds_per_token(self, k: int, state: StepState) -> float:
-        """Expected seconds per output token of each running row at `k`: a corrected step over its expected tokens
-        (at `alpha_bound`), plus, to draft, the reading of what the drafters skipped, spread over the rows'
-        remaining tokens."""
+        """Expected seconds per output token of each running row at `k`: a corrected step over the tokens it is
+        priced to yield (`priced_tokens`), plus, to draft, the reading of what the drafters skipped, spread over
+        the rows' remaining tokens."""
         step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
-        seconds = step_s / tokens_per_step(self.alpha_bound, k)
+        seconds = step_s / self.priced_tokens(k, state)
         if k and state.unread_tokens:
             seconds += self.read_s(state.unread_tokens) / max(state.remaining_tokens, 1.0)
         return seconds
+
+    def priced_tokens(self, k: int, state: StepState) -> float:
+        """Tokens a step at `k` is priced to yield a row, at `alpha_bound`: the mean, or at a full batch what it
+        yields the row unlucky at p99 over the rows' decoded tokens."""
+        if k == 0 or state.occupancy < self.slots:
+            return tokens_per_step(self.alpha_bound, k)
+        decoded = max(round(state.output_tokens) - 1, 1)  # the first token is the prefill's
+        # alpha rounded so that the cached quantile is reused while the bound drifts (a price changed < 0.1%)
+        return decoded / quantile_steps(round(self.alpha_bound, 3), k, decoded)
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""

@@ -146,7 +146,8 @@ def run_load(cfg: SpecBenchConfig, setup: RunSetup, rate: float | None, costs: S
     traces = [build_trace(load, record_ids, cfg.seed + number) for number in range(load.traces)]
     requests = [engine_requests(cfg, setup, trace) for trace in traces]
     check_joinable_drafters(setup)  # run_load_job checks first, before the costs; this guards a direct call
-    schedule = LoadAwareK(costs, cfg.k_max) if cfg.k_schedule is KScheduleKind.load else k_schedule(cfg)
+    load_aware = cfg.k_schedule is KScheduleKind.load
+    schedule = LoadAwareK(costs, cfg.k_max, load.max_batch_size) if load_aware else k_schedule(cfg)
     prepare_oracles(setup, [(request.prompt_ids, request.max_new_tokens) for request in itertools.chain(*requests)])
     warm_up_load(cfg, setup, requests[0], schedule)
     for oracle in (drafter for drafter in setup.drafters if isinstance(drafter, OracleDrafter)):
