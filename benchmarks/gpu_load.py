@@ -61,9 +61,9 @@ from specbench.engine.tree import build_tree, walk_sampling_batch
 from specbench.load.crossover import crossover_metrics, find_crossover, probe_from_metrics
 from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics, mode_metrics
-from specbench.load.model import quantile_steps, served_predictions
+from specbench.load.model import served_predictions
 from specbench.load.trace import arrival_times
-from specbench.speedup_model import full_step_alpha, tokens_per_step
+from specbench.speedup_model import full_step_alpha
 from specbench.testing import ScriptedPolicy, StepClock, make_model
 
 TOKENIZER_VOCAB = 50257
@@ -316,26 +316,6 @@ class ConstantPolicy:
         pass
 
 
-class FullBatchTailK(LoadAwareK):
-    """An experiment (--tail-mode): LoadAwareK, but at a full batch a drafting k is priced by the tokens a step
-    yields the row unlucky at p99 over an `output_tokens` output (`load.model.quantile_steps`), not the mean; what
-    the tail-price branch's LoadAwareK does with the running rows' mean output limit."""
-
-    def __init__(self, costs: StepCosts, k_max: int, slots: int, output_tokens: int) -> None:
-        super().__init__(costs, k_max)
-        self.slots, self.output_tokens = slots, output_tokens
-
-    def seconds_per_token(self, k: int, state) -> float:
-        seconds = super().seconds_per_token(k, state)
-        if k and state.occupancy >= self.slots:
-            decoded = self.output_tokens - 1  # the first token is the prefill's
-            mean = tokens_per_step(self.alpha_bound, k)
-            tail = decoded / quantile_steps(round(self.alpha_bound, 3), k, decoded)
-            step_s = self.correction(k, state.occupancy) * self.modelled_step_s(k, state.occupancy)
-            seconds += step_s / tail - step_s / mean
-        return seconds
-
-
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
            join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
@@ -344,7 +324,7 @@ def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest],
     watch = Stopwatch(verifier.devices)
     schedule = ConstantK(k) if isinstance(k, int) else k
     if drafters:
-        policy = schedule if isinstance(schedule, LoadAwareK | ConstantPolicy) else None  # FullBatchTailK too
+        policy = schedule if isinstance(schedule, LoadAwareK | ConstantPolicy) else None
         decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, watch, step_policy=policy)
     else:
         decoder = BaselineDecoder(verifier, settings, watch)
@@ -399,7 +379,6 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     k_max = max(args.ks)
     verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, list(range(1, k_max + 1)))
     served_modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
-    served_modes += ["tail"] if args.tail_mode else []
     served_modes += ["plain"] if args.plain_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
@@ -413,25 +392,20 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         oracle.set_references(references)
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
-            # one schedule per mode that learns (load, tail) and join gate, keyed by the mode's name, each learning
-            # in an untimed warm-up and then over its replays
-            schedules = {}
+            schedules = {}  # one per join gate, each learning in an untimed warm-up and then over its replays
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
-            for mode in modes:
-                served_mode = mode.partition("@")[0]
-                if served_mode in ("load", "tail"):
-                    schedules[mode] = (LoadAwareK(costs, k_max) if served_mode == "load"
-                                       else FullBatchTailK(costs, k_max, args.max_batch, args.new_tokens))  # fmt: skip
-                    _serve(verifier, [oracle], warm, schedules[mode], args.max_batch)
+            for joins in args.joins:
+                schedules[joins] = LoadAwareK(costs, k_max, args.max_batch)
+                _serve(verifier, [oracle], warm, schedules[joins], args.max_batch)
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-            chosen: dict[str, list[int]] = {mode: [] for mode in schedules}
-            switches: dict[str, list[int]] = {mode: [] for mode in schedules}
+            chosen: dict[str, list[int]] = {joins: [] for joins in args.joins}
+            switches: dict[str, list[int]] = {joins: [] for joins in args.joins}
             series: dict[str, list] = {}
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
                     served_mode, joins = mode.partition("@")[0], _gate_of(mode)
-                    k = schedules.get(mode) or {"plain": ConstantPolicy(0, k_max), "baseline": 1}.get(served_mode)
+                    k = {"load": schedules[joins], "plain": ConstantPolicy(0, k_max), "baseline": 1}.get(served_mode)
                     if k is None:  # kN, or policyN: N through the step policy's path
                         k = (int(served_mode[1:]) if served_mode[0] == "k"
                              else ConstantPolicy(int(served_mode.removeprefix("policy")), k_max))  # fmt: skip
@@ -450,43 +424,43 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                                           request.first_token_s, request.finish_s)] + [request.num_tokens]
                                          for request in served.requests],
                         }  # fmt: skip
-                    if mode in schedules:
+                    if served_mode == "load":
                         ks = [step.k for step in served.steps]
-                        chosen[mode] += ks
-                        switches[mode].append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
+                        chosen[joins] += ks
+                        switches[joins].append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
             table = {mode: {key: spread([run[key] for run in runs[mode]]) for key in keys} for mode in modes}
             verdicts = {}
-            for learner in schedules:  # each learning schedule against the baseline and the fixed k of its gate
-                suffix = _gate_suffix(_gate_of(learner))
-                fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == _gate_of(learner)]
+            for joins in args.joins:
+                suffix = _gate_suffix(joins)
+                fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == joins]
                 verdict = {}
                 for key in ("tpot_ms_p50", "tpot_ms_p99", "tpot_ms_p99_after_fill", "e2el_ms_p99"):
-                    load_value = table[learner][key]["median"]
+                    load_value = table["load" + suffix][key]["median"]
                     best = min(fixed, key=lambda mode, key=key: table[mode][key]["median"])
                     verdict[key] = {
                         "load_over_baseline": load_value / table["baseline" + suffix][key]["median"],
                         "best_fixed": best,
                         "load_over_best_fixed": load_value / table[best][key]["median"],
                     }
-                verdicts[learner] = verdict
-            share = {mode: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
-                     for mode, ks in chosen.items()}  # fmt: skip
-            alphas = {mode: schedule.alpha for mode, schedule in schedules.items()}
+                verdicts[joins] = verdict
+            share = {joins: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
+                     for joins, ks in chosen.items()}  # fmt: skip
+            alphas = {joins: schedule.alpha for joins, schedule in schedules.items()}
 
-            def per_schedule(values: dict) -> object:  # "load" alone: the keys of earlier results files
-                return values["load"] if list(values) == ["load"] else values
+            def per_gate(values: dict) -> object:  # one gate: the keys of earlier results files
+                return values[args.joins[0]] if len(args.joins) == 1 else values
 
             name = f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
-            corrections = {mode: {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()}
-                           for mode, schedule in schedules.items()}  # fmt: skip
+            corrections = {joins: {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()}
+                           for joins, schedule in schedules.items()}  # fmt: skip
             results[name] = {
                 "requests": len(requests),
                 "table": table,
-                "verdict": per_schedule(verdicts),
-                "load_k_share": per_schedule(share),
-                "load_switches_to_drafting": per_schedule(switches),
-                "alpha_estimate": per_schedule(alphas),
-                "load_corrections": per_schedule(corrections),
+                "verdict": per_gate(verdicts),
+                "load_k_share": per_gate(share),
+                "load_switches_to_drafting": per_gate(switches),
+                "alpha_estimate": per_gate(alphas),
+                "load_corrections": per_gate(corrections),
                 "off_path_steps": oracle.off_path_steps,
                 **({"step_series": series} if series else {}),
             }
@@ -577,9 +551,6 @@ def main() -> None:
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
-    parser.add_argument("--tail-mode", action="store_true",
-                        help="k_schedule: also serve with FullBatchTailK (an experiment: p99-row pricing at a full "
-                        "batch)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],
                         help="k_schedule: also serve each k through a step policy that always answers it")  # fmt: skip
     parser.add_argument("--trace-seeds", type=int, nargs="+", default=[0],
