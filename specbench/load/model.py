@@ -88,7 +88,8 @@ def interpolate_log_batch(values: Mapping[int, float], batch: float) -> float:
     return float(np.interp(math.log(max(batch, sizes[0])), np.log(sizes), [values[size] for size in sizes]))
 
 
-@functools.lru_cache(maxsize=64)
+# the load-aware k asks at every full-batch step, for each k and the running rows' mean limit: room for all of them
+@functools.lru_cache(maxsize=4096)
 def quantile_steps(alpha: float, k: int, tokens: int, quantile: float = TAIL_QUANTILE) -> int:
     """The steps a row needs to emit `tokens` tokens at `quantile` of rows: each step yields 1 + j tokens, j the
     accepted of k drafts (j < k with probability alpha^j (1 - alpha), k with alpha^k; k = 0 is the baseline)."""
