@@ -316,6 +316,23 @@ class ConstantPolicy:
         pass
 
 
+class OccupancyOnlyK(LoadAwareK):
+    """The load-aware k blind to the arrivals: a batch counts as full only once every slot is taken (the policy
+    before `demand_rows`), served beside it to measure what the arrivals' demand changes."""
+
+    def observe_arrivals(self, state) -> None:
+        pass
+
+
+class PlainWhenSaturatedK(LoadAwareK):
+    """The load-aware k with plain steps whenever the arrivals fill the batch (`demand_rows`), whatever the price:
+    served beside it to measure what drafting while a saturated batch fills up costs the requests that follow."""
+
+    def k_for_step(self, state) -> int:
+        k = super().k_for_step(state)
+        return 0 if self.demand_rows >= self.slots else k
+
+
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
            join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
@@ -380,6 +397,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, list(range(1, k_max + 1)))
     served_modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
     served_modes += ["plain"] if args.plain_mode else []
+    served_modes += ["occupancy"] if args.occupancy_mode else []
+    served_modes += ["saturated"] if args.saturated_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -392,20 +411,24 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         oracle.set_references(references)
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
-            schedules = {}  # one per join gate, each learning in an untimed warm-up and then over its replays
+            # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
+            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "saturated": PlainWhenSaturatedK}
+            schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
-            for joins in args.joins:
-                schedules[joins] = LoadAwareK(costs, k_max, args.max_batch)
-                _serve(verifier, [oracle], warm, schedules[joins], args.max_batch)
+            for mode in modes:
+                if mode.partition("@")[0] in policies:
+                    schedules[mode] = policies[mode.partition("@")[0]](costs, k_max, args.max_batch)
+                    _serve(verifier, [oracle], warm, schedules[mode], args.max_batch)
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-            chosen: dict[str, list[int]] = {joins: [] for joins in args.joins}
-            switches: dict[str, list[int]] = {joins: [] for joins in args.joins}
+            scheduled = list(schedules)
+            chosen: dict[str, list[int]] = {mode: [] for mode in scheduled}
+            switches: dict[str, list[int]] = {mode: [] for mode in scheduled}
             series: dict[str, list] = {}
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in order:
                     served_mode, joins = mode.partition("@")[0], _gate_of(mode)
-                    k = {"load": schedules[joins], "plain": ConstantPolicy(0, k_max), "baseline": 1}.get(served_mode)
+                    k = schedules.get(mode) or {"plain": ConstantPolicy(0, k_max), "baseline": 1}.get(served_mode)
                     if k is None:  # kN, or policyN: N through the step policy's path
                         k = (int(served_mode[1:]) if served_mode[0] == "k"
                              else ConstantPolicy(int(served_mode.removeprefix("policy")), k_max))  # fmt: skip
@@ -424,10 +447,10 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                                           request.first_token_s, request.finish_s)] + [request.num_tokens]
                                          for request in served.requests],
                         }  # fmt: skip
-                    if served_mode == "load":
+                    if mode in schedules:
                         ks = [step.k for step in served.steps]
-                        chosen[joins] += ks
-                        switches[joins].append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
+                        chosen[mode] += ks
+                        switches[mode].append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
             table = {mode: {key: spread([run[key] for run in runs[mode]]) for key in keys} for mode in modes}
             verdicts = {}
             for joins in args.joins:
@@ -443,24 +466,27 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                         "load_over_best_fixed": load_value / table[best][key]["median"],
                     }
                 verdicts[joins] = verdict
-            share = {joins: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
-                     for joins, ks in chosen.items()}  # fmt: skip
-            alphas = {joins: schedule.alpha for joins, schedule in schedules.items()}
+            share = {mode: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
+                     for mode, ks in chosen.items()}  # fmt: skip
+            alphas = {mode: schedule.alpha for mode, schedule in schedules.items()}
 
             def per_gate(values: dict) -> object:  # one gate: the keys of earlier results files
                 return values[args.joins[0]] if len(args.joins) == 1 else values
 
+            def per_mode(values: dict) -> object:  # `load` alone: the keys of earlier results files
+                return values["load"] if list(values) == ["load"] else values
+
             name = f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
-            corrections = {joins: {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()}
-                           for joins, schedule in schedules.items()}  # fmt: skip
+            corrections = {mode: {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()}
+                           for mode, schedule in schedules.items()}  # fmt: skip
             results[name] = {
                 "requests": len(requests),
                 "table": table,
                 "verdict": per_gate(verdicts),
-                "load_k_share": per_gate(share),
-                "load_switches_to_drafting": per_gate(switches),
-                "alpha_estimate": per_gate(alphas),
-                "load_corrections": per_gate(corrections),
+                "load_k_share": per_mode(share),
+                "load_switches_to_drafting": per_mode(switches),
+                "alpha_estimate": per_mode(alphas),
+                "load_corrections": per_mode(corrections),
                 "off_path_steps": oracle.off_path_steps,
                 **({"step_series": series} if series else {}),
             }
@@ -551,6 +577,11 @@ def main() -> None:
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
+    parser.add_argument("--occupancy-mode", action="store_true",
+                        help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
+    parser.add_argument("--saturated-mode", action="store_true",
+                        help="k_schedule: also serve the load-aware k held plain while the arrivals fill the batch "
+                        "(`saturated`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],
                         help="k_schedule: also serve each k through a step policy that always answers it")  # fmt: skip
     parser.add_argument("--trace-seeds", type=int, nargs="+", default=[0],

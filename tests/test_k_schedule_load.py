@@ -83,6 +83,29 @@ def test_at_a_full_batch_drafting_is_priced_by_the_row_unlucky_at_p99():
     assert full.k_for_step(state) == 0
 
 
+def test_a_batch_the_arrivals_will_fill_is_priced_as_a_full_one():
+    """Little's law: requests arriving at rate x keep x L rows busy, L a request's life at full-batch plain steps
+    (63 decoded tokens of 2 s here: 126 s); from 128 rows on, drafting is priced by the p99 row before the batch
+    is full."""
+    near_tie = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})  # k = 1 cheaper on the mean
+    schedule = LoadAwareK(near_tie, k_max=1, slots=128, prior_alpha=0.8)
+    for accepted in (4, 0) * 100:
+        schedule.next(4, accepted, 4)
+
+    def at(now_s: float, arrived: int) -> StepState:
+        return StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64, now_s=now_s, arrived=arrived)
+
+    assert schedule.k_for_step(at(63.0, 32)) == 1  # 32 arrivals in 63 s keep 64 rows busy: the mean's price
+    assert schedule.demand_rows == pytest.approx(32 / 63 * 126)
+    assert schedule.k_for_step(at(70.0, 80)) == 0  # 80 in 70 s keep 144: priced by the p99 row, plain
+    assert schedule.priced_tokens(1, at(70.0, 80)) == pytest.approx(63 / quantile_steps(0.83, 1, 63), rel=0.01)
+    # the window is the last lifetime (126 s, back to the last step before it): none arrived since 70 s, no rate
+    assert schedule.k_for_step(at(200.0, 80)) == 1 and schedule.demand_rows == 0
+    # a burst of 7 gives no rate (too few to count); the clock going back starts another trace's window
+    assert schedule.k_for_step(at(0.001, 7)) == 1 and schedule.demand_rows == 0
+    assert schedule.k_for_step(at(0.002, 8)) == 0  # 8 in 2 ms: a rate of 4000 a second
+
+
 def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
     schedule = measured_at_0_8()
     assert schedule.correction(2, 1) == 1.0  # nothing ran: the surface
@@ -216,6 +239,11 @@ def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch
     assert [step.k for step in result.steps] == [k for k, _, _ in policy.observed]
     # the policy sees the running rows' output limits, on average: requests 0 and 1 (12 and 20) first, the last alone
     assert (policy.states[0].output_tokens, policy.states[-1].output_tokens) == (16, 5)
+    # and the scheduler's clock with the requests arrived by then: all of them once the last one runs
+    arrivals = sorted(request.arrival_s for request in requests())
+    assert all(state.arrived == sum(at <= state.now_s for at in arrivals) for state in policy.states)
+    assert [state.now_s for state in policy.states] == sorted(state.now_s for state in policy.states)
+    assert policy.states[-1].arrived == len(arrivals)
     assert {k for k, _, _ in policy.observed} == {0, 1, 2, 3, 4} and all(s >= 0 for _, _, s in policy.observed)
     plain = [step for step in result.steps if step.k == 0]
     assert plain and all(step.proposed == step.accepted == 0 for step in plain)

@@ -104,6 +104,7 @@ def serve(
     steps: list[StepRecord] = []
     positions = [0, 0]  # verifier positions computed and padded, over every batch (an empty batch restarts them)
     freed_at = deque([0.0] * max_batch_size)  # when each free place in the batch came free, oldest first
+    arrived = 0  # requests that have arrived by now
 
     def size_for(count: int) -> int:
         return next(size for size in slot_buckets(max_batch_size) if size >= count) if bucketed else count
@@ -128,6 +129,7 @@ def serve(
         now = clock.now(wait)
         while pending and pending[0].arrival_s <= now:
             waiting.append(pending.popleft())
+            arrived += 1
         if not decoder.running and not waiting:
             clock.wait_until(pending[0].arrival_s)
             continue
@@ -154,6 +156,8 @@ def serve(
         if not decoder.running:
             continue
         occupancy, computed = len(decoder.running), len(decoder.rows)
+        if isinstance(decoder, SpeculativeDecoder):  # its step policy may judge the load by the arrivals
+            decoder.arrivals = (now, arrived)
         report = decoder.step()
         ended = clock.now(wait)
         for row, count in report.emitted:

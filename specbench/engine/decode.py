@@ -277,6 +277,9 @@ class SpeculativeDecoder:
         self._unread: set[int] = set()  # slots that joined a running batch, not yet read by the drafters
         self._plain_run = 0  # plain steps since the drafters last drafted
         self._next_k: int | None = None  # the next step's k, when a plain step that read ahead chose it
+        # what the scheduler saw before this step (`continuous.serve`): seconds since the trace started, and the
+        # requests arrived by then; the step policy reads them in its `StepState`
+        self.arrivals: tuple[float, int] = (0.0, 0)
 
     @property
     def running(self) -> list[Row]:
@@ -339,12 +342,13 @@ class SpeculativeDecoder:
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
         """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens and
-        output limits."""
+        output limits, and the arrivals the scheduler counted."""
         running = [row for row in rows if row is not None]
         remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in running)
         limits = sum(row.max_new_tokens for row in running)
         per_row = max(occupancy, 1)
-        return StepState(occupancy, self._unread_tokens(rows, occupancy), remaining / per_row, limits / per_row)
+        unread = self._unread_tokens(rows, occupancy)
+        return StepState(occupancy, unread, remaining / per_row, limits / per_row, *self.arrivals)
 
     def _unread_tokens(self, rows: list[Row | None], occupancy: int) -> int:
         """Tokens the drafters must read before they draft: the joined rows', and the plain steps' of the others."""

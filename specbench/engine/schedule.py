@@ -36,6 +36,8 @@ class StepState:
     unread_tokens: int  # tokens the drafters must read before they draft: joined rows', and plain steps'
     remaining_tokens: float  # output tokens the running rows may still emit, on average per row
     output_tokens: float  # the running rows' output limits, on average
+    now_s: float = 0.0  # seconds since the served trace started (0 outside one)
+    arrived: int = 0  # requests of the trace that had arrived by `now_s`, running, waiting or done
 
 
 class StepPolicy(Protocol):

@@ -63,6 +63,14 @@ together under the baseline, one token a step each, end up to a third apart in T
 k (README, "Load-aware k"). Below a full batch the mean stands: there drafting keeps the queue
 short, which the tail price does not see (priced so at every step on the H200, it went plain at
 44-56 of 128 rows at 64 requests/s and ran 1.19x the best fixed k).
+
+A batch the arrivals will fill counts as full already: when the arrival rate over the last request
+lifetime L (a row's output at full-batch plain steps) times L, the rows those arrivals keep busy by
+Little's law, reaches the slots (`demand_rows`; no rate from fewer than `RATE_ARRIVALS` arrivals).
+Priced by the mean while such a batch fills up, the rows draft, and each row's luck moves the step
+at which it finishes: rows that joined together leave apart, and the requests queued behind them
+join in many small groups, each a prefill the running rows wait for (on the H200 at 256 requests/s,
+21 joins past the fill-up against the baseline's 9, from drafting in its first 0.7 s).
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ from specbench.load.model import interpolate_log_batch, quantile_steps
 from specbench.speedup_model import tokens_per_step
 
 RATIO_WINDOW = 32  # the corrections are medians of this many recent steps; a read's weight in R falls by 1/32 a read
+RATE_ARRIVALS = 8  # fewer arrivals than this in the window give no rate (its relative error would pass a third)
 
 
 class LoadAwareK:
@@ -104,6 +113,8 @@ class LoadAwareK:
         self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
         self._reads = CostLine(RATIO_WINDOW)  # R(u), fitted to the drafters' recent reads
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
+        self._arrivals: deque[tuple[float, int]] = deque([(0.0, 0)])  # (seconds, arrived) of this trace's steps
+        self.demand_rows = 0.0  # the rows the arrivals keep busy, as of the last step (`observe_arrivals`)
 
     @property
     def first(self) -> int:
@@ -139,6 +150,7 @@ class LoadAwareK:
     def k_for_step(self, state: StepState) -> int:
         """The k with the fewest expected seconds per output token (the model above); a k > 0 until alpha has been
         measured on as many rows' steps as the prior is worth, for at most as many steps."""
+        self.observe_arrivals(state)
         forced = self._drafted_rows < self._prior_steps and self._forced_steps < self._prior_steps
         self._forced_steps += forced
         costs = {k: self.seconds_per_token(k, state) for k in range(1 if forced else 0, self.k_max + 1)}
@@ -155,13 +167,30 @@ class LoadAwareK:
         return seconds
 
     def priced_tokens(self, k: int, state: StepState) -> float:
-        """Tokens a step at `k` is priced to yield a row, at `alpha_bound`: the mean, or at a full batch what it
-        yields the row unlucky at p99 over the rows' decoded tokens."""
-        if k == 0 or state.occupancy < self.slots:
+        """Tokens a step at `k` is priced to yield a row, at `alpha_bound`: the mean, or at a full batch (or one the
+        arrivals fill, `demand_rows`) what it yields the row unlucky at p99 over the rows' decoded tokens."""
+        if k == 0 or max(state.occupancy, self.demand_rows) < self.slots:
             return tokens_per_step(self.alpha_bound, k)
         decoded = max(round(state.output_tokens) - 1, 1)  # the first token is the prefill's
         # alpha rounded so that the cached quantile is reused while the bound drifts (a price changed < 0.1%)
         return decoded / quantile_steps(round(self.alpha_bound, 3), k, decoded)
+
+    def observe_arrivals(self, state: StepState) -> None:
+        """Update `demand_rows` by Little's law: the trace's arrival rate over the last request lifetime (a row's
+        output at full-batch plain steps) times that lifetime; 0 while fewer than `RATE_ARRIVALS` arrived in it."""
+        plain_step_s = self.correction(0, self.slots) * self.modelled_step_s(0, self.slots)
+        lifetime = max(state.output_tokens - 1, 1) * plain_step_s
+        history = self._arrivals
+        if state.now_s < history[-1][0]:  # the clock went back: another trace
+            history.clear()
+            history.append((0.0, 0))
+        history.append((state.now_s, state.arrived))
+        while len(history) > 1 and history[1][0] <= state.now_s - lifetime:  # keep the last one before the window
+            history.popleft()
+        since_s, arrived_then = history[0]
+        arrivals = state.arrived - arrived_then
+        enough = arrivals >= RATE_ARRIVALS and state.now_s > since_s
+        self.demand_rows = arrivals / (state.now_s - since_s) * lifetime if enough else 0.0
 
     def observe_step(self, k: int, occupancy: int, seconds: float) -> None:
         """Correct the surface at (k, the occupancy's bucket) by what a step there took."""
