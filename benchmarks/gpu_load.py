@@ -324,15 +324,6 @@ class OccupancyOnlyK(LoadAwareK):
         pass
 
 
-class PlainWhenSaturatedK(LoadAwareK):
-    """The load-aware k with plain steps whenever the arrivals fill the batch (`demand_rows`), whatever the price:
-    served beside it to measure what drafting while a saturated batch fills up costs the requests that follow."""
-
-    def k_for_step(self, state) -> int:
-        k = super().k_for_step(state)
-        return 0 if self.demand_rows >= self.slots else k
-
-
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
            join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
@@ -398,7 +389,6 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
     served_modes += ["plain"] if args.plain_mode else []
     served_modes += ["occupancy"] if args.occupancy_mode else []
-    served_modes += ["saturated"] if args.saturated_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -412,7 +402,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
             # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
-            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "saturated": PlainWhenSaturatedK}
+            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK}
             schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for mode in modes:
@@ -579,9 +569,6 @@ def main() -> None:
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
-    parser.add_argument("--saturated-mode", action="store_true",
-                        help="k_schedule: also serve the load-aware k held plain while the arrivals fill the batch "
-                        "(`saturated`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],
                         help="k_schedule: also serve each k through a step policy that always answers it")  # fmt: skip
     parser.add_argument("--trace-seeds", type=int, nargs="+", default=[0],

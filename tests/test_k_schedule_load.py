@@ -83,27 +83,27 @@ def test_at_a_full_batch_drafting_is_priced_by_the_row_unlucky_at_p99():
     assert full.k_for_step(state) == 0
 
 
-def test_a_batch_the_arrivals_will_fill_is_priced_as_a_full_one():
+def test_a_batch_the_arrivals_will_fill_is_priced_as_the_full_batch_it_will_be():
     """Little's law: requests arriving at rate x keep x L rows busy, L a request's life at full-batch plain steps
-    (63 decoded tokens of 2 s here: 126 s); from 128 rows on, drafting is priced by the p99 row before the batch
-    is full."""
-    near_tie = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})  # k = 1 cheaper on the mean
-    schedule = LoadAwareK(near_tie, k_max=1, slots=128, prior_alpha=0.8)
+    (127 decoded tokens of 2 s here: 254 s). From 64 rows on (the slots) one row is priced as the full batch of 64,
+    where a plain step wins, instead of alone, where k = 2 does."""
+    schedule = LoadAwareK(COSTS, k_max=2, slots=64, prior_alpha=0.8, prior_steps=4.0)
     for accepted in (4, 0) * 100:
         schedule.next(4, accepted, 4)
 
     def at(now_s: float, arrived: int) -> StepState:
-        return StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64, now_s=now_s, arrived=arrived)
+        return StepState(1, unread_tokens=0, remaining_tokens=64, output_tokens=128, now_s=now_s, arrived=arrived)
 
-    assert schedule.k_for_step(at(63.0, 32)) == 1  # 32 arrivals in 63 s keep 64 rows busy: the mean's price
-    assert schedule.demand_rows == pytest.approx(32 / 63 * 126)
-    assert schedule.k_for_step(at(70.0, 80)) == 0  # 80 in 70 s keep 144: priced by the p99 row, plain
-    assert schedule.priced_tokens(1, at(70.0, 80)) == pytest.approx(63 / quantile_steps(0.83, 1, 63), rel=0.01)
-    # the window is the last lifetime (126 s, back to the last step before it): none arrived since 70 s, no rate
-    assert schedule.k_for_step(at(200.0, 80)) == 1 and schedule.demand_rows == 0
+    assert schedule.k_for_step(at(127.0, 16)) == 2  # 16 arrivals in 127 s keep 32 rows busy: priced as one row
+    assert schedule.demand_rows == pytest.approx(16 / 127 * 254)
+    assert schedule.k_for_step(at(130.0, 40)) == 0  # 40 in 130 s keep 78: priced as 64 rows, plain
+    # the window is the last lifetime (back to the last step before it): none arrived since 130 s, no rate
+    assert schedule.k_for_step(at(400.0, 40)) == 2 and schedule.demand_rows == 0
     # a burst of 7 gives no rate (too few to count); the clock going back starts another trace's window
-    assert schedule.k_for_step(at(0.001, 7)) == 1 and schedule.demand_rows == 0
+    assert schedule.k_for_step(at(0.001, 7)) == 2 and schedule.demand_rows == 0
     assert schedule.k_for_step(at(0.002, 8)) == 0  # 8 in 2 ms: a rate of 4000 a second
+    # a batch already full is priced as it is, arrivals or none
+    assert schedule.k_for_step(caught_up(64)) == 0
 
 
 def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
