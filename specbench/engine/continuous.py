@@ -20,6 +20,8 @@ speculative decoding), the same way for both:
   (k = 0 under `k_schedule=load`) does not pay for them.
 - A row leaves as soon as it finishes: its slot takes the next request, and its cache
   columns become holes that compaction removes.
+- Before each step a speculative decoder is told the time and how many requests have arrived
+  by then: a step policy (`k_schedule=load`) judges from them whether the arrivals will fill the batch.
 - Slots: under CUDA graphs the batch has a bucketed number of slots (powers of two, and
   `max_batch_size` itself), the sizes whose graphs were captured, so a join never
   captures; padding slots are computed and counted in `padded_positions`. Without graphs
