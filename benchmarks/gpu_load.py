@@ -406,13 +406,13 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for mode in modes:
-                if mode.partition("@")[0] in policies:
-                    schedules[mode] = policies[mode.partition("@")[0]](costs, k_max, args.max_batch)
+                policy = policies.get(mode.partition("@")[0])
+                if policy is not None:
+                    schedules[mode] = policy(costs, k_max, args.max_batch)
                     _serve(verifier, [oracle], warm, schedules[mode], args.max_batch)
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-            scheduled = list(schedules)
-            chosen: dict[str, list[int]] = {mode: [] for mode in scheduled}
-            switches: dict[str, list[int]] = {mode: [] for mode in scheduled}
+            chosen: dict[str, list[int]] = {mode: [] for mode in schedules}
+            switches: dict[str, list[int]] = {mode: [] for mode in schedules}
             series: dict[str, list] = {}
             for repeat in range(args.repeats):
                 order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
@@ -443,27 +443,24 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                         switches[mode].append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
             table = {mode: {key: spread([run[key] for run in runs[mode]]) for key in keys} for mode in modes}
             verdicts = {}
-            for joins in args.joins:
-                suffix = _gate_suffix(joins)
-                fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == joins]
+            for learner in schedules:  # each learning schedule against the baseline and the fixed k of its gate
+                suffix = _gate_suffix(_gate_of(learner))
+                fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == _gate_of(learner)]
                 verdict = {}
                 for key in ("tpot_ms_p50", "tpot_ms_p99", "tpot_ms_p99_after_fill", "e2el_ms_p99"):
-                    load_value = table["load" + suffix][key]["median"]
+                    load_value = table[learner][key]["median"]
                     best = min(fixed, key=lambda mode, key=key: table[mode][key]["median"])
                     verdict[key] = {
                         "load_over_baseline": load_value / table["baseline" + suffix][key]["median"],
                         "best_fixed": best,
                         "load_over_best_fixed": load_value / table[best][key]["median"],
                     }
-                verdicts[joins] = verdict
+                verdicts[learner] = verdict
             share = {mode: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
                      for mode, ks in chosen.items()}  # fmt: skip
             alphas = {mode: schedule.alpha for mode, schedule in schedules.items()}
 
-            def per_gate(values: dict) -> object:  # one gate: the keys of earlier results files
-                return values[args.joins[0]] if len(args.joins) == 1 else values
-
-            def per_mode(values: dict) -> object:  # `load` alone: the keys of earlier results files
+            def per_schedule(values: dict) -> object:  # `load` alone: the keys of earlier results files
                 return values["load"] if list(values) == ["load"] else values
 
             name = f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
@@ -472,11 +469,11 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             results[name] = {
                 "requests": len(requests),
                 "table": table,
-                "verdict": per_gate(verdicts),
-                "load_k_share": per_mode(share),
-                "load_switches_to_drafting": per_mode(switches),
-                "alpha_estimate": per_mode(alphas),
-                "load_corrections": per_mode(corrections),
+                "verdict": per_schedule(verdicts),
+                "load_k_share": per_schedule(share),
+                "load_switches_to_drafting": per_schedule(switches),
+                "alpha_estimate": per_schedule(alphas),
+                "load_corrections": per_schedule(corrections),
                 "off_path_steps": oracle.off_path_steps,
                 **({"step_series": series} if series else {}),
             }
