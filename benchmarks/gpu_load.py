@@ -324,6 +324,15 @@ class OccupancyOnlyK(LoadAwareK):
         pass
 
 
+class MeanWhileDrainingK(LoadAwareK):
+    """The load-aware k that prices a draining batch by the mean below the slots (the policy before `draining`),
+    served beside it to measure what pricing the drain by its p99 row changes."""
+
+    def observe_arrivals(self, state) -> None:
+        super().observe_arrivals(state)
+        self.draining = False
+
+
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
            join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
@@ -389,6 +398,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes = ["baseline", *(f"k{k}" for k in range(1, k_max + 1) if k in args.ks or k == 1), "load"]
     served_modes += ["plain"] if args.plain_mode else []
     served_modes += ["occupancy"] if args.occupancy_mode else []
+    served_modes += ["meandrain"] if args.mean_drain_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -402,7 +412,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
             # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
-            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK}
+            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK}
             schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for mode in modes:
@@ -564,6 +574,8 @@ def main() -> None:
     parser.add_argument("--distinct-prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
+    parser.add_argument("--mean-drain-mode", action="store_true",
+                        help="k_schedule: also serve the load-aware k that prices a draining batch by the mean (`meandrain`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],

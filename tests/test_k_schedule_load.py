@@ -64,13 +64,18 @@ def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
     assert schedule.k_for_step(caught_up(64)) == 0
 
 
+def near_tie(slots: int) -> LoadAwareK:
+    """At 64 rows k = 1 is a shade cheaper than a plain step on the mean: 3.6 s for 1.83 tokens, against 2 s for 1;
+    alpha measured at 0.8 on 200 rows' steps (the bound is 0.83)."""
+    costs = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})
+    schedule = LoadAwareK(costs, k_max=1, slots=slots, prior_alpha=0.8)
+    for accepted in (4, 0) * 100:
+        schedule.next(4, accepted, 4)
+    return schedule
+
+
 def test_at_a_full_batch_drafting_is_priced_by_the_row_unlucky_at_p99():
-    # at 64 rows k = 1 is a shade cheaper than a plain step on the mean: 3.6 s for 1.83 tokens, against 2 s for 1
-    near_tie = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})
-    below, full = (LoadAwareK(near_tie, k_max=1, slots=slots, prior_alpha=0.8) for slots in (128, 64))
-    for schedule in (below, full):
-        for accepted in (4, 0) * 100:  # alpha measured at 0.8 on 200 rows' steps: the bound is 0.83
-            schedule.next(4, accepted, 4)
+    below, full = near_tie(slots=128), near_tie(slots=64)
     state = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64)
     assert below.priced_tokens(1, state) == pytest.approx(1 + below.alpha_bound)
     assert below.k_for_step(state) == 1
@@ -104,6 +109,22 @@ def test_a_batch_the_arrivals_will_fill_is_priced_as_the_full_batch_it_will_be()
     assert schedule.k_for_step(at(0.002, 8)) == 0  # 8 in 2 ms: a rate of 4000 a second
     # a batch already full is priced as it is, arrivals or none
     assert schedule.k_for_step(caught_up(64)) == 0
+
+
+def test_a_batch_that_only_drains_is_priced_by_its_p99_row_too():
+    """No request arrived over the last lifetime (63 decoded tokens at plain steps of 2 s: 126 s): no queue is left
+    for drafting to keep short, so 64 rows of 128 slots are priced by their p99 row, as a full batch is."""
+    schedule = near_tie(slots=128)
+
+    def at(now_s: float, arrived: int) -> StepState:
+        return StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64, now_s=now_s, arrived=arrived)
+
+    assert schedule.k_for_step(at(10.0, 3)) == 1  # too few arrivals for a rate, but arrivals: the mean's price
+    assert not schedule.draining
+    assert schedule.k_for_step(at(100.0, 3)) == 1  # none since 10 s, but 10 s is within the lifetime
+    assert schedule.k_for_step(at(137.0, 3)) == 0 and schedule.draining  # none over the last 126 s: plain at p99
+    assert schedule.k_for_step(at(138.0, 4)) == 1 and not schedule.draining  # one arrived: the mean again
+    assert schedule.k_for_step(StepState(64, 0, 32, 64)) == 1  # outside a served trace nothing arrives: never draining
 
 
 def test_measured_steps_correct_the_surface_where_they_were_taken_and_nearby():
