@@ -575,7 +575,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
     parser.add_argument("--mean-drain-mode", action="store_true",
-                        help="k_schedule: also serve the load-aware k that prices a draining batch by the mean (`meandrain`)")  # fmt: skip
+                        help="k_schedule: also serve the drain priced by the mean (`meandrain`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],
