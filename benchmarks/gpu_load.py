@@ -377,10 +377,12 @@ def _setup_oracle_load(args: argparse.Namespace, models: dict, ks: list[int]):
 
 
 def _surface_ms(costs: StepCosts) -> dict:
-    """The measured cost surface in ms: a verifier pass by rows and tokens, a draft step by rows."""
+    """The measured cost surface in ms: a verifier pass by rows and tokens, a draft step by rows, and the passes
+    still dearer than a larger one after measuring them again."""
     return {
         "verify_ms": {rows: {n: 1000 * s for n, s in curve.items()} for rows, curve in costs.verify_s.items()},
         "draft_ms": {rows: 1000 * sum(steps.values()) for rows, steps in costs.draft_s.items()},
+        "surface_disturbed": costs.disturbed_passes(),
     }
 
 

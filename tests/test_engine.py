@@ -321,6 +321,30 @@ def test_step_costs_by_batch_size(verifiers, drafts, monkeypatch):
     assert set(slow.verify_s) == {1}
 
 
+def test_a_pass_measured_dearer_than_a_larger_one_is_measured_again(verifiers, monkeypatch):
+    """Under fake time a pass of b rows x n tokens costs b n / 8 s times RUN_FACTORS (a median of twice that). Two
+    rows of one token are slowed 5x in their first measurement only, one row of two tokens in every one: the first
+    is measured again and keeps its undisturbed cost, the second stays dear after two more measurements and is
+    reported."""
+    fake = install(monkeypatch)
+    runs: dict[tuple, int] = {}
+
+    def seconds(input_ids: torch.Tensor) -> float:
+        shape = tuple(input_ids.shape)
+        runs[shape] = runs.get(shape, 0) + 1
+        slowed = shape == (1, 2) or (shape == (2, 1) and runs[shape] <= len(RUN_FACTORS))
+        return input_ids.numel() / 8 * RUN_FACTORS[(runs[shape] - 1) % len(RUN_FACTORS)] * (5 if slowed else 1)
+
+    verifier = fake.time_passes(CachedModel(verifiers["llama"], VOCAB, max_len=64), seconds, "v")
+    costs = measure_step_costs(verifier, [], [PROMPT], SETTINGS, {1: (1, 2, 3), 2: (1, 3), 4: (1,)}, repeats=3)
+    assert costs.verify_s == {1: {1: 0.25, 2: 2.5, 3: 0.75}, 2: {1: 0.5, 3: 1.5}, 4: {1: 1.0}}
+    assert runs[(2, 1)] == 2 * len(RUN_FACTORS) and runs[(1, 2)] == 3 * len(RUN_FACTORS)
+    assert costs.dearer_than_larger() == {(1, 2): (1, 3)}
+    assert costs.disturbed_passes() == [
+        "a verifier pass over 2 tokens at 1 rows measured 2500.0 ms, more than over 3 tokens at 1 rows (750.0 ms)"
+    ]
+
+
 def test_log_likelihood_is_the_sum_of_token_log_probabilities(verifiers):
     model = verifiers["gptj"]
     output = [3, 250, 7]

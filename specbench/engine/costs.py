@@ -8,6 +8,7 @@ grows; on a CPU it does not, so the curves are measured rather than assumed.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from specbench.engine.cached_model import CachedModel
 from specbench.engine.drafters import Drafter, drafter_models
 from specbench.engine.sampling import DecodeSettings, TokenChooser
 from specbench.engine.timing import Clock
+
+DISTURBED_BY = 0.2  # a pass measured this much dearer than a larger one is measured again
+REMEASURE_ROUNDS = 2  # at most this many times
 
 
 @dataclass
@@ -30,6 +34,30 @@ class StepCosts:
 
     verify_s: dict[int, dict[int, float]]  # verify_s[b][n]: one verifier forward of b rows x n new tokens
     draft_s: dict[int, dict[str, float]]  # draft_s[b][name]: one drafting step (one token per row) of b rows
+
+    def dearer_than_larger(self, tolerance: float = DISTURBED_BY) -> dict[tuple[int, int], tuple[int, int]]:
+        """Verifier passes (rows, tokens) measured dearer, by more than `tolerance`, than a larger pass (more tokens at
+        as many rows, or as many tokens at more rows), each with the cheapest such larger pass. A pass does not
+        cost more than a larger one: such a measurement was disturbed (another job, a clock change), unless the
+        machine really runs that shape slower, which measuring it again tells apart."""
+        found = {}
+        for rows, curve in self.verify_s.items():
+            for tokens, seconds in curve.items():
+                larger = [(rows, more) for more in curve if more > tokens]
+                larger += [(more, tokens) for more in self.verify_s if more > rows and tokens in self.verify_s[more]]
+                cheaper = [shape for shape in larger if seconds > (1 + tolerance) * self.verify_s[shape[0]][shape[1]]]
+                if cheaper:
+                    found[(rows, tokens)] = min(cheaper, key=lambda shape: self.verify_s[shape[0]][shape[1]])
+        return found
+
+    def disturbed_passes(self, tolerance: float = DISTURBED_BY) -> list[str]:
+        """`dearer_than_larger`, one sentence each."""
+        ms = {(rows, n): 1000 * seconds for rows, curve in self.verify_s.items() for n, seconds in curve.items()}
+        return [
+            f"a verifier pass over {tokens} tokens at {rows} rows measured {ms[(rows, tokens)]:.1f} ms, more than over "
+            f"{larger[1]} tokens at {larger[0]} rows ({ms[larger]:.1f} ms)"
+            for (rows, tokens), larger in self.dearer_than_larger(tolerance).items()
+        ]
 
 
 class CostLine:
@@ -93,6 +121,10 @@ def measure_step_costs(
     and neither is any larger batch size; a batch size that ran out of memory ends the grid too.
     The static buffers and CUDA graphs of the batch sizes measured are freed after each, except those the models
     held before (graphs captured for a decode keep being replayed, never recaptured while it is timed).
+    A verifier pass measured dearer than a larger one (`StepCosts.dearer_than_larger`) is measured again, at most
+    `REMEASURE_ROUNDS` times, keeping the lower median: a disturbance (another job, a clock change) only adds time.
+    Of the 69 surfaces in `benchmarks/results` (H200 and H100 calls to 2026-12-05), 32 had such passes, 1.2x-2.2x
+    the larger pass.
     """
     clock = Clock(verifier.devices)
     budget = _Budget(clock, budget_s)
@@ -123,6 +155,22 @@ def measure_step_costs(
         costs.verify_s[batch] = verify_s
         costs.draft_s[batch] = draft_s
         budget.measured_first = True
+    for _ in range(REMEASURE_ROUNDS):  # a disturbance only adds time: keep the lower of the two medians
+        disturbed = sorted(costs.dearer_than_larger())
+        if not disturbed:
+            break
+        for batch, shapes_of_batch in itertools.groupby(disturbed, key=lambda shape: shape[0]):
+            rows = [list(prompts[index % len(prompts)]) for index in range(batch)]
+            token_counts = [tokens for _, tokens in shapes_of_batch]
+            try:
+                again = _verify_passes(verifier, rows, token_counts, budget, median_seconds)
+            except (torch.cuda.OutOfMemoryError, _OverBudget):  # then the first measurement stands
+                again = {}
+            for model, kept in zip(models, held, strict=True):
+                if batch not in kept:
+                    model.release(batch)
+            for tokens, seconds in again.items():
+                costs.verify_s[batch][tokens] = min(costs.verify_s[batch][tokens], seconds)
     verifier.reset()
     for drafter in drafters:
         drafter.reset(1)

@@ -9,6 +9,7 @@ the model's predicted crossover, and the report's figures and table of its probe
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 import warnings
@@ -33,6 +34,8 @@ from specbench.summary import summary_markdown
 
 SERIES_BATCH = 1000  # step metrics per MLflow call
 
+log = logging.getLogger(__name__)
+
 
 def run_load_job(
     cfg: SpecBenchConfig,
@@ -54,6 +57,8 @@ def run_load_job(
     costs = load_costs(cfg, setup) if setup is not None else None
     if costs is not None:
         tracking.log_table(verify_surface_table(costs), "verify_cost_surface.csv")
+        for sentence in costs.disturbed_passes():  # still so when measured again: a busy machine, or a slow shape
+            log.warning("cost surface: %s, measured again; the prices made from it may be off", sentence)
 
     def serve_and_log(rate: float | None) -> tuple[str, dict[str, float]]:
         """Serve at `rate`, log it all to the active run; its title and metrics (the served requests of a server
