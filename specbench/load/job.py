@@ -57,8 +57,12 @@ def run_load_job(
     costs = load_costs(cfg, setup) if setup is not None else None
     if costs is not None:
         tracking.log_table(verify_surface_table(costs), "verify_cost_surface.csv")
-        for sentence in costs.disturbed_passes():  # still so when measured again: a busy machine, or a slow shape
-            log.warning("cost surface: %s, measured again; the prices made from it may be off", sentence)
+        for sentence in costs.disturbed_passes():  # still so when measured again
+            log.warning(
+                "cost surface: %s, and so again when measured twice more: a shape this machine runs slowly, or a busy "
+                "machine (then the prices made from it are off)",
+                sentence,
+            )
 
     def serve_and_log(rate: float | None) -> tuple[str, dict[str, float]]:
         """Serve at `rate`, log it all to the active run; its title and metrics (the served requests of a server
