@@ -321,7 +321,7 @@ def test_step_costs_by_batch_size(verifiers, drafts, monkeypatch):
     assert set(slow.verify_s) == {1}
 
 
-def test_a_pass_measured_dearer_than_a_larger_one_is_measured_again(verifiers, monkeypatch):
+def test_a_pass_measured_dearer_than_a_larger_one_is_measured_again(verifiers, monkeypatch, caplog):
     """Under fake time a pass of b rows x n tokens costs b n / 8 s times RUN_FACTORS (a median of twice that). Two
     rows of one token are slowed 5x in their first measurement only, one row of two tokens in every one: the first
     is measured again and keeps its undisturbed cost, the second stays dear after two more measurements and is
@@ -343,6 +343,9 @@ def test_a_pass_measured_dearer_than_a_larger_one_is_measured_again(verifiers, m
     assert costs.disturbed_passes() == [
         "a verifier pass over 2 tokens at 1 rows measured 2500.0 ms, more than over 3 tokens at 1 rows (750.0 ms)"
     ]
+    assert [record.getMessage().split(", and so again")[0] for record in caplog.records] == [
+        "cost surface: " + costs.disturbed_passes()[0]
+    ]  # named in a warning, once
 
 
 def test_log_likelihood_is_the_sum_of_token_log_probabilities(verifiers):

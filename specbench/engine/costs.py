@@ -9,6 +9,7 @@ grows; on a CPU it does not, so the curves are measured rather than assumed.
 from __future__ import annotations
 
 import itertools
+import logging
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from specbench.engine.cached_model import CachedModel
 from specbench.engine.drafters import Drafter, drafter_models
 from specbench.engine.sampling import DecodeSettings, TokenChooser
 from specbench.engine.timing import Clock
+
+log = logging.getLogger(__name__)
 
 DISTURBED_BY = 0.2  # a pass measured this much dearer than a larger one is measured again
 REMEASURE_ROUNDS = 2  # at most this many times
@@ -122,7 +125,8 @@ def measure_step_costs(
     The static buffers and CUDA graphs of the batch sizes measured are freed after each, except those the models
     held before (graphs captured for a decode keep being replayed, never recaptured while it is timed).
     A verifier pass measured dearer than a larger one (`StepCosts.dearer_than_larger`) is measured again, at most
-    `REMEASURE_ROUNDS` times, keeping the lower median: a disturbance (another job, a clock change) only adds time.
+    `REMEASURE_ROUNDS` times, keeping the lower median: a disturbance (another job, a clock change) only adds time;
+    one still so is named in a warning.
     Of the 69 surfaces in `benchmarks/results` (H200 and H100 calls to 2026-12-05), 32 had such passes, 1.2x-2.2x
     the larger pass.
     """
@@ -171,6 +175,12 @@ def measure_step_costs(
                     model.release(batch)
             for tokens, seconds in again.items():
                 costs.verify_s[batch][tokens] = min(costs.verify_s[batch][tokens], seconds)
+    for sentence in costs.disturbed_passes():
+        log.warning(
+            "cost surface: %s, and so again when measured twice more: a shape this machine runs slowly, or a busy "
+            "machine (then the prices made from it are off)",
+            sentence,
+        )
     verifier.reset()
     for drafter in drafters:
         drafter.reset(1)

@@ -9,7 +9,6 @@ the model's predicted crossover, and the report's figures and table of its probe
 
 from __future__ import annotations
 
-import logging
 import statistics
 import tempfile
 import warnings
@@ -34,8 +33,6 @@ from specbench.summary import summary_markdown
 
 SERIES_BATCH = 1000  # step metrics per MLflow call
 
-log = logging.getLogger(__name__)
-
 
 def run_load_job(
     cfg: SpecBenchConfig,
@@ -57,12 +54,6 @@ def run_load_job(
     costs = load_costs(cfg, setup) if setup is not None else None
     if costs is not None:
         tracking.log_table(verify_surface_table(costs), "verify_cost_surface.csv")
-        for sentence in costs.disturbed_passes():  # still so when measured again
-            log.warning(
-                "cost surface: %s, and so again when measured twice more: a shape this machine runs slowly, or a busy "
-                "machine (then the prices made from it are off)",
-                sentence,
-            )
 
     def serve_and_log(rate: float | None) -> tuple[str, dict[str, float]]:
         """Serve at `rate`, log it all to the active run; its title and metrics (the served requests of a server
