@@ -142,8 +142,19 @@ def measure_step_costs(
     costs = StepCosts({}, {})
     models = [verifier, *drafter_models(drafters)]
     held = [model.held_batch_sizes for model in models]
+
+    def rows_of(batch: int) -> list[list[int]]:
+        """The run's prompts, cycling, for `batch` rows."""
+        return [list(prompts[index % len(prompts)]) for index in range(batch)]
+
+    def release(batch: int) -> None:
+        """Free the static buffers of `batch` rows that the measurement set up (those of every size would add up)."""
+        for model, kept in zip(models, held, strict=True):
+            if batch not in kept:
+                model.release(batch)
+
     for batch in sorted(shapes):
-        rows = [list(prompts[index % len(prompts)]) for index in range(batch)]
+        rows = rows_of(batch)
         try:
             verify_s = _verify_passes(verifier, rows, shapes[batch], budget, median_seconds)
             draft_s = {d.name: _draft_step(d, rows, settings, budget, median_seconds) for d in drafters}
@@ -151,9 +162,7 @@ def measure_step_costs(
             verify_s = None
             if not isinstance(stop, _OverBudget) and verifier.device.type == "cuda":
                 torch.cuda.empty_cache()
-        for model, kept in zip(models, held, strict=True):  # the static buffers of every size would add up
-            if batch not in kept:
-                model.release(batch)
+        release(batch)
         if verify_s is None:
             break
         costs.verify_s[batch] = verify_s
@@ -164,15 +173,12 @@ def measure_step_costs(
         if not disturbed:
             break
         for batch, shapes_of_batch in itertools.groupby(disturbed, key=lambda shape: shape[0]):
-            rows = [list(prompts[index % len(prompts)]) for index in range(batch)]
             token_counts = [tokens for _, tokens in shapes_of_batch]
             try:
-                again = _verify_passes(verifier, rows, token_counts, budget, median_seconds)
+                again = _verify_passes(verifier, rows_of(batch), token_counts, budget, median_seconds)
             except (torch.cuda.OutOfMemoryError, _OverBudget):  # then the first measurement stands
                 again = {}
-            for model, kept in zip(models, held, strict=True):
-                if batch not in kept:
-                    model.release(batch)
+            release(batch)
             for tokens, seconds in again.items():
                 costs.verify_s[batch][tokens] = min(costs.verify_s[batch][tokens], seconds)
     for sentence in costs.disturbed_passes():
