@@ -601,6 +601,8 @@ def main() -> None:
         args.alphas, args.ks, args.rate_min, args.rate_max = [0.8], [2], 2.0, 200.0
         args.min_requests, args.max_requests, args.distinct_prompts, args.trace_seconds = 6, 12, 4, 1.0
         args.k_rates = [5.0, 500.0]
+    if any(k > max(args.ks) for k in args.policy_ks):
+        parser.error(f"--policy-ks must not exceed the largest of --ks ({max(args.ks)}): rows draft at most that many")
     args.device = torch.device("cpu" if args.quick else "cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {
