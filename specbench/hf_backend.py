@@ -34,7 +34,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
 from specbench.engine import BatchResult, Clock, DecodeResult, DecodeSettings, DrafterStats
-from specbench.engine.timing import model_devices
+from specbench.engine.timing import frozen_heap, model_devices
 from specbench.errors import ConfigError
 
 if TYPE_CHECKING:  # the GPU benchmarks import this module on machines without Hydra
@@ -252,7 +252,7 @@ class TransformersDecoders:
         if settings.do_sample:
             torch.manual_seed(seed)  # generate() samples from torch's global generators (every device's)
         clock = Clock(model_devices(self.verifier))
-        with counting_calls(self.verifier, clock) as calls, torch.inference_mode():
+        with counting_calls(self.verifier, clock) as calls, torch.inference_mode(), frozen_heap():
             start = clock.now()
             output = self.verifier.generate(ids, attention_mask=mask, generation_config=config, **extra)
             latency = clock.now() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
@@ -135,6 +136,20 @@ def test_same_tokens_as_our_engine_with_eos_spare_logits_and_prompt_lookup(verif
             assert decoders.baseline(PROMPT, settings, 0).tokens == expected
             assert decoders.spec(PROMPT, settings, 0).tokens == expected
     assert max(free) < VOCAB  # the 243 spare rows of the head are suppressed, as our engine cuts them
+
+
+def test_generate_is_timed_with_the_heap_frozen(verifier, draft):
+    """As our engine's decodes are (tests/test_timing_protocol.py): no full garbage collection in a timed call."""
+    frozen_during_calls: list[int] = []
+    hook = verifier.register_forward_pre_hook(lambda module, args: frozen_during_calls.append(gc.get_freeze_count()))
+    try:
+        decoders = TransformersDecoders(verifier, VOCAB, 3, "draft", assistant=draft)
+        decoders.baseline(PROMPT, greedy(6), 0)
+        decoders.spec(PROMPT, greedy(6), 0)
+    finally:
+        hook.remove()
+    assert len(frozen_during_calls) >= 8 and min(frozen_during_calls) > 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_sampling_is_seeded_per_call(verifier, draft):

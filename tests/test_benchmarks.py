@@ -111,6 +111,15 @@ def test_make_bench_script_runs_in_a_bare_clone(bare_clone, models_dir):
     assert (out / result.name.replace(".json", ".md")).is_file()
 
 
+def test_gc_pause_script_runs_in_a_bare_clone(bare_clone, tmp_path):
+    done = run_script(bare_clone, "benchmarks/gc_pause.py", "--repeats=1", f"--out={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = tmp_path.glob("gc-pause-*.json")
+    report = json.loads(result.read_text())
+    assert report["objects_tracked"] > 10_000 and report["machine"]["cores"] >= 1
+    assert {name: figure["runs"] for name, figure in report["full_collection_ms"].items()} == {"open": 1, "frozen": 1}
+
+
 def test_concurrent_drafts_script_runs_in_a_bare_clone(bare_clone, models_dir, pubmedqa_file):
     draft = models_dir / "EleutherAI" / "gpt-neo-125M"
     done = run_script(

@@ -8,6 +8,8 @@ decode reports can be recomputed from the passes it made, and each clock reading
   host need not wait for the next step, already queued;
 - the engine counts the drafters' prefill in the speculative latency, not in the time to first
   token, and each row's latency is the time its last token was read;
+- every pass of a timed decode, static or served, runs with the heap that existed before it frozen, out of
+  the garbage collector's reach (a full collection would stall the step it fell in), and only then;
 - the runner warms up outside the measurement (`warmup_prompts` of them, 0 included), then
   alternates which mode decodes a prompt first, from prompt to prompt and from repeat to repeat,
   with the same seed for a prompt in both modes and every repeat.
@@ -15,6 +17,7 @@ decode reports can be recomputed from the passes it made, and each clock reading
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,10 +46,14 @@ from specbench.engine import (
     decode_baseline,
     decode_speculative,
 )
+from specbench.engine.continuous import serve
+from specbench.engine.decode import BaselineDecoder, new_row
+from specbench.engine.results import EngineRequest
+from specbench.engine.timing import Stopwatch, frozen_heap
 from specbench.models import ModelCache
 from specbench.pipeline import run_benchmark
 from specbench.runner import prepare
-from specbench.testing import make_model
+from specbench.testing import StepClock, make_model
 from tests.fake_time import GPUS, FakeTime, install
 
 VERIFY_TICK = 1.0  # seconds of fake time per verifier pass, per fed column (binary fractions: sums stay exact)
@@ -163,6 +170,54 @@ def test_every_clock_reading_follows_a_synchronize_of_every_gpu(fake_time, mode)
     assert batch.wall_s == max(row.latency_s for row in batch.rows) == fake_time.now - start
     waited, unwaited = check_readings(fake_time.events)
     assert unwaited == 0 and waited >= 4  # the start, the first token, and each row's last token at least
+
+
+def test_the_heap_is_frozen_while_a_decode_is_timed_and_only_then():
+    """Each verifier pass of a timed decode (static batch, either mode, or served with joins and leaves) sees
+    the objects made before it frozen; outside a decode the collector has the whole heap again."""
+    verifier = CachedModel(make_model("gpt2", VOCAB, seed=0), VOCAB)
+    draft = CachedModel(make_model("gpt2", VOCAB, seed=1, layers=1), VOCAB)
+    frozen_during_passes: list[int] = []
+    verifier.model.register_forward_pre_hook(lambda module, args: frozen_during_passes.append(gc.get_freeze_count()))
+    settings = DecodeSettings(MAX_NEW)
+    assert gc.get_freeze_count() == 0
+
+    decode_baseline(verifier, PROMPTS, settings, [0] * 3)
+    decode_speculative(verifier, [ModelDrafter("d", draft)], PROMPTS, settings, ConstantK(3), [0] * 3)
+    trace = [EngineRequest(number, float(2 * number), prompt, MAX_NEW, seed=0) for number, prompt in enumerate(PROMPTS)]
+
+    def make_row(request: EngineRequest):
+        return new_row(request.prompt_ids, request.seed, settings, [], 1, 1, request.max_new_tokens)
+
+    baseline = BaselineDecoder(verifier, settings, Stopwatch(verifier.devices))
+    assert len(serve(baseline, trace, make_row, 2, False, StepClock()).requests) == 3
+    assert len(frozen_during_passes) > 3 * MAX_NEW
+    assert min(frozen_during_passes) > 0
+    assert gc.get_freeze_count() == 0
+    verifier.model(torch.tensor([PROMPTS[0]]))  # a pass outside a decode: nothing frozen
+    assert frozen_during_passes[-1] == 0
+
+
+def test_a_frozen_heap_still_collects_what_is_made_inside_and_leaves_a_frozen_one_frozen():
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    def collectable(thing: object) -> bool:
+        return any(tracked is thing for tracked in gc.get_objects())
+
+    before = Cycle()
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        assert not collectable(before)
+        Cycle()  # garbage only the collector can free
+        assert gc.collect() >= 1
+        outer = gc.get_freeze_count()
+        with frozen_heap():  # a heap frozen already (here by the outer region) is left as it is
+            assert gc.get_freeze_count() == outer
+        assert gc.get_freeze_count() == outer
+    assert gc.get_freeze_count() == 0
+    assert collectable(before)
 
 
 def test_reading_ahead_reads_the_clock_without_waiting_only_once_a_step_reached_the_host(fake_time):

@@ -48,7 +48,7 @@ from specbench.engine.cached_model import slot_buckets
 from specbench.engine.decode import BaselineDecoder, Row, SpeculativeDecoder, finish_logprobs
 from specbench.engine.joins import EagerJoins, JoinGate
 from specbench.engine.results import EngineRequest, ServedRequest, ServeResult, StepRecord
-from specbench.engine.timing import Clock
+from specbench.engine.timing import Clock, frozen_heap
 
 
 class TimeSource(Protocol):
@@ -127,46 +127,48 @@ def serve(
         if running and target < len(decoder.rows):  # shrink: the running rows first, then empty slots
             decoder.keep_rows([*running, *[None] * (target - len(running))])
 
-    while pending or waiting or decoder.running:
-        now = clock.now(wait)
-        while pending and pending[0].arrival_s <= now:
-            waiting.append(pending.popleft())
-            arrived += 1
-        if not decoder.running and not waiting:
-            clock.wait_until(pending[0].arrival_s)
-            continue
-        running = len(decoder.running)
-        room = min(max_batch_size - running, len(waiting))
-        # since when each request that could join now could have: its arrival, or the time its place came free
-        joinable_since = [max(waiting[i].arrival_s, freed_at[i]) for i in range(room)]
-        # asked at every step, with none to admit too (a gate may count the time they wait); an empty batch takes them
-        ready = join_gate.ready(now, running, joinable_since) or not running
-        joining = [waiting.popleft() for _ in range(room)] if ready else []
-        if joining:
-            for _ in joining:
-                freed_at.popleft()
+    with frozen_heap():  # a full garbage collection would stall the step it fell in
+        while pending or waiting or decoder.running:
+            now = clock.now(wait)
+            while pending and pending[0].arrival_s <= now:
+                waiting.append(pending.popleft())
+                arrived += 1
+            if not decoder.running and not waiting:
+                clock.wait_until(pending[0].arrival_s)
+                continue
+            running = len(decoder.running)
+            room = min(max_batch_size - running, len(waiting))
+            # since when each request that could join now could have: its arrival, or the time its place came free
+            joinable_since = [max(waiting[i].arrival_s, freed_at[i]) for i in range(room)]
+            # asked at every step, with none to admit too (a gate may count the time they wait);
+            # an empty batch takes them
+            ready = join_gate.ready(now, running, joinable_since) or not running
+            joining = [waiting.popleft() for _ in range(room)] if ready else []
+            if joining:
+                for _ in joining:
+                    freed_at.popleft()
+                if not decoder.running:
+                    positions = _add_positions(positions, decoder)
+                started = clock.now() if join_gate.timed else now  # a forward queued ahead is not the join's time
+                _admit(decoder, joining, make_row, size_for(running + len(joining)), request_of, rows, served, now)
+                admitted_at = clock.now(wait)
+                tokens = sum(len(request.prompt_ids) for request in joining)
+                join_gate.joined(now, admitted_at - started, tokens, into_running=running > 0)
+                for request in joining:
+                    record_chunk(rows[request.request_id], 1, admitted_at)
+                release_finished(admitted_at)  # a row may end at its first token
             if not decoder.running:
-                positions = _add_positions(positions, decoder)
-            started = clock.now() if join_gate.timed else now  # a forward queued ahead is not the join's time
-            _admit(decoder, joining, make_row, size_for(running + len(joining)), request_of, rows, served, now)
-            admitted_at = clock.now(wait)
-            tokens = sum(len(request.prompt_ids) for request in joining)
-            join_gate.joined(now, admitted_at - started, tokens, into_running=running > 0)
-            for request in joining:
-                record_chunk(rows[request.request_id], 1, admitted_at)
-            release_finished(admitted_at)  # a row may end at its first token
-        if not decoder.running:
-            continue
-        occupancy, computed = len(decoder.running), len(decoder.rows)
-        if isinstance(decoder, SpeculativeDecoder):  # its step policy may judge the load by the arrivals
-            decoder.arrivals = (now, arrived)
-        report = decoder.step()
-        ended = clock.now(wait)
-        for row, count in report.emitted:
-            if count:
-                record_chunk(row, count, ended)
-        steps.append(StepRecord(ended, occupancy, computed, report.k, report.proposed, report.accepted))
-        release_finished(ended)
+                continue
+            occupancy, computed = len(decoder.running), len(decoder.rows)
+            if isinstance(decoder, SpeculativeDecoder):  # its step policy may judge the load by the arrivals
+                decoder.arrivals = (now, arrived)
+            report = decoder.step()
+            ended = clock.now(wait)
+            for row, count in report.emitted:
+                if count:
+                    record_chunk(row, count, ended)
+            steps.append(StepRecord(ended, occupancy, computed, report.k, report.proposed, report.accepted))
+            release_finished(ended)
 
     positions = _add_positions(positions, decoder)
     finish_logprobs(list(rows.values()))

@@ -40,7 +40,7 @@ from specbench.engine.drafters import Drafter, Proposal, drafter_models
 from specbench.engine.results import BatchResult, DecodeResult, DrafterStats
 from specbench.engine.sampling import DecodeSettings, TokenChooser, stream_seed
 from specbench.engine.schedule import KSchedule, StepPolicy, StepState
-from specbench.engine.timing import Stopwatch
+from specbench.engine.timing import Stopwatch, frozen_heap
 from specbench.engine.tree import DraftTree, build_tree, walk_greedy, walk_sampling_batch
 
 Outcome = tuple[list[int], int]  # a row's accepted tree nodes, and the verifier's own next token
@@ -466,10 +466,11 @@ def decode_baseline(
     """Verifier-only decoding of a static batch; `read_ahead` defaults to on for a GPU (see `BaselineDecoder`)."""
     check_masks(verifier, [], len(prompts))
     rows = _start_rows(prompts, settings, seeds, [], None)
-    decoder = BaselineDecoder(verifier, settings, Stopwatch(verifier.devices), read_ahead)
-    decoder.admit(rows, list(range(len(rows))))
-    while decoder.running:
-        decoder.step()
+    with frozen_heap():
+        decoder = BaselineDecoder(verifier, settings, Stopwatch(verifier.devices), read_ahead)
+        decoder.admit(rows, list(range(len(rows))))
+        while decoder.running:
+            decoder.step()
     return _batch_result(rows, verifier, settings)
 
 
@@ -485,10 +486,11 @@ def decode_speculative(
     """Speculative decoding of a static batch (see `SpeculativeDecoder`)."""
     check_masks(verifier, drafters, len(prompts))
     rows = _start_rows(prompts, settings, seeds, drafters, schedule)
-    decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, Stopwatch(verifier.devices), pool)
-    decoder.admit(rows, list(range(len(rows))))
-    while decoder.running:
-        decoder.step()
+    with frozen_heap():
+        decoder = SpeculativeDecoder(verifier, drafters, settings, schedule, Stopwatch(verifier.devices), pool)
+        decoder.admit(rows, list(range(len(rows))))
+        while decoder.running:
+            decoder.step()
     return _batch_result(rows, verifier, settings)
 
 

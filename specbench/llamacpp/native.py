@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from specbench.engine import BatchResult, DecodeResult, DecodeSettings
-from specbench.engine.timing import Stopwatch
+from specbench.engine.timing import Stopwatch, frozen_heap
 from specbench.llamacpp.model import BATCH_TOKENS, binding
 
 
@@ -64,15 +64,16 @@ class NativeDecoder:
         self.llama.reset()  # otherwise generate() reuses the cached prefix of the previous prompt
         self.evals = 0
         tokens: list[int] = []
-        watch = Stopwatch(torch.device("cpu"))
         ttft = None
-        for token in self.llama.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
-            if ttft is None:
-                ttft = watch.elapsed()
-            tokens.append(token)
-            if token in settings.eos_token_ids or len(tokens) >= settings.max_new_tokens:
-                break
-        latency = watch.elapsed()
+        with frozen_heap():
+            watch = Stopwatch(torch.device("cpu"))
+            for token in self.llama.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
+                if ttft is None:
+                    ttft = watch.elapsed()
+                tokens.append(token)
+                if token in settings.eos_token_ids or len(tokens) >= settings.max_new_tokens:
+                    break
+            latency = watch.elapsed()
         return DecodeResult(tokens=tokens, latency_s=latency, ttft_s=ttft, verifier_calls=self.evals)
 
     def decode(self, prompts: list[list[int]], settings: DecodeSettings, seeds: list[int]) -> BatchResult:

@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 
 from specbench.engine.results import ServeResult
+from specbench.engine.timing import frozen_heap
 from specbench.load.trace import TraceRequest
 from specbench.server.http import auth_headers
 from specbench.server.records import RequestSpool, finish_spool
@@ -226,7 +227,8 @@ def replay(
     """
     spool = RequestSpool(out_path.with_name(out_path.name + ".spool"), len(requests))
     try:
-        wall_s = asyncio.run(_replay(base_url.rstrip("/"), requests, prompts_text, settings, spool, start_at))
+        with frozen_heap():  # a full garbage collection would delay the reads it fell among
+            wall_s = asyncio.run(_replay(base_url.rstrip("/"), requests, prompts_text, settings, spool, start_at))
     except BaseException:
         spool.close()
         spool.path.unlink()
