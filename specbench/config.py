@@ -308,6 +308,10 @@ class ServerConfig:
     # send every request at time 0 (a fixed batch, not an arrival trace): load.num_requests requests under
     # mode=load, the dataset's prompts once each under mode=batch
     fixed_batch: bool = False
+    # the served model's tokenizer (a hub id in the local cache, or a folder): it counts the output tokens of a
+    # server that reports no usage, each in the chunk where it starts, and gives each record its token ids;
+    # None: such a server's chunks count one token each
+    tokenizer: str | None = None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from specbench.config import CONFIG_PACKAGE, SloConfig, SpecBenchConfig, register_configs
 from specbench.data import Record
-from specbench.errors import ConfigError, ServerError
+from specbench.errors import ConfigError, ModelLoadError, ServerError
 from specbench.load.metrics import mode_metrics
 from specbench.load.result import load_title
 from specbench.load.trace import TraceRequest, write_requests
@@ -284,6 +284,27 @@ def test_a_run_pools_the_spec_servers_counters_over_repeats_and_alternates_the_m
     assert written[tmp_path / "repeat0/responses_baseline.jsonl"] < written[tmp_path / "repeat0/responses_spec.jsonl"]
     assert written[tmp_path / "repeat1/responses_spec.jsonl"] < written[tmp_path / "repeat1/responses_baseline.jsonl"]
     assert (tmp_path / "repeat0" / "server_spec.log").read_text().startswith("==> specbench started: ")
+
+
+def test_server_tokenizer_counts_in_a_run_and_one_that_cannot_load_stops_it_first(composer, tmp_path):
+    tokenizer = train_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    overrides = ("mode=load", "engine.backend=server", f"server.baseline_cmd='{SCRIPTED_CMD}'",
+                 f"server.spec_cmd='{SCRIPTED_CMD}'", "warmup_prompts=0", "load.arrival=constant", "load.rate=100",
+                 "load.num_requests=3", "dataset.template='{question}'")  # fmt: skip
+    cfg = composer(*overrides, f"server.tokenizer={tmp_path / 'tokenizer'}")
+    result, _ = run_server_load(cfg, three_scripted_records(), 100.0, tmp_path / "served")
+    texts = [" w0 w1 w2", " w0 w1", " w0 w1 w2 w3"]  # the scripted chunks of records a, b and c
+    for mode in ("baseline", "spec"):
+        (served,) = result.served[mode]
+        assert [record.tokens for record in served.requests] == [
+            tokenizer.encode(text, add_special_tokens=False) for text in texts
+        ]
+        assert [record.num_tokens for record in served.requests] == [9, 10, 4]  # the server's usage still counts
+    missing = composer(*overrides, f"server.tokenizer={tmp_path / 'missing'}")
+    with pytest.raises(ModelLoadError, match=r"^cannot load server.tokenizer=.*missing \(") as error:
+        run_server_load(missing, three_scripted_records(), 100.0, tmp_path / "never")
+    assert "\n" not in str(error.value) and not (tmp_path / "never").exists()
 
 
 def test_several_traces_are_each_served_by_both_servers_and_resampled_whole(composer, tmp_path):
