@@ -60,10 +60,11 @@ def frozen_heap() -> Iterator[None]:
 
     A full collection walks every object the interpreter tracks: about 400,000 once the CLI's modules are
     imported, 0.17 s on a 2-core AMD EPYC (`benchmarks/gc_pause.py`). One that falls inside a timed decode
-    stalls the step of whichever mode is running, and its rows' TPOT with it. `gc.freeze` takes the objects that exist
-    on entry out of the collector's reach (a full collection then takes 0.1 ms), as vLLM does after start-up.
-    Garbage made inside the region is still collected; on leaving, every object is the collector's again.
-    A heap already frozen (by the caller, or by an application that froze its own) is left as it is.
+    stalls the step of whichever mode is running, and its rows' TPOT with it. `gc.freeze` takes the objects
+    that exist on entry out of the collector's reach (a full collection then takes well under a millisecond),
+    as vLLM does after its warm-up. Garbage made inside the region is still collected; on leaving, every
+    object is the collector's again. A heap already frozen (by the caller, or by an application that froze
+    its own) is left as it is.
     """
     if gc.get_freeze_count():
         yield
