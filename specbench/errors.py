@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """What an error says, in its first line (its type's name when it says nothing): the reason a sentence quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UserError(Exception):
     """Bad input or an unusable environment, explained in one sentence that names the fix.
 

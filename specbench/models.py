@@ -34,7 +34,7 @@ from transformers.utils import cached_file, extract_commit_hash
 from specbench.config import Dtype, ModelConfig, Quantize
 from specbench.dense import dense_copy
 from specbench.engine.fusion import fuse_projections
-from specbench.errors import ConfigError, FetchError, ModelLoadError
+from specbench.errors import ConfigError, FetchError, ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,8 @@ def model_revision(spec: ModelSpec) -> str:
 
 
 def _loading_error(spec: ModelSpec, what: str, error: Exception) -> ModelLoadError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(
-        f"cannot load the {what} of '{spec.source}' ({reason}); check the name, or point name_or_path "
+        f"cannot load the {what} of '{spec.source}' ({first_line(error)}); check the name, or point name_or_path "
         "(or models_dir) at a local copy."
     )
 

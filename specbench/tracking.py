@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 import specbench
 from specbench import catalog, plots
 from specbench.config import DatasetConfig
-from specbench.errors import TrackingError
+from specbench.errors import TrackingError, first_line
 from specbench.summary import summary_markdown
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ def connect(uri: str, experiment: str, artifact_location: str | None = None) -> 
         tag_experiment(experiment_id, {})
         return experiment_id
     except Exception as error:  # MLflow raises many types for an unusable store
-        raise TrackingError(f"cannot use the MLflow store {uri} ({_first_line(error)}): check tracking.uri.") from error
+        reason = first_line(error)[:300]
+        raise TrackingError(f"cannot use the MLflow store {uri} ({reason}): check tracking.uri.") from error
 
 
 def runs_view_state() -> dict[str, Any]:
@@ -180,14 +181,9 @@ def _check_server(uri: str) -> None:
             return
     except (urllib.error.URLError, OSError) as error:
         raise TrackingError(
-            f"tracking.uri={uri} is unreachable ({_first_line(error)}): start the server "
+            f"tracking.uri={uri} is unreachable ({first_line(error)[:300]}): start the server "
             "(make server) or use the local store (tracking.uri=sqlite:///mlruns/mlflow.db)."
         ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def finished_run(experiment_id: str, config_hash_value: str) -> str | None:
@@ -276,7 +272,7 @@ def tracked_run(
     except BaseException as error:
         killed = isinstance(error, KeyboardInterrupt)
         status = RunStatus.KILLED if killed else RunStatus.FAILED
-        reason = "interrupted (Ctrl-C or SIGTERM)" if killed else _first_line(error)
+        reason = "interrupted (Ctrl-C or SIGTERM)" if killed else first_line(error)[:300]
         try:
             mlflow.set_tag("error", reason[:4000])
             mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from specbench.config import ChatTemplate, SpecBenchConfig
 from specbench.data import PromptBuilder, Record
 from specbench.engine.results import ServeResult
-from specbench.errors import ModelLoadError
+from specbench.errors import ModelLoadError, first_line
 from specbench.load.result import LoadResult, excluded_note, served_figures
 from specbench.load.trace import MODES, serve_order
 from specbench.server.mode import ModeOutcome, serve_on_server, server_figures, server_trace, text_disagreement
@@ -44,10 +44,9 @@ def counting_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
-            f"cannot load server.tokenizer={name} ({reason}): point it at a folder holding the served model's "
-            "tokenizer, or at a hub id in the local cache."
+            f"cannot load server.tokenizer={name} ({first_line(error)}): point it at a folder holding the served "
+            "model's tokenizer, or at a hub id in the local cache."
         ) from error
 
 
