@@ -296,6 +296,12 @@ def _full_step_ms(served) -> float:
     return 1000 * statistics.median(gaps) if gaps else float("nan")
 
 
+def _longest_step_ms(served) -> float:
+    """The longest gap (ms) between two steps of a serve: a pause inside the timed region shows here."""
+    gaps = [later.time_s - earlier.time_s for earlier, later in itertools.pairwise(served.steps)]
+    return 1000 * max(gaps) if gaps else float("nan")
+
+
 class ConstantPolicy:
     """A step policy that always answers k: at 0 the speculative decoder's plain steps alone, against the
     baseline's; above 0 a fixed k served through the step policy's path, against the same k without it."""
@@ -405,7 +411,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
     keys = ("tpot_ms_p50", "tpot_ms_p99", "tpot_ms_p99_after_fill", "e2el_ms_p99", "ttft_ms_p50", "ttft_ms_p99",
-            "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50", "joins_per_request")  # fmt: skip
+            "occupancy_mean", "output_tokens_per_s", "full_step_ms_p50", "longest_step_ms",
+            "joins_per_request")  # fmt: skip
     results: dict = {"modes": modes, "k_max": k_max, **_surface_ms(costs)}
     graphs = _graph_count(verifier, cost)
     for alpha in args.alphas:
@@ -438,6 +445,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                                     args.max_batch, args.join_delay_factor, joins)  # fmt: skip
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
+                    metrics["longest_step_ms_x"] = _longest_step_ms(served)
                     if len(requests) > args.max_batch:  # the figures once the batch has filled up
                         after_fill = mode_metrics(served.after_first(args.max_batch), "x")
                         metrics["tpot_ms_p99_after_fill_x"] = after_fill["tpot_ms_p99_x"]
