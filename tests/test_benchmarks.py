@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling modules, as `python benchmarks/x.py`
 
 import cpu  # noqa: E402
+import gc_in_run  # noqa: E402
 import load_model_check  # noqa: E402
 from prompt_options import dataset_config, load_prompt_records  # noqa: E402
 
@@ -118,6 +120,33 @@ def test_gc_pause_script_runs_in_a_bare_clone(bare_clone, tmp_path):
     report = json.loads(result.read_text())
     assert report["objects_tracked"] > 10_000 and report["machine"]["cores"] >= 1
     assert {name: figure["runs"] for name, figure in report["full_collection_ms"].items()} == {"open": 1, "frozen": 1}
+
+
+def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubmedqa_file, tmp_path):
+    """A tiny load run under the collection log: it finishes, and the log saw the engine enter its timed regions."""
+    command = [
+        f"models_dir={models_dir}", "dtype=float32", f"dataset.path={pubmedqa_file}", "dataset.num_samples=2",
+        "generation.max_new_tokens=8", f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+        f"hydra.run.dir={tmp_path}/outputs", "cost_batch_grid=[1,2]",
+        "mode=load", "load.rate=40", "load.num_requests=4", "load.max_batch_size=2", "k=2",
+    ]  # fmt: skip
+    done = run_script(bare_clone, "benchmarks/gc_in_run.py", "--open-heap", f"--out={tmp_path}", "--", *command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = tmp_path.glob("gc-in-run-*-open-heap.json")
+    report = json.loads(result.read_text())
+    assert report["exit_code"] == 0 and report["heap_in_timed_regions"] == "open"
+    assert report["timed_regions"] >= 2  # at least the two modes' served traces
+    assert sum(report["full_collections"].values()) == len(report["log"])
+
+
+def test_gc_in_run_marks_every_module_that_freezes_the_heap():
+    imports_it = re.compile(r"^from specbench\.engine\.timing import .*\bfrozen_heap\b", re.MULTILINE)
+    importers = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in (ROOT / "specbench").rglob("*.py")
+        if imports_it.search(path.read_text(encoding="utf-8"))
+    }
+    assert importers == set(gc_in_run.TIMING_MODULES)
 
 
 def test_concurrent_drafts_script_runs_in_a_bare_clone(bare_clone, models_dir, pubmedqa_file):

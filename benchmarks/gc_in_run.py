@@ -1,0 +1,118 @@
+"""Run one specbench command with every full garbage collection logged: when it came, what it took, and
+whether it fell inside a timed region (a decode or a served trace, where the engine freezes the heap).
+
+`gc_pause.py` says what one full collection would cost a step; this says whether a real run has any
+inside what it times. `--open-heap` is the A/B: the timed regions are still marked, but the heap is
+left open in them, as before `engine.timing.frozen_heap`:
+
+    python benchmarks/gc_in_run.py -- experiment=offline mode=load load.rate=0.2 load.num_requests=8
+    python benchmarks/gc_in_run.py --open-heap -- experiment=offline mode=load load.rate=0.2 load.num_requests=8
+
+The log (each full collection's start in seconds from the script's start, its ms, timed or not), the
+command, the count of timed regions entered and the machine go to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from machine import describe_machine, results_path
+
+import specbench.cli
+from specbench.engine import timing
+
+# every module that times with `frozen_heap`, by the name it imported it under
+TIMING_MODULES = ("specbench.engine.continuous", "specbench.engine.decode", "specbench.hf_backend",
+                  "specbench.llamacpp.native", "specbench.server.client")  # fmt: skip
+
+
+class CollectionLog:
+    """Full collections as they happen, and the timed regions the engine enters."""
+
+    def __init__(self, open_heap: bool) -> None:
+        self.open_heap = open_heap
+        self.start = time.perf_counter()
+        self.depth = 0  # timed regions now open (they nest)
+        self.regions = 0  # timed regions entered
+        self.collections: list[dict] = []
+        self._began = 0.0
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        """`gc.callbacks` entry: time each full (generation 2) collection."""
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif info["generation"] == 2:
+            self.collections.append({
+                "at_s": round(self._began - self.start, 3),
+                "ms": round(1000 * (time.perf_counter() - self._began), 3),
+                "timed": self.depth > 0,
+            })  # fmt: skip
+
+    def marked(self, frozen_heap: Callable) -> Callable:
+        """`frozen_heap` that also counts the region; with `open_heap`, one that leaves the heap open."""
+
+        @contextlib.contextmanager
+        def region() -> Iterator[None]:
+            self.depth += 1
+            self.regions += 1
+            try:
+                with contextlib.nullcontext() if self.open_heap else frozen_heap():
+                    yield
+            finally:
+                self.depth -= 1
+
+        return region
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--open-heap", action="store_true", help="mark the timed regions but leave the heap open")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the specbench arguments, after --")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    log = CollectionLog(args.open_heap)
+    region = log.marked(timing.frozen_heap)
+    for name in TIMING_MODULES:
+        importlib.import_module(name).frozen_heap = region
+    gc.callbacks.append(log.on_gc)
+    code = 0
+    try:
+        specbench.cli.main(command)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        gc.callbacks.remove(log.on_gc)
+    timed = [entry["ms"] for entry in log.collections if entry["timed"]]
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        "command": ["specbench", *command],
+        "exit_code": code,
+        "heap_in_timed_regions": "open" if args.open_heap else "frozen",
+        "timed_regions": log.regions,
+        "full_collections": {"timed": len(timed), "untimed": len(log.collections) - len(timed)},
+        "timed_collection_ms": timed,
+        "log": log.collections,
+    }
+    print(f"{log.regions} timed regions; full collections: {len(timed)} inside them ({timed} ms), "
+          f"{len(log.collections) - len(timed)} outside")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "open-heap" if args.open_heap else "frozen-heap"
+    path = results_path(args.out, "gc-in-run", report["machine"], report["date"], tag)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(path)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
