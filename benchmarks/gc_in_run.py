@@ -1,5 +1,6 @@
-"""Run one specbench command with every full garbage collection logged: when it came, what it took, and
-whether it fell inside a timed region (a decode or a served trace, where the engine freezes the heap).
+"""Run one specbench command, or a benchmark script, with every full garbage collection logged: when it came,
+what it took, and whether it fell inside a timed region (a decode or a served trace, where the engine freezes
+the heap).
 
 `gc_pause.py` says what one full collection would cost a step; this says whether a real run has any
 inside what it times. `--open-heap` is the A/B: the timed regions are still marked, but the heap is
@@ -7,6 +8,8 @@ left open in them, as before `engine.timing.frozen_heap`:
 
     python benchmarks/gc_in_run.py -- experiment=offline mode=load load.rate=0.2 load.num_requests=8
     python benchmarks/gc_in_run.py --open-heap -- experiment=offline mode=load load.rate=0.2 load.num_requests=8
+    python benchmarks/gc_in_run.py --open-heap --script benchmarks/gpu_load.py -- --quick --out /tmp/x \
+        --sections k_schedule --max-batch 128 --k-rates 256 --min-requests 256 --max-requests 256 --new-tokens 64
 
 The log (each full collection's start in seconds from the script's start, its ms, timed or not), the
 command, the count of timed regions entered and the machine go to benchmarks/results/.
@@ -19,6 +22,7 @@ import contextlib
 import gc
 import importlib
 import json
+import runpy
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -77,7 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--open-heap", action="store_true", help="mark the timed regions but leave the heap open")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the specbench arguments, after --")
+    parser.add_argument("--script", type=Path, help="run this Python script with the arguments, not the CLI")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the specbench (or script) arguments, after --")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     log = CollectionLog(args.open_heap)
@@ -87,7 +92,12 @@ def main() -> None:
     gc.callbacks.append(log.on_gc)
     code = 0
     try:
-        specbench.cli.main(command)
+        if args.script:
+            sys.argv = [str(args.script), *command]
+            sys.path.insert(0, str(args.script.resolve().parent))  # the script's sibling modules, as when run
+            runpy.run_path(str(args.script), run_name="__main__")
+        else:
+            specbench.cli.main(command)
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
     finally:
@@ -96,7 +106,7 @@ def main() -> None:
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": describe_machine(),
-        "command": ["specbench", *command],
+        "command": [str(args.script) if args.script else "specbench", *command],
         "exit_code": code,
         "heap_in_timed_regions": "open" if args.open_heap else "frozen",
         "timed_regions": log.regions,

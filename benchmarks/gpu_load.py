@@ -561,6 +561,12 @@ def section_saturation(args: argparse.Namespace, device: torch.device, models: d
 
 
 SECTIONS = ("checks", "sampled_step", "load", "k_schedule", "saturation")
+# --quick: small shapes and few requests on the CPU (each can still be set explicitly)
+QUICK = {
+    "prompt_len": 12, "new_tokens": 10, "max_batch": 4, "probes": 3, "repeats": 1, "alphas": [0.8], "ks": [2],
+    "rate_min": 2.0, "rate_max": 200.0, "min_requests": 6, "max_requests": 12, "distinct_prompts": 4,
+    "trace_seconds": 1.0, "k_rates": [5.0, 500.0],
+}  # fmt: skip
 
 
 def main() -> None:
@@ -603,12 +609,9 @@ def main() -> None:
                         "those modes are named MODE@coalesced)")  # fmt: skip
     parser.add_argument("--k-rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 256.0],
                         help="k_schedule: the request rates (idle to saturated)")  # fmt: skip
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
-    if args.quick:
-        args.prompt_len, args.new_tokens, args.max_batch, args.probes, args.repeats = 12, 10, 4, 3, 1
-        args.alphas, args.ks, args.rate_min, args.rate_max = [0.8], [2], 2.0, 200.0
-        args.min_requests, args.max_requests, args.distinct_prompts, args.trace_seconds = 6, 12, 4, 1.0
-        args.k_rates = [5.0, 500.0]
     if any(k > max(args.ks) for k in args.policy_ks):
         parser.error(f"--policy-ks must not exceed the largest of --ks ({max(args.ks)}): rows draft at most that many")
     args.device = torch.device("cpu" if args.quick else "cuda")

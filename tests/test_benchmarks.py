@@ -139,6 +139,23 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
     assert sum(report["full_collections"].values()) == len(report["log"])
 
 
+def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
+    """`gpu_load.py --quick` under the collection log: --quick's small shapes, but the rates given explicitly."""
+    load = tmp_path / "load"
+    done = run_script(
+        bare_clone, "benchmarks/gc_in_run.py", f"--out={tmp_path}", "--script", "benchmarks/gpu_load.py",
+        "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = tmp_path.glob("gc-in-run-*-frozen-heap.json")
+    report = json.loads(result.read_text())
+    assert report["command"][0] == "benchmarks/gpu_load.py" and report["exit_code"] == 0
+    assert report["timed_regions"] >= 5  # the baseline, k = 1 and 2 and the policy served once, and its warm-up
+    served = json.loads((load / "gpu_load.json").read_text())
+    assert (served["settings"]["k_rates"], served["settings"]["max_batch"]) == ("[5.0]", "4")
+    assert "error" not in served["k_schedule"] and "alpha0.8_rate5" in served["k_schedule"]
+
+
 def test_gc_in_run_marks_every_module_that_freezes_the_heap():
     imports_it = re.compile(r"^from specbench\.engine\.timing import .*\bfrozen_heap\b", re.MULTILINE)
     importers = {
