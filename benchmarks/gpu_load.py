@@ -288,17 +288,21 @@ def section_load(args: argparse.Namespace, device: torch.device, models: dict) -
     return results
 
 
+def _step_gaps(served) -> list[tuple[float, int]]:
+    """(seconds since the step before, rows) of every step of a serve but its first."""
+    return [(later.time_s - earlier.time_s, later.rows) for earlier, later in itertools.pairwise(served.steps)]
+
+
 def _full_step_ms(served) -> float:
     """The median step time (ms) while the batch held its most rows (the steady state of a saturated server)."""
-    steps = served.steps
-    most = max(step.rows for step in steps)
-    gaps = [later.time_s - earlier.time_s for earlier, later in itertools.pairwise(steps) if later.rows == most]
+    most = max(step.rows for step in served.steps)
+    gaps = [gap for gap, rows in _step_gaps(served) if rows == most]
     return 1000 * statistics.median(gaps) if gaps else float("nan")
 
 
 def _longest_step_ms(served) -> float:
     """The longest gap (ms) between two steps of a serve: a pause inside the timed region shows here."""
-    gaps = [later.time_s - earlier.time_s for earlier, later in itertools.pairwise(served.steps)]
+    gaps = [gap for gap, _ in _step_gaps(served)]
     return 1000 * max(gaps) if gaps else float("nan")
 
 
