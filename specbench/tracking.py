@@ -118,7 +118,7 @@ def connect(uri: str, experiment: str, artifact_location: str | None = None) -> 
         tag_experiment(experiment_id, {})
         return experiment_id
     except Exception as error:  # MLflow raises many types for an unusable store
-        reason = first_line(error)[:300]
+        reason = _reason(error)
         raise TrackingError(f"cannot use the MLflow store {uri} ({reason}): check tracking.uri.") from error
 
 
@@ -175,13 +175,18 @@ def set_description(run_id: str, markdown: str, full_text: str) -> None:
     MlflowClient().set_tag(run_id, DESCRIPTION_TAG, markdown)
 
 
+def _reason(error: BaseException) -> str:
+    """The first line of an error, cut to 300 characters so that the sentence quoting it stays one readable line."""
+    return first_line(error)[:300]
+
+
 def _check_server(uri: str) -> None:
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
             return
     except (urllib.error.URLError, OSError) as error:
         raise TrackingError(
-            f"tracking.uri={uri} is unreachable ({first_line(error)[:300]}): start the server "
+            f"tracking.uri={uri} is unreachable ({_reason(error)}): start the server "
             "(make server) or use the local store (tracking.uri=sqlite:///mlruns/mlflow.db)."
         ) from error
 
@@ -272,9 +277,9 @@ def tracked_run(
     except BaseException as error:
         killed = isinstance(error, KeyboardInterrupt)
         status = RunStatus.KILLED if killed else RunStatus.FAILED
-        reason = "interrupted (Ctrl-C or SIGTERM)" if killed else first_line(error)[:300]
+        reason = "interrupted (Ctrl-C or SIGTERM)" if killed else _reason(error)
         try:
-            mlflow.set_tag("error", reason[:4000])
+            mlflow.set_tag("error", reason)
             mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
         except Exception:  # the store itself may be what failed: the status below matters more
             pass
