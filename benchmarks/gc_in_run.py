@@ -11,8 +11,10 @@ left open in them, as before `engine.timing.frozen_heap`:
     python benchmarks/gc_in_run.py --open-heap --script benchmarks/gpu_load.py -- --quick --out /tmp/x \
         --sections k_schedule --max-batch 128 --k-rates 256 --min-requests 256 --max-requests 256 --new-tokens 64
 
-The log (each full collection's start in seconds from the script's start, its ms, timed or not), the
-command, the count of timed regions entered and the machine go to benchmarks/results/.
+The log (each full collection's start in seconds from the script's start, its ms, timed or not, how many
+objects it could walk and how many were frozen out of it, how many it freed, and the innermost frames of the
+code it interrupted or that called `gc.collect()`), the command, the count of timed regions entered and the
+machine go to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import runpy
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,16 +52,27 @@ class CollectionLog:
         self.regions = 0  # timed regions entered
         self.collections: list[dict] = []
         self._began = 0.0
+        self._walkable = 0
 
     def on_gc(self, phase: str, info: dict) -> None:
-        """`gc.callbacks` entry: time each full (generation 2) collection."""
+        """`gc.callbacks` entry: time each full (generation 2) collection, and say what it could not walk (the
+        frozen objects), what it freed and the code it interrupted (or that asked for it)."""
         if phase == "start":
+            # what a full collection can walk: every tracked object but the frozen ones (listing them costs a few
+            # ms in a heap that is frozen, tens in one that is not: a diagnostic's price, paid before `ms` starts)
+            self._walkable = len(gc.get_objects()) if info["generation"] == 2 else 0
             self._began = time.perf_counter()
         elif info["generation"] == 2:
+            ms = round(1000 * (time.perf_counter() - self._began), 3)
             self.collections.append({
                 "at_s": round(self._began - self.start, 3),
-                "ms": round(1000 * (time.perf_counter() - self._began), 3),
+                "ms": ms,
                 "timed": self.depth > 0,
+                "walkable_objects": self._walkable,
+                "frozen_objects": gc.get_freeze_count(),
+                "collected": info["collected"],
+                "where": [f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+                          for frame in traceback.extract_stack(limit=5)[:-1]],
             })  # fmt: skip
 
     def marked(self, frozen_heap: Callable) -> Callable:

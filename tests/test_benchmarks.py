@@ -137,6 +137,10 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
     assert report["exit_code"] == 0 and report["heap_in_timed_regions"] == "open"
     assert report["timed_regions"] >= 2  # at least the two modes' served traces
     assert sum(report["full_collections"].values()) == len(report["log"])
+    # importing torch and transformers alone sets off full collections: each says what it walked past and where
+    assert report["log"] and all(
+        entry["walkable_objects"] > 0 and entry["frozen_objects"] >= 0 and entry["where"] for entry in report["log"]
+    )
 
 
 def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
