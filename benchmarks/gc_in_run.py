@@ -11,10 +11,10 @@ left open in them, as before `engine.timing.frozen_heap`:
     python benchmarks/gc_in_run.py --open-heap --script benchmarks/gpu_load.py -- --quick --out /tmp/x \
         --sections k_schedule --max-batch 128 --k-rates 256 --min-requests 256 --max-requests 256 --new-tokens 64
 
-The log (each full collection's start in seconds from the script's start, its ms, timed or not, how many
-objects it could walk and how many were frozen out of it, how many it freed, and the innermost frames of the
-code it interrupted or that called `gc.collect()`), the command, the count of timed regions entered and the
-machine go to benchmarks/results/.
+The log (each full collection's start in seconds from the script's start, its ms and this thread's CPU ms in
+it, timed or not, how many objects it could walk and their five commonest types, how many were frozen out of
+it, how many it freed, and the innermost frames of the code it interrupted or that called `gc.collect()`), the
+command, the count of timed regions entered and the machine go to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import runpy
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +53,9 @@ class CollectionLog:
         self.regions = 0  # timed regions entered
         self.collections: list[dict] = []
         self._began = 0.0
+        self._began_cpu = 0.0
         self._walkable = 0
+        self._commonest: list[tuple[str, int]] = []
 
     def on_gc(self, phase: str, info: dict) -> None:
         """`gc.callbacks` entry: time each full (generation 2) collection, and say what it could not walk (the
@@ -60,15 +63,22 @@ class CollectionLog:
         if phase == "start":
             # what a full collection can walk: every tracked object but the frozen ones (listing them costs a few
             # ms in a heap that is frozen, tens in one that is not: a diagnostic's price, paid before `ms` starts)
-            self._walkable = len(gc.get_objects()) if info["generation"] == 2 else 0
+            walkable = gc.get_objects() if info["generation"] == 2 else []
+            self._walkable = len(walkable)
+            self._commonest = Counter(type(thing).__name__ for thing in walkable).most_common(5)
+            del walkable
             self._began = time.perf_counter()
+            self._began_cpu = time.thread_time()
         elif info["generation"] == 2:
             ms = round(1000 * (time.perf_counter() - self._began), 3)
             self.collections.append({
                 "at_s": round(self._began - self.start, 3),
                 "ms": ms,
+                # this thread's CPU time in the collection: near `ms` when it walked or freed, far below when it waited
+                "cpu_ms": round(1000 * (time.thread_time() - self._began_cpu), 3),
                 "timed": self.depth > 0,
                 "walkable_objects": self._walkable,
+                "commonest_walkable_types": dict(self._commonest),
                 "frozen_objects": gc.get_freeze_count(),
                 "collected": info["collected"],
                 "where": [f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"

@@ -141,6 +141,10 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
     assert report["log"] and all(
         entry["walkable_objects"] > 0 and entry["frozen_objects"] >= 0 and entry["where"] for entry in report["log"]
     )
+    assert all(
+        0 <= entry["cpu_ms"] <= entry["ms"] + 1 and sum(entry["commonest_walkable_types"].values()) > 0
+        for entry in report["log"]
+    )
 
 
 def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
