@@ -198,7 +198,7 @@ def test_the_heap_is_frozen_while_a_decode_is_timed_and_only_then():
     assert frozen_during_passes[-1] == 0
 
 
-def test_a_frozen_heap_still_collects_what_is_made_inside_and_leaves_a_frozen_one_frozen():
+def test_a_frozen_heap_still_collects_what_is_made_inside_and_an_inner_region_keeps_the_outer_ones_freeze():
     class Cycle:
         def __init__(self) -> None:
             self.me = self
@@ -213,11 +213,27 @@ def test_a_frozen_heap_still_collects_what_is_made_inside_and_leaves_a_frozen_on
         Cycle()  # garbage only the collector can free
         assert gc.collect() >= 1
         made_in_outer = Cycle()
-        with frozen_heap():  # a heap frozen already (here by the outer region) is left as it is
+        with frozen_heap():  # a region inside another leaves the heap as the outer one froze it
             assert collectable(made_in_outer) and not collectable(before)
         assert gc.get_freeze_count() > 0 and not collectable(before) and collectable(made_in_outer)
     assert gc.get_freeze_count() == 0
     assert collectable(before)
+
+
+def test_a_heap_with_a_few_objects_frozen_already_is_frozen_whole_while_timed():
+    """A library (or the caller) froze a few objects before the region: the region still freezes the rest, as
+    a full collection would otherwise walk them all. On leaving, every object is the collector's again."""
+    made_before_the_libraries_freeze = [object()]
+    gc.freeze()
+    made_after_it = [object()]
+    try:
+        with frozen_heap():
+            tracked = {id(thing) for thing in gc.get_objects()}
+            assert id(made_after_it) not in tracked and id(made_before_the_libraries_freeze) not in tracked
+    finally:
+        frozen_left = gc.get_freeze_count()
+        gc.unfreeze()
+    assert frozen_left == 0
 
 
 def test_reading_ahead_reads_the_clock_without_waiting_only_once_a_step_reached_the_host(fake_time):
