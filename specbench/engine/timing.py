@@ -70,7 +70,7 @@ def frozen_heap() -> Iterator[None]:
     as vLLM does after its warm-up. Garbage made inside the region is still collected; on leaving, every
     object is the collector's again, including any that were frozen before the region (by the caller or a
     library): `gc` cannot hand back only the objects one freeze took. A heap with some objects frozen already
-    is frozen all the same: an H100 host had 375 frozen by the time a serve began, and with them the engine
+    is frozen all the same: an H200 host had 375 frozen by the time a serve began, and with them the engine
     once left the other 486,000 to the collector (230 ms a full collection, inside the timed serves). A region
     inside another one (a decode inside a served trace) leaves the heap as the outer one froze it.
     """
