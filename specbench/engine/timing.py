@@ -65,13 +65,14 @@ def frozen_heap() -> Iterator[None]:
 
     A full collection walks every object the interpreter tracks: about 400,000 once the CLI's modules are
     imported, 0.17 s on a 2-core AMD EPYC (`benchmarks/gc_pause.py`). One that falls inside a timed decode
-    stalls the step of whichever mode is running, and its rows' TPOT with it. `gc.freeze` takes the objects
-    that exist on entry out of the collector's reach (a full collection then walks only what the region made:
-    1-2 ms in a served trace, `benchmarks/gc_in_run.py`), as vLLM does after its warm-up. Garbage made inside the region is still collected; on leaving, every
-    object is the collector's again, including any that were frozen before the region (by the caller or a
-    library): `gc` cannot hand back only the objects one freeze took. A heap with some objects frozen already
-    is frozen all the same: the GPU hosts' Python starts with 375 frozen, and with them the engine once left
-    the other 486,000 to the collector (230 ms a full collection, inside the timed serves). A region inside another one (a decode inside a served trace) leaves the heap as the outer one
+    stalls the step of whichever mode is running, and its rows' TPOT with it. `gc.freeze` takes the objects that
+    exist on entry out of the collector's reach (a full collection then walks only what the region made: 1-2 ms
+    in a served trace, `benchmarks/gc_in_run.py`), as vLLM does after its warm-up. Garbage made inside the
+    region is still collected; on leaving, every object is the collector's again, including any that were frozen
+    before the region (by the caller or a library): `gc` cannot hand back only the objects one freeze took. A
+    heap with some objects frozen already is frozen all the same: the GPU hosts' Python starts with 375 frozen,
+    and with them the engine once left the other 486,000 to the collector (230 ms a full collection, inside the
+    timed serves). A region inside another one (a decode inside a served trace) leaves the heap as the outer one
     froze it.
     """
     global _open_heap_regions
