@@ -63,7 +63,7 @@ from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics, mode_metrics
 from specbench.load.model import served_predictions
 from specbench.load.trace import arrival_times
-from specbench.speedup_model import full_step_alpha
+from specbench.speedup_model import full_step_alpha, tokens_per_step
 from specbench.testing import ScriptedPolicy, StepClock, make_model
 
 TOKENIZER_VOCAB = 50257
@@ -343,6 +343,18 @@ class MeanWhileDrainingK(LoadAwareK):
         self.draining = False
 
 
+class MeanAtFullBatchK(LoadAwareK):
+    """The load-aware k that prices a full batch by the mean, as below it (the policy before its p99 row's price),
+    the drain still by its p99 row: served beside it to measure what that price costs where output limits spread
+    (benchmarks/NOTES.md, session thirty-one: there the baseline's own rows already spread, and a fixed k = 2 beat
+    it at saturation where the policy kept to plain steps)."""
+
+    def priced_tokens(self, k: int, state) -> float:
+        if self.draining:
+            return super().priced_tokens(k, state)
+        return tokens_per_step(self.alpha_bound, k)
+
+
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
            join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
@@ -411,6 +423,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes += ["plain"] if args.plain_mode else []
     served_modes += ["occupancy"] if args.occupancy_mode else []
     served_modes += ["meandrain"] if args.mean_drain_mode else []
+    served_modes += ["meanfull"] if args.mean_full_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -425,7 +438,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
             # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
-            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK}
+            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK,
+                        "meanfull": MeanAtFullBatchK}  # fmt: skip
             schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for mode in modes:
@@ -596,6 +610,8 @@ def main() -> None:
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
     parser.add_argument("--mean-drain-mode", action="store_true",
                         help="k_schedule: also serve the drain priced by the mean (`meandrain`)")  # fmt: skip
+    parser.add_argument("--mean-full-mode", action="store_true",
+                        help="k_schedule: also serve a full batch priced by the mean (`meanfull`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],

@@ -15,13 +15,17 @@ import pytest
 
 from specbench.config import DatasetConfig
 from specbench.data import load_records
+from specbench.engine.costs import StepCosts
+from specbench.engine.schedule import StepState
 from specbench.errors import DataError
+from specbench.load.k_schedule import LoadAwareK
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling modules, as `python benchmarks/x.py`
 
 import cpu  # noqa: E402
 import gc_in_run  # noqa: E402
+import gpu_load  # noqa: E402
 import load_model_check  # noqa: E402
 from prompt_options import dataset_config, load_prompt_records  # noqa: E402
 
@@ -148,11 +152,12 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
 
 
 def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
-    """`gpu_load.py --quick` under the collection log: --quick's small shapes, but the rates given explicitly."""
+    """`gpu_load.py --quick` under the collection log: --quick's small shapes, but the rates given explicitly; the
+    mean-at-full-batch variant served beside the load-aware k."""
     load = tmp_path / "load"
     done = run_script(
         bare_clone, "benchmarks/gc_in_run.py", f"--out={tmp_path}", "--script", "benchmarks/gpu_load.py",
-        "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5",
+        "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5", "--mean-full-mode",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = tmp_path.glob("gc-in-run-*-frozen-heap.json")
@@ -162,6 +167,30 @@ def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_value
     served = json.loads((load / "gpu_load.json").read_text())
     assert (served["settings"]["k_rates"], served["settings"]["max_batch"]) == ("[5.0]", "4")
     assert "error" not in served["k_schedule"] and "alpha0.8_rate5" in served["k_schedule"]
+    assert set(served["k_schedule"]["alpha0.8_rate5"]["verdict"]) == {"load", "meanfull"}  # the variant beside it
+
+
+def test_the_mean_at_full_batch_variant_drafts_where_the_load_aware_k_goes_plain():
+    """`gpu_load.py --mean-full-mode`: at a full batch a near tie (k = 1 a shade cheaper than a plain step on the
+    mean) drafts, where the load-aware k, pricing the p99 row, goes plain; a batch that only drains is priced by its
+    p99 row in both."""
+    costs = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})
+    policy, variant = (
+        kind(costs, k_max=1, slots=64, prior_alpha=0.8) for kind in (LoadAwareK, gpu_load.MeanAtFullBatchK)
+    )
+    for schedule in (policy, variant):
+        for accepted in (4, 0) * 100:  # alpha measured at 0.8
+            schedule.next(4, accepted, 4)
+    full = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64)
+    assert (policy.k_for_step(full), variant.k_for_step(full)) == (0, 1)
+
+    def below_full(now_s: float) -> StepState:  # 32 rows; 3 requests arrived at the start of the trace
+        return StepState(32, unread_tokens=0, remaining_tokens=32, output_tokens=64, now_s=now_s, arrived=3)
+
+    assert (policy.k_for_step(below_full(10.0)), variant.k_for_step(below_full(10.0))) == (1, 1)
+    # none arrived over the last lifetime (63 decoded tokens at plain steps of 2 s): the drain, priced by its p99 row
+    assert (policy.k_for_step(below_full(137.0)), variant.k_for_step(below_full(137.0))) == (0, 0)
+    assert variant.draining
 
 
 def test_gc_in_run_marks_every_module_that_freezes_the_heap():
