@@ -15,10 +15,9 @@ import pytest
 
 from specbench.config import DatasetConfig
 from specbench.data import load_records
-from specbench.engine.costs import StepCosts
 from specbench.engine.schedule import StepState
 from specbench.errors import DataError
-from specbench.load.k_schedule import LoadAwareK
+from tests.test_k_schedule_load import near_tie
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling modules, as `python benchmarks/x.py`
@@ -174,13 +173,7 @@ def test_the_mean_at_full_batch_variant_drafts_where_the_load_aware_k_goes_plain
     """`gpu_load.py --mean-full-mode`: at a full batch a near tie (k = 1 a shade cheaper than a plain step on the
     mean) drafts, where the load-aware k, pricing the p99 row, goes plain; a batch that only drains is priced by its
     p99 row in both."""
-    costs = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})
-    policy, variant = (
-        kind(costs, k_max=1, slots=64, prior_alpha=0.8) for kind in (LoadAwareK, gpu_load.MeanAtFullBatchK)
-    )
-    for schedule in (policy, variant):
-        for accepted in (4, 0) * 100:  # alpha measured at 0.8
-            schedule.next(4, accepted, 4)
+    policy, variant = near_tie(slots=64), near_tie(slots=64, kind=gpu_load.MeanAtFullBatchK)
     full = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64)
     assert (policy.k_for_step(full), variant.k_for_step(full)) == (0, 1)
 

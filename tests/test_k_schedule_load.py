@@ -64,11 +64,11 @@ def test_the_choice_by_hand_drafts_at_one_row_and_not_at_a_full_batch():
     assert schedule.k_for_step(caught_up(64)) == 0
 
 
-def near_tie(slots: int) -> LoadAwareK:
+def near_tie(slots: int, kind: type[LoadAwareK] = LoadAwareK) -> LoadAwareK:
     """At 64 rows k = 1 is a shade cheaper than a plain step on the mean: 3.6 s for 1.83 tokens, against 2 s for 1;
-    alpha measured at 0.8 on 200 rows' steps (the bound is 0.83)."""
+    alpha measured at 0.8 on 200 rows' steps (the bound is 0.83). `kind`: the policy, or a variant of it."""
     costs = StepCosts(verify_s={64: {1: 2.0, 2: 3.4}}, draft_s={64: {"draft": 0.2}})
-    schedule = LoadAwareK(costs, k_max=1, slots=slots, prior_alpha=0.8)
+    schedule = kind(costs, k_max=1, slots=slots, prior_alpha=0.8)
     for accepted in (4, 0) * 100:
         schedule.next(4, accepted, 4)
     return schedule
