@@ -37,6 +37,7 @@ import pstats
 import statistics
 import time
 import traceback
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -343,16 +344,13 @@ class MeanWhileDrainingK(LoadAwareK):
         self.draining = False
 
 
-class MeanAtFullBatchK(LoadAwareK):
-    """The load-aware k that prices a full batch by the mean, as below it (the policy before its p99 row's price),
-    the drain still by its p99 row: served beside it to measure what that price costs where output limits spread
-    (benchmarks/NOTES.md, session thirty-one: there the baseline's own rows already spread, and a fixed k = 2 beat
-    it at saturation where the policy kept to plain steps)."""
+class LimitsBlindK(LoadAwareK):
+    """The load-aware k that prices a full or draining batch by its p99 row as if every row had the same output limit
+    (the policy before the limits' scatter entered that price), served beside it to measure what the scatter
+    changes where limits spread."""
 
     def priced_tokens(self, k: int, state) -> float:
-        if self.draining:
-            return super().priced_tokens(k, state)
-        return tokens_per_step(self.alpha_bound, k)
+        return super().priced_tokens(k, replace(state, output_tokens_std=0.0))
 
 
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
@@ -423,7 +421,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes += ["plain"] if args.plain_mode else []
     served_modes += ["occupancy"] if args.occupancy_mode else []
     served_modes += ["meandrain"] if args.mean_drain_mode else []
-    served_modes += ["meanfull"] if args.mean_full_mode else []
+    served_modes += ["limitsblind"] if args.limits_blind_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -439,7 +437,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             requests = _requests(args, rate, prompts, seed)
             # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
             policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK,
-                        "meanfull": MeanAtFullBatchK}  # fmt: skip
+                        "limitsblind": LimitsBlindK}  # fmt: skip
             schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for mode in modes:
@@ -610,8 +608,8 @@ def main() -> None:
     parser.add_argument("--plain-mode", action="store_true", help="k_schedule: also serve with plain steps only")
     parser.add_argument("--mean-drain-mode", action="store_true",
                         help="k_schedule: also serve the drain priced by the mean (`meandrain`)")  # fmt: skip
-    parser.add_argument("--mean-full-mode", action="store_true",
-                        help="k_schedule: also serve a full batch priced by the mean (`meanfull`)")  # fmt: skip
+    parser.add_argument("--limits-blind-mode", action="store_true",
+                        help="k_schedule: also serve the p99 row's price blind to the limits' scatter (`limitsblind`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,11 +153,11 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
 
 def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
     """`gpu_load.py --quick` under the collection log: --quick's small shapes, but the rates given explicitly; the
-    mean-at-full-batch variant served beside the load-aware k."""
+    variant blind to the limits' scatter served beside the load-aware k."""
     load = tmp_path / "load"
     done = run_script(
         bare_clone, "benchmarks/gc_in_run.py", f"--out={tmp_path}", "--script", "benchmarks/gpu_load.py",
-        "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5", "--mean-full-mode",
+        "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5", "--limits-blind-mode",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = tmp_path.glob("gc-in-run-*-frozen-heap.json")
@@ -166,24 +167,19 @@ def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_value
     served = json.loads((load / "gpu_load.json").read_text())
     assert (served["settings"]["k_rates"], served["settings"]["max_batch"]) == ("[5.0]", "4")
     assert "error" not in served["k_schedule"] and "alpha0.8_rate5" in served["k_schedule"]
-    assert set(served["k_schedule"]["alpha0.8_rate5"]["verdict"]) == {"load", "meanfull"}  # the variant beside it
+    assert set(served["k_schedule"]["alpha0.8_rate5"]["verdict"]) == {"load", "limitsblind"}  # the variant beside it
 
 
-def test_the_mean_at_full_batch_variant_drafts_where_the_load_aware_k_goes_plain():
-    """`gpu_load.py --mean-full-mode`: at a full batch a near tie (k = 1 a shade cheaper than a plain step on the
-    mean) drafts, where the load-aware k, pricing the p99 row, goes plain; a batch that only drains is priced by its
-    p99 row in both."""
-    policy, variant = near_tie(slots=64), near_tie(slots=64, kind=gpu_load.MeanAtFullBatchK)
-    full = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64)
-    assert (policy.k_for_step(full), variant.k_for_step(full)) == (0, 1)
-
-    def below_full(now_s: float) -> StepState:  # 32 rows; 3 requests arrived at the start of the trace
-        return StepState(32, unread_tokens=0, remaining_tokens=32, output_tokens=64, now_s=now_s, arrived=3)
-
-    assert (policy.k_for_step(below_full(10.0)), variant.k_for_step(below_full(10.0))) == (1, 1)
-    # none arrived over the last lifetime (63 decoded tokens at plain steps of 2 s): the drain, priced by its p99 row
-    assert (policy.k_for_step(below_full(137.0)), variant.k_for_step(below_full(137.0))) == (0, 0)
-    assert variant.draining
+def test_the_variant_blind_to_the_limits_scatter_goes_plain_where_the_load_aware_k_drafts():
+    """`gpu_load.py --limits-blind-mode`: a full batch whose rows' limits spread, at a near tie (k = 1 a shade cheaper
+    than a plain step on the mean), drafts under the load-aware k and goes plain under the variant; with equal
+    limits both go plain."""
+    policy, variant = near_tie(slots=64), near_tie(slots=64, kind=gpu_load.LimitsBlindK)
+    spread = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64, output_tokens_std=18.5)
+    assert (policy.k_for_step(spread), variant.k_for_step(spread)) == (1, 0)
+    equal = replace(spread, output_tokens_std=0.0)
+    assert (policy.k_for_step(equal), variant.k_for_step(equal)) == (0, 0)
+    assert variant.priced_tokens(1, spread) == policy.priced_tokens(1, equal)
 
 
 def test_gc_in_run_marks_every_module_that_freezes_the_heap():

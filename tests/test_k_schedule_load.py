@@ -4,6 +4,7 @@ speculative decoder's plain steps (k = 0) and changing k, exact against lone dec
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 
 import pytest
@@ -86,6 +87,26 @@ def test_at_a_full_batch_drafting_is_priced_by_the_row_unlucky_at_p99():
     assert full.seconds_per_token(1, state) == pytest.approx(3.6 * unlucky_steps / 63)
     assert full.seconds_per_token(0, state) == pytest.approx(2.0)  # a plain step yields one token, full or not
     assert full.k_for_step(state) == 0
+
+
+def test_where_the_limits_spread_the_p99_rows_luck_adds_to_their_scatter_in_variance():
+    """Rows whose output limits differ leave apart under the baseline too: the unlucky row's steps past the mean, a,
+    and the limits' scatter at p99, b (in steps at k), add in variance, so drafting is priced at mean + hypot(a, b) - b
+    steps, between the mean and the p99 row, nearer the mean the more the limits spread."""
+    schedule = near_tie(slots=64)
+
+    def full(limits_std: float) -> StepState:
+        return StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64, output_tokens_std=limits_std)
+
+    alpha = round(schedule.alpha_bound, 3)
+    mean_tokens = 1 + alpha
+    mean_steps, unlucky_steps = 63 / mean_tokens, quantile_steps(alpha, 1, 63)
+    luck, scatter = unlucky_steps - mean_steps, 2.326348 * 18.5 / mean_tokens  # z99 = 2.326
+    assert schedule.priced_tokens(1, full(18.5)) == pytest.approx(63 / (mean_steps + math.hypot(luck, scatter) - scatter))
+    assert schedule.priced_tokens(1, full(0.0)) == pytest.approx(63 / unlucky_steps)  # equal limits: the p99 row
+    prices = [schedule.priced_tokens(1, full(limits_std)) for limits_std in (0.0, 4.0, 18.5, 1000.0)]
+    assert prices == sorted(prices) and prices[-1] == pytest.approx(mean_tokens, rel=1e-3)
+    assert schedule.k_for_step(full(18.5)) == 1 and schedule.k_for_step(full(0.0)) == 0
 
 
 def test_a_batch_the_arrivals_will_fill_is_priced_as_the_full_batch_it_will_be():

@@ -342,13 +342,15 @@ class SpeculativeDecoder:
 
     def _state(self, rows: list[Row | None], occupancy: int) -> StepState:
         """What the step policy sees: the occupancy, what the drafters have not read, the rows' remaining tokens and
-        output limits, and the arrivals the scheduler counted."""
+        output limits (their mean and spread), and the arrivals the scheduler counted."""
         running = [row for row in rows if row is not None]
         remaining = sum(row.max_new_tokens - len(row.result.tokens) for row in running)
-        limits = sum(row.max_new_tokens for row in running)
+        limits = [row.max_new_tokens for row in running]
         per_row = max(occupancy, 1)
+        mean_limit = sum(limits) / per_row
+        limits_std = (sum((limit - mean_limit) ** 2 for limit in limits) / per_row) ** 0.5  # not `statistics`: exact, slow
         unread = self._unread_tokens(rows, occupancy)
-        return StepState(occupancy, unread, remaining / per_row, limits / per_row, *self.arrivals)
+        return StepState(occupancy, unread, remaining / per_row, mean_limit, *self.arrivals, limits_std)
 
     def _unread_tokens(self, rows: list[Row | None], occupancy: int) -> int:
         """Tokens the drafters must read before they draft: the joined rows', and the plain steps' of the others."""

@@ -38,6 +38,7 @@ class StepState:
     output_tokens: float  # the running rows' output limits, on average
     now_s: float = 0.0  # seconds since the served trace started (0 outside one)
     arrived: int = 0  # requests of the trace that had arrived by `now_s`, running, waiting or done
+    output_tokens_std: float = 0.0  # the running rows' output limits' standard deviation
 
 
 class StepPolicy(Protocol):

@@ -7,7 +7,7 @@ running row,
 
     r(k, b) (k c(b) + v(b, k + 1)) / E(alpha, k)  [+ R(u) / T when k > 0 and u > 0],
     E = (1 - alpha^(k+1)) / (1 - alpha), E(alpha, 0) = 1 (alpha: the upper end of its interval, below),
-    at a full batch E = n / S99(alpha, k, n) instead (below),
+    at a full batch E = n / (the steps of its row unlucky at p99) instead (below),
 
 with c(b) the measured draft step and v(b, n) the measured verifier pass over n tokens per
 row (interpolated in log b between the measured batch sizes, `load.model.interpolate_log_batch`).
@@ -64,6 +64,16 @@ k (README, "Load-aware k"). Below a full batch the mean stands: there drafting k
 short, which the tail price does not see (priced so at every step on the H200, it went plain at
 44-56 of 128 rows at 64 requests/s and ran 1.19x the best fixed k).
 
+Where the rows' output limits differ, their departures are scattered already under the baseline, and
+a row's luck adds to that scatter instead of making it. Independent spreads add in variance, so the
+unlucky row is priced at n / E + hypot(a, b) - b steps: a = S99 - n / E is the luck's share at p99,
+and b the limits' own at p99, in steps at k (z99 times their standard deviation, over E, as if
+normal). With equal limits b = 0 and this is S99. With limits spread as `vllm bench serve
+--random-range-ratio 0.5` spreads them (64 +- 32 tokens), k = 2 at alpha 0.8 is priced about 2% over
+the mean, not 16%. Priced by S99 there, on the H100 at 256 requests/s, the policy kept to plain steps
+while a fixed k = 2 beat the baseline by 3-6% on three traces: the baseline's own p99 TPOT was
+1.30-1.36x its mean, and k = 2 added only 1.06-1.08x to that (benchmarks/NOTES.md, session thirty-one).
+
 A batch the arrivals will fill is priced as the full batch it will be, at every step while it fills
 up: its occupancy is taken to be the slots when the arrival rate over the last request lifetime L
 (a row's output at full-batch plain steps) times L, the rows those arrivals keep busy by Little's
@@ -86,18 +96,21 @@ requests/s, 1.07x the baseline's p99 TPOT; 11 of its 16 drafting steps, of 126, 
 from __future__ import annotations
 
 import statistics
+import math
 from collections import deque
 from dataclasses import replace
+from statistics import NormalDist
 
 from specbench.engine.costs import CostLine, StepCosts
 from specbench.engine.schedule import StepState
 from specbench.intervals import wilson_interval
 from specbench.load.metrics import occupancy_bucket_index
-from specbench.load.model import interpolate_log_batch, quantile_steps
+from specbench.load.model import TAIL_QUANTILE, interpolate_log_batch, quantile_steps
 from specbench.speedup_model import tokens_per_step
 
 RATIO_WINDOW = 32  # the corrections are medians of this many recent steps; a read's weight in R falls by 1/32 a read
 RATE_ARRIVALS = 8  # fewer arrivals than this in the window give no rate (its relative error would pass a third)
+TAIL_Z = NormalDist().inv_cdf(TAIL_QUANTILE)  # how many standard deviations a normal law's p99 lies above its mean
 
 
 class LoadAwareK:
@@ -182,12 +195,18 @@ class LoadAwareK:
 
     def priced_tokens(self, k: int, state: StepState) -> float:
         """Tokens a step at `k` is priced to yield a row, at `alpha_bound`: the mean, or at a full batch or one that
-        only drains what it yields the row unlucky at p99 over the rows' decoded tokens."""
+        only drains what it yields the row unlucky at p99 over the rows' decoded tokens, its luck added in variance
+        to the scatter of the rows' output limits."""
         if k == 0 or (state.occupancy < self.slots and not self.draining):
             return tokens_per_step(self.alpha_bound, k)
         decoded = max(round(state.output_tokens) - 1, 1)  # the first token is the prefill's
         # alpha rounded so that the cached quantile is reused while the bound drifts (a price changed < 0.1%)
-        return decoded / quantile_steps(round(self.alpha_bound, 3), k, decoded)
+        alpha = round(self.alpha_bound, 3)
+        mean_tokens = tokens_per_step(alpha, k)
+        mean_steps = decoded / mean_tokens
+        luck = max(quantile_steps(alpha, k, decoded) - mean_steps, 0.0)  # the unlucky row's steps past the mean
+        scatter = TAIL_Z * state.output_tokens_std / mean_tokens  # the limits' scatter at p99, in steps at k
+        return decoded / (mean_steps + math.hypot(luck, scatter) - scatter)
 
     def observe_arrivals(self, state: StepState) -> None:
         """Update `demand_rows` by Little's law: the trace's arrival rate over the last request lifetime (a row's
