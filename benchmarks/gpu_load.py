@@ -64,7 +64,7 @@ from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics, mode_metrics
 from specbench.load.model import served_predictions
 from specbench.load.trace import arrival_times
-from specbench.speedup_model import full_step_alpha, tokens_per_step
+from specbench.speedup_model import full_step_alpha
 from specbench.testing import ScriptedPolicy, StepClock, make_model
 
 TOKENIZER_VOCAB = 50257
@@ -609,7 +609,7 @@ def main() -> None:
     parser.add_argument("--mean-drain-mode", action="store_true",
                         help="k_schedule: also serve the drain priced by the mean (`meandrain`)")  # fmt: skip
     parser.add_argument("--limits-blind-mode", action="store_true",
-                        help="k_schedule: also serve the p99 row's price blind to the limits' scatter (`limitsblind`)")  # fmt: skip
+                        help="k_schedule: also serve the p99 price blind to spread limits (`limitsblind`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],

@@ -102,7 +102,8 @@ def test_where_the_limits_spread_the_p99_rows_luck_adds_to_their_scatter_in_vari
     mean_tokens = 1 + alpha
     mean_steps, unlucky_steps = 63 / mean_tokens, quantile_steps(alpha, 1, 63)
     luck, scatter = unlucky_steps - mean_steps, 2.326348 * 18.5 / mean_tokens  # z99 = 2.326
-    assert schedule.priced_tokens(1, full(18.5)) == pytest.approx(63 / (mean_steps + math.hypot(luck, scatter) - scatter))
+    priced_steps = mean_steps + math.hypot(luck, scatter) - scatter
+    assert schedule.priced_tokens(1, full(18.5)) == pytest.approx(63 / priced_steps)
     assert schedule.priced_tokens(1, full(0.0)) == pytest.approx(63 / unlucky_steps)  # equal limits: the p99 row
     prices = [schedule.priced_tokens(1, full(limits_std)) for limits_std in (0.0, 4.0, 18.5, 1000.0)]
     assert prices == sorted(prices) and prices[-1] == pytest.approx(mean_tokens, rel=1e-3)

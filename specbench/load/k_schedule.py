@@ -95,8 +95,8 @@ requests/s, 1.07x the baseline's p99 TPOT; 11 of its 16 drafting steps, of 126, 
 
 from __future__ import annotations
 
-import statistics
 import math
+import statistics
 from collections import deque
 from dataclasses import replace
 from statistics import NormalDist
