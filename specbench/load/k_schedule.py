@@ -69,10 +69,11 @@ a row's luck adds to that scatter instead of making it. Independent spreads add 
 unlucky row is priced at n / E + hypot(a, b) - b steps: a = S99 - n / E is the luck's share at p99,
 and b the limits' own at p99, in steps at k (z99 times their standard deviation, over E, as if
 normal). With equal limits b = 0 and this is S99. With limits spread as `vllm bench serve
---random-range-ratio 0.5` spreads them (64 +- 32 tokens), k = 2 at alpha 0.8 is priced about 2% over
-the mean, not 16%. Priced by S99 there, on the H100 at 256 requests/s, the policy kept to plain steps
+--random-range-ratio 0.5` spreads them (64 +- 32 tokens), k = 2 at alpha 0.8 is priced 3% over the
+mean, not 20%. Priced by S99 there, on the H100 at 256 requests/s, the policy kept to plain steps
 while a fixed k = 2 beat the baseline by 3-6% on three traces: the baseline's own p99 TPOT was
 1.30-1.36x its mean, and k = 2 added only 1.06-1.08x to that (benchmarks/NOTES.md, session thirty-one).
+Priced so, it drafted there and ran 0.98x-1.007x the baseline's p99, against 1.006x-1.029x (session thirty-two).
 
 A batch the arrivals will fill is priced as the full batch it will be, at every step while it fills
 up: its occupancy is taken to be the slots when the arrival rate over the last request lifetime L
