@@ -41,6 +41,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import scipy.stats
 import torch
 import transformers
 from gpu import architectures, build, device_step_ms
@@ -353,6 +354,22 @@ class LimitsBlindK(LoadAwareK):
         return super().priced_tokens(k, replace(state, output_tokens_std=0.0))
 
 
+class CautiousAtFullBatchK(LoadAwareK):
+    """The load-aware k that, at a full or draining batch, corrects a drafting k by the upper end of its correction's
+    95% interval (an order statistic of the recent measured/modelled ratios) instead of their median, so that a tie
+    within the corrections' noise goes plain there: a wrong draft at a full batch costs every running row's tail, a
+    wrong plain step a few percent of the mean. Served beside the policy to measure the near tie at a full batch
+    with equal limits (benchmarks/NOTES.md, session thirty-two)."""
+
+    def correction(self, k: int, occupancy: int) -> float:
+        key = self.correction_key(k, occupancy)
+        if k == 0 or key is None or (occupancy < self.slots and not self.draining):
+            return super().correction(k, occupancy)
+        ratios = sorted(self.recent_ratios(key))
+        upper = int(scipy.stats.binom.ppf(0.975, len(ratios), 0.5))  # the median's upper bound, as an order statistic
+        return ratios[min(upper, len(ratios) - 1)]
+
+
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
            join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
@@ -422,6 +439,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes += ["occupancy"] if args.occupancy_mode else []
     served_modes += ["meandrain"] if args.mean_drain_mode else []
     served_modes += ["limitsblind"] if args.limits_blind_mode else []
+    served_modes += ["cautious"] if args.cautious_full_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -437,7 +455,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             requests = _requests(args, rate, prompts, seed)
             # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
             policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK,
-                        "limitsblind": LimitsBlindK}  # fmt: skip
+                        "limitsblind": LimitsBlindK, "cautious": CautiousAtFullBatchK}  # fmt: skip
             schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for mode in modes:
@@ -610,6 +628,8 @@ def main() -> None:
                         help="k_schedule: also serve the drain priced by the mean (`meandrain`)")  # fmt: skip
     parser.add_argument("--limits-blind-mode", action="store_true",
                         help="k_schedule: also serve the p99 price blind to spread limits (`limitsblind`)")  # fmt: skip
+    parser.add_argument("--cautious-full-mode", action="store_true",
+                        help="k_schedule: also serve a full batch at r's upper bound (`cautious`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],

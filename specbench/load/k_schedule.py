@@ -247,14 +247,23 @@ class LoadAwareK:
         """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
         borrows the nearest drafting step's (the nearest bucket, then the nearest k), and a plain step, or any
         k before a drafting step ran, keeps the surface (r = 1)."""
+        key = self.correction_key(k, occupancy)
+        return 1.0 if key is None else self._ratio[key]
+
+    def correction_key(self, k: int, occupancy: int) -> tuple[int, int] | None:
+        """The (k, bucket) whose steps correct k at `occupancy`: its own, else for a drafting k the nearest drafting
+        step's (the nearest bucket, then the nearest k); None where the surface stands."""
         bucket = occupancy_bucket_index(occupancy)
         if (k, bucket) in self._ratio:
-            return self._ratio[(k, bucket)]
+            return (k, bucket)
         drafted = [key for key in self._ratio if key[0]]
         if k == 0 or not drafted:
-            return 1.0
-        nearest = min(drafted, key=lambda key: (abs(key[1] - bucket), abs(key[0] - k), key))
-        return self._ratio[nearest]
+            return None
+        return min(drafted, key=lambda key: (abs(key[1] - bucket), abs(key[0] - k), key))
+
+    def recent_ratios(self, key: tuple[int, int]) -> list[float]:
+        """The measured over modelled seconds of the recent steps at `key` (k, bucket), the surface's 1 first."""
+        return list(self._ratios[key])
 
     def modelled_step_s(self, k: int, occupancy: int) -> float:
         """Seconds of a step at `k` with `occupancy` rows, from the measured surface alone."""
