@@ -280,8 +280,10 @@ def test_plain_and_speculative_steps_mixed_decode_every_request_as_if_alone(arch
         assert record.tokens == alone(reference, request, settings), request.request_id
         assert len(row.k_per_step) == len(row.offered_per_step) == row.steps == row.verifier_calls - 1
     assert [step.k for step in result.steps] == [k for k, _, _ in policy.observed]
-    # the policy sees the running rows' output limits, on average: requests 0 and 1 (12 and 20) first, the last alone
+    # the policy sees the running rows' output limits, their mean and spread: requests 0 and 1 (12 and 20) first, the
+    # last alone
     assert (policy.states[0].output_tokens, policy.states[-1].output_tokens) == (16, 5)
+    assert (policy.states[0].output_tokens_std, policy.states[-1].output_tokens_std) == (4, 0)
     # and the scheduler's clock with the requests arrived by then: all of them once the last one runs
     arrivals = sorted(request.arrival_s for request in requests())
     assert all(state.arrived == sum(at <= state.now_s for at in arrivals) for state in policy.states)
