@@ -370,6 +370,11 @@ class CautiousAtFullBatchK(LoadAwareK):
         return ratios[min(upper, len(ratios) - 1)]
 
 
+# the schedules that learn, by mode name: the policy, and the variants served beside it to measure one of its prices
+LEARNERS = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK,
+            "limitsblind": LimitsBlindK, "cautious": CautiousAtFullBatchK}  # fmt: skip
+
+
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
            join_delay_factor: float = 0.0, joins: str = "eager"):  # fmt: skip
     """Serve `requests` with continuous batching: the baseline without drafters, else k (or a schedule) drafted;
@@ -454,12 +459,10 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
             # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
-            policies = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK,
-                        "limitsblind": LimitsBlindK, "cautious": CautiousAtFullBatchK}  # fmt: skip
             schedules = {}  # by mode
             warm = [EngineRequest(i, 0.0, prompts[i], 8, seed=i) for i in range(min(8, len(prompts)))]
             for mode in modes:
-                policy = policies.get(mode.partition("@")[0])
+                policy = LEARNERS.get(mode.partition("@")[0])
                 if policy is not None:
                     schedules[mode] = policy(costs, k_max, args.max_batch)
                     _serve(verifier, [oracle], warm, schedules[mode], args.max_batch)
@@ -517,7 +520,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             def per_schedule(values: dict) -> object:  # `load` alone: the keys of earlier results files
                 return values["load"] if list(values) == ["load"] else values
 
-            name = f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
+            name = _point_name(alpha, rate, seed)
             corrections = {mode: {f"k{k}_bucket{bucket}": r for (k, bucket), r in schedule.corrections.items()}
                            for mode, schedule in schedules.items()}  # fmt: skip
             results[name] = {
@@ -534,8 +537,39 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             oracle.off_path_steps = 0
             print(f"[k_schedule {name}] {json.dumps(verdicts)} k share {share}", flush=True)
             (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
+        if len(args.trace_seeds) > 1:  # one k fixed for a rate, as a user fixes it before the trace comes
+            learners = [mode for mode in modes if mode.partition("@")[0] in LEARNERS]
+            for rate in args.k_rates:
+                points = [results[_point_name(alpha, rate, seed)] for seed in args.trace_seeds]
+                results[_point_name(alpha, rate, 0) + "_over_traces"] = _verdict_over_traces(points, learners, modes)
     results["graphs_captured_while_timed"] = _graph_count(verifier, cost) - graphs
     return results
+
+
+def _point_name(alpha: float, rate: float, seed: int) -> str:
+    """The results key of one (alpha, rate, trace) of the k_schedule section (past seed 0: _traceN)."""
+    return f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
+
+
+def _verdict_over_traces(points: list[dict], learners: list[str], modes: list[str]) -> dict:
+    """Each learner's p99 TPOT over the traces of one rate against the baseline's and against the one fixed k a user
+    would fix for the rate, the fixed k with the lowest: ratios of geometric means of the traces' medians (a best
+    fixed k picked per trace is picked after the fact)."""
+
+    def over_traces(mode: str) -> float:
+        return statistics.geometric_mean(point["table"][mode]["tpot_ms_p99"]["median"] for point in points)
+
+    verdicts = {}
+    for learner in learners:
+        fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == _gate_of(learner)]
+        best = min(fixed, key=over_traces)
+        verdicts[learner] = {
+            "traces": len(points),
+            "load_over_baseline": over_traces(learner) / over_traces("baseline" + _gate_suffix(_gate_of(learner))),
+            "best_fixed": best,
+            "load_over_best_fixed": over_traces(learner) / over_traces(best),
+        }
+    return verdicts
 
 
 def _gate_suffix(joins: str) -> str:

@@ -153,12 +153,13 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
 
 def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
     """`gpu_load.py --quick` under the collection log: --quick's small shapes, but the rates given explicitly; the
-    variants blind to the limits' scatter and cautious at a full batch served beside the load-aware k."""
+    variants blind to the limits' scatter and cautious at a full batch served beside the load-aware k, over two
+    traces."""
     load = tmp_path / "load"
     done = run_script(
         bare_clone, "benchmarks/gc_in_run.py", f"--out={tmp_path}", "--script", "benchmarks/gpu_load.py",
         "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5", "--limits-blind-mode",
-        "--cautious-full-mode",
+        "--cautious-full-mode", "--trace-seeds", "0", "1",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = tmp_path.glob("gc-in-run-*-frozen-heap.json")
@@ -170,6 +171,8 @@ def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_value
     assert "error" not in served["k_schedule"] and "alpha0.8_rate5" in served["k_schedule"]
     verdicts = served["k_schedule"]["alpha0.8_rate5"]["verdict"]
     assert set(verdicts) == {"load", "limitsblind", "cautious"}  # the variants beside it
+    over_traces = served["k_schedule"]["alpha0.8_rate5_over_traces"]  # two traces: one k fixed for the rate too
+    assert set(over_traces) == {"load", "limitsblind", "cautious"} and over_traces["load"]["traces"] == 2
 
 
 def test_the_variant_blind_to_the_limits_scatter_goes_plain_where_the_load_aware_k_drafts():
@@ -202,6 +205,21 @@ def test_the_cautious_variant_goes_plain_where_a_full_batch_is_a_tie_within_the_
     assert [schedule.k_for_step(spread) for schedule in noisy] == [1, 0]
     assert [schedule.k_for_step(below) for schedule in noisy] == [1, 1]
     assert [schedule.k_for_step(spread) for schedule in alike] == [1, 1]
+
+
+def test_the_verdict_over_traces_fixes_one_k_for_the_rate():
+    """Over the traces of a rate the fixed k is the one with the lowest geometric mean of the traces' p99 TPOT
+    medians, not each trace's best: here k = 2 (12 and 12 ms) over k = 4 (10 and 16), though k = 4 won trace one."""
+
+    def point(baseline: float, k2: float, k4: float, load: float) -> dict:
+        medians = {"baseline": baseline, "k2": k2, "k4": k4, "load": load}
+        return {"table": {mode: {"tpot_ms_p99": {"median": value}} for mode, value in medians.items()}}
+
+    points = [point(20.0, 12.0, 10.0, 11.0), point(20.0, 12.0, 16.0, 13.0)]
+    [verdict] = gpu_load._verdict_over_traces(points, ["load"], ["baseline", "k2", "k4", "load"]).values()
+    assert verdict["best_fixed"] == "k2" and verdict["traces"] == 2
+    assert verdict["load_over_best_fixed"] == pytest.approx((11 * 13) ** 0.5 / 12)
+    assert verdict["load_over_baseline"] == pytest.approx((11 * 13) ** 0.5 / 20)
 
 
 def test_gc_in_run_marks_every_module_that_freezes_the_heap():
