@@ -37,6 +37,7 @@ import pstats
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -499,20 +500,12 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                         chosen[mode] += ks
                         switches[mode].append(sum(a == 0 < b for a, b in itertools.pairwise(ks)))  # plain -> drafting
             table = {mode: {key: spread([run[key] for run in runs[mode]]) for key in keys} for mode in modes}
-            verdicts = {}
-            for learner in schedules:  # each learning schedule against the baseline and the fixed k of its gate
-                suffix = _gate_suffix(_gate_of(learner))
-                fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == _gate_of(learner)]
-                verdict = {}
-                for key in ("tpot_ms_p50", "tpot_ms_p99", "tpot_ms_p99_after_fill", "e2el_ms_p99"):
-                    load_value = table[learner][key]["median"]
-                    best = min(fixed, key=lambda mode, key=key: table[mode][key]["median"])
-                    verdict[key] = {
-                        "load_over_baseline": load_value / table["baseline" + suffix][key]["median"],
-                        "best_fixed": best,
-                        "load_over_best_fixed": load_value / table[best][key]["median"],
-                    }
-                verdicts[learner] = verdict
+            keys_judged = ("tpot_ms_p50", "tpot_ms_p99", "tpot_ms_p99_after_fill", "e2el_ms_p99")
+            verdicts = {  # each learning schedule against the baseline and the fixed k of its gate
+                learner: {key: _verdict(learner, modes, lambda mode, key=key, table=table: table[mode][key]["median"])
+                          for key in keys_judged}
+                for learner in schedules
+            }  # fmt: skip
             share = {mode: {k: ks.count(k) / len(ks) for k in sorted(set(ks))} if ks else {}
                      for mode, ks in chosen.items()}  # fmt: skip
             alphas = {mode: schedule.alpha for mode, schedule in schedules.items()}
@@ -559,17 +552,19 @@ def _verdict_over_traces(points: list[dict], learners: list[str], modes: list[st
     def over_traces(mode: str) -> float:
         return statistics.geometric_mean(point["table"][mode]["tpot_ms_p99"]["median"] for point in points)
 
-    verdicts = {}
-    for learner in learners:
-        fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == _gate_of(learner)]
-        best = min(fixed, key=over_traces)
-        verdicts[learner] = {
-            "traces": len(points),
-            "load_over_baseline": over_traces(learner) / over_traces("baseline" + _gate_suffix(_gate_of(learner))),
-            "best_fixed": best,
-            "load_over_best_fixed": over_traces(learner) / over_traces(best),
-        }
-    return verdicts
+    return {learner: {"traces": len(points), **_verdict(learner, modes, over_traces)} for learner in learners}
+
+
+def _verdict(learner: str, modes: list[str], value: Callable[[str], float]) -> dict:
+    """A learner's `value` (lower is better) over the baseline's and over the best fixed k's, both of its join
+    gate."""
+    fixed = [mode for mode in modes if mode.startswith("k") and _gate_of(mode) == _gate_of(learner)]
+    best = min(fixed, key=value)
+    return {
+        "load_over_baseline": value(learner) / value("baseline" + _gate_suffix(_gate_of(learner))),
+        "best_fixed": best,
+        "load_over_best_fixed": value(learner) / value(best),
+    }
 
 
 def _gate_suffix(joins: str) -> str:
