@@ -42,7 +42,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import scipy.stats
 import torch
 import transformers
 from gpu import architectures, build, device_step_ms
@@ -355,25 +354,19 @@ class LimitsBlindK(LoadAwareK):
         return super().priced_tokens(k, replace(state, output_tokens_std=0.0))
 
 
-class CautiousAtFullBatchK(LoadAwareK):
-    """The load-aware k that, at a full or draining batch, corrects a drafting k by the upper end of its correction's
-    95% interval (an order statistic of the recent measured/modelled ratios) instead of their median, so that a tie
-    within the corrections' noise goes plain there: a wrong draft at a full batch costs every running row's tail, a
-    wrong plain step a few percent of the mean. Served beside the policy to measure the near tie at a full batch
-    with equal limits (benchmarks/NOTES.md, session thirty-two)."""
+class MedianAtFullBatchK(LoadAwareK):
+    """The load-aware k that corrects a drafting k at a full or draining batch by the median of its recent ratios, as
+    below it (the policy before the upper end of that median's interval priced it there), served beside it to
+    measure what the caution costs where drafting pays at a full batch."""
 
     def correction(self, k: int, occupancy: int) -> float:
         key = self.correction_key(k, occupancy)
-        if k == 0 or key is None or (occupancy < self.slots and not self.draining):
-            return super().correction(k, occupancy)
-        ratios = sorted(self.recent_ratios(key))
-        upper = int(scipy.stats.binom.ppf(0.975, len(ratios), 0.5))  # the median's upper bound, as an order statistic
-        return ratios[min(upper, len(ratios) - 1)]
+        return 1.0 if key is None else statistics.median(self.recent_ratios(key))
 
 
 # the schedules that learn, by mode name: the policy, and the variants served beside it to measure one of its prices
 LEARNERS = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK,
-            "limitsblind": LimitsBlindK, "cautious": CautiousAtFullBatchK}  # fmt: skip
+            "limitsblind": LimitsBlindK, "medianfull": MedianAtFullBatchK}  # fmt: skip
 
 
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
@@ -445,7 +438,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes += ["occupancy"] if args.occupancy_mode else []
     served_modes += ["meandrain"] if args.mean_drain_mode else []
     served_modes += ["limitsblind"] if args.limits_blind_mode else []
-    served_modes += ["cautious"] if args.cautious_full_mode else []
+    served_modes += ["medianfull"] if args.median_full_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -657,8 +650,8 @@ def main() -> None:
                         help="k_schedule: also serve the drain priced by the mean (`meandrain`)")  # fmt: skip
     parser.add_argument("--limits-blind-mode", action="store_true",
                         help="k_schedule: also serve the p99 price blind to spread limits (`limitsblind`)")  # fmt: skip
-    parser.add_argument("--cautious-full-mode", action="store_true",
-                        help="k_schedule: also serve a full batch at r's upper bound (`cautious`)")  # fmt: skip
+    parser.add_argument("--median-full-mode", action="store_true",
+                        help="k_schedule: also serve a full batch corrected at r's median (`medianfull`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],

@@ -153,13 +153,13 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
 
 def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
     """`gpu_load.py --quick` under the collection log: --quick's small shapes, but the rates given explicitly; the
-    variants blind to the limits' scatter and cautious at a full batch served beside the load-aware k, over two
-    traces."""
+    variants blind to the limits' scatter and corrected at the median at a full batch served beside the load-aware
+    k, over two traces."""
     load = tmp_path / "load"
     done = run_script(
         bare_clone, "benchmarks/gc_in_run.py", f"--out={tmp_path}", "--script", "benchmarks/gpu_load.py",
         "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5", "--limits-blind-mode",
-        "--cautious-full-mode", "--trace-seeds", "0", "1",
+        "--median-full-mode", "--trace-seeds", "0", "1",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = tmp_path.glob("gc-in-run-*-frozen-heap.json")
@@ -170,9 +170,9 @@ def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_value
     assert (served["settings"]["k_rates"], served["settings"]["max_batch"]) == ("[5.0]", "4")
     assert "error" not in served["k_schedule"] and "alpha0.8_rate5" in served["k_schedule"]
     verdicts = served["k_schedule"]["alpha0.8_rate5"]["verdict"]
-    assert set(verdicts) == {"load", "limitsblind", "cautious"}  # the variants beside it
+    assert set(verdicts) == {"load", "limitsblind", "medianfull"}  # the variants beside it
     over_traces = served["k_schedule"]["alpha0.8_rate5_over_traces"]  # two traces: one k fixed for the rate too
-    assert set(over_traces) == {"load", "limitsblind", "cautious"} and over_traces["load"]["traces"] == 2
+    assert set(over_traces) == {"load", "limitsblind", "medianfull"} and over_traces["load"]["traces"] == 2
 
 
 def test_the_variant_blind_to_the_limits_scatter_goes_plain_where_the_load_aware_k_drafts():
@@ -187,24 +187,17 @@ def test_the_variant_blind_to_the_limits_scatter_goes_plain_where_the_load_aware
     assert variant.priced_tokens(1, spread) == policy.priced_tokens(1, equal)
 
 
-def test_the_cautious_variant_goes_plain_where_a_full_batch_is_a_tie_within_the_corrections_noise():
-    """`gpu_load.py --cautious-full-mode`: at a full batch with spread limits k = 1 is 1% cheaper than a plain step at
-    the median correction; steps measured 6% either side of the surface put the correction's upper bound at 1.06,
-    where the variant goes plain. Below a full batch, or with steps measured alike, it chooses as the policy does."""
+def test_the_variant_corrected_at_the_median_drafts_where_the_load_aware_k_is_cautious_at_a_full_batch():
+    """`gpu_load.py --median-full-mode`: at a full batch with spread limits k = 1 is 1% cheaper than a plain step at
+    the median correction; with steps measured 6% either side of the surface the policy corrects it at 1.06, the
+    upper end of the median's interval, and goes plain, while the variant keeps the median and drafts."""
     spread = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64, output_tokens_std=18.5)
-    below = replace(spread, occupancy=32)
-    noisy = (near_tie(slots=64), near_tie(slots=64, kind=gpu_load.CautiousAtFullBatchK))
-    alike = (near_tie(slots=64), near_tie(slots=64, kind=gpu_load.CautiousAtFullBatchK))
-    for schedule in noisy:
+    policy, variant = near_tie(slots=64), near_tie(slots=64, kind=gpu_load.MedianAtFullBatchK)
+    for schedule in (policy, variant):
         for ratio in (0.94, 1.06) * 8:
             schedule.observe_step(1, 64, 3.6 * ratio)
-    for schedule in alike:
-        for _ in range(16):
-            schedule.observe_step(1, 64, 3.6)
-    assert noisy[0].correction(1, 64) == pytest.approx(1.0) and noisy[1].correction(1, 64) == pytest.approx(1.06)
-    assert [schedule.k_for_step(spread) for schedule in noisy] == [1, 0]
-    assert [schedule.k_for_step(below) for schedule in noisy] == [1, 1]
-    assert [schedule.k_for_step(spread) for schedule in alike] == [1, 1]
+    assert policy.correction(1, 64) == pytest.approx(1.06) and variant.correction(1, 64) == pytest.approx(1.0)
+    assert (policy.k_for_step(spread), variant.k_for_step(spread)) == (0, 1)
 
 
 def test_the_verdict_over_traces_fixes_one_k_for_the_rate():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -108,6 +109,24 @@ def test_where_the_limits_spread_the_p99_rows_luck_adds_to_their_scatter_in_vari
     prices = [schedule.priced_tokens(1, full(limits_std)) for limits_std in (0.0, 4.0, 18.5, 1000.0)]
     assert prices == sorted(prices) and prices[-1] == pytest.approx(mean_tokens, rel=1e-3)
     assert schedule.k_for_step(full(18.5)) == 1 and schedule.k_for_step(full(0.0)) == 0
+
+
+def test_at_a_full_batch_drafting_is_corrected_at_the_upper_end_of_its_corrections_interval():
+    """A wrong draft at a full batch costs every row's tail: there a drafting k's correction is the upper end of its
+    median's 95% interval. With spread limits k = 1 is 1% cheaper than a plain step at the median; steps measured
+    6% either side of the surface put that end at 1.06, and the full batch goes plain. Below a full batch the
+    median stands, and so it does where the steps were measured alike."""
+    spread = StepState(64, unread_tokens=0, remaining_tokens=32, output_tokens=64, output_tokens_std=18.5)
+    noisy, alike = near_tie(slots=64), near_tie(slots=64)
+    for ratio in (0.94, 1.06) * 8:
+        noisy.observe_step(1, 64, 3.6 * ratio)
+    for _ in range(16):
+        alike.observe_step(1, 64, 3.6)
+    assert noisy.corrections[(1, 6)] == pytest.approx(1.0)  # the median, 17 ratios with the surface's 1 first
+    assert noisy.correction(1, 64) == pytest.approx(1.06) and noisy.correction(0, 64) == 1.0
+    assert noisy.k_for_step(spread) == 0
+    assert noisy.correction(1, 32) == pytest.approx(1.0) and noisy.k_for_step(replace(spread, occupancy=32)) == 1
+    assert alike.correction(1, 64) == pytest.approx(1.0) and alike.k_for_step(spread) == 1
 
 
 def test_a_batch_the_arrivals_will_fill_is_priced_as_the_full_batch_it_will_be():

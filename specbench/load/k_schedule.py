@@ -75,6 +75,14 @@ while a fixed k = 2 beat the baseline by 3-6% on three traces: the baseline's ow
 1.30-1.36x its mean, and k = 2 added only 1.06-1.08x to that (benchmarks/NOTES.md, session thirty-one).
 Priced so, it drafted there and ran 0.98x-1.007x the baseline's p99, against 1.006x-1.029x (session thirty-two).
 
+Where a full or draining batch is judged by its p99 row, a drafting k is also corrected at the upper end of
+its r's 95% interval (an order statistic of the recent ratios, as a median's interval is), not at r itself:
+there a wrong draft costs every running row's tail, and a wrong plain step a few percent of the mean, so a
+choice within the corrections' noise goes plain. With equal limits on the H100 at 256 requests/s, k = 2
+priced at 10.7-11.1 ms a token at 128 rows, against a plain step's 10.9: corrected at the median, 2 of 6
+instances of the policy drafted there and ran 1.31x the baseline's p99 TPOT; corrected at the upper end,
+the one served beside the worse of them went plain at 98% of the steps and ran 1.019x (session thirty-two).
+
 A batch the arrivals will fill is priced as the full batch it will be, at every step while it fills
 up: its occupancy is taken to be the slots when the arrival rate over the last request lifetime L
 (a row's output at full-batch plain steps) times L, the rows those arrivals keep busy by Little's
@@ -102,6 +110,8 @@ from collections import deque
 from dataclasses import replace
 from statistics import NormalDist
 
+from scipy import stats
+
 from specbench.engine.costs import CostLine, StepCosts
 from specbench.engine.schedule import StepState
 from specbench.intervals import wilson_interval
@@ -112,6 +122,8 @@ from specbench.speedup_model import tokens_per_step
 RATIO_WINDOW = 32  # the corrections are medians of this many recent steps; a read's weight in R falls by 1/32 a read
 RATE_ARRIVALS = 8  # fewer arrivals than this in the window give no rate (its relative error would pass a third)
 TAIL_Z = NormalDist().inv_cdf(TAIL_QUANTILE)  # how many standard deviations a normal law's p99 lies above its mean
+# UPPER_RANK[n]: the index, in n sorted ratios, of the upper end of their median's 95% interval
+UPPER_RANK = [min(int(stats.binom.ppf(0.975, n, 0.5)), n - 1) for n in range(1, RATIO_WINDOW + 1)]
 
 
 class LoadAwareK:
@@ -136,6 +148,7 @@ class LoadAwareK:
         self._forced_steps = 0  # steps that drafted because that evidence was missing
         self._ratios: dict[tuple[int, int], deque[float]] = {}  # (k, bucket) -> recent measured/modelled seconds
         self._ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> their median, r(k, b)
+        self._upper_ratio: dict[tuple[int, int], float] = {}  # (k, bucket) -> the upper end of r's 95% interval
         self._reads = CostLine(RATIO_WINDOW)  # R(u), fitted to the drafters' recent reads
         self._modelled: dict[tuple[int, int], float] = {}  # (k, occupancy) -> modelled step seconds
         self._arrivals: deque[tuple[float, int]] = deque([(0.0, 0)])  # (seconds, arrived) of this trace's steps
@@ -198,7 +211,7 @@ class LoadAwareK:
         """Tokens a step at `k` is priced to yield a row, at `alpha_bound`: the mean, or at a full batch or one that
         only drains what it yields the row unlucky at p99 over the rows' decoded tokens, its luck added in variance
         to the scatter of the rows' output limits."""
-        if k == 0 or (state.occupancy < self.slots and not self.draining):
+        if k == 0 or not self.judged_by_tail(state.occupancy):
             return tokens_per_step(self.alpha_bound, k)
         decoded = max(round(state.output_tokens) - 1, 1)  # the first token is the prefill's
         # alpha rounded so that the cached quantile is reused while the bound drifts (a price changed < 0.1%)
@@ -208,6 +221,10 @@ class LoadAwareK:
         luck = max(quantile_steps(alpha, k, decoded) - mean_steps, 0.0)  # the unlucky row's steps past the mean
         scatter = TAIL_Z * state.output_tokens_std / mean_tokens  # the limits' scatter at p99, in steps at k
         return decoded / (mean_steps + math.hypot(luck, scatter) - scatter)
+
+    def judged_by_tail(self, occupancy: int) -> bool:
+        """Whether a step at `occupancy` is priced by the batch's p99 row: the batch is full, or only drains."""
+        return occupancy >= self.slots or self.draining
 
     def observe_arrivals(self, state: StepState) -> None:
         """Update `demand_rows` by Little's law: the trace's arrival rate over the last request lifetime (a row's
@@ -234,6 +251,7 @@ class LoadAwareK:
         ratios = self._ratios.setdefault(key, deque([1.0], maxlen=RATIO_WINDOW))  # the surface, worth one step
         ratios.append(seconds / self.modelled_step_s(k, occupancy))
         self._ratio[key] = statistics.median(ratios)
+        self._upper_ratio[key] = sorted(ratios)[UPPER_RANK[len(ratios) - 1]]
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
@@ -244,11 +262,14 @@ class LoadAwareK:
         return self._reads.predict(tokens)
 
     def correction(self, k: int, occupancy: int) -> float:
-        """r(k, b): measured over modelled step time at (k, the occupancy's bucket); where none ran, a drafting k
-        borrows the nearest drafting step's (the nearest bucket, then the nearest k), and a plain step, or any
-        k before a drafting step ran, keeps the surface (r = 1)."""
+        """r(k, b): measured over modelled step time at (k, the occupancy's bucket), for a drafting k judged by the
+        batch's p99 row the upper end of its 95% interval; where none ran, a drafting k borrows the nearest
+        drafting step's (the nearest bucket, then the nearest k), and a plain step, or any k before a drafting
+        step ran, keeps the surface (r = 1)."""
         key = self.correction_key(k, occupancy)
-        return 1.0 if key is None else self._ratio[key]
+        if key is None:
+            return 1.0
+        return self._upper_ratio[key] if k and self.judged_by_tail(occupancy) else self._ratio[key]
 
     def correction_key(self, k: int, occupancy: int) -> tuple[int, int] | None:
         """The (k, bucket) whose steps correct k at `occupancy`: its own, else for a drafting k the nearest drafting
