@@ -82,6 +82,9 @@ choice within the corrections' noise goes plain. With equal limits on the H100 a
 priced at 10.7-11.1 ms a token at 128 rows, against a plain step's 10.9: corrected at the median, 2 of 6
 instances of the policy drafted there and ran 1.31x the baseline's p99 TPOT; corrected at the upper end,
 the one served beside the worse of them went plain at 98% of the steps and ran 1.019x (session thirty-two).
+With spread limits at 256 requests/s it went plain at 94-96% of the steps too, and ran 0.95x-1.03x the
+baseline; the median's rule, served beside it, drafted on two traces of three and ran 0.94x and 1.08x, and
+fixed k = 2 ran 0.98x-1.08x. On that machine drafting at a full batch was a tie there (session thirty-three).
 
 A batch the arrivals will fill is priced as the full batch it will be, at every step while it fills
 up: its occupancy is taken to be the slots when the arrival rate over the last request lifetime L
