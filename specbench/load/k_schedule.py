@@ -85,7 +85,7 @@ the one served beside the worse of them went plain at 98% of the steps and ran 1
 With spread limits at 256 requests/s it went plain at 94-96% of the steps too, and ran 0.95x-1.03x the
 baseline; the median's rule, served beside it, drafted on two traces of three and ran 0.94x and 1.08x, and
 fixed k = 2 ran 0.98x-1.08x: on that machine drafting at a full batch was a tie there. On another, where
-k = 2 ran 0.96x-0.98x, the caution cost 3-5% against it (1.004x-1.028x the baseline), and the median's rule
+k = 2 ran 0.96x-0.98x, the caution cost 5% against it (1.004x-1.028x the baseline), and the median's rule
 ran 1.004x and 1.107x (session thirty-three).
 
 A batch the arrivals will fill is priced as the full batch it will be, at every step while it fills
