@@ -359,9 +359,7 @@ class MedianAtFullBatchK(LoadAwareK):
     below it (the policy before the upper end of that median's interval priced it there), served beside it to
     measure what the caution costs where drafting pays at a full batch."""
 
-    def correction(self, k: int, occupancy: int) -> float:
-        key = self.correction_key(k, occupancy)
-        return 1.0 if key is None else statistics.median(self.recent_ratios(key))
+    cautious_at_tail = False
 
 
 # the schedules that learn, by mode name: the policy, and the variants served beside it to measure one of its prices

@@ -135,6 +135,9 @@ class LoadAwareK:
     """Chooses every running row's k for each step from the batch's state: a `KSchedule` whose `next` only
     observes, and a `StepPolicy`."""
 
+    # a drafting k judged by the batch's p99 row is corrected at the upper end of r's 95% interval, not at r
+    cautious_at_tail = True
+
     def __init__(
         self, costs: StepCosts, k_max: int, slots: int, prior_alpha: float = 0.5, prior_steps: float = 4.0
     ) -> None:
@@ -255,8 +258,9 @@ class LoadAwareK:
         key = (k, occupancy_bucket_index(occupancy))
         ratios = self._ratios.setdefault(key, deque([1.0], maxlen=RATIO_WINDOW))  # the surface, worth one step
         ratios.append(seconds / self.modelled_step_s(k, occupancy))
-        self._ratio[key] = statistics.median(ratios)
-        self._upper_ratio[key] = sorted(ratios)[UPPER_RANK[len(ratios) - 1]]
+        ordered = sorted(ratios)
+        self._ratio[key] = statistics.median(ordered)
+        self._upper_ratio[key] = ordered[UPPER_RANK[len(ordered) - 1]]
 
     def observe_read(self, tokens: int, seconds: float) -> None:
         """Fit R(u) to what the drafters took to read `tokens` skipped tokens (older reads weigh less)."""
@@ -274,7 +278,8 @@ class LoadAwareK:
         key = self.correction_key(k, occupancy)
         if key is None:
             return 1.0
-        return self._upper_ratio[key] if k and self.judged_by_tail(occupancy) else self._ratio[key]
+        cautious = self.cautious_at_tail and k > 0 and self.judged_by_tail(occupancy)
+        return self._upper_ratio[key] if cautious else self._ratio[key]
 
     def correction_key(self, k: int, occupancy: int) -> tuple[int, int] | None:
         """The (k, bucket) whose steps correct k at `occupancy`: its own, else for a drafting k the nearest drafting
@@ -286,10 +291,6 @@ class LoadAwareK:
         if k == 0 or not drafted:
             return None
         return min(drafted, key=lambda key: (abs(key[1] - bucket), abs(key[0] - k), key))
-
-    def recent_ratios(self, key: tuple[int, int]) -> list[float]:
-        """The measured over modelled seconds of the recent steps at `key` (k, bucket), the surface's 1 first."""
-        return list(self._ratios[key])
 
     def modelled_step_s(self, k: int, occupancy: int) -> float:
         """Seconds of a step at `k` with `occupancy` rows, from the measured surface alone."""
