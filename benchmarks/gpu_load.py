@@ -55,15 +55,16 @@ from specbench.engine.costs import StepCosts, measure_step_costs
 from specbench.engine.decode import BaselineDecoder, SpeculativeDecoder, new_row
 from specbench.engine.joins import make_join_gate
 from specbench.engine.oracle import OracleDrafter
-from specbench.engine.results import EngineRequest
+from specbench.engine.results import EngineRequest, ServeResult
 from specbench.engine.sampling import TokenChooser, accepts, residual_distribution
 from specbench.engine.schedule import KSchedule
 from specbench.engine.timing import Clock, Stopwatch
 from specbench.engine.tree import build_tree, walk_sampling_batch
 from specbench.load.crossover import crossover_metrics, find_crossover, probe_from_metrics
 from specbench.load.k_schedule import LoadAwareK
-from specbench.load.metrics import load_metrics, mode_metrics
+from specbench.load.metrics import load_metrics, mode_metrics, ratio_metrics
 from specbench.load.model import served_predictions
+from specbench.load.result import concatenate, request_offsets
 from specbench.load.trace import arrival_times
 from specbench.speedup_model import full_step_alpha
 from specbench.testing import ScriptedPolicy, StepClock, make_model
@@ -427,7 +428,8 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     per repeat): replays of one trace take nearly the same path, so they measure the machine's noise, and other
     traces what the arrivals' luck adds. A LoadAwareK (k_max = the largest --ks) is built per trace, learns its
     acceptance in an untimed warm-up serve and keeps learning, as `mode=load` does. Compared on TPOT p50 and
-    p99 and E2EL p99: median [min, max] of the replays.
+    p99 and E2EL p99: median [min, max] of the replays; and per rate on the p99 TPOT of every serve pooled, as
+    `mode=load load.traces=N repeats=R` reports it (`_verdict_pooled`).
     """
     k_max = max(args.ks)
     verifier, cost, prompts, references, costs = _setup_oracle_load(args, models, list(range(1, k_max + 1)))
@@ -448,6 +450,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     for alpha in args.alphas:
         oracle = OracleDrafter("oracle", alpha, cost, TOKENIZER_VOCAB)
         oracle.set_references(references)
+        serves: dict[float, dict[str, list[ServeResult]]] = {}  # rate -> mode -> its serves, trace by trace
         for rate, seed in itertools.product(args.k_rates, args.trace_seeds):
             requests = _requests(args, rate, prompts, seed)
             # one per join gate (and policy), each learning in an untimed warm-up and then over its replays
@@ -472,6 +475,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                              else ConstantPolicy(int(served_mode.removeprefix("policy")), k_max))  # fmt: skip
                     served = _serve(verifier, [] if served_mode == "baseline" else [oracle], requests, k,
                                     args.max_batch, args.join_delay_factor, joins)  # fmt: skip
+                    serves.setdefault(rate, {}).setdefault(mode, []).append(served)
                     metrics = mode_metrics(served, "x")
                     metrics["full_step_ms_p50_x"] = _full_step_ms(served)
                     metrics["longest_step_ms_x"] = _longest_step_ms(served)
@@ -521,11 +525,11 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
             oracle.off_path_steps = 0
             print(f"[k_schedule {name}] {json.dumps(verdicts)} k share {share}", flush=True)
             (args.out / "gpu_load_partial.json").write_text(json.dumps(results, indent=2, default=str))
-        if len(args.trace_seeds) > 1:  # one k fixed for a rate, as a user fixes it before the trace comes
-            learners = [mode for mode in modes if mode.partition("@")[0] in LEARNERS]
-            for rate in args.k_rates:
-                points = [results[_point_name(alpha, rate, seed)] for seed in args.trace_seeds]
-                results[_point_name(alpha, rate, 0) + "_over_traces"] = _verdict_over_traces(points, learners, modes)
+        learners = [mode for mode in modes if mode.partition("@")[0] in LEARNERS]
+        for rate in args.k_rates:  # one k fixed for a rate, as a user fixes it before the trace comes
+            pooled = _verdict_pooled(serves[rate], args.repeats, learners, modes)
+            results[_point_name(alpha, rate, 0) + "_pooled"] = pooled
+            print(f"[k_schedule {_point_name(alpha, rate, 0)} pooled] {json.dumps(pooled)}", flush=True)
     results["graphs_captured_while_timed"] = _graph_count(verifier, cost) - graphs
     return results
 
@@ -535,15 +539,30 @@ def _point_name(alpha: float, rate: float, seed: int) -> str:
     return f"alpha{alpha}_rate{rate:g}" + (f"_trace{seed}" if seed else "")
 
 
-def _verdict_over_traces(points: list[dict], learners: list[str], modes: list[str]) -> dict:
-    """Each learner's p99 TPOT over the traces of one rate against the baseline's and against the one fixed k a user
-    would fix for the rate, the fixed k with the lowest: ratios of geometric means of the traces' medians (a best
-    fixed k picked per trace is picked after the fact)."""
-
-    def over_traces(mode: str) -> float:
-        return statistics.geometric_mean(point["table"][mode]["tpot_ms_p99"]["median"] for point in points)
-
-    return {learner: {"traces": len(points), **_verdict(learner, modes, over_traces)} for learner in learners}
+def _verdict_pooled(serves: dict[str, list[ServeResult]], repeats: int, learners: list[str], modes: list[str]) -> dict:
+    """Each learner's p99 TPOT at one rate as `mode=load load.traces=N repeats=R` reports it, over the requests of
+    every serve pooled (`serves`: each mode's, trace by trace, `repeats` a trace): over the baseline's and over the
+    one fixed k a user would fix for the rate, the one with the lowest pooled p99 (a best fixed k picked per trace
+    is picked after the fact). Each ratio has the product's 95% interval (`load.metrics.ratio_metrics`: traces
+    drawn, then their requests; with one trace, its requests)."""
+    pooled = {mode: concatenate(results) for mode, results in serves.items()}
+    first = serves["baseline"]
+    trace_of = {
+        request.request_id + offset: number // repeats
+        for number, (result, offset) in enumerate(zip(first, request_offsets(first), strict=True))
+        for request in result.requests
+    }
+    traces = len(first) // repeats
+    p99 = {mode: mode_metrics(result, "x")["tpot_ms_p99_x"] for mode, result in pooled.items()}
+    verdicts = {}
+    for learner in learners:
+        verdict = {"traces": traces, "requests": len(pooled[learner].requests), **_verdict(learner, modes, p99.get)}
+        references = {"baseline": "baseline" + _gate_suffix(_gate_of(learner)), "best_fixed": verdict["best_fixed"]}
+        for name, reference in references.items():
+            ratio = ratio_metrics(pooled[reference], pooled[learner], traces=trace_of if traces > 1 else None)
+            verdict[f"load_over_{name}_interval"] = [ratio["tpot_p99_ratio_ci_low"], ratio["tpot_p99_ratio_ci_high"]]
+        verdicts[learner] = verdict
+    return verdicts
 
 
 def _verdict(learner: str, modes: list[str], value: Callable[[str], float]) -> dict:

@@ -16,6 +16,7 @@ import pytest
 
 from specbench.config import DatasetConfig
 from specbench.data import load_records
+from specbench.engine.results import ServedRequest, ServeResult
 from specbench.engine.schedule import StepState
 from specbench.errors import DataError
 from tests.test_k_schedule_load import near_tie
@@ -171,8 +172,10 @@ def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_value
     assert "error" not in served["k_schedule"] and "alpha0.8_rate5" in served["k_schedule"]
     verdicts = served["k_schedule"]["alpha0.8_rate5"]["verdict"]
     assert set(verdicts) == {"load", "limitsblind", "medianfull"}  # the variants beside it
-    over_traces = served["k_schedule"]["alpha0.8_rate5_over_traces"]  # two traces: one k fixed for the rate too
-    assert set(over_traces) == {"load", "limitsblind", "medianfull"} and over_traces["load"]["traces"] == 2
+    pooled = served["k_schedule"]["alpha0.8_rate5_pooled"]  # both traces' serves pooled: one k fixed for the rate
+    assert set(pooled) == {"load", "limitsblind", "medianfull"} and pooled["load"]["traces"] == 2
+    low, high = pooled["load"]["load_over_baseline_interval"]
+    assert low <= pooled["load"]["load_over_baseline"] <= high
 
 
 def test_the_variant_blind_to_the_limits_scatter_goes_plain_where_the_load_aware_k_drafts():
@@ -200,19 +203,24 @@ def test_the_variant_corrected_at_the_median_drafts_where_the_load_aware_k_is_ca
     assert (policy.k_for_step(spread), variant.k_for_step(spread)) == (0, 1)
 
 
-def test_the_verdict_over_traces_fixes_one_k_for_the_rate():
-    """Over the traces of a rate the fixed k is the one with the lowest geometric mean of the traces' p99 TPOT
-    medians, not each trace's best: here k = 2 (12 and 12 ms) over k = 4 (10 and 16), though k = 4 won trace one."""
+def test_the_pooled_verdict_fixes_one_k_for_the_rate_with_the_products_interval():
+    """Over the serves of a rate pooled, as `mode=load load.traces=2` reports it, the fixed k is the one with the lowest
+    pooled p99 TPOT, not each trace's best: here k = 2 (12 ms on both traces) over k = 4 (10 and 16), though k = 4
+    won trace one; each ratio has an interval from the traces drawn, then their requests, around it."""
 
-    def point(baseline: float, k2: float, k4: float, load: float) -> dict:
-        medians = {"baseline": baseline, "k2": k2, "k4": k4, "load": load}
-        return {"table": {mode: {"tpot_ms_p99": {"median": value}} for mode, value in medians.items()}}
+    def serve(tpot_ms: float) -> ServeResult:  # two requests of two tokens each, whose one gap is the TPOT
+        requests = [ServedRequest(i, 0.0, 0.0, 0.0, tpot_ms / 1000, num_tokens=2) for i in range(2)]
+        return ServeResult(requests, [], wall_s=tpot_ms / 1000)
 
-    points = [point(20.0, 12.0, 10.0, 11.0), point(20.0, 12.0, 16.0, 13.0)]
-    [verdict] = gpu_load._verdict_over_traces(points, ["load"], ["baseline", "k2", "k4", "load"]).values()
-    assert verdict["best_fixed"] == "k2" and verdict["traces"] == 2
-    assert verdict["load_over_best_fixed"] == pytest.approx((11 * 13) ** 0.5 / 12)
-    assert verdict["load_over_baseline"] == pytest.approx((11 * 13) ** 0.5 / 20)
+    per_trace = {"baseline": (20.0, 20.0), "k2": (12.0, 12.0), "k4": (10.0, 16.0), "load": (11.0, 13.0)}
+    serves = {mode: [serve(value) for value in values] for mode, values in per_trace.items()}
+    [verdict] = gpu_load._verdict_pooled(serves, 1, ["load"], list(per_trace)).values()
+    assert verdict["best_fixed"] == "k2" and (verdict["traces"], verdict["requests"]) == (2, 4)
+    assert verdict["load_over_best_fixed"] == pytest.approx(13 / 12)  # the pooled p99 is each mode's slower trace
+    assert verdict["load_over_baseline"] == pytest.approx(13 / 20)
+    for name in ("baseline", "best_fixed"):
+        low, high = verdict[f"load_over_{name}_interval"]
+        assert low < verdict[f"load_over_{name}"] < high
 
 
 def test_gc_in_run_marks_every_module_that_freezes_the_heap():
