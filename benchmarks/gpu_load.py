@@ -364,8 +364,10 @@ class MedianAtFullBatchK(LoadAwareK):
 
 
 # the schedules that learn, by mode name: the policy, and the variants served beside it to measure one of its prices
+# (`learned`: the policy after an untimed serve of another trace at the rate, `section_k_schedule`)
 LEARNERS = {"load": LoadAwareK, "occupancy": OccupancyOnlyK, "meandrain": MeanWhileDrainingK,
-            "limitsblind": LimitsBlindK, "medianfull": MedianAtFullBatchK}  # fmt: skip
+            "limitsblind": LimitsBlindK, "medianfull": MedianAtFullBatchK, "learned": LoadAwareK}  # fmt: skip
+LEARNING_SEED = 1000  # `learned` learns on the trace of arrival seed LEARNING_SEED + the measured trace's
 
 
 def _serve(verifier: CachedModel, drafters: list, requests: list[EngineRequest], k: int | KSchedule, max_batch: int,
@@ -439,6 +441,7 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
     served_modes += ["meandrain"] if args.mean_drain_mode else []
     served_modes += ["limitsblind"] if args.limits_blind_mode else []
     served_modes += ["medianfull"] if args.median_full_mode else []
+    served_modes += ["learned"] if args.learned_mode else []
     served_modes += [f"policy{k}" for k in args.policy_ks]
     # every mode under each join gate: eager joins keep the mode's name, coalesced ones add "@coalesced"
     modes = [mode + _gate_suffix(joins) for joins in args.joins for mode in served_modes]
@@ -461,6 +464,10 @@ def section_k_schedule(args: argparse.Namespace, device: torch.device, models: d
                 if policy is not None:
                     schedules[mode] = policy(costs, k_max, args.max_batch)
                     _serve(verifier, [oracle], warm, schedules[mode], args.max_batch)
+                    if mode.partition("@")[0] == "learned":  # as a server that has run at this rate would have
+                        learning = _requests(args, rate, prompts, LEARNING_SEED + seed)
+                        _serve(verifier, [oracle], learning, schedules[mode], args.max_batch, args.join_delay_factor,
+                               _gate_of(mode))  # fmt: skip
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             chosen: dict[str, list[int]] = {mode: [] for mode in schedules}
             switches: dict[str, list[int]] = {mode: [] for mode in schedules}
@@ -669,6 +676,9 @@ def main() -> None:
                         help="k_schedule: also serve the p99 price blind to spread limits (`limitsblind`)")  # fmt: skip
     parser.add_argument("--median-full-mode", action="store_true",
                         help="k_schedule: also serve a full batch corrected at r's median (`medianfull`)")  # fmt: skip
+    parser.add_argument("--learned-mode", action="store_true",
+                        help="k_schedule: also serve the load-aware k after an untimed serve of another trace at the "
+                        "rate (`learned`)")  # fmt: skip
     parser.add_argument("--occupancy-mode", action="store_true",
                         help="k_schedule: also serve the load-aware k blind to the arrivals (`occupancy`)")  # fmt: skip
     parser.add_argument("--policy-ks", type=int, nargs="*", default=[],
