@@ -154,13 +154,13 @@ def test_gc_in_run_logs_a_load_run_in_a_bare_clone(bare_clone, models_dir, pubme
 
 def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_values(bare_clone, tmp_path):
     """`gpu_load.py --quick` under the collection log: --quick's small shapes, but the rates given explicitly; the
-    variants blind to the limits' scatter and corrected at the median at a full batch served beside the load-aware
-    k, over two traces."""
+    variants blind to the limits' scatter, corrected at the median at a full batch, and learned on another trace at
+    the rate served beside the load-aware k, over two traces."""
     load = tmp_path / "load"
     done = run_script(
         bare_clone, "benchmarks/gc_in_run.py", f"--out={tmp_path}", "--script", "benchmarks/gpu_load.py",
         "--", "--quick", f"--out={load}", "--sections", "k_schedule", "--k-rates", "5", "--limits-blind-mode",
-        "--median-full-mode", "--trace-seeds", "0", "1",
+        "--median-full-mode", "--learned-mode", "--trace-seeds", "0", "1",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = tmp_path.glob("gc-in-run-*-frozen-heap.json")
@@ -171,9 +171,9 @@ def test_gc_in_run_runs_a_benchmark_script_whose_quick_mode_keeps_explicit_value
     assert (served["settings"]["k_rates"], served["settings"]["max_batch"]) == ("[5.0]", "4")
     assert "error" not in served["k_schedule"] and "alpha0.8_rate5" in served["k_schedule"]
     verdicts = served["k_schedule"]["alpha0.8_rate5"]["verdict"]
-    assert set(verdicts) == {"load", "limitsblind", "medianfull"}  # the variants beside it
+    assert set(verdicts) == {"load", "limitsblind", "medianfull", "learned"}  # the variants beside it
     pooled = served["k_schedule"]["alpha0.8_rate5_pooled"]  # both traces' serves pooled: one k fixed for the rate
-    assert set(pooled) == {"load", "limitsblind", "medianfull"} and pooled["load"]["traces"] == 2
+    assert set(pooled) == {"load", "limitsblind", "medianfull", "learned"} and pooled["load"]["traces"] == 2
     low, high = pooled["load"]["load_over_baseline_interval"]
     assert low <= pooled["load"]["load_over_baseline"] <= high
 
