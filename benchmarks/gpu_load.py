@@ -64,7 +64,7 @@ from specbench.load.crossover import crossover_metrics, find_crossover, probe_fr
 from specbench.load.k_schedule import LoadAwareK
 from specbench.load.metrics import load_metrics, mode_metrics, ratio_metrics
 from specbench.load.model import served_predictions
-from specbench.load.result import concatenate, request_offsets
+from specbench.load.result import concatenate, request_traces
 from specbench.load.trace import arrival_times
 from specbench.speedup_model import full_step_alpha
 from specbench.testing import ScriptedPolicy, StepClock, make_model
@@ -552,14 +552,12 @@ def _verdict_pooled(serves: dict[str, list[ServeResult]], repeats: int, learners
     one fixed k a user would fix for the rate, the one with the lowest pooled p99 (a best fixed k picked per trace
     is picked after the fact). Each ratio has the product's 95% interval (`load.metrics.ratio_metrics`: traces
     drawn, then their requests; with one trace, its requests)."""
-    pooled = {mode: concatenate(results) for mode, results in serves.items()}
-    first = serves["baseline"]
-    trace_of = {
-        request.request_id + offset: number // repeats
-        for number, (result, offset) in enumerate(zip(first, request_offsets(first), strict=True))
-        for request in result.requests
-    }
-    traces = len(first) // repeats
+    traces = len(serves["baseline"]) // repeats
+    # in the product's order, repeat by repeat, each repeat serving every trace in turn
+    in_order = {mode: [results[trace * repeats + repeat] for repeat in range(repeats) for trace in range(traces)]
+                for mode, results in serves.items()}  # fmt: skip
+    pooled = {mode: concatenate(results) for mode, results in in_order.items()}
+    trace_of = request_traces(in_order["baseline"], traces)
     p99 = {mode: mode_metrics(result, "x")["tpot_ms_p99_x"] for mode, result in pooled.items()}
     verdicts = {}
     for learner in learners:

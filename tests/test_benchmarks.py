@@ -221,6 +221,10 @@ def test_the_pooled_verdict_fixes_one_k_for_the_rate_with_the_products_interval(
     for name in ("baseline", "best_fixed"):
         low, high = verdict[f"load_over_{name}_interval"]
         assert low < verdict[f"load_over_{name}"] < high
+    replayed = {mode: [serve(value) for value in values for _ in range(2)] for mode, values in per_trace.items()}
+    [twice] = gpu_load._verdict_pooled(replayed, 2, ["load"], list(per_trace)).values()  # trace by trace, 2 repeats
+    assert (twice["traces"], twice["requests"], twice["best_fixed"]) == (2, 8, "k2")
+    assert twice["load_over_best_fixed"] == pytest.approx(13 / 12)
 
 
 def test_gc_in_run_marks_every_module_that_freezes_the_heap():

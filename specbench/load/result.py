@@ -60,14 +60,7 @@ class LoadResult:
     def pooled_traces(self) -> dict[int, int] | None:
         """The trace of each request id as `pooled` numbers them (what the ratios' bootstrap draws first); None with
         one trace."""
-        if len(self.traces) == 1:
-            return None
-        serves = self.measured[MODES[0]]
-        return {
-            request.request_id + offset: number % len(self.traces)
-            for number, (result, offset) in enumerate(zip(serves, request_offsets(serves), strict=True))
-            for request in result.requests
-        }
+        return None if len(self.traces) == 1 else request_traces(self.measured[MODES[0]], len(self.traces))
 
     def steps_table(self) -> pd.DataFrame:
         """One row per scheduler step: mode, repeat, trace, when it ended, occupancy, rows computed, k, acceptance."""
@@ -88,6 +81,16 @@ def request_offsets(results: list[ServeResult]) -> list[int]:
     for result in results[:-1]:
         offsets.append(offsets[-1] + len(result.requests))
     return offsets
+
+
+def request_traces(results: list[ServeResult], traces: int) -> dict[int, int]:
+    """The trace of each request id as `concatenate` numbers the serves' requests, the serves made repeat by repeat,
+    each repeat serving every one of `traces` traces in turn (serve = repeat * traces + trace)."""
+    return {
+        request.request_id + offset: number % traces
+        for number, (result, offset) in enumerate(zip(results, request_offsets(results), strict=True))
+        for request in result.requests
+    }
 
 
 def concatenate(results: list[ServeResult]) -> ServeResult:
